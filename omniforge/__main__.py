@@ -1,0 +1,5 @@
+import sys
+
+from omniforge.cli import main
+
+sys.exit(main())

@@ -1,0 +1,41 @@
+"""``omniforge``: one entry point, one module per subcommand (``add_parser`` + ``run``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from omniforge import __version__
+from omniforge.cli import create_default, describe, export, inspect
+from omniforge.errors import OmniforgeError
+
+COMMANDS = (export, describe, inspect, create_default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="omniforge",
+        description="Compile NExT-GPT-style any-to-any pipelines to ONNX / TensorRT and run them.",
+    )
+    parser.add_argument("--version", action="version", version=f"omniforge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in COMMANDS:
+        cmd.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except OmniforgeError as exc:
+        print(f"omniforge: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("omniforge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""``omniforge export``: trace every stage to ONNX, check parity, write the build folder."""
+
+from __future__ import annotations
+
+import argparse
+
+from omniforge.cli._common import log, resolve_model, split_list
+from omniforge.errors import ConfigError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export every stage to ONNX with parity checks",
+        description="Export each stage of a model folder to ONNX (dynamic axes from the pipeline "
+        "description), check every stage against PyTorch in ONNX Runtime at several shapes, and "
+        "write the build folder with manifest.json and the parity report. Without MODEL, the "
+        "embedded tiny NExT-GPT is used.",
+    )
+    p.add_argument(
+        "model",
+        nargs="?",
+        help="NExT-GPT folder (nextgpt.json) or HF Llama folder; default: the embedded tiny NExT-GPT",
+    )
+    p.add_argument("--out", "-o", required=True, help="build folder to write (replaced atomically)")
+    p.add_argument("--stages", help="comma-separated stage names (default: all); see `omniforge describe`")
+    p.add_argument(
+        "--adapter",
+        default="default",
+        help="LoRA adapter to merge into the LLM, or 'none' (default: the model's merge_adapter)",
+    )
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads for the parity check")
+    p.add_argument("--skip-parity", action="store_true", help="do not run the parity check (not recommended)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 14 <= args.opset <= 21:
+        raise ConfigError(f"--opset {args.opset} is not supported (use 14..21)")
+    if args.threads < 1:
+        raise ConfigError("--threads must be at least 1")
+    model = resolve_model(args.model)
+    # torch is imported only here, when an export actually runs
+    from omniforge.export.exporter import ExportOptions, export_pipeline, parity_table
+
+    opts = ExportOptions(
+        stages=split_list(args.stages),
+        adapter=None if args.adapter == "none" else args.adapter,
+        opset=args.opset,
+        parity=not args.skip_parity,
+        threads=args.threads,
+    )
+    log(f"exporting {model} -> {args.out}")
+    manifest, reports = export_pipeline(model, args.out, opts, log=log)
+    print(parity_table(reports))
+    print(f"\nbuild written to {args.out} ({len(manifest.stages)} stages, manifest.json, parity.md)")
+    return 0

@@ -1,0 +1,1 @@
+"""Export every stage of a pipeline to ONNX and check parity against PyTorch."""

@@ -1,0 +1,79 @@
+"""Load the PyTorch module behind each component of a model folder, with the libraries' own loaders.
+
+Weights are read only from safetensors (``use_safetensors=True``); nothing is fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from omniforge.errors import ConfigError, ModelNotFoundError
+from omniforge.model.projectors import InputProjector, OutputProjector, load_module
+from omniforge.pipeline.model_config import ModelConfig
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _quiet() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def load_llm(cfg: ModelConfig, adapter: str | None = None) -> nn.Module:
+    """``LlamaForCausalLM`` in fp32, with one LoRA adapter merged into its weights when asked."""
+    from transformers import LlamaForCausalLM
+
+    _quiet()
+    try:
+        model = LlamaForCausalLM.from_pretrained(cfg.llm, torch_dtype=torch.float32, use_safetensors=True)
+    except OSError as exc:
+        raise ModelNotFoundError(f"cannot load the LLM from {cfg.llm} ({str(exc).splitlines()[0]})") from None
+    if adapter is not None:
+        from peft import PeftModel
+
+        if adapter not in cfg.adapters:
+            raise ConfigError(f"unknown adapter '{adapter}'; this model has {sorted(cfg.adapters) or 'none'}")
+        model = PeftModel.from_pretrained(model, cfg.adapters[adapter]).merge_and_unload()
+    return model.eval()
+
+
+def load_component(cfg: ModelConfig, component: str, adapter: str | None = None) -> nn.Module:
+    """The module named by a stage's ``component`` (e.g. ``decoders.image.unet``)."""
+    _quiet()
+    parts = component.split(".")
+    if parts[0] == "llm":
+        return load_llm(cfg, adapter)
+    if parts[0] == "encoders":
+        from transformers import CLIPVisionModelWithProjection
+
+        return CLIPVisionModelWithProjection.from_pretrained(
+            cfg.encoders[parts[1]], use_safetensors=True
+        ).eval()
+    if parts[0] == "input_projector":
+        assert cfg.input_projector is not None
+        return load_module(InputProjector, cfg.input_projector)
+    if parts[0] == "output_projectors":
+        return load_module(OutputProjector, cfg.output_projectors[parts[1]])
+    if parts[0] == "decoders":
+        folder: Path = cfg.decoders[parts[1]] / parts[2]
+        if parts[2] == "vocoder":
+            from transformers import SpeechT5HifiGan
+
+            return SpeechT5HifiGan.from_pretrained(folder, use_safetensors=True).eval()
+        if parts[2] == "vae":
+            from diffusers import AutoencoderKL
+
+            return AutoencoderKL.from_pretrained(folder, use_safetensors=True).eval()
+        if parts[2] == "unet":
+            from diffusers import UNet2DConditionModel, UNet3DConditionModel
+
+            cls = UNet3DConditionModel if parts[1] == "video" else UNet2DConditionModel
+            return cls.from_pretrained(folder, use_safetensors=True).eval()
+    raise ConfigError(f"unknown component '{component}'")

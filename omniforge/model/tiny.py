@@ -1,0 +1,336 @@
+"""The embedded default: a tiny NExT-GPT built from the real architectures with seeded weights.
+
+Every component is a real library class (transformers' LlamaForCausalLM, CLIPVisionModelWithProjection
+and SpeechT5HifiGan, peft LoRA, diffusers' UNet2D/UNet3DConditionModel and AutoencoderKL, diffusers'
+scheduler) built from a small config and saved in its library's on-disk format, so exporting the
+default goes through the same loading code as a user's real checkpoints. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from omniforge.model.projectors import (
+    InputProjector,
+    InputProjectorConfig,
+    OutputProjector,
+    OutputProjectorConfig,
+    save_module,
+)
+from omniforge.model.tokenizer import (
+    BOS,
+    EOS,
+    PAD,
+    PLACEHOLDERS,
+    SIGNAL_TOKENS,
+    save_tokenizer,
+    train_tokenizer,
+)
+from omniforge.pipeline.model_config import FORMAT, FORMAT_VERSION, AudioFrontend
+
+DEFAULT_VERSION = 1  # bump when the default's architecture or seeds change
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """Sizes of the tiny default; small enough that export and tests run in minutes on 2 cores."""
+
+    seed: int = 0
+    # LLM (GQA: fewer KV heads than query heads)
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 160
+    vocab: int = 512
+    max_context: int = 256
+    lora_rank: int = 4
+    # ImageBind-style encoders (CLIP vision ViT + projection into a shared embedding space)
+    enc_hidden: int = 32
+    enc_layers: int = 2
+    enc_dim: int = 32  # shared embedding size (ImageBind: 1024)
+    image_size: int = 32
+    patch: int = 8
+    # decoders
+    cond_dim: int = 32  # SD / ZeroScope cross-attention width (real: 768 / 1024)
+    audio_cond_dim: int = 16  # AudioLDM class-label width (real: 512)
+    image_latent: int = 16
+    video_latent: int = 8
+    video_frames: int = 4
+    audio_latent: tuple[int, int] = (16, 8)  # (frames, mel bins) / VAE scale
+    proj_d_model: int = 32
+
+
+def _llm(cfg: TinyConfig, folder: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = train_tokenizer(cfg.vocab)
+    save_tokenizer(tok, folder)
+    torch.manual_seed(cfg.seed + 1)
+    conf = LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=cfg.hidden,
+        intermediate_size=cfg.intermediate,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.kv_heads,
+        max_position_embeddings=cfg.max_context,
+        bos_token_id=tok.token_to_id(BOS),
+        eos_token_id=tok.token_to_id(EOS),
+        pad_token_id=tok.token_to_id(PAD),
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(conf).eval()
+    model.save_pretrained(folder)
+
+
+def _lora(cfg: TinyConfig, llm_folder: Path, root: Path) -> dict[str, str]:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    out = {}
+    for i, modality in enumerate(SIGNAL_TOKENS):
+        torch.manual_seed(cfg.seed + 10 + i)
+        base = LlamaForCausalLM.from_pretrained(llm_folder)
+        lcfg = LoraConfig(
+            r=cfg.lora_rank,
+            lora_alpha=2 * cfg.lora_rank,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            init_lora_weights=False,  # non-zero B so that merging changes the weights
+            lora_dropout=0.0,
+        )
+        peft_model = get_peft_model(base, lcfg)
+        # keep the adapter's effect small and seeded
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_" in name:
+                    p.mul_(0.1)
+        peft_model.save_pretrained(root / "lora" / modality)
+        out[modality] = f"lora/{modality}"
+    return out
+
+
+def _encoder(cfg: TinyConfig, folder: Path, channels: int, seed: int) -> None:
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    conf = CLIPVisionConfig(
+        hidden_size=cfg.enc_hidden,
+        intermediate_size=2 * cfg.enc_hidden,
+        projection_dim=cfg.enc_dim,
+        num_hidden_layers=cfg.enc_layers,
+        num_attention_heads=2,
+        num_channels=channels,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch,
+    )
+    CLIPVisionModelWithProjection(conf).eval().save_pretrained(folder)
+    if channels == 3:  # the CLIP preprocessing the runtime's image front end reproduces
+        pre = {
+            "image_processor_type": "CLIPImageProcessor",
+            "size": {"shortest_edge": cfg.image_size},
+            "crop_size": {"height": cfg.image_size, "width": cfg.image_size},
+            "do_resize": True,
+            "do_center_crop": True,
+            "do_normalize": True,
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "resample": 3,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711],
+        }
+        (folder / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
+
+
+def _vae(folder: Path, channels: int, seed: int) -> None:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    AutoencoderKL(
+        in_channels=channels,
+        out_channels=channels,
+        latent_channels=4,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=8,
+    ).eval().save_pretrained(folder)
+
+
+def _scheduler(folder: Path) -> None:
+    from diffusers import DDIMScheduler
+
+    DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    ).save_pretrained(folder)
+
+
+def _unet_kwargs() -> dict:
+    return dict(
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def _image_decoder(cfg: TinyConfig, folder: Path) -> None:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(cfg.seed + 40)
+    UNet2DConditionModel(
+        sample_size=cfg.image_latent,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cfg.cond_dim,
+        **_unet_kwargs(),
+    ).eval().save_pretrained(folder / "unet")
+    _vae(folder / "vae", 3, cfg.seed + 41)
+    _scheduler(folder / "scheduler")
+
+
+def _video_decoder(cfg: TinyConfig, folder: Path) -> None:
+    from diffusers import UNet3DConditionModel
+
+    torch.manual_seed(cfg.seed + 50)
+    UNet3DConditionModel(
+        sample_size=cfg.video_latent,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        cross_attention_dim=cfg.cond_dim,
+        **_unet_kwargs(),
+    ).eval().save_pretrained(folder / "unet")
+    _vae(folder / "vae", 3, cfg.seed + 51)
+    _scheduler(folder / "scheduler")
+
+
+def _audio_decoder(cfg: TinyConfig, folder: Path) -> None:
+    from diffusers import UNet2DConditionModel
+    from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
+
+    torch.manual_seed(cfg.seed + 60)
+    # AudioLDM: conditioned through class_labels with one pooled vector, no cross-attention input
+    UNet2DConditionModel(
+        sample_size=cfg.audio_latent,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,
+        class_embed_type="simple_projection",
+        projection_class_embeddings_input_dim=cfg.audio_cond_dim,
+        class_embeddings_concat=True,
+        **_unet_kwargs(),
+    ).eval().save_pretrained(folder / "unet")
+    _vae(folder / "vae", 1, cfg.seed + 61)
+    _scheduler(folder / "scheduler")
+    torch.manual_seed(cfg.seed + 62)
+    n_mel = cfg.audio_latent[1] * 2
+    SpeechT5HifiGan(
+        SpeechT5HifiGanConfig(
+            model_in_dim=n_mel,
+            sampling_rate=16000,
+            upsample_initial_channel=32,
+            upsample_rates=[4, 4],
+            upsample_kernel_sizes=[8, 8],
+            resblock_kernel_sizes=[3, 5],
+            resblock_dilation_sizes=[[1, 3], [1, 3]],
+            normalize_before=False,
+        )
+    ).eval().save_pretrained(folder / "vocoder")
+
+
+def _projectors(cfg: TinyConfig, root: Path) -> dict[str, str]:
+    torch.manual_seed(cfg.seed + 30)
+    save_module(
+        InputProjector(InputProjectorConfig(cfg.enc_dim, cfg.hidden)).eval(), root / "input_projector"
+    )
+    shapes = {"image": (77, cfg.cond_dim), "video": (77, cfg.cond_dim), "audio": (1, cfg.audio_cond_dim)}
+    out = {}
+    for i, (modality, (q, d)) in enumerate(shapes.items()):
+        torch.manual_seed(cfg.seed + 31 + i)
+        pcfg = OutputProjectorConfig(
+            in_dim=cfg.hidden,
+            num_signal_tokens=len(SIGNAL_TOKENS[modality]),
+            d_model=cfg.proj_d_model,
+            num_queries=q,
+            out_dim=d,
+            num_heads=2,
+        )
+        module = OutputProjector(pcfg)
+        with torch.no_grad():
+            module.queries.normal_(0.0, 0.02)
+        save_module(module.eval(), root / "output_projectors" / modality)
+        out[modality] = f"output_projectors/{modality}"
+    return out
+
+
+def create_default(folder: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
+    """Write the tiny NExT-GPT to ``folder`` (atomically) and return its path."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        _llm(cfg, tmp / "llm")
+        adapters = _lora(cfg, tmp / "llm", tmp)
+        _encoder(cfg, tmp / "image_encoder", 3, cfg.seed + 20)
+        _encoder(cfg, tmp / "audio_encoder", 1, cfg.seed + 21)
+        outputs = _projectors(cfg, tmp)
+        _image_decoder(cfg, tmp / "image_decoder")
+        _video_decoder(cfg, tmp / "video_decoder")
+        _audio_decoder(cfg, tmp / "audio_decoder")
+        desc = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "name": "tiny-nextgpt",
+            "default_version": DEFAULT_VERSION,
+            "tiny_config": asdict(cfg),
+            "llm": "llm",
+            "max_context": cfg.max_context,
+            "adapters": adapters,
+            "merge_adapter": "image",
+            "encoders": {"image": "image_encoder", "audio": "audio_encoder"},
+            "audio_frontend": asdict(AudioFrontend(n_mels=cfg.image_size, num_frames=cfg.image_size)),
+            "video_frames": cfg.video_frames,
+            "input_projector": "input_projector",
+            "output_projectors": outputs,
+            "decoders": {"image": "image_decoder", "video": "video_decoder", "audio": "audio_decoder"},
+            "signal_tokens": SIGNAL_TOKENS,
+            "placeholders": PLACEHOLDERS,
+        }
+        (tmp / "nextgpt.json").write_text(json.dumps(desc, indent=2) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def default_model_dir() -> Path:
+    """Where the embedded default is materialised (``$OMNIFORGE_HOME`` or ~/.cache/omniforge)."""
+    import os
+
+    home = Path(os.environ.get("OMNIFORGE_HOME", Path.home() / ".cache" / "omniforge"))
+    return home / f"tiny-nextgpt-v{DEFAULT_VERSION}"
+
+
+def ensure_default() -> Path:
+    """The default model folder, created on first use."""
+    folder = default_model_dir()
+    if not (folder / "nextgpt.json").is_file():
+        create_default(folder)
+    return folder

@@ -1,0 +1,301 @@
+"""Build the ``PipelineSpec`` of a model folder from its components' JSON configs (torch-free)."""
+
+from __future__ import annotations
+
+from omniforge.pipeline.model_config import ModelConfig, read_json
+from omniforge.pipeline.spec import (
+    Dim,
+    Edge,
+    LlmGeometry,
+    PipelineSpec,
+    StageKind,
+    StageSpec,
+    TensorSpec,
+    Tolerance,
+)
+
+F32, I64 = "float32", "int64"
+BATCH = Dim("batch", 1, 1, 8)
+CFG_BATCH = Dim("batch", 1, 2, 8)  # classifier-free guidance runs uncond + cond together
+TIGHT = Tolerance(atol=1e-4, rtol=1e-4)
+
+
+def llm_geometry(cfg: ModelConfig) -> LlmGeometry:
+    c = read_json(cfg.llm / "config.json")
+    heads = int(c["num_attention_heads"])
+    return LlmGeometry(
+        num_layers=int(c["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(c.get("num_key_value_heads") or heads),
+        head_dim=int(c.get("head_dim") or c["hidden_size"] // heads),
+        hidden_size=int(c["hidden_size"]),
+        vocab_size=int(c["vocab_size"]),
+        max_context=min(cfg.max_context, int(c.get("max_position_embeddings", cfg.max_context))),
+    )
+
+
+def llm_stages(cfg: ModelConfig) -> list[StageSpec]:
+    g = llm_geometry(cfg)
+    ctx = g.max_context
+    batch = Dim("batch", 1, 1, 8)
+    seq, past = Dim("seq", 1, 16, ctx), Dim("past", 0, 16, ctx - 1)
+    total = Dim("total", 1, 32, ctx, sum_of=("past", "seq"))
+    kv = ("batch", g.num_kv_heads, "past", g.head_dim)
+    kv_out = ("batch", g.num_kv_heads, "total", g.head_dim)
+    cache_in, cache_out = [], []
+    for i in range(g.num_layers):
+        for kind in ("key", "value"):
+            cache_in.append(TensorSpec(f"past_key_values.{i}.{kind}", F32, kv))
+            cache_out.append(TensorSpec(f"present.{i}.{kind}", F32, kv_out))
+    embedding = StageSpec(
+        name="token_embedding",
+        kind=StageKind.EMBEDDING,
+        component="llm",
+        inputs=(TensorSpec("input_ids", I64, ("batch", "seq"), fill="randint", high=g.vocab_size),),
+        outputs=(TensorSpec("inputs_embeds", F32, ("batch", "seq", g.hidden_size)),),
+        dims=(batch, seq),
+        tolerance=Tolerance(atol=1e-6, rtol=0.0),
+    )
+    llm = StageSpec(
+        name="llm",
+        kind=StageKind.LLM,
+        component="llm",
+        inputs=(
+            TensorSpec("inputs_embeds", F32, ("batch", "seq", g.hidden_size), high=0.05),
+            TensorSpec("attention_mask", I64, ("batch", "total"), fill="ones"),
+            TensorSpec("position_ids", I64, ("batch", "seq"), fill="positions"),
+            *cache_in,
+        ),
+        outputs=(
+            TensorSpec("logits", F32, ("batch", "seq", g.vocab_size)),
+            TensorSpec("hidden_states", F32, ("batch", "seq", g.hidden_size)),
+            *cache_out,
+        ),
+        dims=(batch, seq, past, total),
+        tolerance=TIGHT,
+        # prefill on an empty past, decode of one token on a past, and a chunk on a past
+        check_points=(
+            {"batch": 2, "seq": 7, "past": 0},
+            {"batch": 1, "seq": 1, "past": 9},
+            {"batch": 2, "seq": 3, "past": 5},
+        ),
+        llm=g,
+    )
+    return [embedding, llm]
+
+
+def describe(cfg: ModelConfig) -> PipelineSpec:
+    """The full pipeline of a model folder: encoders, projectors, LLM, output projectors, decoders."""
+    stages = llm_stages(cfg)
+    g = stages[1].llm
+    assert g is not None
+    edges: list[Edge] = []
+    enc_dim = None
+    for modality, path in cfg.encoders.items():
+        c = read_json(path / "config.json")
+        size, ch = int(c["image_size"]), int(c.get("num_channels", 3))
+        enc_dim = int(c["projection_dim"])
+        if modality == "audio":
+            fe = cfg.audio_frontend
+            if (fe.n_mels, fe.num_frames) != (size, size):
+                raise_mismatch(
+                    "audio encoder image_size",
+                    size,
+                    "audio_frontend n_mels/num_frames",
+                    (fe.n_mels, fe.num_frames),
+                )
+            x = TensorSpec("log_mel", F32, ("batch", ch, size, size))
+        else:
+            x = TensorSpec("pixel_values", F32, ("batch", ch, size, size))
+        name = f"{modality}_encoder"
+        stages.append(
+            StageSpec(
+                name,
+                StageKind.ENCODER,
+                f"encoders.{modality}",
+                (x,),
+                (TensorSpec("embeds", F32, ("batch", enc_dim)),),
+                (Dim("batch", 1, 1, 32),),
+                tolerance=TIGHT,
+                modality=modality,
+            )
+        )
+        edges.append(Edge(f"{name}.embeds", "input_projector.features", via="stack media tokens"))
+        if modality == "image":
+            edges.append(
+                Edge(
+                    f"{name}.embeds",
+                    "input_projector.features",
+                    via=f"video: mean over {cfg.video_frames} frames",
+                )
+            )
+    if cfg.input_projector is not None:
+        c = read_json(cfg.input_projector / "config.json")
+        stages.append(
+            StageSpec(
+                "input_projector",
+                StageKind.INPUT_PROJECTOR,
+                "input_projector",
+                (TensorSpec("features", F32, ("batch", "tokens", int(c["in_dim"]))),),
+                (TensorSpec("embeds", F32, ("batch", "tokens", int(c["out_dim"]))),),
+                (BATCH, Dim("tokens", 1, 1, 16)),
+                tolerance=TIGHT,
+            )
+        )
+        edges.append(Edge("input_projector.embeds", "llm.inputs_embeds", via="splice at media placeholders"))
+    edges.append(Edge("token_embedding.inputs_embeds", "llm.inputs_embeds"))
+    for modality, path in cfg.output_projectors.items():
+        c = read_json(path / "config.json")
+        name = f"{modality}_output_projector"
+        stages.append(
+            StageSpec(
+                name,
+                StageKind.OUTPUT_PROJECTOR,
+                f"output_projectors.{modality}",
+                (TensorSpec("hidden_states", F32, ("batch", int(c["num_signal_tokens"]), int(c["in_dim"]))),),
+                (TensorSpec("conditioning", F32, ("batch", int(c["num_queries"]), int(c["out_dim"]))),),
+                (BATCH,),
+                tolerance=TIGHT,
+                modality=modality,
+            )
+        )
+        edges.append(
+            Edge("llm.hidden_states", f"{name}.hidden_states", via=f"rows at {modality} signal tokens")
+        )
+    for modality, path in cfg.decoders.items():
+        stages += decoder_stages(modality, path, cfg)
+        edges += decoder_edges(modality)
+    return PipelineSpec(
+        name=cfg.root.name,
+        stages=tuple(stages),
+        edges=tuple(edges),
+        signal_tokens=cfg.signal_tokens,
+        placeholders=cfg.placeholders,
+    )
+
+
+def raise_mismatch(a: str, av: object, b: str, bv: object) -> None:
+    from omniforge.errors import ConfigError
+
+    raise ConfigError(f"{a} ({av}) does not match {b} ({bv})")
+
+
+def _vae_scale(vae: dict) -> int:
+    return 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def decoder_stages(modality: str, path, cfg: ModelConfig) -> list[StageSpec]:
+    unet = read_json(path / "unet" / "config.json")
+    vae = read_json(path / "vae" / "config.json")
+    lat_c = int(unet["in_channels"])
+    if int(vae["latent_channels"]) != lat_c:
+        raise_mismatch(f"{modality} UNet in_channels", lat_c, "VAE latent_channels", vae["latent_channels"])
+    size = unet["sample_size"]
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    scale = _vae_scale(vae)
+    t = TensorSpec("timestep", F32, ("batch",), fill="uniform", low=0, high=999)
+    out: list[StageSpec] = []
+    if modality == "video":
+        frames = Dim("frames", 1, cfg.video_frames, 4 * cfg.video_frames)
+        sample = TensorSpec("sample", F32, ("batch", lat_c, "frames", h, w))
+        cond = TensorSpec("encoder_hidden_states", F32, ("batch", 77, int(unet["cross_attention_dim"])))
+        out.append(
+            StageSpec(
+                "video_unet",
+                StageKind.DECODER,
+                "decoders.video.unet",
+                (sample, t, cond),
+                (TensorSpec("noise_pred", F32, sample.shape),),
+                (CFG_BATCH, frames),
+                tolerance=TIGHT,
+                modality=modality,
+            )
+        )
+    elif modality == "audio":
+        sample = TensorSpec("sample", F32, ("batch", lat_c, h, w))
+        cond = TensorSpec("class_labels", F32, ("batch", int(unet["projection_class_embeddings_input_dim"])))
+        out.append(
+            StageSpec(
+                "audio_unet",
+                StageKind.DECODER,
+                "decoders.audio.unet",
+                (sample, t, cond),
+                (TensorSpec("noise_pred", F32, sample.shape),),
+                (CFG_BATCH,),
+                tolerance=TIGHT,
+                modality=modality,
+            )
+        )
+    else:
+        sample = TensorSpec("sample", F32, ("batch", lat_c, h, w))
+        cond = TensorSpec("encoder_hidden_states", F32, ("batch", 77, int(unet["cross_attention_dim"])))
+        out.append(
+            StageSpec(
+                "image_unet",
+                StageKind.DECODER,
+                "decoders.image.unet",
+                (sample, t, cond),
+                (TensorSpec("noise_pred", F32, sample.shape),),
+                (CFG_BATCH,),
+                tolerance=TIGHT,
+                modality=modality,
+            )
+        )
+    vae_batch = Dim("batch", 1, cfg.video_frames if modality == "video" else 1, 64)
+    out_c = int(vae["out_channels"])
+    out.append(
+        StageSpec(
+            f"{modality}_vae_decoder",
+            StageKind.VAE,
+            f"decoders.{modality}.vae",
+            (TensorSpec("latent", F32, ("batch", lat_c, h, w)),),
+            (
+                TensorSpec(
+                    "image" if modality != "audio" else "mel", F32, ("batch", out_c, h * scale, w * scale)
+                ),
+            ),
+            (vae_batch,),
+            tolerance=TIGHT,
+            modality=modality,
+        )
+    )
+    if modality == "audio":
+        voc = read_json(path / "vocoder" / "config.json")
+        n_mel, hop = int(voc["model_in_dim"]), 1
+        for r in voc["upsample_rates"]:
+            hop *= int(r)
+        frames = h * scale
+        out.append(
+            StageSpec(
+                "vocoder",
+                StageKind.VOCODER,
+                "decoders.audio.vocoder",
+                (TensorSpec("mel", F32, ("batch", "frames", n_mel)),),
+                (TensorSpec("waveform", F32, ("batch", "samples")),),
+                (
+                    BATCH,
+                    Dim("frames", 1, frames, 16 * frames),
+                    Dim("samples", hop, hop * frames, hop * 16 * frames),
+                ),
+                tolerance=TIGHT,
+                modality=modality,
+                check_points=({}, {"batch": 2, "frames": frames // 2}),
+            )
+        )
+    return out
+
+
+def decoder_edges(modality: str) -> list[Edge]:
+    cond = {
+        "image": "image_unet.encoder_hidden_states",
+        "video": "video_unet.encoder_hidden_states",
+        "audio": "audio_unet.class_labels",
+    }[modality]
+    unet = cond.split(".")[0]
+    edges = [
+        Edge(f"{modality}_output_projector.conditioning", cond, via="classifier-free guidance batch"),
+        Edge(f"{unet}.noise_pred", f"{modality}_vae_decoder.latent", via="scheduler loop"),
+    ]
+    if modality == "audio":
+        edges.append(Edge("audio_vae_decoder.mel", "vocoder.mel", via="squeeze channel"))
+    return edges

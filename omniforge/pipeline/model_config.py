@@ -1,0 +1,146 @@
+"""Reading a model folder's top-level description (torch-free).
+
+A NExT-GPT folder holds ``nextgpt.json`` naming its parts, each in its library's own format:
+
+    nextgpt.json
+    llm/                      HF LlamaForCausalLM folder + tokenizer.json
+    lora/<modality>/          peft LoRA adapters
+    image_encoder/            HF CLIPVisionModelWithProjection folder (ImageBind-style ViT)
+    audio_encoder/            the same class over 1-channel log-mel patches
+    input_projector/          config.json + model.safetensors
+    output_projectors/<m>/    config.json + model.safetensors
+    image_decoder/            diffusers folders: unet/, vae/, scheduler/
+    video_decoder/            unet/ (UNet3DConditionModel), vae/, scheduler/
+    audio_decoder/            unet/, vae/, vocoder/ (SpeechT5HifiGan), scheduler/
+
+Paths in ``nextgpt.json`` are relative to the folder or absolute, so real checkpoints
+(Vicuna, Stable Diffusion, ZeroScope, AudioLDM folders) can be pointed at where they lie.
+A plain HF Llama folder (``config.json`` with ``model_type: llama``) is accepted too and
+describes an LLM-only pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omniforge.errors import ConfigError, ModelNotFoundError
+
+FORMAT = "omniforge-nextgpt"
+FORMAT_VERSION = 1
+MODALITIES = ("image", "video", "audio")
+
+
+@dataclass(frozen=True)
+class AudioFrontend:
+    """Log-mel parameters of the audio encoder's input (computed in numpy at run time)."""
+
+    sample_rate: int = 16000
+    n_fft: int = 400
+    hop_length: int = 160
+    n_mels: int = 32
+    num_frames: int = 32
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Resolved paths and settings of a model folder."""
+
+    root: Path
+    llm: Path
+    max_context: int = 256
+    adapters: dict[str, Path] = field(default_factory=dict)
+    merge_adapter: str | None = None
+    encoders: dict[str, Path] = field(default_factory=dict)  # image, audio
+    audio_frontend: AudioFrontend = AudioFrontend()
+    video_frames: int = 4  # frames sampled from a video for the image encoder
+    input_projector: Path | None = None
+    output_projectors: dict[str, Path] = field(default_factory=dict)
+    decoders: dict[str, Path] = field(default_factory=dict)
+    signal_tokens: dict[str, list[str]] = field(default_factory=dict)
+    placeholders: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_llm_only(self) -> bool:
+        return not (self.encoders or self.decoders or self.output_projectors)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ModelNotFoundError(f"missing file {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    return data
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    """Parse a NExT-GPT folder or a plain HF Llama folder; raise one clear error otherwise."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise ModelNotFoundError(f"model path '{root}' does not exist")
+    if not root.is_dir():
+        raise ModelNotFoundError(f"model path '{root}' is not a folder")
+    if (root / "nextgpt.json").is_file():
+        return _from_nextgpt(root, read_json(root / "nextgpt.json"))
+    if (root / "config.json").is_file():
+        cfg = read_json(root / "config.json")
+        if cfg.get("model_type") != "llama":
+            raise ModelNotFoundError(
+                f"'{root}' holds a '{cfg.get('model_type')}' model; omniforge reads NExT-GPT folders "
+                "(nextgpt.json) or HF Llama folders"
+            )
+        ctx = int(cfg.get("max_position_embeddings", 2048))
+        return ModelConfig(root=root.resolve(), llm=root.resolve(), max_context=ctx)
+    raise ModelNotFoundError(f"'{root}' has neither nextgpt.json nor an HF config.json")
+
+
+def _from_nextgpt(root: Path, d: dict[str, Any]) -> ModelConfig:
+    if d.get("format") != FORMAT or d.get("format_version") != FORMAT_VERSION:
+        raise ConfigError(
+            f"{root / 'nextgpt.json'} is not a version {FORMAT_VERSION} '{FORMAT}' description "
+            f"(format={d.get('format')!r}, format_version={d.get('format_version')!r})"
+        )
+    root = root.resolve()
+
+    def p(rel: str) -> Path:
+        q = Path(rel).expanduser()
+        q = q if q.is_absolute() else root / q
+        if not q.exists():
+            raise ModelNotFoundError(f"nextgpt.json names '{rel}', which does not exist under {root}")
+        return q
+
+    def mods(section: str) -> dict[str, Path]:
+        entries = d.get(section, {})
+        bad = set(entries) - set(MODALITIES)
+        if bad:
+            raise ConfigError(f"nextgpt.json '{section}' has unknown modalities {sorted(bad)}")
+        return {k: p(v) for k, v in entries.items()}
+
+    merge = d.get("merge_adapter")
+    adapters = mods("adapters")
+    if merge is not None and merge not in adapters:
+        raise ConfigError(f"merge_adapter '{merge}' is not one of the adapters {sorted(adapters)}")
+    encoders = mods("encoders")
+    if "video" in encoders:
+        raise ConfigError("video goes through the image encoder; nextgpt.json must not name a video encoder")
+    return ModelConfig(
+        root=root,
+        llm=p(d["llm"]),
+        max_context=int(d.get("max_context", 256)),
+        adapters=adapters,
+        merge_adapter=merge,
+        encoders=encoders,
+        audio_frontend=AudioFrontend(**d.get("audio_frontend", {})),
+        video_frames=int(d.get("video_frames", 4)),
+        input_projector=p(d["input_projector"]) if d.get("input_projector") else None,
+        output_projectors=mods("output_projectors"),
+        decoders=mods("decoders"),
+        signal_tokens={k: list(v) for k, v in d.get("signal_tokens", {}).items()},
+        placeholders=dict(d.get("placeholders", {})),
+    )
