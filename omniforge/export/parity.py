@@ -44,7 +44,7 @@ def check_stage(
     opts.log_severity_level = 3
     sess = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
     results = []
-    for i, point in enumerate(stage.check_points):
+    for i, point in enumerate(stage.parity_points()):
         feeds = stage.sample_inputs(point, seed=seed + i)
         with torch.no_grad():
             ref = reference(*[torch.from_numpy(feeds[n]) for n in stage.input_names])

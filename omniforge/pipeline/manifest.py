@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from omniforge.errors import ManifestError
+from omniforge.errors import ManifestError, StageError
 from omniforge.pipeline.spec import PipelineSpec
 
 SCHEMA_VERSION = 1
@@ -90,18 +90,19 @@ class Manifest:
             }
             artifacts = {a["path"]: Artifact(**a) for a in d["artifacts"]}
             files = dict(d.get("files", {}))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, StageError) as exc:
             raise ManifestError(f"manifest is malformed ({type(exc).__name__}: {exc})") from None
+        for p in artifacts:
+            check_relative(p)
         for name, sb in stages.items():
-            pipeline.stage(name)
+            if name not in pipeline.stage_names:
+                raise ManifestError(f"manifest builds stage '{name}', which its pipeline does not describe")
             for p in (sb.file, *sb.data_files):
                 if p not in artifacts:
                     raise ManifestError(f"stage '{name}' names '{p}', which is not among the artifacts")
         for role, p in files.items():
             if p not in artifacts:
                 raise ManifestError(f"file '{role}' -> '{p}' is not among the artifacts")
-        for p in artifacts:
-            check_relative(p)
         return cls(
             pipeline, stages, artifacts, files, dict(d.get("source", {})), dict(d.get("tools", {})), version
         )

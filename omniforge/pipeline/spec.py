@@ -103,10 +103,18 @@ class StageSpec:
     outputs: tuple[TensorSpec, ...]
     dims: tuple[Dim, ...]
     tolerance: Tolerance = Tolerance()
-    # Shapes the parity check runs at, as partial {dim: size} (missing dims take ``opt``).
-    check_points: tuple[dict[str, int], ...] = ({}, {"batch": 1})
+    # Shapes the parity check runs at, as partial {dim: size} (missing dims take ``opt``);
+    # empty: ``opt`` and a second point where every dim differs from ``opt``.
+    check_points: tuple[dict[str, int], ...] = ()
     modality: str | None = None
     llm: LlmGeometry | None = None
+
+    def parity_points(self) -> list[dict[str, int]]:
+        if self.check_points:
+            return [dict(p) for p in self.check_points]
+        free = [d for d in self.dims if not d.sum_of]
+        alt = {d.name: d.opt + 1 if d.opt < d.max else max(d.min, d.opt - 1) for d in free}
+        return [{}, alt]
 
     def dim(self, name: str) -> Dim:
         for d in self.dims:

@@ -1,0 +1,1 @@
+"""The torch-free runtime: what a service embeds (numpy + onnxruntime + tokenizers only)."""

@@ -1,0 +1,38 @@
+"""The runtime side never imports torch, transformers or diffusers."""
+
+import subprocess
+import sys
+
+BLOCKER = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {'torch', 'transformers', 'diffusers', 'peft'}:
+            raise ImportError('blocked: ' + name)
+        return None
+sys.meta_path.insert(0, Block())
+"""
+
+
+def run_blocked(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", BLOCKER + code], capture_output=True, text=True, timeout=120)
+
+
+def test_runtime_pipeline_and_cli_import_without_torch():
+    res = run_blocked(
+        "import omniforge.runtime, omniforge.pipeline.spec, omniforge.pipeline.manifest, "
+        "omniforge.pipeline.describe, omniforge.cli\n"
+        "assert not any(m.split('.')[0] in {'torch','transformers','diffusers'} for m in sys.modules)\n"
+        "print('clean')"
+    )
+    assert res.returncode == 0, res.stderr
+    assert "clean" in res.stdout
+
+
+def test_inspect_and_describe_run_without_torch(default_build):
+    res = run_blocked(
+        "from omniforge.cli import main\n"
+        f"assert main(['inspect', {str(default_build)!r}]) == 0\n"
+        f"assert main(['describe', {str(default_build)!r}]) == 0\n"
+    )
+    assert res.returncode == 0, res.stderr
