@@ -31,3 +31,19 @@ class ManifestError(OmniforgeError):
 
 class MissingDependencyError(OmniforgeError):
     """An optional dependency needed for this command is not installed."""
+
+
+class EngineError(OmniforgeError):
+    """An engine file cannot be loaded or run (corrupt, wrong format, wrong backend)."""
+
+
+class InputError(OmniforgeError):
+    """An input handed to the runtime is invalid (name, dtype, shape, value range, file content)."""
+
+
+class ContextLengthError(InputError):
+    """A request does not fit in the model's context."""
+
+
+class CachePoolExhaustedError(OmniforgeError):
+    """The KV-cache pool has no room for this request (other requests are unaffected)."""

@@ -7,7 +7,7 @@ import pytest
 
 from omniforge.cli import main
 
-SUBCOMMANDS = ["export", "describe", "inspect", "create-default"]
+SUBCOMMANDS = ["export", "run", "describe", "inspect", "create-default"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -83,3 +83,28 @@ def test_describe_the_default_model(default_model):
     res = run_cli("describe", str(default_model))
     assert res.returncode == 0
     assert "llm [llm]" in res.stdout and "total=1/32/256" in res.stdout
+
+
+def test_run_streams_text_and_reports_timings(default_build):
+    res = run_cli("run", str(default_build), "--prompt", "A dog runs", "--max-new-tokens", "8")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip()
+    assert "8 new, finish: length" in res.stderr and "time to first token" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--top-p", "0"], "top_p must lie in (0, 1]"),
+        (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+        (["--temperature", "-1"], "temperature must be >= 0"),
+    ],
+)
+def test_run_rejects_bad_options(default_build, args, needle):
+    assert_one_line_error(run_cli("run", str(default_build), "--prompt", "hi", *args), needle)
+
+
+def test_run_rejects_a_missing_build_and_an_overlong_prompt(default_build, tmp_path):
+    assert_one_line_error(run_cli("run", str(tmp_path / "nope"), "--prompt", "hi"), "not a build folder")
+    long_prompt = "one two three " * 200
+    assert_one_line_error(run_cli("run", str(default_build), "--prompt", long_prompt), "the context holds 256")

@@ -36,3 +36,17 @@ def test_inspect_and_describe_run_without_torch(default_build):
         f"assert main(['describe', {str(default_build)!r}]) == 0\n"
     )
     assert res.returncode == 0, res.stderr
+
+
+def test_generation_runs_where_torch_cannot_be_imported(default_build):
+    res = run_blocked(
+        "from omniforge.runtime.llm import LlmRuntime\n"
+        "from omniforge.runtime.sampling import GenerationConfig\n"
+        f"rt = LlmRuntime({str(default_build)!r})\n"
+        "r = rt.generate('A dog runs', GenerationConfig(max_new_tokens=8))\n"
+        "assert r.new_tokens == 8\n"
+        "assert 'torch' not in sys.modules\n"
+        "print('generated', r.token_ids)\n"
+    )
+    assert res.returncode == 0, res.stderr
+    assert "generated" in res.stdout

@@ -20,7 +20,8 @@ import torch
 
 from omniforge import __version__
 from omniforge.errors import ExportError, OmniforgeError
-from omniforge.export.parity import ParityResult, check_stage
+from omniforge.export.llm_ort import build_llama_gqa
+from omniforge.export.parity import ParityResult, check_llm_inplace, check_stage
 from omniforge.export.stages import export_module, reference_module
 from omniforge.model.loader import load_component
 from omniforge.pipeline.describe import describe
@@ -32,7 +33,7 @@ from omniforge.pipeline.manifest import (
     write_manifest,
 )
 from omniforge.pipeline.model_config import ModelConfig, load_model_config
-from omniforge.pipeline.spec import PipelineSpec, StageSpec
+from omniforge.pipeline.spec import PipelineSpec, StageKind, StageSpec
 
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with margin
 
@@ -96,7 +97,16 @@ def export_stage(module: torch.nn.Module, stage: StageSpec, path: Path, opset: i
     meta = {"omniforge.stage": stage.name, "omniforge.kind": str(stage.kind)}
     for k, v in meta.items():
         model.metadata_props.add(key=k, value=v)
-    big = raw_bytes > EXTERNAL_DATA_BYTES
+    save_model(model, path, raw_bytes)
+    shutil.rmtree(raw)
+    return model
+
+
+def save_model(model: onnx.ModelProto, path: Path, nbytes: int | None = None) -> None:
+    """Save one ONNX file, with its weights in ``<file>.data`` beside it when over protobuf's limit."""
+    if nbytes is None:
+        nbytes = sum(t.ByteSize() for t in model.graph.initializer)
+    big = nbytes > EXTERNAL_DATA_BYTES
     onnx.save_model(
         model,
         str(path),
@@ -104,8 +114,6 @@ def export_stage(module: torch.nn.Module, stage: StageSpec, path: Path, opset: i
         all_tensors_to_one_file=True,
         location=f"{path.name}.data" if big else None,
     )
-    shutil.rmtree(raw)
-    return model
 
 
 def _copy(src: Path, build: Path, rel: str, files: dict[str, str], role: str) -> None:
@@ -271,14 +279,25 @@ def _export_into(
         )
         nodes = len(model.graph.node)
         report = StageReport(stage.name, 0.0, nodes, sum((build / p).stat().st_size for p in [rel, *data]))
+        variants: dict[str, str] = {}
+        if stage.kind is StageKind.LLM:  # the in-place ONNX Runtime graph beside the canonical one
+            assert stage.llm is not None
+            variants["onnxruntime"] = ort_rel = f"stages/{stage.name}.ort.onnx"
+            save_model(build_llama_gqa(module, stage.llm.max_context), build / ort_rel)
+            if (build / f"{ort_rel}.data").exists():
+                data.append(f"{ort_rel}.data")
         if options.parity:
             report.parity = check_stage(
                 stage, str(build / rel), reference_module(stage, module), options.threads
             )
+            if variants:
+                report.parity += check_llm_inplace(str(build / ort_rel), module, stage, options.threads)
         report.seconds = time.perf_counter() - t0
         reports.append(report)
-        builds[stage.name] = StageBuild(file=rel, data_files=tuple(data), opset=options.opset, nodes=nodes)
-        paths += [rel, *data]
+        builds[stage.name] = StageBuild(
+            file=rel, data_files=tuple(data), opset=options.opset, nodes=nodes, variants=variants
+        )
+        paths += [rel, *data, *variants.values()]
         worst = max((p.max_abs for p in report.parity), default=float("nan"))
         status = "ok" if report.passed else "FAIL"
         log(

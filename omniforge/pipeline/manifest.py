@@ -49,6 +49,8 @@ class StageBuild:
     exporter: str = "torchscript"
     opset: int = 17
     nodes: int = 0
+    # backend-specific graphs beside the canonical one, e.g. {"onnxruntime": "stages/llm.ort.onnx"}
+    variants: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -97,7 +99,7 @@ class Manifest:
         for name, sb in stages.items():
             if name not in pipeline.stage_names:
                 raise ManifestError(f"manifest builds stage '{name}', which its pipeline does not describe")
-            for p in (sb.file, *sb.data_files):
+            for p in (sb.file, *sb.data_files, *sb.variants.values()):
                 if p not in artifacts:
                     raise ManifestError(f"stage '{name}' names '{p}', which is not among the artifacts")
         for role, p in files.items():

@@ -1,0 +1,232 @@
+"""Lower a LLaMA to an ONNX Runtime graph with fused ops and an in-place KV cache.
+
+The canonical ``llm.onnx`` (standard ops, explicit cache concatenation) is what TensorRT and any
+ONNX consumer read. For ONNX Runtime the runtime uses this second graph: one
+``GroupQueryAttention`` per layer (rotary inside, past and present sharing one preallocated
+buffer, so a decode step writes only the new token's K/V), ``SkipSimplifiedLayerNormalization``
+for the residual + RMSNorm, packed QKV and no shape/mask plumbing: ~10 nodes a layer instead of
+hundreds. ORT's transformer optimizer produces no GroupQueryAttention from traced graphs, and
+ONNX Runtime GenAI's builder writes its own model format, so the graph is built here directly
+from the HF weights.
+
+Contract (``B`` sequences, ``S`` new tokens, cache length ``C`` = the runtime's max context):
+    inputs_embeds (B, S, H) f32, seqlens_k (B,) i32 = past + S - 1, total_sequence_length () i32,
+    past_key_values.{i}.key/value (B, kv_heads, C, head_dim)  -> bound to the same buffers as
+    present.{i}.key/value; outputs logits (B, 1, V) for the last position and hidden_states (B, S, H).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+MS = "com.microsoft"
+
+
+def _w(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float32).cpu().numpy()
+
+
+def build_llama_gqa(model: torch.nn.Module, max_context: int, opset: int = 17) -> onnx.ModelProto:
+    """An ONNX Runtime graph of ``model`` (HF LlamaForCausalLM) for contexts up to ``max_context``."""
+    c = model.config
+    nh, kvh = c.num_attention_heads, c.num_key_value_heads
+    hd = getattr(c, "head_dim", None) or c.hidden_size // nh
+    hidden, eps = c.hidden_size, float(c.rms_norm_eps)
+    inits: list[onnx.TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+
+    def init(name: str, arr: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        return name
+
+    # rotary tables for positions 0..max_context-1, from the model's own rotary module
+    with torch.no_grad():
+        pos = torch.arange(max_context)[None]
+        cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)
+    init("cos_cache", _w(cos[0, :, : hd // 2]))
+    init("sin_cache", _w(sin[0, :, : hd // 2]))
+    # ORT's GroupQueryAttention applies rotary itself only for head sizes that are multiples of 16;
+    # other sizes get the same rotation from standard ops before the attention.
+    fused_rotary = hd % 16 == 0
+    if not fused_rotary:
+        nodes.extend(_rotary_tables(init))
+
+    layers = model.model.layers
+    x, residual = "inputs_embeds", ""
+    for i, layer in enumerate(layers):
+        a = layer.self_attn
+        p = f"layers.{i}"
+        g_in = init(f"{p}.input_layernorm.weight", _w(layer.input_layernorm.weight))
+        if i == 0:
+            nodes.append(
+                helper.make_node(
+                    "SimplifiedLayerNormalization", [x, g_in], [f"{p}.norm1"], epsilon=eps, axis=-1
+                )
+            )
+            residual = x
+        else:
+            nodes.append(
+                helper.make_node(
+                    "SkipSimplifiedLayerNormalization",
+                    [x, residual, g_in],
+                    [f"{p}.norm1", "", "", f"{p}.res1"],
+                    domain=MS,
+                    epsilon=eps,
+                )
+            )
+            residual = f"{p}.res1"
+        qkv = np.concatenate([_w(a.q_proj.weight), _w(a.k_proj.weight), _w(a.v_proj.weight)], axis=0).T
+        nodes.append(helper.make_node("MatMul", [f"{p}.norm1", init(f"{p}.qkv.weight", qkv)], [f"{p}.qkv"]))
+        last = f"{p}.qkv"
+        if getattr(a.q_proj, "bias", None) is not None:
+            b = np.concatenate([_w(a.q_proj.bias), _w(a.k_proj.bias), _w(a.v_proj.bias)])
+            nodes.append(helper.make_node("Add", [last, init(f"{p}.qkv.bias", b)], [f"{p}.qkv_b"]))
+            last = f"{p}.qkv_b"
+        if fused_rotary:
+            qkv_in, rot = [last, "", ""], ["cos_cache", "sin_cache"]
+        else:
+            split = init(f"{p}.qkv.split", np.array([nh * hd, kvh * hd, kvh * hd], np.int64))
+            nodes.append(helper.make_node("Split", [last, split], [f"{p}.q", f"{p}.k", f"{p}.v"], axis=-1))
+            nodes.extend(_rotate(f"{p}.q", f"{p}.q_rot", nh, hd, init))
+            nodes.extend(_rotate(f"{p}.k", f"{p}.k_rot", kvh, hd, init))
+            qkv_in, rot = [f"{p}.q_rot", f"{p}.k_rot", f"{p}.v"], []
+        cache = [
+            f"past_key_values.{i}.key",
+            f"past_key_values.{i}.value",
+            "seqlens_k",
+            "total_sequence_length",
+        ]
+        nodes.append(
+            helper.make_node(
+                "GroupQueryAttention",
+                [*qkv_in, *cache, *rot],
+                [f"{p}.attn", f"present.{i}.key", f"present.{i}.value"],
+                domain=MS,
+                num_heads=nh,
+                kv_num_heads=kvh,
+                do_rotary=int(fused_rotary),
+                rotary_interleaved=0,
+                scale=float(a.scaling),
+            )
+        )
+        nodes.append(
+            helper.make_node(
+                "MatMul", [f"{p}.attn", init(f"{p}.o.weight", _w(a.o_proj.weight).T)], [f"{p}.o"]
+            )
+        )
+        g_post = init(f"{p}.post_attention_layernorm.weight", _w(layer.post_attention_layernorm.weight))
+        nodes.append(
+            helper.make_node(
+                "SkipSimplifiedLayerNormalization",
+                [f"{p}.o", residual, g_post],
+                [f"{p}.norm2", "", "", f"{p}.res2"],
+                domain=MS,
+                epsilon=eps,
+            )
+        )
+        residual = f"{p}.res2"
+        m = layer.mlp
+        nodes += [
+            helper.make_node(
+                "MatMul", [f"{p}.norm2", init(f"{p}.gate.weight", _w(m.gate_proj.weight).T)], [f"{p}.gate"]
+            ),
+            helper.make_node(
+                "MatMul", [f"{p}.norm2", init(f"{p}.up.weight", _w(m.up_proj.weight).T)], [f"{p}.up"]
+            ),
+            helper.make_node("Sigmoid", [f"{p}.gate"], [f"{p}.gate_sig"]),
+            helper.make_node("Mul", [f"{p}.gate", f"{p}.gate_sig"], [f"{p}.silu"]),
+            helper.make_node("Mul", [f"{p}.silu", f"{p}.up"], [f"{p}.act"]),
+            helper.make_node(
+                "MatMul", [f"{p}.act", init(f"{p}.down.weight", _w(m.down_proj.weight).T)], [f"{p}.down"]
+            ),
+        ]
+        x = f"{p}.down"
+    g_f = init("norm.weight", _w(model.model.norm.weight))
+    nodes.append(
+        helper.make_node(
+            "SkipSimplifiedLayerNormalization",
+            [x, residual, g_f],
+            ["hidden_states", "", "", ""],
+            domain=MS,
+            epsilon=eps,
+        )
+    )
+    init("last_index", np.array([-1], dtype=np.int64))
+    nodes.append(helper.make_node("Gather", ["hidden_states", "last_index"], ["last_hidden"], axis=1))
+    nodes.append(
+        helper.make_node(
+            "MatMul", ["last_hidden", init("lm_head.weight", _w(model.lm_head.weight).T)], ["logits"]
+        )
+    )
+
+    f32 = TensorProto.FLOAT
+    kv = ["batch", kvh, "cache_len", hd]
+    inputs = [
+        helper.make_tensor_value_info("inputs_embeds", f32, ["batch", "seq", hidden]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("logits", f32, ["batch", 1, c.vocab_size]),
+        helper.make_tensor_value_info("hidden_states", f32, ["batch", "seq", hidden]),
+    ]
+    for i in range(len(layers)):
+        for k in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{k}", f32, kv))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{k}", f32, kv))
+    graph = helper.make_graph(nodes, "llama_gqa", inputs, outputs, inits)
+    model_proto = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
+        producer_name="omniforge",
+    )
+    model_proto.ir_version = 8
+    return model_proto
+
+
+def _rotary_tables(init) -> list[onnx.NodeProto]:
+    """cos/sin rows for the new tokens' positions: past_len + arange(S), with past_len = seqlens_k + 1 - S."""
+    mk = helper.make_node
+    one = init("rot.one", np.array(1, np.int64))
+    zero = init("rot.zero", np.array(0, np.int64))
+    axis1 = init("rot.axis1", np.array([1], np.int64))
+    axis0 = init("rot.axis0", np.array([0], np.int64))
+    axis2 = init("rot.axis2", np.array([2], np.int64))
+    return [
+        mk("Shape", ["inputs_embeds"], ["rot.shape"]),
+        mk("Gather", ["rot.shape", one], ["rot.seq"], axis=0),
+        mk("Cast", ["seqlens_k"], ["rot.seqlens64"], to=TensorProto.INT64),
+        mk("Sub", ["rot.seqlens64", "rot.seq"], ["rot.last_minus"]),
+        mk("Add", ["rot.last_minus", one], ["rot.past"]),  # (B,)
+        mk("Range", [zero, "rot.seq", one], ["rot.arange"]),  # (S,)
+        mk("Unsqueeze", ["rot.past", axis1], ["rot.past_col"]),  # (B, 1)
+        mk("Unsqueeze", ["rot.arange", axis0], ["rot.arange_row"]),  # (1, S)
+        mk("Add", ["rot.past_col", "rot.arange_row"], ["rot.positions"]),  # (B, S)
+        mk("Gather", ["cos_cache", "rot.positions"], ["rot.cos3"], axis=0),  # (B, S, hd/2)
+        mk("Gather", ["sin_cache", "rot.positions"], ["rot.sin3"], axis=0),
+        mk("Unsqueeze", ["rot.cos3", axis2], ["rot.cos"]),  # (B, S, 1, hd/2)
+        mk("Unsqueeze", ["rot.sin3", axis2], ["rot.sin"]),
+    ]
+
+
+def _rotate(x: str, out: str, heads: int, hd: int, init) -> list[onnx.NodeProto]:
+    """LLaMA's rotate-half rotary embedding of (B, S, heads * hd) with the tables above."""
+    mk = helper.make_node
+    shape4 = init(f"{x}.shape4", np.array([0, 0, heads, hd], np.int64))
+    shape3 = init(f"{x}.shape3", np.array([0, 0, heads * hd], np.int64))
+    halves = init(f"{x}.halves", np.array([hd // 2, hd // 2], np.int64))
+    return [
+        mk("Reshape", [x, shape4], [f"{x}.4d"]),
+        mk("Split", [f"{x}.4d", halves], [f"{x}.x1", f"{x}.x2"], axis=-1),
+        mk("Mul", [f"{x}.x1", "rot.cos"], [f"{x}.x1c"]),
+        mk("Mul", [f"{x}.x2", "rot.sin"], [f"{x}.x2s"]),
+        mk("Sub", [f"{x}.x1c", f"{x}.x2s"], [f"{x}.r1"]),
+        mk("Mul", [f"{x}.x2", "rot.cos"], [f"{x}.x2c"]),
+        mk("Mul", [f"{x}.x1", "rot.sin"], [f"{x}.x1s"]),
+        mk("Add", [f"{x}.x2c", f"{x}.x1s"], [f"{x}.r2"]),
+        mk("Concat", [f"{x}.r1", f"{x}.r2"], [f"{x}.r4d"], axis=-1),
+        mk("Reshape", [f"{x}.r4d", shape3], [out]),
+    ]

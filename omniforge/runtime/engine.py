@@ -1,0 +1,147 @@
+"""``Engine``: one stage's inference session, checked against its description.
+
+ONNX Runtime now; the TensorRT engine plugs in behind the same ``run``. Inputs are validated
+(names, dtypes, ranks, static sizes, dynamic sizes within the stage's min/max) before the session
+sees them, so a caller gets one clear ``InputError`` instead of a backend traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from omniforge.errors import ConfigError, EngineError, InputError
+from omniforge.pipeline.spec import StageSpec
+
+_OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """ONNX Runtime session settings shared by a build's engines."""
+
+    threads: int = 0  # intra-op threads; 0: one per CPU core
+    graph_optimization: str = "all"  # disable | basic | extended | all
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    extra: dict[str, str] = field(default_factory=dict)  # session config entries
+
+    def __post_init__(self) -> None:
+        if self.graph_optimization not in _OPT_LEVELS:
+            raise ConfigError(
+                f"graph optimization '{self.graph_optimization}' is not one of {sorted(_OPT_LEVELS)}"
+            )
+        if self.threads < 0:
+            raise ConfigError("threads must be >= 0")
+        missing = [p for p in self.providers if p not in ort.get_available_providers()]
+        if missing:
+            raise ConfigError(
+                f"execution provider(s) {missing} are not available in this onnxruntime "
+                f"(available: {ort.get_available_providers()})"
+            )
+
+    def session_options(self) -> ort.SessionOptions:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads or (os.cpu_count() or 1)
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = _OPT_LEVELS[self.graph_optimization]
+        opts.log_severity_level = 3
+        for k, v in self.extra.items():
+            opts.add_session_config_entry(k, v)
+        return opts
+
+
+def create_session(path: Path, config: SessionConfig) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), config.session_options(), providers=list(config.providers))
+    except Exception as exc:  # ORT raises several exception types for unreadable models
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EngineError(f"cannot load engine '{path.name}': {first}") from None
+
+
+class Engine:
+    """A loaded stage: validate inputs against the ``StageSpec``, run, return named outputs."""
+
+    def __init__(self, path: Path, spec: StageSpec, config: SessionConfig | None = None) -> None:
+        self.path = Path(path)
+        self.spec = spec
+        self.config = config or SessionConfig()
+        self.session = create_session(self.path, self.config)
+        names = [i.name for i in self.session.get_inputs()]
+        if names != spec.input_names:
+            raise EngineError(
+                f"engine '{self.path.name}' takes {names}, but stage '{spec.name}' declares {spec.input_names}"
+            )
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def validate(self, feeds: dict[str, np.ndarray]) -> None:
+        validate_feeds(self.spec, feeds)
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        self.validate(feeds)
+        names = outputs or self.spec.output_names
+        try:
+            values = self.session.run(names, feeds)
+        except Exception as exc:  # shapes that pass validation but fail inside the graph
+            raise EngineError(f"stage '{self.name}' failed: {str(exc).strip().splitlines()[0]}") from None
+        return dict(zip(names, values, strict=True))
+
+
+def validate_feeds(spec: StageSpec, feeds: dict[str, np.ndarray]) -> None:
+    """Raise ``InputError`` unless ``feeds`` match the stage's inputs exactly."""
+    expected = spec.input_names
+    missing = [n for n in expected if n not in feeds]
+    extra = [n for n in feeds if n not in expected]
+    if missing or extra:
+        raise InputError(
+            f"stage '{spec.name}' expects inputs {expected}; missing {missing}, unexpected {extra}"
+        )
+    sizes: dict[str, int] = {}
+    for t in spec.inputs:
+        a = feeds[t.name]
+        if not isinstance(a, np.ndarray):
+            raise InputError(
+                f"stage '{spec.name}' input '{t.name}' must be a numpy array, got {type(a).__name__}"
+            )
+        if a.dtype != np.dtype(t.dtype):
+            raise InputError(f"stage '{spec.name}' input '{t.name}' must be {t.dtype}, got {a.dtype}")
+        if a.ndim != len(t.shape):
+            raise InputError(
+                f"stage '{spec.name}' input '{t.name}' must have rank {len(t.shape)} {t.shape}, got shape {a.shape}"
+            )
+        for axis, (want, got) in enumerate(zip(t.shape, a.shape, strict=True)):
+            if isinstance(want, int):
+                if want != got:
+                    raise InputError(
+                        f"stage '{spec.name}' input '{t.name}' axis {axis} must be {want}, got shape {a.shape}"
+                    )
+                continue
+            if sizes.setdefault(want, got) != got:
+                raise InputError(
+                    f"stage '{spec.name}': dim '{want}' is {sizes[want]} in one input and {got} in '{t.name}'"
+                )
+        if a.dtype.kind == "f" and a.size and not np.isfinite(a).all():
+            raise InputError(f"stage '{spec.name}' input '{t.name}' contains NaN or Inf")
+        if t.fill == "randint" and a.size and (a.min() < t.low or a.max() >= t.high):
+            raise InputError(
+                f"stage '{spec.name}' input '{t.name}' values must lie in [{int(t.low)}, {int(t.high)}), got [{a.min()}, {a.max()}]"
+            )
+    for d in spec.dims:
+        if d.sum_of and d.name in sizes and all(s in sizes for s in d.sum_of):
+            if sizes[d.name] != sum(sizes[s] for s in d.sum_of):
+                raise InputError(f"stage '{spec.name}': dim '{d.name}' must equal {' + '.join(d.sum_of)}")
+        if d.name in sizes and not d.min <= sizes[d.name] <= d.max:
+            raise InputError(
+                f"stage '{spec.name}': dim '{d.name}'={sizes[d.name]} is outside the supported range [{d.min}, {d.max}]"
+            )

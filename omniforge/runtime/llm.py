@@ -1,0 +1,403 @@
+"""Text generation with the LLM stage: in-place KV cache, prefix reuse, sampling, streaming, batches.
+
+Only numpy, onnxruntime and tokenizers are used. The LLM runs as the build's ONNX Runtime variant
+(GroupQueryAttention with the cache bound in place, see ``omniforge.export.llm_ort``); prompts
+are embedding rows, so projected media embeddings can stand in for placeholder tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from omniforge.errors import CachePoolExhaustedError, ContextLengthError, EngineError, InputError
+from omniforge.pipeline.spec import LlmGeometry
+from omniforge.runtime.build import Build
+from omniforge.runtime.engine import SessionConfig, create_session
+from omniforge.runtime.kv_cache import KVCachePool, PrefixCache, SlotRange
+from omniforge.runtime.sampling import GenerationConfig, select_token
+
+Media = dict[str, list[np.ndarray]]  # modality -> projected embeddings (n_tokens, hidden) per item
+
+
+class LlmEngine:
+    """The in-place LLM graph: ``step`` runs new rows for sequences living in pool slots."""
+
+    def __init__(self, path: Path, geometry: LlmGeometry, config: SessionConfig) -> None:
+        self.geometry = geometry
+        self.session = create_session(path, config)
+        names = {i.name for i in self.session.get_inputs()}
+        if not {"inputs_embeds", "seqlens_k", "total_sequence_length", "past_key_values.0.key"} <= names:
+            raise EngineError(f"'{path.name}' is not an in-place LLM graph (inputs: {sorted(names)[:5]}...)")
+
+    def bind(self, pool: KVCachePool, slots: SlotRange) -> StepBinding:
+        return StepBinding(self, pool, slots)
+
+
+class StepBinding:
+    """An I/O binding whose past and present caches are the same pool memory."""
+
+    def __init__(self, engine: LlmEngine, pool: KVCachePool, slots: SlotRange) -> None:
+        self.engine, self.pool, self.slots = engine, pool, slots
+        self.io = engine.session.io_binding()
+        self.io.bind_output("logits")
+        self.io.bind_output("hidden_states")
+        for name, ov in pool.bindings(slots):
+            self.io.bind_ortvalue_input(f"past_key_values.{name}", ov)
+            self.io.bind_ortvalue_output(f"present.{name}", ov)
+
+    def step(self, embeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(b, S, H) new rows -> last-position logits (b, V) and hidden states (b, S, H)."""
+        b, s, _ = embeds.shape  # (b, S, H)
+        assert b == self.slots.count
+        lengths = self.pool.lengths[self.slots.start : self.slots.stop]
+        new = lengths + s
+        if int(new.max()) > self.pool.max_context:
+            raise ContextLengthError(
+                f"the sequence would reach {int(new.max())} tokens; the context holds {self.pool.max_context}"
+            )
+        self.io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=np.float32))
+        self.io.bind_cpu_input("seqlens_k", (new - 1).astype(np.int32))
+        self.io.bind_cpu_input("total_sequence_length", np.array(new.max(), dtype=np.int32))
+        self.io.bind_output("logits")
+        self.io.bind_output("hidden_states")
+        self.engine.session.run_with_iobinding(self.io)
+        out = self.io.get_outputs()
+        self.pool.lengths[self.slots.start : self.slots.stop] = new
+        return out[0].numpy()[:, -1], out[1].numpy()
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "stop_string" | "length"
+    prompt_tokens: int
+    reused_prefix_tokens: int
+    ttft_s: float
+    decode_s: float
+    signal_hidden: dict[str, np.ndarray] = field(default_factory=dict)  # modality -> (n, H)
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        n = self.new_tokens - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+
+@dataclass
+class _Seq:
+    rows: np.ndarray  # (T, H) prompt rows
+    history: list[int]  # token ids seen (prompt text ids + generated) for the repetition penalty
+    rng: np.random.Generator
+    generated: list[int] = field(default_factory=list)
+    fed: list[np.ndarray] = field(default_factory=list)  # embedding rows of generated tokens fed back
+    text: str = ""
+    emitted: int = 0
+    finish: str = ""
+    reused: int = 0
+    ttft: float = 0.0
+    signal_rows: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+
+class LlmRuntime:
+    """Generate from a build's LLM. Thread-safe: requests share the engines and the KV pool."""
+
+    def __init__(
+        self,
+        build: Build | str | Path,
+        num_slots: int = 4,
+        max_context: int | None = None,
+        prefix_cache_entries: int = 2,
+        block_size: int = 16,
+        session: SessionConfig | None = None,
+    ) -> None:
+        self.build = build if isinstance(build, Build) else Build(build, session)
+        stage = self.build.pipeline.stage("llm")
+        assert stage.llm is not None
+        self.geometry = stage.llm
+        self.engine = LlmEngine(self.build.stage_file("llm", "onnxruntime"), stage.llm, self.build.session)
+        self.embedding = self.build.engine("token_embedding")
+        self.tokenizer = self.build.tokenizer() if "tokenizer" in self.build.manifest.files else None
+        self.pool = KVCachePool(stage.llm, num_slots, max_context)
+        self.prefix_cache = PrefixCache(self.pool, min(prefix_cache_entries, num_slots - 1), block_size)
+        self.signal_ids: dict[int, str] = {}
+        for modality, tokens in self.build.pipeline.signal_tokens.items():
+            for t in tokens:
+                tid = self.tokenizer.token_id(t)
+                if tid is not None:
+                    self.signal_ids[tid] = modality
+        self.placeholder_ids = {
+            tid: m
+            for m, t in self.build.pipeline.placeholders.items()
+            if (tid := self.tokenizer.token_id(t)) is not None
+        }
+
+    # ---- inputs -------------------------------------------------------------------------------
+    def embed_ids(self, ids: Sequence[int]) -> np.ndarray:
+        """(S,) token ids -> (S, H) embedding rows."""
+        arr = np.asarray(ids, dtype=np.int64)
+        if arr.ndim != 1:
+            raise InputError(f"token ids must be one-dimensional, got shape {arr.shape}")
+        if arr.size and (arr.min() < 0 or arr.max() >= self.geometry.vocab_size):
+            raise InputError(
+                f"token ids must lie in [0, {self.geometry.vocab_size}), got [{arr.min()}, {arr.max()}]"
+            )
+        return self.embedding.run({"input_ids": arr[None]})["inputs_embeds"][0]
+
+    def prepare(
+        self, prompt: str | Sequence[int] | np.ndarray, media: Media | None = None
+    ) -> tuple[np.ndarray, list[int]]:
+        """Prompt -> (T, H) rows and the token ids among them; media rows replace placeholders in order.
+
+        ``prompt`` is text, a list of token ids, or a (T, H) float array of ready embeddings.
+        """
+        if isinstance(prompt, np.ndarray) and prompt.dtype.kind == "f":
+            if prompt.ndim != 2 or prompt.shape[1] != self.geometry.hidden_size:
+                raise InputError(
+                    f"inputs_embeds must have shape (T, {self.geometry.hidden_size}), got {prompt.shape}"
+                )
+            if not np.isfinite(prompt).all():
+                raise InputError("inputs_embeds contains NaN or Inf")
+            return np.ascontiguousarray(prompt, dtype=np.float32), []
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InputError("this build has no tokenizer; pass token ids or embeddings instead of text")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(i) for i in prompt]
+        if not ids:
+            raise InputError("the prompt is empty")
+        self._check_fits(len(ids))
+        rows = self.embed_ids(ids)
+        media = {k: list(v) for k, v in (media or {}).items()}
+        for m in media:
+            if m not in self.build.pipeline.placeholders:
+                raise InputError(
+                    f"unknown modality '{m}' (this build takes: {sorted(self.build.pipeline.placeholders)})"
+                )
+        pieces: list[np.ndarray] = []
+        start = 0
+        for pos, tid in enumerate(ids):
+            modality = self.placeholder_ids.get(tid)
+            if modality is None or not media.get(modality):
+                continue
+            item = np.asarray(media[modality].pop(0), dtype=np.float32)
+            if item.ndim != 2 or item.shape[1] != self.geometry.hidden_size:
+                raise InputError(
+                    f"{modality} embeddings must have shape (n, {self.geometry.hidden_size}), got {item.shape}"
+                )
+            pieces += [rows[start:pos], item]
+            start = pos + 1
+        leftover = {m: len(v) for m, v in media.items() if v}
+        if leftover:
+            raise InputError(
+                f"the prompt has fewer placeholders than media items: {leftover} left without a placeholder"
+            )
+        pieces.append(rows[start:])
+        return np.ascontiguousarray(np.concatenate(pieces)), ids
+
+    # ---- generation ---------------------------------------------------------------------------
+    def generate(
+        self,
+        prompt: str | Sequence[int] | np.ndarray,
+        config: GenerationConfig | None = None,
+        media: Media | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> GenerationResult:
+        """Generate for one prompt; ``on_text`` receives the text as it streams."""
+        rows, ids = self.prepare(prompt, media)
+        cb = (lambda _i, d: on_text(d)) if on_text else None
+        return self.generate_rows([rows], [ids], config or GenerationConfig(), cb)[0]
+
+    def generate_batch(
+        self, prompts: Sequence[str | Sequence[int] | np.ndarray], config: GenerationConfig | None = None
+    ) -> list[GenerationResult]:
+        """Generate for several prompts at once; each result equals generating it alone."""
+        prepared = [self.prepare(p) for p in prompts]
+        return self.generate_rows(
+            [r for r, _ in prepared], [i for _, i in prepared], config or GenerationConfig()
+        )
+
+    def stream(self, prompt: str | Sequence[int], config: GenerationConfig | None = None) -> Iterator[str]:
+        """Yield text pieces as they are generated."""
+        rows, ids = self.prepare(prompt)
+        yield from (d for _i, d in self._run([rows], [ids], config or GenerationConfig()) if d)
+
+    def generate_rows(
+        self,
+        rows: list[np.ndarray],
+        ids: list[list[int]],
+        config: GenerationConfig,
+        on_text: Callable[[int, str], None] | None = None,
+    ) -> list[GenerationResult]:
+        gen = self._run(rows, ids, config)
+        while True:
+            try:
+                i, delta = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            if on_text and delta:
+                on_text(i, delta)
+
+    def _check_fits(self, prompt_tokens: int) -> None:
+        ctx = self.pool.max_context
+        if prompt_tokens >= ctx:
+            raise ContextLengthError(
+                f"the prompt has {prompt_tokens} tokens; the context holds {ctx}, leaving no room for a new token"
+            )
+
+    def _allocate(self, count: int) -> SlotRange:
+        while True:
+            try:
+                return self.pool.allocate(count)
+            except CachePoolExhaustedError:
+                if not self.prefix_cache.evict_one():
+                    raise
+
+    def _stop_ids(self, config: GenerationConfig) -> set[int]:
+        if config.stop_token_ids is not None:
+            return set(config.stop_token_ids)
+        eos = self.tokenizer.eos_id if self.tokenizer is not None else None
+        return {eos} if eos is not None else set()
+
+    def _run(self, rows: list[np.ndarray], ids: list[list[int]], cfg: GenerationConfig):
+        """Generator: yields (sequence index, text delta); returns the results."""
+        ctx = self.pool.max_context
+        for r in rows:
+            self._check_fits(len(r))
+        t0 = time.perf_counter()
+        stop_ids = self._stop_ids(cfg)
+        seqs = [_Seq(r, list(i), np.random.default_rng(cfg.seed)) for r, i in zip(rows, ids, strict=True)]
+        slots = self._allocate(len(seqs))
+        adopted: set[int] = set()
+        try:
+            for k, s in enumerate(seqs):  # prefill one sequence at a time: no padding
+                slot = slots.start + k
+                s.reused = self.prefix_cache.reuse(s.rows, slot)
+                logits, _ = self.engine.bind(self.pool, SlotRange(slot, 1)).step(s.rows[None, s.reused :])
+                s.ttft = time.perf_counter() - t0
+                yield from self._accept(k, s, logits[0], cfg, stop_ids)
+            t_decode = time.perf_counter()
+            bindings: dict[tuple[int, int], StepBinding] = {}
+            while not all(s.finish for s in seqs):
+                # active sequences in runs of adjacent slots: finished ones stop costing work
+                for first, count in _runs([not s.finish for s in seqs]):
+                    run = SlotRange(slots.start + first, count)
+                    binding = bindings.get((run.start, count)) or bindings.setdefault(
+                        (run.start, count), self.engine.bind(self.pool, run)
+                    )
+                    feed = [seqs[first + j].generated[-1] for j in range(count)]
+                    emb = self.embedding.run({"input_ids": np.asarray(feed, np.int64)[:, None]})[
+                        "inputs_embeds"
+                    ]
+                    logits, hidden = binding.step(emb)
+                    for j in range(count):
+                        k, s = first + j, seqs[first + j]
+                        s.fed.append(emb[j, 0])
+                        self._record_signal(s, feed[j], hidden[j, 0], cfg)
+                        yield from self._accept(k, s, logits[j], cfg, stop_ids)
+            decode_s = time.perf_counter() - t_decode
+            for k, s in enumerate(seqs):  # a signal token generated last still needs its hidden state
+                last = s.generated[-1]
+                if cfg.collect_signal_hidden and last in self.signal_ids and s.finish != "stop":
+                    slot = SlotRange(slots.start + k, 1)
+                    if self.pool.lengths[slot.start] < ctx:
+                        emb = self.embed_ids([last])
+                        _, hidden = self.engine.bind(self.pool, slot).step(emb[None])
+                        s.fed.append(emb[0])
+                        self._record_signal(s, last, hidden[0, 0], cfg)
+            for k, s in enumerate(seqs):
+                fed = np.concatenate([s.rows, np.asarray(s.fed, np.float32).reshape(-1, s.rows.shape[1])])
+                if self.prefix_cache.add(slots.start + k, fed):
+                    adopted.add(slots.start + k)
+        finally:
+            for j in range(slots.start, slots.stop):
+                if j not in adopted:
+                    self.pool.release(SlotRange(j, 1))
+        return [
+            GenerationResult(
+                text=s.text,
+                token_ids=s.generated,
+                finish_reason=s.finish,
+                prompt_tokens=len(s.rows),
+                reused_prefix_tokens=s.reused,
+                ttft_s=s.ttft,
+                decode_s=decode_s,
+                signal_hidden={m: np.stack(v) for m, v in s.signal_rows.items()},
+            )
+            for s in seqs
+        ]
+
+    def _record_signal(self, s: _Seq, token: int, hidden: np.ndarray, cfg: GenerationConfig) -> None:
+        modality = self.signal_ids.get(token)
+        if modality is not None and cfg.collect_signal_hidden:
+            s.signal_rows.setdefault(modality, []).append(hidden.copy())
+
+    def _accept(self, k: int, s: _Seq, logits: np.ndarray, cfg: GenerationConfig, stop_ids: set[int]):
+        """Choose the next token of sequence ``k``; update its text and finish state."""
+        token = select_token(logits, cfg, s.rng, np.asarray(s.history, np.int64))
+        s.generated.append(token)
+        s.history.append(token)
+        if token in stop_ids:
+            s.finish = "stop"
+            return
+        text_ids = [t for t in s.generated if t not in stop_ids]
+        text = self.tokenizer.decode(text_ids) if self.tokenizer is not None else ""
+        for stop in cfg.stop_strings:
+            cut = text.find(stop)
+            if cut >= 0:
+                text, s.finish = text[:cut], "stop_string"
+        if not s.finish and len(s.generated) >= cfg.max_new_tokens:
+            s.finish = "length"
+        if not s.finish and len(s.rows) + len(s.generated) > self.pool.max_context:
+            s.finish = "length"  # feeding the last token back would overflow the context
+        if text.endswith("\ufffd") and not s.finish:
+            return  # an incomplete UTF-8 sequence: wait for the next token
+        s.text = text
+        delta = text[s.emitted :]
+        s.emitted = len(text)
+        if delta:
+            yield k, delta
+
+
+def _runs(active: list[bool]) -> list[tuple[int, int]]:
+    """(first index, length) of each run of consecutive True values."""
+    out: list[tuple[int, int]] = []
+    for i, a in enumerate(active):
+        if not a:
+            continue
+        if out and out[-1][0] + out[-1][1] == i:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((i, 1))
+    return out
+
+
+class Chat:
+    """A conversation: each turn's prompt extends the previous turns, so the prefix cache reuses them."""
+
+    def __init__(self, runtime: LlmRuntime, config: GenerationConfig | None = None) -> None:
+        self.runtime = runtime
+        self.config = config or GenerationConfig()
+        self.rows: np.ndarray | None = None
+        self.ids: list[int] = []
+
+    def send(
+        self, text: str, media: Media | None = None, on_text: Callable[[str], None] | None = None
+    ) -> GenerationResult:
+        new_rows, new_ids = self.runtime.prepare(text, media)
+        rows = new_rows if self.rows is None else np.concatenate([self.rows, new_rows])
+        ids = self.ids + new_ids
+        cb = (lambda _i, d: on_text(d)) if on_text else None
+        result = self.runtime.generate_rows([rows], [ids], self.config, cb)[0]
+        self.rows = np.concatenate([rows, self.runtime.embed_ids(result.token_ids)])
+        self.ids = ids + result.token_ids
+        return result
