@@ -11,7 +11,9 @@ SUBCOMMANDS = ["export", "run", "describe", "inspect", "create-default"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "omniforge", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "omniforge", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.parametrize("cmd", SUBCOMMANDS)
@@ -42,9 +44,20 @@ def test_unknown_stage_leaves_nothing_behind(tmp_path, default_model):
 
 
 def test_bad_option_values(tmp_path, default_model):
-    assert_one_line_error(run_cli("export", str(default_model), "--out", str(tmp_path / "b"), "--opset", "9"), "--opset 9")
     assert_one_line_error(
-        run_cli("export", str(default_model), "--out", str(tmp_path / "b"), "--stages", "llm", "--adapter", "smell"),
+        run_cli("export", str(default_model), "--out", str(tmp_path / "b"), "--opset", "9"), "--opset 9"
+    )
+    assert_one_line_error(
+        run_cli(
+            "export",
+            str(default_model),
+            "--out",
+            str(tmp_path / "b"),
+            "--stages",
+            "llm",
+            "--adapter",
+            "smell",
+        ),
         "unknown adapter 'smell'",
     )
 
@@ -107,4 +120,6 @@ def test_run_rejects_bad_options(default_build, args, needle):
 def test_run_rejects_a_missing_build_and_an_overlong_prompt(default_build, tmp_path):
     assert_one_line_error(run_cli("run", str(tmp_path / "nope"), "--prompt", "hi"), "not a build folder")
     long_prompt = "one two three " * 200
-    assert_one_line_error(run_cli("run", str(default_build), "--prompt", long_prompt), "the context holds 256")
+    assert_one_line_error(
+        run_cli("run", str(default_build), "--prompt", long_prompt), "the context holds 256"
+    )

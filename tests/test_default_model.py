@@ -15,7 +15,12 @@ from omniforge.pipeline.model_config import load_model_config
 
 def test_default_is_deterministic(default_model, tmp_path):
     again = create_default(tmp_path / "again")
-    for rel in ("llm/model.safetensors", "image_decoder/unet/diffusion_pytorch_model.safetensors", "lora/audio/adapter_model.safetensors", "llm/tokenizer.json"):
+    for rel in (
+        "llm/model.safetensors",
+        "image_decoder/unet/diffusion_pytorch_model.safetensors",
+        "lora/audio/adapter_model.safetensors",
+        "llm/tokenizer.json",
+    ):
         assert sha256_file(default_model / rel) == sha256_file(again / rel), rel
 
 
@@ -23,7 +28,12 @@ def test_tokenizer_has_signal_and_placeholder_tokens(default_model):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(default_model / "llm")
-    for token in [*SIGNAL_TOKENS["image"], *SIGNAL_TOKENS["video"], *SIGNAL_TOKENS["audio"], *PLACEHOLDERS.values()]:
+    for token in [
+        *SIGNAL_TOKENS["image"],
+        *SIGNAL_TOKENS["video"],
+        *SIGNAL_TOKENS["audio"],
+        *PLACEHOLDERS.values(),
+    ]:
         ids = tok(token, add_special_tokens=False)["input_ids"]
         assert len(ids) == 1, token
     assert len(SIGNAL_TOKENS["video"]) == 24 and len(SIGNAL_TOKENS["audio"]) == 8
@@ -39,15 +49,29 @@ def test_llm_uses_gqa_and_lora_merge_changes_weights(default_model):
     q1 = merged.model.layers[0].self_attn.q_proj.weight
     assert (q0 - q1).abs().max() > 1e-4
     # the MLP is not targeted by the adapters
-    torch.testing.assert_close(base.model.layers[0].mlp.up_proj.weight, merged.model.layers[0].mlp.up_proj.weight)
+    torch.testing.assert_close(
+        base.model.layers[0].mlp.up_proj.weight, merged.model.layers[0].mlp.up_proj.weight
+    )
 
 
 def test_every_component_loads_and_matches_its_description(default_model):
     cfg = load_model_config(default_model)
     spec = describe(cfg)
     names = set(spec.stage_names)
-    required = {"image_encoder", "audio_encoder", "input_projector", "llm", "image_output_projector", "video_output_projector",
-                "audio_output_projector", "image_unet", "video_unet", "audio_unet", "image_vae_decoder", "vocoder"}
+    required = {
+        "image_encoder",
+        "audio_encoder",
+        "input_projector",
+        "llm",
+        "image_output_projector",
+        "video_output_projector",
+        "audio_output_projector",
+        "image_unet",
+        "video_unet",
+        "audio_unet",
+        "image_vae_decoder",
+        "vocoder",
+    }
     assert required <= names
     out = spec.stage("image_output_projector").outputs[0]
     assert out.shape[1:] == (77, 32)

@@ -14,10 +14,21 @@ from omniforge.pipeline.manifest import load_manifest
 from omniforge.pipeline.model_config import load_model_config
 
 REQUIRED = [
-    "token_embedding", "llm", "image_encoder", "audio_encoder", "input_projector",
-    "image_output_projector", "video_output_projector", "audio_output_projector",
-    "image_unet", "image_vae_decoder", "video_unet", "video_vae_decoder",
-    "audio_unet", "audio_vae_decoder", "vocoder",
+    "token_embedding",
+    "llm",
+    "image_encoder",
+    "audio_encoder",
+    "input_projector",
+    "image_output_projector",
+    "video_output_projector",
+    "audio_output_projector",
+    "image_unet",
+    "image_vae_decoder",
+    "video_unet",
+    "video_vae_decoder",
+    "audio_unet",
+    "audio_vae_decoder",
+    "vocoder",
 ]
 # a shape per stage that the export-time parity check did not use
 FRESH = {
@@ -94,13 +105,23 @@ def test_llm_prefill_then_decode_equals_one_full_forward(default_build, default_
     hf = load_llm(load_model_config(default_model), adapter="image")
     with torch.no_grad():
         full = hf(torch.from_numpy(ids)).logits.numpy()
-    past = {f"past_key_values.{i}.{k}": np.zeros((1, g.num_kv_heads, 0, g.head_dim), np.float32)
-            for i in range(g.num_layers) for k in ("key", "value")}
+    past = {
+        f"past_key_values.{i}.{k}": np.zeros((1, g.num_kv_heads, 0, g.head_dim), np.float32)
+        for i in range(g.num_layers)
+        for k in ("key", "value")
+    }
     logits = []
     for start, end in ((0, 8), (8, 9), (9, 10), (10, 12)):  # prefill, two decode steps, a chunk
         x = emb.run(None, {"input_ids": ids[:, start:end]})[0]
-        outs = llm.run(None, {"inputs_embeds": x, "attention_mask": np.ones((1, end), np.int64),
-                              "position_ids": np.arange(start, end)[None], **past})
+        outs = llm.run(
+            None,
+            {
+                "inputs_embeds": x,
+                "attention_mask": np.ones((1, end), np.int64),
+                "position_ids": np.arange(start, end)[None],
+                **past,
+            },
+        )
         logits.append(outs[0])
         past = dict(zip(past, outs[2:], strict=True))
         assert past["past_key_values.0.key"].shape[2] == end
@@ -114,9 +135,16 @@ def test_user_llama_folder_of_another_shape_exports(tmp_path):
     from omniforge.export.exporter import export_pipeline
 
     torch.manual_seed(3)
-    conf = LlamaConfig(vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
-                       num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128,
-                       tie_word_embeddings=True)
+    conf = LlamaConfig(
+        vocab_size=300,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
     folder = tmp_path / "user-llama"
     LlamaForCausalLM(conf).save_pretrained(folder)
     manifest, reports = export_pipeline(folder, tmp_path / "build", log=lambda _m: None)
@@ -137,20 +165,26 @@ def test_missed_tolerance_fails_the_export_and_keeps_the_previous_build(default_
     from omniforge.pipeline.spec import Tolerance
 
     out = tmp_path / "build"
-    exporter.export_pipeline(default_model, out, exporter.ExportOptions(stages=["input_projector"]), log=lambda _m: None)
+    exporter.export_pipeline(
+        default_model, out, exporter.ExportOptions(stages=["input_projector"]), log=lambda _m: None
+    )
     before = (out / "manifest.json").read_bytes()
 
     real_describe = exporter.describe
 
     def strict(cfg):  # demand bit-exactness from the image encoder, which it cannot meet
         spec = real_describe(cfg)
-        stages = tuple(dataclasses.replace(s, tolerance=Tolerance(0.0, 0.0)) if s.name == "image_encoder" else s
-                       for s in spec.stages)
+        stages = tuple(
+            dataclasses.replace(s, tolerance=Tolerance(0.0, 0.0)) if s.name == "image_encoder" else s
+            for s in spec.stages
+        )
         return dataclasses.replace(spec, stages=stages)
 
     monkeypatch.setattr(exporter, "describe", strict)
     with pytest.raises(ExportError, match="image_encoder max abs"):
-        exporter.export_pipeline(default_model, out, exporter.ExportOptions(stages=["image_encoder"]), log=lambda _m: None)
+        exporter.export_pipeline(
+            default_model, out, exporter.ExportOptions(stages=["image_encoder"]), log=lambda _m: None
+        )
     assert (out / "manifest.json").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["build"]
     load_manifest(out)

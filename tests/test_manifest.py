@@ -30,7 +30,14 @@ def test_manifest_roundtrips(default_build):
     again = Manifest.from_dict(json.loads(json.dumps(m.to_dict())))
     assert again.to_dict() == m.to_dict()
     assert m.files["tokenizer"] == "llm/tokenizer.json"
-    assert {"image_scheduler", "video_scheduler", "audio_scheduler", "image_preprocessor", "audio_frontend", "vocoder"} <= set(m.files)
+    assert {
+        "image_scheduler",
+        "video_scheduler",
+        "audio_scheduler",
+        "image_preprocessor",
+        "audio_frontend",
+        "vocoder",
+    } <= set(m.files)
     assert m.tools["onnxruntime"]
 
 
@@ -102,8 +109,13 @@ def test_check_relative_never_lets_a_path_escape(p):
 
 
 @settings(max_examples=100, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
-                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3), max_leaves=10))
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+        lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+        max_leaves=10,
+    )
+)
 def test_from_dict_raises_only_manifest_errors(data):
     try:
         Manifest.from_dict(data)

@@ -13,7 +13,11 @@ from omniforge.runtime.kv_cache import SlotRange
 from omniforge.runtime.llm import Chat, LlmRuntime
 from omniforge.runtime.sampling import GenerationConfig, apply_repetition_penalty, select_token
 
-PROMPTS = ["Describe the image in one sentence.", "A dog runs", "Generate the sound of rain falling on a tin roof and then"]
+PROMPTS = [
+    "Describe the image in one sentence.",
+    "A dog runs",
+    "Generate the sound of rain falling on a tin roof and then",
+]
 GREEDY64 = GenerationConfig(max_new_tokens=64)
 
 
@@ -29,8 +33,10 @@ def hf(default_model):
 
 def hf_greedy(hf, ids, n, eos):
     with torch.no_grad():
-        out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=0)
-    return out[0, len(ids):].tolist()
+        out = hf.generate(
+            torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=0
+        )
+    return out[0, len(ids) :].tolist()
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -51,9 +57,17 @@ def test_greedy_equals_generate_on_a_user_llama_folder(tmp_path):
     folder = tmp_path / "user-llama"
     save_tokenizer(tok, folder)
     torch.manual_seed(7)
-    conf = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=48, intermediate_size=112, num_hidden_layers=3,
-                       num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=160, tie_word_embeddings=True,
-                       eos_token_id=tok.token_to_id("</s>"))
+    conf = LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=48,
+        intermediate_size=112,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        max_position_embeddings=160,
+        tie_word_embeddings=True,
+        eos_token_id=tok.token_to_id("</s>"),
+    )
     model = LlamaForCausalLM(conf).eval()
     model.save_pretrained(folder)
     export_pipeline(folder, tmp_path / "build", log=lambda _m: None)
@@ -82,7 +96,7 @@ def test_decode_writes_only_the_new_tokens_kv_in_place(runtime):
         for ov_name, ov in pool.bindings(slots):
             layer, kind = ov_name.split(".")
             arr = (pool.keys if kind == "key" else pool.values)[int(layer)]
-            assert ov.data_ptr() == arr[slots.start:].ctypes.data  # the graph reads and writes the pool
+            assert ov.data_ptr() == arr[slots.start :].ctypes.data  # the graph reads and writes the pool
         binding.step(rows[None])
         exchanged = []
         for context in (len(rows), 150):
@@ -105,11 +119,16 @@ def test_prefix_reuse_skips_the_shared_prefix_and_keeps_results(default_build):
     cfg = GenerationConfig(max_new_tokens=8)
     cached = LlmRuntime(default_build, num_slots=3, prefix_cache_entries=2, block_size=8)
     fresh = LlmRuntime(default_build, num_slots=3, prefix_cache_entries=0)
-    image = np.random.default_rng(0).standard_normal((1, cached.geometry.hidden_size)).astype(np.float32) * 0.05
+    image = (
+        np.random.default_rng(0).standard_normal((1, cached.geometry.hidden_size)).astype(np.float32) * 0.05
+    )
     chat, plain = Chat(cached, cfg), Chat(fresh, cfg)
     first = "A picture of a small red boat resting on a quiet lake at sunrise. <image> What is in this photo?"
     r1, p1 = chat.send(first, media={"image": [image]}), plain.send(first, media={"image": [image]})
-    r2, p2 = chat.send(" Describe the image in one sentence."), plain.send(" Describe the image in one sentence.")
+    r2, p2 = (
+        chat.send(" Describe the image in one sentence."),
+        plain.send(" Describe the image in one sentence."),
+    )
     assert r1.reused_prefix_tokens == 0 and p2.reused_prefix_tokens == 0
     assert r2.reused_prefix_tokens >= r1.prompt_tokens - 8  # all full blocks of turn 1 were reused
     assert (r1.token_ids, r2.token_ids) == (p1.token_ids, p2.token_ids)
@@ -127,7 +146,11 @@ def test_signal_token_hidden_states_match_transformers(runtime, hf):
     with torch.no_grad():
         hidden = hf(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0].numpy()
     for modality, rows in result.signal_hidden.items():
-        positions = [i for i, t in enumerate(ids) if runtime.signal_ids.get(t) == modality and i >= len(ids) - len(result.token_ids)]
+        positions = [
+            i
+            for i, t in enumerate(ids)
+            if runtime.signal_ids.get(t) == modality and i >= len(ids) - len(result.token_ids)
+        ]
         np.testing.assert_allclose(rows, hidden[positions], atol=1e-4)
 
 
@@ -153,7 +176,11 @@ def test_stop_tokens_stop_strings_and_streaming(runtime):
     ref = runtime.generate(PROMPTS[1], GenerationConfig(max_new_tokens=20))
     stop_tok = ref.token_ids[4]
     r = runtime.generate(PROMPTS[1], GenerationConfig(max_new_tokens=20, stop_token_ids=(stop_tok,)))
-    assert r.finish_reason == "stop" and r.token_ids[-1] == stop_tok and len(r.token_ids) == ref.token_ids.index(stop_tok) + 1
+    assert (
+        r.finish_reason == "stop"
+        and r.token_ids[-1] == stop_tok
+        and len(r.token_ids) == ref.token_ids.index(stop_tok) + 1
+    )
     needle = ref.text[6:9]
     r = runtime.generate(PROMPTS[1], GenerationConfig(max_new_tokens=20, stop_strings=(needle,)))
     assert r.finish_reason == "stop_string" and r.text == ref.text[: ref.text.find(needle)]
@@ -228,7 +255,9 @@ def test_threads_share_engines_and_pool(default_build):
 def test_pool_allocates_adjacent_slots_and_reports_memory(runtime):
     pool = runtime.pool
     g = runtime.geometry
-    assert pool.nbytes == 2 * g.num_layers * pool.num_slots * g.num_kv_heads * pool.max_context * g.head_dim * 4
+    assert (
+        pool.nbytes == 2 * g.num_layers * pool.num_slots * g.num_kv_heads * pool.max_context * g.head_dim * 4
+    )
     runtime.prefix_cache.clear()
     a = pool.allocate(2)
     b = pool.allocate(1)

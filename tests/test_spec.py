@@ -21,7 +21,12 @@ def llm_like() -> StageSpec:
             TensorSpec("ids", "int64", ("batch", "seq"), fill="randint", high=10),
         ),
         outputs=(TensorSpec("y", "float32", ("batch", "seq", 8)),),
-        dims=(Dim("batch", 1, 1, 4), Dim("seq", 1, 3, 16), Dim("past", 0, 5, 15), Dim("total", 1, 8, 31, sum_of=("past", "seq"))),
+        dims=(
+            Dim("batch", 1, 1, 4),
+            Dim("seq", 1, 3, 16),
+            Dim("past", 0, 5, 15),
+            Dim("total", 1, 8, 31, sum_of=("past", "seq")),
+        ),
     )
 
 
@@ -61,7 +66,9 @@ def test_dynamic_axes_name_the_dims():
 
 
 def test_pipeline_roundtrips_through_json_and_selects():
-    p = PipelineSpec("p", (llm_like(),), (Edge("llm.y", "llm.x", via="loop"),), {"image": ["[IMG0]"]}, {"image": "<image>"})
+    p = PipelineSpec(
+        "p", (llm_like(),), (Edge("llm.y", "llm.x", via="loop"),), {"image": ["[IMG0]"]}, {"image": "<image>"}
+    )
     q = PipelineSpec.from_dict(json.loads(json.dumps(p.to_dict())))
     assert q == p
     assert p.select(["llm"]).stage_names == ["llm"]

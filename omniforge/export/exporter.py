@@ -147,13 +147,10 @@ def copy_runtime_files(cfg: ModelConfig, spec: PipelineSpec, build: Path) -> dic
         files["audio_frontend"] = rel
     for modality, folder in cfg.decoders.items():
         if f"{modality}_unet" in names or f"{modality}_vae_decoder" in names:
-            _copy(
-                folder / "scheduler" / "scheduler_config.json",
-                build,
-                f"configs/{modality}_scheduler.json",
-                files,
-                f"{modality}_scheduler",
-            )
+            rel = f"configs/{modality}_scheduler.json"
+            (build / "configs").mkdir(parents=True, exist_ok=True)
+            (build / rel).write_text(json.dumps(scheduler_config(folder / "scheduler"), indent=2) + "\n")
+            files[f"{modality}_scheduler"] = rel
             _copy(
                 folder / "vae" / "config.json",
                 build,
@@ -164,6 +161,15 @@ def copy_runtime_files(cfg: ModelConfig, spec: PipelineSpec, build: Path) -> dic
         if modality == "audio" and "vocoder" in names:
             _copy(folder / "vocoder" / "config.json", build, "configs/vocoder.json", files, "vocoder")
     return files
+
+
+def scheduler_config(folder: Path) -> dict:
+    """The diffusers scheduler config plus the alphas_cumprod table diffusers computes from it."""
+    from diffusers import DDIMScheduler
+
+    cfg = json.loads((folder / "scheduler_config.json").read_text())
+    alphas = DDIMScheduler.from_config(cfg).alphas_cumprod  # same betas for every beta-based scheduler
+    return {**cfg, "alphas_cumprod": [float(a) for a in alphas.tolist()]}
 
 
 def tool_versions() -> dict[str, str]:

@@ -42,6 +42,8 @@ class AudioFrontend:
     hop_length: int = 160
     n_mels: int = 32
     num_frames: int = 32
+    mean: float = -4.268  # log-mel normalisation, ImageBind's values
+    std: float = 4.569
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,300 @@
+"""The whole any-to-any pipeline, torch-free: media in, text plus images, video and audio out.
+
+Input side: media front ends -> encoder engines -> input projector -> embedding rows spliced in
+at the placeholders -> the LLM runtime. Output side: the hidden states at a modality's signal
+tokens -> its output projector -> classifier-free-guided denoising over the UNet engine with a
+numpy scheduler -> VAE decoder (-> vocoder for audio). Decoders load on first use and, with
+``low_memory``, are released after each use.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from omniforge.errors import ConfigError, InputError
+from omniforge.runtime import media as M
+from omniforge.runtime.build import Build
+from omniforge.runtime.engine import SessionConfig
+from omniforge.runtime.kv_cache import SlotRange
+from omniforge.runtime.llm import GenerationResult, LlmRuntime
+from omniforge.runtime.sampling import GenerationConfig
+from omniforge.runtime.schedulers import SCHEDULERS, make_scheduler
+
+MODALITIES = ("image", "video", "audio")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    steps: int = 20
+    guidance_scale: float = 7.5
+    seed: int = 0
+    scheduler: str = "ddim"
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {self.steps}")
+        if self.guidance_scale < 0:
+            raise ConfigError(f"guidance scale must be >= 0, got {self.guidance_scale}")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"unknown scheduler '{self.scheduler}' (choose from {', '.join(SCHEDULERS)})")
+
+
+@dataclass
+class PipelineResult:
+    text: str
+    generation: GenerationResult
+    images: list[np.ndarray] = field(default_factory=list)  # (H, W, 3) floats in [0, 1]
+    videos: list[np.ndarray] = field(default_factory=list)  # (F, H, W, 3) floats in [0, 1]
+    audios: list[np.ndarray] = field(default_factory=list)  # (samples,) floats in [-1, 1]
+    sample_rate: int = 16000
+    timings: dict[str, float] = field(default_factory=dict)  # stage or step -> seconds
+
+    def save(self, out: str | Path) -> list[Path]:
+        """Write every generated medium to ``out`` (PNG, GIF + PNG frames, WAV), atomically."""
+        out = Path(out)
+        written: list[Path] = []
+        for i, img in enumerate(self.images):
+            written.append(M.write_png(out / f"image_{i}.png", img))
+        for i, vid in enumerate(self.videos):
+            written.append(M.write_gif(out / f"video_{i}.gif", vid))
+            for j, frame in enumerate(vid):
+                written.append(M.write_png(out / f"video_{i}_frames" / f"{j:03d}.png", frame))
+        for i, wav in enumerate(self.audios):
+            written.append(M.write_wav(out / f"audio_{i}.wav", wav, self.sample_rate))
+        return written
+
+
+class Pipeline:
+    """A build's full NExT-GPT pipeline. ``run`` is the one call a service needs."""
+
+    def __init__(
+        self,
+        build: Build | str | Path,
+        low_memory: bool = False,
+        session: SessionConfig | None = None,
+        num_slots: int = 2,
+    ) -> None:
+        self.build = build if isinstance(build, Build) else Build(build, session)
+        self.llm = LlmRuntime(self.build, num_slots=num_slots)
+        self.low_memory = low_memory
+        self.timings: dict[str, float] = defaultdict(float)
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def _run(self, stage: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        t0 = time.perf_counter()
+        out = self.build.engine(stage).run(feeds)
+        self.timings[stage] += time.perf_counter() - t0
+        return out
+
+    def _release(self, stages: Iterable[str]) -> None:
+        if self.low_memory:
+            for s in stages:
+                self.build.release(s)
+
+    def modalities_in(self) -> set[str]:
+        return {m for m in MODALITIES if f"{m}_output_projector" in self.build.manifest.stages}
+
+    # ---- input side ---------------------------------------------------------------------------
+    def _project(self, embeds: np.ndarray) -> np.ndarray:
+        """(n, D) encoder embeddings -> (n, H) LLM rows through the input projector."""
+        return self._run("input_projector", {"features": embeds[None].astype(np.float32)})["embeds"][0]
+
+    def encode_image(self, image: str | Path | np.ndarray) -> np.ndarray:
+        self._need("image_encoder", "image input")
+        pic = M.load_image(image) if not isinstance(image, np.ndarray) else image
+        x = M.preprocess_image(pic, self.build.json("image_preprocessor"))
+        return self._project(self._run("image_encoder", {"pixel_values": x[None]})["embeds"])
+
+    def encode_video(self, video: str | Path) -> np.ndarray:
+        self._need("image_encoder", "video input")
+        frames = M.load_video_frames(video, self.video_frames)
+        cfg = self.build.json("image_preprocessor")
+        x = np.stack([M.preprocess_image(f, cfg) for f in frames])
+        emb = self._run("image_encoder", {"pixel_values": x})["embeds"]  # (T, D)
+        return self._project(emb.mean(axis=0, keepdims=True))  # temporal mean pooling
+
+    def encode_audio(self, audio: str | Path) -> np.ndarray:
+        self._need("audio_encoder", "audio input")
+        samples, sr = M.load_wav(audio)
+        feats = M.audio_features(samples, sr, self.build.json("audio_frontend"))
+        return self._project(self._run("audio_encoder", {"log_mel": feats[None]})["embeds"])
+
+    @property
+    def video_frames(self) -> int:
+        return (
+            self.build.pipeline.stage("video_unet").dim("frames").opt
+            if self.build.has_stage("video_unet")
+            else 4
+        )
+
+    def _need(self, stage: str, what: str) -> None:
+        if not self.build.has_stage(stage):
+            raise InputError(f"this build cannot take {what}: it has no '{stage}' stage")
+
+    # ---- output side --------------------------------------------------------------------------
+    def signal_hidden(self, rows: np.ndarray, modality: str) -> np.ndarray:
+        """Hidden states of ``modality``'s signal tokens appended after ``rows`` (teacher forcing)."""
+        tokens = self.build.pipeline.signal_tokens.get(modality, [])
+        ids = [self.llm.tokenizer.token_id(t) for t in tokens] if self.llm.tokenizer else []
+        if not ids or None in ids:
+            raise InputError(f"this build has no signal tokens for '{modality}'")
+        sig = self.llm.embed_ids(ids)
+        full = np.concatenate([rows, sig])
+        self.llm._check_fits(len(full))
+        slot = self.llm._allocate(1)
+        try:
+            reused = self.llm.prefix_cache.reuse(full[: len(rows) + 1], slot.start)
+            _, hidden = self.llm.engine.bind(self.llm.pool, SlotRange(slot.start, 1)).step(
+                full[None, reused:]
+            )
+        finally:
+            self.llm.pool.release(slot)
+        return hidden[0, -len(ids) :]
+
+    def conditioning(self, modality: str, hidden: np.ndarray) -> np.ndarray:
+        """Signal-token hidden states (n, H) -> the decoder's conditioning (1, Q, D)."""
+        return self._run(f"{modality}_output_projector", {"hidden_states": hidden[None].astype(np.float32)})[
+            "conditioning"
+        ]
+
+    def _denoise(
+        self, modality: str, cond: np.ndarray, cfg: DiffusionConfig, frames: int | None = None
+    ) -> np.ndarray:
+        unet_name = f"{modality}_unet"
+        spec = self.build.pipeline.stage(unet_name)
+        sched = make_scheduler(cfg.scheduler, self.build.json(f"{modality}_scheduler"))
+        sched.set_timesteps(cfg.steps)
+        sizes = {"batch": 1, **({"frames": frames} if frames else {})}
+        shape = spec.inputs[0].concrete_shape(sizes)
+        rng = np.random.default_rng(cfg.seed)
+        latents = (rng.standard_normal(shape).astype(np.float32) * np.float32(sched.init_noise_sigma)).astype(
+            np.float32
+        )
+        cond_name = spec.input_names[2]
+        uncond = np.zeros_like(cond)
+        guided = cfg.guidance_scale > 1.0
+        context = np.concatenate([uncond, cond]) if guided else cond
+        for i, t in enumerate(sched.timesteps):
+            x = sched.scale_model_input(latents, i)
+            x_in = np.concatenate([x, x]) if guided else x
+            ts = np.full((x_in.shape[0],), t, dtype=np.float32)
+            eps = self._run(unet_name, {"sample": x_in, "timestep": ts, cond_name: context})["noise_pred"]
+            if guided:
+                eu, ec = eps[:1], eps[1:]
+                eps = eu + np.float32(cfg.guidance_scale) * (ec - eu)
+            latents = sched.step(eps, i, latents)
+        self._release([unet_name])
+        return latents
+
+    def _vae(self, modality: str, latents: np.ndarray) -> np.ndarray:
+        scale = float(self.build.json(f"{modality}_vae").get("scaling_factor", 0.18215))
+        name = f"{modality}_vae_decoder"
+        out = self._run(name, {"latent": (latents / np.float32(scale)).astype(np.float32)})
+        self._release([name])
+        return next(iter(out.values()))
+
+    def decode_image(self, cond: np.ndarray, cfg: DiffusionConfig) -> np.ndarray:
+        latents = self._denoise("image", cond, cfg)
+        img = self._vae("image", latents)[0]  # (3, H, W) in [-1, 1]
+        return np.clip(img / 2 + 0.5, 0, 1).transpose(1, 2, 0)
+
+    def decode_video(self, cond: np.ndarray, cfg: DiffusionConfig) -> np.ndarray:
+        latents = self._denoise("video", cond, cfg, frames=self.video_frames)  # (1, C, F, h, w)
+        frames = latents[0].transpose(1, 0, 2, 3)  # (F, C, h, w)
+        imgs = self._vae("video", np.ascontiguousarray(frames))  # (F, 3, H, W)
+        return np.clip(imgs / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+
+    def decode_audio(self, cond: np.ndarray, cfg: DiffusionConfig) -> np.ndarray:
+        latents = self._denoise("audio", cond.reshape(1, -1), cfg)
+        mel = self._vae("audio", latents)[:, 0]  # (1, T, M)
+        wav = self._run("vocoder", {"mel": np.ascontiguousarray(mel)})["waveform"][0]
+        self._release(["vocoder"])
+        return wav
+
+    @property
+    def sample_rate(self) -> int:
+        if "vocoder" in self.build.manifest.files:
+            return int(self.build.json("vocoder").get("sampling_rate", 16000))
+        return 16000
+
+    # ---- the one call -------------------------------------------------------------------------
+    def run(
+        self,
+        prompt: str,
+        image: str | Path | np.ndarray | None = None,
+        audio: str | Path | None = None,
+        video: str | Path | None = None,
+        generation: GenerationConfig | None = None,
+        diffusion: DiffusionConfig | None = None,
+        force: Iterable[str] = (),
+        on_text: Callable[[str], None] | None = None,
+    ) -> PipelineResult:
+        """Generate text for ``prompt`` (+ media) and every medium whose signal tokens appear.
+
+        ``force`` names modalities to generate even if the LLM emits none of their signal tokens.
+        """
+        generation = generation or GenerationConfig()
+        diffusion = diffusion or DiffusionConfig()
+        force = set(force)
+        bad = force - set(MODALITIES)
+        if bad:
+            raise InputError(f"unknown modality {sorted(bad)} (choose from {', '.join(MODALITIES)})")
+        missing = force - self.modalities_in()
+        if missing:
+            raise InputError(f"this build cannot generate {sorted(missing)}")
+        self.timings = defaultdict(float)
+        t_all = time.perf_counter()
+        media: dict[str, list[np.ndarray]] = {}
+        for modality, item, enc in (
+            ("image", image, self.encode_image),
+            ("audio", audio, self.encode_audio),
+            ("video", video, self.encode_video),
+        ):
+            if item is None:
+                continue
+            media[modality] = [enc(item)]
+            tag = self.build.pipeline.placeholders.get(modality, f"<{modality}>")
+            if tag not in prompt:
+                prompt = f"{tag} {prompt}"
+        rows, ids = self.llm.prepare(prompt, media)
+        t0 = time.perf_counter()
+        gen = self.llm.generate_rows(
+            [rows], [ids], generation, (lambda _i, d: on_text(d)) if on_text else None
+        )[0]
+        self.timings["llm"] += time.perf_counter() - t0
+        result = PipelineResult(text=gen.text, generation=gen, sample_rate=self.sample_rate)
+        fed = np.concatenate(
+            [
+                rows,
+                self.llm.embed_ids([t for t in gen.token_ids if t not in self.llm._stop_ids(generation)])
+                if gen.token_ids
+                else rows[:0],
+            ]
+        )
+        emitted = {self.llm.signal_ids[t] for t in gen.token_ids if t in self.llm.signal_ids}
+        for modality in MODALITIES:
+            if modality not in force and modality not in emitted:
+                continue
+            if modality not in self.modalities_in():
+                continue
+            n = len(self.build.pipeline.signal_tokens[modality])
+            got = gen.signal_hidden.get(modality)
+            t0 = time.perf_counter()
+            hidden = got[:n] if got is not None and len(got) >= n else self.signal_hidden(fed, modality)
+            self.timings["signal_tokens"] += time.perf_counter() - t0
+            cond = self.conditioning(modality, hidden)
+            if modality == "image":
+                result.images.append(self.decode_image(cond, diffusion))
+            elif modality == "video":
+                result.videos.append(self.decode_video(cond, diffusion))
+            else:
+                result.audios.append(self.decode_audio(cond, diffusion))
+        self.timings["total"] = time.perf_counter() - t_all
+        result.timings = dict(self.timings)
+        return result

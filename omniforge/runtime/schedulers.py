@@ -1,0 +1,249 @@
+"""Diffusion schedulers in numpy: DDIM, Euler discrete and DPM-Solver++ (multistep).
+
+Configured from a diffusers ``scheduler_config.json`` (the build's ``configs/<m>_scheduler.json``)
+and checked step by step against diffusers' own schedulers in the tests. Written here because
+the runtime must not import torch; only the options those configs use are implemented, and any
+other value raises ``ConfigError`` rather than silently computing something different.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from omniforge.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    prediction_type: str = "epsilon"
+    timestep_spacing: str = "leading"
+    steps_offset: int = 0
+    set_alpha_to_one: bool = True
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    # The exporter stores the table diffusers computed (torch float32), so the numpy schedulers
+    # use bit-identical alphas; without it the table is computed here in float64.
+    alphas_cumprod: tuple[float, ...] = ()
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SchedulerConfig:
+        for key, ok in (
+            ("thresholding", False),
+            ("rescale_betas_zero_snr", False),
+            ("use_karras_sigmas", False),
+            ("trained_betas", None),
+        ):
+            if d.get(key, ok) not in (ok,):
+                raise ConfigError(
+                    f"scheduler option {key}={d[key]!r} is not supported by the numpy schedulers"
+                )
+        fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        fields["alphas_cumprod"] = tuple(d.get("alphas_cumprod", ()))
+        cfg = cls(**fields)
+        if cfg.alphas_cumprod and len(cfg.alphas_cumprod) != cfg.num_train_timesteps:
+            raise ConfigError("the scheduler's alphas_cumprod table does not match num_train_timesteps")
+        if cfg.beta_schedule not in ("linear", "scaled_linear"):
+            raise ConfigError(f"beta_schedule '{cfg.beta_schedule}' is not supported (linear, scaled_linear)")
+        if cfg.prediction_type not in ("epsilon", "v_prediction"):
+            raise ConfigError(
+                f"prediction_type '{cfg.prediction_type}' is not supported (epsilon, v_prediction)"
+            )
+        if cfg.timestep_spacing not in ("leading", "trailing", "linspace"):
+            raise ConfigError(f"timestep_spacing '{cfg.timestep_spacing}' is not supported")
+        return cfg
+
+    def alphas_cumprod_table(self) -> np.ndarray:
+        if self.alphas_cumprod:
+            return np.asarray(self.alphas_cumprod, dtype=np.float32)
+        n = self.num_train_timesteps
+        if self.beta_schedule == "linear":
+            betas = np.linspace(self.beta_start, self.beta_end, n, dtype=np.float64)
+        else:
+            betas = np.linspace(self.beta_start**0.5, self.beta_end**0.5, n, dtype=np.float64) ** 2
+        return np.cumprod(1.0 - betas).astype(np.float32)
+
+
+class Scheduler:
+    """Common interface: ``set_timesteps``, ``scale_model_input``, ``step``, ``init_noise_sigma``."""
+
+    name = "base"
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.alphas_cumprod = config.alphas_cumprod_table()
+        self.timesteps = np.zeros(0)
+        self.init_noise_sigma = 1.0
+
+    def set_timesteps(self, num_steps: int) -> None:
+        raise NotImplementedError
+
+    def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
+        return sample
+
+    def step(self, model_output: np.ndarray, step_index: int, sample: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _check_steps(self, num_steps: int) -> None:
+        if not 1 <= num_steps <= self.config.num_train_timesteps:
+            raise ConfigError(f"steps must lie in [1, {self.config.num_train_timesteps}], got {num_steps}")
+
+    def _spaced(self, num_steps: int) -> np.ndarray:
+        n, c = self.config.num_train_timesteps, self.config
+        if c.timestep_spacing == "leading":
+            ratio = n // num_steps
+            return (np.arange(0, num_steps) * ratio).round()[::-1].astype(np.int64) + c.steps_offset
+        if c.timestep_spacing == "trailing":
+            return (np.round(np.arange(n, 0, -n / num_steps)) - 1).astype(np.int64)
+        return np.linspace(0, n - 1, num_steps).round()[::-1].astype(np.int64)
+
+
+class DDIMScheduler(Scheduler):
+    """Deterministic DDIM (eta = 0)."""
+
+    name = "ddim"
+
+    def set_timesteps(self, num_steps: int) -> None:
+        self._check_steps(num_steps)
+        self.num_steps = num_steps
+        self.timesteps = self._spaced(num_steps)
+
+    def step(self, model_output: np.ndarray, step_index: int, sample: np.ndarray) -> np.ndarray:
+        c = self.config
+        t = int(self.timesteps[step_index])
+        prev_t = t - c.num_train_timesteps // self.num_steps
+        a_t = float(self.alphas_cumprod[t])
+        final = 1.0 if c.set_alpha_to_one else float(self.alphas_cumprod[0])
+        a_prev = float(self.alphas_cumprod[prev_t]) if prev_t >= 0 else final
+        b_t = 1.0 - a_t
+        if c.prediction_type == "epsilon":
+            x0 = (sample - b_t**0.5 * model_output) / a_t**0.5
+            eps = model_output
+        else:  # v_prediction
+            x0 = a_t**0.5 * sample - b_t**0.5 * model_output
+            eps = a_t**0.5 * model_output + b_t**0.5 * sample
+        if c.clip_sample:
+            x0 = np.clip(x0, -c.clip_sample_range, c.clip_sample_range)
+        return (a_prev**0.5 * x0 + (1.0 - a_prev) ** 0.5 * eps).astype(np.float32)
+
+
+class EulerDiscreteScheduler(Scheduler):
+    """Euler (no churn) over the interpolated sigma schedule."""
+
+    name = "euler"
+
+    def set_timesteps(self, num_steps: int) -> None:
+        self._check_steps(num_steps)
+        c, n = self.config, self.config.num_train_timesteps
+        if c.timestep_spacing == "linspace":
+            ts = np.linspace(0, n - 1, num_steps, dtype=np.float64)[::-1].copy()
+        elif c.timestep_spacing == "leading":
+            ts = (np.arange(0, num_steps) * (n // num_steps)).round()[::-1].astype(
+                np.float64
+            ) + c.steps_offset
+        else:
+            ts = np.arange(n, 0, -n / num_steps).round().astype(np.float64) - 1
+        full = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5  # float32, as diffusers
+        sigmas = np.interp(ts, np.arange(len(full)), full).astype(np.float32)
+        self.sigmas = np.concatenate([sigmas, np.zeros(1, np.float32)])
+        self.timesteps = ts.astype(np.float32)
+        smax = float(self.sigmas.max())
+        self.init_noise_sigma = (
+            smax if c.timestep_spacing in ("linspace", "trailing") else (smax**2 + 1) ** 0.5
+        )
+
+    def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
+        sigma = self.sigmas[step_index]  # float32 scalar arithmetic throughout, as diffusers
+        return (sample / (sigma**2 + np.float32(1)) ** np.float32(0.5)).astype(np.float32)
+
+    def step(self, model_output: np.ndarray, step_index: int, sample: np.ndarray) -> np.ndarray:
+        sigma, nxt = self.sigmas[step_index], self.sigmas[step_index + 1]
+        one = np.float32(1)
+        if self.config.prediction_type == "epsilon":
+            x0 = sample - sigma * model_output
+        else:
+            x0 = model_output * (-sigma / (sigma**2 + one) ** np.float32(0.5)) + sample / (sigma**2 + one)
+        derivative = (sample - x0) / sigma
+        return (sample + derivative * (nxt - sigma)).astype(np.float32)
+
+
+class DPMSolverMultistepScheduler(Scheduler):
+    """DPM-Solver++ of order 2 (midpoint), lower order at the end, final sigma zero."""
+
+    name = "dpm"
+    order = 2
+
+    def set_timesteps(self, num_steps: int) -> None:
+        self._check_steps(num_steps)
+        c, n = self.config, self.config.num_train_timesteps
+        if c.timestep_spacing == "linspace":
+            ts = np.linspace(0, n - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
+        elif c.timestep_spacing == "leading":
+            ratio = n // (num_steps + 1)
+            ts = (np.arange(0, num_steps + 1) * ratio).round()[::-1][:-1].astype(np.int64) + c.steps_offset
+        else:
+            ts = (np.arange(n, 0, -n / num_steps).round() - 1).astype(np.int64)
+        full = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5  # float32, as diffusers
+        sigmas = np.interp(ts, np.arange(len(full)), full).astype(np.float32)
+        self.sigmas = np.concatenate([sigmas, np.zeros(1, np.float32)])
+        self.timesteps = ts
+        self._outputs: list[np.ndarray | None] = [None] * self.order
+        self._lower_order_nums = 0
+
+    @staticmethod
+    def _alpha_sigma(sigma: float) -> tuple[float, float]:
+        alpha = 1.0 / (sigma**2 + 1) ** 0.5
+        return alpha, sigma * alpha
+
+    @staticmethod
+    def _lambda(alpha: float, sigma: float) -> float:
+        with np.errstate(divide="ignore"):
+            return float(np.log(np.float32(alpha)) - np.log(np.float32(sigma)))
+
+    def step(self, model_output: np.ndarray, step_index: int, sample: np.ndarray) -> np.ndarray:
+        n = len(self.timesteps)
+        final = step_index == n - 1  # final sigma is zero: always first order there
+        second_last = step_index == n - 2 and n < 15
+        alpha_s, sigma_s = self._alpha_sigma(float(self.sigmas[step_index]))
+        if self.config.prediction_type == "epsilon":
+            x0 = (sample - sigma_s * model_output) / alpha_s
+        else:
+            x0 = alpha_s * sample - sigma_s * model_output
+        self._outputs = [*self._outputs[1:], x0]
+        alpha_t, sigma_t = self._alpha_sigma(float(self.sigmas[step_index + 1]))
+        lam_t, lam_s0 = self._lambda(alpha_t, sigma_t), self._lambda(alpha_s, sigma_s)
+        h = lam_t - lam_s0
+        expm = np.exp(-h) - 1.0
+        if self._lower_order_nums < 1 or final:
+            prev = (sigma_t / sigma_s) * sample - alpha_t * expm * x0
+        else:
+            del second_last  # order 2 is the highest implemented, so the second-to-last step is the same
+            m0, m1 = self._outputs[-1], self._outputs[-2]
+            assert m1 is not None
+            alpha_s1, sigma_s1 = self._alpha_sigma(float(self.sigmas[step_index - 1]))
+            r0 = (lam_s0 - self._lambda(alpha_s1, sigma_s1)) / h
+            d1 = (1.0 / r0) * (m0 - m1)
+            prev = (sigma_t / sigma_s) * sample - alpha_t * expm * m0 - 0.5 * alpha_t * expm * d1
+        if self._lower_order_nums < self.order:
+            self._lower_order_nums += 1
+        return np.asarray(prev, dtype=np.float32)
+
+
+SCHEDULERS: dict[str, type[Scheduler]] = {
+    "ddim": DDIMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "dpm": DPMSolverMultistepScheduler,
+}
+
+
+def make_scheduler(name: str, config: dict[str, Any]) -> Scheduler:
+    """A scheduler by name (ddim, euler, dpm) over a diffusers scheduler config."""
+    if name not in SCHEDULERS:
+        raise ConfigError(f"unknown scheduler '{name}' (choose from {', '.join(SCHEDULERS)})")
+    return SCHEDULERS[name](SchedulerConfig.from_dict(config))
