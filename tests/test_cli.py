@@ -123,3 +123,61 @@ def test_run_rejects_a_missing_build_and_an_overlong_prompt(default_build, tmp_p
     assert_one_line_error(
         run_cli("run", str(default_build), "--prompt", long_prompt), "the context holds 256"
     )
+
+
+def test_run_with_media_writes_every_forced_medium(default_build, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from omniforge.runtime.media import write_wav
+
+    Image.fromarray(np.full((24, 36, 3), 120, np.uint8)).save(tmp_path / "in.png")
+    write_wav(tmp_path / "in.wav", np.zeros(3000, np.float32), 8000)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((20, 20, 3), 40 * i, np.uint8)).save(frames / f"{i}.png")
+    out = tmp_path / "out"
+    for media in (
+        ["--image", str(tmp_path / "in.png")],
+        ["--audio", str(tmp_path / "in.wav")],
+        ["--video", str(frames)],
+    ):
+        res = run_cli(
+            "run",
+            str(default_build),
+            "--prompt",
+            "Describe it",
+            *media,
+            "--max-new-tokens",
+            "4",
+            "--steps",
+            "2",
+            "--force",
+            "image",
+            "--force",
+            "video",
+            "--force",
+            "audio",
+            "--out",
+            str(out),
+            "--low-memory",
+        )
+        assert res.returncode == 0, res.stderr
+        assert "image_unet" in res.stderr and "total" in res.stderr
+    assert {p.name for p in out.iterdir()} >= {"image_0.png", "video_0.gif", "audio_0.wav", "video_0_frames"}
+
+
+def test_run_rejects_bad_media(default_build, tmp_path):
+    (tmp_path / "fake.png").write_text("not a png")
+    assert_one_line_error(
+        run_cli("run", str(default_build), "--prompt", "x", "--image", str(tmp_path / "fake.png")),
+        "not a readable image",
+    )
+    assert_one_line_error(
+        run_cli("run", str(default_build), "--prompt", "x", "--audio", str(tmp_path / "none.wav")),
+        "does not exist",
+    )
+    assert_one_line_error(
+        run_cli("run", str(default_build), "--prompt", "x", "--steps", "0"), "steps must be >= 1"
+    )

@@ -50,3 +50,28 @@ def test_generation_runs_where_torch_cannot_be_imported(default_build):
     )
     assert res.returncode == 0, res.stderr
     assert "generated" in res.stdout
+
+
+def test_whole_pipeline_runs_where_torch_cannot_be_imported(default_build, tmp_path):
+    """Media in, text + image + video + audio out, in a process where importing torch fails."""
+    import numpy as np
+    from PIL import Image
+
+    from omniforge.runtime.media import write_wav
+
+    Image.fromarray(np.zeros((30, 30, 3), np.uint8)).save(tmp_path / "in.png")
+    write_wav(tmp_path / "in.wav", np.zeros(4000, np.float32), 16000)
+    res = run_blocked(
+        "from omniforge.runtime.pipeline import Pipeline, DiffusionConfig\n"
+        "from omniforge.runtime.sampling import GenerationConfig\n"
+        f"p = Pipeline({str(default_build)!r})\n"
+        f"r = p.run('Describe this', image={str(tmp_path / 'in.png')!r}, audio={str(tmp_path / 'in.wav')!r},\n"
+        "          generation=GenerationConfig(max_new_tokens=6), diffusion=DiffusionConfig(steps=2),\n"
+        "          force=['image', 'video', 'audio'])\n"
+        f"files = r.save({str(tmp_path / 'out')!r})\n"
+        "assert len(r.images) == len(r.videos) == len(r.audios) == 1\n"
+        "assert not any(m.split('.')[0] in {'torch', 'transformers', 'diffusers'} for m in sys.modules)\n"
+        "print('files', len(files))\n"
+    )
+    assert res.returncode == 0, res.stderr
+    assert "files 7" in res.stdout

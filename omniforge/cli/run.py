@@ -1,4 +1,7 @@
-"""``omniforge run``: generate from a build with the torch-free runtime, streaming the text."""
+"""``omniforge run``: the torch-free runtime from the command line.
+
+Text streams to stdout; generated media are written to ``--out``; timings go to stderr.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +12,30 @@ import sys
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run",
-        help="generate text from a build (torch-free runtime)",
-        description="Run the build's LLM with the torch-free runtime: the text streams to stdout, "
-        "timings go to stderr.",
+        help="run a build: prompt (+ image/audio/video) in, text and media out (torch-free)",
+        description="Run a build with the torch-free runtime. The text streams to stdout; images, "
+        "videos and audio the model asks for (through its signal tokens, or forced with --force) "
+        "are written to --out; per-stage timings are printed at the end.",
     )
     p.add_argument("build", help="build folder (from `omniforge export`)")
     p.add_argument("--prompt", "-p", required=True, help="prompt text")
+    p.add_argument("--image", help="input image file")
+    p.add_argument("--audio", help="input WAV file")
+    p.add_argument("--video", help="input video: a folder of frames, a GIF, or an MP4 (with imageio)")
+    p.add_argument("--out", default="outputs", help="folder for generated media (default: outputs)")
+    p.add_argument(
+        "--force",
+        action="append",
+        default=[],
+        choices=["image", "video", "audio"],
+        help="generate this modality even if the model emits no signal tokens for it (repeatable)",
+    )
+    p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument(
+        "--scheduler", default="ddim", choices=["ddim", "euler", "dpm"], help="diffusion scheduler"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling and diffusion noise (default 0)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
@@ -22,18 +43,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--repetition-penalty", type=float, default=1.0, help="penalty for repeated tokens (1 = off)"
     )
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--low-memory", action="store_true", help="release each decoder after use")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = one per core)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from omniforge.runtime.build import Build
     from omniforge.runtime.engine import SessionConfig
-    from omniforge.runtime.llm import LlmRuntime
+    from omniforge.runtime.pipeline import DiffusionConfig, Pipeline
     from omniforge.runtime.sampling import GenerationConfig
 
-    cfg = GenerationConfig(
+    gen = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -42,19 +64,37 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop_strings=tuple(args.stop),
     )
-    runtime = LlmRuntime(
-        args.build, num_slots=1, prefix_cache_entries=0, session=SessionConfig(threads=args.threads)
+    diffusion = DiffusionConfig(
+        steps=args.steps, guidance_scale=args.guidance, seed=args.seed, scheduler=args.scheduler
+    )
+    pipe = Pipeline(
+        Build(args.build, SessionConfig(threads=args.threads)), low_memory=args.low_memory, num_slots=1
     )
 
     def emit(delta: str) -> None:
         sys.stdout.write(delta)
         sys.stdout.flush()
 
-    result = runtime.generate(args.prompt, cfg, on_text=emit)
+    result = pipe.run(
+        args.prompt,
+        image=args.image,
+        audio=args.audio,
+        video=args.video,
+        generation=gen,
+        diffusion=diffusion,
+        force=args.force,
+        on_text=emit,
+    )
     sys.stdout.write("\n")
+    for path in result.save(args.out):
+        if "_frames" not in path.parent.name:  # frames are listed through their GIF
+            print(f"wrote {path}", file=sys.stderr)
+    g = result.generation
     print(
-        f"[{result.prompt_tokens} prompt tokens, {result.new_tokens} new, finish: {result.finish_reason}; "
-        f"time to first token {result.ttft_s * 1000:.1f} ms, decode {result.decode_tokens_per_s:.1f} tokens/s]",
+        f"[{g.prompt_tokens} prompt tokens, {g.new_tokens} new, finish: {g.finish_reason}; "
+        f"time to first token {g.ttft_s * 1000:.1f} ms, decode {g.decode_tokens_per_s:.1f} tokens/s]",
         file=sys.stderr,
     )
+    timings = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in result.timings.items() if k != "total")
+    print(f"[stages: {timings}; total {result.timings['total'] * 1000:.0f} ms]", file=sys.stderr)
     return 0
