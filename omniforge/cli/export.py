@@ -41,6 +41,10 @@ def run(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise ConfigError("--threads must be at least 1")
     model = resolve_model(args.model)
+    from omniforge.pipeline.describe import describe
+    from omniforge.pipeline.model_config import load_model_config
+
+    describe(load_model_config(model)).select(split_list(args.stages))  # fail fast on a bad model or stage
     # torch is imported only here, when an export actually runs
     from omniforge.export.exporter import ExportOptions, export_pipeline, parity_table
 

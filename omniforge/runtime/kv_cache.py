@@ -52,6 +52,7 @@ class KVCachePool:
         self.lengths = np.zeros(num_slots, np.int64)  # valid tokens per slot
         self._free = [True] * num_slots
         self._lock = threading.Lock()
+        self._freed = threading.Condition(self._lock)
         self._ortvalues: dict[tuple[int, int], list[tuple[str, ort.OrtValue]]] = {}
 
     @property
@@ -62,28 +63,40 @@ class KVCachePool:
     def slots_in_use(self) -> int:
         return self._free.count(False)
 
-    def allocate(self, count: int = 1) -> SlotRange:
-        """``count`` adjacent free slots, or ``CachePoolExhaustedError``."""
-        with self._lock:
-            run = 0
-            for i, free in enumerate(self._free):
-                run = run + 1 if free else 0
-                if run == count:
-                    start = i - count + 1
-                    for j in range(start, i + 1):
-                        self._free[j] = False
-                    self.lengths[start : i + 1] = 0
-                    return SlotRange(start, count)
-        raise CachePoolExhaustedError(
-            f"the KV-cache pool has no {count} free adjacent slot(s) ({self.slots_in_use}/{self.num_slots} in use); "
-            "retry later or create the runtime with more slots"
-        )
+    def allocate(self, count: int = 1, wait_s: float = 0.0) -> SlotRange:
+        """``count`` adjacent free slots; waits up to ``wait_s`` for them, then ``CachePoolExhaustedError``."""
+        if not 1 <= count <= self.num_slots:
+            raise CachePoolExhaustedError(
+                f"a request for {count} slots can never fit a pool of {self.num_slots}"
+            )
+        with self._freed:
+            if wait_s > 0:
+                self._freed.wait_for(lambda: self._find(count) is not None, timeout=wait_s)
+            start = self._find(count)
+            if start is None:
+                raise CachePoolExhaustedError(
+                    f"the KV-cache pool has no {count} free adjacent slot(s) ({self.slots_in_use}/{self.num_slots} in use); "
+                    "retry later or create the runtime with more slots"
+                )
+            for j in range(start, start + count):
+                self._free[j] = False
+            self.lengths[start : start + count] = 0
+            return SlotRange(start, count)
+
+    def _find(self, count: int) -> int | None:
+        run = 0
+        for i, free in enumerate(self._free):
+            run = run + 1 if free else 0
+            if run == count:
+                return i - count + 1
+        return None
 
     def release(self, slots: SlotRange) -> None:
-        with self._lock:
+        with self._freed:
             for j in range(slots.start, slots.stop):
                 self._free[j] = True
             self.lengths[slots.start : slots.stop] = 0
+            self._freed.notify_all()
 
     def bindings(self, slots: SlotRange) -> list[tuple[str, ort.OrtValue]]:
         """(input name, OrtValue) per layer and K/V, viewing the slots' memory without a copy."""

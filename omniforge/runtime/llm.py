@@ -65,7 +65,10 @@ class StepBinding:
         self.io.bind_cpu_input("total_sequence_length", np.array(new.max(), dtype=np.int32))
         self.io.bind_output("logits")
         self.io.bind_output("hidden_states")
-        self.engine.session.run_with_iobinding(self.io)
+        try:
+            self.engine.session.run_with_iobinding(self.io)
+        except Exception as exc:  # a backend failure, reported as one sentence
+            raise EngineError(f"the LLM step failed: {str(exc).strip().splitlines()[0]}") from None
         out = self.io.get_outputs()
         self.pool.lengths[self.slots.start : self.slots.stop] = new
         return out[0].numpy()[:, -1], out[1].numpy()
@@ -118,11 +121,13 @@ class LlmRuntime:
         prefix_cache_entries: int = 2,
         block_size: int = 16,
         session: SessionConfig | None = None,
+        slot_wait_s: float = 0.0,
     ) -> None:
         self.build = build if isinstance(build, Build) else Build(build, session)
         stage = self.build.pipeline.stage("llm")
         assert stage.llm is not None
         self.geometry = stage.llm
+        self.slot_wait_s = slot_wait_s  # how long a request waits for a free cache slot before failing
         self.engine = LlmEngine(self.build.stage_file("llm", "onnxruntime"), stage.llm, self.build.session)
         self.embedding = self.build.engine("token_embedding")
         self.tokenizer = self.build.tokenizer() if "tokenizer" in self.build.manifest.files else None
@@ -260,7 +265,8 @@ class LlmRuntime:
                 return self.pool.allocate(count)
             except CachePoolExhaustedError:
                 if not self.prefix_cache.evict_one():
-                    raise
+                    break
+        return self.pool.allocate(count, wait_s=self.slot_wait_s)
 
     def _stop_ids(self, config: GenerationConfig) -> set[int]:
         if config.stop_token_ids is not None:

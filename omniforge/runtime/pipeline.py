@@ -9,6 +9,7 @@ numpy scheduler -> VAE decoder (-> vocoder for audio). Decoders load on first us
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -83,7 +84,13 @@ class Pipeline:
         self.build = build if isinstance(build, Build) else Build(build, session)
         self.llm = LlmRuntime(self.build, num_slots=num_slots)
         self.low_memory = low_memory
-        self.timings: dict[str, float] = defaultdict(float)
+        self._local = threading.local()  # per-thread timings: requests may run concurrently
+
+    @property
+    def timings(self) -> defaultdict[str, float]:
+        if not hasattr(self._local, "timings"):
+            self._local.timings = defaultdict(float)
+        return self._local.timings
 
     # ---- helpers ------------------------------------------------------------------------------
     def _run(self, stage: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -248,7 +255,7 @@ class Pipeline:
         missing = force - self.modalities_in()
         if missing:
             raise InputError(f"this build cannot generate {sorted(missing)}")
-        self.timings = defaultdict(float)
+        self._local.timings = defaultdict(float)
         t_all = time.perf_counter()
         media: dict[str, list[np.ndarray]] = {}
         for modality, item, enc in (
