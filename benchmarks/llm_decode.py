@@ -129,18 +129,24 @@ def bench_plain_ort(build: Path, threads: int) -> Callable[[], tuple[float, floa
     return lambda: gen(NEW)
 
 
-def bench_omniforge(build: Path, threads: int) -> Callable[[], tuple[float, float]]:
+def single_runtime(build: Path, threads: int, max_context: int):
+    """An omniforge LLM runtime with one cache slot and no prefix cache."""
     from omniforge.runtime.engine import SessionConfig
     from omniforge.runtime.llm import LlmRuntime
-    from omniforge.runtime.sampling import GenerationConfig
 
-    rt = LlmRuntime(
+    return LlmRuntime(
         build,
         num_slots=1,
         prefix_cache_entries=0,
-        max_context=PROMPT + NEW + 8,
+        max_context=max_context,
         session=SessionConfig(threads=threads),
     )
+
+
+def bench_omniforge(build: Path, threads: int) -> Callable[[], tuple[float, float]]:
+    from omniforge.runtime.sampling import GenerationConfig
+
+    rt = single_runtime(build, threads, PROMPT + NEW + 8)
     cfg = GenerationConfig(max_new_tokens=NEW, stop_token_ids=())
     ids = prompt_ids(PROMPT)
     rt.generate(ids, GenerationConfig(max_new_tokens=4, stop_token_ids=()))
@@ -211,17 +217,9 @@ def bench_genai(path: Path) -> Callable[[], tuple[float, float]]:
 
 def context_scaling(build: Path, threads: int, long_ctx: int = 2048, steps: int = 32) -> dict:
     """Per-token decode latency after a 64-token and a 2048-token context."""
-    from omniforge.runtime.engine import SessionConfig
-    from omniforge.runtime.llm import LlmRuntime
     from omniforge.runtime.sampling import GenerationConfig
 
-    rt = LlmRuntime(
-        build,
-        num_slots=1,
-        prefix_cache_entries=0,
-        max_context=long_ctx + steps + 8,
-        session=SessionConfig(threads=threads),
-    )
+    rt = single_runtime(build, threads, long_ctx + steps + 8)
     cfg = GenerationConfig(max_new_tokens=steps, stop_token_ids=())
     out = {}
     for ctx in (64, long_ctx):

@@ -9,8 +9,14 @@ import numpy as np
 from omniforge.runtime.pipeline import Pipeline
 from omniforge.runtime.sampling import GenerationConfig
 
-PROMPTS = ["A dog runs", "Describe the image in one sentence.", "<image> What is in this photo?",
-           "Generate the sound of rain", "<image> Describe the image", "The piano plays a slow melody"]
+PROMPTS = [
+    "A dog runs",
+    "Describe the image in one sentence.",
+    "<image> What is in this photo?",
+    "Generate the sound of rain",
+    "<image> Describe the image",
+    "The piano plays a slow melody",
+]
 
 
 def make_requests(n: int) -> list[tuple[str, np.ndarray | None, int]]:

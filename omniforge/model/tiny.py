@@ -188,33 +188,21 @@ def _unet_kwargs() -> dict:
     )
 
 
-def _image_decoder(cfg: TinyConfig, folder: Path) -> None:
-    from diffusers import UNet2DConditionModel
+def _visual_decoder(cfg: TinyConfig, folder: Path, video: bool) -> None:
+    """Stable Diffusion-style (2D UNet) or ZeroScope-style (3D UNet) decoder with its VAE and scheduler."""
+    from diffusers import UNet2DConditionModel, UNet3DConditionModel
 
-    torch.manual_seed(cfg.seed + 40)
-    UNet2DConditionModel(
-        sample_size=cfg.image_latent,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    dim = "3D" if video else "2D"
+    seed = cfg.seed + (50 if video else 40)
+    torch.manual_seed(seed)
+    (UNet3DConditionModel if video else UNet2DConditionModel)(
+        sample_size=cfg.video_latent if video else cfg.image_latent,
+        down_block_types=(f"CrossAttnDownBlock{dim}", f"DownBlock{dim}"),
+        up_block_types=(f"UpBlock{dim}", f"CrossAttnUpBlock{dim}"),
         cross_attention_dim=cfg.cond_dim,
         **_unet_kwargs(),
     ).eval().save_pretrained(folder / "unet")
-    _vae(folder / "vae", 3, cfg.seed + 41)
-    _scheduler(folder / "scheduler")
-
-
-def _video_decoder(cfg: TinyConfig, folder: Path) -> None:
-    from diffusers import UNet3DConditionModel
-
-    torch.manual_seed(cfg.seed + 50)
-    UNet3DConditionModel(
-        sample_size=cfg.video_latent,
-        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-        cross_attention_dim=cfg.cond_dim,
-        **_unet_kwargs(),
-    ).eval().save_pretrained(folder / "unet")
-    _vae(folder / "vae", 3, cfg.seed + 51)
+    _vae(folder / "vae", 3, seed + 1)
     _scheduler(folder / "scheduler")
 
 
@@ -288,8 +276,8 @@ def create_default(folder: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
         _encoder(cfg, tmp / "image_encoder", 3, cfg.seed + 20)
         _encoder(cfg, tmp / "audio_encoder", 1, cfg.seed + 21)
         outputs = _projectors(cfg, tmp)
-        _image_decoder(cfg, tmp / "image_decoder")
-        _video_decoder(cfg, tmp / "video_decoder")
+        _visual_decoder(cfg, tmp / "image_decoder", video=False)
+        _visual_decoder(cfg, tmp / "video_decoder", video=True)
         _audio_decoder(cfg, tmp / "audio_decoder")
         desc = {
             "format": FORMAT,

@@ -194,53 +194,28 @@ def decoder_stages(modality: str, path, cfg: ModelConfig) -> list[StageSpec]:
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     scale = _vae_scale(vae)
     t = TensorSpec("timestep", F32, ("batch",), fill="uniform", low=0, high=999)
-    out: list[StageSpec] = []
-    if modality == "video":
-        frames = Dim("frames", 1, cfg.video_frames, 4 * cfg.video_frames)
+    dims: tuple[Dim, ...] = (CFG_BATCH,)
+    if modality == "video":  # ZeroScope: a 3D UNet over (batch, C, frames, h, w)
+        dims = (CFG_BATCH, Dim("frames", 1, cfg.video_frames, 4 * cfg.video_frames))
         sample = TensorSpec("sample", F32, ("batch", lat_c, "frames", h, w))
-        cond = TensorSpec("encoder_hidden_states", F32, ("batch", 77, int(unet["cross_attention_dim"])))
-        out.append(
-            StageSpec(
-                "video_unet",
-                StageKind.DECODER,
-                "decoders.video.unet",
-                (sample, t, cond),
-                (TensorSpec("noise_pred", F32, sample.shape),),
-                (CFG_BATCH, frames),
-                tolerance=TIGHT,
-                modality=modality,
-            )
-        )
-    elif modality == "audio":
-        sample = TensorSpec("sample", F32, ("batch", lat_c, h, w))
-        cond = TensorSpec("class_labels", F32, ("batch", int(unet["projection_class_embeddings_input_dim"])))
-        out.append(
-            StageSpec(
-                "audio_unet",
-                StageKind.DECODER,
-                "decoders.audio.unet",
-                (sample, t, cond),
-                (TensorSpec("noise_pred", F32, sample.shape),),
-                (CFG_BATCH,),
-                tolerance=TIGHT,
-                modality=modality,
-            )
-        )
     else:
         sample = TensorSpec("sample", F32, ("batch", lat_c, h, w))
+    if modality == "audio":  # AudioLDM: one pooled vector through class_labels
+        cond = TensorSpec("class_labels", F32, ("batch", int(unet["projection_class_embeddings_input_dim"])))
+    else:
         cond = TensorSpec("encoder_hidden_states", F32, ("batch", 77, int(unet["cross_attention_dim"])))
-        out.append(
-            StageSpec(
-                "image_unet",
-                StageKind.DECODER,
-                "decoders.image.unet",
-                (sample, t, cond),
-                (TensorSpec("noise_pred", F32, sample.shape),),
-                (CFG_BATCH,),
-                tolerance=TIGHT,
-                modality=modality,
-            )
+    out: list[StageSpec] = [
+        StageSpec(
+            f"{modality}_unet",
+            StageKind.DECODER,
+            f"decoders.{modality}.unet",
+            (sample, t, cond),
+            (TensorSpec("noise_pred", F32, sample.shape),),
+            dims,
+            tolerance=TIGHT,
+            modality=modality,
         )
+    ]
     vae_batch = Dim("batch", 1, cfg.video_frames if modality == "video" else 1, 64)
     out_c = int(vae["out_channels"])
     out.append(
