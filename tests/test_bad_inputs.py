@@ -156,7 +156,7 @@ CASES = {
         EngineError,
         "cannot load engine 'vocoder.onnx'",
     ),
-    "unknown stage": (lambda c: c["b"].engine("warp_drive"), StageError, "no stage 'warp_drive'"),
+    "unknown stage": (lambda c: c["b"].engine("warp_drive"), StageError, "unknown stage 'warp_drive'"),
     "unknown variant": (
         lambda c: c["b"].stage_file("vocoder", "tensorrt"),
         StageError,

@@ -34,7 +34,7 @@ from omniforge.model.tokenizer import (
 )
 from omniforge.pipeline.model_config import FORMAT, FORMAT_VERSION, AudioFrontend
 
-DEFAULT_VERSION = 1  # bump when the default's architecture or seeds change
+DEFAULT_VERSION = 2  # bump when the default's architecture or seeds change
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,19 @@ class TinyConfig:
     proj_d_model: int = 32
 
 
+def _perturb_norms(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Give every norm a non-trivial affine (real checkpoints have one; fresh inits are 1 and 0),
+    so that passes folding norms into linear layers are exercised by the default."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            leaf = name.rsplit(".", 1)[0].lower()
+            if any(k in leaf for k in ("norm", "layrnorm", "ln_")) and p.ndim == 1:
+                base = 1.0 if name.endswith("weight") else 0.0
+                p.copy_(base + 0.1 * torch.randn(p.shape, generator=gen))
+    return module
+
+
 def _llm(cfg: TinyConfig, folder: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -86,7 +99,7 @@ def _llm(cfg: TinyConfig, folder: Path) -> None:
         pad_token_id=tok.token_to_id(PAD),
         tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(conf).eval()
+    model = _perturb_norms(LlamaForCausalLM(conf).eval(), cfg.seed + 2)
     model.save_pretrained(folder)
 
 
@@ -130,7 +143,7 @@ def _encoder(cfg: TinyConfig, folder: Path, channels: int, seed: int) -> None:
         image_size=cfg.image_size,
         patch_size=cfg.patch,
     )
-    CLIPVisionModelWithProjection(conf).eval().save_pretrained(folder)
+    _perturb_norms(CLIPVisionModelWithProjection(conf).eval(), seed + 100).save_pretrained(folder)
     if channels == 3:  # the CLIP preprocessing the runtime's image front end reproduces
         pre = {
             "image_processor_type": "CLIPImageProcessor",
@@ -195,13 +208,14 @@ def _visual_decoder(cfg: TinyConfig, folder: Path, video: bool) -> None:
     dim = "3D" if video else "2D"
     seed = cfg.seed + (50 if video else 40)
     torch.manual_seed(seed)
-    (UNet3DConditionModel if video else UNet2DConditionModel)(
+    unet = (UNet3DConditionModel if video else UNet2DConditionModel)(
         sample_size=cfg.video_latent if video else cfg.image_latent,
         down_block_types=(f"CrossAttnDownBlock{dim}", f"DownBlock{dim}"),
         up_block_types=(f"UpBlock{dim}", f"CrossAttnUpBlock{dim}"),
         cross_attention_dim=cfg.cond_dim,
         **_unet_kwargs(),
-    ).eval().save_pretrained(folder / "unet")
+    )
+    _perturb_norms(unet.eval(), seed + 100).save_pretrained(folder / "unet")
     _vae(folder / "vae", 3, seed + 1)
     _scheduler(folder / "scheduler")
 
@@ -212,7 +226,7 @@ def _audio_decoder(cfg: TinyConfig, folder: Path) -> None:
 
     torch.manual_seed(cfg.seed + 60)
     # AudioLDM: conditioned through class_labels with one pooled vector, no cross-attention input
-    UNet2DConditionModel(
+    unet = UNet2DConditionModel(
         sample_size=cfg.audio_latent,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -221,7 +235,8 @@ def _audio_decoder(cfg: TinyConfig, folder: Path) -> None:
         projection_class_embeddings_input_dim=cfg.audio_cond_dim,
         class_embeddings_concat=True,
         **_unet_kwargs(),
-    ).eval().save_pretrained(folder / "unet")
+    )
+    _perturb_norms(unet.eval(), cfg.seed + 160).save_pretrained(folder / "unet")
     _vae(folder / "vae", 1, cfg.seed + 61)
     _scheduler(folder / "scheduler")
     torch.manual_seed(cfg.seed + 62)
@@ -260,7 +275,7 @@ def _projectors(cfg: TinyConfig, root: Path) -> dict[str, str]:
         module = OutputProjector(pcfg)
         with torch.no_grad():
             module.queries.normal_(0.0, 0.02)
-        save_module(module.eval(), root / "output_projectors" / modality)
+        save_module(_perturb_norms(module.eval(), cfg.seed + 131 + i), root / "output_projectors" / modality)
         out[modality] = f"output_projectors/{modality}"
     return out
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from omniforge.errors import ManifestError, StageError
 from omniforge.pipeline.manifest import Manifest, load_manifest
+from omniforge.pipeline.spec import StageKind
 from omniforge.runtime.engine import Engine, SessionConfig
 from omniforge.runtime.tokenizer import TextTokenizer
 
@@ -59,9 +60,14 @@ class Build:
         return self.path / sb.variants[variant]
 
     def engine(self, name: str) -> Engine:
+        """The stage's engine; its ONNX Runtime-lowered graph when the build has one (same contract)."""
         with self._lock:
             if name not in self._engines:
-                self._engines[name] = Engine(self.stage_file(name), self.pipeline.stage(name), self.session)
+                spec = self.pipeline.stage(name)
+                sb = self.manifest.stages.get(name)
+                lowered = sb is not None and "onnxruntime" in sb.variants and spec.kind is not StageKind.LLM
+                path = self.stage_file(name, "onnxruntime" if lowered else None)
+                self._engines[name] = Engine(path, spec, self.session)
             return self._engines[name]
 
     def loaded(self) -> list[str]:

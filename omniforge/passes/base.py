@@ -1,0 +1,72 @@
+"""What every pass returns, and the numerical check that proves a rewrite."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+
+@dataclass
+class PassReport:
+    """How often a pass fired and what it declined to do (with the reason)."""
+
+    name: str
+    fired: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The numpy value of a constant (initializer) input, else None."""
+    if value is None or value.const_value is None:
+        return None
+    return value.const_value.numpy()
+
+
+def new_const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A fresh initializer (never aliasing an existing, possibly shared, one)."""
+    taken = set(graph.initializers)
+    base, i = name, 0
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array)))
+    value.shape = ir.Shape(array.shape)
+    value.dtype = ir.DataType.FLOAT if array.dtype == np.float32 else value.const_value.dtype
+    graph.register_initializer(value)
+    return value
+
+
+def run_onnx(model: onnx.ModelProto | ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # judge the graph as written
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def max_abs_diff(
+    a: onnx.ModelProto | ir.Model, b: onnx.ModelProto | ir.Model, feeds: dict[str, np.ndarray]
+) -> float:
+    """Largest absolute difference between two graphs' outputs on ``feeds``."""
+    return max(
+        float(np.max(np.abs(x.astype(np.float64) - y))) if x.size else 0.0
+        for x, y in zip(run_onnx(a, feeds), run_onnx(b, feeds), strict=True)
+    )
+
+
+def scaled_error(
+    a: onnx.ModelProto | ir.Model, b: onnx.ModelProto | ir.Model, feeds: dict[str, np.ndarray]
+) -> float:
+    """max |a - b| / max(1, max |a|) over all outputs: an absolute error for values of order one."""
+    worst = 0.0
+    for x, y in zip(run_onnx(a, feeds), run_onnx(b, feeds), strict=True):
+        if x.size:
+            worst = max(
+                worst, float(np.max(np.abs(x.astype(np.float64) - y))) / max(1.0, float(np.max(np.abs(x))))
+            )
+    return worst
