@@ -1,0 +1,34 @@
+"""Accuracy of a quantized stage against its FP32 original."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    return float(a @ b / (na * nb)) if na > 0 and nb > 0 else float(na == nb)
+
+
+def snr_db(ref: np.ndarray, got: np.ndarray) -> float:
+    """Signal-to-noise ratio of ``got`` against ``ref`` in dB (inf when equal)."""
+    noise = float(np.sum((ref.astype(np.float64) - got) ** 2))
+    signal = float(np.sum(ref.astype(np.float64) ** 2))
+    return float("inf") if noise == 0 else 10 * np.log10(signal / noise) if signal > 0 else float("-inf")
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def kl_divergence(ref_logits: np.ndarray, got_logits: np.ndarray) -> float:
+    """Mean KL(ref || got) of next-token distributions over the leading axes."""
+    p, q = log_softmax(ref_logits), log_softmax(got_logits)
+    return float(np.mean(np.sum(np.exp(p) * (p - q), axis=-1)))
+
+
+def top1_agreement(ref_logits: np.ndarray, got_logits: np.ndarray) -> float:
+    return float(np.mean(ref_logits.argmax(-1) == got_logits.argmax(-1)))
