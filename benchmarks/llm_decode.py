@@ -256,6 +256,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/omniforge-bench", help="where models and builds are written")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-int4", action="store_true", help="skip the INT4 builds")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(args.work)
@@ -289,6 +290,16 @@ def main() -> None:
     if genai is not None:
         runners["ONNX Runtime GenAI fp32"] = bench_genai(genai)
     runners["omniforge fp32"] = bench_omniforge(build, args.threads)
+    if not args.no_int4:
+        build4 = work / "build-150m-int4"
+        if not (build4 / "manifest.json").is_file():
+            from omniforge.calibration.quantize import quantize_build
+
+            quantize_build(build, build4, "int4", log=lambda m: print(m, file=sys.stderr))
+        genai4 = build_genai(folder, work / "genai-int4", args.threads, precision="int4")
+        if genai4 is not None:
+            runners["ONNX Runtime GenAI int4"] = bench_genai(genai4)
+        runners["omniforge int4"] = bench_omniforge(build4, args.threads)
     # interleaved rounds: every runtime runs once per round, so drift on a shared machine hits all alike
     samples: dict[str, list[tuple[float, float]]] = {k: [] for k in runners}
     for r in range(args.runs):
@@ -304,6 +315,7 @@ def main() -> None:
     ctx = context_scaling(build, args.threads)
     prefix = prefix_reuse(build, args.threads)
     of = rows["omniforge fp32"]["decode_tok_s"]
+    bound4 = bw / (params * (0.5 + 4 / 32))  # 4-bit weights + one fp32 scale per block of 32
     data = {
         "machine": machine(),
         "settings": {
@@ -319,6 +331,7 @@ def main() -> None:
         "results": rows,
         "omniforge_vs_bound": of / bound,
         "omniforge_vs_genai": of / rows["ONNX Runtime GenAI fp32"]["decode_tok_s"] if genai else None,
+        "int4_bound_tok_s": bound4,
         "context_scaling": ctx,
         "prefix_reuse": prefix,
     }
@@ -344,7 +357,24 @@ def main() -> None:
         f"**{100 * data['omniforge_vs_bound']:.0f}%** of the bandwidth bound.",
     ]
     if genai:
-        md.append(f"- omniforge / ONNX Runtime GenAI decode speed: **{data['omniforge_vs_genai']:.2f}x**.")
+        md.append(
+            f"- omniforge / ONNX Runtime GenAI decode speed, fp32: **{data['omniforge_vs_genai']:.2f}x**."
+        )
+    if "omniforge int4" in rows:
+        o4 = rows["omniforge int4"]["decode_tok_s"]
+        data["omniforge_int4_vs_bound"] = o4 / bound4
+        line = f"- INT4 (block 32, symmetric, accuracy level 4): omniforge {o4:.0f} tok/s = {100 * o4 / bound4:.0f}% of the INT4 bound ({bound4:.0f} tok/s)"
+        if "ONNX Runtime GenAI int4" in rows:
+            g4 = rows["ONNX Runtime GenAI int4"]["decode_tok_s"]
+            data["omniforge_int4_vs_genai_int4"] = o4 / g4
+            line += f"; ONNX Runtime GenAI INT4 {g4:.0f} tok/s; ratio **{o4 / g4:.2f}x**"
+        md.append(line + ".")
+        sizes = json.loads((work / "build-150m-int4" / "quantize.json").read_text())
+        llm_q = next(r for r in sizes if r["stage"] == "llm")
+        emb_q = next(r for r in sizes if r["stage"] == "token_embedding")
+        ratio = (llm_q["size_after"] + emb_q["size_after"]) / (llm_q["size_before"] + emb_q["size_before"])
+        data["int4_size_ratio"] = ratio
+        md.append(f"- INT4 model size (LLM + INT8 embedding table) / FP32: **{ratio:.2f}x**.")
     md += [
         f"- per-token latency at context 2048 vs 64: {ctx['ms_per_token_ctx2048']:.1f} ms vs "
         f"{ctx['ms_per_token_ctx64']:.1f} ms = **{ctx['ratio']:.2f}x** (the cache is written in place; "

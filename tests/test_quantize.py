@@ -32,11 +32,15 @@ def test_int4_build_has_quantized_llm_and_int8_encoders(int4_build, default_buil
     assert ops.count("MatMulNBits") == 2 * 2 + 2 * 3 + 1  # qkv+o per layer, gate/up/down per layer, lm head
     assert "MatMul" not in ops
     fp32 = load_manifest(default_build).stages["llm"].variants["onnxruntime"]
-    assert (int4_build / m.stages["llm"].variants["onnxruntime"]).stat().st_size < 0.3 * (default_build / fp32).stat().st_size
+    assert (int4_build / m.stages["llm"].variants["onnxruntime"]).stat().st_size < 0.3 * (
+        default_build / fp32
+    ).stat().st_size
     report = {r["stage"]: r for r in json.loads((int4_build / "quantize.json").read_text())}
     assert report["llm"]["metrics"]["logits_cosine"] > 0.95
     assert report["image_encoder"]["metrics"]["cosine_min"] > 0.99
-    assert "embedding table stays FP32" in report["llm"]["note"]
+    assert "embedding table is INT8" in report["llm"]["note"]
+    assert report["token_embedding"]["size_after"] < 0.3 * report["token_embedding"]["size_before"]
+    assert report["token_embedding"]["metrics"]["cosine_min"] > 0.999
 
 
 def test_the_runtime_runs_the_quantized_build(int4_build):
@@ -45,8 +49,13 @@ def test_the_runtime_runs_the_quantized_build(int4_build):
     r = rt.generate("A dog runs", GenerationConfig(max_new_tokens=12))
     assert r.new_tokens == 12
     p = Pipeline(int4_build)
-    out = p.run("Describe", image=np.zeros((24, 24, 3), np.uint8), generation=GenerationConfig(max_new_tokens=4),
-                diffusion=DiffusionConfig(steps=2), force=["image"])
+    out = p.run(
+        "Describe",
+        image=np.zeros((24, 24, 3), np.uint8),
+        generation=GenerationConfig(max_new_tokens=4),
+        diffusion=DiffusionConfig(steps=2),
+        force=["image"],
+    )
     assert out.images[0].shape == (32, 32, 3)
 
 

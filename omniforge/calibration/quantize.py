@@ -20,7 +20,7 @@ import onnx
 import onnxruntime as ort
 
 from omniforge.calibration.metrics import cosine, kl_divergence, snr_db, top1_agreement
-from omniforge.calibration.weight_only import WeightOnlyConfig, quantize_weights
+from omniforge.calibration.weight_only import WeightOnlyConfig, quantize_embedding, quantize_weights
 from omniforge.errors import ConfigError
 from omniforge.pipeline.manifest import (
     Manifest,
@@ -141,10 +141,23 @@ def quantize_build(
                     src.stat().st_size,
                     (tmp / rel).stat().st_size,
                     _llm_metrics(src, tmp / rel, spec),
-                    note="embedding table stays FP32 in token_embedding",
+                    note="the embedding table is INT8 in token_embedding",
                 )
                 src.unlink()
                 stages[name] = replace(sb, precision=precision, variants={**sb.variants, "onnxruntime": rel})
+            elif spec.kind is StageKind.EMBEDDING:
+                src = tmp / sb.file
+                rel = f"stages/{name}.int8.onnx"
+                onnx.save_model(quantize_embedding(onnx.load(str(src))), str(tmp / rel))
+                res = StageQuantization(
+                    name,
+                    "int8",
+                    "INT8 table, one scale per row",
+                    src.stat().st_size,
+                    (tmp / rel).stat().st_size,
+                    _stage_metrics(src, tmp / rel, spec),
+                )
+                stages[name] = replace(sb, precision="int8", variants={**sb.variants, "onnxruntime": rel})
             elif spec.kind in DYNAMIC_INT8_KINDS:
                 from onnxruntime.quantization import QuantType, quantize_dynamic
 

@@ -3,9 +3,9 @@
 Built on ONNX Runtime's ``MatMulNBitsQuantizer``: the ONNX Runtime form is ``MatMulNBits``
 (``accuracy_level=4`` lets the kernel use int8 dot products on CPUs without VNNI too); the
 standard-ONNX form, for TensorRT, is a block-wise ``DequantizeLinear`` (opset 21) feeding a
-``MatMul``. Every MatMul with a constant weight is quantized, the LM head included; the
-embedding table stays FP32 in the ``token_embedding`` stage (a lookup reads one row per token,
-so it costs no bandwidth per step, only file size).
+``MatMul``. Every MatMul with a constant weight is quantized, the LM head included. The embedding
+table (the ``token_embedding`` stage) is stored INT8 with a scale per row by
+``quantize_embedding``: a lookup reads one row per token, so it costs file size, not bandwidth.
 """
 
 from __future__ import annotations
@@ -48,3 +48,40 @@ def quantize_weights(model: onnx.ModelProto, cfg: WeightOnlyConfig) -> onnx.Mode
     )
     q.process()
     return q.model.model
+
+
+def quantize_embedding(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The embedding lookup with an INT8 table and one FP32 scale per row (standard ops).
+
+    ``Gather(int8 table) -> Cast -> Mul(Gather(scales))``: a quarter of the FP32 table's size,
+    exact to 1/254 of each row's largest entry.
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    gather = next(n for n in model.graph.node if n.op_type == "Gather")
+    tables = {t.name: t for t in model.graph.initializer}
+    table = numpy_helper.to_array(tables[gather.input[0]]).astype(np.float32)  # (V, H)
+    scale = np.abs(table).max(axis=1, keepdims=True) / 127.0
+    scale[scale == 0] = 1.0
+    q = np.clip(np.round(table / scale), -127, 127).astype(np.int8)
+    ids, out = gather.input[1], gather.output[0]
+    nodes = [
+        helper.make_node("Gather", ["table_int8", ids], ["rows_int8"], axis=0),
+        helper.make_node("Cast", ["rows_int8"], ["rows"], to=TensorProto.FLOAT),
+        helper.make_node("Gather", ["row_scale", ids], ["scales"], axis=0),
+        helper.make_node("Mul", ["rows", "scales"], [out]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        model.graph.name,
+        list(model.graph.input),
+        list(model.graph.output),
+        [
+            numpy_helper.from_array(q, "table_int8"),
+            numpy_helper.from_array(scale.astype(np.float32), "row_scale"),
+        ],
+    )
+    new = helper.make_model(graph, opset_imports=list(model.opset_import), producer_name="omniforge")
+    new.ir_version = model.ir_version
+    return new

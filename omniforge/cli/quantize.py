@@ -13,7 +13,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "quantize",
         help="write an INT4 or INT8 copy of a build with an accuracy report",
         description="Quantize an FP32 build: the LLM weight-only (block-wise INT4 or INT8, MatMulNBits; "
-        "the LM head too, the embedding table stays FP32), encoders and projectors dynamic INT8 with "
+        "the LM head too; the embedding table INT8 per row), encoders and projectors dynamic INT8 with "
         "per-channel weights; decoders stay FP32 for now. Each stage is measured against FP32 and the "
         "report is written to quantize.md in the new build.",
     )
