@@ -5,7 +5,8 @@ usage: python benchmarks/llm_decode.py [--work /tmp/omniforge-bench] [--runs 5] 
 Builds the reference model (hidden 1024, 8 layers, 16 heads, 4 KV heads, ffn 2816, vocab 32000,
 seeded) as a local HF folder, exports it with omniforge, builds ONNX Runtime GenAI's fp32 model of
 the same folder when onnxruntime-genai is installed, and measures batch-1 decoding (prompt 32,
-64 new tokens, median of ``--runs``) for: transformers eager, a plain ONNX Runtime loop over the
+64 new tokens, median of ``--runs``; each runtime in its own process, run in interleaved rounds)
+for: transformers eager, a plain ONNX Runtime loop over the
 canonical export (present fed back as past), ONNX Runtime GenAI, and omniforge's runtime. Also
 measured: the fp32 memory-bandwidth bound, per-token latency at context 2048 vs 64, and the
 time to first token of a second conversation turn over a 512-token prefix.
@@ -251,14 +252,68 @@ def prefix_reuse(build: Path, threads: int, prefix: int = 512) -> dict:
     }
 
 
+RUNNERS = {
+    "transformers": lambda a, w: bench_transformers(w / "llama-150m", a.threads),
+    "plain-ort": lambda a, w: bench_plain_ort(w / "build-150m", a.threads),
+    "genai-fp32": lambda a, w: bench_genai(w / "genai-fp32"),
+    "omniforge-fp32": lambda a, w: bench_omniforge(w / "build-150m", a.threads),
+    "genai-int4": lambda a, w: bench_genai(w / "genai-int4"),
+    "omniforge-int4": lambda a, w: bench_omniforge(w / "build-150m-int4", a.threads),
+}
+
+
+class Worker:
+    """One runtime in a child process: ``run`` times one generation there and returns (ttft, total)."""
+
+    def __init__(self, kind: str, args: argparse.Namespace) -> None:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            kind,
+            "--work",
+            args.work,
+            "--threads",
+            str(args.threads),
+        ]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "ready", kind
+
+    def run(self) -> tuple[float, float]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        ttft, total = json.loads(self.proc.stdout.readline())
+        return ttft, total
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.flush()
+        self.proc.wait(timeout=60)
+
+
+def worker_main(args: argparse.Namespace) -> None:
+    fn = RUNNERS[args.worker](args, Path(args.work))
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        print(json.dumps(fn()), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default="/tmp/omniforge-bench", help="where models and builds are written")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-int4", action="store_true", help="skip the INT4 builds")
+    ap.add_argument("--worker", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.worker:
+        worker_main(args)
+        return
     work = Path(args.work)
     folder = make_model(work / "llama-150m")
     build = work / "build-150m"
@@ -282,30 +337,36 @@ def main() -> None:
     )
     bw = read_bandwidth(args.threads)
     bound = bw / (params * 4)
-    runners: dict[str, Callable[[], tuple[float, float]]] = {}
-    print("loading runtimes ...", file=sys.stderr)
-    runners["transformers eager fp32"] = bench_transformers(folder, args.threads)
-    runners["plain ONNX Runtime loop fp32 (canonical export)"] = bench_plain_ort(build, args.threads)
-    genai = build_genai(folder, work / "genai-fp32", args.threads)
-    if genai is not None:
-        runners["ONNX Runtime GenAI fp32"] = bench_genai(genai)
-    runners["omniforge fp32"] = bench_omniforge(build, args.threads)
+    kinds = {
+        "transformers eager fp32": "transformers",
+        "plain ONNX Runtime loop fp32 (canonical export)": "plain-ort",
+    }
+    if build_genai(folder, work / "genai-fp32", args.threads) is not None:
+        kinds["ONNX Runtime GenAI fp32"] = "genai-fp32"
+    kinds["omniforge fp32"] = "omniforge-fp32"
     if not args.no_int4:
         build4 = work / "build-150m-int4"
         if not (build4 / "manifest.json").is_file():
             from omniforge.calibration.quantize import quantize_build
 
             quantize_build(build, build4, "int4", log=lambda m: print(m, file=sys.stderr))
-        genai4 = build_genai(folder, work / "genai-int4", args.threads, precision="int4")
-        if genai4 is not None:
-            runners["ONNX Runtime GenAI int4"] = bench_genai(genai4)
-        runners["omniforge int4"] = bench_omniforge(build4, args.threads)
-    # interleaved rounds: every runtime runs once per round, so drift on a shared machine hits all alike
-    samples: dict[str, list[tuple[float, float]]] = {k: [] for k in runners}
+        if build_genai(folder, work / "genai-int4", args.threads, precision="int4") is not None:
+            kinds["ONNX Runtime GenAI int4"] = "genai-int4"
+        kinds["omniforge int4"] = "omniforge-int4"
+    genai = "ONNX Runtime GenAI fp32" in kinds
+    # every runtime in its own process (no thread pools competing across runtimes), run in
+    # interleaved rounds so drift on a shared machine hits all of them alike
+    print("starting one worker process per runtime ...", file=sys.stderr)
+    workers = {name: Worker(kind, args) for name, kind in kinds.items()}
+    samples: dict[str, list[tuple[float, float]]] = {k: [] for k in workers}
     for r in range(args.runs):
         print(f"round {r + 1}/{args.runs} ...", file=sys.stderr)
-        for name, fn in runners.items():
-            samples[name].append(fn())
+        for name, w in workers.items():
+            time.sleep(0.5)
+            w.run()  # warm this runtime's caches again after the others ran
+            samples[name].append(w.run())
+    for w in workers.values():
+        w.close()
     rows: dict[str, dict] = {k: summarize([a for a, _ in v], [b for _, b in v]) for k, v in samples.items()}
     if importlib.util.find_spec("optimum") is None:
         rows["Optimum ORTModelForCausalLM fp32"] = {

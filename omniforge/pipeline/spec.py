@@ -135,10 +135,10 @@ class StageSpec:
 
     def resolve(self, point: str | dict[str, int] = "opt") -> dict[str, int]:
         """Concrete size of every dim: a profile name (min/opt/max) or a partial {dim: size}."""
-        if isinstance(point, str):
+        if isinstance(point, str):  # a profile corner: every dim, derived ones too, at its own min/opt/max
             if point not in ("min", "opt", "max"):
                 raise StageError(f"unknown profile point '{point}' (use min, opt or max)")
-            sizes = {d.name: getattr(d, point) for d in self.dims if not d.sum_of}
+            return {d.name: getattr(d, point) for d in self.dims}
         else:
             unknown = set(point) - {d.name for d in self.dims}
             if unknown:

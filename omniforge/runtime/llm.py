@@ -107,6 +107,7 @@ class _Seq:
     finish: str = ""
     reused: int = 0
     ttft: float = 0.0
+    stream: bool = True  # keep the text up to date token by token (for streaming callbacks)
     signal_rows: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
 
@@ -130,6 +131,7 @@ class LlmRuntime:
         self.slot_wait_s = slot_wait_s  # how long a request waits for a free cache slot before failing
         self.engine = LlmEngine(self.build.stage_file("llm", "onnxruntime"), stage.llm, self.build.session)
         self.embedding = self.build.engine("token_embedding")
+        self.table = EmbeddingTable.from_onnx(self.embedding.path)  # numpy lookup in the decode loop
         self.tokenizer = self.build.tokenizer() if "tokenizer" in self.build.manifest.files else None
         self.pool = KVCachePool(stage.llm, num_slots, max_context)
         self.prefix_cache = PrefixCache(self.pool, min(prefix_cache_entries, num_slots - 1), block_size)
@@ -155,6 +157,8 @@ class LlmRuntime:
             raise InputError(
                 f"token ids must lie in [0, {self.geometry.vocab_size}), got [{arr.min()}, {arr.max()}]"
             )
+        if self.table is not None:
+            return self.table.lookup(arr)
         return self.embedding.run({"input_ids": arr[None]})["inputs_embeds"][0]
 
     def prepare(
@@ -243,7 +247,7 @@ class LlmRuntime:
         config: GenerationConfig,
         on_text: Callable[[int, str], None] | None = None,
     ) -> list[GenerationResult]:
-        gen = self._run(rows, ids, config)
+        gen = self._run(rows, ids, config, stream=on_text is not None)
         while True:
             try:
                 i, delta = next(gen)
@@ -274,14 +278,17 @@ class LlmRuntime:
         eos = self.tokenizer.eos_id if self.tokenizer is not None else None
         return {eos} if eos is not None else set()
 
-    def _run(self, rows: list[np.ndarray], ids: list[list[int]], cfg: GenerationConfig):
+    def _run(self, rows: list[np.ndarray], ids: list[list[int]], cfg: GenerationConfig, stream: bool = True):
         """Generator: yields (sequence index, text delta); returns the results."""
         ctx = self.pool.max_context
         for r in rows:
             self._check_fits(len(r))
         t0 = time.perf_counter()
         stop_ids = self._stop_ids(cfg)
-        seqs = [_Seq(r, list(i), np.random.default_rng(cfg.seed)) for r, i in zip(rows, ids, strict=True)]
+        seqs = [
+            _Seq(r, list(i), np.random.default_rng(cfg.seed), stream=stream)
+            for r, i in zip(rows, ids, strict=True)
+        ]
         slots = self._allocate(len(seqs))
         adopted: set[int] = set()
         try:
@@ -301,9 +308,7 @@ class LlmRuntime:
                         (run.start, count), self.engine.bind(self.pool, run)
                     )
                     feed = [seqs[first + j].generated[-1] for j in range(count)]
-                    emb = self.embedding.run({"input_ids": np.asarray(feed, np.int64)[:, None]})[
-                        "inputs_embeds"
-                    ]
+                    emb = self.embed_ids(feed)[:, None]  # (count, 1, H)
                     logits, hidden = binding.step(emb)
                     for j in range(count):
                         k, s = first + j, seqs[first + j]
@@ -347,16 +352,31 @@ class LlmRuntime:
         if modality is not None and cfg.collect_signal_hidden:
             s.signal_rows.setdefault(modality, []).append(hidden.copy())
 
+    def _decode(self, ids: list[int], stop_ids: set[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode([t for t in ids if t not in stop_ids])
+
     def _accept(self, k: int, s: _Seq, logits: np.ndarray, cfg: GenerationConfig, stop_ids: set[int]):
         """Choose the next token of sequence ``k``; update its text and finish state."""
-        token = select_token(logits, cfg, s.rng, np.asarray(s.history, np.int64))
+        history = np.asarray(s.history, np.int64) if cfg.repetition_penalty != 1.0 else _NO_HISTORY
+        token = select_token(logits, cfg, s.rng, history)
         s.generated.append(token)
         s.history.append(token)
         if token in stop_ids:
             s.finish = "stop"
+            if not s.stream:  # the text was not kept up to date while generating
+                s.text = self._decode(s.generated, stop_ids)
             return
-        text_ids = [t for t in s.generated if t not in stop_ids]
-        text = self.tokenizer.decode(text_ids) if self.tokenizer is not None else ""
+        if not s.stream and not cfg.stop_strings:
+            if (
+                len(s.generated) >= cfg.max_new_tokens
+                or len(s.rows) + len(s.generated) > self.pool.max_context
+            ):
+                s.finish = "length"
+                s.text = self._decode(s.generated, stop_ids)
+            return
+        text = self._decode(s.generated, stop_ids)
         for stop in cfg.stop_strings:
             cut = text.find(stop)
             if cut >= 0:
@@ -372,6 +392,39 @@ class LlmRuntime:
         s.emitted = len(text)
         if delta:
             yield k, delta
+
+
+_NO_HISTORY = np.zeros(0, np.int64)
+
+
+class EmbeddingTable:
+    """The token-embedding stage as a numpy lookup (FP32 table, or INT8 rows with a scale each).
+
+    Read once from the stage's ONNX file, so the decode loop does not pay a session call per token.
+    """
+
+    def __init__(self, table: np.ndarray, scale: np.ndarray | None = None) -> None:
+        self.table, self.scale = table, scale
+
+    def lookup(self, ids: np.ndarray) -> np.ndarray:
+        rows = self.table[ids]
+        if self.scale is None:
+            return rows
+        return rows.astype(np.float32) * self.scale[ids]
+
+    @classmethod
+    def from_onnx(cls, path: Path) -> EmbeddingTable | None:
+        import onnx
+        from onnx import numpy_helper
+
+        model = onnx.load(str(path))
+        ops = [n.op_type for n in model.graph.node]
+        inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        if ops == ["Gather"] and model.graph.node[0].input[0] in inits:
+            return cls(np.ascontiguousarray(inits[model.graph.node[0].input[0]], np.float32))
+        if ops == ["Gather", "Cast", "Gather", "Mul"] and {"table_int8", "row_scale"} <= set(inits):
+            return cls(inits["table_int8"], inits["row_scale"].astype(np.float32))
+        return None  # another form: the engine does the lookup
 
 
 def _runs(active: list[bool]) -> list[tuple[int, int]]:

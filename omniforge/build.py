@@ -1,0 +1,308 @@
+"""``omniforge build``: export -> optimize -> quantize -> engines, cached by content and atomic.
+
+Each step's output is cached under a key made of the SHA-256 of its inputs (the model folder's
+files, then the previous step's key) and its options, so re-running with the same inputs reuses
+every step, and changing the precision redoes only quantization and assembly. The build is
+assembled in a temporary folder and moved over ``out`` only when complete: an interrupted build
+leaves the previous one intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from omniforge import __version__
+from omniforge.errors import ConfigError
+from omniforge.pipeline.manifest import (
+    Manifest,
+    collect_artifacts,
+    load_manifest,
+    sha256_file,
+    write_manifest,
+)
+from omniforge.pipeline.spec import StageKind
+
+BACKENDS = ("onnxruntime", "tensorrt")
+PRECISIONS = ("fp32", "int8", "int4", "auto")
+# per-stage accuracy budgets of the auto plan (overridable): the minimum a quantized stage must keep
+AUTO_BUDGETS = {"cosine_min": 0.999, "logits_cosine": 0.99}
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    backend: str = "onnxruntime"
+    precision: str = "fp32"
+    emit_trtexec: bool = False
+    cache: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend '{self.backend}' is not one of {', '.join(BACKENDS)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision '{self.precision}' is not one of {', '.join(PRECISIONS)}")
+
+
+def cache_root(opts: BuildOptions) -> Path:
+    if opts.cache:
+        return Path(opts.cache)
+    home = Path(os.environ.get("OMNIFORGE_HOME", Path.home() / ".cache" / "omniforge"))
+    return home / "build-cache"
+
+
+def folder_digest(root: Path, memo_path: Path) -> str:
+    """SHA-256 over every file of a model folder (paths and contents); file hashes are memoised by
+    (size, mtime) so big checkpoints are read once."""
+    memo = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        st = f.stat()
+        key = f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        if key not in memo:
+            memo[key] = sha256_file(f)
+        h.update(f"{f.relative_to(root).as_posix()}:{memo[key]}\n".encode())
+    memo_path.parent.mkdir(parents=True, exist_ok=True)
+    memo_path.write_text(json.dumps(memo))
+    return h.hexdigest()
+
+
+def _key(*parts: str) -> str:
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+def _cached(root: Path, name: str, make: Callable[[Path], None], log: Callable[[str], None]) -> Path:
+    """The cache entry ``name``, made by ``make(path)`` into a temporary folder when missing."""
+    path = root / name
+    if (path / "manifest.json").is_file():
+        log(f"{name.split('-')[0]}: up to date (cached)")
+        return path
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    try:
+        make(tmp / "build")
+        (tmp / "build").rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def build(
+    model: Path, out: Path, opts: BuildOptions, log: Callable[[str], None] = print
+) -> tuple[Manifest, list[dict]]:
+    """Build ``model`` into ``out``; returns the manifest and the summary rows."""
+    if opts.backend == "tensorrt":
+        from omniforge.engines.tensorrt import require_tensorrt
+
+        require_tensorrt()
+    from omniforge.export.exporter import ExportOptions, export_pipeline
+    from omniforge.passes.build import optimize_build
+
+    root = cache_root(opts)
+    model_key = folder_digest(model, root / "file-hashes.json")
+    export_key = _key(
+        "export", __version__, model_key, json.dumps(ExportOptions().__dict__, sort_keys=True, default=str)
+    )
+    exported = _cached(root, f"export-{export_key}", lambda p: export_pipeline(model, p, log=log), log)
+    opt_key = _key("optimize", export_key)
+    optimized = _cached(root, f"optimize-{opt_key}", lambda p: optimize_build(exported, p, log=log), log)
+    final = optimized
+    if opts.precision in ("int8", "int4"):
+        final = _quantized(root, optimized, opt_key, opts.precision, log)
+    elif opts.precision == "auto":
+        variants = {p: _quantized(root, optimized, opt_key, p, log) for p in ("int8", "int4")}
+        final = _cached(
+            root,
+            f"auto-{_key('auto', opt_key, json.dumps(AUTO_BUDGETS))}",
+            lambda p: assemble_auto(optimized, variants, p, log),
+            log,
+        )
+    return _assemble(final, out, opts, log)
+
+
+def _quantized(root: Path, optimized: Path, opt_key: str, precision: str, log: Callable[[str], None]) -> Path:
+    from omniforge.calibration.quantize import quantize_build
+
+    return _cached(
+        root,
+        f"{precision}-{_key(precision, opt_key)}",
+        lambda p: quantize_build(optimized, p, precision, log=log),
+        log,
+    )
+
+
+def assemble_auto(fp32: Path, quantized: dict[str, Path], out: Path, log: Callable[[str], None]) -> None:
+    """Per stage, the fastest precision whose measured accuracy meets the stage's budget."""
+    from omniforge.runtime.build import Build
+
+    base = load_manifest(fp32)
+    shutil.copytree(fp32, out)
+    stages = dict(base.stages)
+    plan: dict[str, str] = {}
+    extra: list[str] = []
+    for name, sb in base.stages.items():
+        choice, best, chosen = "fp32", _latency(Build(fp32), name), None
+        for qpath in quantized.values():
+            qsb = load_manifest(qpath).stages[name]
+            if qsb.precision == "fp32":
+                continue
+            report = {r["stage"]: r for r in json.loads((qpath / "quantize.json").read_text())}[name]
+            ok = all(report["metrics"].get(k, 1.0) >= v for k, v in AUTO_BUDGETS.items())
+            t = _latency(Build(qpath), name)
+            if ok and t < best:
+                choice, best, chosen = qsb.precision, t, (qpath, qsb.variants["onnxruntime"])
+        if chosen is not None:
+            qpath, rel = chosen
+            shutil.copyfile(qpath / rel, out / rel)
+            stages[name] = replace(sb, precision=choice, variants={**sb.variants, "onnxruntime": rel})
+            extra.append(rel)
+        plan[name] = choice
+        log(f"auto: {name} -> {choice}")
+    paths = list(base.artifacts) + extra
+    m = Manifest(
+        base.pipeline,
+        stages,
+        collect_artifacts(out, paths),
+        base.files,
+        {**base.source, "precision": "auto", "precision_plan": plan, "auto_budgets": AUTO_BUDGETS},
+        base.tools,
+    )
+    write_manifest(out, m)
+
+
+def _latency(b, name: str, runs: int = 20) -> float:
+    """Median latency of one stage at its opt shapes (the LLM: one in-place decode step)."""
+    import numpy as np
+
+    spec = b.pipeline.stage(name)
+    if spec.kind is StageKind.LLM:
+        from omniforge.runtime.kv_cache import KVCachePool, SlotRange
+        from omniforge.runtime.llm import LlmEngine
+
+        g = spec.llm
+        engine = LlmEngine(b.stage_file(name, "onnxruntime"), g, b.session)
+        pool = KVCachePool(g, 1, max_context=min(g.max_context, 64))
+        binding = engine.bind(pool, SlotRange(0, 1))
+        row = np.zeros((1, 1, g.hidden_size), np.float32)
+
+        def fn():
+            pool.lengths[0] = 32
+            binding.step(row)
+    else:
+        engine = b.engine(name)
+        feeds = spec.sample_inputs("opt")
+
+        def fn():
+            engine.session.run(None, feeds)
+
+    for _ in range(3):
+        fn()
+    ts = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def _assemble(
+    src: Path, out: Path, opts: BuildOptions, log: Callable[[str], None]
+) -> tuple[Manifest, list[dict]]:
+    """Copy the final step into ``out`` atomically, adding trtexec lines and the summary."""
+    from omniforge.engines.profiles import trtexec_command
+
+    m = load_manifest(src)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not (out / "manifest.json").is_file() and any(out.iterdir()):
+        raise ConfigError(f"'{out}' exists and is not a build folder; refusing to replace it")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        extra: list[str] = []
+        if opts.emit_trtexec:
+            (tmp / "trtexec").mkdir()
+            lines = [
+                "#!/usr/bin/env bash",
+                "# Build TensorRT engines on the target device (Jetson or datacenter GPU).",
+                "set -euo pipefail",
+                'cd "$(dirname "$0")/.."',
+                "mkdir -p engines",
+            ]
+            for name, sb in m.stages.items():
+                spec = m.pipeline.stage(name)
+                precision = sb.precision if sb.precision in ("int8", "int4") else "fp16"
+                lines.append(
+                    trtexec_command(spec, sb.file, f"engines/{name}.plan", precision, "engines/timing.cache")
+                )
+            (tmp / "trtexec" / "build_engines.sh").write_text("\n".join(lines) + "\n")
+            extra.append("trtexec/build_engines.sh")
+        rows = summary_rows(tmp, m)
+        (tmp / "build.json").write_text(
+            json.dumps({"backend": opts.backend, "precision": opts.precision, "summary": rows}, indent=2)
+            + "\n"
+        )
+        extra.append("build.json")
+        new = Manifest(
+            m.pipeline,
+            m.stages,
+            collect_artifacts(tmp, list(m.artifacts) + extra),
+            {**m.files, "build_summary": "build.json"},
+            {**m.source, "backend": opts.backend},
+            m.tools,
+        )
+        write_manifest(tmp, new)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{time.time_ns()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"build written to {out}")
+    return new, rows
+
+
+def summary_rows(build: Path, m: Manifest) -> list[dict]:
+    parity = {r["stage"]: r for r in json.loads((build / "parity.json").read_text())}
+    quant = {}
+    if (build / "quantize.json").is_file():
+        quant = {r["stage"]: r for r in json.loads((build / "quantize.json").read_text())}
+    rows = []
+    for name, sb in m.stages.items():
+        engine = sb.variants.get("onnxruntime", sb.file)
+        if m.pipeline.stage(name).kind is not StageKind.LLM and "onnxruntime" not in sb.variants:
+            engine = sb.file
+        acc = quant.get(name, {}).get("metrics") or {}
+        accuracy = (
+            ", ".join(f"{k} {v:.4g}" for k, v in acc.items())
+            if sb.precision != "fp32"
+            else f"parity {max(p['max_abs'] for p in parity[name]['parity']):.1e}"
+        )
+        rows.append(
+            {
+                "stage": name,
+                "precision": sb.precision,
+                "size_kib": round((build / engine).stat().st_size / 1024),
+                "accuracy": accuracy,
+                "engine": engine,
+            }
+        )
+    return rows
+
+
+def summary_table(rows: list[dict]) -> str:
+    lines = ["| stage | precision | size (KiB) | parity / accuracy | engine |", "|---|---|---:|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['stage']} | {r['precision']} | {r['size_kib']} | {r['accuracy']} | {r['engine']} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,49 @@
+"""``omniforge build``: one command from a model folder to a runnable build."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from omniforge.cli._common import log, resolve_model
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "build",
+        help="export, optimize, quantize and build engines in one cached, atomic step",
+        description="Export every stage, run the graph passes, quantize to the chosen precision and "
+        "assemble the build. Steps are cached by the content hash of their inputs and options, so a "
+        "second identical run reuses everything; the build replaces --out only when complete.",
+    )
+    p.add_argument("model", nargs="?", help="model folder (default: the embedded tiny NExT-GPT)")
+    p.add_argument("--out", "-o", required=True, help="build folder to write")
+    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "int8", "int4", "auto"],
+        default="fp32",
+        help="auto: per stage, the fastest precision meeting its accuracy budget",
+    )
+    p.add_argument(
+        "--emit-trtexec", action="store_true", help="write trtexec/build_engines.sh for the target device"
+    )
+    p.add_argument("--cache", help="cache folder (default: $OMNIFORGE_HOME/build-cache)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    from omniforge.build import BuildOptions, build, summary_table
+
+    opts = BuildOptions(
+        args.backend, args.precision, args.emit_trtexec, Path(args.cache) if args.cache else None
+    )
+    if opts.backend == "tensorrt":  # say what is missing before any work is done
+        from omniforge.engines.tensorrt import require_tensorrt
+
+        require_tensorrt()
+    _, rows = build(resolve_model(args.model), Path(args.out), opts, log=log)
+    print(summary_table(rows))
+    return 0

@@ -1,0 +1,1 @@
+"""Engine builders: ONNX Runtime (everywhere) and TensorRT through Polygraphy (NVIDIA GPUs)."""

@@ -1,0 +1,116 @@
+"""TensorRT engines through Polygraphy's loaders, kept thin; imported only when used.
+
+``NetworkFromOnnxPath`` -> norms pinned to FP32 -> ``CreateConfig`` (precision flags, the
+optimization profile from the stage description, a persistent timing cache) ->
+``EngineFromNetwork``. Engine metadata (TensorRT version, GPU name and compute capability,
+profiles) goes into the manifest, and loading an engine on another TensorRT or GPU fails with
+one sentence. Without TensorRT, every entry point says so and points at ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from omniforge._lazy import lazy_import
+from omniforge.engines.profiles import PRECISIONS, profile_for
+from omniforge.errors import ConfigError, EngineError, MissingDependencyError
+from omniforge.pipeline.spec import StageSpec
+
+HINT = "TensorRT needs an NVIDIA GPU with TensorRT installed; use --backend onnxruntime on this machine."
+trt = lazy_import("tensorrt", extra="gpu", hint=HINT)
+polygraphy_trt = lazy_import("polygraphy.backend.trt", extra="gpu", hint=HINT)
+
+NORM_LAYER_TYPES = ("NORMALIZATION",)
+
+
+@dataclass(frozen=True)
+class EngineMetadata:
+    tensorrt: str
+    gpu: str
+    compute_capability: str
+    precision: str
+    profile: list[dict]
+
+
+def require_tensorrt() -> None:
+    """Raise one clear sentence when TensorRT or a GPU is missing."""
+    if not trt.available():
+        raise MissingDependencyError(
+            f"TensorRT is not installed (the 'tensorrt' Python package is missing). {HINT}"
+        )
+    if gpu_info() is None:
+        raise MissingDependencyError(f"no NVIDIA GPU is visible (nvidia-smi found none). {HINT}")
+
+
+def gpu_info() -> tuple[str, str] | None:
+    """(name, compute capability) of the first GPU, from nvidia-smi."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = (
+            subprocess.run(
+                [exe, "--query-gpu=name,compute_cap", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=True,
+            )
+            .stdout.strip()
+            .splitlines()
+        )
+    except (subprocess.SubprocessError, OSError):
+        return None
+    if not out:
+        return None
+    name, cc = (x.strip() for x in out[0].split(",", 1))
+    return name, cc
+
+
+def check_compatible(meta: EngineMetadata, tensorrt_version: str, gpu: tuple[str, str]) -> None:
+    """An engine runs only on the TensorRT version and GPU architecture it was built with."""
+    if meta.tensorrt != tensorrt_version:
+        raise EngineError(
+            f"this engine was built with TensorRT {meta.tensorrt} but TensorRT {tensorrt_version} is "
+            "installed; rebuild it with `omniforge build --backend tensorrt`"
+        )
+    if meta.compute_capability != gpu[1]:
+        raise EngineError(
+            f"this engine was built for compute capability {meta.compute_capability} ({meta.gpu}) but "
+            f"this GPU is {gpu[0]} ({gpu[1]}); rebuild it on this GPU"
+        )
+
+
+def build_engine(
+    stage: StageSpec, onnx_path: Path, engine_path: Path, precision: str, timing_cache: Path
+) -> EngineMetadata:
+    """Build and save one stage's engine (GPU only)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision '{precision}' is not one of {', '.join(PRECISIONS)}")
+    require_tensorrt()
+    p = polygraphy_trt
+    profile = p.Profile()
+    for i in profile_for(stage):
+        profile.add(i.name, min=i.min, opt=i.opt, max=i.max)
+    builder, network, parser = p.network_from_onnx_path(str(onnx_path))
+    if precision != "fp32":
+        for idx in range(network.num_layers):  # norms stay FP32 (variance overflow in FP16)
+            layer = network.get_layer(idx)
+            if str(layer.type).split(".")[-1] in NORM_LAYER_TYPES:
+                layer.precision = trt.float32
+    config = p.CreateConfig(
+        fp16=precision in ("fp16", "int8", "int4"),
+        bf16=precision == "bf16",
+        profiles=[profile],
+        precision_constraints="obey" if precision != "fp32" else None,
+        load_timing_cache=str(timing_cache) if timing_cache.exists() else None,
+    )
+    engine = p.engine_from_network(
+        (builder, network, parser), config=config, save_timing_cache=str(timing_cache)
+    )
+    p.save_engine(engine, path=str(engine_path))
+    gpu = gpu_info() or ("unknown", "unknown")
+    return EngineMetadata(trt.__version__, gpu[0], gpu[1], precision, [asdict(i) for i in profile_for(stage)])

@@ -1,0 +1,126 @@
+"""``omniforge build`` and ``omniforge compare``: cached, atomic, per precision; comparison both ways."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from omniforge.build import BuildOptions, build, cache_root
+from omniforge.cli import main
+from omniforge.engines.compare import compare_builds
+from omniforge.errors import ConfigError
+from omniforge.pipeline.manifest import load_manifest
+from omniforge.runtime.pipeline import DiffusionConfig, Pipeline
+from omniforge.runtime.sampling import GenerationConfig
+
+
+@pytest.fixture(scope="module")
+def builds(default_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("builds")
+    cache = root / "cache"
+    out = {}
+    times = {}
+    for precision in ("fp32", "int8", "auto"):
+        t0 = time.perf_counter()
+        build(
+            default_model,
+            root / precision,
+            BuildOptions(precision=precision, cache=cache, emit_trtexec=True),
+            log=lambda _m: None,
+        )
+        times[precision] = time.perf_counter() - t0
+        out[precision] = root / precision
+    return out, cache, times
+
+
+def test_each_precision_builds_and_runs(builds):
+    out, _, _ = builds
+    for precision, path in out.items():
+        m = load_manifest(path)
+        assert m.source["backend"] == "onnxruntime"
+        r = Pipeline(path).run(
+            "Describe",
+            generation=GenerationConfig(max_new_tokens=4),
+            diffusion=DiffusionConfig(steps=2),
+            force=["image"],
+        )
+        assert r.images[0].shape == (32, 32, 3), precision
+    assert load_manifest(out["int8"]).stages["llm"].precision == "int8"
+    plan = load_manifest(out["auto"]).source["precision_plan"]
+    assert set(plan) == set(load_manifest(out["fp32"]).stages) and set(plan.values()) <= {
+        "fp32",
+        "int8",
+        "int4",
+    }
+    summary = json.loads((out["auto"] / "build.json").read_text())["summary"]
+    assert {r["stage"] for r in summary} == set(plan)
+    script = (out["fp32"] / "trtexec" / "build_engines.sh").read_text()
+    assert "trtexec --onnx=stages/image_unet.onnx --saveEngine=engines/image_unet.plan" in script
+
+
+def test_a_second_identical_build_reuses_every_step(builds, default_model, tmp_path):
+    _, cache, times = builds
+    t0 = time.perf_counter()
+    build(default_model, tmp_path / "again", BuildOptions(precision="fp32", cache=cache), log=lambda _m: None)
+    assert time.perf_counter() - t0 < 0.1 * times["fp32"]
+
+
+def test_tensorrt_backend_says_what_is_missing(default_model, tmp_path, capsys):
+    pytest.importorskip("polygraphy")
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        assert (
+            main(["build", str(default_model), "--out", str(tmp_path / "trt"), "--backend", "tensorrt"]) == 1
+        )
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "use --backend onnxruntime" in err[0]
+        assert not (tmp_path / "trt").exists()
+
+
+def test_a_killed_build_leaves_the_previous_build_usable(builds, default_model, tmp_path):
+    out, _, _ = builds
+    import shutil
+
+    target = tmp_path / "target"
+    shutil.copytree(out["fp32"], target)
+    env = {**os.environ, "OMNIFORGE_HOME": str(tmp_path / "home")}  # an empty cache: the build takes a while
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "omniforge", "build", str(default_model), "--out", str(target)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and "[3/15]" not in (line := proc.stderr.readline()):
+        pass
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    m = load_manifest(target)  # still the previous, complete build
+    assert m.source["backend"] == "onnxruntime"
+    assert Pipeline(target).llm.generate("hi", GenerationConfig(max_new_tokens=2)).new_tokens == 2
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".target")]
+
+
+def test_compare_passes_and_fails_by_tolerance(builds, capsys):
+    out, _, _ = builds
+    loose = compare_builds(out["fp32"], out["int8"], atol=1.0, rtol=1.0)
+    assert all(r.passed for r in loose) and {r.stage for r in loose} >= {"llm", "image_encoder"}
+    assert main(["compare", str(out["fp32"]), str(out["int8"]), "--atol", "1", "--rtol", "1"]) == 0
+    assert "| image_encoder | fp32 | int8 |" in capsys.readouterr().out
+    assert main(["compare", str(out["fp32"]), str(out["int8"]), "--atol", "1e-7", "--rtol", "0"]) == 1
+    captured = capsys.readouterr()
+    assert "outside atol 1e-07" in captured.err and "NO" in captured.out
+    same = compare_builds(out["fp32"], out["fp32"], atol=1e-6, rtol=0, stages=["image_unet"])
+    assert same[0].passed and same[0].max_abs == 0.0
+
+
+def test_build_options_are_checked():
+    with pytest.raises(ConfigError, match="precision 'int2'"):
+        BuildOptions(precision="int2")
+    assert cache_root(BuildOptions()).name == "build-cache"
