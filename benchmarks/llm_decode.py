@@ -224,8 +224,9 @@ def context_scaling(build: Path, threads: int, long_ctx: int = 2048, steps: int 
     cfg = GenerationConfig(max_new_tokens=steps, stop_token_ids=())
     out = {}
     for ctx in (64, long_ctx):
-        r = rt.generate(prompt_ids(ctx, seed=1), cfg)
-        out[f"ms_per_token_ctx{ctx}"] = 1000 / r.decode_tokens_per_s
+        prompt = prompt_ids(ctx, seed=1)
+        runs = [1000 / rt.generate(prompt, cfg).decode_tokens_per_s for _ in range(3)]
+        out[f"ms_per_token_ctx{ctx}"] = median(runs)
     out["ratio"] = out[f"ms_per_token_ctx{long_ctx}"] / out["ms_per_token_ctx64"]
     return out
 

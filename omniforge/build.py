@@ -242,6 +242,8 @@ def _assemble(
                 )
             (tmp / "trtexec" / "build_engines.sh").write_text("\n".join(lines) + "\n")
             extra.append("trtexec/build_engines.sh")
+        if opts.backend == "tensorrt":
+            m = _tensorrt_engines(tmp, m, log)
         rows = summary_rows(tmp, m)
         (tmp / "build.json").write_text(
             json.dumps({"backend": opts.backend, "precision": opts.precision, "summary": rows}, indent=2)
@@ -271,6 +273,37 @@ def _assemble(
     return new, rows
 
 
+def _tensorrt_engines(build: Path, m: Manifest, log: Callable[[str], None]) -> Manifest:
+    """One TensorRT engine per stage from its canonical graph (FP16, norms FP32), metadata in the manifest.
+
+    The quantized variants are ONNX Runtime forms, so TensorRT builds from the standard graphs.
+    """
+    from dataclasses import asdict
+
+    from omniforge.engines.tensorrt import build_engine
+
+    (build / "engines").mkdir(exist_ok=True)
+    stages, meta = dict(m.stages), {}
+    for name, sb in m.stages.items():
+        rel = f"engines/{name}.plan"
+        info = build_engine(
+            m.pipeline.stage(name), build / sb.file, build / rel, "fp16", build / "engines" / "timing.cache"
+        )
+        stages[name] = replace(sb, variants={**sb.variants, "tensorrt": rel})
+        meta[name] = asdict(info)
+        log(f"tensorrt: {name} -> {rel}")
+    (build / "engines" / "engines.json").write_text(json.dumps(meta, indent=2) + "\n")
+    paths = list(m.artifacts) + [f"engines/{n}.plan" for n in stages] + ["engines/engines.json"]
+    return Manifest(
+        m.pipeline,
+        stages,
+        collect_artifacts(build, paths),
+        {**m.files, "tensorrt_engines": "engines/engines.json"},
+        m.source,
+        m.tools,
+    )
+
+
 def summary_rows(build: Path, m: Manifest) -> list[dict]:
     parity = {r["stage"]: r for r in json.loads((build / "parity.json").read_text())}
     quant = {}
@@ -278,9 +311,7 @@ def summary_rows(build: Path, m: Manifest) -> list[dict]:
         quant = {r["stage"]: r for r in json.loads((build / "quantize.json").read_text())}
     rows = []
     for name, sb in m.stages.items():
-        engine = sb.variants.get("onnxruntime", sb.file)
-        if m.pipeline.stage(name).kind is not StageKind.LLM and "onnxruntime" not in sb.variants:
-            engine = sb.file
+        engine = sb.variants.get("tensorrt") or sb.variants.get("onnxruntime", sb.file)
         acc = quant.get(name, {}).get("metrics") or {}
         accuracy = (
             ", ".join(f"{k} {v:.4g}" for k, v in acc.items())

@@ -34,6 +34,21 @@ class StageComparison:
     passed: bool
 
 
+def _runner(build: Path, m: Manifest, name: str, tag: str):
+    """Polygraphy runner for the stage as the build serves it: its TensorRT engine where it has one
+    (and TensorRT is here), else its ONNX Runtime graph."""
+    sb = m.stages[name]
+    if "tensorrt" in sb.variants:
+        from omniforge.engines.tensorrt import polygraphy_trt, require_tensorrt
+
+        require_tensorrt()
+        engine = polygraphy_trt.EngineFromBytes((build / sb.variants["tensorrt"]).read_bytes())
+        return polygraphy_trt.TrtRunner(engine, name=tag)
+    return polygraphy_onnxrt.OnnxrtRunner(
+        polygraphy_onnxrt.SessionFromOnnx(str(runtime_graph(build, m, name))), name=tag
+    )
+
+
 def runtime_graph(build: Path, m: Manifest, name: str) -> Path:
     sb = m.stages[name]
     spec = m.pipeline.stage(name)
@@ -68,7 +83,7 @@ def compare_builds(
     for n in names:
         if n not in ma.stages or n not in mb.stages:
             raise StageError(f"stage '{n}' is not in both builds")
-    ort_backend, comparator = polygraphy_onnxrt, polygraphy_comparator
+    comparator = polygraphy_comparator
     out = []
     for name in names:
         spec = ma.pipeline.stage(name)
@@ -81,21 +96,15 @@ def compare_builds(
             )
         else:
             feeds = [spec.sample_inputs(p, seed=300 + i) for i, p in enumerate(spec.parity_points())]
-            runners = [
-                ort_backend.OnnxrtRunner(
-                    ort_backend.SessionFromOnnx(str(runtime_graph(build, m, name))), name=tag
-                )
-                for build, m, tag in ((a, ma, "A"), (b, mb, "B"))
-            ]
+            runners = [_runner(build, m, name, tag) for build, m, tag in ((a, ma, "A"), (b, mb, "B"))]
             results = comparator.Comparator.run(runners, data_loader=feeds)
             accuracy = comparator.Comparator.compare_accuracy(
                 results, compare_func=comparator.CompareFunc.simple(atol=atol, rtol=rtol)
             )
             passed = bool(accuracy)
-            max_abs, max_rel, cos = (
-                _errors([dict(r) for r in results["A"]], [dict(r) for r in results["B"]])
-                if "A" in results
-                else _errors([dict(x) for x in results[0][1]], [dict(x) for x in results[1][1]])
+            by_runner = dict(results.items())  # RunResults: runner name -> iteration results
+            max_abs, max_rel, cos = _errors(
+                [dict(r) for r in by_runner["A"]], [dict(r) for r in by_runner["B"]]
             )
         out.append(
             StageComparison(
