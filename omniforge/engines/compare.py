@@ -39,10 +39,9 @@ def _runner(build: Path, m: Manifest, name: str, tag: str):
     (and TensorRT is here), else its ONNX Runtime graph."""
     sb = m.stages[name]
     if "tensorrt" in sb.variants:
-        from omniforge.engines.tensorrt import polygraphy_trt, require_tensorrt
+        from omniforge.engines.tensorrt import load_engine_checked, polygraphy_trt
 
-        require_tensorrt()
-        engine = polygraphy_trt.EngineFromBytes((build / sb.variants["tensorrt"]).read_bytes())
+        engine = load_engine_checked(build, m, name)
         return polygraphy_trt.TrtRunner(engine, name=tag)
     return polygraphy_onnxrt.OnnxrtRunner(
         polygraphy_onnxrt.SessionFromOnnx(str(runtime_graph(build, m, name))), name=tag

@@ -114,3 +114,17 @@ def build_engine(
     p.save_engine(engine, path=str(engine_path))
     gpu = gpu_info() or ("unknown", "unknown")
     return EngineMetadata(trt.__version__, gpu[0], gpu[1], precision, [asdict(i) for i in profile_for(stage)])
+
+
+def load_engine_checked(build: Path, manifest, name: str):
+    """A Polygraphy engine loader for a build's stage, refused with one sentence when the engine
+    was built for another TensorRT version or GPU architecture."""
+    import json
+
+    require_tensorrt()
+    meta_all = json.loads((build / manifest.files["tensorrt_engines"]).read_text())
+    meta = EngineMetadata(**meta_all[name])
+    gpu = gpu_info()
+    assert gpu is not None
+    check_compatible(meta, trt.__version__, gpu)
+    return polygraphy_trt.EngineFromBytes((build / manifest.stages[name].variants["tensorrt"]).read_bytes())
