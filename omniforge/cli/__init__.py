@@ -6,10 +6,21 @@ import argparse
 import sys
 
 from omniforge import __version__
-from omniforge.cli import build, compare, create_default, describe, export, inspect, optimize, quantize, run
+from omniforge.cli import (
+    bench,
+    build,
+    compare,
+    create_default,
+    describe,
+    export,
+    inspect,
+    optimize,
+    quantize,
+    run,
+)
 from omniforge.errors import OmniforgeError
 
-COMMANDS = (build, export, optimize, quantize, run, compare, describe, inspect, create_default)
+COMMANDS = (build, export, optimize, quantize, run, compare, bench, describe, inspect, create_default)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,165 @@
+"""What ``omniforge bench`` measures for one build (run in its own process for a clean peak RSS)."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from omniforge.bench.stats import measure
+from omniforge.pipeline.spec import StageKind
+
+PROMPT = "Describe the image in one sentence."
+
+
+def read_bandwidth(threads: int = 2, mib: int = 256) -> float:
+    """Bytes/s streamed from memory by a ``threads``-way numpy sum (the decode step's access pattern)."""
+    buf = np.ones(mib * 1024 * 1024 // 4, np.float32)
+    parts = np.array_split(buf, threads)
+    best = float("inf")
+    for _ in range(4):
+        ts = [threading.Thread(target=np.sum, args=(p,)) for p in parts]
+        t0 = time.perf_counter()
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        best = min(best, time.perf_counter() - t0)
+    return buf.nbytes / best
+
+
+def bench_build(path: Path, name: str, threads: int, runs: int, steps: int, new_tokens: int) -> dict:
+    import onnx
+
+    from omniforge.runtime.build import Build
+    from omniforge.runtime.engine import SessionConfig
+    from omniforge.runtime.kv_cache import KVCachePool, SlotRange
+    from omniforge.runtime.llm import LlmEngine
+    from omniforge.runtime.pipeline import DiffusionConfig, Pipeline
+    from omniforge.runtime.sampling import GenerationConfig
+
+    b = Build(path, SessionConfig(threads=threads))
+    out: dict = {"name": name, "path": str(path), "stages": []}
+    for stage, sb in b.manifest.stages.items():
+        spec = b.pipeline.stage(stage)
+        if spec.kind is StageKind.LLM:  # one in-place decode step at the opt context
+            g = spec.llm
+            engine = LlmEngine(b.stage_file(stage, "onnxruntime"), g, b.session)
+            pool = KVCachePool(g, 1, max_context=min(g.max_context, 64))
+            binding = engine.bind(pool, SlotRange(0, 1))
+            row = np.zeros((1, 1, g.hidden_size), np.float32)
+
+            def fn(binding=binding, pool=pool, row=row):
+                pool.lengths[0] = 32
+                binding.step(row)
+
+            file = b.stage_file(stage, "onnxruntime")
+        else:
+            session = b.engine(stage).session
+            feeds = spec.sample_inputs("opt")  # prepared once, outside the timed loop
+
+            def fn(session=session, feeds=feeds):
+                session.run(None, feeds)
+
+            file = b.engine(stage).path
+        stats = measure(fn, runs=runs)
+        out["stages"].append(
+            {
+                "stage": stage,
+                "precision": sb.precision,
+                "latency_ms": stats.to_dict(),
+                "size_kib": round(file.stat().st_size / 1024),
+            }
+        )
+    pipe = Pipeline(b, num_slots=4)
+    rt = pipe.llm
+    g = rt.geometry
+    llm: dict = {}
+    cfg = GenerationConfig(max_new_tokens=new_tokens, stop_token_ids=())
+    vocab = np.arange(5, min(g.vocab_size, 400))
+    for n in (16, 64, 128):
+        ids = np.resize(vocab, n).tolist()
+        llm[f"ttft_ms_prompt{n}"] = float(
+            np.median([rt.generate(ids, GenerationConfig(max_new_tokens=1)).ttft_s for _ in range(3)]) * 1000
+        )
+    image_rows = pipe.encode_image(np.full((32, 32, 3), 127, np.uint8))
+    media_prompt = np.concatenate([image_rows, rt.embed_ids(np.resize(vocab, 16))])
+    llm["ttft_ms_prompt16_plus_image"] = float(
+        np.median([rt.generate(media_prompt, GenerationConfig(max_new_tokens=1)).ttft_s for _ in range(3)])
+        * 1000
+    )
+    single = [rt.generate(np.resize(vocab, 16).tolist(), cfg) for _ in range(3)]
+    tps = float(np.median([r.decode_tokens_per_s for r in single]))
+    llm["tokens_per_s_batch1"] = tps
+    llm["ms_per_output_token"] = 1000 / tps
+    batch = rt.generate_batch([np.resize(vocab, 16 + i).tolist() for i in range(4)], cfg)
+    llm["tokens_per_s_batch4"] = 4 * (new_tokens - 1) / batch[0].decode_s
+    curve = {}
+    for ctx in (16, 64, 128, 192):
+        if ctx + new_tokens < rt.pool.max_context:
+            curve[str(ctx)] = float(
+                np.median(
+                    [rt.generate(np.resize(vocab, ctx).tolist(), cfg).decode_tokens_per_s for _ in range(2)]
+                )
+            )
+    llm["tokens_per_s_by_context"] = curve
+    weights = sum(
+        int(np.prod(t.dims)) * _itemsize(t.data_type)
+        for t in onnx.load(str(b.stage_file("llm", "onnxruntime"))).graph.initializer
+    )
+    bw = read_bandwidth(threads)
+    bound = bw / weights
+    llm["weight_bytes_per_token"] = weights
+    llm["read_bandwidth_GBps"] = bw / 1e9
+    llm["bandwidth_bound_tokens_per_s"] = bound
+    llm["roofline"] = f"achieved {100 * tps / bound:.0f}% of the bandwidth bound"
+    out["llm"] = llm
+    totals, stage_ms = [], []
+    for i in range(3):
+        r = pipe.run(
+            PROMPT,
+            image=np.full((32, 32, 3), 127, np.uint8),
+            generation=GenerationConfig(max_new_tokens=new_tokens),
+            diffusion=DiffusionConfig(steps=steps, seed=i),
+            force=["image"],
+        )
+        totals.append(r.timings["total"] * 1000)
+        stage_ms.append({k: v * 1000 for k, v in r.timings.items() if k != "total"})
+    mid = int(np.argsort(totals)[1])
+    out["e2e"] = {
+        "total_ms": float(np.median(totals)),
+        "stages_ms": stage_ms[mid],
+        "steps": steps,
+        "new_tokens": new_tokens,
+    }
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if (path / "quantize.json").is_file():
+        rep = {r["stage"]: r for r in json.loads((path / "quantize.json").read_text())}
+        out["accuracy"] = float(rep.get("llm", {}).get("metrics", {}).get("logits_cosine", 1.0))
+    else:
+        out["accuracy"] = 1.0
+    return out
+
+
+def _itemsize(data_type: int) -> float:
+    import onnx
+
+    if data_type in (onnx.TensorProto.UINT8, onnx.TensorProto.INT8):
+        return 1
+    return onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
+
+
+def main() -> None:
+    """Worker entry: python -m omniforge.bench.measure PATH NAME THREADS RUNS STEPS TOKENS OUT.json"""
+    path, name, threads, runs, steps, tokens, out = sys.argv[1:8]
+    data = bench_build(Path(path), name, int(threads), int(runs), int(steps), int(tokens))
+    Path(out).write_text(json.dumps(data))
+
+
+if __name__ == "__main__":
+    main()
