@@ -21,6 +21,7 @@ from pathlib import Path
 
 from omniforge import __version__
 from omniforge.errors import ConfigError
+from omniforge.pipeline.atomic import atomic_folder
 from omniforge.pipeline.manifest import (
     Manifest,
     collect_artifacts,
@@ -221,8 +222,7 @@ def _assemble(
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists() and not (out / "manifest.json").is_file() and any(out.iterdir()):
         raise ConfigError(f"'{out}' exists and is not a build folder; refusing to replace it")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
         extra: list[str] = []
         if opts.emit_trtexec:
@@ -259,16 +259,6 @@ def _assemble(
             m.tools,
         )
         write_manifest(tmp, new)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{time.time_ns()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"build written to {out}")
     return new, rows
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -22,6 +21,7 @@ import onnxruntime as ort
 from omniforge.calibration.metrics import cosine, kl_divergence, snr_db, top1_agreement
 from omniforge.calibration.weight_only import WeightOnlyConfig, quantize_embedding, quantize_weights
 from omniforge.errors import ConfigError
+from omniforge.pipeline.atomic import atomic_folder
 from omniforge.pipeline.manifest import (
     Manifest,
     atomic_write_text,
@@ -121,8 +121,9 @@ def quantize_build(
         raise ConfigError(f"'{build}' is already quantized; quantize an FP32 build")
     wcfg = weight_only or WeightOnlyConfig(bits=4 if precision == "int4" else 8)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    if out.exists() and not (out / "manifest.json").is_file():
+        raise ConfigError(f"'{out}' exists and is not a build folder; refusing to replace it")
+    with atomic_folder(out) as tmp:
         shutil.copytree(build, tmp, dirs_exist_ok=True)
         stages = dict(manifest.stages)
         results: list[StageQuantization] = []
@@ -208,18 +209,6 @@ def quantize_build(
             manifest.tools,
         )
         write_manifest(tmp, new)
-        if out.exists():
-            if not (out / "manifest.json").is_file():
-                raise ConfigError(f"'{out}' exists and is not a build folder; refusing to replace it")
-            old = out.with_name(f".{out.name}.old-{time.time_ns()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return new, results
 
 

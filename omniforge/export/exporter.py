@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from omniforge.export.llm_ort import build_llama_gqa
 from omniforge.export.parity import ParityResult, check_llm_inplace, check_stage
 from omniforge.export.stages import export_module, reference_module
 from omniforge.model.loader import load_component
+from omniforge.pipeline.atomic import atomic_folder
 from omniforge.pipeline.describe import describe
 from omniforge.pipeline.manifest import (
     Manifest,
@@ -231,20 +231,8 @@ def export_pipeline(
     out = Path(out)
     if out.exists() and not (out / "manifest.json").is_file() and any(out.iterdir()):
         raise ExportError(f"'{out}' exists and is not a build folder; refusing to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         manifest, reports = _export_into(cfg, spec, adapter, tmp, options, log)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{time.time_ns()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest, reports
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -17,6 +16,7 @@ from omniforge.errors import ConfigError
 from omniforge.passes.base import scaled_error
 from omniforge.passes.lower_ort import lower_for_onnxruntime
 from omniforge.passes.manager import StageOptimization, default_passes, optimize_stage
+from omniforge.pipeline.atomic import atomic_folder
 from omniforge.pipeline.manifest import (
     Manifest,
     atomic_write_text,
@@ -46,8 +46,7 @@ def optimize_build(
         raise ConfigError(f"'{build}' is already optimized (it has {REPORT}); optimize the original export")
     target = Path(out) if out else build
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:
         shutil.copytree(build, tmp, dirs_exist_ok=True)
         results: list[StageOptimization] = []
         stages = dict(manifest.stages)
@@ -98,16 +97,6 @@ def optimize_build(
             tools=manifest.tools,
         )
         write_manifest(tmp, new_manifest)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{time.time_ns()}")
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return new_manifest, results
 
 
