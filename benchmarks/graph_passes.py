@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ import onnx
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, median, read_bandwidth, write_results  # noqa: E402
+from _common import machine, read_bandwidth, write_results  # noqa: E402
 
 
 def session(path: Path, threads: int) -> ort.InferenceSession:
@@ -33,14 +32,10 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
 
 
 def time_runs(fn, runs: int) -> float:
-    for _ in range(3):
-        fn()
-    ts = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return median(ts) * 1000
+    """Median milliseconds of ``fn`` after warm-up."""
+    from omniforge.bench.stats import measure
+
+    return measure(fn, runs=runs).p50
 
 
 def stages_part(work: Path, runs: int, threads: int) -> list[dict]:

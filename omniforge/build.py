@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -202,14 +201,9 @@ def _latency(b, name: str, runs: int = 20) -> float:
         def fn():
             engine.session.run(None, feeds)
 
-    for _ in range(3):
-        fn()
-    ts = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+    from omniforge.bench.stats import measure
+
+    return measure(fn, runs=runs).p50 / 1000
 
 
 def _assemble(
