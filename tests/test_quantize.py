@@ -84,3 +84,48 @@ def test_metrics():
     logits = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]))
     assert kl_divergence(logits, logits) == pytest.approx(0.0, abs=1e-12)
     assert top1_agreement(logits, logits[::-1]) == 0.0
+
+
+def test_awq_keeps_the_fp32_function_and_builds(default_build, tmp_path):
+    import onnxruntime as ort
+
+    from omniforge.calibration.awq import apply_awq
+    from omniforge.calibration.quantize import calibration_rows
+
+    m = load_manifest(default_build)
+    g = m.pipeline.stage("llm").llm
+    graph = onnx.load(str(default_build / m.stages["llm"].variants["onnxruntime"]))
+    rows = calibration_rows(default_build, count=4, length=16)
+    scaled = apply_awq(graph, rows, 32)
+    s = rows[0].shape[0]
+    feeds = {
+        "inputs_embeds": rows[0][None],
+        "seqlens_k": np.array([s - 1], np.int32),
+        "total_sequence_length": np.array(s, np.int32),
+    }
+    for i in range(g.num_layers):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, g.num_kv_heads, s, g.head_dim), np.float32)
+    a = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        ["logits"], feeds
+    )[0]
+    b = ort.InferenceSession(scaled.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        ["logits"], feeds
+    )[0]
+    assert np.abs(a - b).max() <= 1e-4  # scales are folded, the FP32 function is unchanged
+    gammas = {t.name for t in graph.graph.initializer if "layernorm" in t.name}
+    changed = [
+        n
+        for n in gammas
+        if not np.array_equal(
+            *(
+                onnx.numpy_helper.to_array(next(t for t in mm.graph.initializer if t.name == n))
+                for mm in (graph, scaled)
+            )
+        )
+    ]
+    assert changed  # the search moved scale into the norms
+    out = tmp_path / "awq"
+    quantize_build(default_build, out, "int4", WeightOnlyConfig(method="awq"), log=lambda _m: None)
+    assert "AWQ" in {r["stage"]: r for r in json.loads((out / "quantize.json").read_text())}["llm"]["method"]
+    assert LlmRuntime(out).generate("A dog runs", GenerationConfig(max_new_tokens=4)).new_tokens == 4

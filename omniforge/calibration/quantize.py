@@ -105,12 +105,29 @@ def _size(build: Path, rels: list[str]) -> int:
     return sum((build / r).stat().st_size for r in rels if (build / r).exists())
 
 
+def calibration_rows(build: Path, count: int = 16, length: int = 64) -> list[np.ndarray]:
+    """Default LLM calibration: the text shipped in ``omniforge/data`` through the build's tokenizer."""
+    from importlib import resources
+
+    from omniforge.runtime.llm import LlmRuntime
+
+    rt = LlmRuntime(build, num_slots=1, prefix_cache_entries=0)
+    text = resources.files("omniforge").joinpath("data/corpus.txt").read_text()
+    if rt.tokenizer is not None:
+        ids = np.asarray(rt.tokenizer.encode(text), np.int64)
+    else:
+        ids = np.random.default_rng(0).integers(0, rt.geometry.vocab_size, size=count * length)
+    ids = np.resize(ids, count * length) % rt.geometry.vocab_size
+    return [rt.embed_ids(ids[i * length : (i + 1) * length]) for i in range(count)]
+
+
 def quantize_build(
     build: str | Path,
     out: str | Path,
     precision: str,
     weight_only: WeightOnlyConfig | None = None,
     log: Callable[[str], None] = print,
+    calibration: list[np.ndarray] | None = None,
 ) -> tuple[Manifest, list[StageQuantization]]:
     """Write a quantized copy of ``build`` to ``out`` (replaced atomically)."""
     if precision not in PRECISIONS:
@@ -133,12 +150,19 @@ def quantize_build(
             if spec.kind is StageKind.LLM and "onnxruntime" in sb.variants:
                 src = tmp / sb.variants["onnxruntime"]
                 rel = f"stages/{name}.{precision}.ort.onnx"
-                q = quantize_weights(onnx.load(str(src)), wcfg)
+                fp32_graph = onnx.load(str(src))
+                if wcfg.method == "awq":
+                    from omniforge.calibration.awq import apply_awq
+
+                    fp32_graph = apply_awq(
+                        fp32_graph, calibration or calibration_rows(build), wcfg.block_size
+                    )
+                q = quantize_weights(fp32_graph, wcfg)
                 onnx.save_model(q, str(tmp / rel))
                 res = StageQuantization(
                     name,
                     precision,
-                    f"weight-only MatMulNBits, {wcfg.bits}-bit, block {wcfg.block_size}",
+                    f"weight-only MatMulNBits ({wcfg.method.upper()}), {wcfg.bits}-bit, block {wcfg.block_size}",
                     src.stat().st_size,
                     (tmp / rel).stat().st_size,
                     _llm_metrics(src, tmp / rel, spec),

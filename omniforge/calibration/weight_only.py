@@ -27,10 +27,13 @@ class WeightOnlyConfig:
     symmetric: bool = True
     accuracy_level: int = 4  # ORT MatMulNBits compute type: 4 = int8 activations
     standard_onnx: bool = False  # DequantizeLinear + MatMul instead of MatMulNBits
+    method: str = "rtn"  # rtn | awq (activation-aware scales from calibration text, then RTN)
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
             raise ConfigError(f"weight-only quantization takes 4 or 8 bits, got {self.bits}")
+        if self.method not in ("rtn", "awq"):
+            raise ConfigError(f"weight-only method must be rtn or awq, got '{self.method}'")
         if self.block_size not in (16, 32, 64, 128, 256):
             raise ConfigError(f"block size must be one of 16, 32, 64, 128, 256, got {self.block_size}")
 

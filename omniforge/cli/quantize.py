@@ -26,6 +26,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--asymmetric", action="store_true", help="asymmetric weight-only quantization (zero points)"
     )
+    p.add_argument(
+        "--method",
+        choices=["rtn", "awq"],
+        default="rtn",
+        help="LLM weight-only method: round-to-nearest, or AWQ scales from calibration text first",
+    )
     p.set_defaults(run=run)
 
 
@@ -35,7 +41,10 @@ def run(args: argparse.Namespace) -> int:
     from omniforge.calibration.weight_only import WeightOnlyConfig
 
     cfg = WeightOnlyConfig(
-        bits=4 if args.precision == "int4" else 8, block_size=args.block_size, symmetric=not args.asymmetric
+        bits=4 if args.precision == "int4" else 8,
+        block_size=args.block_size,
+        symmetric=not args.asymmetric,
+        method=args.method,
     )
     _, results = quantize_build(args.build, args.out, args.precision, cfg, log=log)
     print(quantize_table(results))
