@@ -6,8 +6,6 @@ import json
 import os
 import platform
 import statistics
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,29 +23,11 @@ def spread(xs: list[float]) -> float:
     return float((max(xs) - min(xs)) / m) if m else 0.0
 
 
-def read_bandwidth(threads: int = 2, mib: int = 512, repeats: int = 5) -> float:
-    """Bytes per second this machine streams from memory: the best of a ``threads``-way numpy sum
-    and a BLAS matrix-vector product over a buffer far larger than the caches (a decode step
-    reads its weights exactly this way, once each)."""
-    buf = np.ones(mib * 1024 * 1024 // 4, np.float32)
-    halves = np.array_split(buf, threads)
+def read_bandwidth(threads: int = 2) -> float:
+    """The memory read bandwidth omniforge's bench uses for its roofline."""
+    from omniforge.bench.measure import read_bandwidth as measured
 
-    def summed() -> None:
-        ts = [threading.Thread(target=np.sum, args=(h,)) for h in halves]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-
-    mat, vec = buf.reshape(-1, 1024), np.ones(1024, np.float32)
-    best = float("inf")
-    for fn in (summed, lambda: mat @ vec):
-        fn()
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t0)
-    return buf.nbytes / best
+    return measured(threads)
 
 
 def machine() -> dict:

@@ -25,7 +25,9 @@ from omniforge.pipeline.manifest import (
     Manifest,
     collect_artifacts,
     load_manifest,
+    runtime_file,
     sha256_file,
+    stage_files,
     write_manifest,
 )
 from omniforge.pipeline.spec import StageKind
@@ -145,7 +147,6 @@ def assemble_auto(fp32: Path, quantized: dict[str, Path], out: Path, log: Callab
     shutil.copytree(fp32, out)
     stages = dict(base.stages)
     plan: dict[str, str] = {}
-    extra: list[str] = []
     for name, sb in base.stages.items():
         choice, best, chosen = "fp32", _latency(Build(fp32), name), None
         for qpath in quantized.values():
@@ -161,10 +162,9 @@ def assemble_auto(fp32: Path, quantized: dict[str, Path], out: Path, log: Callab
             qpath, rel = chosen
             shutil.copyfile(qpath / rel, out / rel)
             stages[name] = replace(sb, precision=choice, variants={**sb.variants, "onnxruntime": rel})
-            extra.append(rel)
         plan[name] = choice
         log(f"auto: {name} -> {choice}")
-    paths = list(base.artifacts) + extra
+    paths = list(base.artifacts) + stage_files(stages)
     m = Manifest(
         base.pipeline,
         stages,
@@ -177,33 +177,11 @@ def assemble_auto(fp32: Path, quantized: dict[str, Path], out: Path, log: Callab
 
 
 def _latency(b, name: str, runs: int = 20) -> float:
-    """Median latency of one stage at its opt shapes (the LLM: one in-place decode step)."""
-    import numpy as np
-
-    spec = b.pipeline.stage(name)
-    if spec.kind is StageKind.LLM:
-        from omniforge.runtime.kv_cache import KVCachePool, SlotRange
-        from omniforge.runtime.llm import LlmEngine
-
-        g = spec.llm
-        engine = LlmEngine(b.stage_file(name, "onnxruntime"), g, b.session)
-        pool = KVCachePool(g, 1, max_context=min(g.max_context, 64))
-        binding = engine.bind(pool, SlotRange(0, 1))
-        row = np.zeros((1, 1, g.hidden_size), np.float32)
-
-        def fn():
-            pool.lengths[0] = 32
-            binding.step(row)
-    else:
-        engine = b.engine(name)
-        feeds = spec.sample_inputs("opt")
-
-        def fn():
-            engine.session.run(None, feeds)
-
+    """Median seconds of one stage call as the runtime makes it."""
+    from omniforge.bench.measure import stage_call
     from omniforge.bench.stats import measure
 
-    return measure(fn, runs=runs).p50 / 1000
+    return measure(stage_call(b, name), runs=runs).p50 / 1000
 
 
 def _assemble(
@@ -277,7 +255,7 @@ def _tensorrt_engines(build: Path, m: Manifest, log: Callable[[str], None]) -> M
         meta[name] = asdict(info)
         log(f"tensorrt: {name} -> {rel}")
     (build / "engines" / "engines.json").write_text(json.dumps(meta, indent=2) + "\n")
-    paths = list(m.artifacts) + [f"engines/{n}.plan" for n in stages] + ["engines/engines.json"]
+    paths = list(m.artifacts) + stage_files(stages) + ["engines/engines.json"]
     return Manifest(
         m.pipeline,
         stages,
@@ -295,7 +273,9 @@ def summary_rows(build: Path, m: Manifest) -> list[dict]:
         quant = {r["stage"]: r for r in json.loads((build / "quantize.json").read_text())}
     rows = []
     for name, sb in m.stages.items():
-        engine = sb.variants.get("tensorrt") or sb.variants.get("onnxruntime", sb.file)
+        llm = m.pipeline.stage(name).kind is StageKind.LLM  # the LLM runtime serves the in-place graph
+        ort_graph = sb.variants.get("onnxruntime", sb.file) if llm else runtime_file(m, name)
+        engine = sb.variants.get("tensorrt") or ort_graph
         acc = quant.get(name, {}).get("metrics") or {}
         accuracy = (
             ", ".join(f"{k} {v:.4g}" for k, v in acc.items())

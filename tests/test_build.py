@@ -70,16 +70,16 @@ def test_a_second_identical_build_reuses_every_step(builds, default_model, tmp_p
 
 
 def test_tensorrt_backend_says_what_is_missing(default_model, tmp_path, capsys):
-    pytest.importorskip("polygraphy")
     try:
         import tensorrt  # noqa: F401
     except ImportError:
-        assert (
-            main(["build", str(default_model), "--out", str(tmp_path / "trt"), "--backend", "tensorrt"]) == 1
-        )
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "use --backend onnxruntime" in err[0]
-        assert not (tmp_path / "trt").exists()
+        pass
+    else:
+        pytest.skip("TensorRT is installed here")
+    assert main(["build", str(default_model), "--out", str(tmp_path / "trt"), "--backend", "tensorrt"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "use --backend onnxruntime" in err[0]
+    assert not (tmp_path / "trt").exists()
 
 
 def test_a_killed_build_leaves_the_previous_build_usable(builds, default_model, tmp_path):

@@ -21,7 +21,7 @@ def test_llm_profile_follows_the_dims_including_derived_total(pipeline):
     assert past.min == (1, 2, 0, 16) and past.opt == (1, 2, 16, 16) and past.max == (8, 2, 255, 16)
 
 
-def test_static_inputs_get_equal_min_opt_max(pipeline):
+def test_unet_profile_varies_only_the_batch(pipeline):
     prof = profile_for(pipeline.stage("image_unet"))
     sample = prof[0]
     assert sample.min == (1, 4, 16, 16) and sample.opt == (2, 4, 16, 16) and sample.max == (8, 4, 16, 16)

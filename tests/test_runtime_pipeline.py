@@ -119,8 +119,11 @@ def test_mp4_without_a_decoder_says_what_to_install(tmp_path):
     try:
         import imageio  # noqa: F401
     except ImportError:
-        with pytest.raises(InputError, match="imageio"):
-            M.load_video_frames(f, 4)
+        pass
+    else:
+        pytest.skip("imageio is installed here")
+    with pytest.raises(InputError, match="imageio"):
+        M.load_video_frames(f, 4)
 
 
 # ---- schedulers ---------------------------------------------------------------------------------
@@ -164,7 +167,7 @@ def test_unsupported_scheduler_options_are_refused(default_build):
 
 
 # ---- decoders against diffusers' pipelines ------------------------------------------------------
-def _noise(shape, seed, sigma=1.0):
+def _noise(shape, seed):
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 

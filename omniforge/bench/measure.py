@@ -7,6 +7,7 @@ import resource
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,20 +18,52 @@ from omniforge.pipeline.spec import StageKind
 PROMPT = "Describe the image in one sentence."
 
 
-def read_bandwidth(threads: int = 2, mib: int = 256) -> float:
-    """Bytes/s streamed from memory by a ``threads``-way numpy sum (the decode step's access pattern)."""
+def read_bandwidth(threads: int = 2, mib: int = 512, repeats: int = 5) -> float:
+    """Bytes/s this machine streams from memory: the best of a ``threads``-way numpy sum and a BLAS
+    matrix-vector product over a buffer far larger than the caches (how a decode step reads weights)."""
     buf = np.ones(mib * 1024 * 1024 // 4, np.float32)
     parts = np.array_split(buf, threads)
-    best = float("inf")
-    for _ in range(4):
+
+    def summed() -> None:
         ts = [threading.Thread(target=np.sum, args=(p,)) for p in parts]
-        t0 = time.perf_counter()
         for t in ts:
             t.start()
         for t in ts:
             t.join()
-        best = min(best, time.perf_counter() - t0)
+
+    mat, vec = buf.reshape(-1, 1024), np.ones(1024, np.float32)
+    best = float("inf")
+    for fn in (summed, lambda: mat @ vec):
+        fn()
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
     return buf.nbytes / best
+
+
+def stage_call(build, name: str, context: int = 32) -> Callable[[], object]:
+    """One call of a stage as the runtime makes it, inputs prepared beforehand: the stage's engine at
+    its opt shapes, or for the LLM one in-place decode step after ``context`` cached tokens."""
+    spec = build.pipeline.stage(name)
+    if spec.kind is StageKind.LLM:
+        from omniforge.runtime.kv_cache import KVCachePool, SlotRange
+        from omniforge.runtime.llm import LlmEngine
+
+        g = spec.llm
+        engine = LlmEngine(build.stage_file(name, "onnxruntime"), g, build.session)
+        pool = KVCachePool(g, 1, max_context=min(g.max_context, 2 * context))
+        binding = engine.bind(pool, SlotRange(0, 1))
+        row = np.zeros((1, 1, g.hidden_size), np.float32)
+
+        def step() -> None:
+            pool.lengths[0] = context
+            binding.step(row)
+
+        return step
+    session = build.engine(name).session
+    feeds = spec.sample_inputs("opt")
+    return lambda: session.run(None, feeds)
 
 
 def bench_build(path: Path, name: str, threads: int, runs: int, steps: int, new_tokens: int) -> dict:
@@ -38,36 +71,15 @@ def bench_build(path: Path, name: str, threads: int, runs: int, steps: int, new_
 
     from omniforge.runtime.build import Build
     from omniforge.runtime.engine import SessionConfig
-    from omniforge.runtime.kv_cache import KVCachePool, SlotRange
-    from omniforge.runtime.llm import LlmEngine
     from omniforge.runtime.pipeline import DiffusionConfig, Pipeline
     from omniforge.runtime.sampling import GenerationConfig
 
     b = Build(path, SessionConfig(threads=threads))
     out: dict = {"name": name, "path": str(path), "stages": []}
     for stage, sb in b.manifest.stages.items():
-        spec = b.pipeline.stage(stage)
-        if spec.kind is StageKind.LLM:  # one in-place decode step at the opt context
-            g = spec.llm
-            engine = LlmEngine(b.stage_file(stage, "onnxruntime"), g, b.session)
-            pool = KVCachePool(g, 1, max_context=min(g.max_context, 64))
-            binding = engine.bind(pool, SlotRange(0, 1))
-            row = np.zeros((1, 1, g.hidden_size), np.float32)
-
-            def fn(binding=binding, pool=pool, row=row):
-                pool.lengths[0] = 32
-                binding.step(row)
-
-            file = b.stage_file(stage, "onnxruntime")
-        else:
-            session = b.engine(stage).session
-            feeds = spec.sample_inputs("opt")  # prepared once, outside the timed loop
-
-            def fn(session=session, feeds=feeds):
-                session.run(None, feeds)
-
-            file = b.engine(stage).path
-        stats = measure(fn, runs=runs)
+        llm_stage = b.pipeline.stage(stage).kind is StageKind.LLM
+        file = b.stage_file(stage, "onnxruntime") if llm_stage else b.engine(stage).path
+        stats = measure(stage_call(b, stage), runs=runs)
         out["stages"].append(
             {
                 "stage": stage,

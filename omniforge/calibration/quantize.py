@@ -27,6 +27,8 @@ from omniforge.pipeline.manifest import (
     atomic_write_text,
     collect_artifacts,
     load_manifest,
+    runtime_file,
+    stage_files,
     write_manifest,
 )
 from omniforge.pipeline.spec import StageKind, StageSpec
@@ -186,7 +188,7 @@ def quantize_build(
             elif spec.kind in DYNAMIC_INT8_KINDS:
                 from onnxruntime.quantization import QuantType, quantize_dynamic
 
-                src = tmp / sb.variants.get("onnxruntime", sb.file)
+                src = tmp / runtime_file(manifest, name)
                 rel = f"stages/{name}.int8.ort.onnx"
                 quantize_dynamic(
                     str(src),
@@ -220,9 +222,7 @@ def quantize_build(
         data = [r.__dict__ for r in results]
         atomic_write_text(tmp / "quantize.json", json.dumps(data, indent=2) + "\n")
         atomic_write_text(tmp / "quantize.md", quantize_table(results) + "\n")
-        paths = [p for p in manifest.artifacts if (tmp / p).exists()]
-        for sb in stages.values():
-            paths += [sb.file, *sb.data_files, *sb.variants.values()]
+        paths = [p for p in manifest.artifacts if (tmp / p).exists()] + stage_files(stages)
         paths += ["quantize.json", "quantize.md"]
         new = Manifest(
             manifest.pipeline,

@@ -1,9 +1,9 @@
 """Weight-only quantization of the LLM's linear layers (block-wise INT4 or INT8).
 
-Built on ONNX Runtime's ``MatMulNBitsQuantizer``: the ONNX Runtime form is ``MatMulNBits``
-(``accuracy_level=4`` lets the kernel use int8 dot products on CPUs without VNNI too); the
-standard-ONNX form, for TensorRT, is a block-wise ``DequantizeLinear`` (opset 21) feeding a
-``MatMul``. Every MatMul with a constant weight is quantized, the LM head included. The embedding
+Built on ONNX Runtime's ``MatMulNBitsQuantizer``; the result is ONNX Runtime's ``MatMulNBits``
+(``accuracy_level=4``: int8 compute inside the kernel). A standard-ONNX form for TensorRT (block-wise ``DequantizeLinear``, opset 21) is not
+produced yet: the canonical graphs are opset 17 and ONNX's version converter changed the exported
+LLaMA's outputs when tried. Every MatMul with a constant weight is quantized, the LM head included. The embedding
 table (the ``token_embedding`` stage) is stored INT8 with a scale per row by
 ``quantize_embedding``: a lookup reads one row per token, so it costs file size, not bandwidth.
 """
@@ -26,7 +26,6 @@ class WeightOnlyConfig:
     block_size: int = 32
     symmetric: bool = True
     accuracy_level: int = 4  # ORT MatMulNBits compute type: 4 = int8 activations
-    standard_onnx: bool = False  # DequantizeLinear + MatMul instead of MatMulNBits
     method: str = "rtn"  # rtn | awq (activation-aware scales from calibration text, then RTN)
 
     def __post_init__(self) -> None:
@@ -46,8 +45,8 @@ def quantize_weights(model: onnx.ModelProto, cfg: WeightOnlyConfig) -> onnx.Mode
         bits=cfg.bits,
         block_size=cfg.block_size,
         is_symmetric=cfg.symmetric,
-        accuracy_level=None if cfg.standard_onnx else cfg.accuracy_level,
-        quant_format=QuantFormat.QDQ if cfg.standard_onnx else QuantFormat.QOperator,
+        accuracy_level=cfg.accuracy_level,
+        quant_format=QuantFormat.QOperator,
     )
     q.process()
     return q.model.model

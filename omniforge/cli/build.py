@@ -40,10 +40,6 @@ def run(args: argparse.Namespace) -> int:
     opts = BuildOptions(
         args.backend, args.precision, args.emit_trtexec, Path(args.cache) if args.cache else None
     )
-    if opts.backend == "tensorrt":  # say what is missing before any work is done
-        from omniforge.engines.tensorrt import require_tensorrt
-
-        require_tensorrt()
     _, rows = build(resolve_model(args.model), Path(args.out), opts, log=log)
     print(summary_table(rows))
     return 0

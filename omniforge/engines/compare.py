@@ -16,7 +16,7 @@ import numpy as np
 
 from omniforge._lazy import lazy_import
 from omniforge.errors import StageError
-from omniforge.pipeline.manifest import Manifest, load_manifest
+from omniforge.pipeline.manifest import Manifest, load_manifest, runtime_file
 from omniforge.pipeline.spec import StageKind
 
 polygraphy_onnxrt = lazy_import("polygraphy.backend.onnxrt", extra="gpu")
@@ -44,16 +44,8 @@ def _runner(build: Path, m: Manifest, name: str, tag: str):
         engine = load_engine_checked(build, m, name)
         return polygraphy_trt.TrtRunner(engine, name=tag)
     return polygraphy_onnxrt.OnnxrtRunner(
-        polygraphy_onnxrt.SessionFromOnnx(str(runtime_graph(build, m, name))), name=tag
+        polygraphy_onnxrt.SessionFromOnnx(str(build / runtime_file(m, name))), name=tag
     )
-
-
-def runtime_graph(build: Path, m: Manifest, name: str) -> Path:
-    sb = m.stages[name]
-    spec = m.pipeline.stage(name)
-    if "onnxruntime" in sb.variants and spec.kind is not StageKind.LLM:
-        return build / sb.variants["onnxruntime"]
-    return build / sb.file
 
 
 def _errors(ra: list[dict], rb: list[dict]) -> tuple[float, float, float]:

@@ -22,6 +22,7 @@ from omniforge.pipeline.manifest import (
     atomic_write_text,
     collect_artifacts,
     load_manifest,
+    stage_files,
     write_manifest,
 )
 from omniforge.pipeline.spec import StageKind
@@ -83,10 +84,7 @@ def optimize_build(
             )
         atomic_write_text(tmp / REPORT, json.dumps([r.summary() for r in results], indent=2) + "\n")
         atomic_write_text(tmp / "optimize.md", optimize_table(results) + "\n")
-        paths = [p for p in manifest.artifacts]
-        for sb in stages.values():
-            paths += [sb.file, *sb.data_files, *sb.variants.values()]
-        paths += [REPORT, "optimize.md"]
+        paths = list(manifest.artifacts) + stage_files(stages) + [REPORT, "optimize.md"]
         files = {**manifest.files, "optimize_report": REPORT}
         new_manifest = Manifest(
             pipeline=manifest.pipeline,

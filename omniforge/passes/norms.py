@@ -9,7 +9,6 @@ both its opset-17 (axes attribute) and opset-18 (axes input) forms.
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
@@ -105,7 +104,6 @@ def recognize_norms(model: ir.Model, target: str = "onnx") -> PassReport:
         rms_op = "RMSNormalization"
     if rms_op:
         rules += [RmsNormRule.rule(f"rms_{order}", rms_op, order) for order in (True, False)]
-    before = len(list(model.graph))
     count = pattern.RewriteRuleSet(rules).apply_to_model(model)
     report.fired = int(count)
     if rms_op is None:
@@ -117,8 +115,4 @@ def recognize_norms(model: ir.Model, target: str = "onnx") -> PassReport:
             report.notes.append(
                 f"kept {found} RMSNorm(s) decomposed: opset {_opset(model)} < 23 has no standard RMS-norm op"
             )
-    del before
     return report
-
-
-__all__ = ["recognize_norms", "RmsNormRule", "LayerNormRule", "np"]

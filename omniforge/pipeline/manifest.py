@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from omniforge.errors import ManifestError, StageError
-from omniforge.pipeline.spec import PipelineSpec
+from omniforge.pipeline.spec import PipelineSpec, StageKind
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -115,6 +115,20 @@ def check_relative(p: str) -> None:
     pp = PurePosixPath(p)
     if pp.is_absolute() or ".." in pp.parts or "\\" in p or not p:
         raise ManifestError(f"artifact path '{p}' leaves the build folder")
+
+
+def stage_files(stages: dict[str, StageBuild]) -> list[str]:
+    """Every file the stages name: canonical graphs, external data, backend variants."""
+    return [p for sb in stages.values() for p in (sb.file, *sb.data_files, *sb.variants.values())]
+
+
+def runtime_file(manifest: Manifest, name: str) -> str:
+    """The graph ONNX Runtime serves for a stage: its ORT-lowered variant when it has one (same I/O
+    contract); the LLM's variant has another contract (in-place cache) and only the LLM runtime uses it."""
+    sb = manifest.stages[name]
+    if "onnxruntime" in sb.variants and manifest.pipeline.stage(name).kind is not StageKind.LLM:
+        return sb.variants["onnxruntime"]
+    return sb.file
 
 
 def collect_artifacts(build: Path, paths: list[str]) -> dict[str, Artifact]:

@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from omniforge.errors import ManifestError, StageError
-from omniforge.pipeline.manifest import Manifest, load_manifest
-from omniforge.pipeline.spec import StageKind
+from omniforge.pipeline.manifest import Manifest, load_manifest, runtime_file
 from omniforge.runtime.engine import Engine, SessionConfig
 from omniforge.runtime.tokenizer import TextTokenizer
 
@@ -64,10 +63,10 @@ class Build:
         with self._lock:
             if name not in self._engines:
                 spec = self.pipeline.stage(name)
-                sb = self.manifest.stages.get(name)
-                lowered = sb is not None and "onnxruntime" in sb.variants and spec.kind is not StageKind.LLM
-                path = self.stage_file(name, "onnxruntime" if lowered else None)
-                self._engines[name] = Engine(path, spec, self.session)
+                self.stage_file(name)  # a clear error for a stage the build does not hold
+                self._engines[name] = Engine(
+                    self.path / runtime_file(self.manifest, name), spec, self.session
+                )
             return self._engines[name]
 
     def loaded(self) -> list[str]:

@@ -184,7 +184,7 @@ class LlmRuntime:
             ids = [int(i) for i in prompt]
         if not ids:
             raise InputError("the prompt is empty")
-        self._check_fits(len(ids))
+        self.check_fits(len(ids))
         rows = self.embed_ids(ids)
         media = {k: list(v) for k, v in (media or {}).items()}
         for m in media:
@@ -256,14 +256,27 @@ class LlmRuntime:
             if on_text and delta:
                 on_text(i, delta)
 
-    def _check_fits(self, prompt_tokens: int) -> None:
+    def hidden_after(self, rows: np.ndarray, ids: Sequence[int]) -> np.ndarray:
+        """Final hidden states (len(ids), H) of tokens ``ids`` fed after the embedding ``rows``
+        (teacher forcing; a cached prefix of ``rows`` is reused, nothing is kept)."""
+        full = np.concatenate([rows, self.embed_ids(ids)])
+        self.check_fits(len(full))
+        slot = self.allocate_slots(1)
+        try:
+            reused = self.prefix_cache.reuse(full[: len(rows) + 1], slot.start)
+            _, hidden = self.engine.bind(self.pool, slot).step(full[None, reused:])
+        finally:
+            self.pool.release(slot)
+        return hidden[0, -len(ids) :]
+
+    def check_fits(self, prompt_tokens: int) -> None:
         ctx = self.pool.max_context
         if prompt_tokens >= ctx:
             raise ContextLengthError(
                 f"the prompt has {prompt_tokens} tokens; the context holds {ctx}, leaving no room for a new token"
             )
 
-    def _allocate(self, count: int) -> SlotRange:
+    def allocate_slots(self, count: int) -> SlotRange:
         while True:
             try:
                 return self.pool.allocate(count)
@@ -272,7 +285,7 @@ class LlmRuntime:
                     break
         return self.pool.allocate(count, wait_s=self.slot_wait_s)
 
-    def _stop_ids(self, config: GenerationConfig) -> set[int]:
+    def stop_ids(self, config: GenerationConfig) -> set[int]:
         if config.stop_token_ids is not None:
             return set(config.stop_token_ids)
         eos = self.tokenizer.eos_id if self.tokenizer is not None else None
@@ -282,14 +295,14 @@ class LlmRuntime:
         """Generator: yields (sequence index, text delta); returns the results."""
         ctx = self.pool.max_context
         for r in rows:
-            self._check_fits(len(r))
+            self.check_fits(len(r))
         t0 = time.perf_counter()
-        stop_ids = self._stop_ids(cfg)
+        stop_ids = self.stop_ids(cfg)
         seqs = [
             _Seq(r, list(i), np.random.default_rng(cfg.seed), stream=stream)
             for r, i in zip(rows, ids, strict=True)
         ]
-        slots = self._allocate(len(seqs))
+        slots = self.allocate_slots(len(seqs))
         adopted: set[int] = set()
         try:
             for k, s in enumerate(seqs):  # prefill one sequence at a time: no padding

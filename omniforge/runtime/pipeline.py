@@ -22,7 +22,6 @@ from omniforge.errors import ConfigError, InputError
 from omniforge.runtime import media as M
 from omniforge.runtime.build import Build
 from omniforge.runtime.engine import SessionConfig
-from omniforge.runtime.kv_cache import SlotRange
 from omniforge.runtime.llm import GenerationResult, LlmRuntime
 from omniforge.runtime.sampling import GenerationConfig
 from omniforge.runtime.schedulers import SCHEDULERS, make_scheduler
@@ -151,18 +150,7 @@ class Pipeline:
         ids = [self.llm.tokenizer.token_id(t) for t in tokens] if self.llm.tokenizer else []
         if not ids or None in ids:
             raise InputError(f"this build has no signal tokens for '{modality}'")
-        sig = self.llm.embed_ids(ids)
-        full = np.concatenate([rows, sig])
-        self.llm._check_fits(len(full))
-        slot = self.llm._allocate(1)
-        try:
-            reused = self.llm.prefix_cache.reuse(full[: len(rows) + 1], slot.start)
-            _, hidden = self.llm.engine.bind(self.llm.pool, SlotRange(slot.start, 1)).step(
-                full[None, reused:]
-            )
-        finally:
-            self.llm.pool.release(slot)
-        return hidden[0, -len(ids) :]
+        return self.llm.hidden_after(rows, ids)
 
     def conditioning(self, modality: str, hidden: np.ndarray) -> np.ndarray:
         """Signal-token hidden states (n, H) -> the decoder's conditioning (1, Q, D)."""
@@ -276,14 +264,6 @@ class Pipeline:
         )[0]
         self.timings["llm"] += time.perf_counter() - t0
         result = PipelineResult(text=gen.text, generation=gen, sample_rate=self.sample_rate)
-        fed = np.concatenate(
-            [
-                rows,
-                self.llm.embed_ids([t for t in gen.token_ids if t not in self.llm._stop_ids(generation)])
-                if gen.token_ids
-                else rows[:0],
-            ]
-        )
         emitted = {self.llm.signal_ids[t] for t in gen.token_ids if t in self.llm.signal_ids}
         for modality in MODALITIES:
             if modality not in force and modality not in emitted:
@@ -293,7 +273,12 @@ class Pipeline:
             n = len(self.build.pipeline.signal_tokens[modality])
             got = gen.signal_hidden.get(modality)
             t0 = time.perf_counter()
-            hidden = got[:n] if got is not None and len(got) >= n else self.signal_hidden(fed, modality)
+            if got is not None and len(got) >= n:
+                hidden = got[:n]
+            else:  # teacher-force the full set after the prompt and the generated text
+                text_ids = [t for t in gen.token_ids if t not in self.llm.stop_ids(generation)]
+                fed = np.concatenate([rows, self.llm.embed_ids(text_ids)]) if text_ids else rows
+                hidden = self.signal_hidden(fed, modality)
             self.timings["signal_tokens"] += time.perf_counter() - t0
             cond = self.conditioning(modality, hidden)
             if modality == "image":
