@@ -376,28 +376,23 @@ class LlmRuntime:
         token = select_token(logits, cfg, s.rng, history)
         s.generated.append(token)
         s.history.append(token)
+        out_of_room = len(s.rows) + len(s.generated) > self.pool.max_context  # the next feed would overflow
         if token in stop_ids:
             s.finish = "stop"
-            if not s.stream:  # the text was not kept up to date while generating
+        elif len(s.generated) >= cfg.max_new_tokens or out_of_room:
+            s.finish = "length"
+        # the text is kept up to date per token only when streamed or searched for stop strings
+        if not (s.stream or cfg.stop_strings):
+            if s.finish:
                 s.text = self._decode(s.generated, stop_ids)
             return
-        if not s.stream and not cfg.stop_strings:
-            if (
-                len(s.generated) >= cfg.max_new_tokens
-                or len(s.rows) + len(s.generated) > self.pool.max_context
-            ):
-                s.finish = "length"
-                s.text = self._decode(s.generated, stop_ids)
+        if s.finish == "stop":
             return
         text = self._decode(s.generated, stop_ids)
         for stop in cfg.stop_strings:
             cut = text.find(stop)
             if cut >= 0:
                 text, s.finish = text[:cut], "stop_string"
-        if not s.finish and len(s.generated) >= cfg.max_new_tokens:
-            s.finish = "length"
-        if not s.finish and len(s.rows) + len(s.generated) > self.pool.max_context:
-            s.finish = "length"  # feeding the last token back would overflow the context
         if text.endswith("\ufffd") and not s.finish:
             return  # an incomplete UTF-8 sequence: wait for the next token
         s.text = text
