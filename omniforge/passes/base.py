@@ -49,24 +49,22 @@ def run_onnx(model: onnx.ModelProto | ir.Model, feeds: dict[str, np.ndarray]) ->
     return sess.run(None, feeds)
 
 
-def max_abs_diff(
-    a: onnx.ModelProto | ir.Model, b: onnx.ModelProto | ir.Model, feeds: dict[str, np.ndarray]
-) -> float:
-    """Largest absolute difference between two graphs' outputs on ``feeds``."""
-    return max(
-        float(np.max(np.abs(x.astype(np.float64) - y))) if x.size else 0.0
+Model = onnx.ModelProto | ir.Model
+
+
+def _errors(a: Model, b: Model, feeds: dict[str, np.ndarray]) -> list[tuple[float, float]]:
+    """(max |a - b|, max |a|) per output of two graphs run on ``feeds``."""
+    return [
+        (float(np.max(np.abs(x.astype(np.float64) - y))), float(np.max(np.abs(x)))) if x.size else (0.0, 0.0)
         for x, y in zip(run_onnx(a, feeds), run_onnx(b, feeds), strict=True)
-    )
+    ]
 
 
-def scaled_error(
-    a: onnx.ModelProto | ir.Model, b: onnx.ModelProto | ir.Model, feeds: dict[str, np.ndarray]
-) -> float:
+def max_abs_diff(a: Model, b: Model, feeds: dict[str, np.ndarray]) -> float:
+    """Largest absolute difference between two graphs' outputs on ``feeds``."""
+    return max(d for d, _ in _errors(a, b, feeds))
+
+
+def scaled_error(a: Model, b: Model, feeds: dict[str, np.ndarray]) -> float:
     """max |a - b| / max(1, max |a|) over all outputs: an absolute error for values of order one."""
-    worst = 0.0
-    for x, y in zip(run_onnx(a, feeds), run_onnx(b, feeds), strict=True):
-        if x.size:
-            worst = max(
-                worst, float(np.max(np.abs(x.astype(np.float64) - y))) / max(1.0, float(np.max(np.abs(x))))
-            )
-    return worst
+    return max(d / max(1.0, scale) for d, scale in _errors(a, b, feeds))

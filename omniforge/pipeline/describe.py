@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from omniforge.errors import ConfigError
 from omniforge.pipeline.model_config import ModelConfig, read_json
 from omniforge.pipeline.spec import (
     Dim,
@@ -175,8 +176,6 @@ def describe(cfg: ModelConfig) -> PipelineSpec:
 
 
 def raise_mismatch(a: str, av: object, b: str, bv: object) -> None:
-    from omniforge.errors import ConfigError
-
     raise ConfigError(f"{a} ({av}) does not match {b} ({bv})")
 
 
