@@ -125,6 +125,8 @@ def stage_files(stages: dict[str, StageBuild]) -> list[str]:
 def runtime_file(manifest: Manifest, name: str) -> str:
     """The graph ONNX Runtime serves for a stage: its ORT-lowered variant when it has one (same I/O
     contract); the LLM's variant has another contract (in-place cache) and only the LLM runtime uses it."""
+    if name not in manifest.stages:
+        raise StageError(f"this build has no stage '{name}' (it has: {', '.join(manifest.stages)})")
     sb = manifest.stages[name]
     if "onnxruntime" in sb.variants and manifest.pipeline.stage(name).kind is not StageKind.LLM:
         return sb.variants["onnxruntime"]

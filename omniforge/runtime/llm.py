@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from omniforge.errors import CachePoolExhaustedError, ContextLengthError, EngineError, InputError
+from omniforge.pipeline.manifest import runtime_file
 from omniforge.pipeline.spec import LlmGeometry
 from omniforge.runtime.build import Build
 from omniforge.runtime.engine import SessionConfig, create_session
@@ -130,8 +131,10 @@ class LlmRuntime:
         self.geometry = stage.llm
         self.slot_wait_s = slot_wait_s  # how long a request waits for a free cache slot before failing
         self.engine = LlmEngine(self.build.stage_file("llm", "onnxruntime"), stage.llm, self.build.session)
-        self.embedding = self.build.engine("token_embedding")
-        self.table = EmbeddingTable.from_onnx(self.embedding.path)  # numpy lookup in the decode loop
+        # a numpy lookup in the decode loop; the stage's engine only for forms the table cannot read
+        self.table = EmbeddingTable.from_onnx(
+            self.build.path / runtime_file(self.build.manifest, "token_embedding")
+        )
         self.tokenizer = self.build.tokenizer() if "tokenizer" in self.build.manifest.files else None
         self.pool = KVCachePool(stage.llm, num_slots, max_context)
         self.prefix_cache = PrefixCache(self.pool, min(prefix_cache_entries, num_slots - 1), block_size)
@@ -159,7 +162,7 @@ class LlmRuntime:
             )
         if self.table is not None:
             return self.table.lookup(arr)
-        return self.embedding.run({"input_ids": arr[None]})["inputs_embeds"][0]
+        return self.build.engine("token_embedding").run({"input_ids": arr[None]})["inputs_embeds"][0]
 
     def prepare(
         self, prompt: str | Sequence[int] | np.ndarray, media: Media | None = None
