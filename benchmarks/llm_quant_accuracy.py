@@ -187,7 +187,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/omniforge-bench")
     ap.add_argument("--minutes", type=float, default=1.5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--sequences", type=int, default=24)
+    ap.add_argument("--sequences", type=int, default=0, help="held-out sequences to score (0: all)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import logging
@@ -204,6 +204,7 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         train(folder, args.minutes, args.threads)
     heldout = np.load(work / "heldout.npy")
+    args.sequences = min(args.sequences or len(heldout) // CTX, len(heldout) // CTX)
     fp32 = work / "build-fp32"
     if not (fp32 / "manifest.json").is_file():
         export_pipeline(folder, fp32, log=lambda m: print(m, file=sys.stderr))
@@ -212,14 +213,16 @@ def main() -> None:
         "INT4 RTN symmetric, block 32": ("int4", WeightOnlyConfig(bits=4, block_size=32)),
         "INT4 RTN asymmetric, block 32": ("int4", WeightOnlyConfig(bits=4, block_size=32, symmetric=False)),
         "INT4 AWQ symmetric, block 32": ("int4", WeightOnlyConfig(bits=4, block_size=32, method="awq")),
+        "INT4 GPTQ symmetric, block 32": ("int4", WeightOnlyConfig(bits=4, block_size=32, method="gptq")),
+        "INT4 GPTQ symmetric, block 128": ("int4", WeightOnlyConfig(bits=4, block_size=128, method="gptq")),
         "INT4 RTN symmetric, block 128": ("int4", WeightOnlyConfig(bits=4, block_size=128)),
     }
     ref = evaluate(fp32, heldout, args.sequences)
     rows = {"FP32": {"perplexity": perplexity(ref, heldout), "top1_agreement": 1.0, "kl_divergence": 0.0}}
     for i, (name, (precision, cfg)) in enumerate(variants.items()):
-        path = work / f"build-q{i}"
+        path = work / f"build-{precision}-{cfg.method}-b{cfg.block_size}-{'sym' if cfg.symmetric else 'asym'}"
         if not (path / "manifest.json").is_file():
-            calib = calibration(folder, fp32) if cfg.method == "awq" else None
+            calib = calibration(folder, fp32) if cfg.method != "rtn" else None
             quantize_build(fp32, path, precision, cfg, log=lambda _m: None, calibration=calib)
         got = evaluate(path, heldout, args.sequences)
         rows[name] = {
@@ -246,7 +249,8 @@ def main() -> None:
     md += [
         "",
         "AWQ: per-channel scales searched on 16 training chunks (never held-out ones), folded into the RMSNorm "
-        "gammas and up_proj; o_proj and the LM head stay plain RTN.",
+        "gammas and up_proj; o_proj and the LM head stay plain RTN. GPTQ: Hessians of every linear layer's "
+        "input (the LM head included) over the same 16 chunks, 1% damping, error spread in input-channel order.",
     ]
     write_results(
         "llm_quant_accuracy", {"machine": machine(), "settings": vars(args), "rows": rows}, "\n".join(md)

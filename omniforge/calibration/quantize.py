@@ -160,6 +160,12 @@ def quantize_build(
                         fp32_graph, calibration or calibration_rows(build), wcfg.block_size
                     )
                 q = quantize_weights(fp32_graph, wcfg)
+                if wcfg.method == "gptq":
+                    from omniforge.calibration.gptq import apply_gptq
+
+                    q = apply_gptq(
+                        fp32_graph, q, calibration or calibration_rows(build), wcfg.bits, wcfg.block_size
+                    )
                 onnx.save_model(q, str(tmp / rel))
                 res = StageQuantization(
                     name,

@@ -20,19 +20,24 @@ from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 from omniforge.errors import ConfigError
 
 
+METHODS = ("rtn", "awq", "gptq")
+
+
 @dataclass(frozen=True)
 class WeightOnlyConfig:
     bits: int = 4
     block_size: int = 32
     symmetric: bool = True
     accuracy_level: int = 4  # ORT MatMulNBits compute type: 4 = int8 activations
-    method: str = "rtn"  # rtn | awq (activation-aware scales from calibration text, then RTN)
+    method: str = "rtn"  # rtn | awq (activation-aware scales, then RTN) | gptq (error-correcting rounding)
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
             raise ConfigError(f"weight-only quantization takes 4 or 8 bits, got {self.bits}")
-        if self.method not in ("rtn", "awq"):
-            raise ConfigError(f"weight-only method must be rtn or awq, got '{self.method}'")
+        if self.method not in METHODS:
+            raise ConfigError(f"weight-only method must be one of {', '.join(METHODS)}, got '{self.method}'")
+        if self.method == "gptq" and not self.symmetric:
+            raise ConfigError("GPTQ is implemented for symmetric quantization only")
         if self.block_size not in (16, 32, 64, 128, 256):
             raise ConfigError(f"block size must be one of 16, 32, 64, 128, 256, got {self.block_size}")
 
@@ -40,8 +45,10 @@ class WeightOnlyConfig:
 def quantize_weights(model: onnx.ModelProto, cfg: WeightOnlyConfig) -> onnx.ModelProto:
     """A copy of ``model`` with every constant-weight MatMul quantized block-wise."""
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # the quantizer rewrites the graph it is given
     q = MatMulNBitsQuantizer(
-        model,
+        copy,
         bits=cfg.bits,
         block_size=cfg.block_size,
         is_symmetric=cfg.symmetric,

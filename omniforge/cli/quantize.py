@@ -28,9 +28,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--method",
-        choices=["rtn", "awq"],
+        choices=["rtn", "awq", "gptq"],
         default="rtn",
-        help="LLM weight-only method: round-to-nearest, or AWQ scales from calibration text first",
+        help="LLM weight-only method: round-to-nearest; AWQ scales, then RTN; or GPTQ error-correcting "
+        "rounding (both calibrated on text)",
     )
     p.set_defaults(run=run)
 

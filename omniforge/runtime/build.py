@@ -65,7 +65,7 @@ class Build:
                 spec = self.pipeline.stage(name)
                 self.stage_file(name)  # a clear error for a stage the build does not hold
                 self._engines[name] = Engine(
-                    self.path / runtime_file(self.manifest, name), spec, self.session
+                    self.path / runtime_file(self.manifest, name), spec, self.session.one_shot()
                 )
             return self._engines[name]
 

@@ -8,7 +8,7 @@ sees them, so a caller gets one clear ``InputError`` instead of a backend traceb
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,15 @@ class SessionConfig:
                 f"execution provider(s) {missing} are not available in this onnxruntime "
                 f"(available: {ort.get_available_providers()})"
             )
+
+    def one_shot(self) -> SessionConfig:
+        """These settings for a stage called once per step (encoders, projectors, decoders): its
+        worker threads stop spinning after each run instead of competing with the next stage's
+        session for the cores (measured: a UNet step right after another session ran 4x slower).
+        The LLM's decode loop keeps spinning, which is what makes back-to-back tokens fast."""
+        if "session.force_spinning_stop" in self.extra:
+            return self
+        return replace(self, extra={**self.extra, "session.force_spinning_stop": "1"})
 
     def session_options(self) -> ort.SessionOptions:
         opts = ort.SessionOptions()
