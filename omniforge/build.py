@@ -15,10 +15,11 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from omniforge import __version__
+from omniforge.calibration.quantize import QuantizeOptions
 from omniforge.errors import ConfigError
 from omniforge.pipeline.atomic import atomic_folder
 from omniforge.pipeline.manifest import (
@@ -44,12 +45,24 @@ class BuildOptions:
     precision: str = "fp32"
     emit_trtexec: bool = False
     cache: Path | None = None
+    stage_precision: dict[str, str] = field(default_factory=dict)  # per-stage overrides of precision
+    quantize: QuantizeOptions | None = None  # default: QuantizeOptions(), static INT8 everywhere for TensorRT
+
+    def quantize_options(self) -> QuantizeOptions:
+        opts = self.quantize or QuantizeOptions()
+        if self.backend == "tensorrt" and opts.int8_mode == "auto":
+            opts = replace(opts, int8_mode="static")  # TensorRT builds explicit INT8 from Q/DQ graphs only
+        return opts
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend '{self.backend}' is not one of {', '.join(BACKENDS)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision '{self.precision}' is not one of {', '.join(PRECISIONS)}")
+        if self.precision == "auto" and self.stage_precision:
+            raise ConfigError(
+                "the auto plan chooses every stage's precision; give per-stage precisions with fp32, int8 or int4"
+            )
 
 
 def cache_root(opts: BuildOptions) -> Path:
@@ -115,26 +128,36 @@ def build(
     opt_key = _key("optimize", export_key)
     optimized = _cached(root, f"optimize-{opt_key}", lambda p: optimize_build(exported, p, log=log), log)
     final = optimized
-    if opts.precision in ("int8", "int4"):
-        final = _quantized(root, optimized, opt_key, opts.precision, log)
-    elif opts.precision == "auto":
-        variants = {p: _quantized(root, optimized, opt_key, p, log) for p in ("int8", "int4")}
-        final = _cached(
-            root,
-            f"auto-{_key('auto', opt_key, json.dumps(AUTO_BUDGETS))}",
-            lambda p: assemble_auto(optimized, variants, p, log),
-            log,
-        )
+    qopts = opts.quantize_options()
+    if opts.precision == "auto":
+        variants = {p: _quantized(root, optimized, opt_key, p, qopts, {}, log) for p in ("int8", "int4")}
+        auto_key = _key("auto", opt_key, json.dumps(AUTO_BUDGETS), *(v.name for v in variants.values()))
+        final = _cached(root, f"auto-{auto_key}", lambda p: assemble_auto(optimized, variants, p, log), log)
+    elif opts.precision in ("int8", "int4") or opts.stage_precision:
+        final = _quantized(root, optimized, opt_key, opts.precision, qopts, opts.stage_precision, log)
     return _assemble(final, out, opts, log)
 
 
-def _quantized(root: Path, optimized: Path, opt_key: str, precision: str, log: Callable[[str], None]) -> Path:
+def _quantized(
+    root: Path,
+    optimized: Path,
+    opt_key: str,
+    precision: str,
+    qopts: QuantizeOptions,
+    overrides: dict[str, str],
+    log: Callable[[str], None],
+) -> Path:
+    """The quantized build, cached whole; inside it each stage is cached on its own, so a change of
+    one stage's precision (or of an option only some stages use) redoes only those stages."""
     from omniforge.calibration.quantize import quantize_build
 
+    key = _key(precision, opt_key, qopts.key(precision), json.dumps(overrides, sort_keys=True))
     return _cached(
         root,
-        f"{precision}-{_key(precision, opt_key)}",
-        lambda p: quantize_build(optimized, p, precision, log=log),
+        f"{precision}-{key}",
+        lambda p: quantize_build(
+            optimized, p, precision, log=log, options=qopts, overrides=overrides, stage_cache=root / "stages"
+        ),
         log,
     )
 
@@ -157,11 +180,13 @@ def assemble_auto(fp32: Path, quantized: dict[str, Path], out: Path, log: Callab
             ok = all(report["metrics"].get(k, 1.0) >= v for k, v in AUTO_BUDGETS.items())
             t = _latency(Build(qpath), name)
             if ok and t < best:
-                choice, best, chosen = qsb.precision, t, (qpath, qsb.variants["onnxruntime"])
+                choice, best, chosen = qsb.precision, t, (qpath, qsb)
         if chosen is not None:
-            qpath, rel = chosen
-            shutil.copyfile(qpath / rel, out / rel)
-            stages[name] = replace(sb, precision=choice, variants={**sb.variants, "onnxruntime": rel})
+            qpath, qsb = chosen
+            for rel in qsb.variants.values():
+                if not (out / rel).exists():
+                    shutil.copyfile(qpath / rel, out / rel)
+            stages[name] = replace(sb, precision=choice, variants=dict(qsb.variants))
         plan[name] = choice
         log(f"auto: {name} -> {choice}")
     paths = list(base.artifacts) + stage_files(stages)
@@ -207,10 +232,15 @@ def _assemble(
                 "mkdir -p engines",
             ]
             for name, sb in m.stages.items():
-                spec = m.pipeline.stage(name)
-                precision = sb.precision if sb.precision in ("int8", "int4") else "fp16"
+                graph, precision = tensorrt_source(sb)
                 lines.append(
-                    trtexec_command(spec, sb.file, f"engines/{name}.plan", precision, "engines/timing.cache")
+                    trtexec_command(
+                        m.pipeline.stage(name),
+                        graph,
+                        f"engines/{name}.plan",
+                        precision,
+                        "engines/timing.cache",
+                    )
                 )
             (tmp / "trtexec" / "build_engines.sh").write_text("\n".join(lines) + "\n")
             extra.append("trtexec/build_engines.sh")
@@ -235,11 +265,16 @@ def _assemble(
     return new, rows
 
 
-def _tensorrt_engines(build: Path, m: Manifest, log: Callable[[str], None]) -> Manifest:
-    """One TensorRT engine per stage from its canonical graph (FP16, norms FP32), metadata in the manifest.
+def tensorrt_source(sb) -> tuple[str, str]:
+    """(graph, precision) TensorRT builds a stage from: the standard Q/DQ graph of an INT8/INT4 stage
+    (explicit quantization), else the canonical graph in FP16 (norms kept FP32 by the builder)."""
+    if sb.precision in ("int8", "int4") and "qdq" in sb.variants:
+        return sb.variants["qdq"], sb.precision
+    return sb.file, "fp16"
 
-    The quantized variants are ONNX Runtime forms, so TensorRT builds from the standard graphs.
-    """
+
+def _tensorrt_engines(build: Path, m: Manifest, log: Callable[[str], None]) -> Manifest:
+    """One TensorRT engine per stage (see ``tensorrt_source``), metadata in the manifest."""
     from dataclasses import asdict
 
     from omniforge.engines.tensorrt import build_engine
@@ -248,8 +283,9 @@ def _tensorrt_engines(build: Path, m: Manifest, log: Callable[[str], None]) -> M
     stages, meta = dict(m.stages), {}
     for name, sb in m.stages.items():
         rel = f"engines/{name}.plan"
+        graph, precision = tensorrt_source(sb)
         info = build_engine(
-            m.pipeline.stage(name), build / sb.file, build / rel, "fp16", build / "engines" / "timing.cache"
+            m.pipeline.stage(name), build / graph, build / rel, precision, build / "engines" / "timing.cache"
         )
         stages[name] = replace(sb, variants={**sb.variants, "tensorrt": rel})
         meta[name] = asdict(info)

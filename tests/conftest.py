@@ -25,3 +25,15 @@ def default_build(default_model: Path, tmp_path_factory: pytest.TempPathFactory)
     out = tmp_path_factory.mktemp("builds") / "default"
     export_pipeline(default_model, out, log=lambda _msg: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def quick_quant():
+    """Quantization options for tests: two calibration prompts, two denoising steps, no
+    per-layer fallback search (tests of the fallback itself set their own budget)."""
+    from omniforge.calibration.capture import CalibrationInputs
+    from omniforge.calibration.quantize import QuantizeOptions
+
+    inputs = CalibrationInputs.default(count=2)
+    inputs.steps, inputs.max_per_stage = 2, 8
+    return QuantizeOptions(max_fp32_layers=0, calibration=inputs)

@@ -19,7 +19,7 @@ from omniforge.runtime.sampling import GenerationConfig
 
 
 @pytest.fixture(scope="module")
-def builds(default_model, tmp_path_factory):
+def builds(default_model, tmp_path_factory, quick_quant):
     root = tmp_path_factory.mktemp("builds")
     cache = root / "cache"
     out = {}
@@ -29,7 +29,7 @@ def builds(default_model, tmp_path_factory):
         build(
             default_model,
             root / precision,
-            BuildOptions(precision=precision, cache=cache, emit_trtexec=True),
+            BuildOptions(precision=precision, cache=cache, emit_trtexec=True, quantize=quick_quant),
             log=lambda _m: None,
         )
         times[precision] = time.perf_counter() - t0
@@ -126,3 +126,59 @@ def test_build_options_are_checked():
     with pytest.raises(ConfigError, match="precision 'int2'"):
         BuildOptions(precision="int2")
     assert cache_root(BuildOptions()).name == "build-cache"
+
+
+def test_changing_one_stage_precision_rebuilds_only_that_stage(builds, default_model, tmp_path, quick_quant):
+    _, cache, _ = builds
+    logs: list[str] = []
+    opts = BuildOptions(
+        precision="int8", cache=cache, quantize=quick_quant, stage_precision={"image_unet": "fp32"}
+    )
+    build(default_model, tmp_path / "mixed", opts, log=logs.append)
+    m = load_manifest(tmp_path / "mixed")
+    assert m.stages["image_unet"].precision == "fp32" and m.stages["video_unet"].precision == "int8"
+    assert m.source["precision_plan"]["image_unet"] == "fp32"
+    reused = [line for line in logs if "up to date (cached)" in line]
+    assert any(
+        line.startswith("video_unet: int8") for line in reused
+    )  # every other stage came from the cache
+    assert not any(line.startswith("image_unet") for line in reused)
+    with pytest.raises(ConfigError, match="int4 is for the LLM"):
+        build(
+            default_model,
+            tmp_path / "bad",
+            BuildOptions(
+                precision="int8", cache=cache, quantize=quick_quant, stage_precision={"vocoder": "int4"}
+            ),
+            log=lambda _m: None,
+        )
+    with pytest.raises(ConfigError, match="no stage 'nope'"):
+        build(
+            default_model,
+            tmp_path / "bad",
+            BuildOptions(
+                precision="int8", cache=cache, quantize=quick_quant, stage_precision={"nope": "int8"}
+            ),
+            log=lambda _m: None,
+        )
+    with pytest.raises(ConfigError, match="auto plan chooses"):
+        BuildOptions(precision="auto", stage_precision={"llm": "int4"})
+    assert not (tmp_path / "bad").exists()
+
+
+def test_tensorrt_builds_quantized_stages_from_their_qdq_graphs(builds):
+    from omniforge.build import tensorrt_source
+
+    out, _, _ = builds
+    m = load_manifest(out["int8"])
+    unet = m.stages["image_unet"]
+    assert tensorrt_source(unet) == (unet.variants["qdq"], "int8")
+    assert tensorrt_source(load_manifest(out["fp32"]).stages["image_unet"]) == (
+        "stages/image_unet.onnx",
+        "fp16",
+    )
+    llm = m.stages["llm"]
+    assert tensorrt_source(llm) == ("stages/llm.int8.qdq.onnx", "int8")
+    script = (out["int8"] / "trtexec" / "build_engines.sh").read_text()
+    line = next(x for x in script.splitlines() if "image_unet.plan" in x)
+    assert f"--onnx={unet.variants['qdq']}" in line and "--int8" in line and "--fp16" in line

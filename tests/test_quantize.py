@@ -18,9 +18,9 @@ from omniforge.runtime.sampling import GenerationConfig
 
 
 @pytest.fixture(scope="module")
-def int4_build(default_build, tmp_path_factory):
+def int4_build(default_build, tmp_path_factory, quick_quant):
     out = tmp_path_factory.mktemp("q") / "int4"
-    quantize_build(default_build, out, "int4", log=lambda _m: None)
+    quantize_build(default_build, out, "int4", log=lambda _m: None, options=quick_quant)
     return out
 
 
@@ -59,9 +59,9 @@ def test_the_runtime_runs_the_quantized_build(int4_build):
     assert out.images[0].shape == (32, 32, 3)
 
 
-def test_int8_weight_only_is_closer_to_fp32_than_int4(default_build, int4_build, tmp_path):
+def test_int8_weight_only_is_closer_to_fp32_than_int4(default_build, int4_build, tmp_path, quick_quant):
     out = tmp_path / "int8"
-    quantize_build(default_build, out, "int8", log=lambda _m: None)
+    quantize_build(default_build, out, "int8", log=lambda _m: None, options=quick_quant)
     r8 = {r["stage"]: r for r in json.loads((out / "quantize.json").read_text())}["llm"]["metrics"]
     r4 = {r["stage"]: r for r in json.loads((int4_build / "quantize.json").read_text())}["llm"]["metrics"]
     assert r8["kl_divergence"] < r4["kl_divergence"]
@@ -86,7 +86,7 @@ def test_metrics():
     assert top1_agreement(logits, logits[::-1]) == 0.0
 
 
-def test_awq_keeps_the_fp32_function_and_builds(default_build, tmp_path):
+def test_awq_keeps_the_fp32_function_and_builds(default_build, tmp_path, quick_quant):
     import onnxruntime as ort
 
     from omniforge.calibration.awq import apply_awq
@@ -126,6 +126,8 @@ def test_awq_keeps_the_fp32_function_and_builds(default_build, tmp_path):
     ]
     assert changed  # the search moved scale into the norms
     out = tmp_path / "awq"
-    quantize_build(default_build, out, "int4", WeightOnlyConfig(method="awq"), log=lambda _m: None)
+    quantize_build(
+        default_build, out, "int4", WeightOnlyConfig(method="awq"), log=lambda _m: None, options=quick_quant
+    )
     assert "AWQ" in {r["stage"]: r for r in json.loads((out / "quantize.json").read_text())}["llm"]["method"]
     assert LlmRuntime(out).generate("A dog runs", GenerationConfig(max_new_tokens=4)).new_tokens == 4

@@ -334,7 +334,11 @@ def test_low_memory_releases_decoders(default_build):
         force=["image"],
     )
     loaded = p.build.loaded()
-    assert "image_unet" not in loaded and "image_vae_decoder" not in loaded and "image_output_projector" in loaded
+    assert (
+        "image_unet" not in loaded
+        and "image_vae_decoder" not in loaded
+        and "image_output_projector" in loaded
+    )
 
 
 def test_bad_pipeline_requests(pipe, media_files):

@@ -1,9 +1,16 @@
-"""Dynamic INT8 with an accuracy-driven fallback: the most harmful layers stay FP32.
+"""INT8 with an accuracy-driven fallback: the most harmful layers stay FP32.
 
-Quantize every MatMul/Gemm (per-channel weights, ``reduce_range`` for CPUs without VNNI); if
-the outputs' cosine similarity to FP32 on the calibration inputs misses the budget, measure each
-layer's sensitivity (the accuracy lost when only that layer is quantized) and keep the worst
-layers in FP32, one at a time, until the budget is met.
+Two quantizers from ONNX Runtime, both with per-channel symmetric INT8 weights:
+
+- ``dynamic``: activations quantized at run time (``reduce_range`` for CPUs without VNNI);
+- ``static``: QDQ graph with per-tensor symmetric INT8 activations whose ranges come from
+  calibration feeds (MinMax, Percentile or Entropy). Zero points are 0, so the same QDQ file is
+  what TensorRT builds explicit-INT8 engines from. Ranges are computed once and cached for all
+  the trial quantizations below.
+
+The quantized outputs are compared with FP32 (cosine) on the calibration feeds; if the mean misses
+the budget, each layer's sensitivity (the accuracy lost when only that layer is quantized) is
+measured and the worst layers are kept FP32, one at a time, until the budget is met.
 """
 
 from __future__ import annotations
@@ -17,11 +24,25 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
 
 from omniforge.calibration.metrics import cosine
+from omniforge.errors import ConfigError
 
 Feeds = dict[str, np.ndarray]
+CALIBRATION_METHODS = {
+    "minmax": CalibrationMethod.MinMax,
+    "percentile": CalibrationMethod.Percentile,
+    "entropy": CalibrationMethod.Entropy,
+}
+MODES = ("dynamic", "static")
 
 
 @dataclass
@@ -32,70 +53,194 @@ class FallbackResult:
     sensitivity: dict[str, float] = field(default_factory=dict)
 
 
-def _outputs(path: Path, feeds: list[Feeds], threads: int = 2) -> list[np.ndarray]:
+@dataclass(frozen=True)
+class Int8Config:
+    mode: str = "dynamic"  # dynamic | static
+    method: str = "minmax"  # static calibration: minmax | percentile | entropy
+    op_types: tuple[str, ...] = ("MatMul", "Gemm")
+    budget: float = 0.995  # mean cosine to FP32 the fallback restores
+    max_fp32_layers: int = 8
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"INT8 mode must be one of {', '.join(MODES)}, got '{self.mode}'")
+        if self.method not in CALIBRATION_METHODS:
+            raise ConfigError(
+                f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, got '{self.method}'"
+            )
+
+
+class _Reader(CalibrationDataReader):
+    def __init__(self, feeds: list[Feeds]) -> None:
+        self.feeds = feeds
+        self.it = iter(feeds)
+
+    def get_next(self) -> Feeds | None:
+        return next(self.it, None)
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.it = iter(self.feeds[start_index:end_index])
+
+
+def outputs(path: Path, feeds: list[Feeds], threads: int = 2, quick: bool = False) -> list[list[np.ndarray]]:
+    """Every output of ``path`` on each feed; ``quick``: basic graph optimizations only (a trial
+    session is created, run a few times and dropped, so creating it fast matters more)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
+    if quick:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return [sess.run(None, f)[0] for f in feeds]
+    return [sess.run(None, f) for f in feeds]
 
 
-def _quantize(
-    src: Path, dst: Path, include: list[str] | None = None, exclude: list[str] | None = None
-) -> None:
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
-    quantize_dynamic(
-        str(src),
-        str(dst),
-        per_channel=True,
-        reduce_range=True,
-        weight_type=QuantType.QInt8,
-        op_types_to_quantize=["MatMul", "Gemm"],
-        nodes_to_quantize=include or [],
-        nodes_to_exclude=exclude or [],
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-    )
+class _Quantizer:
+    """One configured ONNX Runtime quantizer; static ranges are calibrated on first use, then reused."""
+
+    def __init__(self, src: Path, cfg: Int8Config, calibration: list[Feeds], work: Path) -> None:
+        self.src, self.cfg, self.calibration = src, cfg, calibration
+        self.cache = work / "ranges.json"
+        self.layers = weight_layers(src, cfg.op_types)
+        logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
+        logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
+
+    def __call__(self, dst: Path, include: list[str] | None = None, exclude: list[str] | None = None) -> None:
+        common = dict(
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=list(self.cfg.op_types),
+            nodes_to_quantize=include or self.layers,
+            nodes_to_exclude=exclude or [],
+        )
+        if self.cfg.mode == "dynamic":
+            quantize_dynamic(
+                str(self.src),
+                str(dst),
+                reduce_range=True,
+                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+                **common,
+            )
+            return
+        if not self.cache.is_file():
+            self._calibrate()
+        quantize_static(
+            str(self.src),
+            str(dst),
+            _Reader(self.calibration),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QInt8,
+            calibrate_method=CALIBRATION_METHODS[self.cfg.method],
+            calibration_cache_path=self.cache,
+            extra_options={
+                "ActivationSymmetric": True,
+                "WeightSymmetric": True,
+                "DefaultTensorType": onnx.TensorProto.FLOAT,
+            },
+            **common,
+        )
+
+    def _calibrate(self) -> None:
+        """Activation ranges, once. Done here rather than inside ``quantize_static`` because that
+        call cannot set the histogram size, which leaves Entropy with one candidate threshold
+        (the MinMax range)."""
+        from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+        options = {"symmetric": True}
+        if self.cfg.method == "entropy":
+            options.update(num_bins=2048, num_quantized_bins=255)
+        calibrator = create_calibrator(
+            self.src,
+            list(self.cfg.op_types),
+            augmented_model_path=str(self.cache.with_name("augmented.onnx")),
+            calibrate_method=CALIBRATION_METHODS[self.cfg.method],
+            extra_options=options,
+        )
+        calibrator.collect_data(_Reader(self.calibration))
+        save_tensors_data(calibrator.compute_data(), self.cache)
+
+
+def weight_layers(src: Path, op_types: tuple[str, ...]) -> list[str]:
+    """Names of the nodes of ``op_types`` whose weight is a constant: the layers INT8 applies to
+    (an attention score MatMul of two activations stays FP32)."""
+    model = onnx.load(str(src), load_external_data=False)
+    consts = {t.name for t in model.graph.initializer}
+    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return [
+        n.name
+        for n in model.graph.node
+        if n.op_type in op_types and n.name and len(n.input) > 1 and n.input[1] in consts
+    ]
+
+
+def _block(name: str) -> str:
+    """The block a node belongs to, from its exported path name (``/unet/down_blocks.0/resnets.1/...``)."""
+    parts = name.split("/")
+    return "/".join(parts[:4]) if len(parts) > 4 else name
+
+
+def sensitivity(layers: list[str], loss: Callable[[list[str]], float], limit: int) -> dict[str, float]:
+    """Per-layer loss; for many layers, blocks are measured first and only the layers of the most
+    harmful blocks one by one (a UNet has ~175 quantizable layers and each trial builds a session)."""
+    if len(layers) <= 48:
+        return {n: loss([n]) for n in layers}
+    blocks: dict[str, list[str]] = {}
+    for n in layers:
+        blocks.setdefault(_block(n), []).append(n)
+    by_block = {b: loss(ns) for b, ns in blocks.items()}
+    out: dict[str, float] = {}
+    for b in sorted(by_block, key=by_block.get, reverse=True):
+        out.update({n: loss([n]) for n in blocks[b]})
+        if len(out) >= max(24, 4 * limit):
+            break
+    return out
 
 
 def _score(
-    ref: list[np.ndarray], got: list[np.ndarray], reduce: Callable[[np.ndarray], np.ndarray]
+    ref: list[list[np.ndarray]], got: list[list[np.ndarray]], reduce: Callable[[np.ndarray], np.ndarray]
 ) -> list[float]:
-    return [cosine(reduce(a), reduce(b)) for a, b in zip(ref, got, strict=True)]
+    return [cosine(reduce(a[0]), reduce(b[0])) for a, b in zip(ref, got, strict=True)]
 
 
 def quantize_int8_with_fallback(
     src: Path,
     dst: Path,
     calibration: list[Feeds],
-    budget: float = 0.995,
-    max_fp32_layers: int = 8,
+    budget: float | None = None,
+    max_fp32_layers: int | None = None,
     reduce: Callable[[np.ndarray], np.ndarray] = lambda x: x,
+    config: Int8Config | None = None,
 ) -> FallbackResult:
-    """Write ``dst``: ``src`` with dynamic INT8 layers, keeping layers FP32 until mean cosine >= ``budget``."""
-    ref = _outputs(src, calibration)
+    """Write ``dst``: ``src`` in INT8, keeping layers FP32 until the mean cosine on ``calibration`` >= budget."""
+    cfg = config or Int8Config()
+    budget = cfg.budget if budget is None else budget
+    limit = cfg.max_fp32_layers if max_fp32_layers is None else max_fp32_layers
+    ref = outputs(src, calibration)
     with tempfile.TemporaryDirectory() as td:
+        quant = _Quantizer(src, cfg, calibration, Path(td))
         trial = Path(td) / "trial.onnx"
-        _quantize(src, trial)
-        scores = _score(ref, _outputs(trial, calibration), reduce)
+        quant(trial)
+        scores = _score(ref, outputs(trial, calibration), reduce)
         result = FallbackResult(float(np.mean(scores)), float(np.min(scores)))
-        if result.mean_cosine < budget:
-            linear = [
-                n.name
-                for n in onnx.load(str(src), load_external_data=False).graph.node
-                if n.op_type in ("MatMul", "Gemm") and n.name
-            ]
-            for name in linear:  # accuracy lost when only this layer is INT8
-                _quantize(src, trial, include=[name])
-                result.sensitivity[name] = 1.0 - float(
-                    np.mean(_score(ref, _outputs(trial, calibration), reduce))
-                )
+        if result.mean_cosine < budget and limit > 0:
+            # accuracy lost when only these layers are INT8, on up to 4 evenly spaced feeds
+            pick = sorted(set(np.linspace(0, len(calibration) - 1, min(4, len(calibration))).astype(int)))
+            probe, probe_ref = [calibration[i] for i in pick], [ref[i] for i in pick]
+
+            def loss(names: list[str]) -> float:
+                quant(trial, include=names)
+                return 1.0 - float(np.mean(_score(probe_ref, outputs(trial, probe, quick=True), reduce)))
+
+            result.sensitivity = sensitivity(quant.layers, loss, limit)
             order = sorted(result.sensitivity, key=result.sensitivity.get, reverse=True)
-            for name in order[:max_fp32_layers]:
+            for name in order[:limit]:
                 result.excluded.append(name)
-                _quantize(src, trial, exclude=result.excluded)
-                scores = _score(ref, _outputs(trial, calibration), reduce)
+                quant(trial, exclude=result.excluded)
+                scores = _score(ref, outputs(trial, calibration), reduce)
                 result.mean_cosine, result.min_cosine = float(np.mean(scores)), float(np.min(scores))
                 if result.mean_cosine >= budget:
                     break
-    _quantize(src, dst, exclude=result.excluded)
+        quant(dst, exclude=result.excluded)
     return result

@@ -1,29 +1,44 @@
-"""``quantize`` over a build: weight-only INT4/INT8 LLM, dynamic INT8 for Linear-heavy stages.
+"""``quantize`` over a build, one stage at a time.
 
-Each quantized stage is measured against its FP32 graph on the stage's seeded inputs (cosine,
-SNR, max error; for the LLM top-1 agreement and KL divergence of next-token distributions over
-decode steps) and the report lands in the build (``quantize.json`` / ``quantize.md``).
+- LLM: weight-only INT4/INT8 (RTN, AWQ or GPTQ) as ONNX Runtime's ``MatMulNBits`` graph, plus the
+  standard-ONNX form (block-wise ``DequantizeLinear``, opset 21) that TensorRT consumes;
+- token embedding: INT8 table, one scale per row;
+- encoders, projectors, UNets, VAE decoders, vocoder: INT8 with the accuracy-driven fallback.
+  Static QDQ (calibrated on inputs captured from the FP32 pipeline, the TensorRT-ready form) for
+  stages with convolutions, and for every stage when ``int8_mode`` is ``static``; ONNX Runtime's
+  dynamic INT8 for the transformer-only stages otherwise (faster on CPUs, measured).
+
+Each quantized stage is measured against its FP32 graph on held-out captured inputs (or seeded
+ones where none were captured): cosine, SNR, max error; for the LLM top-1 agreement and KL
+divergence of next-token distributions over decode steps. The report lands in the build
+(``quantize.json`` / ``quantize.md``). With ``stage_cache`` each stage's result is cached under a
+key of its FP32 graph's SHA-256 and the options, so changing one stage's precision redoes only it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
+from omniforge.calibration import capture as calib
+from omniforge.calibration.capture import CalibrationInputs
+from omniforge.calibration.fallback import Int8Config, quantize_int8_with_fallback
 from omniforge.calibration.metrics import cosine, kl_divergence, snr_db, top1_agreement
 from omniforge.calibration.weight_only import WeightOnlyConfig, quantize_embedding, quantize_weights
 from omniforge.errors import ConfigError
 from omniforge.pipeline.atomic import atomic_folder
 from omniforge.pipeline.manifest import (
     Manifest,
+    StageBuild,
     atomic_write_text,
     collect_artifacts,
     load_manifest,
@@ -34,7 +49,38 @@ from omniforge.pipeline.manifest import (
 from omniforge.pipeline.spec import StageKind, StageSpec
 
 PRECISIONS = ("int8", "int4")
-DYNAMIC_INT8_KINDS = {StageKind.ENCODER, StageKind.INPUT_PROJECTOR, StageKind.OUTPUT_PROJECTOR}
+STAGE_PRECISIONS = ("fp32", "int8", "int4")
+INT8_MODES = ("auto", "static", "dynamic")
+CONV_KINDS = {StageKind.DECODER, StageKind.VAE, StageKind.VOCODER}  # UNets, VAE decoders, vocoder
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """Everything that shapes a quantized stage besides its precision (part of the cache key)."""
+
+    weight_only: WeightOnlyConfig = field(default_factory=WeightOnlyConfig)  # bits follow the precision
+    int8_mode: str = "auto"  # auto: static QDQ for convolution stages, dynamic for the others
+    calibration_method: str = "minmax"  # static INT8 ranges: minmax | percentile | entropy
+    smoothquant_alpha: float | None = None  # SmoothQuant before static INT8 of MatMul stages
+    budget: float = 0.999  # mean cosine to FP32 on calibration inputs that the INT8 fallback restores
+    max_fp32_layers: int = 8
+    standard_form: bool = True  # LLM: also the block-wise DequantizeLinear graph for TensorRT
+    calibration: CalibrationInputs | None = None  # default: CalibrationInputs.default()
+
+    def __post_init__(self) -> None:
+        if self.int8_mode not in INT8_MODES:
+            raise ConfigError(f"INT8 mode must be one of {', '.join(INT8_MODES)}, got '{self.int8_mode}'")
+        Int8Config(method=self.calibration_method)  # validates the method
+        if self.smoothquant_alpha is not None and not 0.0 <= self.smoothquant_alpha <= 1.0:
+            raise ConfigError(f"SmoothQuant alpha must be in [0, 1], got {self.smoothquant_alpha}")
+
+    def inputs(self) -> CalibrationInputs:
+        return self.calibration or CalibrationInputs.default()
+
+    def key(self, precision: str) -> str:
+        wo = replace(self.weight_only, bits=4 if precision == "int4" else 8)
+        data = {**asdict(self), "weight_only": asdict(wo), "calibration": self.inputs().digest()}
+        return json.dumps(data, sort_keys=True, default=str)
 
 
 @dataclass
@@ -55,12 +101,16 @@ def _session(model: onnx.ModelProto | Path) -> ort.InferenceSession:
     return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
 
 
-def _stage_metrics(fp32: Path, quant: Path, spec: StageSpec) -> dict[str, float]:
+def _stage_metrics(
+    fp32: Path, quant: Path, spec: StageSpec, feeds: list[dict[str, np.ndarray]] | None = None
+) -> dict[str, float]:
+    """Accuracy on ``feeds`` (held-out captured inputs) or, without them, on seeded inputs."""
     a, b = _session(fp32), _session(quant)
     cos, snr, err = [], [], []
-    for i, point in enumerate(spec.parity_points()):
-        feeds = spec.sample_inputs(point, seed=200 + i)
-        for x, y in zip(a.run(None, feeds), b.run(None, feeds), strict=True):
+    if not feeds:
+        feeds = [spec.sample_inputs(point, seed=200 + i) for i, point in enumerate(spec.parity_points())]
+    for f in feeds:
+        for x, y in zip(a.run(None, f), b.run(None, f), strict=True):
             cos.append(cosine(x, y))
             snr.append(snr_db(x, y))
             err.append(float(np.max(np.abs(x - y))) if x.size else 0.0)
@@ -123,6 +173,187 @@ def calibration_rows(build: Path, count: int = 16, length: int = 64) -> list[np.
     return [rt.embed_ids(ids[i * length : (i + 1) * length]) for i in range(count)]
 
 
+def stage_plan(manifest: Manifest, precision: str, overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """Per stage, the precision to build: the LLM at ``precision``, every other stage INT8 (when
+    ``precision`` is int8 or int4), then ``overrides`` (stage -> fp32|int8|int4)."""
+    if precision not in (*PRECISIONS, "fp32"):
+        raise ConfigError(f"precision '{precision}' is not one of fp32, {', '.join(PRECISIONS)}")
+    plan = {}
+    for name in manifest.stages:
+        kind = manifest.pipeline.stage(name).kind
+        plan[name] = precision if kind is StageKind.LLM or precision == "fp32" else "int8"
+    for name, p in (overrides or {}).items():
+        if name not in plan:
+            raise ConfigError(f"no stage '{name}' in this build (it has: {', '.join(plan)})")
+        if p not in STAGE_PRECISIONS:
+            raise ConfigError(
+                f"stage precision '{p}' for '{name}' is not one of {', '.join(STAGE_PRECISIONS)}"
+            )
+        if p == "int4" and manifest.pipeline.stage(name).kind is not StageKind.LLM:
+            raise ConfigError(f"int4 is for the LLM's weights; '{name}' can be fp32 or int8")
+        plan[name] = p
+    return plan
+
+
+@dataclass
+class _Context:
+    build: Path
+    manifest: Manifest
+    opts: QuantizeOptions
+    calibration_dir: Path | None
+    llm_rows: list[np.ndarray] | None
+    log: Callable[[str], None]
+
+
+def _int8_mode(spec: StageSpec, opts: QuantizeOptions) -> str:
+    if opts.int8_mode != "auto":
+        return opts.int8_mode
+    return "static" if spec.kind in CONV_KINDS else "dynamic"
+
+
+def _quantize_stage(
+    ctx: _Context, name: str, precision: str, out: Path
+) -> tuple[StageBuild, StageQuantization]:
+    """Write the quantized files of one stage under ``out/stages`` and return its manifest entry and report."""
+    sb = ctx.manifest.stages[name]
+    spec = ctx.manifest.pipeline.stage(name)
+    (out / "stages").mkdir(parents=True, exist_ok=True)
+    if spec.kind is StageKind.LLM and "onnxruntime" in sb.variants:
+        wcfg = replace(ctx.opts.weight_only, bits=4 if precision == "int4" else 8)
+        src = ctx.build / sb.variants["onnxruntime"]
+        rel = f"stages/{name}.{precision}.ort.onnx"
+        fp32_graph = onnx.load(str(src))
+        rows = ctx.llm_rows if wcfg.method != "rtn" else None
+        if wcfg.method == "awq":
+            from omniforge.calibration.awq import apply_awq
+
+            q = quantize_weights(apply_awq(fp32_graph, rows, wcfg.block_size), wcfg)
+        else:
+            q = quantize_weights(fp32_graph, wcfg)
+        if wcfg.method == "gptq":
+            from omniforge.calibration.gptq import apply_gptq
+
+            q = apply_gptq(fp32_graph, q, rows, wcfg.bits, wcfg.block_size)
+        onnx.save_model(q, str(out / rel))
+        metrics = _llm_metrics(src, out / rel, spec)
+        variants = {**sb.variants, "onnxruntime": rel}
+        note = "the embedding table is INT8 in token_embedding"
+        if ctx.opts.standard_form:
+            from omniforge.calibration.standard_int4 import dequantize_linear_form
+
+            std_rel = f"stages/{name}.{precision}.qdq.onnx"
+            canonical = onnx.load(str(ctx.build / sb.file))
+            codes = "gptq" if wcfg.method == "gptq" else "rtn"
+            std = dequantize_linear_form(canonical, wcfg.bits, wcfg.block_size, codes, rows)
+            onnx.save_model(std, str(out / std_rel))
+            variants["qdq"] = std_rel
+            metrics["qdq_cosine_min"] = _stage_metrics(ctx.build / sb.file, out / std_rel, spec)["cosine_min"]
+            note += f"; {std_rel}: block-wise DequantizeLinear (opset 21, {codes.upper()} codes) for TensorRT"
+        return replace(sb, precision=precision, variants=variants), StageQuantization(
+            name,
+            precision,
+            f"weight-only MatMulNBits ({wcfg.method.upper()}), {wcfg.bits}-bit, block {wcfg.block_size}",
+            src.stat().st_size,
+            (out / rel).stat().st_size,
+            metrics,
+            note=note,
+        )
+    if spec.kind is StageKind.EMBEDDING:
+        src = ctx.build / sb.file
+        rel = f"stages/{name}.int8.onnx"
+        onnx.save_model(quantize_embedding(onnx.load(str(src))), str(out / rel))
+        return replace(sb, precision="int8", variants={**sb.variants, "onnxruntime": rel}), StageQuantization(
+            name,
+            "int8",
+            "INT8 table, one scale per row",
+            src.stat().st_size,
+            (out / rel).stat().st_size,
+            _stage_metrics(src, out / rel, spec),
+        )
+    mode = _int8_mode(spec, ctx.opts)
+    calibration, heldout = calib.load(ctx.calibration_dir, name) if ctx.calibration_dir else ([], [])
+    if not calibration:  # a stage the capture did not reach: seeded inputs at every profile point
+        calibration = [spec.sample_inputs(p, seed=300 + i) for i, p in enumerate(spec.parity_points())]
+    ops = ("Conv", "MatMul", "Gemm") if spec.kind in CONV_KINDS else ("MatMul", "Gemm")
+    cfg = Int8Config(mode, ctx.opts.calibration_method, ops, ctx.opts.budget, ctx.opts.max_fp32_layers)
+    fp32 = ctx.build / (sb.file if mode == "static" else runtime_file(ctx.manifest, name))
+    source, method = (
+        fp32,
+        (
+            f"static QDQ INT8 ({ctx.opts.calibration_method}), per-channel weights"
+            if mode == "static"
+            else "dynamic INT8, per-channel weights, reduce_range"
+        ),
+    )
+    if mode == "static" and ctx.opts.smoothquant_alpha is not None and "MatMul" in ops:
+        from omniforge.calibration.smoothquant import smooth_quant
+
+        smoothed, report = smooth_quant(onnx.load(str(fp32)), calibration, ctx.opts.smoothquant_alpha)
+        source = out / f"{name}.smoothed.onnx"
+        onnx.save_model(smoothed, str(source))
+        method += f", SmoothQuant alpha {ctx.opts.smoothquant_alpha} ({report.fired} groups)"
+    rel = f"stages/{name}.int8.{'qdq' if mode == 'static' else 'ort'}.onnx"
+    fb = quantize_int8_with_fallback(source, out / rel, calibration, config=cfg)
+    if source != fp32:
+        source.unlink()
+    variants = {**sb.variants, "onnxruntime": rel}
+    if mode == "static":
+        variants["qdq"] = rel  # zero-point-free Q/DQ: what TensorRT builds explicit INT8 from
+    note = f"{len(fb.excluded)} layer(s) kept FP32 by the accuracy fallback" if fb.excluded else ""
+    return replace(sb, precision="int8", variants=variants), StageQuantization(
+        name,
+        "int8",
+        method,
+        fp32.stat().st_size,
+        (out / rel).stat().st_size,
+        _stage_metrics(ctx.build / runtime_file(ctx.manifest, name), out / rel, spec, heldout),
+        note=note,
+    )
+
+
+def _stage_key(manifest: Manifest, name: str, precision: str, opts: QuantizeOptions) -> str:
+    sb = manifest.stages[name]
+    hashes = [
+        manifest.artifacts[p].sha256 for p in (sb.file, *sb.variants.values()) if p in manifest.artifacts
+    ]
+    text = "|".join([name, precision, opts.key(precision), *hashes])
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _cached_stage(
+    ctx: _Context, name: str, precision: str, tmp: Path, cache: Path | None
+) -> tuple[StageBuild, StageQuantization]:
+    """One stage's result, from ``cache`` when present there, copied into ``tmp``."""
+    if cache is None:
+        return _quantize_stage(ctx, name, precision, tmp)
+    entry = cache / f"stage-{name}-{precision}-{_stage_key(ctx.manifest, name, precision, ctx.opts)}"
+    if not (entry / "result.json").is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        with atomic_folder(entry) as work:
+            sb, res = _quantize_stage(ctx, name, precision, work)
+            (work / "result.json").write_text(json.dumps({"stage": asdict(sb), "report": asdict(res)}))
+    else:
+        ctx.log(f"{name}: {precision} up to date (cached)")
+    data = json.loads((entry / "result.json").read_text())
+    for f in (entry / "stages").iterdir():
+        shutil.copyfile(f, tmp / "stages" / f.name)
+    sb = StageBuild(**{**data["stage"], "data_files": tuple(data["stage"]["data_files"])})
+    return sb, StageQuantization(**data["report"])
+
+
+def _needs_calibration(manifest: Manifest, plan: dict[str, str], opts: QuantizeOptions) -> bool:
+    for name, p in plan.items():
+        kind = manifest.pipeline.stage(name).kind
+        if p == "fp32" or kind is StageKind.EMBEDDING:
+            continue
+        if kind is StageKind.LLM:
+            if opts.weight_only.method != "rtn":
+                return True
+        elif _int8_mode(manifest.pipeline.stage(name), opts) == "static":
+            return True
+    return False
+
+
 def quantize_build(
     build: str | Path,
     out: str | Path,
@@ -130,96 +361,56 @@ def quantize_build(
     weight_only: WeightOnlyConfig | None = None,
     log: Callable[[str], None] = print,
     calibration: list[np.ndarray] | None = None,
+    options: QuantizeOptions | None = None,
+    overrides: dict[str, str] | None = None,
+    stage_cache: Path | None = None,
 ) -> tuple[Manifest, list[StageQuantization]]:
-    """Write a quantized copy of ``build`` to ``out`` (replaced atomically)."""
-    if precision not in PRECISIONS:
+    """Write a quantized copy of the FP32 ``build`` to ``out`` (replaced atomically).
+
+    ``calibration``: LLM rows for AWQ/GPTQ (default: the captured prompts plus the shipped text);
+    ``overrides``: per-stage precisions on top of ``precision``; ``stage_cache``: a folder caching
+    each stage's result (and the calibration capture) across runs.
+    """
+    if precision not in (*PRECISIONS, "fp32"):
         raise ConfigError(f"precision '{precision}' is not one of {', '.join(PRECISIONS)}")
+    opts = options or QuantizeOptions()
+    if weight_only is not None:
+        opts = replace(opts, weight_only=weight_only)
     build, out = Path(build), Path(out)
     manifest = load_manifest(build, verify=True)
     if any(sb.precision != "fp32" for sb in manifest.stages.values()):
         raise ConfigError(f"'{build}' is already quantized; quantize an FP32 build")
-    wcfg = weight_only or WeightOnlyConfig(bits=4 if precision == "int4" else 8)
+    plan = stage_plan(manifest, precision, overrides)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists() and not (out / "manifest.json").is_file():
         raise ConfigError(f"'{out}' exists and is not a build folder; refusing to replace it")
     with atomic_folder(out) as tmp:
         shutil.copytree(build, tmp, dirs_exist_ok=True)
+        calib_dir = None
+        if _needs_calibration(manifest, plan, opts):
+            fingerprint = hashlib.sha256(
+                "".join(sorted(a.sha256 for a in manifest.artifacts.values())).encode()
+            ).hexdigest()[:16]
+            where = (stage_cache / f"calibration-{fingerprint}") if stage_cache else tmp / "calibration"
+            for earlier in (build / "calibration", out / "calibration"):  # a capture made before
+                if not (where / "calibration.json").is_file() and (earlier / "calibration.json").is_file():
+                    shutil.copytree(earlier, where, dirs_exist_ok=True)
+            calib_dir = calib.capture(build, where, opts.inputs(), fingerprint, log=log)
+            if calib_dir != tmp / "calibration":
+                shutil.copytree(calib_dir, tmp / "calibration", dirs_exist_ok=True)
+        rows = calibration
+        if rows is None and plan.get("llm", "fp32") != "fp32" and opts.weight_only.method != "rtn":
+            captured = calib.load(calib_dir, "llm")[0] if calib_dir else []
+            rows = [f["inputs_embeds"] for f in captured] + calibration_rows(build)
+        ctx = _Context(build, manifest, opts, calib_dir, rows, log)
         stages = dict(manifest.stages)
         results: list[StageQuantization] = []
-        for name, sb in manifest.stages.items():
-            spec = manifest.pipeline.stage(name)
+        for name, p in plan.items():
             t0 = time.perf_counter()
-            if spec.kind is StageKind.LLM and "onnxruntime" in sb.variants:
-                src = tmp / sb.variants["onnxruntime"]
-                rel = f"stages/{name}.{precision}.ort.onnx"
-                fp32_graph = onnx.load(str(src))
-                if wcfg.method == "awq":
-                    from omniforge.calibration.awq import apply_awq
-
-                    fp32_graph = apply_awq(
-                        fp32_graph, calibration or calibration_rows(build), wcfg.block_size
-                    )
-                q = quantize_weights(fp32_graph, wcfg)
-                if wcfg.method == "gptq":
-                    from omniforge.calibration.gptq import apply_gptq
-
-                    q = apply_gptq(
-                        fp32_graph, q, calibration or calibration_rows(build), wcfg.bits, wcfg.block_size
-                    )
-                onnx.save_model(q, str(tmp / rel))
-                res = StageQuantization(
-                    name,
-                    precision,
-                    f"weight-only MatMulNBits ({wcfg.method.upper()}), {wcfg.bits}-bit, block {wcfg.block_size}",
-                    src.stat().st_size,
-                    (tmp / rel).stat().st_size,
-                    _llm_metrics(src, tmp / rel, spec),
-                    note="the embedding table is INT8 in token_embedding",
-                )
-                src.unlink()
-                stages[name] = replace(sb, precision=precision, variants={**sb.variants, "onnxruntime": rel})
-            elif spec.kind is StageKind.EMBEDDING:
-                src = tmp / sb.file
-                rel = f"stages/{name}.int8.onnx"
-                onnx.save_model(quantize_embedding(onnx.load(str(src))), str(tmp / rel))
-                res = StageQuantization(
-                    name,
-                    "int8",
-                    "INT8 table, one scale per row",
-                    src.stat().st_size,
-                    (tmp / rel).stat().st_size,
-                    _stage_metrics(src, tmp / rel, spec),
-                )
-                stages[name] = replace(sb, precision="int8", variants={**sb.variants, "onnxruntime": rel})
-            elif spec.kind in DYNAMIC_INT8_KINDS:
-                from onnxruntime.quantization import QuantType, quantize_dynamic
-
-                src = tmp / runtime_file(manifest, name)
-                rel = f"stages/{name}.int8.ort.onnx"
-                quantize_dynamic(
-                    str(src),
-                    str(tmp / rel),
-                    per_channel=True,
-                    reduce_range=True,
-                    weight_type=QuantType.QInt8,
-                    op_types_to_quantize=["MatMul", "Gemm"],
-                    extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-                )
-                res = StageQuantization(
-                    name,
-                    "int8",
-                    "dynamic INT8, per-channel weights, reduce_range",
-                    src.stat().st_size,
-                    (tmp / rel).stat().st_size,
-                    _stage_metrics(src, tmp / rel, spec),
-                )
-                if src != tmp / sb.file:
-                    src.unlink()
-                stages[name] = replace(sb, precision="int8", variants={**sb.variants, "onnxruntime": rel})
+            if p == "fp32":
+                res = StageQuantization(name, "fp32", "kept FP32", 0, 0)
             else:
-                res = StageQuantization(
-                    name, "fp32", "kept FP32", 0, 0, note="no quantizer for this stage kind yet"
-                )
+                stages[name], res = _cached_stage(ctx, name, p, tmp, stage_cache)
             results.append(res)
             log(
                 f"{name}: {res.precision} ({res.method}) {time.perf_counter() - t0:.1f}s "
@@ -230,12 +421,21 @@ def quantize_build(
         atomic_write_text(tmp / "quantize.md", quantize_table(results) + "\n")
         paths = [p for p in manifest.artifacts if (tmp / p).exists()] + stage_files(stages)
         paths += ["quantize.json", "quantize.md"]
+        files = {**manifest.files, "quantize_report": "quantize.json"}
+        if (tmp / "calibration" / "calibration.json").is_file():
+            paths += [f"calibration/{f.name}" for f in sorted((tmp / "calibration").iterdir())]
+            files["calibration"] = "calibration/calibration.json"
+        for sb in manifest.stages.values():  # FP32 runtime graphs replaced by a quantized one
+            for rel in sb.variants.values():
+                if rel not in stage_files(stages) and rel != sb.file and (tmp / rel).exists():
+                    (tmp / rel).unlink()
+                    paths.remove(rel)
         new = Manifest(
             manifest.pipeline,
             stages,
             collect_artifacts(tmp, paths),
-            {**manifest.files, "quantize_report": "quantize.json"},
-            {**manifest.source, "precision": precision},
+            files,
+            {**manifest.source, "precision": precision, "precision_plan": plan},
             manifest.tools,
         )
         write_manifest(tmp, new)

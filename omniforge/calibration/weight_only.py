@@ -19,7 +19,6 @@ from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
 from omniforge.errors import ConfigError
 
-
 METHODS = ("rtn", "awq", "gptq")
 
 

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from omniforge.cli._common import log, resolve_model
+from omniforge.cli._common import add_quantize_args, log, quantize_options, resolve_model, stage_precisions
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,7 +29,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--emit-trtexec", action="store_true", help="write trtexec/build_engines.sh for the target device"
     )
+    p.add_argument(
+        "--stage-precision",
+        action="append",
+        metavar="STAGE=PRECISION",
+        help="per-stage precision on top of --precision (fp32, int8; int4 for the llm), repeatable; "
+        "only the stages whose precision changes are rebuilt",
+    )
     p.add_argument("--cache", help="cache folder (default: $OMNIFORGE_HOME/build-cache)")
+    add_quantize_args(p)
     p.set_defaults(run=run)
 
 
@@ -38,7 +46,12 @@ def run(args: argparse.Namespace) -> int:
     from omniforge.build import BuildOptions, build, summary_table
 
     opts = BuildOptions(
-        args.backend, args.precision, args.emit_trtexec, Path(args.cache) if args.cache else None
+        args.backend,
+        args.precision,
+        args.emit_trtexec,
+        Path(args.cache) if args.cache else None,
+        stage_precisions(args.stage_precision),
+        quantize_options(args, "int4" if args.precision in ("int4", "auto") else "int8"),
     )
     _, rows = build(resolve_model(args.model), Path(args.out), opts, log=log)
     print(summary_table(rows))

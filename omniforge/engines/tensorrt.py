@@ -103,6 +103,7 @@ def build_engine(
                 layer.precision = trt.float32
     config = p.CreateConfig(
         fp16=precision in ("fp16", "int8", "int4"),
+        int8=precision == "int8",  # explicit quantization: scales come from the graph's Q/DQ nodes
         bf16=precision == "bf16",
         profiles=[profile],
         precision_constraints="obey" if precision != "fp32" else None,

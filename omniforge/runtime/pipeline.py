@@ -83,6 +83,9 @@ class Pipeline:
         self.build = build if isinstance(build, Build) else Build(build, session)
         self.llm = LlmRuntime(self.build, num_slots=num_slots)
         self.low_memory = low_memory
+        # called with (stage, feeds) before every stage call and ("llm", {"inputs_embeds": rows}) per
+        # prompt: how calibration captures each stage's real inputs
+        self.recorder: Callable[[str, dict[str, np.ndarray]], None] | None = None
         self._local = threading.local()  # per-thread timings: requests may run concurrently
 
     @property
@@ -93,6 +96,8 @@ class Pipeline:
 
     # ---- helpers ------------------------------------------------------------------------------
     def _run(self, stage: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.recorder is not None:
+            self.recorder(stage, feeds)
         t0 = time.perf_counter()
         out = self.build.engine(stage).run(feeds)
         self.timings[stage] += time.perf_counter() - t0
@@ -258,6 +263,8 @@ class Pipeline:
             if tag not in prompt:
                 prompt = f"{tag} {prompt}"
         rows, ids = self.llm.prepare(prompt, media)
+        if self.recorder is not None:
+            self.recorder("llm", {"inputs_embeds": rows})
         t0 = time.perf_counter()
         gen = self.llm.generate_rows(
             [rows], [ids], generation, (lambda _i, d: on_text(d)) if on_text else None

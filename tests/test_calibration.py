@@ -1,0 +1,254 @@
+"""Calibration capture from the pipeline, static INT8 with its fallback, SmoothQuant, GPTQ and the
+standard-ONNX weight-only form."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from omniforge.calibration import capture as calib
+from omniforge.calibration.capture import CalibrationInputs
+from omniforge.calibration.fallback import Int8Config, outputs, quantize_int8_with_fallback
+from omniforge.calibration.metrics import cosine
+from omniforge.errors import ConfigError, InputError
+from omniforge.pipeline.manifest import load_manifest
+
+
+@pytest.fixture(scope="module")
+def captured(default_build, tmp_path_factory, quick_quant):
+    dest = tmp_path_factory.mktemp("calib") / "calibration"
+    calib.capture(default_build, dest, quick_quant.calibration, log=lambda _m: None)
+    return dest
+
+
+def test_capture_records_every_stage_the_pipeline_runs(captured, default_build, quick_quant):
+    info = json.loads((captured / "calibration.json").read_text())
+    stages = set(load_manifest(default_build).stages) - {"token_embedding"}  # a table lookup, no engine
+    assert set(info["calls"]) == stages
+    inputs = quick_quant.calibration
+    # two prompts x steps, every decoder forced; capped at max_per_stage
+    assert info["calls"]["image_unet"] == min(len(inputs.prompts) * inputs.steps, inputs.max_per_stage)
+    cal, held = calib.load(captured, "image_unet")
+    assert cal and held and cal[0]["sample"].shape[0] == 2  # both guidance branches in one batch
+    assert len({float(f["timestep"][0]) for f in cal + held}) == inputs.steps  # the whole trajectory
+    rows, _ = calib.load(captured, "llm")
+    assert rows[0]["inputs_embeds"].ndim == 2
+    stamp = (captured / "image_unet.npz").stat().st_mtime_ns
+    calib.capture(default_build, captured, inputs, log=lambda _m: None)  # same inputs: reused
+    assert (captured / "image_unet.npz").stat().st_mtime_ns == stamp
+
+
+def test_calibration_folder_is_checked(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        CalibrationInputs.from_folder(tmp_path / "nope")
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "a cat"}\nnot json\n')
+    with pytest.raises(InputError, match="line 2"):
+        CalibrationInputs.from_folder(tmp_path)
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "a cat"}\n')
+    from omniforge.runtime.media import write_png
+
+    write_png(tmp_path / "a.png", np.zeros((8, 8, 3), np.float32))
+    got = CalibrationInputs.from_folder(tmp_path)
+    assert got.prompts == ["a cat"] and [p.name for p in got.images] == ["a.png"]
+    assert got.digest() != CalibrationInputs(["a dog"], got.images).digest()
+
+
+def test_static_int8_is_symmetric_qdq_and_the_fallback_keeps_layers_fp32(captured, default_build, tmp_path):
+    m = load_manifest(default_build)
+    src = default_build / m.stages["image_vae_decoder"].file
+    cal, held = calib.load(captured, "image_vae_decoder")
+    cfg = Int8Config(mode="static", op_types=("Conv", "MatMul", "Gemm"), max_fp32_layers=2)
+    plain = quantize_int8_with_fallback(src, tmp_path / "plain.onnx", cal, budget=0.0, config=cfg)
+    assert plain.excluded == []
+    q = onnx.load(str(tmp_path / "plain.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    qnodes = [n for n in q.graph.node if n.op_type == "QuantizeLinear"]
+    assert qnodes and all(not np.any(inits[n.input[2]]) for n in qnodes if len(n.input) > 2)  # zero points 0
+    strict = quantize_int8_with_fallback(src, tmp_path / "strict.onnx", cal, budget=1.0, config=cfg)
+    assert len(strict.excluded) == 2 and strict.sensitivity  # the two most harmful layers stay FP32
+    worst = sorted(strict.sensitivity, key=strict.sensitivity.get, reverse=True)[:2]
+    assert strict.excluded == worst
+    ref = outputs(src, held)
+    for path in ("plain.onnx", "strict.onnx"):
+        got = outputs(tmp_path / path, held)
+        assert min(cosine(a[0], b[0]) for a, b in zip(ref, got, strict=True)) > 0.99
+
+
+def test_calibration_methods_choose_different_ranges(captured, default_build, tmp_path):
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    from omniforge.calibration.fallback import _Quantizer
+
+    src = default_build / load_manifest(default_build).stages["vocoder"].file
+    cal, _ = calib.load(captured, "vocoder")
+    ranges = {}
+    for method in ("minmax", "percentile", "entropy"):
+        work = tmp_path / method
+        work.mkdir()
+        _Quantizer(src, Int8Config(mode="static", method=method, op_types=("Conv",)), cal, work)(
+            work / "q.onnx"
+        )
+        data = load_tensors_data(work / "ranges.json")
+        ranges[method] = {k: float(np.max(np.abs(v.range_value))) for k, v in data.data.items()}
+    keys = set(ranges["minmax"])
+    for method in ("percentile", "entropy"):
+        assert any(ranges[method][k] < ranges["minmax"][k] - 1e-6 for k in keys), method
+        assert all(ranges[method][k] <= ranges["minmax"][k] + 1e-5 for k in keys), method
+
+
+def _ln_linear_graph(outlier: float) -> tuple[onnx.ModelProto, list[dict]]:
+    """x -> LayerNorm(gamma with an outlier channel) -> MatMul, and x -> Add (a residual reader)."""
+    rng = np.random.default_rng(0)
+    gamma = np.ones(16, np.float32)
+    gamma[3] = outlier
+    w = rng.standard_normal((16, 8)).astype(np.float32)
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["h"], axis=-1, name="ln"),
+        helper.make_node("MatMul", ["h", "w"], ["y"], name="mm"),
+        helper.make_node("ReduceSum", ["h"], ["r"], keepdims=0, name="sum"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 16])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 8]),
+            helper.make_tensor_value_info("r", TensorProto.FLOAT, [None]),
+        ],
+        [
+            numpy_helper.from_array(gamma, "gamma"),
+            numpy_helper.from_array(np.zeros(16, np.float32), "beta"),
+            numpy_helper.from_array(w, "w"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = [{"x": rng.standard_normal((32, 16)).astype(np.float32)} for _ in range(4)]
+    return model, feeds
+
+
+def test_smoothquant_keeps_the_function_and_shrinks_the_activation_range(tmp_path):
+    from omniforge.calibration.smoothquant import channel_max, smooth_quant
+
+    model, feeds = _ln_linear_graph(outlier=40.0)
+    smoothed, report = smooth_quant(model, feeds, alpha=0.5)
+    assert report.fired == 1 and "inserted a Mul" in report.notes[0]  # h has a non-linear reader too
+    run = lambda m, f: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, f
+    )  # noqa: E731
+    for f in feeds:
+        for a, b in zip(run(model, f), run(smoothed, f), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    mm_in = next(n.input[0] for n in smoothed.graph.node if n.op_type == "MatMul")
+    before = channel_max(model, ["h"], feeds)["h"]
+    after = channel_max(smoothed, [mm_in], feeds)[mm_in]
+    assert after.max() / np.median(after) < 0.5 * before.max() / np.median(before)
+    with pytest.raises(ValueError, match="alpha"):
+        smooth_quant(model, feeds, alpha=1.5)
+
+
+def test_gptq_reduces_output_error_and_packs_like_onnxruntime():
+    from omniforge.calibration.gptq import gptq_quantize, pack_matmul_nbits
+    from omniforge.calibration.standard_int4 import rtn_codes
+    from omniforge.calibration.weight_only import WeightOnlyConfig, quantize_weights
+
+    rng = np.random.default_rng(0)
+    k, n = 128, 24
+    x = rng.standard_normal((512, k)) @ (np.eye(k) + 0.5 * rng.standard_normal((k, k)) / np.sqrt(k))
+    x *= np.exp(rng.standard_normal(k))  # uneven channel scales, correlated channels
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    h = x.T @ x / len(x)
+
+    def deq(codes, scales):
+        return (codes.reshape(-1, 32, n) * scales[:, None, :]).reshape(k, n)
+
+    rtn = deq(*rtn_codes(w, 4, 32))
+    gptq = deq(*gptq_quantize(w, h, 4, 32))
+    err = lambda q: float(np.mean((x @ q - x @ w) ** 2))  # noqa: E731
+    assert err(gptq) < 0.8 * err(rtn)
+    np.testing.assert_allclose(deq(*gptq_quantize(w, np.eye(k), 4, 32, damp=0.0)), rtn, atol=1e-6)
+    # the packing matches ONNX Runtime's own quantizer byte for byte
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    q = quantize_weights(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), WeightOnlyConfig()
+    )
+    packed = next(numpy_helper.to_array(t) for t in q.graph.initializer if t.name.endswith("_Q4"))
+    codes, _ = rtn_codes(w, 4, 32)
+    np.testing.assert_array_equal(pack_matmul_nbits(codes, 4, 32), packed)
+
+
+def test_standard_form_is_opset_21_dequantize_linear_with_the_same_weights(default_build):
+    from omniforge.calibration.standard_int4 import dequantize_linear_form, rtn_codes, upgrade_opset
+
+    m = load_manifest(default_build)
+    spec = m.pipeline.stage("llm")
+    canonical = onnx.load(str(default_build / m.stages["llm"].file))
+    sess = lambda mm: ort.InferenceSession(mm.SerializeToString(), providers=["CPUExecutionProvider"])  # noqa: E731
+    feeds = spec.sample_inputs("opt", seed=3)
+    up = upgrade_opset(canonical)
+    assert next(o.version for o in up.opset_import if o.domain == "") == 21
+    for a, b in zip(sess(canonical).run(None, feeds), sess(up).run(None, feeds), strict=True):
+        np.testing.assert_array_equal(a, b)  # raising the opset changes nothing
+    std = dequantize_linear_form(canonical, 4, 32)
+    onnx.checker.check_model(std)
+    dq = [n for n in std.graph.node if n.op_type == "DequantizeLinear"]
+    weights = {t.name for t in canonical.graph.initializer if len(t.dims) == 2}
+    assert len(dq) == len(
+        {n.input[1] for n in canonical.graph.node if n.op_type == "MatMul" and n.input[1] in weights}
+    )
+    assert not [
+        n for n in std.graph.node if n.op_type == "MatMul" and n.input[1] in weights
+    ]  # none left FP32
+    inits = {t.name: t for t in std.graph.initializer}
+    first = dq[0]
+    assert inits[first.input[0]].data_type == TensorProto.INT4
+    assert {a.name: a.i for a in first.attribute} == {"axis": 0, "block_size": 32}
+    orig = next(t for t in canonical.graph.initializer if t.name == first.input[0].rsplit("_q4", 1)[0])
+    codes, scales = rtn_codes(numpy_helper.to_array(orig), 4, 32)
+    np.testing.assert_array_equal(numpy_helper.to_array(inits[first.input[0]]), codes)
+    logits = sess(canonical).run(["logits"], feeds)[0], sess(std).run(["logits"], feeds)[0]
+    assert cosine(*logits) > 0.95
+    bad = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Resize", ["x", "", "s"], ["y"])],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(np.ones(4, np.float32), "s")],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    with pytest.raises(ConfigError, match="Resize"):
+        upgrade_opset(bad)
+
+
+def test_quantized_build_holds_calibration_and_both_llm_forms(default_build, tmp_path, quick_quant):
+    from dataclasses import replace
+
+    from omniforge.calibration.quantize import quantize_build
+    from omniforge.calibration.weight_only import WeightOnlyConfig
+    from omniforge.runtime.llm import LlmRuntime
+    from omniforge.runtime.sampling import GenerationConfig
+
+    opts = replace(quick_quant, weight_only=WeightOnlyConfig(method="gptq"))
+    out = tmp_path / "gptq"
+    quantize_build(default_build, out, "int4", log=lambda _m: None, options=opts)
+    m = load_manifest(out)
+    assert m.files["calibration"] == "calibration/calibration.json"
+    llm = m.stages["llm"]
+    assert set(llm.variants) >= {"onnxruntime", "qdq"}
+    report = {r["stage"]: r for r in json.loads((out / "quantize.json").read_text())}
+    assert "GPTQ" in report["llm"]["method"] and report["llm"]["metrics"]["qdq_cosine_min"] > 0.9
+    assert report["image_unet"]["method"].startswith("static QDQ INT8")
+    assert report["image_unet"]["metrics"]["cosine_min"] > 0.99  # on held-out captured inputs
+    assert report["image_encoder"]["method"].startswith("dynamic INT8")
+    assert not (out / "stages" / "llm.ort.onnx").exists()  # the FP32 runtime graph is replaced
+    assert LlmRuntime(out).generate("A dog runs", GenerationConfig(max_new_tokens=4)).new_tokens == 4
