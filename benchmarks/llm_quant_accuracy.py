@@ -219,7 +219,7 @@ def main() -> None:
     }
     ref = evaluate(fp32, heldout, args.sequences)
     rows = {"FP32": {"perplexity": perplexity(ref, heldout), "top1_agreement": 1.0, "kl_divergence": 0.0}}
-    for i, (name, (precision, cfg)) in enumerate(variants.items()):
+    for name, (precision, cfg) in variants.items():
         path = work / f"build-{precision}-{cfg.method}-b{cfg.block_size}-{'sym' if cfg.symmetric else 'asym'}"
         if not (path / "manifest.json").is_file():
             calib = calibration(folder, fp32) if cfg.method != "rtn" else None

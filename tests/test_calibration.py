@@ -135,9 +135,10 @@ def test_smoothquant_keeps_the_function_and_shrinks_the_activation_range(tmp_pat
     model, feeds = _ln_linear_graph(outlier=40.0)
     smoothed, report = smooth_quant(model, feeds, alpha=0.5)
     assert report.fired == 1 and "inserted a Mul" in report.notes[0]  # h has a non-linear reader too
-    run = lambda m, f: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, f
-    )  # noqa: E731
+
+    def run(m, f):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, f)  # noqa: E731
+
     for f in feeds:
         for a, b in zip(run(model, f), run(smoothed, f), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
