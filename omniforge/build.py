@@ -34,7 +34,7 @@ from omniforge.pipeline.manifest import (
 from omniforge.pipeline.spec import StageKind
 
 BACKENDS = ("onnxruntime", "tensorrt")
-PRECISIONS = ("fp32", "int8", "int4", "auto")
+PRECISIONS = ("fp32", "fp16", "int8", "int4", "auto")
 # per-stage accuracy budgets of the auto plan (overridable): the minimum a quantized stage must keep
 AUTO_BUDGETS = {"cosine_min": 0.999, "logits_cosine": 0.99}
 
@@ -130,10 +130,12 @@ def build(
     final = optimized
     qopts = opts.quantize_options()
     if opts.precision == "auto":
-        variants = {p: _quantized(root, optimized, opt_key, p, qopts, {}, log) for p in ("int8", "int4")}
+        variants = {
+            p: _quantized(root, optimized, opt_key, p, qopts, {}, log) for p in ("fp16", "int8", "int4")
+        }
         auto_key = _key("auto", opt_key, json.dumps(AUTO_BUDGETS), *(v.name for v in variants.values()))
         final = _cached(root, f"auto-{auto_key}", lambda p: assemble_auto(optimized, variants, p, log), log)
-    elif opts.precision in ("int8", "int4") or opts.stage_precision:
+    elif opts.precision in ("fp16", "int8", "int4") or opts.stage_precision:
         final = _quantized(root, optimized, opt_key, opts.precision, qopts, opts.stage_precision, log)
     return _assemble(final, out, opts, log)
 

@@ -132,11 +132,22 @@ def test_changing_one_stage_precision_rebuilds_only_that_stage(builds, default_m
     _, cache, _ = builds
     logs: list[str] = []
     opts = BuildOptions(
-        precision="int8", cache=cache, quantize=quick_quant, stage_precision={"image_unet": "fp32"}
+        precision="int8",
+        cache=cache,
+        quantize=quick_quant,
+        stage_precision={"image_unet": "fp32", "image_vae_decoder": "fp16"},
     )
     build(default_model, tmp_path / "mixed", opts, log=logs.append)
     m = load_manifest(tmp_path / "mixed")
     assert m.stages["image_unet"].precision == "fp32" and m.stages["video_unet"].precision == "int8"
+    assert m.stages["image_vae_decoder"].precision == "fp16"
+    r = Pipeline(tmp_path / "mixed").run(
+        "Describe",
+        generation=GenerationConfig(max_new_tokens=2),
+        diffusion=DiffusionConfig(steps=2),
+        force=["image"],
+    )
+    assert r.images[0].shape == (32, 32, 3) and r.images[0].dtype.kind == "f"
     assert m.source["precision_plan"]["image_unet"] == "fp32"
     reused = [line for line in logs if "up to date (cached)" in line]
     assert any(
@@ -149,6 +160,15 @@ def test_changing_one_stage_precision_rebuilds_only_that_stage(builds, default_m
             tmp_path / "bad",
             BuildOptions(
                 precision="int8", cache=cache, quantize=quick_quant, stage_precision={"vocoder": "int4"}
+            ),
+            log=lambda _m: None,
+        )
+    with pytest.raises(ConfigError, match="no fp16 form"):
+        build(
+            default_model,
+            tmp_path / "bad",
+            BuildOptions(
+                precision="int8", cache=cache, quantize=quick_quant, stage_precision={"llm": "fp16"}
             ),
             log=lambda _m: None,
         )

@@ -252,4 +252,26 @@ def test_quantized_build_holds_calibration_and_both_llm_forms(default_build, tmp
     assert report["image_unet"]["metrics"]["cosine_min"] > 0.99  # on held-out captured inputs
     assert report["image_encoder"]["method"].startswith("dynamic INT8")
     assert not (out / "stages" / "llm.ort.onnx").exists()  # the FP32 runtime graph is replaced
+    e2e = json.loads((out / m.files["accuracy_e2e"]).read_text())
+    assert len(e2e["prompts"]) == 3 and set(e2e["worst"]) == {
+        "token_agreement",
+        "image_psnr_db",
+        "video_psnr_db",
+        "audio_snr_db",
+    }
+    assert 0.0 <= e2e["worst"]["token_agreement"] <= 1.0 and np.isfinite(e2e["worst"]["image_psnr_db"])
+    assert "End to end vs FP32" in (out / "quantize.md").read_text()
     assert LlmRuntime(out).generate("A dog runs", GenerationConfig(max_new_tokens=4)).new_tokens == 4
+
+
+def test_psnr_and_end_to_end_table():
+    from omniforge.calibration.end_to_end import end_to_end_table
+    from omniforge.calibration.metrics import psnr
+
+    a = np.linspace(0, 1, 100)
+    assert psnr(a, a) == float("inf")
+    assert psnr(a, a + 0.1) == pytest.approx(20.0)
+    table = end_to_end_table(
+        {"prompts": [{"prompt": "x", "image_psnr_db": 30.0}], "worst": {"image_psnr_db": 30.0}}
+    )
+    assert "| **worst** | **30** |" in table

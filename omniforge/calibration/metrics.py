@@ -18,6 +18,12 @@ def snr_db(ref: np.ndarray, got: np.ndarray) -> float:
     return float("inf") if noise == 0 else 10 * np.log10(signal / noise) if signal > 0 else float("-inf")
 
 
+def psnr(ref: np.ndarray, got: np.ndarray, peak: float = 1.0) -> float:
+    """Peak signal-to-noise ratio in dB of ``got`` against ``ref`` (values in [0, peak])."""
+    mse = float(np.mean((ref.astype(np.float64) - got.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else float(10.0 * np.log10(peak**2 / mse))
+
+
 def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     m = x.max(axis=-1, keepdims=True)

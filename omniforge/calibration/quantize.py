@@ -48,8 +48,8 @@ from omniforge.pipeline.manifest import (
 )
 from omniforge.pipeline.spec import StageKind, StageSpec
 
-PRECISIONS = ("int8", "int4")
-STAGE_PRECISIONS = ("fp32", "int8", "int4")
+PRECISIONS = ("fp16", "int8", "int4")
+STAGE_PRECISIONS = ("fp32", "fp16", "int8", "int4")
 INT8_MODES = ("auto", "static", "dynamic")
 CONV_KINDS = {StageKind.DECODER, StageKind.VAE, StageKind.VOCODER}  # UNets, VAE decoders, vocoder
 
@@ -65,6 +65,7 @@ class QuantizeOptions:
     budget: float = 0.999  # mean cosine to FP32 on calibration inputs that the INT8 fallback restores
     max_fp32_layers: int = 8
     standard_form: bool = True  # LLM: also the block-wise DequantizeLinear graph for TensorRT
+    end_to_end: bool = True  # measure image PSNR / audio SNR / token agreement against the FP32 pipeline
     calibration: CalibrationInputs | None = None  # default: CalibrationInputs.default()
 
     def __post_init__(self) -> None:
@@ -174,14 +175,21 @@ def calibration_rows(build: Path, count: int = 16, length: int = 64) -> list[np.
 
 
 def stage_plan(manifest: Manifest, precision: str, overrides: dict[str, str] | None = None) -> dict[str, str]:
-    """Per stage, the precision to build: the LLM at ``precision``, every other stage INT8 (when
-    ``precision`` is int8 or int4), then ``overrides`` (stage -> fp32|int8|int4)."""
+    """Per stage, the precision to build, then ``overrides`` (stage -> fp32|fp16|int8|int4).
+
+    int8/int4: the LLM's weights at that precision, every other stage INT8. fp16: every stage but
+    the LLM and the embedding lookup, whose in-place KV cache stays FP32 on ONNX Runtime's CPU
+    provider (TensorRT builds its own FP16 engine from the canonical graph).
+    """
     if precision not in (*PRECISIONS, "fp32"):
         raise ConfigError(f"precision '{precision}' is not one of fp32, {', '.join(PRECISIONS)}")
     plan = {}
     for name in manifest.stages:
         kind = manifest.pipeline.stage(name).kind
-        plan[name] = precision if kind is StageKind.LLM or precision == "fp32" else "int8"
+        if precision == "fp16":
+            plan[name] = "fp32" if kind in (StageKind.LLM, StageKind.EMBEDDING) else "fp16"
+        else:
+            plan[name] = precision if kind is StageKind.LLM or precision == "fp32" else "int8"
     for name, p in (overrides or {}).items():
         if name not in plan:
             raise ConfigError(f"no stage '{name}' in this build (it has: {', '.join(plan)})")
@@ -189,8 +197,11 @@ def stage_plan(manifest: Manifest, precision: str, overrides: dict[str, str] | N
             raise ConfigError(
                 f"stage precision '{p}' for '{name}' is not one of {', '.join(STAGE_PRECISIONS)}"
             )
-        if p == "int4" and manifest.pipeline.stage(name).kind is not StageKind.LLM:
-            raise ConfigError(f"int4 is for the LLM's weights; '{name}' can be fp32 or int8")
+        kind = manifest.pipeline.stage(name).kind
+        if p == "int4" and kind is not StageKind.LLM:
+            raise ConfigError(f"int4 is for the LLM's weights; '{name}' can be fp32, fp16 or int8")
+        if p == "fp16" and kind in (StageKind.LLM, StageKind.EMBEDDING):
+            raise ConfigError(f"'{name}' has no fp16 form for ONNX Runtime here; use fp32, int8 or int4")
         plan[name] = p
     return plan
 
@@ -203,6 +214,10 @@ class _Context:
     calibration_dir: Path | None
     llm_rows: list[np.ndarray] | None
     log: Callable[[str], None]
+
+
+def _captured(ctx: _Context, name: str) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    return calib.load(ctx.calibration_dir, name) if ctx.calibration_dir else ([], [])
 
 
 def _int8_mode(spec: StageSpec, opts: QuantizeOptions) -> str:
@@ -258,6 +273,21 @@ def _quantize_stage(
             metrics,
             note=note,
         )
+    if precision == "fp16":
+        from omniforge.passes.precision import to_fp16_keep_norms
+
+        src = ctx.build / sb.file
+        rel = f"stages/{name}.fp16.onnx"
+        onnx.save_model(to_fp16_keep_norms(onnx.load(str(src))), str(out / rel))
+        heldout = _captured(ctx, name)[1]
+        return replace(sb, precision="fp16", variants={**sb.variants, "onnxruntime": rel}), StageQuantization(
+            name,
+            "fp16",
+            "FP16 weights and compute, norms and their reductions FP32, FP32 inputs/outputs",
+            src.stat().st_size,
+            (out / rel).stat().st_size,
+            _stage_metrics(src, out / rel, spec, heldout),
+        )
     if spec.kind is StageKind.EMBEDDING:
         src = ctx.build / sb.file
         rel = f"stages/{name}.int8.onnx"
@@ -271,7 +301,7 @@ def _quantize_stage(
             _stage_metrics(src, out / rel, spec),
         )
     mode = _int8_mode(spec, ctx.opts)
-    calibration, heldout = calib.load(ctx.calibration_dir, name) if ctx.calibration_dir else ([], [])
+    calibration, heldout = _captured(ctx, name)
     if not calibration:  # a stage the capture did not reach: seeded inputs at every profile point
         calibration = [spec.sample_inputs(p, seed=300 + i) for i, p in enumerate(spec.parity_points())]
     ops = ("Conv", "MatMul", "Gemm") if spec.kind in CONV_KINDS else ("MatMul", "Gemm")
@@ -344,7 +374,7 @@ def _cached_stage(
 def _needs_calibration(manifest: Manifest, plan: dict[str, str], opts: QuantizeOptions) -> bool:
     for name, p in plan.items():
         kind = manifest.pipeline.stage(name).kind
-        if p == "fp32" or kind is StageKind.EMBEDDING:
+        if p in ("fp32", "fp16") or kind is StageKind.EMBEDDING:
             continue
         if kind is StageKind.LLM:
             if opts.weight_only.method != "rtn":
@@ -430,15 +460,25 @@ def quantize_build(
                 if rel not in stage_files(stages) and rel != sb.file and (tmp / rel).exists():
                     (tmp / rel).unlink()
                     paths.remove(rel)
+        source = {**manifest.source, "precision": precision, "precision_plan": plan}
         new = Manifest(
-            manifest.pipeline,
-            stages,
-            collect_artifacts(tmp, paths),
-            files,
-            {**manifest.source, "precision": precision, "precision_plan": plan},
-            manifest.tools,
+            manifest.pipeline, stages, collect_artifacts(tmp, paths), files, source, manifest.tools
         )
         write_manifest(tmp, new)
+        if opts.end_to_end and any(p != "fp32" for p in plan.values()):
+            from omniforge.calibration.end_to_end import end_to_end_accuracy, end_to_end_table
+
+            e2e = end_to_end_accuracy(build, tmp, steps=opts.inputs().steps)
+            log("end to end vs FP32: " + ", ".join(f"{k} {v:.3g}" for k, v in e2e["worst"].items()))
+            atomic_write_text(tmp / "accuracy_e2e.json", json.dumps(e2e, indent=2) + "\n")
+            md = quantize_table(results) + "\n\n## End to end vs FP32 (same prompts and seeds, held out)\n\n"
+            atomic_write_text(tmp / "quantize.md", md + end_to_end_table(e2e) + "\n")
+            paths.append("accuracy_e2e.json")
+            files["accuracy_e2e"] = "accuracy_e2e.json"
+            new = Manifest(
+                manifest.pipeline, stages, collect_artifacts(tmp, paths), files, source, manifest.tools
+            )
+            write_manifest(tmp, new)
     return new, results
 
 

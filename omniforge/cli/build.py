@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
     p.add_argument(
         "--precision",
-        choices=["fp32", "int8", "int4", "auto"],
+        choices=["fp32", "fp16", "int8", "int4", "auto"],
         default="fp32",
         help="auto: per stage, the fastest precision meeting its accuracy budget",
     )

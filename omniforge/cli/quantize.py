@@ -21,7 +21,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("build", help="FP32 build folder (from `omniforge export`, optionally optimized)")
     p.add_argument("--out", required=True, help="where to write the quantized build (replaced atomically)")
     p.add_argument(
-        "--precision", choices=["int4", "int8"], default="int4", help="LLM weight precision (default int4)"
+        "--precision",
+        choices=["int4", "int8", "fp16"],
+        default="int4",
+        help="int4/int8: the LLM weight-only at that precision, INT8 elsewhere; fp16: every stage but the LLM",
     )
     p.add_argument(
         "--stage-precision",

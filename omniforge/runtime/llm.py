@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from omniforge.errors import CachePoolExhaustedError, ContextLengthError, EngineError, InputError
 from omniforge.pipeline.manifest import runtime_file
@@ -45,11 +46,35 @@ class StepBinding:
     def __init__(self, engine: LlmEngine, pool: KVCachePool, slots: SlotRange) -> None:
         self.engine, self.pool, self.slots = engine, pool, slots
         self.io = engine.session.io_binding()
-        self.io.bind_output("logits")
+        self.io.bind_output("logits")  # bound first: get_outputs() lists them at 0 and 1
         self.io.bind_output("hidden_states")
         for name, ov in pool.bindings(slots):
             self.io.bind_ortvalue_input(f"past_key_values.{name}", ov)
             self.io.bind_ortvalue_output(f"present.{name}", ov)
+        self._decode: dict[str, np.ndarray] | None = None  # one-token buffers, bound once
+        self._bound_decode = False
+
+    def _decode_buffers(self) -> dict[str, np.ndarray]:
+        """Inputs and outputs of a one-token step, allocated and bound once for this binding: a
+        decode step then only writes the new row and lengths in place (no per-token allocation)."""
+        if self._decode is None:
+            g, b = self.engine.geometry, self.slots.count
+            self._decode = {
+                "inputs_embeds": np.zeros((b, 1, g.hidden_size), np.float32),
+                "seqlens_k": np.zeros(b, np.int32),
+                "total_sequence_length": np.zeros((), np.int32),
+                "logits": np.zeros((b, 1, g.vocab_size), np.float32),
+                "hidden_states": np.zeros((b, 1, g.hidden_size), np.float32),
+            }
+        if not self._bound_decode:
+            for name, buf in self._decode.items():
+                ov = ort.OrtValue.ortvalue_from_numpy(buf)  # shares the numpy buffer
+                if name in ("logits", "hidden_states"):
+                    self.io.bind_ortvalue_output(name, ov)
+                else:
+                    self.io.bind_ortvalue_input(name, ov)
+            self._bound_decode = True
+        return self._decode
 
     def step(self, embeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(b, S, H) new rows -> last-position logits (b, V) and hidden states (b, S, H)."""
@@ -61,17 +86,26 @@ class StepBinding:
             raise ContextLengthError(
                 f"the sequence would reach {int(new.max())} tokens; the context holds {self.pool.max_context}"
             )
-        self.io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=np.float32))
-        self.io.bind_cpu_input("seqlens_k", (new - 1).astype(np.int32))
-        self.io.bind_cpu_input("total_sequence_length", np.array(new.max(), dtype=np.int32))
-        self.io.bind_output("logits")
-        self.io.bind_output("hidden_states")
+        if s == 1:
+            buf = self._decode_buffers()
+            np.copyto(buf["inputs_embeds"], embeds)
+            buf["seqlens_k"][:] = new - 1
+            buf["total_sequence_length"][...] = new.max()
+        else:
+            self.io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=np.float32))
+            self.io.bind_cpu_input("seqlens_k", (new - 1).astype(np.int32))
+            self.io.bind_cpu_input("total_sequence_length", np.array(new.max(), dtype=np.int32))
+            self.io.bind_output("logits")
+            self.io.bind_output("hidden_states")
+            self._bound_decode = False
         try:
             self.engine.session.run_with_iobinding(self.io)
         except Exception as exc:  # a backend failure, reported as one sentence
             raise EngineError(f"the LLM step failed: {str(exc).strip().splitlines()[0]}") from None
-        out = self.io.get_outputs()
         self.pool.lengths[self.slots.start : self.slots.stop] = new
+        if s == 1:
+            return buf["logits"][:, -1].copy(), buf["hidden_states"].copy()
+        out = self.io.get_outputs()
         return out[0].numpy()[:, -1], out[1].numpy()
 
 
