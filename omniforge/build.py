@@ -172,8 +172,18 @@ def assemble_auto(fp32: Path, quantized: dict[str, Path], out: Path, log: Callab
     shutil.copytree(fp32, out)
     stages = dict(base.stages)
     plan: dict[str, str] = {}
+    rows: list[dict] = []  # the chosen precision's quantization report row per stage
     for name, sb in base.stages.items():
         choice, best, chosen = "fp32", _latency(Build(fp32), name), None
+        row = {
+            "stage": name,
+            "precision": "fp32",
+            "method": "kept FP32",
+            "size_before": 0,
+            "size_after": 0,
+            "metrics": {},
+            "note": "",
+        }
         for qpath in quantized.values():
             qsb = load_manifest(qpath).stages[name]
             if qsb.precision == "fp32":
@@ -182,7 +192,7 @@ def assemble_auto(fp32: Path, quantized: dict[str, Path], out: Path, log: Callab
             ok = all(report["metrics"].get(k, 1.0) >= v for k, v in AUTO_BUDGETS.items())
             t = _latency(Build(qpath), name)
             if ok and t < best:
-                choice, best, chosen = qsb.precision, t, (qpath, qsb)
+                choice, best, chosen, row = qsb.precision, t, (qpath, qsb), report
         if chosen is not None:
             qpath, qsb = chosen
             for rel in qsb.variants.values():
@@ -190,17 +200,26 @@ def assemble_auto(fp32: Path, quantized: dict[str, Path], out: Path, log: Callab
                     shutil.copyfile(qpath / rel, out / rel)
             stages[name] = replace(sb, precision=choice, variants=dict(qsb.variants))
         plan[name] = choice
+        rows.append(row)
         log(f"auto: {name} -> {choice}")
-    paths = list(base.artifacts) + stage_files(stages)
-    m = Manifest(
-        base.pipeline,
-        stages,
-        collect_artifacts(out, paths),
-        base.files,
-        {**base.source, "precision": "auto", "precision_plan": plan, "auto_budgets": AUTO_BUDGETS},
-        base.tools,
+    (out / "quantize.json").write_text(json.dumps(rows, indent=2) + "\n")
+    paths = list(base.artifacts) + stage_files(stages) + ["quantize.json"]
+    files = {**base.files, "quantize_report": "quantize.json"}
+    source = {**base.source, "precision": "auto", "precision_plan": plan, "auto_budgets": AUTO_BUDGETS}
+    write_manifest(
+        out, Manifest(base.pipeline, stages, collect_artifacts(out, paths), files, source, base.tools)
     )
-    write_manifest(out, m)
+    if any(p != "fp32" for p in plan.values()):
+        from omniforge.calibration.end_to_end import end_to_end_accuracy
+
+        e2e = end_to_end_accuracy(fp32, out)
+        log("auto: end to end vs FP32: " + ", ".join(f"{k} {v:.3g}" for k, v in e2e["worst"].items()))
+        (out / "accuracy_e2e.json").write_text(json.dumps(e2e, indent=2) + "\n")
+        paths.append("accuracy_e2e.json")
+        files["accuracy_e2e"] = "accuracy_e2e.json"
+        write_manifest(
+            out, Manifest(base.pipeline, stages, collect_artifacts(out, paths), files, source, base.tools)
+        )
 
 
 def _latency(b, name: str, runs: int = 20) -> float:

@@ -53,9 +53,15 @@ def test_each_precision_builds_and_runs(builds):
     plan = load_manifest(out["auto"]).source["precision_plan"]
     assert set(plan) == set(load_manifest(out["fp32"]).stages) and set(plan.values()) <= {
         "fp32",
+        "fp16",
         "int8",
         "int4",
     }
+    auto = load_manifest(out["auto"])
+    for name, p in plan.items():  # the plan is what the manifest holds, and each choice is reported
+        assert auto.stages[name].precision == p
+    report = {r["stage"]: r for r in json.loads((out["auto"] / "quantize.json").read_text())}
+    assert {r["precision"] for r in report.values()} == set(plan.values())
     summary = json.loads((out["auto"] / "build.json").read_text())["summary"]
     assert {r["stage"] for r in summary} == set(plan)
     script = (out["fp32"] / "trtexec" / "build_engines.sh").read_text()

@@ -75,6 +75,17 @@ def test_quantize_refuses_bad_requests(int4_build, default_build, tmp_path, caps
     assert main(["quantize", str(default_build), "--out", str(tmp_path / "x"), "--block-size", "48"]) == 1
     assert "block size must be one of" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    for extra, message in (
+        (["--stage-precision", "vocoder=int4"], "int4 is for the LLM"),
+        (["--stage-precision", "vocoder"], "takes STAGE=PRECISION"),
+        (["--calibration-data", str(tmp_path / "nope")], "does not exist"),
+        (["--smoothquant", "2"], "alpha must be in [0, 1]"),
+        (["--method", "gptq", "--asymmetric"], "symmetric quantization only"),
+    ):
+        assert main(["quantize", str(default_build), "--out", str(tmp_path / "x"), *extra]) == 1, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (extra, err)
+        assert not (tmp_path / "x").exists()
 
 
 def test_metrics():

@@ -341,12 +341,19 @@ def _quantize_stage(
     )
 
 
-def _stage_key(manifest: Manifest, name: str, precision: str, opts: QuantizeOptions) -> str:
-    sb = manifest.stages[name]
+def _stage_key(ctx: _Context, name: str, precision: str) -> str:
+    """The stage's FP32 graphs, the options and the calibration capture (which depends on every
+    stage before this one, not only on this stage's file)."""
+    sb = ctx.manifest.stages[name]
     hashes = [
-        manifest.artifacts[p].sha256 for p in (sb.file, *sb.variants.values()) if p in manifest.artifacts
+        ctx.manifest.artifacts[p].sha256
+        for p in (sb.file, *sb.variants.values())
+        if p in ctx.manifest.artifacts
     ]
-    text = "|".join([name, precision, opts.key(precision), *hashes])
+    captured = ""
+    if ctx.calibration_dir is not None:
+        captured = json.loads((ctx.calibration_dir / "calibration.json").read_text())["digest"]
+    text = "|".join([name, precision, ctx.opts.key(precision), captured, *hashes])
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -356,7 +363,7 @@ def _cached_stage(
     """One stage's result, from ``cache`` when present there, copied into ``tmp``."""
     if cache is None:
         return _quantize_stage(ctx, name, precision, tmp)
-    entry = cache / f"stage-{name}-{precision}-{_stage_key(ctx.manifest, name, precision, ctx.opts)}"
+    entry = cache / f"stage-{name}-{precision}-{_stage_key(ctx, name, precision)}"
     if not (entry / "result.json").is_file():
         cache.mkdir(parents=True, exist_ok=True)
         with atomic_folder(entry) as work:
