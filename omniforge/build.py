@@ -61,7 +61,7 @@ class BuildOptions:
             raise ConfigError(f"precision '{self.precision}' is not one of {', '.join(PRECISIONS)}")
         if self.precision == "auto" and self.stage_precision:
             raise ConfigError(
-                "the auto plan chooses every stage's precision; give per-stage precisions with fp32, int8 or int4"
+                "the auto plan chooses every stage's precision; give per-stage precisions with fp32, fp16, int8 or int4"
             )
 
 

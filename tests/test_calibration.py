@@ -261,6 +261,10 @@ def test_quantized_build_holds_calibration_and_both_llm_forms(default_build, tmp
     }
     assert 0.0 <= e2e["worst"]["token_agreement"] <= 1.0 and np.isfinite(e2e["worst"]["image_psnr_db"])
     assert "End to end vs FP32" in (out / "quantize.md").read_text()
+    logs: list[str] = []  # a re-run reuses the capture stored in the build it replaces
+    quantize_build(default_build, out, "int4", log=logs.append, options=replace(opts, end_to_end=False))
+    assert any(line.startswith("calibration: reusing") for line in logs)
+    assert not any(line.startswith("calibration: captured") for line in logs)
     assert LlmRuntime(out).generate("A dog runs", GenerationConfig(max_new_tokens=4)).new_tokens == 4
 
 
