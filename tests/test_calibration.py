@@ -152,7 +152,7 @@ def test_smoothquant_keeps_the_function_and_shrinks_the_activation_range(tmp_pat
 
 def test_gptq_reduces_output_error_and_packs_like_onnxruntime():
     from omniforge.calibration.gptq import gptq_quantize, pack_matmul_nbits
-    from omniforge.calibration.standard_int4 import rtn_codes
+    from omniforge.calibration.standard_form import rtn_codes
     from omniforge.calibration.weight_only import WeightOnlyConfig, quantize_weights
 
     rng = np.random.default_rng(0)
@@ -187,7 +187,7 @@ def test_gptq_reduces_output_error_and_packs_like_onnxruntime():
 
 
 def test_standard_form_is_opset_21_dequantize_linear_with_the_same_weights(default_build):
-    from omniforge.calibration.standard_int4 import dequantize_linear_form, rtn_codes, upgrade_opset
+    from omniforge.calibration.standard_form import dequantize_linear_form, rtn_codes, upgrade_opset
 
     m = load_manifest(default_build)
     spec = m.pipeline.stage("llm")

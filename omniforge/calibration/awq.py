@@ -19,17 +19,12 @@ GRID = np.linspace(0.0, 1.0, 11)
 
 
 def _fake_quant(w: np.ndarray, block: int) -> np.ndarray:
-    """Symmetric 4-bit block-wise round-to-nearest along the input axis of a (K, N) weight, the way
-    ONNX Runtime's MLAS quantizer does it: the block's largest-magnitude value maps to -8 exactly."""
-    k, n = w.shape
-    pad = (-k) % block
-    wp = np.pad(w, ((0, pad), (0, 0))).reshape(-1, block, n)
-    idx = np.abs(wp).argmax(axis=1)[:, None, :]
-    extreme = np.take_along_axis(wp, idx, axis=1)  # signed value of largest magnitude
-    scale = extreme / -8.0
-    scale[scale == 0] = 1.0
-    q = np.clip(np.round(wp / scale), -8, 7) * scale
-    return q.reshape(-1, n)[:k]
+    """Symmetric 4-bit block-wise round-to-nearest of a (K, N) weight, dequantized, exactly as
+    ONNX Runtime's quantizer rounds it (the block's largest-magnitude value maps to -8)."""
+    from omniforge.calibration.standard_form import rtn_codes
+
+    codes, scales = rtn_codes(w, 4, block)
+    return codes * np.repeat(scales, block, axis=0)[: w.shape[0]]
 
 
 def capture(

@@ -254,7 +254,7 @@ def _quantize_stage(
         variants = {**sb.variants, "onnxruntime": rel}
         note = "the embedding table is INT8 in token_embedding"
         if ctx.opts.standard_form:
-            from omniforge.calibration.standard_int4 import dequantize_linear_form
+            from omniforge.calibration.standard_form import dequantize_linear_form
 
             std_rel = f"stages/{name}.{precision}.qdq.onnx"
             canonical = onnx.load(str(ctx.build / sb.file))
