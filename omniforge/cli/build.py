@@ -33,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--stage-precision",
         action="append",
         metavar="STAGE=PRECISION",
-        help="per-stage precision on top of --precision (fp32, int8; int4 for the llm), repeatable; "
+        help="per-stage precision on top of --precision (fp32, fp16, int8; int4 for the llm), repeatable; "
         "only the stages whose precision changes are rebuilt",
     )
     p.add_argument("--cache", help="cache folder (default: $OMNIFORGE_HOME/build-cache)")

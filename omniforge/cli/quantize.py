@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--stage-precision",
         action="append",
         metavar="STAGE=PRECISION",
-        help="per-stage precision (fp32, int8; int4 for the llm), repeatable",
+        help="per-stage precision (fp32, fp16, int8; int4 for the llm), repeatable",
     )
     add_quantize_args(p)
     p.set_defaults(run=run)
