@@ -16,8 +16,10 @@ measured and the worst layers are kept FP32, one at a time, until the budget is 
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,6 +72,20 @@ class Int8Config:
             )
 
 
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """ONNX Runtime's quantizer logs advice through the root logger; hush it for the call only."""
+    root, quant = logging.getLogger(), logging.getLogger("onnxruntime.quantization")
+    levels = root.level, quant.level
+    root.setLevel(max(root.level, logging.ERROR))
+    quant.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(levels[0])
+        quant.setLevel(levels[1])
+
+
 class _Reader(CalibrationDataReader):
     def __init__(self, feeds: list[Feeds]) -> None:
         self.feeds = feeds
@@ -104,10 +120,15 @@ class _Quantizer:
         self.src, self.cfg, self.calibration = src, cfg, calibration
         self.cache = work / "ranges.json"
         self.layers = weight_layers(src, cfg.op_types)
-        logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
-        logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
 
     def __call__(self, dst: Path, include: list[str] | None = None, exclude: list[str] | None = None) -> None:
+        if not (include or self.layers):  # nothing with a constant weight: an empty list would mean "all"
+            shutil.copyfile(self.src, dst)
+            return
+        with _quiet():
+            self._quantize(dst, include, exclude)
+
+    def _quantize(self, dst: Path, include: list[str] | None, exclude: list[str] | None) -> None:
         common = dict(
             per_channel=True,
             weight_type=QuantType.QInt8,
