@@ -76,8 +76,11 @@ class StepBinding:
             self._bound_decode = True
         return self._decode
 
-    def step(self, embeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(b, S, H) new rows -> last-position logits (b, V) and hidden states (b, S, H)."""
+    def step(self, embeds: np.ndarray, copy: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(b, S, H) new rows -> last-position logits (b, V) and hidden states (b, S, H).
+
+        ``copy=False``: a one-token step returns views of the bound output buffers, valid until
+        the next step (the decode loop reads them at once)."""
         b, s, _ = embeds.shape  # (b, S, H)
         assert b == self.slots.count
         lengths = self.pool.lengths[self.slots.start : self.slots.stop]
@@ -104,6 +107,8 @@ class StepBinding:
             raise EngineError(f"the LLM step failed: {str(exc).strip().splitlines()[0]}") from None
         self.pool.lengths[self.slots.start : self.slots.stop] = new
         if s == 1:
+            if not copy:
+                return buf["logits"][:, -1], buf["hidden_states"]
             return buf["logits"][:, -1].copy(), buf["hidden_states"].copy()
         out = self.io.get_outputs()
         return out[0].numpy()[:, -1], out[1].numpy()
@@ -358,8 +363,13 @@ class LlmRuntime:
                         (run.start, count), self.engine.bind(self.pool, run)
                     )
                     feed = [seqs[first + j].generated[-1] for j in range(count)]
-                    emb = self.embed_ids(feed)[:, None]  # (count, 1, H)
-                    logits, hidden = binding.step(emb)
+                    # ids from the sampler are in range: the table is read without re-validation
+                    emb = (
+                        self.table.lookup(np.asarray(feed, np.int64))
+                        if self.table is not None
+                        else self.embed_ids(feed)
+                    )[:, None]  # (count, 1, H)
+                    logits, hidden = binding.step(emb, copy=False)
                     for j in range(count):
                         k, s = first + j, seqs[first + j]
                         s.fed.append(emb[j, 0])
