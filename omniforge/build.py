@@ -15,11 +15,11 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from omniforge import __version__
-from omniforge.calibration.quantize import QuantizeOptions
+from omniforge.calibration.quantize import QuantizeOptions, StageQuantization
 from omniforge.errors import ConfigError
 from omniforge.pipeline.atomic import atomic_folder
 from omniforge.pipeline.manifest import (
@@ -170,29 +170,29 @@ def assemble_auto(fp32: Path, quantized: dict[str, Path], out: Path, log: Callab
 
     base = load_manifest(fp32)
     shutil.copytree(fp32, out)
+    # each candidate build opened (and its artifacts verified) once, its report read once
+    fp32_build = Build(fp32)
+    candidates = [
+        (q, Build(q), {r["stage"]: r for r in json.loads((q / "quantize.json").read_text())})
+        for q in quantized.values()
+    ]
     stages = dict(base.stages)
     plan: dict[str, str] = {}
     rows: list[dict] = []  # the chosen precision's quantization report row per stage
     for name, sb in base.stages.items():
-        choice, best, chosen = "fp32", _latency(Build(fp32), name), None
-        row = {
-            "stage": name,
-            "precision": "fp32",
-            "method": "kept FP32",
-            "size_before": 0,
-            "size_after": 0,
-            "metrics": {},
-            "note": "",
-        }
-        for qpath in quantized.values():
-            qsb = load_manifest(qpath).stages[name]
+        choice, best, chosen = "fp32", _latency(fp32_build, name), None
+        row = asdict(StageQuantization(name, "fp32", "kept FP32", 0, 0))
+        for qpath, qbuild, reports in candidates:
+            qsb = qbuild.manifest.stages[name]
             if qsb.precision == "fp32":
                 continue
-            report = {r["stage"]: r for r in json.loads((qpath / "quantize.json").read_text())}[name]
+            report = reports[name]
             ok = all(report["metrics"].get(k, 1.0) >= v for k, v in AUTO_BUDGETS.items())
-            t = _latency(Build(qpath), name)
+            t = _latency(qbuild, name)
             if ok and t < best:
                 choice, best, chosen, row = qsb.precision, t, (qpath, qsb), report
+            qbuild.release(name)
+        fp32_build.release(name)
         if chosen is not None:
             qpath, qsb = chosen
             for rel in qsb.variants.values():
@@ -296,8 +296,6 @@ def tensorrt_source(sb) -> tuple[str, str]:
 
 def _tensorrt_engines(build: Path, m: Manifest, log: Callable[[str], None]) -> Manifest:
     """One TensorRT engine per stage (see ``tensorrt_source``), metadata in the manifest."""
-    from dataclasses import asdict
-
     from omniforge.engines.tensorrt import build_engine
 
     (build / "engines").mkdir(exist_ok=True)

@@ -160,33 +160,16 @@ def test_changing_one_stage_precision_rebuilds_only_that_stage(builds, default_m
         line.startswith("video_unet: int8") for line in reused
     )  # every other stage came from the cache
     assert not any(line.startswith("image_unet") for line in reused)
-    with pytest.raises(ConfigError, match="int4 is for the LLM"):
-        build(
-            default_model,
-            tmp_path / "bad",
-            BuildOptions(
-                precision="int8", cache=cache, quantize=quick_quant, stage_precision={"vocoder": "int4"}
-            ),
-            log=lambda _m: None,
+    for stage_precision, message in (
+        ({"vocoder": "int4"}, "int4 is for the LLM"),
+        ({"llm": "fp16"}, "no fp16 form"),
+        ({"nope": "int8"}, "no stage 'nope'"),
+    ):
+        bad = BuildOptions(
+            precision="int8", cache=cache, quantize=quick_quant, stage_precision=stage_precision
         )
-    with pytest.raises(ConfigError, match="no fp16 form"):
-        build(
-            default_model,
-            tmp_path / "bad",
-            BuildOptions(
-                precision="int8", cache=cache, quantize=quick_quant, stage_precision={"llm": "fp16"}
-            ),
-            log=lambda _m: None,
-        )
-    with pytest.raises(ConfigError, match="no stage 'nope'"):
-        build(
-            default_model,
-            tmp_path / "bad",
-            BuildOptions(
-                precision="int8", cache=cache, quantize=quick_quant, stage_precision={"nope": "int8"}
-            ),
-            log=lambda _m: None,
-        )
+        with pytest.raises(ConfigError, match=message):
+            build(default_model, tmp_path / "bad", bad, log=lambda _m: None)
     with pytest.raises(ConfigError, match="auto plan chooses"):
         BuildOptions(precision="auto", stage_precision={"llm": "int4"})
     assert not (tmp_path / "bad").exists()

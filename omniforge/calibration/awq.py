@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
+
+from omniforge.calibration.tensors import session_with_outputs
 
 GRID = np.linspace(0.0, 1.0, 11)
 
@@ -27,19 +28,11 @@ def _fake_quant(w: np.ndarray, block: int) -> np.ndarray:
     return codes * np.repeat(scales, block, axis=0)[: w.shape[0]]
 
 
-def capture(
-    model: onnx.ModelProto, names: list[str], rows: list[np.ndarray], kv_shape: tuple[int, int]
-) -> dict[str, np.ndarray]:
-    """Values of ``names`` (B=1 prefill) over calibration sequences of embedding rows."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for n in names:
-        m.graph.output.append(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
-    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-    kvh, hd = kv_shape
-    layers = sum(
-        1 for i in model.graph.input if i.name.startswith("past_key_values.") and i.name.endswith(".key")
-    )
+def capture(model: onnx.ModelProto, names: list[str], rows: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Values of ``names`` (B=1 prefill, no past) of the in-place LLM graph over calibration
+    sequences of embedding rows."""
+    sess = session_with_outputs(model, names)
+    past = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
     out: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for r in rows:
         s = r.shape[0]
@@ -48,9 +41,8 @@ def capture(
             "seqlens_k": np.array([s - 1], np.int32),
             "total_sequence_length": np.array(s, np.int32),
         }
-        for i in range(layers):
-            for kind in ("key", "value"):
-                feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, kvh, s, hd), np.float32)
+        for p in past:  # (batch, kv heads, cache length, head dim): an empty cache of length s
+            feeds[p.name] = np.zeros((1, p.shape[1], s, p.shape[3]), np.float32)
         values = sess.run(names, feeds)
         for n, v in zip(names, values, strict=True):
             out[n].append(v.reshape(-1, v.shape[-1]))
@@ -81,16 +73,9 @@ def apply_awq(
     model_c = onnx.ModelProto()
     model_c.CopyFrom(model)
     inits = {t.name: t for t in model_c.graph.initializer}
-    gqa = next(n for n in model_c.graph.node if n.op_type == "GroupQueryAttention")
-    kvh = next(a.i for a in gqa.attribute if a.name == "kv_num_heads")
-    hd = (
-        next(i for i in model_c.graph.input if i.name == "past_key_values.0.key")
-        .type.tensor_type.shape.dim[3]
-        .dim_value
-    )
     layers = sum(1 for n in model_c.graph.node if n.op_type == "GroupQueryAttention")
     names = [f"layers.{i}.{k}" for i in range(layers) for k in ("norm1", "norm2", "act")]
-    acts = capture(model_c, names, rows, (kvh, hd))
+    acts = capture(model_c, names, rows)
     rng = np.random.default_rng(0)
 
     def arr(name: str) -> np.ndarray:

@@ -26,6 +26,7 @@ import numpy as np
 
 from omniforge.errors import ConfigError, InputError
 from omniforge.pipeline.atomic import atomic_folder
+from omniforge.runtime.media import write_wav
 
 Feeds = dict[str, np.ndarray]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -98,14 +99,8 @@ def _synthetic_wavs(folder: Path, count: int, sr: int = 16000) -> list[Path]:
     for i in range(count):
         f0, f1 = 200 + 150 * i, 800 + 300 * i
         wav = 0.4 * np.sin(2 * np.pi * (f0 + (f1 - f0) * t / 2) * t) + 0.05 * rng.standard_normal(sr)
-        out.append(_write_wav(folder / f"calib_{i}.wav", wav, sr))
+        out.append(write_wav(folder / f"calib_{i}.wav", wav.astype(np.float32), sr))
     return out
-
-
-def _write_wav(path: Path, wav: np.ndarray, sr: int) -> Path:
-    from omniforge.runtime.media import write_wav
-
-    return write_wav(path, wav.astype(np.float32), sr)
 
 
 def capture(
@@ -172,7 +167,8 @@ def capture(
 
 
 def load(folder: str | Path, stage: str) -> tuple[list[Feeds], list[Feeds]]:
-    """(calibration feeds, held-out feeds) recorded for ``stage``; empty lists when none were."""
+    """(calibration feeds, held-out feeds) recorded for ``stage``; empty lists when none were.
+    With fewer than four recorded calls nothing is held out and the last calibration feed stands in."""
     path = Path(folder) / f"{stage}.npz"
     if not path.is_file():
         return [], []

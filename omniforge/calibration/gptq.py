@@ -76,14 +76,7 @@ def hessians(model: onnx.ModelProto, rows: list[np.ndarray]) -> dict[str, np.nda
     """``X^T X / tokens`` of the input of every constant-weight MatMul of the in-place LLM graph."""
     inits = {t.name for t in model.graph.initializer}
     names = sorted({n.input[0] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits})
-    gqa = next(n for n in model.graph.node if n.op_type == "GroupQueryAttention")
-    kvh = next(a.i for a in gqa.attribute if a.name == "kv_num_heads")
-    hd = (
-        next(i for i in model.graph.input if i.name == "past_key_values.0.key")
-        .type.tensor_type.shape.dim[3]
-        .dim_value
-    )
-    acts = capture(model, names, rows, (kvh, hd))
+    acts = capture(model, names, rows)
     return {k: (x.astype(np.float64).T @ x.astype(np.float64)) / len(x) for k, x in acts.items()}
 
 

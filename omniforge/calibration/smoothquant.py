@@ -15,9 +15,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
-from onnx import TensorProto, helper
 
+from omniforge.calibration.tensors import session_with_outputs
 from omniforge.passes.base import PassReport, new_const
 from omniforge.passes.fold_norm_linear import NORM_OPS, _affine, _linear_weight
 
@@ -55,14 +54,7 @@ def _candidates(model: ir.Model) -> list[tuple[ir.Value, ir.Node | None, list]]:
 
 def channel_max(model: onnx.ModelProto, names: list[str], feeds: list[Feeds]) -> dict[str, np.ndarray]:
     """Per-channel (last axis) max |value| of the named tensors over ``feeds``."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for n in names:
-        m.graph.output.append(helper.make_tensor_value_info(n, TensorProto.FLOAT, None))
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = session_with_outputs(model, names)
     out: dict[str, np.ndarray] = {}
     for f in feeds:
         for n, v in zip(names, sess.run(names, f), strict=True):

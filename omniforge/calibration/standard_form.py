@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from omniforge.calibration.gptq import gptq_quantize
+from omniforge.calibration.tensors import session_with_outputs
 from omniforge.errors import ConfigError
 
 REDUCE_OPS = {
@@ -99,11 +99,7 @@ def canonical_hessians(model: onnx.ModelProto, rows: list[np.ndarray]) -> dict[s
     weights = {t.name for t in model.graph.initializer}
     mm = {n.input[1]: n.input[0] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights}
     names = sorted(set(mm.values()))
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for n in names:
-        m.graph.output.append(helper.make_tensor_value_info(n, TensorProto.FLOAT, None))
-    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = session_with_outputs(model, names)
     past = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
     acc = {n: 0.0 for n in names}
     count = 0

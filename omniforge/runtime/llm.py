@@ -190,9 +190,12 @@ class LlmRuntime:
         }
 
     # ---- inputs -------------------------------------------------------------------------------
-    def embed_ids(self, ids: Sequence[int]) -> np.ndarray:
-        """(S,) token ids -> (S, H) embedding rows."""
+    def embed_ids(self, ids: Sequence[int], trusted: bool = False) -> np.ndarray:
+        """(S,) token ids -> (S, H) embedding rows; ``trusted``: ids the sampler chose, known to be
+        in range (the decode loop skips the checks)."""
         arr = np.asarray(ids, dtype=np.int64)
+        if trusted and self.table is not None:
+            return self.table.lookup(arr)
         if arr.ndim != 1:
             raise InputError(f"token ids must be one-dimensional, got shape {arr.shape}")
         if arr.size and (arr.min() < 0 or arr.max() >= self.geometry.vocab_size):
@@ -363,12 +366,7 @@ class LlmRuntime:
                         (run.start, count), self.engine.bind(self.pool, run)
                     )
                     feed = [seqs[first + j].generated[-1] for j in range(count)]
-                    # ids from the sampler are in range: the table is read without re-validation
-                    emb = (
-                        self.table.lookup(np.asarray(feed, np.int64))
-                        if self.table is not None
-                        else self.embed_ids(feed)
-                    )[:, None]  # (count, 1, H)
+                    emb = self.embed_ids(feed, trusted=True)[:, None]  # (count, 1, H)
                     logits, hidden = binding.step(emb, copy=False)
                     for j in range(count):
                         k, s = first + j, seqs[first + j]

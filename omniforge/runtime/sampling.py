@@ -51,8 +51,6 @@ def select_token(
     logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator, history: np.ndarray
 ) -> int:
     """One token id from (V,) logits."""
-    if cfg.temperature == 0.0 and (cfg.repetition_penalty == 1.0 or history.size == 0):
-        return int(np.argmax(logits))  # greedy without penalty: nothing else to compute
     logits = apply_repetition_penalty(logits.astype(np.float32, copy=False), history, cfg.repetition_penalty)
     if cfg.temperature == 0.0:
         return int(np.argmax(logits))
