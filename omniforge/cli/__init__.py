@@ -18,6 +18,7 @@ from omniforge.cli import (
     quantize,
     run,
 )
+from omniforge.cli._common import add_verbose_arg, console
 from omniforge.errors import OmniforgeError
 
 COMMANDS = (build, export, optimize, quantize, run, compare, bench, describe, inspect, create_default)
@@ -29,9 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compile NExT-GPT-style any-to-any pipelines to ONNX / TensorRT and run them.",
     )
     parser.add_argument("--version", action="version", version=f"omniforge {__version__}")
+    add_verbose_arg(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in COMMANDS:
         cmd.add_parser(sub)
+    for p in sub.choices.values():  # also after the subcommand; absent there, the top-level value stands
+        add_verbose_arg(p, default=argparse.SUPPRESS)
     return parser
 
 
@@ -39,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.run(args) or 0)
+        with console(args.verbose):
+            return int(args.run(args) or 0)
     except OmniforgeError as exc:
         print(f"omniforge: error: {exc}", file=sys.stderr)
         return 1

@@ -3,13 +3,139 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import os
+import re
 import sys
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+# the libraries whose INFO logs and warnings flood a default run
+LIBRARY_LOGGERS = (
+    "onnxscript",
+    "onnx_ir",
+    "torch.onnx",
+    "torch",
+    "transformers",
+    "diffusers",
+    "huggingface_hub",
+    "peft",
+    "onnxruntime",
+)
+# read by the libraries when they are imported, so they also reach imports made after the setup
+QUIET_ENV = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TQDM_DISABLE": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DIFFUSERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+}
+_ITEM = re.compile(r"^\[\d+/\d+\] ")  # "[3/15] stage: ..." - one item of a long step
+_state = {"verbose": False, "transient": False}
 
 
 def log(msg: str) -> None:
-    """Progress goes to stderr so stdout stays clean for results."""
-    print(msg, file=sys.stderr, flush=True)
+    """Progress goes to stderr so stdout stays clean for results.
+
+    By default a per-item line (``[3/15] ...``) only updates a status line on a terminal (and is
+    left out elsewhere), so a long step costs one line; with ``-v`` every line is kept."""
+    err = sys.stderr
+    tty = err.isatty()
+    if _ITEM.match(msg) and not _state["verbose"]:
+        if tty:
+            err.write("\r\033[K" + msg[: _columns() - 1])
+            err.flush()
+            _state["transient"] = True
+        return
+    if _state["transient"]:
+        err.write("\r\033[K")
+        _state["transient"] = False
+    print(msg, file=err, flush=True)
+
+
+def end_status_line() -> None:
+    """Clear a pending per-item status line before results are printed."""
+    if _state["transient"]:
+        sys.stderr.write("\r\033[K")
+        sys.stderr.flush()
+        _state["transient"] = False
+
+
+def _columns() -> int:
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError):
+        return 100
+
+
+@contextlib.contextmanager
+def console(verbose: bool = False) -> Iterator[None]:
+    """Library logs, warnings and progress bars for one command: silenced unless ``verbose``.
+
+    Everything set here is restored on exit (``main`` may run in a process that goes on)."""
+    root = logging.getLogger()
+    names = ("", *LIBRARY_LOGGERS)
+    levels = {n: logging.getLogger(n).level for n in names}
+    env = {k: os.environ.get(k) for k in (*QUIET_ENV, "OMNIFORGE_VERBOSE")}
+    # a root handler of our own: a library's later logging.basicConfig(level=INFO) is then a no-op
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s [%(levelname)s] %(message)s"))
+    root.addHandler(handler)
+    _state["verbose"] = verbose
+    with warnings.catch_warnings():
+        if verbose:
+            os.environ["OMNIFORGE_VERBOSE"] = "1"
+            root.setLevel(logging.INFO)
+            warnings.simplefilter("default")
+        else:
+            os.environ.update(QUIET_ENV)
+            os.environ.pop("OMNIFORGE_VERBOSE", None)
+            for n in names:
+                logging.getLogger(n).setLevel(logging.ERROR)
+            warnings.simplefilter("ignore")
+        restore_bars = _silence_imported_libraries() if not verbose else list
+        try:
+            yield
+        finally:
+            end_status_line()
+            restore_bars()
+            _state["verbose"] = False
+            root.removeHandler(handler)
+            for n, level in levels.items():
+                logging.getLogger(n).setLevel(level)
+            for k, v in env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def _silence_imported_libraries() -> Callable[[], object]:
+    """Turn off the progress bars of libraries imported before the setup (the env vars reach later
+    imports); returns what turns them back on."""
+    undo: list[Callable[[], None]] = []
+    for name in ("transformers", "diffusers"):
+        lib = sys.modules.get(name)
+        if lib is not None and lib.utils.logging.is_progress_bar_enabled():
+            lib.utils.logging.disable_progress_bar()
+            undo.append(lib.utils.logging.enable_progress_bar)
+    hub = sys.modules.get("huggingface_hub")
+    if hub is not None and not hub.utils.are_progress_bars_disabled():
+        hub.utils.disable_progress_bars()
+        undo.append(hub.utils.enable_progress_bars)
+    return lambda: [f() for f in undo]
+
+
+def add_verbose_arg(p: argparse.ArgumentParser, default: object = False) -> None:
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default,
+        help="show library logs, warnings and every progress line",
+    )
 
 
 def resolve_model(path: str | None) -> Path:

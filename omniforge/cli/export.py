@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from omniforge.cli._common import log, resolve_model, split_list
+from omniforge.cli._common import end_status_line, log, resolve_model, split_list
 from omniforge.errors import ConfigError
 
 
@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     )
     log(f"exporting {model} -> {args.out}")
     manifest, reports = export_pipeline(model, args.out, opts, log=log)
+    end_status_line()
     print(parity_table(reports))
     print(f"\nbuild written to {args.out} ({len(manifest.stages)} stages, manifest.json, parity.md)")
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from omniforge.cli._common import log
+from omniforge.cli._common import end_status_line, log
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from omniforge.passes.build import optimize_build, optimize_table
 
+    log(f"optimizing {args.build} ...")
     _, results = optimize_build(args.build, args.out, lower=not args.no_lower, log=log)
+    end_status_line()
     print(optimize_table(results))
     print(f"\noptimized build written to {args.out or args.build} (optimize.md)")
     return 0

@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     from omniforge.calibration.quantize import quantize_build, quantize_table
 
+    log(f"quantizing {args.build} to {args.precision} ...")
     _, results = quantize_build(
         args.build,
         args.out,

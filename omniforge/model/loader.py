@@ -20,6 +20,9 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _quiet() -> None:
+    """transformers' loading logs and progress bars off, unless ``omniforge -v`` asked for them."""
+    if os.environ.get("OMNIFORGE_VERBOSE") == "1":
+        return
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
