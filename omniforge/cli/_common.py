@@ -149,6 +149,17 @@ def resolve_model(path: str | None) -> Path:
     return ensure_default()
 
 
+def exportable_model(path: str | None, stages: list[str] | None = None) -> Path:
+    """``resolve_model``, refusing a model whose selected stages could not run from text prompts."""
+    model = resolve_model(path)
+    if stages is None or {"llm", "token_embedding"} & set(stages):
+        from omniforge.model.tokenizer import require_tokenizer_json
+        from omniforge.pipeline.model_config import load_model_config
+
+        require_tokenizer_json(load_model_config(model).llm)
+    return model
+
+
 def split_list(value: str | None) -> list[str] | None:
     if not value:
         return None

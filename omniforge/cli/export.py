@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from omniforge.cli._common import end_status_line, log, resolve_model, split_list
+from omniforge.cli._common import end_status_line, exportable_model, log, split_list
 from omniforge.errors import ConfigError
+from omniforge.export.opsets import DEFAULT_OPSET, SUPPORTED_OPSETS, check_opset
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,18 +30,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="default",
         help="LoRA adapter to merge into the LLM, or 'none' (default: the model's merge_adapter)",
     )
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument(
+        "--opset",
+        type=int,
+        default=DEFAULT_OPSET,
+        help=f"ONNX opset: {', '.join(map(str, SUPPORTED_OPSETS))} (what export, optimize and quantize all support)",
+    )
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads for the parity check")
     p.add_argument("--skip-parity", action="store_true", help="do not run the parity check (not recommended)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if not 14 <= args.opset <= 21:
-        raise ConfigError(f"--opset {args.opset} is not supported (use 14..21)")
+    check_opset(args.opset)  # before any work
     if args.threads < 1:
         raise ConfigError("--threads must be at least 1")
-    model = resolve_model(args.model)
+    model = exportable_model(args.model, split_list(args.stages))
     from omniforge.pipeline.describe import describe
     from omniforge.pipeline.model_config import load_model_config
 

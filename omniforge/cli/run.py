@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from omniforge.runtime.tokenizer import SignalEvent
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -86,9 +91,8 @@ def run(args: argparse.Namespace) -> int:
         on_text=emit,
     )
     sys.stdout.write("\n")
-    for path in result.save(args.out):
-        if "_frames" not in path.parent.name:  # frames are listed through their GIF
-            print(f"wrote {path}", file=sys.stderr)
+    for line in modality_lines(result.signals, result.save(args.out)):
+        print(line, file=sys.stderr)
     g = result.generation
     print(
         f"[{g.prompt_tokens} prompt tokens, {g.new_tokens} new, finish: {g.finish_reason}; "
@@ -98,3 +102,19 @@ def run(args: argparse.Namespace) -> int:
     timings = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in result.timings.items() if k != "total")
     print(f"[stages: {timings}; total {result.timings['total'] * 1000:.0f} ms]", file=sys.stderr)
     return 0
+
+
+def modality_lines(signals: list[SignalEvent], written: list[Path]) -> list[str]:
+    """One line per modality the run produced or asked for: its signal tokens and its files."""
+    lines = []
+    for modality in ("image", "video", "audio"):
+        count = sum(e.modality == modality for e in signals)
+        # frames are listed through their GIF
+        files = [
+            str(p) for p in written if p.name.startswith(f"{modality}_") and "_frames" not in p.parent.name
+        ]
+        if not count and not files:
+            continue
+        why = f"{count} signal token{'s' if count != 1 else ''}" if count else "forced"
+        lines.append(f"{modality}: {why} -> {', '.join(files) if files else 'no decoder in this build'}")
+    return lines

@@ -58,3 +58,21 @@ def save_tokenizer(tok: Tokenizer, folder: Path) -> None:
         "add_bos_token": False,
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def require_tokenizer_json(llm: Path) -> None:
+    """Refuse an LLM folder without ``tokenizer.json``: the torch-free runtime reads prompts only
+    through it, so its build could not run from text."""
+    from omniforge.errors import ExportError
+
+    if (llm / "tokenizer.json").is_file():
+        return
+    hint = (
+        "; save its SentencePiece tokenizer.model as tokenizer.json first "
+        "(transformers: AutoTokenizer.from_pretrained(folder).save_pretrained(folder))"
+        if (llm / "tokenizer.model").is_file()
+        else ""
+    )
+    raise ExportError(
+        f"the LLM folder {llm} has no tokenizer.json, which the runtime needs to read prompts{hint}"
+    )

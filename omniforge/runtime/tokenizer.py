@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
 from omniforge.errors import InputError, ManifestError
+
+
+@dataclass(frozen=True)
+class SignalEvent:
+    """A signal token the model generated: the modality it asks for, the token, and its position
+    among the generated tokens."""
+
+    modality: str
+    token: str
+    index: int
 
 
 class TextTokenizer:
@@ -42,6 +54,18 @@ class TextTokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token(self, token_id: int) -> str:
+        return self.tok.id_to_token(token_id) or f"<{token_id}>"
+
+    def visible_text(self, ids: list[int], hidden: Collection[int] = ()) -> str:
+        """The text a reader sees: special tokens and the ``hidden`` ids (signal tokens and media
+        placeholders, which a model may hold as ordinary added tokens) left out."""
+        return self.tok.decode([t for t in ids if t not in hidden], skip_special_tokens=True)
+
+    def signal_events(self, ids: list[int], signal_ids: Mapping[int, str]) -> list[SignalEvent]:
+        """The signal tokens among generated ``ids``, in order."""
+        return [SignalEvent(signal_ids[t], self.token(t), i) for i, t in enumerate(ids) if t in signal_ids]
 
 
 def _token_str(v: object) -> str | None:
