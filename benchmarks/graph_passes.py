@@ -23,12 +23,12 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, read_bandwidth, write_results  # noqa: E402
 
+from omniforge.pipeline.contracts import Role  # noqa: E402
+from omniforge.runtime.engine import SessionConfig, open_session  # noqa: E402
+
 
 def session(path: Path, threads: int) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return open_session(path, "measurement", SessionConfig(threads=threads))
 
 
 def time_runs(fn, runs: int) -> float:
@@ -56,8 +56,9 @@ def stages_part(work: Path, runs: int, threads: int) -> list[dict]:
         spec = m_raw.pipeline.stage(name)
         feeds = spec.sample_inputs("opt", seed=0)
         paths = {"raw": raw / sb.file, "optimized": opt / m_opt.stages[name].file}
-        if "onnxruntime" in m_opt.stages[name].variants and spec.kind != "llm":
-            paths["lowered"] = opt / m_opt.stages[name].variants["onnxruntime"]
+        lowered = m_opt.stages[name].variant(Role.ORT)
+        if lowered is not None:
+            paths["lowered"] = opt / lowered.file
         row = {"stage": name}
         for label, path in paths.items():
             s = session(path, threads)
@@ -104,13 +105,14 @@ def decode_step_part(work: Path, runs: int, threads: int) -> dict:
     raw_feeds = spec.sample_inputs({"batch": 1, "seq": 1, "past": past}, seed=0)
     out: dict = {}
     for precision in ("fp32", "int4"):
-        raw_path, low_path = b.stage_file("llm"), b.stage_file("llm", "onnxruntime")
+        raw_path, low_path = b.stage_file("llm"), b.stage_file("llm", Role.ORT_INPLACE_LLM)
         if precision == "int4":
             raw_path = int4(raw_path, work / "llm-150m-raw-int4.onnx")
             low_path = int4(low_path, work / "llm-150m-lowered-int4.onnx")
         raw = session(raw_path, threads)
         t_raw = time_runs(lambda raw=raw: raw.run(None, raw_feeds), runs)
-        engine = LlmEngine(low_path, g, SessionConfig(threads=threads))
+        contract = b.manifest.variant("llm", Role.ORT_INPLACE_LLM).contract
+        engine = LlmEngine(low_path, g, SessionConfig(threads=threads), contract)
         pool = KVCachePool(g, 1, max_context=past + runs + 16)
         binding = engine.bind(pool, SlotRange(0, 1))
         row = raw_feeds["inputs_embeds"]
@@ -131,7 +133,7 @@ def decode_step_part(work: Path, runs: int, threads: int) -> dict:
     params = (
         sum(
             int(np.prod(t.dims))
-            for t in onnx.load(str(b.stage_file("llm", "onnxruntime"))).graph.initializer
+            for t in onnx.load(str(b.stage_file("llm", Role.ORT_INPLACE_LLM))).graph.initializer
             if len(t.dims) == 2 and t.dims[0] * t.dims[1] > 1_000_000
         )
         + 0

@@ -22,16 +22,16 @@ from omniforge import __version__
 from omniforge.calibration.quantize import QuantizeOptions, StageQuantization
 from omniforge.errors import ConfigError
 from omniforge.pipeline.atomic import atomic_folder
+from omniforge.pipeline.contracts import Role
 from omniforge.pipeline.manifest import (
     Manifest,
     collect_artifacts,
     load_manifest,
-    runtime_file,
+    Variant,
     sha256_file,
     stage_files,
     write_manifest,
 )
-from omniforge.pipeline.spec import StageKind
 
 BACKENDS = ("onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8", "int4", "auto")
@@ -179,7 +179,7 @@ def assemble_auto(fp32: Path, quantized: dict[str, Path], out: Path, log: Callab
     stages = dict(base.stages)
     plan: dict[str, str] = {}
     rows: list[dict] = []  # the chosen precision's quantization report row per stage
-    for name, sb in base.stages.items():
+    for name in base.stages:
         choice, best, chosen = "fp32", _latency(fp32_build, name), None
         row = asdict(StageQuantization(name, "fp32", "kept FP32", 0, 0))
         for qpath, qbuild, reports in candidates:
@@ -195,10 +195,10 @@ def assemble_auto(fp32: Path, quantized: dict[str, Path], out: Path, log: Callab
         fp32_build.release(name)
         if chosen is not None:
             qpath, qsb = chosen
-            for rel in qsb.variants.values():
+            for rel in qsb.files():
                 if not (out / rel).exists():
                     shutil.copyfile(qpath / rel, out / rel)
-            stages[name] = replace(sb, precision=choice, variants=dict(qsb.variants))
+            stages[name] = replace(qsb, precision=choice)
         plan[name] = choice
         rows.append(row)
         log(f"auto: {name} -> {choice}")
@@ -289,8 +289,9 @@ def _assemble(
 def tensorrt_source(sb) -> tuple[str, str]:
     """(graph, precision) TensorRT builds a stage from: the standard Q/DQ graph of an INT8/INT4 stage
     (explicit quantization), else the canonical graph in FP16 (norms kept FP32 by the builder)."""
-    if sb.precision in ("int8", "int4") and "qdq" in sb.variants:
-        return sb.variants["qdq"], sb.precision
+    explicit = sb.variant(Role.QDQ) or sb.variant(Role.WEIGHT_ONLY_DQ)
+    if sb.precision in ("int8", "int4") and explicit is not None:
+        return explicit.file, sb.precision
     return sb.file, "fp16"
 
 
@@ -306,7 +307,7 @@ def _tensorrt_engines(build: Path, m: Manifest, log: Callable[[str], None]) -> M
         info = build_engine(
             m.pipeline.stage(name), build / graph, build / rel, precision, build / "engines" / "timing.cache"
         )
-        stages[name] = replace(sb, variants={**sb.variants, "tensorrt": rel})
+        stages[name] = sb.with_variant(Variant(Role.TENSORRT, rel, precision))
         meta[name] = asdict(info)
         log(f"tensorrt: {name} -> {rel}")
     (build / "engines" / "engines.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -328,9 +329,7 @@ def summary_rows(build: Path, m: Manifest) -> list[dict]:
         quant = {r["stage"]: r for r in json.loads((build / "quantize.json").read_text())}
     rows = []
     for name, sb in m.stages.items():
-        llm = m.pipeline.stage(name).kind is StageKind.LLM  # the LLM runtime serves the in-place graph
-        ort_graph = sb.variants.get("onnxruntime", sb.file) if llm else runtime_file(m, name)
-        engine = sb.variants.get("tensorrt") or ort_graph
+        engine = (sb.variant(Role.TENSORRT) or sb.runtime_variant()).file
         acc = quant.get(name, {}).get("metrics") or {}
         accuracy = (
             ", ".join(f"{k} {v:.4g}" for k, v in acc.items())

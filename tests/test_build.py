@@ -13,6 +13,7 @@ from omniforge.build import BuildOptions, build, cache_root
 from omniforge.cli import main
 from omniforge.engines.compare import compare_builds
 from omniforge.errors import ConfigError
+from omniforge.pipeline.contracts import Role
 from omniforge.pipeline.manifest import load_manifest
 from omniforge.runtime.pipeline import DiffusionConfig, Pipeline
 from omniforge.runtime.sampling import GenerationConfig
@@ -181,7 +182,7 @@ def test_tensorrt_builds_quantized_stages_from_their_qdq_graphs(builds):
     out, _, _ = builds
     m = load_manifest(out["int8"])
     unet = m.stages["image_unet"]
-    assert tensorrt_source(unet) == (unet.variants["qdq"], "int8")
+    assert tensorrt_source(unet) == (unet.variant(Role.QDQ).file, "int8")
     assert tensorrt_source(load_manifest(out["fp32"]).stages["image_unet"]) == (
         "stages/image_unet.onnx",
         "fp16",
@@ -190,4 +191,4 @@ def test_tensorrt_builds_quantized_stages_from_their_qdq_graphs(builds):
     assert tensorrt_source(llm) == ("stages/llm.int8.qdq.onnx", "int8")
     script = (out["int8"] / "trtexec" / "build_engines.sh").read_text()
     line = next(x for x in script.splitlines() if "image_unet.plan" in x)
-    assert f"--onnx={unet.variants['qdq']}" in line and "--int8" in line and "--fp16" in line
+    assert f"--onnx={unet.variant(Role.QDQ).file}" in line and "--int8" in line and "--fp16" in line

@@ -14,6 +14,7 @@ from omniforge.calibration.capture import CalibrationInputs
 from omniforge.calibration.fallback import Int8Config, outputs, quantize_int8_with_fallback
 from omniforge.calibration.metrics import cosine
 from omniforge.errors import ConfigError, InputError
+from omniforge.pipeline.contracts import Role
 from omniforge.pipeline.manifest import load_manifest
 
 
@@ -245,7 +246,7 @@ def test_quantized_build_holds_calibration_and_both_llm_forms(default_build, tmp
     m = load_manifest(out)
     assert m.files["calibration"] == "calibration/calibration.json"
     llm = m.stages["llm"]
-    assert set(llm.variants) >= {"onnxruntime", "qdq"}
+    assert {v.role for v in llm.variants} >= {Role.CANONICAL, Role.ORT_INPLACE_LLM, Role.WEIGHT_ONLY_DQ}
     report = {r["stage"]: r for r in json.loads((out / "quantize.json").read_text())}
     assert "GPTQ" in report["llm"]["method"] and report["llm"]["metrics"]["qdq_cosine_min"] > 0.9
     assert report["image_unet"]["method"].startswith("static QDQ INT8")

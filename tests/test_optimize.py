@@ -10,6 +10,7 @@ import pytest
 from omniforge.cli import main
 from omniforge.passes.build import optimize_build
 from omniforge.passes.fold_norm_linear import fold_norm_into_linear
+from omniforge.pipeline.contracts import Role
 from omniforge.pipeline.manifest import load_manifest
 from omniforge.runtime.llm import LlmRuntime
 from omniforge.runtime.pipeline import DiffusionConfig, Pipeline
@@ -49,7 +50,7 @@ def test_no_foldable_norm_is_left(optimized):
 
 def test_lowered_graphs_are_used_and_outputs_do_not_change(optimized, default_build):
     out, manifest, _ = optimized
-    assert "onnxruntime" in manifest.stages["image_unet"].variants
+    assert manifest.stages["image_unet"].variant(Role.ORT) is not None
     base, opt = Pipeline(default_build), Pipeline(out)
     assert opt.build.engine("image_unet").path.name == "image_unet.ort.onnx"
     kw = dict(

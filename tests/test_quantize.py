@@ -11,6 +11,7 @@ from omniforge.calibration.quantize import quantize_build
 from omniforge.calibration.weight_only import WeightOnlyConfig
 from omniforge.cli import main
 from omniforge.errors import ConfigError
+from omniforge.pipeline.contracts import Role
 from omniforge.pipeline.manifest import load_manifest
 from omniforge.runtime.llm import LlmRuntime
 from omniforge.runtime.pipeline import DiffusionConfig, Pipeline
@@ -27,12 +28,12 @@ def int4_build(default_build, tmp_path_factory, quick_quant):
 def test_int4_build_has_quantized_llm_and_int8_encoders(int4_build, default_build):
     m = load_manifest(int4_build)
     assert m.stages["llm"].precision == "int4" and m.stages["image_encoder"].precision == "int8"
-    q = onnx.load(str(int4_build / m.stages["llm"].variants["onnxruntime"]))
+    q = onnx.load(str(int4_build / m.stages["llm"].variant(Role.ORT_INPLACE_LLM).file))
     ops = [n.op_type for n in q.graph.node]
     assert ops.count("MatMulNBits") == 2 * 2 + 2 * 3 + 1  # qkv+o per layer, gate/up/down per layer, lm head
     assert "MatMul" not in ops
-    fp32 = load_manifest(default_build).stages["llm"].variants["onnxruntime"]
-    assert (int4_build / m.stages["llm"].variants["onnxruntime"]).stat().st_size < 0.3 * (
+    fp32 = load_manifest(default_build).stages["llm"].variant(Role.ORT_INPLACE_LLM).file
+    assert (int4_build / m.stages["llm"].variant(Role.ORT_INPLACE_LLM).file).stat().st_size < 0.3 * (
         default_build / fp32
     ).stat().st_size
     report = {r["stage"]: r for r in json.loads((int4_build / "quantize.json").read_text())}
@@ -105,7 +106,7 @@ def test_awq_keeps_the_fp32_function_and_builds(default_build, tmp_path, quick_q
 
     m = load_manifest(default_build)
     g = m.pipeline.stage("llm").llm
-    graph = onnx.load(str(default_build / m.stages["llm"].variants["onnxruntime"]))
+    graph = onnx.load(str(default_build / m.stages["llm"].variant(Role.ORT_INPLACE_LLM).file))
     rows = calibration_rows(default_build, count=4, length=16)
     scaled = apply_awq(graph, rows, 32)
     s = rows[0].shape[0]

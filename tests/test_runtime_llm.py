@@ -93,9 +93,11 @@ def test_decode_writes_only_the_new_tokens_kv_in_place(runtime):
     slots = pool.allocate(1)
     try:
         binding = runtime.engine.bind(pool, slots)
-        for ov_name, ov in pool.bindings(slots):
-            layer, kind = ov_name.split(".")
-            arr = (pool.keys if kind == "key" else pool.values)[int(layer)]
+        pairs = runtime.engine.contract.inplace
+        assert len(pairs) == 2 * runtime.geometry.num_layers
+        for j, (pair, ov) in enumerate(zip(pairs, pool.bindings(slots), strict=True)):
+            arr = (pool.keys if j % 2 == 0 else pool.values)[j // 2]
+            assert pair.input.endswith(f"{j // 2}.{('key', 'value')[j % 2]}")  # layer-major key/value
             assert ov.data_ptr() == arr[slots.start :].ctypes.data  # the graph reads and writes the pool
         binding.step(rows[None])
         exchanged = []

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from omniforge.bench.stats import measure
-from omniforge.pipeline.spec import StageKind
+from omniforge.pipeline.contracts import Role
 
 PROMPT = "Describe the image in one sentence."
 
@@ -46,12 +46,12 @@ def stage_call(build, name: str, context: int = 32) -> Callable[[], object]:
     """One call of a stage as the runtime makes it, inputs prepared beforehand: the stage's engine at
     its opt shapes, or for the LLM one in-place decode step after ``context`` cached tokens."""
     spec = build.pipeline.stage(name)
-    if spec.kind is StageKind.LLM:
+    if build.manifest.stage_build(name).variant(Role.ORT_INPLACE_LLM) is not None:
         from omniforge.runtime.kv_cache import KVCachePool, SlotRange
         from omniforge.runtime.llm import LlmEngine
 
         g = spec.llm
-        engine = LlmEngine(build.stage_file(name, "onnxruntime"), g, build.session)
+        engine = LlmEngine.of_build(build)
         pool = KVCachePool(g, 1, max_context=min(g.max_context, 2 * context))
         binding = engine.bind(pool, SlotRange(0, 1))
         row = np.zeros((1, 1, g.hidden_size), np.float32)
@@ -77,8 +77,7 @@ def bench_build(path: Path, name: str, threads: int, runs: int, steps: int, new_
     b = Build(path, SessionConfig(threads=threads))
     out: dict = {"name": name, "path": str(path), "stages": []}
     for stage, sb in b.manifest.stages.items():
-        llm_stage = b.pipeline.stage(stage).kind is StageKind.LLM
-        file = b.stage_file(stage, "onnxruntime") if llm_stage else b.engine(stage).path
+        file = b.path / sb.runtime_variant().file
         stats = measure(stage_call(b, stage), runs=runs)
         out["stages"].append(
             {
@@ -122,7 +121,7 @@ def bench_build(path: Path, name: str, threads: int, runs: int, steps: int, new_
     llm["tokens_per_s_by_context"] = curve
     weights = sum(
         int(np.prod(t.dims)) * _itemsize(t.data_type)
-        for t in onnx.load(str(b.stage_file("llm", "onnxruntime"))).graph.initializer
+        for t in onnx.load(str(b.stage_file("llm", Role.ORT_INPLACE_LLM))).graph.initializer
     )
     llm["weight_bytes_per_token"] = weights
     out["llm"] = llm

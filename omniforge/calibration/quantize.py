@@ -36,9 +36,11 @@ from omniforge.calibration.metrics import cosine, kl_divergence, snr_db, top1_ag
 from omniforge.calibration.weight_only import WeightOnlyConfig, quantize_embedding, quantize_weights
 from omniforge.errors import ConfigError
 from omniforge.pipeline.atomic import atomic_folder
+from omniforge.pipeline.contracts import Contract, Role
 from omniforge.pipeline.manifest import (
     Manifest,
     StageBuild,
+    Variant,
     atomic_write_text,
     collect_artifacts,
     load_manifest,
@@ -96,10 +98,9 @@ class StageQuantization:
 
 
 def _session(model: onnx.ModelProto | Path) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    src = str(model) if isinstance(model, Path) else model.SerializeToString()
-    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+    from omniforge.runtime.engine import open_session
+
+    return open_session(model if isinstance(model, Path) else model.SerializeToString(), "measurement")
 
 
 def _stage_metrics(
@@ -118,35 +119,22 @@ def _stage_metrics(
     return {"cosine_min": min(cos), "snr_db_min": min(snr), "max_abs_err": max(err)}
 
 
-def _llm_metrics(fp32: Path, quant: Path, spec: StageSpec, steps: int = 24) -> dict[str, float]:
-    """Next-token agreement of the quantized in-place LLM graph over greedy decoding on seeded inputs."""
-    from omniforge.runtime.engine import SessionConfig
-    from omniforge.runtime.kv_cache import KVCachePool, SlotRange
-    from omniforge.runtime.llm import LlmEngine
+def _llm_metrics(
+    fp32: Path, quant: Path, spec: StageSpec, contract: Contract | None, steps: int = 24
+) -> dict[str, float]:
+    """Next-token agreement of the quantized in-place LLM graph with the FP32 one on seeded rows:
+    both are fed the same prompt and continuation, so they see the same inputs."""
+    from omniforge.runtime.llm import LlmEngine, probe
 
     g = spec.llm
     assert g is not None
     rng = np.random.default_rng(0)
-    prompt = (rng.standard_normal((1, 12, g.hidden_size)) * 0.05).astype(np.float32)
-    logits = {}
-    follow = None
-    for name, path in (("fp32", fp32), ("quant", quant)):
-        engine = LlmEngine(path, g, SessionConfig())
-        pool = KVCachePool(g, 1, max_context=min(g.max_context, 12 + steps + 1))
-        binding = engine.bind(pool, SlotRange(0, 1))
-        out, _ = binding.step(prompt)
-        rows = [out[0]]
-        # both graphs are fed the FP32 model's continuation, so they see the same inputs
-        feed = (
-            follow
-            if follow is not None
-            else (rng.standard_normal((steps, g.hidden_size)) * 0.05).astype(np.float32)
-        )
-        follow = feed
-        for t in range(steps):
-            out, _ = binding.step(feed[None, t : t + 1])
-            rows.append(out[0])
-        logits[name] = np.stack(rows)
+    prompt = (rng.standard_normal((12, g.hidden_size)) * 0.05).astype(np.float32)
+    follow = (rng.standard_normal((steps, g.hidden_size)) * 0.05).astype(np.float32)
+    logits = {
+        name: probe(LlmEngine(path, g, contract=contract, preset="measurement"), [prompt], [follow]).logits[0]
+        for name, path in (("fp32", fp32), ("quant", quant))
+    }
     return {
         "top1_agreement": top1_agreement(logits["fp32"], logits["quant"]),
         "kl_divergence": kl_divergence(logits["fp32"], logits["quant"]),
@@ -233,9 +221,10 @@ def _quantize_stage(
     sb = ctx.manifest.stages[name]
     spec = ctx.manifest.pipeline.stage(name)
     (out / "stages").mkdir(parents=True, exist_ok=True)
-    if spec.kind is StageKind.LLM and "onnxruntime" in sb.variants:
+    inplace = sb.variant(Role.ORT_INPLACE_LLM)
+    if spec.kind is StageKind.LLM and inplace is not None:
         wcfg = replace(ctx.opts.weight_only, bits=4 if precision == "int4" else 8)
-        src = ctx.build / sb.variants["onnxruntime"]
+        src = ctx.build / inplace.file
         rel = f"stages/{name}.{precision}.ort.onnx"
         fp32_graph = onnx.load(str(src))
         rows = ctx.llm_rows if wcfg.method != "rtn" else None
@@ -250,8 +239,8 @@ def _quantize_stage(
 
             q = apply_gptq(fp32_graph, q, rows, wcfg.bits, wcfg.block_size)
         onnx.save_model(q, str(out / rel))
-        metrics = _llm_metrics(src, out / rel, spec)
-        variants = {**sb.variants, "onnxruntime": rel}
+        metrics = _llm_metrics(src, out / rel, spec, inplace.contract)
+        qsb = sb.with_variant(replace(inplace, file=rel, precision=precision, data_files=()))
         note = "the embedding table is INT8 in token_embedding"
         if ctx.opts.standard_form:
             from omniforge.calibration.standard_form import dequantize_linear_form
@@ -261,10 +250,10 @@ def _quantize_stage(
             codes = "gptq" if wcfg.method == "gptq" else "rtn"
             std = dequantize_linear_form(canonical, wcfg.bits, wcfg.block_size, codes, rows)
             onnx.save_model(std, str(out / std_rel))
-            variants["qdq"] = std_rel
+            qsb = qsb.with_variant(Variant(Role.WEIGHT_ONLY_DQ, std_rel, precision))
             metrics["qdq_cosine_min"] = _stage_metrics(ctx.build / sb.file, out / std_rel, spec)["cosine_min"]
             note += f"; {std_rel}: block-wise DequantizeLinear (opset 21, {codes.upper()} codes) for TensorRT"
-        return replace(sb, precision=precision, variants=variants), StageQuantization(
+        return replace(qsb, precision=precision), StageQuantization(
             name,
             precision,
             f"weight-only MatMulNBits ({wcfg.method.upper()}), {wcfg.bits}-bit, block {wcfg.block_size}",
@@ -280,7 +269,7 @@ def _quantize_stage(
         rel = f"stages/{name}.fp16.onnx"
         onnx.save_model(to_fp16_keep_norms(onnx.load(str(src))), str(out / rel))
         heldout = _captured(ctx, name)[1]
-        return replace(sb, precision="fp16", variants={**sb.variants, "onnxruntime": rel}), StageQuantization(
+        return replace(sb.with_variant(Variant(Role.ORT, rel, "fp16")), precision="fp16"), StageQuantization(
             name,
             "fp16",
             "FP16 weights and compute, norms and their reductions FP32, FP32 inputs/outputs",
@@ -292,7 +281,7 @@ def _quantize_stage(
         src = ctx.build / sb.file
         rel = f"stages/{name}.int8.onnx"
         onnx.save_model(quantize_embedding(onnx.load(str(src))), str(out / rel))
-        return replace(sb, precision="int8", variants={**sb.variants, "onnxruntime": rel}), StageQuantization(
+        return replace(sb.with_variant(Variant(Role.ORT, rel, "int8")), precision="int8"), StageQuantization(
             name,
             "int8",
             "INT8 table, one scale per row",
@@ -326,11 +315,11 @@ def _quantize_stage(
     fb = quantize_int8_with_fallback(source, out / rel, calibration, config=cfg)
     if source != fp32:
         source.unlink()
-    variants = {**sb.variants, "onnxruntime": rel}
-    if mode == "static":
-        variants["qdq"] = rel  # zero-point-free Q/DQ: what TensorRT builds explicit INT8 from
+    qsb = sb.with_variant(Variant(Role.ORT, rel, "int8"))
+    if mode == "static":  # zero-point-free Q/DQ: what TensorRT builds explicit INT8 from
+        qsb = qsb.with_variant(Variant(Role.QDQ, rel, "int8"))
     note = f"{len(fb.excluded)} layer(s) kept FP32 by the accuracy fallback" if fb.excluded else ""
-    return replace(sb, precision="int8", variants=variants), StageQuantization(
+    return replace(qsb, precision="int8"), StageQuantization(
         name,
         "int8",
         method,
@@ -345,11 +334,7 @@ def _stage_key(ctx: _Context, name: str, precision: str) -> str:
     """The stage's FP32 graphs, the options and the calibration capture (which depends on every
     stage before this one, not only on this stage's file)."""
     sb = ctx.manifest.stages[name]
-    hashes = [
-        ctx.manifest.artifacts[p].sha256
-        for p in (sb.file, *sb.variants.values())
-        if p in ctx.manifest.artifacts
-    ]
+    hashes = [ctx.manifest.artifacts[p].sha256 for p in sb.files() if p in ctx.manifest.artifacts]
     captured = ""
     if ctx.calibration_dir is not None:
         captured = json.loads((ctx.calibration_dir / "calibration.json").read_text())["digest"]
@@ -368,13 +353,13 @@ def _cached_stage(
         cache.mkdir(parents=True, exist_ok=True)
         with atomic_folder(entry) as work:
             sb, res = _quantize_stage(ctx, name, precision, work)
-            (work / "result.json").write_text(json.dumps({"stage": asdict(sb), "report": asdict(res)}))
+            (work / "result.json").write_text(json.dumps({"stage": sb.to_dict(), "report": asdict(res)}))
     else:
         ctx.log(f"{name}: {precision} up to date (cached)")
     data = json.loads((entry / "result.json").read_text())
     for f in (entry / "stages").iterdir():
         shutil.copyfile(f, tmp / "stages" / f.name)
-    sb = StageBuild(**{**data["stage"], "data_files": tuple(data["stage"]["data_files"])})
+    sb = StageBuild.from_dict(data["stage"])
     return sb, StageQuantization(**data["report"])
 
 
@@ -463,8 +448,8 @@ def quantize_build(
             paths += [f"calibration/{f.name}" for f in sorted((tmp / "calibration").iterdir())]
             files["calibration"] = "calibration/calibration.json"
         for sb in manifest.stages.values():  # FP32 runtime graphs replaced by a quantized one
-            for rel in sb.variants.values():
-                if rel not in stage_files(stages) and rel != sb.file and (tmp / rel).exists():
+            for rel in sb.files():
+                if rel not in stage_files(stages) and (tmp / rel).exists():
                     (tmp / rel).unlink()
                     paths.remove(rel)
         source = {**manifest.source, "precision": precision, "precision_plan": plan}

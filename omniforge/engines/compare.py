@@ -16,8 +16,8 @@ import numpy as np
 
 from omniforge._lazy import lazy_import
 from omniforge.errors import StageError
+from omniforge.pipeline.contracts import Role
 from omniforge.pipeline.manifest import Manifest, load_manifest, runtime_file
-from omniforge.pipeline.spec import StageKind
 
 polygraphy_onnxrt = lazy_import("polygraphy.backend.onnxrt", extra="gpu")
 polygraphy_comparator = lazy_import("polygraphy.comparator", extra="gpu")
@@ -37,8 +37,7 @@ class StageComparison:
 def _runner(build: Path, m: Manifest, name: str, tag: str):
     """Polygraphy runner for the stage as the build serves it: its TensorRT engine where it has one
     (and TensorRT is here), else its ONNX Runtime graph."""
-    sb = m.stages[name]
-    if "tensorrt" in sb.variants:
+    if m.stage_build(name).variant(Role.TENSORRT) is not None:
         from omniforge.engines.tensorrt import load_engine_checked, polygraphy_trt
 
         engine = load_engine_checked(build, m, name)
@@ -78,12 +77,12 @@ def compare_builds(
     out = []
     for name in names:
         spec = ma.pipeline.stage(name)
-        if spec.kind is StageKind.LLM:
-            ra, rb = _llm_logits(a, ma, spec), _llm_logits(b, mb, spec)
+        if ma.stage_build(name).variant(Role.ORT_INPLACE_LLM) is not None:
+            ra, rb = _llm_logits(a, ma, name), _llm_logits(b, mb, name)
             max_abs, max_rel, cos = _errors(ra, rb)
             passed = all(
-                np.allclose(x["logits"], y["logits"], atol=atol, rtol=rtol)
-                for x, y in zip(ra, rb, strict=True)
+                np.allclose(x, y, atol=atol, rtol=rtol)
+                for x, y in zip(ra[0].values(), rb[0].values(), strict=True)
             )
         else:
             feeds = [spec.sample_inputs(p, seed=300 + i) for i, p in enumerate(spec.parity_points())]
@@ -105,23 +104,15 @@ def compare_builds(
     return out
 
 
-def _llm_logits(build: Path, m: Manifest, spec) -> list[dict]:
-    from omniforge.runtime.engine import SessionConfig
-    from omniforge.runtime.kv_cache import KVCachePool, SlotRange
-    from omniforge.runtime.llm import LlmEngine
+def _llm_logits(build: Path, m: Manifest, name: str) -> list[dict]:
+    """Logits of the in-place LLM graph after a 12-row prompt and over 8 decode steps."""
+    from omniforge.runtime.llm import LlmEngine, probe
 
-    g = spec.llm
-    engine = LlmEngine(build / m.stages[spec.name].variants["onnxruntime"], g, SessionConfig())
-    pool = KVCachePool(g, 1, max_context=min(g.max_context, 32))
-    binding = engine.bind(pool, SlotRange(0, 1))
-    rng = np.random.default_rng(5)
-    rows = (rng.standard_normal((1, 20, g.hidden_size)) * 0.05).astype(np.float32)
-    logits, _ = binding.step(rows[:, :12])
-    out = [{"logits": logits}]
-    for t in range(12, 20):
-        logits, _ = binding.step(rows[:, t : t + 1])
-        out.append({"logits": logits})
-    return out
+    g = m.pipeline.stage(name).llm
+    variant = m.variant(name, Role.ORT_INPLACE_LLM)
+    engine = LlmEngine(build / variant.file, g, contract=variant.contract, preset="measurement")
+    rows = (np.random.default_rng(5).standard_normal((20, g.hidden_size)) * 0.05).astype(np.float32)
+    return [{engine.names["logits"]: probe(engine, [rows[:12]], [rows[12:]]).logits[0]}]
 
 
 def comparison_table(rows: list[StageComparison], atol: float, rtol: float) -> str:

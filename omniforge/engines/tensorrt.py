@@ -17,6 +17,7 @@ from pathlib import Path
 from omniforge._lazy import lazy_import
 from omniforge.engines.profiles import PRECISIONS, profile_for
 from omniforge.errors import ConfigError, EngineError, MissingDependencyError
+from omniforge.pipeline.contracts import Role
 from omniforge.pipeline.spec import StageSpec
 
 HINT = "TensorRT needs an NVIDIA GPU with TensorRT installed; use --backend onnxruntime on this machine."
@@ -128,4 +129,5 @@ def load_engine_checked(build: Path, manifest, name: str):
     gpu = gpu_info()
     assert gpu is not None
     check_compatible(meta, trt.__version__, gpu)
-    return polygraphy_trt.EngineFromBytes((build / manifest.stages[name].variants["tensorrt"]).read_bytes())
+    engine = manifest.stage_build(name).require(Role.TENSORRT, name)
+    return polygraphy_trt.EngineFromBytes((build / engine.file).read_bytes())

@@ -24,11 +24,14 @@ from omniforge.export.parity import ParityResult, check_llm_inplace, check_stage
 from omniforge.export.stages import export_module, reference_module
 from omniforge.model.loader import load_component
 from omniforge.pipeline.atomic import atomic_folder
+from omniforge.pipeline.contracts import Role, llm_inplace_contract
 from omniforge.pipeline.describe import describe
 from omniforge.pipeline.manifest import (
     Manifest,
     StageBuild,
+    Variant,
     atomic_write_text,
+    canonical_stage,
     collect_artifacts,
     write_manifest,
 )
@@ -273,25 +276,28 @@ def _export_into(
         )
         nodes = len(model.graph.node)
         report = StageReport(stage.name, 0.0, nodes, sum((build / p).stat().st_size for p in [rel, *data]))
-        variants: dict[str, str] = {}
+        sb = canonical_stage(rel, tuple(data), opset=options.opset, nodes=nodes)
+        inplace = None
         if stage.kind is StageKind.LLM:  # the in-place ONNX Runtime graph beside the canonical one
             assert stage.llm is not None
-            variants["onnxruntime"] = ort_rel = f"stages/{stage.name}.ort.onnx"
-            save_model(build_llama_gqa(module, stage.llm.max_context), build / ort_rel)
-            if (build / f"{ort_rel}.data").exists():
-                data.append(f"{ort_rel}.data")
+            contract = llm_inplace_contract(stage.llm)
+            ort_rel = f"stages/{stage.name}.ort.onnx"
+            save_model(build_llama_gqa(module, stage.llm.max_context, contract), build / ort_rel)
+            ort_data = (f"{ort_rel}.data",) if (build / f"{ort_rel}.data").exists() else ()
+            inplace = Variant(Role.ORT_INPLACE_LLM, ort_rel, "fp32", ort_data, contract)
+            sb = sb.with_variant(inplace)
         if options.parity:
             report.parity = check_stage(
                 stage, str(build / rel), reference_module(stage, module), options.threads
             )
-            if variants:
-                report.parity += check_llm_inplace(str(build / ort_rel), module, stage, options.threads)
+            if inplace is not None:
+                report.parity += check_llm_inplace(
+                    str(build / inplace.file), inplace.contract, module, stage, options.threads
+                )
         report.seconds = time.perf_counter() - t0
         reports.append(report)
-        builds[stage.name] = StageBuild(
-            file=rel, data_files=tuple(data), opset=options.opset, nodes=nodes, variants=variants
-        )
-        paths += [rel, *data, *variants.values()]
+        builds[stage.name] = sb
+        paths += sb.files()
         worst = max((p.max_abs for p in report.parity), default=float("nan"))
         status = "ok" if report.passed else "FAIL"
         log(

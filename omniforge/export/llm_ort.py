@@ -9,10 +9,8 @@ hundreds. ORT's transformer optimizer produces no GroupQueryAttention from trace
 ONNX Runtime GenAI's builder writes its own model format, so the graph is built here directly
 from the HF weights.
 
-Contract (``B`` sequences, ``S`` new tokens, cache length ``C`` = the runtime's max context):
-    inputs_embeds (B, S, H) f32, seqlens_k (B,) i32 = past + S - 1, total_sequence_length () i32,
-    past_key_values.{i}.key/value (B, kv_heads, C, head_dim)  -> bound to the same buffers as
-    present.{i}.key/value; outputs logits (B, 1, V) for the last position and hidden_states (B, S, H).
+The graph's I/O names, in-place pairs and calibration taps come from its ``Contract``
+(``omniforge.pipeline.contracts.llm_inplace_contract``), recorded in the manifest with the file.
 """
 
 from __future__ import annotations
@@ -22,6 +20,9 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from omniforge.pipeline.contracts import Contract, layer_tap
+from omniforge.pipeline.spec import TensorSpec
+
 MS = "com.microsoft"
 
 
@@ -29,12 +30,21 @@ def _w(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).cpu().numpy()
 
 
-def build_llama_gqa(model: torch.nn.Module, max_context: int, opset: int = 17) -> onnx.ModelProto:
-    """An ONNX Runtime graph of ``model`` (HF LlamaForCausalLM) for contexts up to ``max_context``."""
+def build_llama_gqa(
+    model: torch.nn.Module, max_context: int, contract: Contract, opset: int = 17
+) -> onnx.ModelProto:
+    """An ONNX Runtime graph of ``model`` (HF LlamaForCausalLM) for contexts up to ``max_context``,
+    with the tensor names of ``contract``."""
     c = model.config
+    io = contract.slots
+    embeds, seqlens, total = io["embeds"], io["seqlens_k"], io["total_sequence_length"]
+
+    def tap(i: int, purpose: str) -> str:
+        return layer_tap(contract, i, purpose)
+
     nh, kvh = c.num_attention_heads, c.num_key_value_heads
     hd = getattr(c, "head_dim", None) or c.hidden_size // nh
-    hidden, eps = c.hidden_size, float(c.rms_norm_eps)
+    eps = float(c.rms_norm_eps)
     inits: list[onnx.TensorProto] = []
     nodes: list[onnx.NodeProto] = []
 
@@ -52,19 +62,18 @@ def build_llama_gqa(model: torch.nn.Module, max_context: int, opset: int = 17) -
     # other sizes get the same rotation from standard ops before the attention.
     fused_rotary = hd % 16 == 0
     if not fused_rotary:
-        nodes.extend(_rotary_tables(init))
+        nodes.extend(_rotary_tables(init, embeds, seqlens))
 
     layers = model.model.layers
-    x, residual = "inputs_embeds", ""
+    x, residual = embeds, ""
     for i, layer in enumerate(layers):
         a = layer.self_attn
         p = f"layers.{i}"
-        g_in = init(f"{p}.input_layernorm.weight", _w(layer.input_layernorm.weight))
+        g_in = init(tap(i, "attn_norm_weight"), _w(layer.input_layernorm.weight))
+        norm1, norm2, act = tap(i, "attn_in"), tap(i, "mlp_in"), tap(i, "down_in")
         if i == 0:
             nodes.append(
-                helper.make_node(
-                    "SimplifiedLayerNormalization", [x, g_in], [f"{p}.norm1"], epsilon=eps, axis=-1
-                )
+                helper.make_node("SimplifiedLayerNormalization", [x, g_in], [norm1], epsilon=eps, axis=-1)
             )
             residual = x
         else:
@@ -72,14 +81,14 @@ def build_llama_gqa(model: torch.nn.Module, max_context: int, opset: int = 17) -
                 helper.make_node(
                     "SkipSimplifiedLayerNormalization",
                     [x, residual, g_in],
-                    [f"{p}.norm1", "", "", f"{p}.res1"],
+                    [norm1, "", "", f"{p}.res1"],
                     domain=MS,
                     epsilon=eps,
                 )
             )
             residual = f"{p}.res1"
         qkv = np.concatenate([_w(a.q_proj.weight), _w(a.k_proj.weight), _w(a.v_proj.weight)], axis=0).T
-        nodes.append(helper.make_node("MatMul", [f"{p}.norm1", init(f"{p}.qkv.weight", qkv)], [f"{p}.qkv"]))
+        nodes.append(helper.make_node("MatMul", [norm1, init(tap(i, "qkv_weight"), qkv)], [f"{p}.qkv"]))
         last = f"{p}.qkv"
         if getattr(a.q_proj, "bias", None) is not None:
             b = np.concatenate([_w(a.q_proj.bias), _w(a.k_proj.bias), _w(a.v_proj.bias)])
@@ -93,17 +102,13 @@ def build_llama_gqa(model: torch.nn.Module, max_context: int, opset: int = 17) -
             nodes.extend(_rotate(f"{p}.q", f"{p}.q_rot", nh, hd, init))
             nodes.extend(_rotate(f"{p}.k", f"{p}.k_rot", kvh, hd, init))
             qkv_in, rot = [f"{p}.q_rot", f"{p}.k_rot", f"{p}.v"], []
-        cache = [
-            f"past_key_values.{i}.key",
-            f"past_key_values.{i}.value",
-            "seqlens_k",
-            "total_sequence_length",
-        ]
+        k_pair, v_pair = contract.inplace[2 * i], contract.inplace[2 * i + 1]
+        cache = [k_pair.input, v_pair.input, seqlens, total]
         nodes.append(
             helper.make_node(
                 "GroupQueryAttention",
                 [*qkv_in, *cache, *rot],
-                [f"{p}.attn", f"present.{i}.key", f"present.{i}.value"],
+                [f"{p}.attn", k_pair.output, v_pair.output],
                 domain=MS,
                 num_heads=nh,
                 kv_num_heads=kvh,
@@ -114,15 +119,15 @@ def build_llama_gqa(model: torch.nn.Module, max_context: int, opset: int = 17) -
         )
         nodes.append(
             helper.make_node(
-                "MatMul", [f"{p}.attn", init(f"{p}.o.weight", _w(a.o_proj.weight).T)], [f"{p}.o"]
+                "MatMul", [f"{p}.attn", init(tap(i, "o_weight"), _w(a.o_proj.weight).T)], [f"{p}.o"]
             )
         )
-        g_post = init(f"{p}.post_attention_layernorm.weight", _w(layer.post_attention_layernorm.weight))
+        g_post = init(tap(i, "mlp_norm_weight"), _w(layer.post_attention_layernorm.weight))
         nodes.append(
             helper.make_node(
                 "SkipSimplifiedLayerNormalization",
                 [f"{p}.o", residual, g_post],
-                [f"{p}.norm2", "", "", f"{p}.res2"],
+                [norm2, "", "", f"{p}.res2"],
                 domain=MS,
                 epsilon=eps,
             )
@@ -131,52 +136,36 @@ def build_llama_gqa(model: torch.nn.Module, max_context: int, opset: int = 17) -
         m = layer.mlp
         nodes += [
             helper.make_node(
-                "MatMul", [f"{p}.norm2", init(f"{p}.gate.weight", _w(m.gate_proj.weight).T)], [f"{p}.gate"]
+                "MatMul", [norm2, init(tap(i, "gate_weight"), _w(m.gate_proj.weight).T)], [f"{p}.gate"]
             ),
             helper.make_node(
-                "MatMul", [f"{p}.norm2", init(f"{p}.up.weight", _w(m.up_proj.weight).T)], [f"{p}.up"]
+                "MatMul", [norm2, init(tap(i, "up_weight"), _w(m.up_proj.weight).T)], [f"{p}.up"]
             ),
             helper.make_node("Sigmoid", [f"{p}.gate"], [f"{p}.gate_sig"]),
             helper.make_node("Mul", [f"{p}.gate", f"{p}.gate_sig"], [f"{p}.silu"]),
-            helper.make_node("Mul", [f"{p}.silu", f"{p}.up"], [f"{p}.act"]),
+            helper.make_node("Mul", [f"{p}.silu", f"{p}.up"], [act]),
             helper.make_node(
-                "MatMul", [f"{p}.act", init(f"{p}.down.weight", _w(m.down_proj.weight).T)], [f"{p}.down"]
+                "MatMul", [act, init(tap(i, "down_weight"), _w(m.down_proj.weight).T)], [f"{p}.down"]
             ),
         ]
         x = f"{p}.down"
-    g_f = init("norm.weight", _w(model.model.norm.weight))
+    g_f = init(contract.tap("final_norm_weight"), _w(model.model.norm.weight))
     nodes.append(
         helper.make_node(
             "SkipSimplifiedLayerNormalization",
             [x, residual, g_f],
-            ["hidden_states", "", "", ""],
+            [io["hidden_states"], "", "", ""],
             domain=MS,
             epsilon=eps,
         )
     )
     init("last_index", np.array([-1], dtype=np.int64))
-    nodes.append(helper.make_node("Gather", ["hidden_states", "last_index"], ["last_hidden"], axis=1))
-    nodes.append(
-        helper.make_node(
-            "MatMul", ["last_hidden", init("lm_head.weight", _w(model.lm_head.weight).T)], ["logits"]
-        )
-    )
+    nodes.append(helper.make_node("Gather", [io["hidden_states"], "last_index"], ["last_hidden"], axis=1))
+    lm_head = init(contract.tap("lm_head_weight"), _w(model.lm_head.weight).T)
+    nodes.append(helper.make_node("MatMul", ["last_hidden", lm_head], [io["logits"]]))
 
-    f32 = TensorProto.FLOAT
-    kv = ["batch", kvh, "cache_len", hd]
-    inputs = [
-        helper.make_tensor_value_info("inputs_embeds", f32, ["batch", "seq", hidden]),
-        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
-        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
-    ]
-    outputs = [
-        helper.make_tensor_value_info("logits", f32, ["batch", 1, c.vocab_size]),
-        helper.make_tensor_value_info("hidden_states", f32, ["batch", "seq", hidden]),
-    ]
-    for i in range(len(layers)):
-        for k in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{k}", f32, kv))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{k}", f32, kv))
+    inputs = [_value_info(t) for t in contract.inputs]
+    outputs = [_value_info(t) for t in contract.outputs]
     graph = helper.make_graph(nodes, "llama_gqa", inputs, outputs, inits)
     model_proto = helper.make_model(
         graph,
@@ -187,7 +176,12 @@ def build_llama_gqa(model: torch.nn.Module, max_context: int, opset: int = 17) -
     return model_proto
 
 
-def _rotary_tables(init) -> list[onnx.NodeProto]:
+def _value_info(t: TensorSpec) -> onnx.ValueInfoProto:
+    dtype = helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype))
+    return helper.make_tensor_value_info(t.name, dtype, list(t.shape))
+
+
+def _rotary_tables(init, embeds: str, seqlens: str) -> list[onnx.NodeProto]:
     """cos/sin rows for the new tokens' positions: past_len + arange(S), with past_len = seqlens_k + 1 - S."""
     mk = helper.make_node
     one = init("rot.one", np.array(1, np.int64))
@@ -196,9 +190,9 @@ def _rotary_tables(init) -> list[onnx.NodeProto]:
     axis0 = init("rot.axis0", np.array([0], np.int64))
     axis2 = init("rot.axis2", np.array([2], np.int64))
     return [
-        mk("Shape", ["inputs_embeds"], ["rot.shape"]),
+        mk("Shape", [embeds], ["rot.shape"]),
         mk("Gather", ["rot.shape", one], ["rot.seq"], axis=0),
-        mk("Cast", ["seqlens_k"], ["rot.seqlens64"], to=TensorProto.INT64),
+        mk("Cast", [seqlens], ["rot.seqlens64"], to=TensorProto.INT64),
         mk("Sub", ["rot.seqlens64", "rot.seq"], ["rot.last_minus"]),
         mk("Add", ["rot.last_minus", one], ["rot.past"]),  # (B,)
         mk("Range", [zero, "rot.seq", one], ["rot.arange"]),  # (S,)

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from torch import nn
 
+from omniforge.pipeline.contracts import Contract
 from omniforge.pipeline.spec import StageSpec
 
 
@@ -40,10 +40,9 @@ def check_stage(
     stage: StageSpec, onnx_path: str, reference: nn.Module, threads: int = 2, seed: int = 0
 ) -> list[ParityResult]:
     """Run ``stage`` in ONNX Runtime (CPU) and in PyTorch at each of its check points."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
+    from omniforge.runtime.engine import SessionConfig, open_session
+
+    sess = open_session(onnx_path, "measurement", SessionConfig(threads=threads))
     results = []
     for i, point in enumerate(stage.parity_points()):
         feeds = stage.sample_inputs(point, seed=seed + i)
@@ -64,7 +63,7 @@ def check_stage(
 
 
 def check_llm_inplace(
-    path: str, hf_model: nn.Module, stage: StageSpec, threads: int = 2, seed: int = 0
+    path: str, contract: Contract, hf_model: nn.Module, stage: StageSpec, threads: int = 2, seed: int = 0
 ) -> list[ParityResult]:
     """The in-place ONNX Runtime LLM graph against HF's full-sequence forward.
 
@@ -73,13 +72,11 @@ def check_llm_inplace(
     logits and the new hidden states must match HF on the whole sequence so far.
     """
     from omniforge.runtime.engine import SessionConfig
-    from omniforge.runtime.kv_cache import KVCachePool, SlotRange
-    from omniforge.runtime.llm import LlmEngine
+    from omniforge.runtime.llm import LlmEngine, probe
 
     g = stage.llm
     assert g is not None
-    engine = LlmEngine(Path(path), g, SessionConfig(threads=threads))
-    pool = KVCachePool(g, num_slots=2, max_context=min(g.max_context, 64))
+    engine = LlmEngine(Path(path), g, SessionConfig(threads=threads), contract, preset="measurement")
     rng = np.random.default_rng(seed)
     lengths, steps = (7, 11), 3
     ids = [rng.integers(0, g.vocab_size, size=n + steps) for n in lengths]
@@ -88,25 +85,26 @@ def check_llm_inplace(
         full = [hf_model(inputs_embeds=torch.from_numpy(e)[None], output_hidden_states=True) for e in emb]
     ref_logits = [f.logits[0].numpy() for f in full]
     ref_hidden = [f.hidden_states[-1][0].numpy() for f in full]
+    got = probe(
+        engine,
+        [e[:n] for e, n in zip(emb, lengths, strict=True)],
+        [e[n:] for e, n in zip(emb, lengths, strict=True)],
+    )
     tol = stage.tolerance
+    logits_name, hidden_name = contract.slot("logits"), contract.slot("hidden_states")
     results: list[ParityResult] = []
 
-    def record(point: dict[str, int], name: str, ref: np.ndarray, got: np.ndarray) -> None:
-        diff, rel, scale, ok = compare(ref, got, tol.atol, tol.rtol)
+    def record(point: dict[str, int], name: str, ref: np.ndarray, out: np.ndarray) -> None:
+        diff, rel, scale, ok = compare(ref, out, tol.atol, tol.rtol)
         results.append(ParityResult(f"{stage.name}[onnxruntime]", point, name, diff, rel, scale, ok))
 
     for k, n in enumerate(lengths):
-        logits, hidden = engine.bind(pool, SlotRange(k, 1)).step(emb[k][None, :n])
-        record({"batch": 1, "seq": n, "past": 0}, "logits", ref_logits[k][n - 1], logits[0])
-        record({"batch": 1, "seq": n, "past": 0}, "hidden_states", ref_hidden[k][:n], hidden[0])
-    both = engine.bind(pool, SlotRange(0, 2))
-    for t in range(steps):
-        rows = np.stack([emb[k][lengths[k] + t] for k in range(2)])[:, None]
-        logits, hidden = both.step(rows)
-        for k, n in enumerate(lengths):
+        record({"batch": 1, "seq": n, "past": 0}, logits_name, ref_logits[k][n - 1], got.logits[k][0])
+        record({"batch": 1, "seq": n, "past": 0}, hidden_name, ref_hidden[k][:n], got.hidden[k][:n])
+        for t in range(steps):
             point = {"batch": 2, "seq": 1, "past": n + t}
-            record(point, "logits", ref_logits[k][n + t], logits[k])
-            record(point, "hidden_states", ref_hidden[k][n + t], hidden[k, 0])
+            record(point, logits_name, ref_logits[k][n + t], got.logits[k][t + 1])
+            record(point, hidden_name, ref_hidden[k][n + t], got.hidden[k][n + t])
     # keep the worst result per shape, like check_stage
     worst: dict[str, ParityResult] = {}
     for r in results:

@@ -17,15 +17,16 @@ from omniforge.passes.base import scaled_error
 from omniforge.passes.lower_ort import lower_for_onnxruntime
 from omniforge.passes.manager import StageOptimization, default_passes, optimize_stage
 from omniforge.pipeline.atomic import atomic_folder
+from omniforge.pipeline.contracts import Role
 from omniforge.pipeline.manifest import (
     Manifest,
+    Variant,
     atomic_write_text,
     collect_artifacts,
     load_manifest,
     stage_files,
     write_manifest,
 )
-from omniforge.pipeline.spec import StageKind
 
 REPORT = "optimize.json"
 
@@ -60,8 +61,7 @@ def optimize_build(
             new, res = optimize_stage(proto, spec, default_passes("onnx"))
             if res.passed:
                 onnx.save_model(new, str(path))
-            variants = dict(sb.variants)
-            if lower and spec.kind is not StageKind.LLM:  # the LLM has its own in-place ORT graph
+            if lower and sb.variant(Role.ORT_INPLACE_LLM) is None:  # the LLM has its own in-place ORT graph
                 rel = f"stages/{name}.ort.onnx"
                 lower_for_onnxruntime(path, tmp / rel)
                 err = max(
@@ -71,11 +71,11 @@ def optimize_build(
                     for p in spec.parity_points()
                 )
                 if err <= 1e-5:
-                    variants["onnxruntime"] = rel
+                    sb = sb.with_variant(Variant(Role.ORT, rel, sb.precision))
                 else:
                     (tmp / rel).unlink()
                     res.passes[-1].notes.append(f"ORT lowering dropped: error {err:.1e}")
-            stages[name] = replace(sb, nodes=_nodes(path), variants=variants)
+            stages[name] = replace(sb, nodes=_nodes(path))
             results.append(res)
             status = "ok" if res.passed else "kept original (parity failed)"
             log(

@@ -11,12 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import onnxruntime as ort
-
 
 def lower_for_onnxruntime(src: Path, dst: Path) -> None:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    opts.optimized_model_filepath = str(dst)
-    opts.log_severity_level = 3
-    ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+    from omniforge.runtime.engine import open_session
+
+    open_session(src, "lowering", save_to=dst)

@@ -11,14 +11,16 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from omniforge.errors import ManifestError, StageError
-from omniforge.pipeline.spec import PipelineSpec, StageKind
+from omniforge.pipeline.contracts import Contract, Role, llm_inplace_contract
+from omniforge.pipeline.spec import PipelineSpec, StageKind, StageSpec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 is upgraded in memory when read, never rewritten
 MANIFEST = "manifest.json"
 
 
@@ -40,17 +42,125 @@ class Artifact:
 
 
 @dataclass(frozen=True)
-class StageBuild:
-    """How one stage was built: its ONNX file(s) and the settings that produced them."""
+class Variant:
+    """One graph (or engine) of a stage: its file, what it is for, its precision and its contract.
 
+    ``contract`` None means the stage's own contract (``"contract": "stage"`` in the file)."""
+
+    role: Role
     file: str
+    precision: str = "fp32"
     data_files: tuple[str, ...] = ()
+    contract: Contract | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "role": str(self.role),
+            "file": self.file,
+            "precision": self.precision,
+            "data_files": list(self.data_files),
+            "contract": self.contract.to_dict() if self.contract else "stage",
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Variant:
+        c = d.get("contract", "stage")
+        return cls(
+            role=Role(d["role"]),
+            file=d["file"],
+            precision=d.get("precision", "fp32"),
+            data_files=tuple(d.get("data_files", ())),
+            contract=None if c == "stage" else Contract.from_dict(c),
+        )
+
+
+@dataclass(frozen=True)
+class StageBuild:
+    """How one stage was built: its variants and the settings that produced the canonical graph.
+
+    ``precision`` is the precision the stage is served at (its quantized variants' precision)."""
+
+    variants: tuple[Variant, ...]
     precision: str = "fp32"
     exporter: str = "torchscript"
     opset: int = 17
     nodes: int = 0
-    # backend-specific graphs beside the canonical one, e.g. {"onnxruntime": "stages/llm.ort.onnx"}
-    variants: dict[str, str] = field(default_factory=dict)
+
+    def variant(self, role: Role) -> Variant | None:
+        return next((v for v in self.variants if v.role is role), None)
+
+    def require(self, role: Role, stage: str = "") -> Variant:
+        v = self.variant(role)
+        if v is None:
+            have = ", ".join(str(v.role) for v in self.variants)
+            raise StageError(f"stage '{stage}' has no '{role}' variant (it has: {have})")
+        return v
+
+    def with_variant(self, v: Variant) -> StageBuild:
+        """This stage with ``v`` replacing the variant of the same role (or added)."""
+        kept = tuple(x for x in self.variants if x.role is not v.role)
+        return replace(self, variants=(*kept, v))
+
+    def without(self, role: Role) -> StageBuild:
+        return replace(self, variants=tuple(x for x in self.variants if x.role is not role))
+
+    @property
+    def canonical(self) -> Variant:
+        return self.require(Role.CANONICAL)
+
+    @property
+    def file(self) -> str:
+        """The canonical graph's file."""
+        return self.canonical.file
+
+    @property
+    def data_files(self) -> tuple[str, ...]:
+        return self.canonical.data_files
+
+    def files(self) -> list[str]:
+        return [p for v in self.variants for p in (v.file, *v.data_files)]
+
+    def served(self) -> Variant:
+        """The graph ONNX Runtime serves under the stage's own contract: its ``ort`` variant when
+        it has one (lowered, FP16 or INT8), else the canonical graph."""
+        return self.variant(Role.ORT) or self.canonical
+
+    def runtime_variant(self) -> Variant:
+        """What omniforge's runtime loads for this stage: the in-place LLM graph where the stage
+        has one, else ``served()``."""
+        return self.variant(Role.ORT_INPLACE_LLM) or self.served()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "precision": self.precision,
+            "exporter": self.exporter,
+            "opset": self.opset,
+            "nodes": self.nodes,
+            "variants": [v.to_dict() for v in self.variants],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StageBuild:
+        return cls(
+            variants=tuple(Variant.from_dict(v) for v in d["variants"]),
+            precision=d.get("precision", "fp32"),
+            exporter=d.get("exporter", "torchscript"),
+            opset=int(d.get("opset", 17)),
+            nodes=int(d.get("nodes", 0)),
+        )
+
+
+def canonical_stage(
+    file: str,
+    data_files: tuple[str, ...] = (),
+    exporter: str = "torchscript",
+    opset: int = 17,
+    nodes: int = 0,
+) -> StageBuild:
+    """A freshly exported stage: one canonical FP32 variant."""
+    return StageBuild(
+        (Variant(Role.CANONICAL, file, "fp32", tuple(data_files)),), "fp32", exporter, opset, nodes
+    )
 
 
 @dataclass
@@ -62,6 +172,7 @@ class Manifest:
     source: dict[str, Any] = field(default_factory=dict)
     tools: dict[str, str] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    read_version: int = SCHEMA_VERSION  # the version the file had (1 is upgraded in memory)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,27 +180,40 @@ class Manifest:
             "source": self.source,
             "tools": self.tools,
             "pipeline": self.pipeline.to_dict(),
-            "stages": {k: asdict(v) for k, v in self.stages.items()},
+            "stages": {k: v.to_dict() for k, v in self.stages.items()},
             "files": self.files,
             "artifacts": [asdict(a) for a in self.artifacts.values()],
         }
+
+    def stage_build(self, name: str) -> StageBuild:
+        if name not in self.stages:
+            raise StageError(f"this build has no stage '{name}' (it has: {', '.join(self.stages)})")
+        return self.stages[name]
+
+    def variant(self, name: str, role: Role) -> Variant:
+        """The stage's variant of ``role``; ``StageError`` when it has none."""
+        return self.stage_build(name).require(role, name)
+
+    def contract(self, name: str, variant: Variant) -> Contract:
+        """The I/O contract ``variant`` of stage ``name`` is bound by."""
+        return variant.contract or Contract.of_stage(self.pipeline.stage(name))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
         if not isinstance(d, dict):
             raise ManifestError("manifest must be a JSON object")
         version = d.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ManifestError(
-                f"manifest schema version {version!r} is not supported (this omniforge reads version "
-                f"{SCHEMA_VERSION}); rebuild with this version"
+                f"manifest schema version {version!r} is not supported (this omniforge reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}); rebuild with this version"
             )
         try:
             pipeline = PipelineSpec.from_dict(d["pipeline"])
-            stages = {
-                k: StageBuild(**{**v, "data_files": tuple(v.get("data_files", ()))})
-                for k, v in d["stages"].items()
-            }
+            if version == 1:
+                stages = {k: _upgrade_v1_stage(v, pipeline.stage(k)) for k, v in d["stages"].items()}
+            else:
+                stages = {k: StageBuild.from_dict(v) for k, v in d["stages"].items()}
             artifacts = {a["path"]: Artifact(**a) for a in d["artifacts"]}
             files = dict(d.get("files", {}))
         except (KeyError, TypeError, ValueError, AttributeError, StageError) as exc:
@@ -99,15 +223,55 @@ class Manifest:
         for name, sb in stages.items():
             if name not in pipeline.stage_names:
                 raise ManifestError(f"manifest builds stage '{name}', which its pipeline does not describe")
-            for p in (sb.file, *sb.data_files, *sb.variants.values()):
+            if sb.variant(Role.CANONICAL) is None:
+                raise ManifestError(f"stage '{name}' has no canonical variant")
+            roles = [v.role for v in sb.variants]
+            if len(set(roles)) != len(roles):
+                raise ManifestError(f"stage '{name}' lists a variant role twice")
+            for p in sb.files():
                 if p not in artifacts:
                     raise ManifestError(f"stage '{name}' names '{p}', which is not among the artifacts")
         for role, p in files.items():
             if p not in artifacts:
                 raise ManifestError(f"file '{role}' -> '{p}' is not among the artifacts")
         return cls(
-            pipeline, stages, artifacts, files, dict(d.get("source", {})), dict(d.get("tools", {})), version
+            pipeline,
+            stages,
+            artifacts,
+            files,
+            dict(d.get("source", {})),
+            dict(d.get("tools", {})),
+            SCHEMA_VERSION,
+            version,
         )
+
+
+def _upgrade_v1_stage(d: dict[str, Any], spec: StageSpec) -> StageBuild:
+    """A version-1 stage entry (``file`` + ``variants: {backend: path}``) as version 2."""
+    precision = d.get("precision", "fp32")
+    variants = [Variant(Role.CANONICAL, d["file"], "fp32", tuple(d.get("data_files", ())))]
+    llm = spec.kind is StageKind.LLM
+    for key, path in dict(d.get("variants", {})).items():
+        if key == "onnxruntime" and llm:
+            assert spec.llm is not None
+            variants.append(
+                Variant(Role.ORT_INPLACE_LLM, path, precision, contract=llm_inplace_contract(spec.llm))
+            )
+        elif key == "onnxruntime":
+            variants.append(Variant(Role.ORT, path, precision))
+        elif key == "qdq":
+            variants.append(Variant(Role.WEIGHT_ONLY_DQ if llm else Role.QDQ, path, precision))
+        elif key == "tensorrt":
+            variants.append(Variant(Role.TENSORRT, path, precision))
+        else:
+            raise ValueError(f"unknown version-1 variant '{key}'")
+    return StageBuild(
+        tuple(variants),
+        precision,
+        d.get("exporter", "torchscript"),
+        int(d.get("opset", 17)),
+        int(d.get("nodes", 0)),
+    )
 
 
 def check_relative(p: str) -> None:
@@ -118,19 +282,13 @@ def check_relative(p: str) -> None:
 
 
 def stage_files(stages: dict[str, StageBuild]) -> list[str]:
-    """Every file the stages name: canonical graphs, external data, backend variants."""
-    return [p for sb in stages.values() for p in (sb.file, *sb.data_files, *sb.variants.values())]
+    """Every file the stages name: every variant's graph and external data."""
+    return [p for sb in stages.values() for p in sb.files()]
 
 
 def runtime_file(manifest: Manifest, name: str) -> str:
-    """The graph ONNX Runtime serves for a stage: its ORT-lowered variant when it has one (same I/O
-    contract); the LLM's variant has another contract (in-place cache) and only the LLM runtime uses it."""
-    if name not in manifest.stages:
-        raise StageError(f"this build has no stage '{name}' (it has: {', '.join(manifest.stages)})")
-    sb = manifest.stages[name]
-    if "onnxruntime" in sb.variants and manifest.pipeline.stage(name).kind is not StageKind.LLM:
-        return sb.variants["onnxruntime"]
-    return sb.file
+    """The graph ONNX Runtime serves for a stage under the stage's own contract."""
+    return manifest.stage_build(name).served().file
 
 
 def collect_artifacts(build: Path, paths: list[str]) -> dict[str, Artifact]:

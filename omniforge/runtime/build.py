@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from omniforge.errors import ManifestError, StageError
-from omniforge.pipeline.manifest import Manifest, load_manifest, runtime_file
+from omniforge.pipeline.contracts import Role
+from omniforge.pipeline.manifest import Manifest, Variant, load_manifest
 from omniforge.runtime.engine import Engine, SessionConfig
 from omniforge.runtime.tokenizer import TextTokenizer
 
@@ -46,26 +47,32 @@ class Build:
     def json(self, role: str) -> dict[str, Any]:
         return json.loads(self.file(role).read_text())
 
-    def stage_file(self, name: str, variant: str | None = None) -> Path:
-        if name not in self.manifest.stages:
-            raise StageError(f"this build has no stage '{name}' (it has: {', '.join(self.manifest.stages)})")
-        sb = self.manifest.stages[name]
-        if variant is None:
-            return self.path / sb.file
-        if variant not in sb.variants:
+    def stage_file(self, name: str, role: Role | str = Role.CANONICAL) -> Path:
+        """The file of stage ``name``'s variant of ``role`` (default: its canonical graph)."""
+        return self.variant(name, role)[0]
+
+    def variant(self, name: str, role: Role | str) -> tuple[Path, Variant]:
+        try:
+            role = Role(role)
+        except ValueError:
             raise StageError(
-                f"stage '{name}' has no '{variant}' variant (it has: {sorted(sb.variants) or 'none'})"
-            )
-        return self.path / sb.variants[variant]
+                f"'{role}' is not a variant role (roles: {', '.join(r.value for r in Role)})"
+            ) from None
+        v = self.manifest.variant(name, role)
+        return self.path / v.file, v
+
+    def served_file(self, name: str) -> Path:
+        """The graph ONNX Runtime serves for stage ``name`` under the stage's own contract."""
+        return self.path / self.manifest.stage_build(name).served().file
 
     def engine(self, name: str) -> Engine:
-        """The stage's engine; its ONNX Runtime-lowered graph when the build has one (same contract)."""
+        """The stage's engine: its served variant (ORT-lowered or quantized when the build has one)."""
         with self._lock:
             if name not in self._engines:
                 spec = self.pipeline.stage(name)
-                self.stage_file(name)  # a clear error for a stage the build does not hold
+                served = self.manifest.stage_build(name).served()
                 self._engines[name] = Engine(
-                    self.path / runtime_file(self.manifest, name), spec, self.session.one_shot()
+                    self.path / served.file, spec, self.session, self.manifest.contract(name, served)
                 )
             return self._engines[name]
 

@@ -1,6 +1,7 @@
 """``Engine``: one stage's inference session, checked against its description.
 
-ONNX Runtime now; the TensorRT engine plugs in behind the same ``run``. Inputs are validated
+ONNX Runtime only: the runtime has no TensorRT path yet (TensorRT engines are built and compared
+by ``omniforge.engines``, not served here). Inputs are validated
 (names, dtypes, ranks, static sizes, dynamic sizes within the stage's min/max) before the session
 sees them, so a caller gets one clear ``InputError`` instead of a backend traceback.
 """
@@ -15,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from omniforge.errors import ConfigError, EngineError, InputError
+from omniforge.pipeline.contracts import Contract
 from omniforge.pipeline.spec import StageSpec
 
 _OPT_LEVELS = {
@@ -68,38 +70,83 @@ class SessionConfig:
         return opts
 
 
-def create_session(path: Path, config: SessionConfig) -> ort.InferenceSession:
+PRESETS = ("serving", "one_shot", "measurement", "trial", "exact", "lowering")
+
+
+def session_options(preset: str, config: SessionConfig | None = None) -> ort.SessionOptions:
+    """ONNX Runtime options for one of the named uses of a graph:
+
+    - ``serving``: the build's settings as served (the LLM's decode loop: worker threads spin);
+    - ``one_shot``: served settings for a stage called once per step (threads stop spinning);
+    - ``measurement``: parity and accuracy, under the served optimisation level;
+    - ``trial``: a session made, run a few times and dropped (basic optimisations: fast to create);
+    - ``exact``: no graph optimisation, to judge a graph as written (graph-pass parity);
+    - ``lowering``: ONNX Runtime's extended optimisations, saved as the lowered graph.
+    """
+    if preset not in PRESETS:
+        raise ConfigError(f"session preset '{preset}' is not one of {', '.join(PRESETS)}")
+    cfg = config or SessionConfig()
+    if preset in ("one_shot", "measurement"):
+        cfg = cfg.one_shot()
+    elif preset == "trial":
+        cfg = replace(cfg.one_shot(), graph_optimization="basic")
+    elif preset == "exact":
+        cfg = replace(cfg.one_shot(), graph_optimization="disable")
+    elif preset == "lowering":
+        cfg = replace(cfg, graph_optimization="extended")
+    return cfg.session_options()
+
+
+def open_session(
+    model: str | Path | bytes,
+    preset: str = "one_shot",
+    config: SessionConfig | None = None,
+    save_to: Path | None = None,
+) -> ort.InferenceSession:
+    """The one place omniforge creates an ONNX Runtime session (``model``: a path or serialized
+    bytes); a load failure is an ``EngineError`` naming the graph. ``save_to``: write the graph as
+    ONNX Runtime optimised it (the ``lowering`` preset)."""
+    cfg = config or SessionConfig()
+    opts = session_options(preset, cfg)
+    if save_to is not None:
+        opts.optimized_model_filepath = str(save_to)
+    src = model if isinstance(model, bytes) else str(model)
+    label = "in-memory graph" if isinstance(model, bytes) else Path(model).name
     try:
-        return ort.InferenceSession(str(path), config.session_options(), providers=list(config.providers))
+        return ort.InferenceSession(src, opts, providers=list(cfg.providers))
     except Exception as exc:  # ORT raises several exception types for unreadable models
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EngineError(f"cannot load engine '{path.name}': {first}") from None
+        raise EngineError(f"cannot load engine '{label}': {first}") from None
 
 
 class Engine:
     """A loaded stage: validate inputs against the ``StageSpec``, run, return named outputs."""
 
-    def __init__(self, path: Path, spec: StageSpec, config: SessionConfig | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        spec: StageSpec,
+        config: SessionConfig | None = None,
+        contract: Contract | None = None,
+        preset: str = "one_shot",
+    ) -> None:
         self.path = Path(path)
         self.spec = spec
+        self.contract = contract or Contract.of_stage(spec)
         self.config = config or SessionConfig()
-        self.session = create_session(self.path, self.config)
-        names = [i.name for i in self.session.get_inputs()]
-        if names != spec.input_names:
-            raise EngineError(
-                f"engine '{self.path.name}' takes {names}, but stage '{spec.name}' declares {spec.input_names}"
-            )
+        self.session = open_session(self.path, preset, self.config)
+        check_graph_io(self.session, self.contract, f"stage '{spec.name}'", self.path.name)
 
     @property
     def name(self) -> str:
         return self.spec.name
 
     def validate(self, feeds: dict[str, np.ndarray]) -> None:
-        validate_feeds(self.spec, feeds)
+        validate_feeds(self.contract, feeds, self.spec.name)
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         self.validate(feeds)
-        names = outputs or self.spec.output_names
+        names = outputs or self.contract.output_names
         try:
             values = self.session.run(names, feeds)
         except Exception as exc:  # shapes that pass validation but fail inside the graph
@@ -107,50 +154,81 @@ class Engine:
         return dict(zip(names, values, strict=True))
 
 
-def validate_feeds(spec: StageSpec, feeds: dict[str, np.ndarray]) -> None:
-    """Raise ``InputError`` unless ``feeds`` match the stage's inputs exactly."""
+_ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(bool)": "bool",
+}
+
+
+def check_graph_io(session: ort.InferenceSession, contract: Contract, what: str, file: str) -> None:
+    """``EngineError`` unless the graph's inputs and outputs are the contract's: names in order,
+    dtypes and ranks (a graph swapped for another one is refused at load, not after a run)."""
+    for kind, got, want in (
+        ("inputs", session.get_inputs(), contract.inputs),
+        ("outputs", session.get_outputs(), contract.outputs),
+    ):
+        names = [g.name for g in got]
+        if names != [t.name for t in want]:
+            raise EngineError(
+                f"engine '{file}' has {kind} {names}, but {what} declares {[t.name for t in want]}"
+            )
+        for g, t in zip(got, want, strict=True):
+            dtype = _ORT_TYPES.get(g.type, g.type)
+            rank = len(g.shape) if g.shape is not None else len(t.shape)
+            if dtype != t.dtype or rank != len(t.shape):
+                raise EngineError(
+                    f"engine '{file}' {kind[:-1]} '{g.name}' is {dtype} of rank {rank}, but {what} "
+                    f"declares {t.dtype} of rank {len(t.shape)}"
+                )
+
+
+def validate_feeds(spec: StageSpec | Contract, feeds: dict[str, np.ndarray], name: str = "") -> None:
+    """Raise ``InputError`` unless ``feeds`` match the inputs of a stage (or a graph's contract) exactly."""
+    name = name or getattr(spec, "name", "graph")
     expected = spec.input_names
     missing = [n for n in expected if n not in feeds]
     extra = [n for n in feeds if n not in expected]
     if missing or extra:
-        raise InputError(
-            f"stage '{spec.name}' expects inputs {expected}; missing {missing}, unexpected {extra}"
-        )
+        raise InputError(f"stage '{name}' expects inputs {expected}; missing {missing}, unexpected {extra}")
     sizes: dict[str, int] = {}
     for t in spec.inputs:
         a = feeds[t.name]
         if not isinstance(a, np.ndarray):
-            raise InputError(
-                f"stage '{spec.name}' input '{t.name}' must be a numpy array, got {type(a).__name__}"
-            )
+            raise InputError(f"stage '{name}' input '{t.name}' must be a numpy array, got {type(a).__name__}")
         if a.dtype != np.dtype(t.dtype):
-            raise InputError(f"stage '{spec.name}' input '{t.name}' must be {t.dtype}, got {a.dtype}")
+            raise InputError(f"stage '{name}' input '{t.name}' must be {t.dtype}, got {a.dtype}")
         if a.ndim != len(t.shape):
             raise InputError(
-                f"stage '{spec.name}' input '{t.name}' must have rank {len(t.shape)} {t.shape}, got shape {a.shape}"
+                f"stage '{name}' input '{t.name}' must have rank {len(t.shape)} {t.shape}, got shape {a.shape}"
             )
         for axis, (want, got) in enumerate(zip(t.shape, a.shape, strict=True)):
             if isinstance(want, int):
                 if want != got:
                     raise InputError(
-                        f"stage '{spec.name}' input '{t.name}' axis {axis} must be {want}, got shape {a.shape}"
+                        f"stage '{name}' input '{t.name}' axis {axis} must be {want}, got shape {a.shape}"
                     )
                 continue
             if sizes.setdefault(want, got) != got:
                 raise InputError(
-                    f"stage '{spec.name}': dim '{want}' is {sizes[want]} in one input and {got} in '{t.name}'"
+                    f"stage '{name}': dim '{want}' is {sizes[want]} in one input and {got} in '{t.name}'"
                 )
         if a.dtype.kind == "f" and a.size and not np.isfinite(a).all():
-            raise InputError(f"stage '{spec.name}' input '{t.name}' contains NaN or Inf")
+            raise InputError(f"stage '{name}' input '{t.name}' contains NaN or Inf")
         if t.fill == "randint" and a.size and (a.min() < t.low or a.max() >= t.high):
             raise InputError(
-                f"stage '{spec.name}' input '{t.name}' values must lie in [{int(t.low)}, {int(t.high)}), got [{a.min()}, {a.max()}]"
+                f"stage '{name}' input '{t.name}' values must lie in [{int(t.low)}, {int(t.high)}), got [{a.min()}, {a.max()}]"
             )
     for d in spec.dims:
         if d.sum_of and d.name in sizes and all(s in sizes for s in d.sum_of):
             if sizes[d.name] != sum(sizes[s] for s in d.sum_of):
-                raise InputError(f"stage '{spec.name}': dim '{d.name}' must equal {' + '.join(d.sum_of)}")
+                raise InputError(f"stage '{name}': dim '{d.name}' must equal {' + '.join(d.sum_of)}")
         if d.name in sizes and not d.min <= sizes[d.name] <= d.max:
             raise InputError(
-                f"stage '{spec.name}': dim '{d.name}'={sizes[d.name]} is outside the supported range [{d.min}, {d.max}]"
+                f"stage '{name}': dim '{d.name}'={sizes[d.name]} is outside the supported range [{d.min}, {d.max}]"
             )

@@ -53,7 +53,7 @@ class KVCachePool:
         self._free = [True] * num_slots
         self._lock = threading.Lock()
         self._freed = threading.Condition(self._lock)
-        self._ortvalues: dict[tuple[int, int], list[tuple[str, ort.OrtValue]]] = {}
+        self._ortvalues: dict[tuple[int, int], list[ort.OrtValue]] = {}
 
     @property
     def nbytes(self) -> int:
@@ -98,19 +98,20 @@ class KVCachePool:
             self.lengths[slots.start : slots.stop] = 0
             self._freed.notify_all()
 
-    def bindings(self, slots: SlotRange) -> list[tuple[str, ort.OrtValue]]:
-        """(input name, OrtValue) per layer and K/V, viewing the slots' memory without a copy."""
+    def bindings(self, slots: SlotRange) -> list[ort.OrtValue]:
+        """An OrtValue per layer for keys then values (layer 0 key, layer 0 value, ...), viewing the
+        slots' memory without a copy: the order of an in-place contract's pairs."""
         key = (slots.start, slots.count)
         with self._lock:
             return self._bindings_locked(key, slots)
 
-    def _bindings_locked(self, key: tuple[int, int], slots: SlotRange) -> list[tuple[str, ort.OrtValue]]:
+    def _bindings_locked(self, key: tuple[int, int], slots: SlotRange) -> list[ort.OrtValue]:
         if key not in self._ortvalues:
             out = []
             for i in range(self.geometry.num_layers):
-                for kind, arrays in (("key", self.keys), ("value", self.values)):
+                for arrays in (self.keys, self.values):
                     view = arrays[i][slots.start : slots.stop]  # contiguous: a slice of the first axis
-                    out.append((f"{i}.{kind}", ort.OrtValue.ortvalue_from_numpy(view)))
+                    out.append(ort.OrtValue.ortvalue_from_numpy(view))
             self._ortvalues[key] = out
         return self._ortvalues[key]
 

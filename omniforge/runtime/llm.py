@@ -16,10 +16,10 @@ import numpy as np
 import onnxruntime as ort
 
 from omniforge.errors import CachePoolExhaustedError, ContextLengthError, EngineError, InputError
-from omniforge.pipeline.manifest import runtime_file
+from omniforge.pipeline.contracts import Contract, Role, llm_inplace_contract
 from omniforge.pipeline.spec import LlmGeometry
 from omniforge.runtime.build import Build
-from omniforge.runtime.engine import SessionConfig, create_session
+from omniforge.runtime.engine import SessionConfig, check_graph_io, open_session
 from omniforge.runtime.kv_cache import KVCachePool, PrefixCache, SlotRange
 from omniforge.runtime.sampling import GenerationConfig, select_token
 
@@ -27,14 +27,40 @@ Media = dict[str, list[np.ndarray]]  # modality -> projected embeddings (n_token
 
 
 class LlmEngine:
-    """The in-place LLM graph: ``step`` runs new rows for sequences living in pool slots."""
+    """The in-place LLM graph: ``step`` runs new rows for sequences living in pool slots.
 
-    def __init__(self, path: Path, geometry: LlmGeometry, config: SessionConfig) -> None:
+    Every tensor is bound by its purpose in the graph's ``Contract`` (read from the manifest), and
+    each past K/V input is bound to the same pool memory as the present output it aliases."""
+
+    def __init__(
+        self,
+        path: Path,
+        geometry: LlmGeometry,
+        config: SessionConfig | None = None,
+        contract: Contract | None = None,
+        preset: str = "serving",
+    ) -> None:
         self.geometry = geometry
-        self.session = create_session(path, config)
-        names = {i.name for i in self.session.get_inputs()}
-        if not {"inputs_embeds", "seqlens_k", "total_sequence_length", "past_key_values.0.key"} <= names:
-            raise EngineError(f"'{path.name}' is not an in-place LLM graph (inputs: {sorted(names)[:5]}...)")
+        self.contract = contract or llm_inplace_contract(geometry)
+        if len(self.contract.inplace) != 2 * geometry.num_layers:
+            raise EngineError(
+                f"'{path.name}' binds {len(self.contract.inplace)} K/V buffers in place; "
+                f"a {geometry.num_layers}-layer LLM needs {2 * geometry.num_layers}"
+            )
+        self.session = open_session(path, preset, config)
+        check_graph_io(self.session, self.contract, "the in-place LLM contract", path.name)
+        c = self.contract
+        self.names = {
+            k: c.slot(k) for k in ("embeds", "seqlens_k", "total_sequence_length", "logits", "hidden_states")
+        }
+
+    @classmethod
+    def of_build(cls, build: Build, preset: str = "serving") -> LlmEngine:
+        """The build's in-place LLM variant, bound from its contract in the manifest."""
+        path, variant = build.variant("llm", Role.ORT_INPLACE_LLM)
+        spec = build.pipeline.stage("llm")
+        assert spec.llm is not None
+        return cls(path, spec.llm, build.session, variant.contract, preset)
 
     def bind(self, pool: KVCachePool, slots: SlotRange) -> StepBinding:
         return StepBinding(self, pool, slots)
@@ -45,12 +71,13 @@ class StepBinding:
 
     def __init__(self, engine: LlmEngine, pool: KVCachePool, slots: SlotRange) -> None:
         self.engine, self.pool, self.slots = engine, pool, slots
+        self.names = n = engine.names
         self.io = engine.session.io_binding()
-        self.io.bind_output("logits")  # bound first: get_outputs() lists them at 0 and 1
-        self.io.bind_output("hidden_states")
-        for name, ov in pool.bindings(slots):
-            self.io.bind_ortvalue_input(f"past_key_values.{name}", ov)
-            self.io.bind_ortvalue_output(f"present.{name}", ov)
+        self.io.bind_output(n["logits"])  # bound first: get_outputs() lists them at 0 and 1
+        self.io.bind_output(n["hidden_states"])
+        for pair, ov in zip(engine.contract.inplace, pool.bindings(slots), strict=True):
+            self.io.bind_ortvalue_input(pair.input, ov)
+            self.io.bind_ortvalue_output(pair.output, ov)
         self._decode: dict[str, np.ndarray] | None = None  # one-token buffers, bound once
         self._bound_decode = False
 
@@ -60,46 +87,56 @@ class StepBinding:
         if self._decode is None:
             g, b = self.engine.geometry, self.slots.count
             self._decode = {
-                "inputs_embeds": np.zeros((b, 1, g.hidden_size), np.float32),
+                "embeds": np.zeros((b, 1, g.hidden_size), np.float32),
                 "seqlens_k": np.zeros(b, np.int32),
                 "total_sequence_length": np.zeros((), np.int32),
                 "logits": np.zeros((b, 1, g.vocab_size), np.float32),
                 "hidden_states": np.zeros((b, 1, g.hidden_size), np.float32),
             }
         if not self._bound_decode:
-            for name, buf in self._decode.items():
+            for purpose, buf in self._decode.items():
                 ov = ort.OrtValue.ortvalue_from_numpy(buf)  # shares the numpy buffer
-                if name in ("logits", "hidden_states"):
-                    self.io.bind_ortvalue_output(name, ov)
+                if purpose in ("logits", "hidden_states"):
+                    self.io.bind_ortvalue_output(self.names[purpose], ov)
                 else:
-                    self.io.bind_ortvalue_input(name, ov)
+                    self.io.bind_ortvalue_input(self.names[purpose], ov)
             self._bound_decode = True
         return self._decode
 
     def step(self, embeds: np.ndarray, copy: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """(b, S, H) new rows -> last-position logits (b, V) and hidden states (b, S, H).
 
-        ``copy=False``: a one-token step returns views of the bound output buffers, valid until
-        the next step (the decode loop reads them at once)."""
-        b, s, _ = embeds.shape  # (b, S, H)
-        assert b == self.slots.count
+        The rows are checked against the contract (dtype, shape, finite values) before the session
+        sees them. ``copy=False``: a one-token step returns views of the bound output buffers,
+        valid until the next step (the decode loop reads them at once)."""
+        g = self.engine.geometry
+        if not isinstance(embeds, np.ndarray) or embeds.dtype != np.float32 or embeds.ndim != 3:
+            raise InputError(f"LLM rows must be a float32 array of shape (batch, seq, {g.hidden_size})")
+        b, s, h = embeds.shape  # (b, S, H)
+        if b != self.slots.count or h != g.hidden_size or s < 1:
+            raise InputError(
+                f"LLM rows must have shape ({self.slots.count}, seq >= 1, {g.hidden_size}), got {embeds.shape}"
+            )
+        if not np.isfinite(embeds).all():
+            raise InputError("LLM rows contain NaN or Inf")
         lengths = self.pool.lengths[self.slots.start : self.slots.stop]
         new = lengths + s
         if int(new.max()) > self.pool.max_context:
             raise ContextLengthError(
                 f"the sequence would reach {int(new.max())} tokens; the context holds {self.pool.max_context}"
             )
+        n = self.names
         if s == 1:
             buf = self._decode_buffers()
-            np.copyto(buf["inputs_embeds"], embeds)
+            np.copyto(buf["embeds"], embeds)
             buf["seqlens_k"][:] = new - 1
             buf["total_sequence_length"][...] = new.max()
         else:
-            self.io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=np.float32))
-            self.io.bind_cpu_input("seqlens_k", (new - 1).astype(np.int32))
-            self.io.bind_cpu_input("total_sequence_length", np.array(new.max(), dtype=np.int32))
-            self.io.bind_output("logits")
-            self.io.bind_output("hidden_states")
+            self.io.bind_cpu_input(n["embeds"], np.ascontiguousarray(embeds))
+            self.io.bind_cpu_input(n["seqlens_k"], (new - 1).astype(np.int32))
+            self.io.bind_cpu_input(n["total_sequence_length"], np.array(new.max(), dtype=np.int32))
+            self.io.bind_output(n["logits"])
+            self.io.bind_output(n["hidden_states"])
             self._bound_decode = False
         try:
             self.engine.session.run_with_iobinding(self.io)
@@ -112,6 +149,39 @@ class StepBinding:
             return buf["logits"][:, -1].copy(), buf["hidden_states"].copy()
         out = self.io.get_outputs()
         return out[0].numpy()[:, -1], out[1].numpy()
+
+
+@dataclass
+class Probe:
+    """What ``probe`` returns per sequence: next-token logits after the prompt and after each
+    decode step (steps + 1, V), and the hidden states of every row fed (T + steps, H)."""
+
+    logits: list[np.ndarray]
+    hidden: list[np.ndarray]
+
+
+def probe(engine: LlmEngine, prompts: Sequence[np.ndarray], follow: Sequence[np.ndarray] = ()) -> Probe:
+    """Prefill each (T_k, H) prompt into its own slot, then decode all together, feeding row t of
+    each (steps, H) ``follow`` array at step t. The one way quantization metrics, parity, compare
+    and bench drive an LLM graph outside generation."""
+    g = engine.geometry
+    steps = len(follow[0]) if len(follow) else 0
+    need = max(len(p) for p in prompts) + steps
+    pool = KVCachePool(g, len(prompts), max_context=need)
+    logits: list[list[np.ndarray]] = [[] for _ in prompts]
+    hidden: list[list[np.ndarray]] = [[] for _ in prompts]
+    for k, rows in enumerate(prompts):
+        lg, hd = engine.bind(pool, SlotRange(k, 1)).step(np.asarray(rows, np.float32)[None])
+        logits[k].append(lg[0])
+        hidden[k].append(hd[0])
+    together = engine.bind(pool, SlotRange(0, len(prompts)))
+    for t in range(steps):
+        rows = np.stack([np.asarray(f[t], np.float32) for f in follow])[:, None]
+        lg, hd = together.step(rows)
+        for k in range(len(prompts)):
+            logits[k].append(lg[k])
+            hidden[k].append(hd[k])
+    return Probe([np.stack(x) for x in logits], [np.concatenate(x) for x in hidden])
 
 
 @dataclass
@@ -169,11 +239,9 @@ class LlmRuntime:
         assert stage.llm is not None
         self.geometry = stage.llm
         self.slot_wait_s = slot_wait_s  # how long a request waits for a free cache slot before failing
-        self.engine = LlmEngine(self.build.stage_file("llm", "onnxruntime"), stage.llm, self.build.session)
+        self.engine = LlmEngine.of_build(self.build)
         # a numpy lookup in the decode loop; the stage's engine only for forms the table cannot read
-        self.table = EmbeddingTable.from_onnx(
-            self.build.path / runtime_file(self.build.manifest, "token_embedding")
-        )
+        self.table = EmbeddingTable.from_onnx(self.build.served_file("token_embedding"))
         self.tokenizer = self.build.tokenizer() if "tokenizer" in self.build.manifest.files else None
         self.pool = KVCachePool(stage.llm, num_slots, max_context)
         self.prefix_cache = PrefixCache(self.pool, min(prefix_cache_entries, num_slots - 1), block_size)
@@ -204,7 +272,9 @@ class LlmRuntime:
             )
         if self.table is not None:
             return self.table.lookup(arr)
-        return self.build.engine("token_embedding").run({"input_ids": arr[None]})["inputs_embeds"][0]
+        engine = self.build.engine("token_embedding")
+        (ids_in,), (rows_out, *_) = engine.contract.input_names, engine.contract.output_names
+        return engine.run({ids_in: arr[None]})[rows_out][0]
 
     def prepare(
         self, prompt: str | Sequence[int] | np.ndarray, media: Media | None = None
