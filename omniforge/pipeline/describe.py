@@ -74,15 +74,23 @@ def llm_stages(cfg: ModelConfig) -> list[StageSpec]:
         ),
         dims=(batch, seq, past, total),
         tolerance=TIGHT,
-        # prefill on an empty past, decode of one token on a past, and a chunk on a past
-        check_points=(
-            {"batch": 2, "seq": 7, "past": 0},
-            {"batch": 1, "seq": 1, "past": 9},
-            {"batch": 2, "seq": 3, "past": 5},
-        ),
+        check_points=llm_check_points(ctx),
         llm=g,
     )
     return [embedding, llm]
+
+
+def llm_check_points(ctx: int) -> tuple[dict[str, int], ...]:
+    """Prefill on an empty past, decode of one token on a past, a chunk on a past, and a chunk that
+    fills the context (positions and cache lengths near the maximum are where long-context bugs show)."""
+    points = (
+        {"batch": 2, "seq": 7, "past": 0},
+        {"batch": 1, "seq": 1, "past": 9},
+        {"batch": 2, "seq": 3, "past": 5},
+    )
+    if ctx > 32:
+        points += ({"batch": 1, "seq": 8, "past": ctx - 8},)
+    return points
 
 
 def describe(cfg: ModelConfig) -> PipelineSpec:
