@@ -3,24 +3,23 @@ through both pipelines, every decoder forced.
 
 Reported per prompt and as the worst case: generated-token agreement, PSNR of the image and of
 the video frames against the FP32 pipeline's, and SNR of the audio waveform. The prompts are
-held out: lines of the shipped text after the ones calibration uses.
+held out from calibration (``omniforge.calibration.corpus``): NExT-GPT-style media requests for a
+pipeline with decoders, plain text for a text-only model.
 """
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
+from omniforge.calibration.corpus import heldout_lines
 from omniforge.calibration.metrics import psnr, snr_db
 
 
-def heldout_prompts(count: int = 3, skip: int = 8) -> list[str]:
-    lines = [
-        ln for ln in resources.files("omniforge").joinpath("data/corpus.txt").read_text().splitlines() if ln
-    ]
-    return lines[skip : skip + count]
+def heldout_prompts(count: int = 3, media: bool = True) -> list[str]:
+    """Prompts no calibration saw: media requests, or plain text for a text-only model."""
+    return heldout_lines(media)[:count]
 
 
 def end_to_end_accuracy(
@@ -34,9 +33,9 @@ def end_to_end_accuracy(
     from omniforge.runtime.pipeline import DiffusionConfig, Pipeline
     from omniforge.runtime.sampling import GenerationConfig
 
-    prompts = prompts or heldout_prompts()
     ref_pipe, got_pipe = Pipeline(fp32, num_slots=1), Pipeline(quantized, num_slots=1)
     force = sorted(ref_pipe.modalities_in())
+    prompts = prompts or heldout_prompts(media=bool(force))
     rows = []
     for i, prompt in enumerate(prompts):
         kw = dict(
