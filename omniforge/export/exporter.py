@@ -20,6 +20,7 @@ import torch
 from omniforge import __version__
 from omniforge.errors import ExportError, OmniforgeError
 from omniforge.export.llm_ort import build_llama_gqa
+from omniforge.export.opsets import DEFAULT_OPSET, check_opset
 from omniforge.export.parity import ParityResult, check_llm_inplace, check_stage
 from omniforge.export.stages import export_module, reference_module
 from omniforge.model.loader import load_component
@@ -45,7 +46,7 @@ EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with margin
 class ExportOptions:
     stages: list[str] | None = None  # None: every stage of the pipeline
     adapter: str | None = "default"  # LoRA adapter merged into the LLM; "default": the model's choice
-    opset: int = 17
+    opset: int = DEFAULT_OPSET  # see omniforge.export.opsets
     parity: bool = True
     threads: int = 2
 
@@ -228,6 +229,7 @@ def export_pipeline(
 ) -> tuple[Manifest, list[StageReport]]:
     """Export every (selected) stage of ``model_path`` into the build folder ``out``."""
     options = options or ExportOptions()
+    check_opset(options.opset)
     cfg = load_model_config(model_path)
     spec = describe(cfg).select(options.stages)
     adapter = cfg.merge_adapter if options.adapter == "default" else options.adapter
