@@ -16,7 +16,7 @@ import numpy as np
 
 from omniforge._lazy import lazy_import
 from omniforge.errors import StageError
-from omniforge.pipeline.contracts import Role
+from omniforge.pipeline.contracts import Role, Slot
 from omniforge.pipeline.manifest import Manifest, load_manifest, runtime_file
 
 polygraphy_onnxrt = lazy_import("polygraphy.backend.onnxrt", extra="gpu")
@@ -112,7 +112,7 @@ def _llm_logits(build: Path, m: Manifest, name: str) -> list[dict]:
     variant = m.variant(name, Role.ORT_INPLACE_LLM)
     engine = LlmEngine(build / variant.file, g, contract=variant.contract, preset="measurement")
     rows = (np.random.default_rng(5).standard_normal((20, g.hidden_size)) * 0.05).astype(np.float32)
-    return [{engine.names["logits"]: probe(engine, [rows[:12]], [rows[12:]]).logits[0]}]
+    return [{engine.names[Slot.LOGITS]: probe(engine, [rows[:12]], [rows[12:]]).logits[0]}]
 
 
 def comparison_table(rows: list[StageComparison], atol: float, rtol: float) -> str:

@@ -20,7 +20,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from omniforge.pipeline.contracts import Contract, layer_tap
+from omniforge.pipeline.contracts import Contract, Slot, layer_tap
 from omniforge.pipeline.spec import TensorSpec
 
 MS = "com.microsoft"
@@ -37,7 +37,7 @@ def build_llama_gqa(
     with the tensor names of ``contract``."""
     c = model.config
     io = contract.slots
-    embeds, seqlens, total = io["embeds"], io["seqlens_k"], io["total_sequence_length"]
+    embeds, seqlens, total = io[Slot.EMBEDS], io[Slot.SEQLENS], io[Slot.TOTAL]
 
     def tap(i: int, purpose: str) -> str:
         return layer_tap(contract, i, purpose)
@@ -154,15 +154,15 @@ def build_llama_gqa(
         helper.make_node(
             "SkipSimplifiedLayerNormalization",
             [x, residual, g_f],
-            [io["hidden_states"], "", "", ""],
+            [io[Slot.HIDDEN], "", "", ""],
             domain=MS,
             epsilon=eps,
         )
     )
     init("last_index", np.array([-1], dtype=np.int64))
-    nodes.append(helper.make_node("Gather", [io["hidden_states"], "last_index"], ["last_hidden"], axis=1))
+    nodes.append(helper.make_node("Gather", [io[Slot.HIDDEN], "last_index"], ["last_hidden"], axis=1))
     lm_head = init(contract.tap("lm_head_weight"), _w(model.lm_head.weight).T)
-    nodes.append(helper.make_node("MatMul", ["last_hidden", lm_head], [io["logits"]]))
+    nodes.append(helper.make_node("MatMul", ["last_hidden", lm_head], [io[Slot.LOGITS]]))
 
     inputs = [_value_info(t) for t in contract.inputs]
     outputs = [_value_info(t) for t in contract.outputs]

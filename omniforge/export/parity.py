@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from omniforge.pipeline.contracts import Contract
+from omniforge.pipeline.contracts import Contract, Slot
 from omniforge.pipeline.spec import StageSpec
 
 
@@ -91,7 +91,7 @@ def check_llm_inplace(
         [e[n:] for e, n in zip(emb, lengths, strict=True)],
     )
     tol = stage.tolerance
-    logits_name, hidden_name = contract.slot("logits"), contract.slot("hidden_states")
+    logits_name, hidden_name = contract.slot(Slot.LOGITS), contract.slot(Slot.HIDDEN)
     results: list[ParityResult] = []
 
     def record(point: dict[str, int], name: str, ref: np.ndarray, out: np.ndarray) -> None:

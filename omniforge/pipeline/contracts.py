@@ -30,6 +30,16 @@ class Role(StrEnum):
     TENSORRT = "tensorrt_engine"  # a serialized TensorRT engine
 
 
+class Slot(StrEnum):
+    """Purposes of the in-place LLM graph's tensors (keys of its contract's ``slots``)."""
+
+    EMBEDS = "embeds"  # (B, S, H) new rows
+    SEQLENS = "seqlens_k"  # (B,) int32: past + S - 1 per sequence
+    TOTAL = "total_sequence_length"  # () int32: the longest sequence after this step
+    LOGITS = "logits"  # (B, 1, V) at the last row
+    HIDDEN = "hidden_states"  # (B, S, H) final hidden states of the new rows
+
+
 @dataclass(frozen=True)
 class InPlace:
     """``output`` is written into the memory bound to ``input`` (a KV-cache buffer)."""
@@ -164,13 +174,7 @@ def llm_inplace_contract(g: LlmGeometry, max_batch: int = 64) -> Contract:
         Dim("seq", 1, 1, g.max_context),
         Dim("cache_len", 1, g.max_context, g.max_context),
     )
-    slots = {
-        "embeds": "inputs_embeds",
-        "seqlens_k": "seqlens_k",
-        "total_sequence_length": "total_sequence_length",
-        "logits": "logits",
-        "hidden_states": "hidden_states",
-    }
+    slots = {str(s): t.name for s, t in zip(Slot, (*inputs[:3], *outputs[:2]), strict=True)}
     taps = {
         f"layers.{i}.{purpose}": name.format(i=i)
         for i in range(g.num_layers)

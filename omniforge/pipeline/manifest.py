@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from omniforge.errors import ManifestError, StageError
+from omniforge.pipeline.atomic import temp_file
 from omniforge.pipeline.contracts import Contract, Role, llm_inplace_contract
 from omniforge.pipeline.spec import PipelineSpec, StageKind, StageSpec
 
@@ -299,14 +299,35 @@ def collect_artifacts(build: Path, paths: list[str]) -> dict[str, Artifact]:
     return out
 
 
+def schema_path() -> Path:
+    """The JSON Schema of the manifest this omniforge writes (shipped in the package)."""
+    return Path(__file__).with_name("manifest.schema.json")
+
+
+def validate_schema(data: dict[str, Any]) -> None:
+    """Check ``data`` against the shipped JSON Schema (needs the ``jsonschema`` package)."""
+    import jsonschema
+
+    schema = json.loads(schema_path().read_text())
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(data))
+    if error is not None:
+        where = "/".join(map(str, error.absolute_path)) or "top level"
+        raise ManifestError(f"manifest does not match its schema at {where}: {error.message[:200]}")
+
+
 def write_manifest(build: Path, manifest: Manifest) -> Path:
+    """Write ``manifest.json`` atomically; with ``OMNIFORGE_CHECK_SCHEMA=1`` (the test suite sets it)
+    it is first checked against the shipped JSON Schema."""
+    text = json.dumps(manifest.to_dict(), indent=2) + "\n"
+    if os.environ.get("OMNIFORGE_CHECK_SCHEMA") == "1":
+        validate_schema(json.loads(text))
     path = build / MANIFEST
-    atomic_write_text(path, json.dumps(manifest.to_dict(), indent=2) + "\n")
+    atomic_write_text(path, text)
     return path
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = temp_file(path.parent, f".{path.name}.")  # 0o666 less the umask, not mkstemp's 0o600
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

@@ -180,11 +180,15 @@ def check_graph_io(session: ort.InferenceSession, contract: Contract, what: str,
             )
         for g, t in zip(got, want, strict=True):
             dtype = _ORT_TYPES.get(g.type, g.type)
-            rank = len(g.shape) if g.shape is not None else len(t.shape)
-            if dtype != t.dtype or rank != len(t.shape):
+            shape = list(g.shape) if g.shape is not None else list(t.shape)
+            static_ok = all(
+                not (isinstance(a, int) and isinstance(b, int)) or a == b
+                for a, b in zip(shape, t.shape, strict=False)
+            )
+            if dtype != t.dtype or len(shape) != len(t.shape) or not static_ok:
                 raise EngineError(
-                    f"engine '{file}' {kind[:-1]} '{g.name}' is {dtype} of rank {rank}, but {what} "
-                    f"declares {t.dtype} of rank {len(t.shape)}"
+                    f"engine '{file}' {kind[:-1]} '{g.name}' is {dtype} {shape}, but {what} "
+                    f"declares {t.dtype} {list(t.shape)}"
                 )
 
 

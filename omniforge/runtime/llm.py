@@ -16,12 +16,13 @@ import numpy as np
 import onnxruntime as ort
 
 from omniforge.errors import CachePoolExhaustedError, ContextLengthError, EngineError, InputError
-from omniforge.pipeline.contracts import Contract, Role, llm_inplace_contract
+from omniforge.pipeline.contracts import Contract, Role, Slot, llm_inplace_contract
 from omniforge.pipeline.spec import LlmGeometry
 from omniforge.runtime.build import Build
 from omniforge.runtime.engine import SessionConfig, check_graph_io, open_session
 from omniforge.runtime.kv_cache import KVCachePool, PrefixCache, SlotRange
 from omniforge.runtime.sampling import GenerationConfig, select_token
+from omniforge.runtime.tokenizer import SignalEvent
 
 Media = dict[str, list[np.ndarray]]  # modality -> projected embeddings (n_tokens, hidden) per item
 
@@ -50,9 +51,7 @@ class LlmEngine:
         self.session = open_session(path, preset, config)
         check_graph_io(self.session, self.contract, "the in-place LLM contract", path.name)
         c = self.contract
-        self.names = {
-            k: c.slot(k) for k in ("embeds", "seqlens_k", "total_sequence_length", "logits", "hidden_states")
-        }
+        self.names = {k: c.slot(k) for k in Slot}
 
     @classmethod
     def of_build(cls, build: Build, preset: str = "serving") -> LlmEngine:
@@ -73,8 +72,8 @@ class StepBinding:
         self.engine, self.pool, self.slots = engine, pool, slots
         self.names = n = engine.names
         self.io = engine.session.io_binding()
-        self.io.bind_output(n["logits"])  # bound first: get_outputs() lists them at 0 and 1
-        self.io.bind_output(n["hidden_states"])
+        self.io.bind_output(n[Slot.LOGITS])  # bound first: get_outputs() lists them at 0 and 1
+        self.io.bind_output(n[Slot.HIDDEN])
         for pair, ov in zip(engine.contract.inplace, pool.bindings(slots), strict=True):
             self.io.bind_ortvalue_input(pair.input, ov)
             self.io.bind_ortvalue_output(pair.output, ov)
@@ -87,16 +86,16 @@ class StepBinding:
         if self._decode is None:
             g, b = self.engine.geometry, self.slots.count
             self._decode = {
-                "embeds": np.zeros((b, 1, g.hidden_size), np.float32),
-                "seqlens_k": np.zeros(b, np.int32),
-                "total_sequence_length": np.zeros((), np.int32),
-                "logits": np.zeros((b, 1, g.vocab_size), np.float32),
-                "hidden_states": np.zeros((b, 1, g.hidden_size), np.float32),
+                Slot.EMBEDS: np.zeros((b, 1, g.hidden_size), np.float32),
+                Slot.SEQLENS: np.zeros(b, np.int32),
+                Slot.TOTAL: np.zeros((), np.int32),
+                Slot.LOGITS: np.zeros((b, 1, g.vocab_size), np.float32),
+                Slot.HIDDEN: np.zeros((b, 1, g.hidden_size), np.float32),
             }
         if not self._bound_decode:
             for purpose, buf in self._decode.items():
                 ov = ort.OrtValue.ortvalue_from_numpy(buf)  # shares the numpy buffer
-                if purpose in ("logits", "hidden_states"):
+                if purpose in (Slot.LOGITS, Slot.HIDDEN):
                     self.io.bind_ortvalue_output(self.names[purpose], ov)
                 else:
                     self.io.bind_ortvalue_input(self.names[purpose], ov)
@@ -128,15 +127,15 @@ class StepBinding:
         n = self.names
         if s == 1:
             buf = self._decode_buffers()
-            np.copyto(buf["embeds"], embeds)
-            buf["seqlens_k"][:] = new - 1
-            buf["total_sequence_length"][...] = new.max()
+            np.copyto(buf[Slot.EMBEDS], embeds)
+            buf[Slot.SEQLENS][:] = new - 1
+            buf[Slot.TOTAL][...] = new.max()
         else:
-            self.io.bind_cpu_input(n["embeds"], np.ascontiguousarray(embeds))
-            self.io.bind_cpu_input(n["seqlens_k"], (new - 1).astype(np.int32))
-            self.io.bind_cpu_input(n["total_sequence_length"], np.array(new.max(), dtype=np.int32))
-            self.io.bind_output(n["logits"])
-            self.io.bind_output(n["hidden_states"])
+            self.io.bind_cpu_input(n[Slot.EMBEDS], np.ascontiguousarray(embeds))
+            self.io.bind_cpu_input(n[Slot.SEQLENS], (new - 1).astype(np.int32))
+            self.io.bind_cpu_input(n[Slot.TOTAL], np.array(new.max(), dtype=np.int32))
+            self.io.bind_output(n[Slot.LOGITS])
+            self.io.bind_output(n[Slot.HIDDEN])
             self._bound_decode = False
         try:
             self.engine.session.run_with_iobinding(self.io)
@@ -145,8 +144,8 @@ class StepBinding:
         self.pool.lengths[self.slots.start : self.slots.stop] = new
         if s == 1:
             if not copy:
-                return buf["logits"][:, -1], buf["hidden_states"]
-            return buf["logits"][:, -1].copy(), buf["hidden_states"].copy()
+                return buf[Slot.LOGITS][:, -1], buf[Slot.HIDDEN]
+            return buf[Slot.LOGITS][:, -1].copy(), buf[Slot.HIDDEN].copy()
         out = self.io.get_outputs()
         return out[0].numpy()[:, -1], out[1].numpy()
 
@@ -194,6 +193,7 @@ class GenerationResult:
     ttft_s: float
     decode_s: float
     signal_hidden: dict[str, np.ndarray] = field(default_factory=dict)  # modality -> (n, H)
+    signals: list[SignalEvent] = field(default_factory=list)  # signal tokens generated (not in ``text``)
 
     @property
     def new_tokens(self) -> int:
@@ -286,10 +286,10 @@ class LlmRuntime:
         if isinstance(prompt, np.ndarray) and prompt.dtype.kind == "f":
             if prompt.ndim != 2 or prompt.shape[1] != self.geometry.hidden_size:
                 raise InputError(
-                    f"inputs_embeds must have shape (T, {self.geometry.hidden_size}), got {prompt.shape}"
+                    f"prompt embeddings must have shape (T, {self.geometry.hidden_size}), got {prompt.shape}"
                 )
             if not np.isfinite(prompt).all():
-                raise InputError("inputs_embeds contains NaN or Inf")
+                raise InputError("prompt embeddings contain NaN or Inf")
             return np.ascontiguousarray(prompt, dtype=np.float32), []
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -471,6 +471,7 @@ class LlmRuntime:
                 ttft_s=s.ttft,
                 decode_s=decode_s,
                 signal_hidden={m: np.stack(v) for m, v in s.signal_rows.items()},
+                signals=self.tokenizer.signal_events(s.generated, self.signal_ids) if self.tokenizer else [],
             )
             for s in seqs
         ]
@@ -483,7 +484,8 @@ class LlmRuntime:
     def _decode(self, ids: list[int], stop_ids: set[int]) -> str:
         if self.tokenizer is None:
             return ""
-        return self.tokenizer.decode([t for t in ids if t not in stop_ids])
+        hidden = stop_ids | self.signal_ids.keys() | self.placeholder_ids.keys()
+        return self.tokenizer.visible_text(ids, hidden)
 
     def _accept(self, k: int, s: _Seq, logits: np.ndarray, cfg: GenerationConfig, stop_ids: set[int]):
         """Choose the next token of sequence ``k``; update its text and finish state."""
@@ -501,8 +503,7 @@ class LlmRuntime:
             if s.finish:
                 s.text = self._decode(s.generated, stop_ids)
             return
-        if s.finish == "stop":
-            return
+        # also at a stop token: it flushes the bytes held back for an incomplete character
         text = self._decode(s.generated, stop_ids)
         for stop in cfg.stop_strings:
             cut = text.find(stop)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from omniforge.errors import ConfigError, InputError
+from omniforge.pipeline.contracts import Slot
 from omniforge.runtime import media as M
 from omniforge.runtime.build import Build
 from omniforge.runtime.engine import SessionConfig
@@ -83,7 +84,7 @@ class Pipeline:
         self.build = build if isinstance(build, Build) else Build(build, session)
         self.llm = LlmRuntime(self.build, num_slots=num_slots)
         self.low_memory = low_memory
-        # called with (stage, feeds) before every stage call and ("llm", {"inputs_embeds": rows}) per
+        # called with (stage, feeds) before every stage call and ("llm", {<embeds tensor>: rows}) per
         # prompt: how calibration captures each stage's real inputs
         self.recorder: Callable[[str, dict[str, np.ndarray]], None] | None = None
         self._local = threading.local()  # per-thread timings: requests may run concurrently
@@ -159,9 +160,9 @@ class Pipeline:
 
     def conditioning(self, modality: str, hidden: np.ndarray) -> np.ndarray:
         """Signal-token hidden states (n, H) -> the decoder's conditioning (1, Q, D)."""
-        return self._run(f"{modality}_output_projector", {"hidden_states": hidden[None].astype(np.float32)})[
-            "conditioning"
-        ]
+        stage = self.build.pipeline.stage(f"{modality}_output_projector")
+        (rows_in,), (cond_out, *_) = stage.input_names, stage.output_names
+        return self._run(stage.name, {rows_in: hidden[None].astype(np.float32)})[cond_out]
 
     def _denoise(
         self, modality: str, cond: np.ndarray, cfg: DiffusionConfig, frames: int | None = None
@@ -264,7 +265,7 @@ class Pipeline:
                 prompt = f"{tag} {prompt}"
         rows, ids = self.llm.prepare(prompt, media)
         if self.recorder is not None:
-            self.recorder("llm", {"inputs_embeds": rows})
+            self.recorder("llm", {self.llm.engine.names[Slot.EMBEDS]: rows})
         t0 = time.perf_counter()
         gen = self.llm.generate_rows(
             [rows], [ids], generation, (lambda _i, d: on_text(d)) if on_text else None
