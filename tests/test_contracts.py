@@ -220,3 +220,13 @@ def test_no_module_spells_the_llm_graphs_tensor_names():
                 ):
                     offenders.append(f"{rel}:{node.lineno} f-string {head.value!r}")
     assert offenders == []
+
+
+def test_inspect_lists_the_variant_each_stage_is_served_from(default_build, capsys):
+    from omniforge.cli import main
+
+    assert main(["inspect", str(default_build)]) == 0
+    out = capsys.readouterr().out
+    llm_line = next(line for line in out.splitlines() if line.strip().startswith("llm "))
+    served = load_manifest(default_build).variant("llm", Role.ORT_INPLACE_LLM)
+    assert "ort_inplace_llm" in llm_line and served.file in llm_line

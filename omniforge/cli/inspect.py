@@ -19,12 +19,23 @@ def run(args: argparse.Namespace) -> int:
     from omniforge.pipeline.manifest import load_manifest
 
     m = load_manifest(args.build, verify=True)
+    upgraded = (
+        f" (read as version {m.read_version}, upgraded in memory)"
+        if m.read_version != m.schema_version
+        else ""
+    )
     print(
-        f"build {args.build}: schema {m.schema_version}, {len(m.stages)} stages, {len(m.artifacts)} artifacts verified"
+        f"build {args.build}: schema {m.schema_version}{upgraded}, {len(m.stages)} stages, "
+        f"{len(m.artifacts)} artifacts verified"
     )
     print(f"source: {m.source.get('model')} (adapter: {m.source.get('adapter')})")
     print("tools: " + ", ".join(f"{k} {v}" for k, v in m.tools.items()))
+    print(f"  {'stage':24s} {'prec':5s} {'served variant':16s} {'KiB':>9s}  file (other variants)")
     for name, sb in m.stages.items():
-        size = sum(m.artifacts[p].size for p in (sb.file, *sb.data_files))
-        print(f"  {name:24s} {sb.precision:5s} {sb.nodes:6d} nodes {size / 1024:9.0f} KiB  {sb.file}")
+        served = sb.runtime_variant()
+        size = sum(m.artifacts[p].size for p in (served.file, *served.data_files))
+        others = ", ".join(f"{v.role}" for v in sb.variants if v is not served)
+        print(
+            f"  {name:24s} {sb.precision:5s} {served.role:16s} {size / 1024:9.0f}  {served.file} ({others or '-'})"
+        )
     return 0
