@@ -88,10 +88,9 @@ def pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def session(path: Path, threads: int) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    from omniforge.runtime.engine import SessionConfig, open_session
+
+    return open_session(path, "measurement", SessionConfig(threads=threads))
 
 
 def main() -> None:
