@@ -9,6 +9,7 @@ other value raises ``ConfigError`` rather than silently computing something diff
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -90,18 +91,63 @@ class Scheduler:
     def step(self, model_output: np.ndarray, step_index: int, sample: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def _check_steps(self, num_steps: int) -> None:
-        if not 1 <= num_steps <= self.config.num_train_timesteps:
-            raise ConfigError(f"steps must lie in [1, {self.config.num_train_timesteps}], got {num_steps}")
+    @classmethod
+    def schedule(cls, config: SchedulerConfig, num_steps: int) -> np.ndarray:
+        """The timesteps ``num_steps`` steps visit, highest first (not yet checked)."""
+        raise NotImplementedError
 
-    def _spaced(self, num_steps: int) -> np.ndarray:
-        n, c = self.config.num_train_timesteps, self.config
-        if c.timestep_spacing == "leading":
-            ratio = n // num_steps
-            return (np.arange(0, num_steps) * ratio).round()[::-1].astype(np.int64) + c.steps_offset
-        if c.timestep_spacing == "trailing":
-            return (np.round(np.arange(n, 0, -n / num_steps)) - 1).astype(np.int64)
-        return np.linspace(0, n - 1, num_steps).round()[::-1].astype(np.int64)
+    @property
+    def max_steps(self) -> int:
+        """The most steps this scheduler can take over the config's training timesteps."""
+        c = self.config
+        return _max_steps(type(self), c.num_train_timesteps, c.timestep_spacing, c.steps_offset)
+
+    def check_steps(self, num_steps: int) -> None:
+        """Refuse a step count outside [1, max_steps] with one sentence."""
+        top = self.max_steps
+        whole = isinstance(num_steps, int | np.integer) and not isinstance(num_steps, bool)
+        if not (whole and 1 <= num_steps <= top):
+            raise ConfigError(
+                f"steps must lie in [1, {top}] for the {self.name} scheduler over "
+                f"{self.config.num_train_timesteps} training timesteps, got {num_steps!r}"
+            )
+
+
+def _spaced(c: SchedulerConfig, num_steps: int) -> np.ndarray:
+    """diffusers' integer timestep spacings (DDIM; Euler except ``linspace``)."""
+    n = c.num_train_timesteps
+    if c.timestep_spacing == "leading":
+        ratio = n // num_steps
+        return (np.arange(0, num_steps) * ratio).round()[::-1].astype(np.int64) + c.steps_offset
+    if c.timestep_spacing == "trailing":
+        return _trailing(n, num_steps)
+    return np.linspace(0, n - 1, num_steps).round()[::-1].astype(np.int64)
+
+
+def _trailing(n: int, num_steps: int) -> np.ndarray:
+    # diffusers' np.arange(n, 0, -n / num_steps) yields one step too many for some counts (61 of
+    # 1000, ...) through float error; its first num_steps values are exactly these
+    return (np.round(n - np.arange(num_steps) * (n / num_steps)) - 1).astype(np.int64)
+
+
+def _usable(timesteps: np.ndarray, num_steps: int, n: int) -> bool:
+    """One timestep per step, each a trained one, strictly decreasing (no zero-length step)."""
+    return (
+        len(timesteps) == num_steps
+        and float(timesteps.min()) >= 0
+        and float(timesteps.max()) <= n - 1
+        and bool(np.all(np.diff(timesteps) < 0))
+    )
+
+
+@lru_cache(maxsize=64)
+def _max_steps(cls: type[Scheduler], n: int, spacing: str, offset: int) -> int:
+    """The largest count such that every count from 1 up to it gives a usable schedule."""
+    c = SchedulerConfig(num_train_timesteps=n, timestep_spacing=spacing, steps_offset=offset)
+    top = 0
+    while top < n and _usable(cls.schedule(c, top + 1), top + 1, n):
+        top += 1
+    return top
 
 
 class DDIMScheduler(Scheduler):
@@ -109,10 +155,14 @@ class DDIMScheduler(Scheduler):
 
     name = "ddim"
 
+    @classmethod
+    def schedule(cls, config: SchedulerConfig, num_steps: int) -> np.ndarray:
+        return _spaced(config, num_steps)
+
     def set_timesteps(self, num_steps: int) -> None:
-        self._check_steps(num_steps)
+        self.check_steps(num_steps)
         self.num_steps = num_steps
-        self.timesteps = self._spaced(num_steps)
+        self.timesteps = self.schedule(self.config, num_steps)
 
     def step(self, model_output: np.ndarray, step_index: int, sample: np.ndarray) -> np.ndarray:
         c = self.config
@@ -138,17 +188,16 @@ class EulerDiscreteScheduler(Scheduler):
 
     name = "euler"
 
+    @classmethod
+    def schedule(cls, config: SchedulerConfig, num_steps: int) -> np.ndarray:
+        if config.timestep_spacing == "linspace":
+            return np.linspace(0, config.num_train_timesteps - 1, num_steps, dtype=np.float64)[::-1].copy()
+        return _spaced(config, num_steps).astype(np.float64)
+
     def set_timesteps(self, num_steps: int) -> None:
-        self._check_steps(num_steps)
-        c, n = self.config, self.config.num_train_timesteps
-        if c.timestep_spacing == "linspace":
-            ts = np.linspace(0, n - 1, num_steps, dtype=np.float64)[::-1].copy()
-        elif c.timestep_spacing == "leading":
-            ts = (np.arange(0, num_steps) * (n // num_steps)).round()[::-1].astype(
-                np.float64
-            ) + c.steps_offset
-        else:
-            ts = np.arange(n, 0, -n / num_steps).round().astype(np.float64) - 1
+        self.check_steps(num_steps)
+        c = self.config
+        ts = self.schedule(c, num_steps)
         full = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5  # float32, as diffusers
         sigmas = np.interp(ts, np.arange(len(full)), full).astype(np.float32)
         self.sigmas = np.concatenate([sigmas, np.zeros(1, np.float32)])
@@ -179,16 +228,20 @@ class DPMSolverMultistepScheduler(Scheduler):
     name = "dpm"
     order = 2
 
-    def set_timesteps(self, num_steps: int) -> None:
-        self._check_steps(num_steps)
-        c, n = self.config, self.config.num_train_timesteps
-        if c.timestep_spacing == "linspace":
-            ts = np.linspace(0, n - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
-        elif c.timestep_spacing == "leading":
+    @classmethod
+    def schedule(cls, config: SchedulerConfig, num_steps: int) -> np.ndarray:
+        n = config.num_train_timesteps
+        if config.timestep_spacing == "linspace":
+            return np.linspace(0, n - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
+        if config.timestep_spacing == "leading":
             ratio = n // (num_steps + 1)
-            ts = (np.arange(0, num_steps + 1) * ratio).round()[::-1][:-1].astype(np.int64) + c.steps_offset
-        else:
-            ts = (np.arange(n, 0, -n / num_steps).round() - 1).astype(np.int64)
+            ts = (np.arange(0, num_steps + 1) * ratio).round()[::-1][:-1].astype(np.int64)
+            return ts + config.steps_offset
+        return _trailing(n, num_steps)
+
+    def set_timesteps(self, num_steps: int) -> None:
+        self.check_steps(num_steps)
+        ts = self.schedule(self.config, num_steps)
         full = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5  # float32, as diffusers
         sigmas = np.interp(ts, np.arange(len(full)), full).astype(np.float32)
         self.sigmas = np.concatenate([sigmas, np.zeros(1, np.float32)])
