@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
+import struct
 import wave
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
 from omniforge.errors import InputError
+from omniforge.pipeline.atomic import temp_file
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 MAX_PIXELS = 64_000_000  # refuse decompression bombs
@@ -45,9 +46,19 @@ def load_image(path: str | Path) -> Image.Image:
                     f"image '{p.name}' has {im.width}x{im.height} pixels, more than {MAX_PIXELS}"
                 )
             im.load()
-            return im.convert("RGB")
+            return _to_rgb(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"'{p.name}' is not a readable image ({exc})") from None
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """RGB by the image's real range: Pillow's own conversion clips 16- and 32-bit grey to 255."""
+    if not im.mode.startswith("I"):
+        return im.convert("RGB")
+    # PNG stores at most 16 bits (older Pillow opens such files as "I"); "I" is otherwise int32
+    top = 65535 if im.mode.startswith("I;16") or im.format == "PNG" else 2**31 - 1
+    grey = np.clip(np.asarray(im, dtype=np.float64) / top, 0.0, 1.0)
+    return Image.fromarray((grey * 255).round().astype(np.uint8)).convert("RGB")
 
 
 def preprocess_image(image: Image.Image | np.ndarray, cfg: dict[str, Any]) -> np.ndarray:
@@ -131,31 +142,77 @@ def _video_file_frames(p: Path, num_frames: int) -> list[Image.Image]:
     return [Image.fromarray(frames[i]).convert("RGB") for i in sample_indices(len(frames), num_frames)]
 
 
+WAVE_PCM, WAVE_FLOAT, WAVE_EXTENSIBLE = 1, 3, 0xFFFE
+# the tail every WAVE_FORMAT_EXTENSIBLE sub-format GUID shares; its first two bytes are the format
+_GUID_TAIL = b"\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"
+_DECODERS: dict[tuple[int, int], Callable[[bytes], np.ndarray]] = {
+    (WAVE_PCM, 8): lambda b: (np.frombuffer(b, np.uint8).astype(np.float64) - 128) / 128,
+    (WAVE_PCM, 16): lambda b: np.frombuffer(b, "<i2") / 2.0**15,
+    (WAVE_PCM, 24): lambda b: _int24(b) / 2.0**23,
+    (WAVE_PCM, 32): lambda b: np.frombuffer(b, "<i4") / 2.0**31,
+    (WAVE_FLOAT, 32): lambda b: np.frombuffer(b, "<f4"),
+    (WAVE_FLOAT, 64): lambda b: np.frombuffer(b, "<f8"),
+}
+
+
+def _int24(b: bytes) -> np.ndarray:
+    u = np.frombuffer(b, np.uint8).reshape(-1, 3).astype(np.int32)
+    v = u[:, 0] | (u[:, 1] << 8) | (u[:, 2] << 16)
+    return np.where(v >= 1 << 23, v - (1 << 24), v)
+
+
+def _riff_chunks(data: bytes) -> dict[bytes, bytes]:
+    """The chunks of a RIFF/WAVE file by id (first of each); a last chunk cut short keeps what is there."""
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        raise ValueError("no RIFF/WAVE header")
+    chunks: dict[bytes, bytes] = {}
+    pos = 12
+    while pos + 8 <= len(data):
+        cid, size = data[pos : pos + 4], struct.unpack_from("<I", data, pos + 4)[0]
+        chunks.setdefault(cid, data[pos + 8 : pos + 8 + size])
+        pos += 8 + size + (size & 1)  # chunks are word-aligned
+    return chunks
+
+
+def _wav_format(fmt: bytes) -> tuple[int, int, int, int]:
+    """(format, channels, sample rate, bits per sample) of a ``fmt `` chunk, extensible unwrapped."""
+    if len(fmt) < 16:
+        raise ValueError("'fmt ' chunk too short")
+    tag, channels, rate, _byte_rate, align, bits = struct.unpack_from("<HHIIHH", fmt)
+    if tag == WAVE_EXTENSIBLE:
+        if len(fmt) < 40 or fmt[26:40] != _GUID_TAIL:
+            raise ValueError("WAVE_FORMAT_EXTENSIBLE without a known sub-format")
+        tag = struct.unpack_from("<H", fmt, 24)[0]
+    if channels == 0 or align == 0:
+        raise ValueError("no channels")
+    return tag, channels, rate, 8 * (align // channels)  # the container width, as it is laid out
+
+
 def load_wav(path: str | Path) -> tuple[np.ndarray, int]:
-    """Mono float32 samples in [-1, 1] and the sample rate of a PCM WAV file."""
+    """Mono float32 samples and the sample rate of a WAV file: 8/16/24/32-bit PCM scaled to [-1, 1),
+    32/64-bit float as stored, either also inside WAVE_FORMAT_EXTENSIBLE."""
     p = _existing(path, "audio")
     try:
-        with wave.open(str(p), "rb") as w:
-            sr, ch, width, n = w.getframerate(), w.getnchannels(), w.getsampwidth(), w.getnframes()
-            raw = w.readframes(n)
-    except (wave.Error, EOFError, OSError) as exc:
+        chunks = _riff_chunks(p.read_bytes())
+        if b"fmt " not in chunks or b"data" not in chunks:
+            raise ValueError("no 'fmt ' or 'data' chunk")
+        tag, ch, sr, bits = _wav_format(chunks[b"fmt "])
+    except (ValueError, struct.error, OSError) as exc:
         raise InputError(f"'{p.name}' is not a readable PCM WAV file ({exc})") from None
-    if n == 0 or not raw:
+    decode = _DECODERS.get((tag, bits))
+    if decode is None:
+        kind = {WAVE_PCM: "PCM", WAVE_FLOAT: "float"}.get(tag, f"format {tag}")
+        raise InputError(
+            f"'{p.name}' holds {bits}-bit {kind} samples; 8/16/24/32-bit PCM and 32/64-bit float are supported"
+        )
+    raw = chunks[b"data"]
+    raw = raw[: len(raw) // (bits // 8 * ch) * (bits // 8 * ch)]  # whole frames only
+    if not raw:
         raise InputError(f"'{p.name}' holds no audio samples")
-    if width == 1:
-        x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128) / 128
-    elif width == 2:
-        x = np.frombuffer(raw, "<i2").astype(np.float32) / 32768
-    elif width == 3:
-        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
-        v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
-        x = (np.where(v >= 1 << 23, v - (1 << 24), v)).astype(np.float32) / (1 << 23)
-    elif width == 4:
-        x = np.frombuffer(raw, "<i4").astype(np.float32) / 2**31
-    else:
-        raise InputError(f"'{p.name}' uses {8 * width}-bit samples; 8, 16, 24 and 32-bit PCM are supported")
-    usable = len(x) // ch * ch
-    return x[:usable].reshape(-1, ch).mean(axis=1).astype(np.float32), sr
+    x = decode(raw).reshape(-1, ch).mean(axis=1)
+    if not np.isfinite(x).all():
+        raise InputError(f"'{p.name}' holds NaN or infinite samples")
+    return x.astype(np.float32), sr
 
 
 def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
@@ -217,7 +274,7 @@ def audio_features(wave_: np.ndarray, sr: int, fe: dict[str, Any]) -> np.ndarray
 
 def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = temp_file(path.parent, f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
