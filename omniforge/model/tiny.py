@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,9 +31,10 @@ from omniforge.model.tokenizer import (
     save_tokenizer,
     train_tokenizer,
 )
+from omniforge.pipeline.atomic import temp_folder
 from omniforge.pipeline.model_config import FORMAT, FORMAT_VERSION, AudioFrontend
 
-DEFAULT_VERSION = 2  # bump when the default's architecture or seeds change
+DEFAULT_VERSION = 3  # bump when the default's architecture or seeds change
 
 
 @dataclass(frozen=True)
@@ -251,6 +251,10 @@ def _audio_decoder(cfg: TinyConfig, folder: Path) -> None:
             resblock_kernel_sizes=[3, 5],
             resblock_dilation_sizes=[[1, 3], [1, 3]],
             normalize_before=False,
+            # the library's 0.01 init shrinks the signal at every layer (a trained vocoder's does
+            # not): the waveform would peak near 2e-5, silence once written as 16-bit; 0.12 peaks
+            # around 0.3-0.6 full scale without saturating the final tanh
+            initializer_range=0.12,
         )
     ).eval().save_pretrained(folder / "vocoder")
 
@@ -284,7 +288,7 @@ def create_default(folder: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
     """Write the tiny NExT-GPT to ``folder`` (atomically) and return its path."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp = temp_folder(folder.parent, f".{folder.name}.")
     try:
         _llm(cfg, tmp / "llm")
         adapters = _lora(cfg, tmp / "llm", tmp)
