@@ -9,10 +9,11 @@ numpy scheduler -> VAE decoder (-> vocoder for audio). Decoders load on first us
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,8 +31,15 @@ from omniforge.runtime.schedulers import SCHEDULERS, make_scheduler
 MODALITIES = ("image", "video", "audio")
 
 
+SILENCE = 1 / 32768  # one 16-bit step: a waveform whose peak is below it writes as all zeros
+
+
 @dataclass(frozen=True)
 class DiffusionConfig:
+    """Denoising options. ``steps`` also has an upper bound set by the build's scheduler config
+    (999 for DDIM over 1000 training timesteps with ``steps_offset`` 1); ``Pipeline.run`` refuses
+    a count beyond it."""
+
     steps: int = 20
     guidance_scale: float = 7.5
     seed: int = 0
@@ -40,8 +48,8 @@ class DiffusionConfig:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
-        if self.guidance_scale < 0:
-            raise ConfigError(f"guidance scale must be >= 0, got {self.guidance_scale}")
+        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
+            raise ConfigError(f"guidance scale must be >= 0 and finite, got {self.guidance_scale}")
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"unknown scheduler '{self.scheduler}' (choose from {', '.join(SCHEDULERS)})")
 
@@ -55,6 +63,7 @@ class PipelineResult:
     audios: list[np.ndarray] = field(default_factory=list)  # (samples,) floats in [-1, 1]
     sample_rate: int = 16000
     timings: dict[str, float] = field(default_factory=dict)  # stage or step -> seconds
+    warnings: list[str] = field(default_factory=list)  # e.g. a generated waveform that is silent
 
     def save(self, out: str | Path) -> list[Path]:
         """Write every generated medium to ``out`` (PNG, GIF + PNG frames, WAV), atomically."""
@@ -164,19 +173,47 @@ class Pipeline:
         (rows_in,), (cond_out, *_) = stage.input_names, stage.output_names
         return self._run(stage.name, {rows_in: hidden[None].astype(np.float32)})[cond_out]
 
+    def latent_shape(self, modality: str) -> tuple[int, ...]:
+        """The shape of ``modality``'s initial latents (batch 1), e.g. (1, 4, 16, 16) for images."""
+        self._need(f"{modality}_unet", f"latents for '{modality}'")
+        sizes = {"batch": 1, **({"frames": self.video_frames} if modality == "video" else {})}
+        return self.build.pipeline.stage(f"{modality}_unet").inputs[0].concrete_shape(sizes)
+
+    def initial_latents(self, modality: str, seed: int) -> np.ndarray:
+        """The unit-variance noise a run with ``seed`` starts ``modality``'s denoising from."""
+        return np.random.default_rng(seed).standard_normal(self.latent_shape(modality)).astype(np.float32)
+
+    def check_latents(self, modality: str, latents: np.ndarray) -> np.ndarray:
+        """``latents`` as float32 if they fit ``modality``'s decoder, else one ``InputError``."""
+        if modality not in self.modalities_in():
+            raise InputError(f"this build cannot generate '{modality}', so it takes no latents for it")
+        shape = self.latent_shape(modality)
+        if not isinstance(latents, np.ndarray) or latents.dtype.kind != "f":
+            kind = latents.dtype if isinstance(latents, np.ndarray) else type(latents).__name__
+            raise InputError(f"{modality} latents must be a floating-point numpy array, got {kind}")
+        if latents.shape != shape:
+            raise InputError(f"{modality} latents must have shape {shape}, got {latents.shape}")
+        if not np.isfinite(latents).all():
+            raise InputError(f"{modality} latents hold NaN or infinite values")
+        return np.ascontiguousarray(latents, dtype=np.float32)
+
+    def check_steps(self, modality: str, cfg: DiffusionConfig) -> None:
+        """Refuse a step count ``modality``'s scheduler cannot take (``ConfigError``, one sentence)."""
+        make_scheduler(cfg.scheduler, self.build.json(f"{modality}_scheduler")).check_steps(cfg.steps)
+
     def _denoise(
-        self, modality: str, cond: np.ndarray, cfg: DiffusionConfig, frames: int | None = None
+        self, modality: str, cond: np.ndarray, cfg: DiffusionConfig, latents: np.ndarray | None = None
     ) -> np.ndarray:
         unet_name = f"{modality}_unet"
         spec = self.build.pipeline.stage(unet_name)
         sched = make_scheduler(cfg.scheduler, self.build.json(f"{modality}_scheduler"))
         sched.set_timesteps(cfg.steps)
-        sizes = {"batch": 1, **({"frames": frames} if frames else {})}
-        shape = spec.inputs[0].concrete_shape(sizes)
-        rng = np.random.default_rng(cfg.seed)
-        latents = (rng.standard_normal(shape).astype(np.float32) * np.float32(sched.init_noise_sigma)).astype(
-            np.float32
-        )
+        # as diffusers: given or seeded, the initial noise is scaled by the scheduler's sigma
+        if latents is None:
+            noise = self.initial_latents(modality, cfg.seed)
+        else:
+            noise = self.check_latents(modality, latents)
+        latents = (noise * np.float32(sched.init_noise_sigma)).astype(np.float32)
         cond_name = spec.input_names[2]
         uncond = np.zeros_like(cond)
         guided = cfg.guidance_scale > 1.0
@@ -200,19 +237,25 @@ class Pipeline:
         self._release([name])
         return next(iter(out.values()))
 
-    def decode_image(self, cond: np.ndarray, cfg: DiffusionConfig) -> np.ndarray:
-        latents = self._denoise("image", cond, cfg)
+    def decode_image(
+        self, cond: np.ndarray, cfg: DiffusionConfig, latents: np.ndarray | None = None
+    ) -> np.ndarray:
+        latents = self._denoise("image", cond, cfg, latents)
         img = self._vae("image", latents)[0]  # (3, H, W) in [-1, 1]
         return np.clip(img / 2 + 0.5, 0, 1).transpose(1, 2, 0)
 
-    def decode_video(self, cond: np.ndarray, cfg: DiffusionConfig) -> np.ndarray:
-        latents = self._denoise("video", cond, cfg, frames=self.video_frames)  # (1, C, F, h, w)
+    def decode_video(
+        self, cond: np.ndarray, cfg: DiffusionConfig, latents: np.ndarray | None = None
+    ) -> np.ndarray:
+        latents = self._denoise("video", cond, cfg, latents)  # (1, C, F, h, w)
         frames = latents[0].transpose(1, 0, 2, 3)  # (F, C, h, w)
         imgs = self._vae("video", np.ascontiguousarray(frames))  # (F, 3, H, W)
         return np.clip(imgs / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
 
-    def decode_audio(self, cond: np.ndarray, cfg: DiffusionConfig) -> np.ndarray:
-        latents = self._denoise("audio", cond.reshape(1, -1), cfg)
+    def decode_audio(
+        self, cond: np.ndarray, cfg: DiffusionConfig, latents: np.ndarray | None = None
+    ) -> np.ndarray:
+        latents = self._denoise("audio", cond.reshape(1, -1), cfg, latents)
         mel = self._vae("audio", latents)[:, 0]  # (1, T, M)
         wav = self._run("vocoder", {"mel": np.ascontiguousarray(mel)})["waveform"][0]
         self._release(["vocoder"])
@@ -235,10 +278,15 @@ class Pipeline:
         diffusion: DiffusionConfig | None = None,
         force: Iterable[str] = (),
         on_text: Callable[[str], None] | None = None,
+        latents: Mapping[str, np.ndarray] | None = None,
     ) -> PipelineResult:
         """Generate text for ``prompt`` (+ media) and every medium whose signal tokens appear.
 
         ``force`` names modalities to generate even if the LLM emits none of their signal tokens.
+        ``latents`` maps a modality to the noise its denoising starts from instead of the seeded
+        noise: floats of ``latent_shape(modality)``, unit variance (scaled by the scheduler's initial
+        sigma, as in diffusers); ``initial_latents(modality, seed)`` gives a seed's own.
+        A generated waveform that is silent is reported in ``result.warnings``.
         """
         generation = generation or GenerationConfig()
         diffusion = diffusion or DiffusionConfig()
@@ -249,6 +297,9 @@ class Pipeline:
         missing = force - self.modalities_in()
         if missing:
             raise InputError(f"this build cannot generate {sorted(missing)}")
+        given = {m: self.check_latents(m, x) for m, x in (latents or {}).items()}
+        for modality in sorted(force):
+            self.check_steps(modality, diffusion)
         self._local.timings = defaultdict(float)
         t_all = time.perf_counter()
         media: dict[str, list[np.ndarray]] = {}
@@ -290,11 +341,17 @@ class Pipeline:
             self.timings["signal_tokens"] += time.perf_counter() - t0
             cond = self.conditioning(modality, hidden)
             if modality == "image":
-                result.images.append(self.decode_image(cond, diffusion))
+                result.images.append(self.decode_image(cond, diffusion, given.get(modality)))
             elif modality == "video":
-                result.videos.append(self.decode_video(cond, diffusion))
+                result.videos.append(self.decode_video(cond, diffusion, given.get(modality)))
             else:
-                result.audios.append(self.decode_audio(cond, diffusion))
+                result.audios.append(self.decode_audio(cond, diffusion, given.get(modality)))
+                peak = float(np.abs(result.audios[-1]).max(initial=0.0))
+                if peak < SILENCE:
+                    result.warnings.append(
+                        f"generated audio {len(result.audios) - 1} is silent: its peak {peak:.2g} is "
+                        "below one 16-bit step"
+                    )
         self.timings["total"] = time.perf_counter() - t_all
         result.timings = dict(self.timings)
         return result
