@@ -35,7 +35,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=["image", "video", "audio"],
         help="generate this modality even if the model emits no signal tokens for it (repeatable)",
     )
-    p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=20,
+        help="denoising steps (default 20; the build's scheduler config sets the most it can take, "
+        "999 for DDIM over 1000 training timesteps)",
+    )
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument(
         "--scheduler", default="ddim", choices=["ddim", "euler", "dpm"], help="diffusion scheduler"
@@ -91,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
         on_text=emit,
     )
     sys.stdout.write("\n")
+    for warning in result.warnings:
+        print(f"omniforge: warning: {warning}", file=sys.stderr)
     for line in modality_lines(result.signals, result.save(args.out)):
         print(line, file=sys.stderr)
     g = result.generation
