@@ -1,8 +1,10 @@
 """TensorRT path without a GPU: profiles, flags, trtexec lines, metadata checks, the missing-TRT sentence."""
 
+import re
+
 import pytest
 
-from omniforge.engines.profiles import precision_flags, profile_for, trtexec_command
+from omniforge.engines.profiles import fp32_layers, norm_groups, precision_flags, profile_for, trtexec_command
 from omniforge.engines.tensorrt import EngineMetadata, check_compatible, require_tensorrt
 from omniforge.errors import ConfigError, EngineError, MissingDependencyError
 from omniforge.pipeline.manifest import load_manifest
@@ -43,6 +45,7 @@ def test_trtexec_line_has_shapes_precision_and_fp32_norms(pipeline):
         "--fp16" in cmd
         and "--precisionConstraints=obey" in cmd
         and "--layerPrecisions=norm1:fp32,norm2:fp32" in cmd
+        and "--layerOutputTypes=norm1:fp32,norm2:fp32" in cmd
     )
     assert "--timingCacheFile=timing.cache" in cmd
 
@@ -89,3 +92,95 @@ def test_tensorrt_engine_builds_where_available(default_build, tmp_path):
         tmp_path / "timing.cache",
     )
     assert (tmp_path / "p.plan").stat().st_size > 0 and meta.precision == "fp16"
+
+
+def _rmsnorm_scopes(model) -> dict[str, set[str]]:
+    """Each RMSNorm's arithmetic nodes, by the module scope torch gave them (``.../input_layernorm/Pow``)."""
+    math = {"Pow", "ReduceMean", "Add", "Sqrt", "Div", "Mul", "Reciprocal"}
+    scopes: dict[str, set[str]] = {}
+    for n in model.graph.node:
+        scope, _, _ = n.name.rpartition("/")
+        module = re.sub(r"_\d+$", "", scope.split("/")[-1])  # torch numbers repeated scopes: norm_1
+        if n.op_type in math and module in {"input_layernorm", "post_attention_layernorm", "norm"}:
+            scopes.setdefault(scope, set()).add(n.name)
+    return scopes
+
+
+def test_every_rmsnorm_of_the_canonical_llm_is_pinned_to_fp32_in_both_builders(default_build, pipeline):
+    import onnx
+
+    m = load_manifest(default_build)
+    graph = m.stages["llm"].file
+    model = onnx.load(str(default_build / graph), load_external_data=False)
+    scopes = _rmsnorm_scopes(model)
+    layers = pipeline.stage("llm").llm.num_layers
+    assert len(scopes) == 2 * layers + 1  # two per decoder layer and the final norm
+    pinned = fp32_layers(default_build / graph)
+    for scope, nodes in scopes.items():
+        assert {"Pow", "ReduceMean", "Sqrt"} <= {n.rsplit("/", 1)[1].split("_")[0] for n in nodes}, scope
+        assert nodes <= set(pinned), scope
+    cmd = trtexec_command(pipeline.stage("llm"), graph, "engines/llm.plan", "fp16", fp32_layers=pinned)
+    for nodes in scopes.values():
+        for n in nodes:
+            assert f"{n}:fp32" in cmd
+    assert not any(n.op_type == "MatMul" and n.name in pinned for n in model.graph.node)
+
+
+def _graph(nodes, inits=(), opset=17, domains=()):
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])
+    imports = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, 1) for d in domains]
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], list(inits)), opset_imports=imports)
+
+
+def _const(name, value):
+    import numpy as np
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(np.asarray(value, dtype=np.float32), name)
+
+
+def test_fused_norm_forms_are_pinned():
+    from onnx import helper
+
+    scale, bias = _const("scale", [1.0] * 8), _const("bias", [0.0] * 8)
+    forms = {
+        "LayerNormalization": (["x", "scale", "bias"], "", 17),
+        "RMSNormalization": (["x", "scale"], "", 23),
+        "SimplifiedLayerNormalization": (["x", "scale"], "com.microsoft", 17),
+    }
+    for op, (inputs, domain, opset) in forms.items():
+        node = helper.make_node(op, inputs, ["y"], name=f"/norm/{op}", domain=domain)
+        model = _graph([node], [scale, bias], opset, [domain] if domain else [])
+        assert norm_groups(model) == [[f"/norm/{op}"]]
+
+
+def test_decomposed_layernorm_is_pinned_and_other_squares_are_not():
+    from onnx import helper
+
+    two, eps = _const("two", 2.0), _const("eps", 1e-5)
+    gamma, beta = _const("gamma", [1.0] * 8), _const("beta", [0.0] * 8)
+    mk = helper.make_node
+    layernorm = [
+        mk("ReduceMean", ["x"], ["mean"], name="ln/mean", axes=[-1]),
+        mk("Sub", ["x", "mean"], ["d"], name="ln/sub"),
+        mk("Pow", ["d", "two"], ["d2"], name="ln/pow"),
+        mk("ReduceMean", ["d2"], ["var"], name="ln/var", axes=[-1]),
+        mk("Add", ["var", "eps"], ["ve"], name="ln/add"),
+        mk("Sqrt", ["ve"], ["std"], name="ln/sqrt"),
+        mk("Div", ["d", "std"], ["n"], name="ln/div"),
+        mk("Mul", ["n", "gamma"], ["g"], name="ln/gamma"),
+        mk("Add", ["g", "beta"], ["y"], name="ln/beta"),
+    ]
+    model = _graph(layernorm, [two, eps, gamma, beta])
+    assert norm_groups(model) == [
+        ["ln/pow", "ln/var", "ln/add", "ln/sqrt", "ln/div", "ln/gamma", "ln/beta", "ln/mean", "ln/sub"]
+    ]
+    squares = [  # x * x feeding a sum, not a norm
+        mk("Mul", ["x", "x"], ["sq"], name="sq"),
+        mk("ReduceSum", ["sq"], ["s"], name="sum", keepdims=1),
+        mk("Add", ["x", "s"], ["y"], name="out"),
+    ]
+    assert norm_groups(_graph(squares)) == []

@@ -1,17 +1,25 @@
-"""TensorRT optimization profiles and trtexec command lines, derived from the stage description.
+"""TensorRT optimization profiles, the layers kept in FP32, and trtexec command lines.
 
-Pure Python: the min/opt/max of every dynamic axis comes from the ``StageSpec`` dims (derived
-dims such as the LLM's ``total = past + seq`` are summed), so the engine builder, ``trtexec`` and
-the benchmarks agree on shapes.
+The min/opt/max of every dynamic axis comes from the ``StageSpec`` dims (derived dims such as the
+LLM's ``total = past + seq`` are summed), so the engine builder, ``trtexec`` and the benchmarks
+agree on shapes. The FP32 layers are the norms found in the ONNX graph itself (fused norm ops and
+the decomposed ``Pow -> ReduceMean -> Add -> Sqrt -> Div -> Mul`` forms); TensorRT names each layer
+after its ONNX node, so the Polygraphy build and the emitted trtexec lines pin the same names.
 """
 
 from __future__ import annotations
 
 import shlex
+from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omniforge.errors import ConfigError
 from omniforge.pipeline.spec import StageSpec
+
+if TYPE_CHECKING:
+    import onnx
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 
@@ -51,6 +59,131 @@ def precision_flags(precision: str) -> list[str]:
     }[precision]
 
 
+# norm operators TensorRT parses to normalization layers or plugins: kept in FP32 whole
+NORM_OPS = frozenset(
+    {
+        "LayerNormalization",
+        "SimplifiedLayerNormalization",
+        "RMSNormalization",
+        "SkipLayerNormalization",
+        "SkipSimplifiedLayerNormalization",
+        "GroupNormalization",
+        "InstanceNormalization",
+    }
+)
+# between the variance and the normalizing product of a decomposed norm
+_VARIANCE_TAIL = frozenset({"Add", "Sqrt", "Reciprocal", "Div", "Cast"})
+
+
+class _Graph:
+    """Producers and consumers of every tensor of one ONNX graph."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.nodes = list(graph.node)
+        self.producer = {o: n for n in self.nodes for o in n.output}
+        self.consumers: dict[str, list] = defaultdict(list)
+        for n in self.nodes:
+            for i in n.input:
+                self.consumers[i].append(n)
+        self.constants = {t.name for t in graph.initializer}
+        self.constants |= {o for n in self.nodes if n.op_type == "Constant" for o in n.output}
+
+    def only_consumer(self, tensor: str):
+        c = self.consumers.get(tensor, [])
+        return c[0] if len(c) == 1 else None
+
+    def is_constant(self, tensor: str) -> bool:
+        n = self.producer.get(tensor)
+        while n is not None and n.op_type in ("DequantizeLinear", "Cast"):
+            if n.input[0] in self.constants:
+                return True
+            n = self.producer.get(n.input[0])
+        return tensor in self.constants
+
+
+def _other_input(node, tensor: str) -> str | None:
+    rest = [i for i in node.input if i != tensor]
+    return rest[0] if len(rest) == 1 else None
+
+
+def _decomposed_norm(g: _Graph, square) -> list | None:
+    """The nodes of the norm whose square (``Pow(x, 2)`` or ``Mul(x, x)``) is ``square``, or None
+    when the pattern does not continue into ``ReduceMean -> [Add, Sqrt, Div|Reciprocal] -> Mul|Div(x)``."""
+    if square.op_type == "Mul" and square.input[0] != square.input[1]:
+        return None
+    x = square.input[0]
+    nodes = [square]
+    node = g.only_consumer(square.output[0])
+    if node is None or node.op_type != "ReduceMean":
+        return None
+    while node is not None:
+        nodes.append(node)
+        nxt = g.only_consumer(node.output[0])
+        if nxt is None:
+            return None
+        if nxt.op_type in ("Mul", "Div") and _other_input(nxt, node.output[0]) == x:
+            nodes.append(nxt)  # the normalizing product (or quotient) with x
+            break
+        node = nxt if nxt.op_type in _VARIANCE_TAIL else None
+    else:
+        return None
+    nodes += _affine_tail(g, nodes[-1].output[0])
+    nodes += _centering_head(g, x)
+    return nodes
+
+
+def _affine_tail(g: _Graph, tensor: str) -> list:
+    """The norm's scale (and shift), possibly behind a Cast back to the input dtype."""
+    out = []
+    for ops in (("Cast",), ("Mul",), ("Add",)):
+        n = g.only_consumer(tensor)
+        if n is None or n.op_type not in ops:
+            continue
+        if n.op_type != "Cast" and not g.is_constant(_other_input(n, tensor) or ""):
+            break
+        out.append(n)
+        tensor = n.output[0]
+    return out
+
+
+def _centering_head(g: _Graph, x: str) -> list:
+    """A LayerNorm's ``x - ReduceMean(x)``, or the Cast to FP32 in front of an RMSNorm."""
+    n = g.producer.get(x)
+    if n is not None and n.op_type == "Sub":
+        mean = g.producer.get(n.input[1])
+        if mean is not None and mean.op_type == "ReduceMean" and mean.input[0] == n.input[0]:
+            return [mean, n]
+    if n is not None and n.op_type == "Cast" and all(c.op_type in ("Pow", "Mul") for c in g.consumers[x]):
+        return [n]
+    return []
+
+
+def norm_groups(model: onnx.ModelProto) -> list[list[str]]:
+    """The node names of every norm of ``model``'s main graph, one list per norm, in graph order."""
+    g = _Graph(model.graph)
+    groups = []
+    for node in g.nodes:
+        if node.op_type in NORM_OPS:
+            groups.append([node])
+        elif node.op_type in ("Pow", "Mul"):
+            found = _decomposed_norm(g, node)
+            if found:
+                groups.append(found)
+    return [[n.name for n in grp if n.name] for grp in groups]
+
+
+def fp32_layers(graph: str | Path | onnx.ModelProto) -> list[str]:
+    """The TensorRT layers (ONNX node names) to keep in FP32 for a graph built in reduced precision:
+    every norm, fused or decomposed (variance overflows and loses precision in FP16)."""
+    import onnx
+
+    model = graph if isinstance(graph, onnx.ModelProto) else onnx.load(str(graph), load_external_data=False)
+    seen: dict[str, None] = {}
+    for grp in norm_groups(model):
+        seen.update(dict.fromkeys(grp))
+    return list(seen)
+
+
 def _shapes(p: list[InputProfile], which: str) -> str:
     return ",".join(f"{i.name}:{'x'.join(str(d) for d in getattr(i, which))}" for i in p)
 
@@ -74,9 +207,10 @@ def trtexec_command(
         ]
     args += precision_flags(precision)
     args += [f"--timingCacheFile={timing_cache}"]
-    if fp32_layers and precision != "fp32":  # norms stay FP32 (LayerNorm overflows in FP16)
+    if fp32_layers and precision != "fp32":  # norms compute and store in FP32 (variance overflows FP16)
         args += [
             "--precisionConstraints=obey",
             "--layerPrecisions=" + ",".join(f"{n}:fp32" for n in fp32_layers),
+            "--layerOutputTypes=" + ",".join(f"{n}:fp32" for n in fp32_layers),
         ]
     return " ".join(shlex.quote(a) for a in args)

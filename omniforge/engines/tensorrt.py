@@ -1,6 +1,7 @@
 """TensorRT engines through Polygraphy's loaders, kept thin; imported only when used.
 
-``NetworkFromOnnxPath`` -> norms pinned to FP32 -> ``CreateConfig`` (precision flags, the
+``NetworkFromOnnxPath`` -> the norm layers named by ``profiles.fp32_layers`` pinned to FP32 (the
+same list the emitted trtexec lines carry) -> ``CreateConfig`` (precision flags, the
 optimization profile from the stage description, a persistent timing cache) ->
 ``EngineFromNetwork``. Engine metadata (TensorRT version, GPU name and compute capability,
 profiles) goes into the manifest, and loading an engine on another TensorRT or GPU fails with
@@ -23,8 +24,6 @@ from omniforge.pipeline.spec import StageSpec
 HINT = "TensorRT needs an NVIDIA GPU with TensorRT installed; use --backend onnxruntime on this machine."
 trt = lazy_import("tensorrt", extra="gpu", hint=HINT)
 polygraphy_trt = lazy_import("polygraphy.backend.trt", extra="gpu", hint=HINT)
-
-NORM_LAYER_TYPES = ("NORMALIZATION",)
 
 
 @dataclass(frozen=True)
@@ -86,9 +85,15 @@ def check_compatible(meta: EngineMetadata, tensorrt_version: str, gpu: tuple[str
 
 
 def build_engine(
-    stage: StageSpec, onnx_path: Path, engine_path: Path, precision: str, timing_cache: Path
+    stage: StageSpec,
+    onnx_path: Path,
+    engine_path: Path,
+    precision: str,
+    timing_cache: Path,
+    fp32_layers: list[str] | tuple[str, ...] = (),
 ) -> EngineMetadata:
-    """Build and save one stage's engine (GPU only)."""
+    """Build and save one stage's engine (GPU only); ``fp32_layers`` (ONNX node names, see
+    ``profiles.fp32_layers``) compute and store in FP32 when ``precision`` is lower."""
     if precision not in PRECISIONS:
         raise ConfigError(f"precision '{precision}' is not one of {', '.join(PRECISIONS)}")
     require_tensorrt()
@@ -98,10 +103,7 @@ def build_engine(
         profile.add(i.name, min=i.min, opt=i.opt, max=i.max)
     builder, network, parser = p.network_from_onnx_path(str(onnx_path))
     if precision != "fp32":
-        for idx in range(network.num_layers):  # norms stay FP32 (variance overflow in FP16)
-            layer = network.get_layer(idx)
-            if str(layer.type).split(".")[-1] in NORM_LAYER_TYPES:
-                layer.precision = trt.float32
+        pin_fp32(network, set(fp32_layers))
     config = p.CreateConfig(
         fp16=precision in ("fp16", "int8", "int4"),
         int8=precision == "int8",  # explicit quantization: scales come from the graph's Q/DQ nodes
@@ -116,6 +118,16 @@ def build_engine(
     p.save_engine(engine, path=str(engine_path))
     gpu = gpu_info() or ("unknown", "unknown")
     return EngineMetadata(trt.__version__, gpu[0], gpu[1], precision, [asdict(i) for i in profile_for(stage)])
+
+
+def pin_fp32(network, names: set[str]) -> None:
+    """Compute and outputs in FP32 for the layers named ``names`` (obeyed: see ``precision_constraints``)."""
+    for idx in range(network.num_layers):
+        layer = network.get_layer(idx)
+        if layer.name in names:
+            layer.precision = trt.float32
+            for j in range(layer.num_outputs):
+                layer.set_output_type(j, trt.float32)
 
 
 def load_engine_checked(build: Path, manifest, name: str):
