@@ -73,7 +73,8 @@ def test_export_refuses_to_replace_a_folder_that_is_not_a_build(tmp_path, defaul
 
 def test_export_stage_subset_then_inspect_and_describe(tmp_path, default_model):
     out = tmp_path / "b"
-    res = run_cli("export", str(default_model), "--out", str(out), "--stages", "input_projector,vocoder")
+    stages = "input_projector,vocoder"
+    res = run_cli("-v", "export", str(default_model), "--out", str(out), "--stages", stages)
     assert res.returncode == 0, res.stderr
     assert "| vocoder |" in res.stdout and "build written to" in res.stdout
     assert "[2/2] vocoder" in res.stderr

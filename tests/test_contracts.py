@@ -6,6 +6,7 @@ import ast
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import jsonschema
@@ -161,7 +162,9 @@ def test_the_previous_release_int4_manifest_upgrades():
     assert llm.canonical.precision == "fp32" and llm.variant(Role.WEIGHT_ONLY_DQ).precision == "int4"
     unet = m.stages["image_unet"]
     assert unet.variant(Role.QDQ).file == unet.variant(Role.ORT).file  # static INT8 serves its Q/DQ graph
-    assert schema_errors(json.loads(json.dumps(m.to_dict()))) == []  # upgraded in memory, it is a valid version-2 manifest
+    assert (
+        schema_errors(json.loads(json.dumps(m.to_dict()))) == []
+    )  # upgraded in memory, it is a valid version-2 manifest
 
 
 def _identity_graph(contract: Contract, out_name: str) -> onnx.ModelProto:
@@ -230,3 +233,69 @@ def test_inspect_lists_the_variant_each_stage_is_served_from(default_build, caps
     llm_line = next(line for line in out.splitlines() if line.strip().startswith("llm "))
     served = load_manifest(default_build).variant("llm", Role.ORT_INPLACE_LLM)
     assert "ort_inplace_llm" in llm_line and served.file in llm_line
+
+
+def _rehash(b: Path, m: Manifest, rels: list[str], stages=None) -> Manifest:
+    new = Manifest(
+        m.pipeline,
+        stages or m.stages,
+        dict(m.artifacts, **collect_artifacts(b, rels)),
+        m.files,
+        m.source,
+        m.tools,
+    )
+    write_manifest(b, new)
+    return new
+
+
+def test_a_file_replaced_after_opening_is_never_used(default_build, tmp_path):
+    b = tmp_path / "replaced"
+    shutil.copytree(default_build, b)
+    build = Build(b)  # every artifact verified here
+    served = build.manifest.stage_build("image_vae_decoder").served()
+    other = build.manifest.stage_build("audio_vae_decoder").served()
+    (b / served.file).write_bytes((b / other.file).read_bytes())  # same contract, other weights
+    with pytest.raises(ManifestError, match="SHA-256"):
+        build.engine("image_vae_decoder")
+
+
+def test_external_data_must_be_listed_and_hashed(default_build, tmp_path):
+    b = tmp_path / "external"
+    shutil.copytree(default_build, b)
+    m = load_manifest(b)
+    name = "input_projector"
+    sb = m.stage_build(name)
+    served = sb.served()
+    data_rel = served.file + ".data"
+    model = onnx.load(str(b / served.file))
+    onnx.save_model(
+        model,
+        str(b / served.file),
+        save_as_external_data=True,
+        location=Path(data_rel).name,
+        size_threshold=0,
+    )
+    m = _rehash(b, m, [served.file])  # the graph re-hashed, its data file not listed
+    with pytest.raises(ManifestError, match="does not list"):
+        Build(b).engine(name)
+    from omniforge.cli import main
+
+    assert main(["inspect", str(b)]) == 1
+    listed = sb.with_variant(replace(served, data_files=(data_rel,)))
+    _rehash(b, m, [served.file, data_rel], {**m.stages, name: listed})
+    feeds = m.pipeline.stage(name).sample_inputs()
+    assert np.allclose(
+        Build(b).engine(name).run(feeds)["embeds"], Build(default_build).engine(name).run(feeds)["embeds"]
+    )
+    (b / data_rel).write_bytes(b"\0" * (b / data_rel).stat().st_size)  # edited after it was listed
+    with pytest.raises(ManifestError, match="SHA-256"):
+        Build(b, verify=False).engine(name)
+
+
+def test_inplace_llm_parity_reaches_the_full_context(default_build):
+    report = json.loads((default_build / "parity.json").read_text())
+    llm = next(r for r in report if r["stage"] == "llm")
+    inplace = [p for p in llm["parity"] if p["stage"].endswith("[onnxruntime]")]
+    g = load_manifest(default_build).pipeline.stage("llm").llm
+    assert max(p["point"]["past"] + p["point"]["seq"] for p in inplace) == g.max_context
+    assert all(p["passed"] for p in inplace)

@@ -17,8 +17,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from omniforge.pipeline.manifest import load_manifest
+    from omniforge.runtime.build import Build
 
     m = load_manifest(args.build, verify=True)
+    graphs = Build(args.build, verify=False).verify_graphs()  # external data listed and hashed
     upgraded = (
         f" (read as version {m.read_version}, upgraded in memory)"
         if m.read_version != m.schema_version
@@ -26,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(
         f"build {args.build}: schema {m.schema_version}{upgraded}, {len(m.stages)} stages, "
-        f"{len(m.artifacts)} artifacts verified"
+        f"{len(m.artifacts)} artifacts verified, {graphs} graphs read only listed files"
     )
     print(f"source: {m.source.get('model')} (adapter: {m.source.get('adapter')})")
     print("tools: " + ", ".join(f"{k} {v}" for k, v in m.tools.items()))

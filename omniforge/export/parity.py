@@ -67,9 +67,10 @@ def check_llm_inplace(
 ) -> list[ParityResult]:
     """The in-place ONNX Runtime LLM graph against HF's full-sequence forward.
 
-    Two sequences of different lengths are prefilled one at a time into pool slots, then decoded
-    together for three steps (different cache lengths per sequence); at every step the last-position
-    logits and the new hidden states must match HF on the whole sequence so far.
+    Three sequences of different lengths (the longest fills the context) are prefilled one at a
+    time into pool slots, then decoded together for three steps (different cache lengths per
+    sequence); at every step the last-position logits and the new hidden states must match HF on
+    the whole sequence so far.
     """
     from omniforge.runtime.engine import SessionConfig
     from omniforge.runtime.llm import LlmEngine, probe
@@ -78,7 +79,8 @@ def check_llm_inplace(
     assert g is not None
     engine = LlmEngine(Path(path), g, SessionConfig(threads=threads), contract, preset="measurement")
     rng = np.random.default_rng(seed)
-    lengths, steps = (7, 11), 3
+    steps = 3
+    lengths = (7, 11, g.max_context - steps)  # the last one fills the context
     ids = [rng.integers(0, g.vocab_size, size=n + steps) for n in lengths]
     with torch.no_grad():
         emb = [hf_model.get_input_embeddings()(torch.from_numpy(i)[None])[0].numpy() for i in ids]
@@ -102,7 +104,7 @@ def check_llm_inplace(
         record({"batch": 1, "seq": n, "past": 0}, logits_name, ref_logits[k][n - 1], got.logits[k][0])
         record({"batch": 1, "seq": n, "past": 0}, hidden_name, ref_hidden[k][:n], got.hidden[k][:n])
         for t in range(steps):
-            point = {"batch": 2, "seq": 1, "past": n + t}
+            point = {"batch": len(lengths), "seq": 1, "past": n + t}
             record(point, logits_name, ref_logits[k][n + t], got.logits[k][t + 1])
             record(point, hidden_name, ref_hidden[k][n + t], got.hidden[k][n + t])
     # keep the worst result per shape, like check_stage

@@ -353,15 +353,52 @@ def load_manifest(build: str | Path, verify: bool = True) -> Manifest:
     return manifest
 
 
+def _checked_path(build: Path, rel: str) -> Path:
+    """``build/rel`` after checking that it is a regular file inside the build folder."""
+    f = build / rel
+    try:
+        inside = f.resolve().is_relative_to(build.resolve())
+    except (OSError, RuntimeError):  # a symlink loop, a name too long for the file system
+        raise ManifestError(f"artifact '{rel}' cannot be resolved inside {build}") from None
+    if not inside:
+        raise ManifestError(f"artifact '{rel}' resolves outside the build folder")
+    if not f.is_file():  # missing, a folder, a FIFO or a device: never opened
+        raise ManifestError(f"artifact '{rel}' is missing from {build} or is not a regular file")
+    return f
+
+
+def _mismatch(rel: str) -> ManifestError:
+    return ManifestError(
+        f"artifact '{rel}' does not match its SHA-256 in the manifest (corrupted or modified)"
+    )
+
+
 def verify_artifacts(build: Path, manifest: Manifest) -> None:
-    root = build.resolve()
     for a in manifest.artifacts.values():
-        f = build / a.path
-        if not f.resolve().is_relative_to(root):
-            raise ManifestError(f"artifact '{a.path}' resolves outside the build folder")
-        if not f.is_file():
-            raise ManifestError(f"artifact '{a.path}' is missing from {build}")
+        f = _checked_path(build, a.path)
         if f.stat().st_size != a.size or sha256_file(f) != a.sha256:
-            raise ManifestError(
-                f"artifact '{a.path}' does not match its SHA-256 in the manifest (corrupted or modified)"
-            )
+            raise _mismatch(a.path)
+
+
+def read_verified(build: Path, manifest: Manifest, rel: str) -> bytes:
+    """The bytes of artifact ``rel``, hashed as they are read: what is returned is what the
+    manifest vouches for, whatever happened to the file since the build was opened."""
+    a = manifest.artifacts.get(rel)
+    if a is None:
+        raise ManifestError(f"'{rel}' is not among the build's artifacts")
+    with open(_checked_path(build, rel), "rb") as f:
+        data = f.read(a.size + 1)
+    if len(data) != a.size or hashlib.sha256(data).hexdigest() != a.sha256:
+        raise _mismatch(rel)
+    return data
+
+
+def verify_file(build: Path, manifest: Manifest, rel: str) -> Path:
+    """Check artifact ``rel``'s size and SHA-256 now; its path."""
+    a = manifest.artifacts.get(rel)
+    if a is None:
+        raise ManifestError(f"'{rel}' is not among the build's artifacts")
+    f = _checked_path(build, rel)
+    if f.stat().st_size != a.size or sha256_file(f) != a.sha256:
+        raise _mismatch(rel)
+    return f

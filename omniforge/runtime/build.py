@@ -9,8 +9,15 @@ from typing import Any
 
 from omniforge.errors import ManifestError, StageError
 from omniforge.pipeline.contracts import Role
-from omniforge.pipeline.manifest import Manifest, Variant, load_manifest
-from omniforge.runtime.engine import Engine, SessionConfig
+from omniforge.pipeline.manifest import (
+    Manifest,
+    Variant,
+    check_relative,
+    load_manifest,
+    read_verified,
+    verify_file,
+)
+from omniforge.runtime.engine import Engine, GraphSource, SessionConfig
 from omniforge.runtime.tokenizer import TextTokenizer
 
 
@@ -18,7 +25,9 @@ class Build:
     """Open a build folder; the manifest and every artifact's SHA-256 are checked first.
 
     Engines are created on first use and shared by all threads; ``release`` drops one (an edge
-    device cannot keep every decoder resident).
+    device cannot keep every decoder resident). Every file is verified again when it is read for
+    use: a session is created from the graph's bytes as hashed, so a file replaced after the build
+    was opened is refused, never used.
     """
 
     def __init__(self, path: str | Path, session: SessionConfig | None = None, verify: bool = True) -> None:
@@ -44,8 +53,30 @@ class Build:
             raise ManifestError(f"this build has no '{role}' file (it holds: {sorted(self.manifest.files)})")
         return self.path / self.manifest.files[role]
 
+    def read(self, rel: str) -> bytes:
+        """An artifact's bytes, verified against the manifest as they are read."""
+        return read_verified(self.path, self.manifest, rel)
+
     def json(self, role: str) -> dict[str, Any]:
-        return json.loads(self.file(role).read_text())
+        self.file(role)  # a clear error for a role the build does not have
+        try:
+            return json.loads(self.read(self.manifest.files[role]))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ManifestError(f"'{self.manifest.files[role]}' is not valid JSON ({exc})") from None
+
+    def graph(self, variant: Variant) -> GraphSource:
+        """``variant``'s graph for a session: its verified bytes, and the folder its external data
+        lies in (each external file must be one of the variant's listed, verified data files)."""
+        data = self.read(variant.file)
+        refs = external_data_refs(data, variant.file)
+        unlisted = sorted(set(refs) - set(variant.data_files))
+        if unlisted:
+            raise ManifestError(
+                f"graph '{variant.file}' reads external data {unlisted} that the manifest does not list for it"
+            )
+        for rel in refs:
+            verify_file(self.path, self.manifest, rel)
+        return GraphSource(data, (self.path / variant.file).parent if refs else None, variant.file)
 
     def stage_file(self, name: str, role: Role | str = Role.CANONICAL) -> Path:
         """The file of stage ``name``'s variant of ``role`` (default: its canonical graph)."""
@@ -65,6 +96,13 @@ class Build:
         """The graph ONNX Runtime serves for stage ``name`` under the stage's own contract."""
         return self.path / self.manifest.stage_build(name).served().file
 
+    def verify_graphs(self) -> int:
+        """Check every ONNX variant's external-data references against the manifest; how many graphs."""
+        graphs = [v for sb in self.manifest.stages.values() for v in sb.variants if v.file.endswith(".onnx")]
+        for v in graphs:
+            self.graph(v)
+        return len(graphs)
+
     def engine(self, name: str) -> Engine:
         """The stage's engine: its served variant (ORT-lowered or quantized when the build has one)."""
         with self._lock:
@@ -72,7 +110,7 @@ class Build:
                 spec = self.pipeline.stage(name)
                 served = self.manifest.stage_build(name).served()
                 self._engines[name] = Engine(
-                    self.path / served.file, spec, self.session, self.manifest.contract(name, served)
+                    self.graph(served), spec, self.session, self.manifest.contract(name, served)
                 )
             return self._engines[name]
 
@@ -88,3 +126,33 @@ class Build:
             cfg = self.file("tokenizer_config") if "tokenizer_config" in self.manifest.files else None
             self._tokenizer = TextTokenizer(self.file("tokenizer"), cfg)
         return self._tokenizer
+
+
+def external_data_refs(graph: bytes, rel: str) -> list[str]:
+    """Build-relative paths of the external-data files a serialized graph reads."""
+    import posixpath
+
+    import onnx
+
+    try:
+        model = onnx.load_model_from_string(graph)  # external data is never read from bytes
+    except Exception:  # protobuf raises several types for bytes that are not a model
+        raise ManifestError(f"'{rel}' is not an ONNX graph") from None
+    refs: set[str] = set()
+
+    def visit(g: onnx.GraphProto) -> None:
+        tensors = list(g.initializer)
+        for node in g.node:
+            for a in node.attribute:
+                tensors += [a.t, *a.tensors]
+                for sub in (a.g, *a.graphs):
+                    visit(sub)
+        for t in tensors:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                location = next((e.value for e in t.external_data if e.key == "location"), "")
+                ref = posixpath.normpath(posixpath.join(posixpath.dirname(rel), location))
+                check_relative(ref)
+                refs.add(ref)
+
+    visit(model.graph)
+    return sorted(refs)

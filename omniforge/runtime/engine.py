@@ -70,6 +70,15 @@ class SessionConfig:
         return opts
 
 
+@dataclass(frozen=True)
+class GraphSource:
+    """A graph to open from verified bytes; ``data_dir``: where its external data lies."""
+
+    data: bytes
+    data_dir: Path | None = None
+    name: str = "in-memory graph"
+
+
 PRESETS = ("serving", "one_shot", "measurement", "trial", "exact", "lowering")
 
 
@@ -98,20 +107,27 @@ def session_options(preset: str, config: SessionConfig | None = None) -> ort.Ses
 
 
 def open_session(
-    model: str | Path | bytes,
+    model: str | Path | bytes | GraphSource,
     preset: str = "one_shot",
     config: SessionConfig | None = None,
     save_to: Path | None = None,
 ) -> ort.InferenceSession:
-    """The one place omniforge creates an ONNX Runtime session (``model``: a path or serialized
-    bytes); a load failure is an ``EngineError`` naming the graph. ``save_to``: write the graph as
-    ONNX Runtime optimised it (the ``lowering`` preset)."""
+    """The one place omniforge creates an ONNX Runtime session (``model``: a path, serialized
+    bytes or a verified ``GraphSource``); a load failure is an ``EngineError`` naming the graph.
+    ``save_to``: write the graph as ONNX Runtime optimised it (the ``lowering`` preset)."""
     cfg = config or SessionConfig()
     opts = session_options(preset, cfg)
     if save_to is not None:
         opts.optimized_model_filepath = str(save_to)
-    src = model if isinstance(model, bytes) else str(model)
-    label = "in-memory graph" if isinstance(model, bytes) else Path(model).name
+    if isinstance(model, GraphSource):
+        src, label = model.data, Path(model.name).name
+        if model.data_dir is not None:
+            opts.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", str(model.data_dir)
+            )
+    else:
+        src = model if isinstance(model, bytes) else str(model)
+        label = "in-memory graph" if isinstance(model, bytes) else Path(model).name
     try:
         return ort.InferenceSession(src, opts, providers=list(cfg.providers))
     except Exception as exc:  # ORT raises several exception types for unreadable models
@@ -124,17 +140,17 @@ class Engine:
 
     def __init__(
         self,
-        path: Path,
+        source: Path | GraphSource,
         spec: StageSpec,
         config: SessionConfig | None = None,
         contract: Contract | None = None,
         preset: str = "one_shot",
     ) -> None:
-        self.path = Path(path)
+        self.path = Path(source.name if isinstance(source, GraphSource) else source)
         self.spec = spec
         self.contract = contract or Contract.of_stage(spec)
         self.config = config or SessionConfig()
-        self.session = open_session(self.path, preset, self.config)
+        self.session = open_session(source, preset, self.config)
         check_graph_io(self.session, self.contract, f"stage '{spec.name}'", self.path.name)
 
     @property

@@ -12,6 +12,7 @@ work between sequences at block granularity instead.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -21,6 +22,14 @@ import onnxruntime as ort
 
 from omniforge.errors import CachePoolExhaustedError, ConfigError
 from omniforge.pipeline.spec import LlmGeometry
+
+
+def physical_memory() -> int:
+    """Bytes of RAM on this machine (a large bound where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,12 @@ class KVCachePool:
             )
         self.num_slots = num_slots
         shape = (num_slots, g.num_kv_heads, self.max_context, g.head_dim)  # (slots, nkv, C, hd)
+        need = 2 * g.num_layers * int(np.prod(shape, dtype=np.int64)) * 4
+        if need > physical_memory():
+            raise ConfigError(
+                f"a KV cache of {num_slots} slots x {self.max_context} tokens needs {need / 2**30:.1f} GiB, more than "
+                f"this machine's {physical_memory() / 2**30:.1f} GiB; use fewer slots or a shorter context"
+            )
         self.keys = [np.zeros(shape, np.float32) for _ in range(g.num_layers)]
         self.values = [np.zeros(shape, np.float32) for _ in range(g.num_layers)]
         self.lengths = np.zeros(num_slots, np.int64)  # valid tokens per slot

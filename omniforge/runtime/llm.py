@@ -19,7 +19,7 @@ from omniforge.errors import CachePoolExhaustedError, ContextLengthError, Engine
 from omniforge.pipeline.contracts import Contract, Role, Slot, llm_inplace_contract
 from omniforge.pipeline.spec import LlmGeometry
 from omniforge.runtime.build import Build
-from omniforge.runtime.engine import SessionConfig, check_graph_io, open_session
+from omniforge.runtime.engine import GraphSource, SessionConfig, check_graph_io, open_session
 from omniforge.runtime.kv_cache import KVCachePool, PrefixCache, SlotRange
 from omniforge.runtime.sampling import GenerationConfig, select_token
 from omniforge.runtime.tokenizer import SignalEvent
@@ -35,7 +35,7 @@ class LlmEngine:
 
     def __init__(
         self,
-        path: Path,
+        path: Path | GraphSource,
         geometry: LlmGeometry,
         config: SessionConfig | None = None,
         contract: Contract | None = None,
@@ -49,17 +49,18 @@ class LlmEngine:
                 f"a {geometry.num_layers}-layer LLM needs {2 * geometry.num_layers}"
             )
         self.session = open_session(path, preset, config)
-        check_graph_io(self.session, self.contract, "the in-place LLM contract", path.name)
+        name = Path(path.name if isinstance(path, GraphSource) else path).name
+        check_graph_io(self.session, self.contract, "the in-place LLM contract", name)
         c = self.contract
         self.names = {k: c.slot(k) for k in Slot}
 
     @classmethod
     def of_build(cls, build: Build, preset: str = "serving") -> LlmEngine:
         """The build's in-place LLM variant, bound from its contract in the manifest."""
-        path, variant = build.variant("llm", Role.ORT_INPLACE_LLM)
+        variant = build.manifest.variant("llm", Role.ORT_INPLACE_LLM)
         spec = build.pipeline.stage("llm")
         assert spec.llm is not None
-        return cls(path, spec.llm, build.session, variant.contract, preset)
+        return cls(build.graph(variant), spec.llm, build.session, variant.contract, preset)
 
     def bind(self, pool: KVCachePool, slots: SlotRange) -> StepBinding:
         return StepBinding(self, pool, slots)
@@ -241,7 +242,9 @@ class LlmRuntime:
         self.slot_wait_s = slot_wait_s  # how long a request waits for a free cache slot before failing
         self.engine = LlmEngine.of_build(self.build)
         # a numpy lookup in the decode loop; the stage's engine only for forms the table cannot read
-        self.table = EmbeddingTable.from_onnx(self.build.served_file("token_embedding"))
+        self.table = EmbeddingTable.from_onnx(
+            self.build.graph(self.build.manifest.stage_build("token_embedding").served()).data
+        )
         self.tokenizer = self.build.tokenizer() if "tokenizer" in self.build.manifest.files else None
         self.pool = KVCachePool(stage.llm, num_slots, max_context)
         self.prefix_cache = PrefixCache(self.pool, min(prefix_cache_entries, num_slots - 1), block_size)
@@ -363,13 +366,16 @@ class LlmRuntime:
         on_text: Callable[[int, str], None] | None = None,
     ) -> list[GenerationResult]:
         gen = self._run(rows, ids, config, stream=on_text is not None)
-        while True:
-            try:
-                i, delta = next(gen)
-            except StopIteration as stop:
-                return stop.value
-            if on_text and delta:
-                on_text(i, delta)
+        try:
+            while True:
+                try:
+                    i, delta = next(gen)
+                except StopIteration as stop:
+                    return stop.value
+                if on_text and delta:
+                    on_text(i, delta)
+        finally:
+            gen.close()  # a callback that raised: the slots are released now, not when the frame dies
 
     def hidden_after(self, rows: np.ndarray, ids: Sequence[int]) -> np.ndarray:
         """Final hidden states (len(ids), H) of tokens ``ids`` fed after the embedding ``rows``
@@ -392,13 +398,25 @@ class LlmRuntime:
             )
 
     def allocate_slots(self, count: int) -> SlotRange:
+        """``count`` adjacent slots, evicting prefix-cache entries as needed; waits up to
+        ``slot_wait_s`` for running requests to finish, evicting what they leave to the prefix
+        cache as well, then ``CachePoolExhaustedError``."""
+        if count > self.pool.num_slots:
+            return self.pool.allocate(count)  # can never fit: refused at once
+        deadline = time.monotonic() + self.slot_wait_s
         while True:
             try:
                 return self.pool.allocate(count)
             except CachePoolExhaustedError:
-                if not self.prefix_cache.evict_one():
-                    break
-        return self.pool.allocate(count, wait_s=self.slot_wait_s)
+                if self.prefix_cache.evict_one():
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise
+            try:  # woken by a release; re-checked at least every 50 ms for slots adopted by the cache
+                return self.pool.allocate(count, wait_s=min(remaining, 0.05))
+            except CachePoolExhaustedError:
+                continue
 
     def stop_ids(self, config: GenerationConfig) -> set[int]:
         if config.stop_token_ids is not None:
@@ -537,11 +555,15 @@ class EmbeddingTable:
         return rows.astype(np.float32) * self.scale[ids]
 
     @classmethod
-    def from_onnx(cls, path: Path) -> EmbeddingTable | None:
+    def from_onnx(cls, graph: bytes) -> EmbeddingTable | None:
+        """The table of a serialized embedding graph (external data is not read: such a graph is
+        left to the engine)."""
         import onnx
         from onnx import numpy_helper
 
-        model = onnx.load(str(path))
+        model = onnx.load_model_from_string(graph)  # external data is never read from bytes
+        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+            return None
         ops = [n.op_type for n in model.graph.node]
         inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
         if ops == ["Gather"] and model.graph.node[0].input[0] in inits:

@@ -27,6 +27,7 @@ from omniforge.runtime.engine import SessionConfig
 from omniforge.runtime.llm import GenerationResult, LlmRuntime
 from omniforge.runtime.sampling import GenerationConfig
 from omniforge.runtime.schedulers import SCHEDULERS, make_scheduler
+from omniforge.runtime.tokenizer import SignalEvent
 
 MODALITIES = ("image", "video", "audio")
 
@@ -64,6 +65,7 @@ class PipelineResult:
     sample_rate: int = 16000
     timings: dict[str, float] = field(default_factory=dict)  # stage or step -> seconds
     warnings: list[str] = field(default_factory=list)  # e.g. a generated waveform that is silent
+    signals: list[SignalEvent] = field(default_factory=list)  # signal tokens the LLM generated
 
     def save(self, out: str | Path) -> list[Path]:
         """Write every generated medium to ``out`` (PNG, GIF + PNG frames, WAV), atomically."""
@@ -322,7 +324,9 @@ class Pipeline:
             [rows], [ids], generation, (lambda _i, d: on_text(d)) if on_text else None
         )[0]
         self.timings["llm"] += time.perf_counter() - t0
-        result = PipelineResult(text=gen.text, generation=gen, sample_rate=self.sample_rate)
+        result = PipelineResult(
+            text=gen.text, generation=gen, sample_rate=self.sample_rate, signals=list(gen.signals)
+        )
         emitted = {self.llm.signal_ids[t] for t in gen.token_ids if t in self.llm.signal_ids}
         for modality in MODALITIES:
             if modality not in force and modality not in emitted:
