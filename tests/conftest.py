@@ -9,7 +9,6 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ["OMNIFORGE_CHECK_SCHEMA"] = "1"  # every manifest the suite writes is checked against the JSON Schema
 
 
 @pytest.fixture(scope="session")

@@ -299,3 +299,29 @@ def test_inplace_llm_parity_reaches_the_full_context(default_build):
     g = load_manifest(default_build).pipeline.stage("llm").llm
     assert max(p["point"]["past"] + p["point"]["seq"] for p in inplace) == g.max_context
     assert all(p["passed"] for p in inplace)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 100_000 + "]" * 100_000,  # nesting deeper than any parser's stack
+        '{"schema_version": 2, "n": ' + "9" * 5000 + "}",  # a number with 5,000 digits
+        "[]",  # a list where an object belongs
+    ],
+)
+def test_hostile_manifest_text_is_one_error(default_build, tmp_path, text):
+    b = tmp_path / "hostile"
+    shutil.copytree(default_build, b)
+    (b / "manifest.json").write_text(text)
+    with pytest.raises(ManifestError):
+        load_manifest(b, verify=False)
+
+
+def test_a_manifest_that_breaks_the_schema_is_refused_on_reading(default_build, tmp_path):
+    b = tmp_path / "nul"
+    shutil.copytree(default_build, b)
+    d = json.loads((b / "manifest.json").read_text())
+    d["files"]["tokenizer"] = "llm/\x00tokenizer.json"
+    (b / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(ManifestError, match="schema"):
+        load_manifest(b, verify=False)

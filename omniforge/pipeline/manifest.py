@@ -7,6 +7,7 @@ what the runtime and non-Python services load.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -304,23 +305,27 @@ def schema_path() -> Path:
     return Path(__file__).with_name("manifest.schema.json")
 
 
-def validate_schema(data: dict[str, Any]) -> None:
-    """Check ``data`` against the shipped JSON Schema (needs the ``jsonschema`` package)."""
+@functools.cache
+def _validator():
     import jsonschema
 
-    schema = json.loads(schema_path().read_text())
-    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(data))
+    return jsonschema.Draft202012Validator(json.loads(schema_path().read_text()))
+
+
+def validate_schema(data: dict[str, Any]) -> None:
+    """``ManifestError`` unless ``data`` matches the shipped JSON Schema."""
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(_validator().iter_errors(data))
     if error is not None:
         where = "/".join(map(str, error.absolute_path)) or "top level"
         raise ManifestError(f"manifest does not match its schema at {where}: {error.message[:200]}")
 
 
 def write_manifest(build: Path, manifest: Manifest) -> Path:
-    """Write ``manifest.json`` atomically; with ``OMNIFORGE_CHECK_SCHEMA=1`` (the test suite sets it)
-    it is first checked against the shipped JSON Schema."""
+    """Check ``manifest`` against the shipped JSON Schema and write ``manifest.json`` atomically."""
     text = json.dumps(manifest.to_dict(), indent=2) + "\n"
-    if os.environ.get("OMNIFORGE_CHECK_SCHEMA") == "1":
-        validate_schema(json.loads(text))
+    validate_schema(json.loads(text))
     path = build / MANIFEST
     atomic_write_text(path, text)
     return path
@@ -337,6 +342,20 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+MAX_MANIFEST_BYTES = 64 << 20
+
+
+def parse_manifest(data: Any) -> Manifest:
+    """A manifest from its JSON value, checked against the shipped JSON Schema (with its bounds)
+    before any value is used; a version-1 manifest is upgraded first and checked as version 2."""
+    if isinstance(data, dict) and data.get("schema_version") == 2:
+        validate_schema(data)
+    manifest = Manifest.from_dict(data)
+    if manifest.read_version != SCHEMA_VERSION:
+        validate_schema(json.loads(json.dumps(manifest.to_dict())))
+    return manifest
+
+
 def load_manifest(build: str | Path, verify: bool = True) -> Manifest:
     """Read and validate a build's manifest; with ``verify``, check every artifact's SHA-256."""
     build = Path(build)
@@ -344,10 +363,12 @@ def load_manifest(build: str | Path, verify: bool = True) -> Manifest:
     if not path.is_file():
         raise ManifestError(f"'{build}' is not a build folder (no {MANIFEST})")
     try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB; not a manifest omniforge writes")
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"{path} is not valid JSON ({exc})") from None
-    manifest = Manifest.from_dict(data)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSON, huge numbers
+        raise ManifestError(f"{path} is not valid JSON ({type(exc).__name__})") from None
+    manifest = parse_manifest(data)
     if verify:
         verify_artifacts(build, manifest)
     return manifest
