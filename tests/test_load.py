@@ -2,7 +2,6 @@
 
 import hashlib
 import threading
-import time
 
 import numpy as np
 
@@ -62,12 +61,11 @@ def test_eight_threads_by_fifty_requests_equal_serial(default_build):
                 results.append((key, ids))
 
     threads = [threading.Thread(target=worker, args=(requests[i::8],)) for i in range(8)]
-    t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=600)
-    assert time.perf_counter() - t0 < 600
+    assert not any(t.is_alive() for t in threads)  # no request hung
     assert not errors, errors[:3]
     assert len(results) == 400
     mismatched = [k for k, ids in results if ids != serial[k]]
