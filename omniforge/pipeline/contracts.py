@@ -16,7 +16,7 @@ from enum import StrEnum
 from typing import Any
 
 from omniforge.errors import ManifestError
-from omniforge.pipeline.spec import Dim, LlmGeometry, StageSpec, TensorSpec
+from omniforge.pipeline.spec import Dim, LlmGeometry, NamedTensors, StageSpec, TensorSpec
 
 
 class Role(StrEnum):
@@ -49,7 +49,7 @@ class InPlace:
 
 
 @dataclass(frozen=True)
-class Contract:
+class Contract(NamedTensors):
     """The tensors a graph takes and returns, and what they mean."""
 
     inputs: tuple[TensorSpec, ...]
@@ -58,14 +58,6 @@ class Contract:
     inplace: tuple[InPlace, ...] = ()  # an LLM's K/V pairs: layer 0 key, layer 0 value, layer 1 key, ...
     slots: dict[str, str] = field(default_factory=dict)  # purpose -> tensor name
     taps: dict[str, str] = field(default_factory=dict)  # purpose -> internal tensor or initializer name
-
-    @property
-    def input_names(self) -> list[str]:
-        return [t.name for t in self.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        return [t.name for t in self.outputs]
 
     def slot(self, purpose: str) -> str:
         if purpose not in self.slots:

@@ -92,8 +92,23 @@ class LlmGeometry:
     max_context: int
 
 
+class NamedTensors:
+    """Names of the ``inputs`` and ``outputs`` of a stage or a graph contract, in order."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+
 @dataclass(frozen=True)
-class StageSpec:
+class StageSpec(NamedTensors):
     """One stage of the pipeline, described once."""
 
     name: str
@@ -121,14 +136,6 @@ class StageSpec:
             if d.name == name:
                 return d
         raise StageError(f"stage '{self.name}' has no dim '{name}'")
-
-    @property
-    def input_names(self) -> list[str]:
-        return [t.name for t in self.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        return [t.name for t in self.outputs]
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         return {t.name: t.dynamic_axes for t in (*self.inputs, *self.outputs) if t.dynamic_axes}
