@@ -2,33 +2,36 @@
 
 Each step's output is cached under a key made of the SHA-256 of its inputs (the model folder's
 files, then the previous step's key) and its options, so re-running with the same inputs reuses
-every step, and changing the precision redoes only quantization and assembly. The build is
+every step, and changing the precision redoes only quantization and assembly. A warm build reads
+only the final step's files (once: verified, then copied) and imports no exporter. The build is
 assembled in a temporary folder and moved over ``out`` only when complete: an interrupted build
-leaves the previous one intact.
+leaves the previous one intact (and its temporary folder is removed by the next build).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata as md
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from omniforge import __version__
+from omniforge.build_cache import cached, clean_stale, discard_entry, entry_lock, folder_digest
 from omniforge.calibration.quantize import QuantizeOptions, StageQuantization
-from omniforge.errors import ConfigError
+from omniforge.errors import ConfigError, ManifestError
+from omniforge.export.opsets import DEFAULT_OPSET, check_opset
 from omniforge.pipeline.atomic import atomic_folder
 from omniforge.pipeline.contracts import Role
 from omniforge.pipeline.manifest import (
+    Artifact,
     Manifest,
+    Variant,
     collect_artifacts,
     load_manifest,
-    Variant,
-    sha256_file,
     stage_files,
     write_manifest,
 )
@@ -37,6 +40,8 @@ BACKENDS = ("onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8", "int4", "auto")
 # per-stage accuracy budgets of the auto plan (overridable): the minimum a quantized stage must keep
 AUTO_BUDGETS = {"cosine_min": 0.999, "logits_cosine": 0.99}
+# whose versions shape the exported graphs, so they are part of the export step's key
+EXPORT_TOOLS = ("torch", "onnx", "onnxruntime", "transformers", "diffusers", "peft", "onnxscript", "onnx-ir")
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,7 @@ class BuildOptions:
     cache: Path | None = None
     stage_precision: dict[str, str] = field(default_factory=dict)  # per-stage overrides of precision
     quantize: QuantizeOptions | None = None  # default: QuantizeOptions(), static INT8 everywhere for TensorRT
+    opset: int = DEFAULT_OPSET
 
     def quantize_options(self) -> QuantizeOptions:
         opts = self.quantize or QuantizeOptions()
@@ -54,7 +60,12 @@ class BuildOptions:
             opts = replace(opts, int8_mode="static")  # TensorRT builds explicit INT8 from Q/DQ graphs only
         return opts
 
+    def export_options(self) -> dict:
+        """Every ``ExportOptions`` field the export step runs with (all of them go into its key)."""
+        return {"stages": None, "adapter": "default", "opset": self.opset, "parity": True, "threads": 2}
+
     def __post_init__(self) -> None:
+        check_opset(self.opset)
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend '{self.backend}' is not one of {', '.join(BACKENDS)}")
         if self.precision not in PRECISIONS:
@@ -72,40 +83,19 @@ def cache_root(opts: BuildOptions) -> Path:
     return home / "build-cache"
 
 
-def folder_digest(root: Path, memo_path: Path) -> str:
-    """SHA-256 over every file of a model folder (paths and contents); file hashes are memoised by
-    (size, mtime) so big checkpoints are read once."""
-    memo = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
-    h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        st = f.stat()
-        key = f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-        if key not in memo:
-            memo[key] = sha256_file(f)
-        h.update(f"{f.relative_to(root).as_posix()}:{memo[key]}\n".encode())
-    memo_path.parent.mkdir(parents=True, exist_ok=True)
-    memo_path.write_text(json.dumps(memo))
-    return h.hexdigest()
-
-
 def _key(*parts: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
-def _cached(root: Path, name: str, make: Callable[[Path], None], log: Callable[[str], None]) -> Path:
-    """The cache entry ``name``, made by ``make(path)`` into a temporary folder when missing."""
-    path = root / name
-    if (path / "manifest.json").is_file():
-        log(f"{name.split('-')[0]}: up to date (cached)")
-        return path
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
-    try:
-        make(tmp / "build")
-        (tmp / "build").rename(path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+def tool_versions(names: tuple[str, ...] = EXPORT_TOOLS) -> str:
+    """Installed versions, read from package metadata (nothing is imported)."""
+    out = {}
+    for n in names:
+        try:
+            out[n] = md.version(n)
+        except md.PackageNotFoundError:
+            out[n] = None
+    return json.dumps(out, sort_keys=True)
 
 
 def build(
@@ -116,17 +106,33 @@ def build(
         from omniforge.engines.tensorrt import require_tensorrt
 
         require_tensorrt()
-    from omniforge.export.exporter import ExportOptions, export_pipeline
-    from omniforge.passes.build import optimize_build
-
     root = cache_root(opts)
+    for folder, name in ((root, None), (root / "stages", None), (out.parent, out.name)):
+        clean_stale(folder, name, log)  # what killed builds left behind
+    for attempt in (1, 2):
+        final = _steps(model, root, opts, log)
+        try:
+            m = load_manifest(final, verify=True)  # the one read of the cached files before they are copied
+            break
+        except ManifestError as exc:
+            if attempt == 2:
+                raise
+            log(f"cache entry {final.name} is damaged ({exc}); rebuilding it")
+            discard_entry(final)
+    with entry_lock(root, "out-" + _key(str(out.resolve()))):  # builds into the same folder take turns
+        return _assemble(final, m, out, opts, log)
+
+
+def _steps(model: Path, root: Path, opts: BuildOptions, log: Callable[[str], None]) -> Path:
+    """The cache entry of the last step, every step made or reused in turn."""
     model_key = folder_digest(model, root / "file-hashes.json")
+    export_opts = opts.export_options()
     export_key = _key(
-        "export", __version__, model_key, json.dumps(ExportOptions().__dict__, sort_keys=True, default=str)
+        "export", __version__, model_key, json.dumps(export_opts, sort_keys=True), tool_versions()
     )
-    exported = _cached(root, f"export-{export_key}", lambda p: export_pipeline(model, p, log=log), log)
+    exported = cached(root, f"export-{export_key}", lambda p: _export(model, p, export_opts, log), log)
     opt_key = _key("optimize", export_key)
-    optimized = _cached(root, f"optimize-{opt_key}", lambda p: optimize_build(exported, p, log=log), log)
+    optimized = cached(root, f"optimize-{opt_key}", lambda p: _optimize(exported, p, log), log)
     final = optimized
     qopts = opts.quantize_options()
     if opts.precision == "auto":
@@ -134,10 +140,22 @@ def build(
             p: _quantized(root, optimized, opt_key, p, qopts, {}, log) for p in ("fp16", "int8", "int4")
         }
         auto_key = _key("auto", opt_key, json.dumps(AUTO_BUDGETS), *(v.name for v in variants.values()))
-        final = _cached(root, f"auto-{auto_key}", lambda p: assemble_auto(optimized, variants, p, log), log)
+        final = cached(root, f"auto-{auto_key}", lambda p: assemble_auto(optimized, variants, p, log), log)
     elif opts.precision in ("fp16", "int8", "int4") or opts.stage_precision:
         final = _quantized(root, optimized, opt_key, opts.precision, qopts, opts.stage_precision, log)
-    return _assemble(final, out, opts, log)
+    return final
+
+
+def _export(model: Path, out: Path, options: dict, log: Callable[[str], None]) -> None:
+    from omniforge.export.exporter import ExportOptions, export_pipeline  # torch: only on a cache miss
+
+    export_pipeline(model, out, ExportOptions(**options), log=log)
+
+
+def _optimize(exported: Path, out: Path, log: Callable[[str], None]) -> None:
+    from omniforge.passes.build import optimize_build
+
+    optimize_build(exported, out, log=log)
 
 
 def _quantized(
@@ -154,7 +172,7 @@ def _quantized(
     from omniforge.calibration.quantize import quantize_build
 
     key = _key(precision, opt_key, qopts.key(precision), json.dumps(overrides, sort_keys=True))
-    return _cached(
+    return cached(
         root,
         f"{precision}-{key}",
         lambda p: quantize_build(
@@ -231,12 +249,10 @@ def _latency(b, name: str, runs: int = 20) -> float:
 
 
 def _assemble(
-    src: Path, out: Path, opts: BuildOptions, log: Callable[[str], None]
+    src: Path, m: Manifest, out: Path, opts: BuildOptions, log: Callable[[str], None]
 ) -> tuple[Manifest, list[dict]]:
-    """Copy the final step into ``out`` atomically, adding trtexec lines and the summary."""
-    from omniforge.engines.profiles import trtexec_command
-
-    m = load_manifest(src)
+    """Copy the final step (``m``, its verified manifest) into ``out`` atomically, adding trtexec
+    lines and the summary; only the added files are hashed."""
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists() and not (out / "manifest.json").is_file() and any(out.iterdir()):
         raise ConfigError(f"'{out}' exists and is not a build folder; refusing to replace it")
@@ -245,25 +261,7 @@ def _assemble(
         extra: list[str] = []
         if opts.emit_trtexec:
             (tmp / "trtexec").mkdir()
-            lines = [
-                "#!/usr/bin/env bash",
-                "# Build TensorRT engines on the target device (Jetson or datacenter GPU).",
-                "set -euo pipefail",
-                'cd "$(dirname "$0")/.."',
-                "mkdir -p engines",
-            ]
-            for name, sb in m.stages.items():
-                graph, precision = tensorrt_source(sb)
-                lines.append(
-                    trtexec_command(
-                        m.pipeline.stage(name),
-                        graph,
-                        f"engines/{name}.plan",
-                        precision,
-                        "engines/timing.cache",
-                    )
-                )
-            (tmp / "trtexec" / "build_engines.sh").write_text("\n".join(lines) + "\n")
+            (tmp / "trtexec" / "build_engines.sh").write_text(trtexec_script(tmp, m))
             extra.append("trtexec/build_engines.sh")
         if opts.backend == "tensorrt":
             m = _tensorrt_engines(tmp, m, log)
@@ -276,7 +274,7 @@ def _assemble(
         new = Manifest(
             m.pipeline,
             m.stages,
-            collect_artifacts(tmp, list(m.artifacts) + extra),
+            _add_artifacts(tmp, m.artifacts, extra),
             {**m.files, "build_summary": "build.json"},
             {**m.source, "backend": opts.backend},
             m.tools,
@@ -286,9 +284,41 @@ def _assemble(
     return new, rows
 
 
+def _add_artifacts(build: Path, known: dict[str, Artifact], paths: list[str]) -> dict[str, Artifact]:
+    """``known`` (copied byte for byte, already verified) plus the new ``paths``, hashed."""
+    return {**known, **collect_artifacts(build, [p for p in paths if p not in known])}
+
+
+def trtexec_script(build: Path, m: Manifest) -> str:
+    """``build_engines.sh``: one trtexec line per stage, from the graph TensorRT builds it from, with
+    the same FP32 layers the Polygraphy build pins."""
+    from omniforge.engines.profiles import fp32_layers, trtexec_command
+
+    lines = [
+        "#!/usr/bin/env bash",
+        "# Build TensorRT engines on the target device (Jetson or datacenter GPU).",
+        "set -euo pipefail",
+        'cd "$(dirname "$0")/.."',
+        "mkdir -p engines",
+    ]
+    for name, sb in m.stages.items():
+        graph, precision = tensorrt_source(sb)
+        lines.append(
+            trtexec_command(
+                m.pipeline.stage(name),
+                graph,
+                f"engines/{name}.plan",
+                precision,
+                "engines/timing.cache",
+                fp32_layers=fp32_layers(build / graph),
+            )
+        )
+    return "\n".join(lines) + "\n"
+
+
 def tensorrt_source(sb) -> tuple[str, str]:
     """(graph, precision) TensorRT builds a stage from: the standard Q/DQ graph of an INT8/INT4 stage
-    (explicit quantization), else the canonical graph in FP16 (norms kept FP32 by the builder)."""
+    (explicit quantization), else the canonical graph in FP16 (its norms pinned to FP32: ``fp32_layers``)."""
     explicit = sb.variant(Role.QDQ) or sb.variant(Role.WEIGHT_ONLY_DQ)
     if sb.precision in ("int8", "int4") and explicit is not None:
         return explicit.file, sb.precision
@@ -297,6 +327,7 @@ def tensorrt_source(sb) -> tuple[str, str]:
 
 def _tensorrt_engines(build: Path, m: Manifest, log: Callable[[str], None]) -> Manifest:
     """One TensorRT engine per stage (see ``tensorrt_source``), metadata in the manifest."""
+    from omniforge.engines.profiles import fp32_layers
     from omniforge.engines.tensorrt import build_engine
 
     (build / "engines").mkdir(exist_ok=True)
@@ -305,7 +336,12 @@ def _tensorrt_engines(build: Path, m: Manifest, log: Callable[[str], None]) -> M
         rel = f"engines/{name}.plan"
         graph, precision = tensorrt_source(sb)
         info = build_engine(
-            m.pipeline.stage(name), build / graph, build / rel, precision, build / "engines" / "timing.cache"
+            m.pipeline.stage(name),
+            build / graph,
+            build / rel,
+            precision,
+            build / "engines" / "timing.cache",
+            fp32_layers(build / graph),
         )
         stages[name] = sb.with_variant(Variant(Role.TENSORRT, rel, precision))
         meta[name] = asdict(info)
@@ -315,7 +351,7 @@ def _tensorrt_engines(build: Path, m: Manifest, log: Callable[[str], None]) -> M
     return Manifest(
         m.pipeline,
         stages,
-        collect_artifacts(build, paths),
+        _add_artifacts(build, m.artifacts, paths),
         {**m.files, "tensorrt_engines": "engines/engines.json"},
         m.source,
         m.tools,

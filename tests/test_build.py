@@ -70,10 +70,15 @@ def test_each_precision_builds_and_runs(builds):
 
 
 def test_a_second_identical_build_reuses_every_step(builds, default_model, tmp_path):
-    _, cache, times = builds
-    t0 = time.perf_counter()
-    build(default_model, tmp_path / "again", BuildOptions(precision="fp32", cache=cache), log=lambda _m: None)
-    assert time.perf_counter() - t0 < 0.1 * times["fp32"]
+    out, cache, _ = builds
+    logs: list[str] = []
+    build(default_model, tmp_path / "again", BuildOptions(precision="fp32", cache=cache), log=logs.append)
+    assert logs[:2] == ["export: up to date (cached)", "optimize: up to date (cached)"]
+    assert not any(line.startswith("[") for line in logs)  # no stage exported or optimized again
+    again, first = load_manifest(tmp_path / "again"), load_manifest(out["fp32"])
+    assert {k: a.sha256 for k, a in again.artifacts.items() if k != "build.json"} == {
+        k: a.sha256 for k, a in first.artifacts.items() if k not in ("build.json", "trtexec/build_engines.sh")
+    }
 
 
 def test_tensorrt_backend_says_what_is_missing(default_model, tmp_path, capsys):
@@ -192,3 +197,21 @@ def test_tensorrt_builds_quantized_stages_from_their_qdq_graphs(builds):
     script = (out["int8"] / "trtexec" / "build_engines.sh").read_text()
     line = next(x for x in script.splitlines() if "image_unet.plan" in x)
     assert f"--onnx={unet.variant(Role.QDQ).file}" in line and "--int8" in line and "--fp16" in line
+
+
+def test_emitted_trtexec_lines_pin_the_same_norms_as_the_engine_build(builds):
+    from omniforge.build import tensorrt_source
+    from omniforge.engines.profiles import fp32_layers
+
+    out, _, _ = builds
+    for precision in ("fp32", "int8"):
+        m = load_manifest(out[precision])
+        lines = (out[precision] / "trtexec" / "build_engines.sh").read_text().splitlines()
+        for name in ("llm", "image_encoder", "image_unet"):
+            graph, _ = tensorrt_source(m.stages[name])
+            pinned = fp32_layers(out[precision] / graph)  # what _tensorrt_engines hands to build_engine
+            assert pinned, (precision, name)
+            line = next(x for x in lines if f"engines/{name}.plan" in x)
+            spec = ",".join(f"{n}:fp32" for n in pinned)
+            assert f"--layerPrecisions={spec}" in line and f"--layerOutputTypes={spec}" in line
+            assert "--precisionConstraints=obey" in line

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from omniforge.cli._common import add_quantize_args, log, quantize_options, resolve_model, stage_precisions
+from omniforge.export.opsets import DEFAULT_OPSET, SUPPORTED_OPSETS, check_opset
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -37,11 +38,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "only the stages whose precision changes are rebuilt",
     )
     p.add_argument("--cache", help="cache folder (default: $OMNIFORGE_HOME/build-cache)")
+    p.add_argument(
+        "--opset",
+        type=int,
+        default=DEFAULT_OPSET,
+        help=f"ONNX opset of the export: {', '.join(map(str, SUPPORTED_OPSETS))} (part of the cache key)",
+    )
     add_quantize_args(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_opset(args.opset)  # before any work
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     from omniforge.build import BuildOptions, build, summary_table
 
@@ -52,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         Path(args.cache) if args.cache else None,
         stage_precisions(args.stage_precision),
         quantize_options(args, "int4" if args.precision in ("int4", "auto") else "int8"),
+        args.opset,
     )
     _, rows = build(resolve_model(args.model), Path(args.out), opts, log=log)
     print(summary_table(rows))
