@@ -61,14 +61,14 @@ def test_static_int8_is_symmetric_qdq_and_the_fallback_keeps_layers_fp32(capture
     m = load_manifest(default_build)
     src = default_build / m.stages["image_vae_decoder"].file
     cal, held = calib.load(captured, "image_vae_decoder")
-    cfg = Int8Config(mode="static", op_types=("Conv", "MatMul", "Gemm"), max_fp32_layers=2)
-    plain = quantize_int8_with_fallback(src, tmp_path / "plain.onnx", cal, budget=0.0, config=cfg)
+    cfg = Int8Config(mode="static", op_types=("Conv", "MatMul", "Gemm"))
+    plain = quantize_int8_with_fallback(src, tmp_path / "plain.onnx", cal, 0.0, 2, config=cfg)
     assert plain.excluded == []
     q = onnx.load(str(tmp_path / "plain.onnx"))
     inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
     qnodes = [n for n in q.graph.node if n.op_type == "QuantizeLinear"]
     assert qnodes and all(not np.any(inits[n.input[2]]) for n in qnodes if len(n.input) > 2)  # zero points 0
-    strict = quantize_int8_with_fallback(src, tmp_path / "strict.onnx", cal, budget=1.0, config=cfg)
+    strict = quantize_int8_with_fallback(src, tmp_path / "strict.onnx", cal, 1.0, 2, config=cfg)
     assert len(strict.excluded) == 2 and strict.sensitivity  # the two most harmful layers stay FP32
     worst = sorted(strict.sensitivity, key=strict.sensitivity.get, reverse=True)[:2]
     assert strict.excluded == worst
@@ -152,8 +152,7 @@ def test_smoothquant_keeps_the_function_and_shrinks_the_activation_range(tmp_pat
 
 
 def test_gptq_reduces_output_error_and_packs_like_onnxruntime():
-    from omniforge.calibration.gptq import gptq_quantize, pack_matmul_nbits
-    from omniforge.calibration.standard_form import rtn_codes
+    from omniforge.calibration.codes import dequantize, gptq_codes, pack_matmul_nbits, rtn_codes
     from omniforge.calibration.weight_only import WeightOnlyConfig, quantize_weights
 
     rng = np.random.default_rng(0)
@@ -163,14 +162,11 @@ def test_gptq_reduces_output_error_and_packs_like_onnxruntime():
     w = rng.standard_normal((k, n)).astype(np.float32)
     h = x.T @ x / len(x)
 
-    def deq(codes, scales):
-        return (codes.reshape(-1, 32, n) * scales[:, None, :]).reshape(k, n)
-
-    rtn = deq(*rtn_codes(w, 4, 32))
-    gptq = deq(*gptq_quantize(w, h, 4, 32))
+    rtn = dequantize(rtn_codes(w, 4, 32), 32)
+    gptq = dequantize(gptq_codes(w, h, 4, 32), 32)
     err = lambda q: float(np.mean((x @ q - x @ w) ** 2))  # noqa: E731
     assert err(gptq) < 0.8 * err(rtn)
-    np.testing.assert_allclose(deq(*gptq_quantize(w, np.eye(k), 4, 32, damp=0.0)), rtn, atol=1e-6)
+    np.testing.assert_allclose(dequantize(gptq_codes(w, np.eye(k), 4, 32, damp=0.0), 32), rtn, atol=1e-6)
     # the packing matches ONNX Runtime's own quantizer byte for byte
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["a", "w"], ["y"])],
@@ -183,12 +179,12 @@ def test_gptq_reduces_output_error_and_packs_like_onnxruntime():
         helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), WeightOnlyConfig()
     )
     packed = next(numpy_helper.to_array(t) for t in q.graph.initializer if t.name.endswith("_Q4"))
-    codes, _ = rtn_codes(w, 4, 32)
-    np.testing.assert_array_equal(pack_matmul_nbits(codes, 4, 32), packed)
+    np.testing.assert_array_equal(pack_matmul_nbits(rtn_codes(w, 4, 32).codes, 4, 32), packed)
 
 
 def test_standard_form_is_opset_21_dequantize_linear_with_the_same_weights(default_build):
-    from omniforge.calibration.standard_form import dequantize_linear_form, rtn_codes, upgrade_opset
+    from omniforge.calibration.codes import rtn_codes
+    from omniforge.calibration.standard_form import dequantize_linear_form, upgrade_opset
 
     m = load_manifest(default_build)
     spec = m.pipeline.stage("llm")
@@ -214,8 +210,9 @@ def test_standard_form_is_opset_21_dequantize_linear_with_the_same_weights(defau
     assert inits[first.input[0]].data_type == TensorProto.INT4
     assert {a.name: a.i for a in first.attribute} == {"axis": 0, "block_size": 32}
     orig = next(t for t in canonical.graph.initializer if t.name == first.input[0].rsplit("_q4", 1)[0])
-    codes, scales = rtn_codes(numpy_helper.to_array(orig), 4, 32)
-    np.testing.assert_array_equal(numpy_helper.to_array(inits[first.input[0]]), codes)
+    np.testing.assert_array_equal(
+        numpy_helper.to_array(inits[first.input[0]]), rtn_codes(numpy_helper.to_array(orig), 4, 32).codes
+    )
     logits = sess(canonical).run(["logits"], feeds)[0], sess(std).run(["logits"], feeds)[0]
     assert cosine(*logits) > 0.95
     bad = helper.make_model(
@@ -260,7 +257,9 @@ def test_quantized_build_holds_calibration_and_both_llm_forms(default_build, tmp
         "video_psnr_db",
         "audio_snr_db",
     }
-    assert 0.0 <= e2e["worst"]["token_agreement"] <= 1.0 and np.isfinite(e2e["worst"]["image_psnr_db"])
+    # random weights: greedy INT4 decoding leaves FP32's path early; measured 1/12 (worst prompt) to 2/12
+    assert e2e["worst"]["token_agreement"] >= 0.08 and np.isfinite(e2e["worst"]["image_psnr_db"])
+    assert report["llm"]["metrics"]["top1_agreement"] >= 0.65  # teacher-forced, measured 0.72
     assert "End to end vs FP32" in (out / "quantize.md").read_text()
     logs: list[str] = []  # a re-run reuses the capture stored in the build it replaces
     quantize_build(default_build, out, "int4", log=logs.append, options=replace(opts, end_to_end=False))
@@ -280,3 +279,84 @@ def test_psnr_and_end_to_end_table():
         {"prompts": [{"prompt": "x", "image_psnr_db": 30.0}], "worst": {"image_psnr_db": 30.0}}
     )
     assert "| **worst** | **30** |" in table
+
+
+def test_asymmetric_codes_round_trip_closer_for_offset_weights_and_reach_the_standard_form(default_build):
+    from omniforge.calibration.codes import dequantize, rtn_codes
+    from omniforge.calibration.standard_form import dequantize_linear_form
+
+    w = np.random.default_rng(0).uniform(0.5, 1.5, (64, 8)).astype(np.float32)  # all positive
+    asym = rtn_codes(w, 4, 32, symmetric=False)
+    assert asym.codes.min() >= 0 and asym.codes.max() <= 15 and asym.zero_points is not None
+    err = {sym: np.abs(dequantize(rtn_codes(w, 4, 32, sym), 32) - w).max() for sym in (True, False)}
+    assert err[False] < 0.6 * err[True]  # the whole code range spans [0, max] instead of [-max, max]
+    m = load_manifest(default_build)
+    canonical = onnx.load(str(default_build / m.stages["llm"].file))
+    std = dequantize_linear_form(canonical, 4, 32, symmetric=False)
+    onnx.checker.check_model(std)
+    inits = {t.name: t for t in std.graph.initializer}
+    dq = [n for n in std.graph.node if n.op_type == "DequantizeLinear"]
+    assert dq and all(len(n.input) == 3 for n in dq)  # a zero point per block
+    assert {inits[n.input[0]].data_type for n in dq} == {TensorProto.UINT4}
+    assert {inits[n.input[2]].data_type for n in dq} == {TensorProto.UINT4}
+    feeds = m.pipeline.stage("llm").sample_inputs("opt", seed=3)
+    sess = lambda mm: ort.InferenceSession(mm.SerializeToString(), providers=["CPUExecutionProvider"])  # noqa: E731
+    logits = sess(canonical).run(["logits"], feeds)[0], sess(std).run(["logits"], feeds)[0]
+    assert cosine(*logits) > 0.95
+    with pytest.raises(ConfigError, match="symmetric quantization only"):
+        dequantize_linear_form(canonical, 4, 32, "gptq", [np.zeros((4, 8), np.float32)], symmetric=False)
+
+
+def test_gptq_stops_when_the_graph_does_not_hold_the_weights_its_contract_names(default_build):
+    from dataclasses import replace
+
+    from omniforge.calibration.gptq import apply_gptq, target_weights
+    from omniforge.calibration.weight_only import WeightOnlyConfig, quantize_weights
+    from omniforge.errors import ExportError
+
+    inplace = load_manifest(default_build).stages["llm"].variant(Role.ORT_INPLACE_LLM)
+    graph = onnx.load(str(default_build / inplace.file))
+    contract = inplace.contract
+    q = quantize_weights(graph, WeightOnlyConfig())
+    targets = target_weights(contract)
+    assert len(targets) == 5 * (len(contract.inplace) // 2) + 1  # five linear groups per layer, the LM head
+    assert sum(n.op_type == "MatMulNBits" for n in q.graph.node) == len(targets)  # every one of them
+    renamed = replace(contract, taps={**contract.taps, "layers.0.qkv_weight": "layers.0.attn.packed"})
+    rows = [np.zeros((4, 8), np.float32)]
+    with pytest.raises(ExportError, match="'layers.0.attn.packed'"):
+        apply_gptq(graph, q, renamed, rows, 4, 32)
+
+
+def test_a_budgeted_metric_that_was_not_measured_fails():
+    from omniforge.calibration.metrics import meets_budgets
+    from omniforge.calibration.quantize import budgets_for
+    from omniforge.pipeline.spec import StageKind
+
+    budgets = {"cosine_min": 0.999, "logits_cosine": 0.99}
+    assert budgets_for(StageKind.LLM, budgets) == {"logits_cosine": 0.99}
+    assert budgets_for(StageKind.DECODER, budgets) == {"cosine_min": 0.999}
+    assert meets_budgets({"cosine_min": 0.9995}, {"cosine_min": 0.999})
+    assert not meets_budgets({"cosine_min": 0.99}, {"cosine_min": 0.999})
+    assert not meets_budgets({"snr_db_min": 40.0}, {"cosine_min": 0.999})  # not measured: fails
+    with pytest.raises(ConfigError, match="no accuracy budget applies"):
+        budgets_for(StageKind.LLM, {"cosine_min": 0.999})
+
+
+def test_each_stage_kind_and_precision_has_one_quantizer():
+    from omniforge.calibration.quantize import (
+        EmbeddingInt8,
+        Fp16Stage,
+        Int8WithFallback,
+        WeightOnlyLlm,
+        select_quantizer,
+    )
+    from omniforge.pipeline.spec import StageKind
+
+    assert isinstance(select_quantizer(StageKind.LLM, "int4"), WeightOnlyLlm)
+    assert isinstance(select_quantizer(StageKind.LLM, "int8"), WeightOnlyLlm)
+    assert isinstance(select_quantizer(StageKind.EMBEDDING, "int8"), EmbeddingInt8)
+    assert isinstance(select_quantizer(StageKind.VAE, "int8"), Int8WithFallback)
+    assert isinstance(select_quantizer(StageKind.DECODER, "fp16"), Fp16Stage)
+    for kind, precision in ((StageKind.VAE, "int4"), (StageKind.LLM, "fp32"), (StageKind.LLM, "bf16")):
+        with pytest.raises(ConfigError):
+            select_quantizer(kind, precision)

@@ -37,7 +37,8 @@ def test_int4_build_has_quantized_llm_and_int8_encoders(int4_build, default_buil
         default_build / fp32
     ).stat().st_size
     report = {r["stage"]: r for r in json.loads((int4_build / "quantize.json").read_text())}
-    assert report["llm"]["metrics"]["logits_cosine"] > 0.95
+    assert report["llm"]["metrics"]["logits_cosine"] > 0.99  # measured 0.996
+    assert report["llm"]["metrics"]["top1_agreement"] >= 0.75  # measured 0.84
     assert report["image_encoder"]["metrics"]["cosine_min"] > 0.99
     assert "embedding table is INT8" in report["llm"]["note"]
     assert report["token_embedding"]["size_after"] < 0.3 * report["token_embedding"]["size_before"]
@@ -66,6 +67,9 @@ def test_int8_weight_only_is_closer_to_fp32_than_int4(default_build, int4_build,
     r8 = {r["stage"]: r for r in json.loads((out / "quantize.json").read_text())}["llm"]["metrics"]
     r4 = {r["stage"]: r for r in json.loads((int4_build / "quantize.json").read_text())}["llm"]["metrics"]
     assert r8["kl_divergence"] < r4["kl_divergence"]
+    assert r8["top1_agreement"] >= 0.95  # measured 1.0
+    e2e = json.loads((out / "accuracy_e2e.json").read_text())
+    assert e2e["worst"]["token_agreement"] >= 0.9  # greedy INT8 tokens: measured 1.0 on every prompt
 
 
 def test_quantize_refuses_bad_requests(int4_build, default_build, tmp_path, capsys):
@@ -84,8 +88,8 @@ def test_quantize_refuses_bad_requests(int4_build, default_build, tmp_path, caps
         (["--method", "gptq", "--asymmetric"], "symmetric quantization only"),
     ):
         assert main(["quantize", str(default_build), "--out", str(tmp_path / "x"), *extra]) == 1, extra
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and message in err[0], (extra, err)
+        err = [ln for ln in capsys.readouterr().err.strip().splitlines() if not ln.startswith("quantizing ")]
+        assert len(err) == 1 and message in err[0], (extra, err)  # one sentence after the progress line
         assert not (tmp_path / "x").exists()
 
 
@@ -98,48 +102,72 @@ def test_metrics():
     assert top1_agreement(logits, logits[::-1]) == 0.0
 
 
-def test_awq_keeps_the_fp32_function_and_builds(default_build, tmp_path, quick_quant):
-    import onnxruntime as ort
+def _weighted_error(fp32, model, contract, rows, bits):
+    """Sum over the layers AWQ scales of ||X W - X Q(W)||^2 on activations captured through the
+    contract's taps, in the FP32 graph's units (a column scale AWQ moved into up_proj undone)."""
+    from omniforge.calibration.awq import GROUPS
+    from omniforge.calibration.codes import fake_quantize
+    from omniforge.calibration.tensors import capture_inplace, num_layers
+    from omniforge.pipeline.contracts import layer_tap
 
+    taps = [layer_tap(contract, i, g[0]) for i in range(num_layers(contract)) for g in GROUPS]
+    ref_x, got_x = (capture_inplace(m, contract, taps, rows) for m in (fp32, model))
+    w0, w1 = ({t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer} for m in (fp32, model))
+    total = 0.0
+    for i in range(num_layers(contract)):
+        for act, weights, _, _ in GROUPS:
+            x0, x1 = ref_x[layer_tap(contract, i, act)], got_x[layer_tap(contract, i, act)]
+            for n in (layer_tap(contract, i, w) for w in weights):
+                ref, fp = x0 @ w0[n], x1 @ w1[n]
+                col = np.linalg.norm(ref, axis=0) / np.linalg.norm(fp, axis=0)
+                total += float(np.sum(((fp - x1 @ fake_quantize(w1[n], bits, 32)) * col) ** 2))
+    return total
+
+
+def test_awq_keeps_the_fp32_function_and_lowers_the_weighted_error_below_rtn(
+    default_build, tmp_path, quick_quant
+):
     from omniforge.calibration.awq import apply_awq
     from omniforge.calibration.quantize import calibration_rows
+    from omniforge.calibration.tensors import inplace_prefill
+    from omniforge.runtime.engine import open_session
 
-    m = load_manifest(default_build)
-    g = m.pipeline.stage("llm").llm
-    graph = onnx.load(str(default_build / m.stages["llm"].variant(Role.ORT_INPLACE_LLM).file))
+    inplace = load_manifest(default_build).stages["llm"].variant(Role.ORT_INPLACE_LLM)
+    contract = inplace.contract
+    graph = onnx.load(str(default_build / inplace.file))
     rows = calibration_rows(default_build, count=4, length=16)
-    scaled = apply_awq(graph, rows, 32)
-    s = rows[0].shape[0]
-    feeds = {
-        "inputs_embeds": rows[0][None],
-        "seqlens_k": np.array([s - 1], np.int32),
-        "total_sequence_length": np.array(s, np.int32),
-    }
-    for i in range(g.num_layers):
-        for kind in ("key", "value"):
-            feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, g.num_kv_heads, s, g.head_dim), np.float32)
-    a = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        ["logits"], feeds
-    )[0]
-    b = ort.InferenceSession(scaled.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        ["logits"], feeds
-    )[0]
+    scaled = {bits: apply_awq(graph, contract, rows, bits, 32) for bits in (4, 8)}
+    feeds = inplace_prefill(contract, rows[0])
+    logits = contract.slot("logits")
+    a, b = (open_session(m.SerializeToString(), "exact").run([logits], feeds)[0] for m in (graph, scaled[4]))
     assert np.abs(a - b).max() <= 1e-4  # scales are folded, the FP32 function is unchanged
-    gammas = {t.name for t in graph.graph.initializer if "layernorm" in t.name}
-    changed = [
-        n
-        for n in gammas
-        if not np.array_equal(
-            *(
-                onnx.numpy_helper.to_array(next(t for t in mm.graph.initializer if t.name == n))
-                for mm in (graph, scaled)
-            )
-        )
-    ]
-    assert changed  # the search moved scale into the norms
+    for bits in (4, 8):  # measured on the default build: 0.983 (int4) and 0.961 (int8) of RTN's error
+        rtn, awq = (_weighted_error(graph, m, contract, rows, bits) for m in (graph, scaled[bits]))
+        assert awq < 0.99 * rtn, (bits, awq, rtn)
+    # scales searched for 8-bit codes beat the 4-bit ones at 8 bits (measured 0.974 of them)
+    at8 = {bits: _weighted_error(graph, scaled[bits], contract, rows, 8) for bits in (4, 8)}
+    assert at8[8] < 0.99 * at8[4]
     out = tmp_path / "awq"
     quantize_build(
         default_build, out, "int4", WeightOnlyConfig(method="awq"), log=lambda _m: None, options=quick_quant
     )
     assert "AWQ" in {r["stage"]: r for r in json.loads((out / "quantize.json").read_text())}["llm"]["method"]
     assert LlmRuntime(out).generate("A dog runs", GenerationConfig(max_new_tokens=4)).new_tokens == 4
+
+
+def test_asymmetric_reaches_both_llm_forms(default_build, tmp_path, quick_quant):
+    from dataclasses import replace
+
+    m = load_manifest(default_build)
+    keep = {name: "fp32" for name in m.stages if name != "llm"}
+    opts = replace(quick_quant, weight_only=WeightOnlyConfig(symmetric=False), end_to_end=False)
+    out = tmp_path / "asym"
+    q, results = quantize_build(default_build, out, "int4", log=lambda _m: None, options=opts, overrides=keep)
+    llm = q.stages["llm"]
+    nbits = onnx.load(str(out / llm.variant(Role.ORT_INPLACE_LLM).file))
+    assert all(len(n.input) == 4 for n in nbits.graph.node if n.op_type == "MatMulNBits")  # zero points
+    std = onnx.load(str(out / llm.variant(Role.WEIGHT_ONLY_DQ).file))
+    assert all(len(n.input) == 3 for n in std.graph.node if n.op_type == "DequantizeLinear")
+    report = next(r for r in results if r.stage == "llm")
+    assert "asymmetric" in report.method and "asymmetric" in report.note
+    assert report.metrics["logits_cosine"] > 0.95 and report.metrics["qdq_cosine_min"] > 0.9

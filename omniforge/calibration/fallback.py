@@ -45,6 +45,8 @@ CALIBRATION_METHODS = {
     "entropy": CalibrationMethod.Entropy,
 }
 MODES = ("dynamic", "static")
+DEFAULT_BUDGET = 0.999  # mean cosine to FP32 on the calibration feeds that the fallback restores
+DEFAULT_MAX_FP32_LAYERS = 8  # layers the fallback may keep FP32
 
 
 @dataclass
@@ -57,11 +59,11 @@ class FallbackResult:
 
 @dataclass(frozen=True)
 class Int8Config:
+    """How layers are quantized; how many the fallback may keep FP32 is ``quantize_int8_with_fallback``'s."""
+
     mode: str = "dynamic"  # dynamic | static
     method: str = "minmax"  # static calibration: minmax | percentile | entropy
     op_types: tuple[str, ...] = ("MatMul", "Gemm")
-    budget: float = 0.995  # mean cosine to FP32 the fallback restores
-    max_fp32_layers: int = 8
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -229,15 +231,15 @@ def quantize_int8_with_fallback(
     src: Path,
     dst: Path,
     calibration: list[Feeds],
-    budget: float | None = None,
-    max_fp32_layers: int | None = None,
+    budget: float = DEFAULT_BUDGET,
+    max_fp32_layers: int = DEFAULT_MAX_FP32_LAYERS,
     reduce: Callable[[np.ndarray], np.ndarray] = lambda x: x,
     config: Int8Config | None = None,
 ) -> FallbackResult:
-    """Write ``dst``: ``src`` in INT8, keeping layers FP32 until the mean cosine on ``calibration`` >= budget."""
+    """Write ``dst``: ``src`` in INT8, keeping up to ``max_fp32_layers`` layers FP32 until the mean
+    cosine on ``calibration`` >= ``budget``."""
     cfg = config or Int8Config()
-    budget = cfg.budget if budget is None else budget
-    limit = cfg.max_fp32_layers if max_fp32_layers is None else max_fp32_layers
+    limit = max_fp32_layers
     ref = outputs(src, calibration)
     with tempfile.TemporaryDirectory() as td:
         quant = _Quantizer(src, cfg, calibration, Path(td))

@@ -38,3 +38,9 @@ def kl_divergence(ref_logits: np.ndarray, got_logits: np.ndarray) -> float:
 
 def top1_agreement(ref_logits: np.ndarray, got_logits: np.ndarray) -> float:
     return float(np.mean(ref_logits.argmax(-1) == got_logits.argmax(-1)))
+
+
+def meets_budgets(metrics: dict[str, float], budgets: dict[str, float]) -> bool:
+    """True when every metric of ``budgets`` was measured and reaches its minimum; a budgeted metric
+    missing from ``metrics`` fails the check."""
+    return all(k in metrics and metrics[k] >= v for k, v in budgets.items())

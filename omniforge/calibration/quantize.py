@@ -1,18 +1,29 @@
-"""``quantize`` over a build, one stage at a time.
+"""``quantize`` over a build, one stage at a time, each stage by the quantizer of its kind and precision.
 
-- LLM: weight-only INT4/INT8 (RTN, AWQ or GPTQ) as ONNX Runtime's ``MatMulNBits`` graph, plus the
-  standard-ONNX form (block-wise ``DequantizeLinear``, opset 21) that TensorRT consumes;
-- token embedding: INT8 table, one scale per row;
-- encoders, projectors, UNets, VAE decoders, vocoder: INT8 with the accuracy-driven fallback.
-  Static QDQ (calibrated on inputs captured from the FP32 pipeline, the TensorRT-ready form) for
-  stages with convolutions, and for every stage when ``int8_mode`` is ``static``; ONNX Runtime's
-  dynamic INT8 for the transformer-only stages otherwise (faster on CPUs, measured).
+- LLM (int4/int8): weight-only (RTN, AWQ or GPTQ) as ONNX Runtime's ``MatMulNBits`` in-place
+  graph, plus the standard-ONNX form (block-wise ``DequantizeLinear``, opset 21) that TensorRT
+  consumes;
+- token embedding (int8): INT8 table, one scale per row;
+- encoders, projectors, UNets, VAE decoders, vocoder (int8): INT8 with the accuracy-driven
+  fallback. Static QDQ (calibrated on inputs captured from the FP32 pipeline, the TensorRT-ready
+  form) for stages with convolutions, and for every stage when ``int8_mode`` is ``static``; ONNX
+  Runtime's dynamic INT8 for the transformer-only stages otherwise (faster on CPUs, measured);
+- any stage but the LLM and the embedding (fp16): FP16 with norms kept FP32.
 
-Each quantized stage is measured against its FP32 graph on held-out captured inputs (or seeded
-ones where none were captured): cosine, SNR, max error; for the LLM top-1 agreement and KL
-divergence of next-token distributions over decode steps. The report lands in the build
-(``quantize.json`` / ``quantize.md``). With ``stage_cache`` each stage's result is cached under a
-key of its FP32 graph's SHA-256 and the options, so changing one stage's precision redoes only it.
+What each report measures, on what:
+
+- INT8 and FP16 stages: cosine, SNR and max error of every output against the FP32 graph on the
+  held-out captured calls (every fourth recorded call, never calibrated on); a stage the capture
+  did not reach (or a build quantized without a capture) is measured on seeded inputs at each of
+  its profile points, and the token embedding always on seeded token ids;
+- the LLM: top-1 agreement, KL divergence and cosine of next-token logits of the in-place graph
+  against FP32 over a seeded 12-row prompt and 24 seeded decode rows (both graphs fed the same
+  rows), and the standard form's output cosine on seeded inputs at the stage's profile points.
+
+AWQ and GPTQ calibrate on the captured LLM prompt rows plus the shipped text. The report lands in
+the build (``quantize.json`` / ``quantize.md``). With ``stage_cache`` each stage's result is cached
+under a key of its FP32 graph's SHA-256 and the options, so changing one stage's precision redoes
+only it.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import onnx
@@ -31,12 +43,17 @@ import onnxruntime as ort
 
 from omniforge.calibration import capture as calib
 from omniforge.calibration.capture import CalibrationInputs
-from omniforge.calibration.fallback import Int8Config, quantize_int8_with_fallback
+from omniforge.calibration.fallback import (
+    DEFAULT_BUDGET,
+    DEFAULT_MAX_FP32_LAYERS,
+    Int8Config,
+    quantize_int8_with_fallback,
+)
 from omniforge.calibration.metrics import cosine, kl_divergence, snr_db, top1_agreement
 from omniforge.calibration.weight_only import WeightOnlyConfig, quantize_embedding, quantize_weights
 from omniforge.errors import ConfigError
 from omniforge.pipeline.atomic import atomic_folder
-from omniforge.pipeline.contracts import Contract, Role
+from omniforge.pipeline.contracts import Contract, Role, Slot
 from omniforge.pipeline.manifest import (
     Manifest,
     StageBuild,
@@ -48,12 +65,13 @@ from omniforge.pipeline.manifest import (
     stage_files,
     write_manifest,
 )
+from omniforge.pipeline.precision import QUANTIZED_PRECISIONS, STAGE_PRECISIONS, Precision, weight_bits
 from omniforge.pipeline.spec import StageKind, StageSpec
 
-PRECISIONS = ("fp16", "int8", "int4")
-STAGE_PRECISIONS = ("fp32", "fp16", "int8", "int4")
 INT8_MODES = ("auto", "static", "dynamic")
 CONV_KINDS = {StageKind.DECODER, StageKind.VAE, StageKind.VOCODER}  # UNets, VAE decoders, vocoder
+STAGE_METRICS = ("cosine_min", "snr_db_min", "max_abs_err")  # what _stage_metrics measures
+LLM_METRICS = ("top1_agreement", "kl_divergence", "logits_cosine")  # what _llm_metrics measures
 
 
 @dataclass(frozen=True)
@@ -64,8 +82,8 @@ class QuantizeOptions:
     int8_mode: str = "auto"  # auto: static QDQ for convolution stages, dynamic for the others
     calibration_method: str = "minmax"  # static INT8 ranges: minmax | percentile | entropy
     smoothquant_alpha: float | None = None  # SmoothQuant before static INT8 of MatMul stages
-    budget: float = 0.999  # mean cosine to FP32 on calibration inputs that the INT8 fallback restores
-    max_fp32_layers: int = 8
+    budget: float = DEFAULT_BUDGET  # mean cosine to FP32 on calibration inputs the INT8 fallback restores
+    max_fp32_layers: int = DEFAULT_MAX_FP32_LAYERS  # layers the INT8 fallback may keep FP32
     standard_form: bool = True  # LLM: also the block-wise DequantizeLinear graph for TensorRT
     end_to_end: bool = True  # measure image PSNR / audio SNR / token agreement against the FP32 pipeline
     calibration: CalibrationInputs | None = None  # default: CalibrationInputs.default()
@@ -76,12 +94,22 @@ class QuantizeOptions:
         Int8Config(method=self.calibration_method)  # validates the method
         if self.smoothquant_alpha is not None and not 0.0 <= self.smoothquant_alpha <= 1.0:
             raise ConfigError(f"SmoothQuant alpha must be in [0, 1], got {self.smoothquant_alpha}")
+        if not 0.0 <= self.budget <= 1.0:
+            raise ConfigError(f"the INT8 budget is a mean cosine in [0, 1], got {self.budget}")
+        if self.max_fp32_layers < 0:
+            raise ConfigError(
+                f"the INT8 fallback's FP32 layer count must be >= 0, got {self.max_fp32_layers}"
+            )
 
     def inputs(self) -> CalibrationInputs:
         return self.calibration or CalibrationInputs.default()
 
+    def weights(self, precision: str) -> WeightOnlyConfig:
+        """The LLM's weight-only settings at ``precision``."""
+        return replace(self.weight_only, bits=weight_bits(precision))
+
     def key(self, precision: str) -> str:
-        wo = replace(self.weight_only, bits=4 if precision == "int4" else 8)
+        wo = self.weights(precision)
         data = {**asdict(self), "weight_only": asdict(wo), "calibration": self.inputs().digest()}
         return json.dumps(data, sort_keys=True, default=str)
 
@@ -95,6 +123,15 @@ class StageQuantization:
     size_after: int
     metrics: dict[str, float] = field(default_factory=dict)
     note: str = ""
+
+
+def budgets_for(kind: StageKind, budgets: dict[str, float]) -> dict[str, float]:
+    """The entries of ``budgets`` that judge a stage of ``kind`` (the metrics its report measures)."""
+    measured = LLM_METRICS if kind is StageKind.LLM else STAGE_METRICS
+    chosen = {k: v for k, v in budgets.items() if k in measured}
+    if not chosen:
+        raise ConfigError(f"no accuracy budget applies to {kind} stages (they measure {', '.join(measured)})")
+    return chosen
 
 
 def _session(model: onnx.ModelProto | Path) -> ort.InferenceSession:
@@ -116,7 +153,7 @@ def _stage_metrics(
             cos.append(cosine(x, y))
             snr.append(snr_db(x, y))
             err.append(float(np.max(np.abs(x - y))) if x.size else 0.0)
-    return {"cosine_min": min(cos), "snr_db_min": min(snr), "max_abs_err": max(err)}
+    return dict(zip(STAGE_METRICS, (min(cos), min(snr), max(err)), strict=True))
 
 
 def _llm_metrics(
@@ -135,11 +172,12 @@ def _llm_metrics(
         name: probe(LlmEngine(path, g, contract=contract, preset="measurement"), [prompt], [follow]).logits[0]
         for name, path in (("fp32", fp32), ("quant", quant))
     }
-    return {
-        "top1_agreement": top1_agreement(logits["fp32"], logits["quant"]),
-        "kl_divergence": kl_divergence(logits["fp32"], logits["quant"]),
-        "logits_cosine": cosine(logits["fp32"], logits["quant"]),
-    }
+    values = (
+        top1_agreement(logits["fp32"], logits["quant"]),
+        kl_divergence(logits["fp32"], logits["quant"]),
+        cosine(logits["fp32"], logits["quant"]),
+    )
+    return dict(zip(LLM_METRICS, values, strict=True))
 
 
 def _size(build: Path, rels: list[str]) -> int:
@@ -169,15 +207,16 @@ def stage_plan(manifest: Manifest, precision: str, overrides: dict[str, str] | N
     the LLM and the embedding lookup, whose in-place KV cache stays FP32 on ONNX Runtime's CPU
     provider (TensorRT builds its own FP16 engine from the canonical graph).
     """
-    if precision not in (*PRECISIONS, "fp32"):
-        raise ConfigError(f"precision '{precision}' is not one of fp32, {', '.join(PRECISIONS)}")
+    if precision not in STAGE_PRECISIONS:
+        raise ConfigError(f"precision '{precision}' is not one of {', '.join(STAGE_PRECISIONS)}")
     plan = {}
     for name in manifest.stages:
         kind = manifest.pipeline.stage(name).kind
-        if precision == "fp16":
-            plan[name] = "fp32" if kind in (StageKind.LLM, StageKind.EMBEDDING) else "fp16"
+        if precision == Precision.FP16:
+            plan[name] = Precision.FP32 if kind in (StageKind.LLM, StageKind.EMBEDDING) else Precision.FP16
         else:
-            plan[name] = precision if kind is StageKind.LLM or precision == "fp32" else "int8"
+            keep = kind is StageKind.LLM or precision == Precision.FP32
+            plan[name] = Precision(precision) if keep else Precision.INT8
     for name, p in (overrides or {}).items():
         if name not in plan:
             raise ConfigError(f"no stage '{name}' in this build (it has: {', '.join(plan)})")
@@ -186,16 +225,18 @@ def stage_plan(manifest: Manifest, precision: str, overrides: dict[str, str] | N
                 f"stage precision '{p}' for '{name}' is not one of {', '.join(STAGE_PRECISIONS)}"
             )
         kind = manifest.pipeline.stage(name).kind
-        if p == "int4" and kind is not StageKind.LLM:
+        if p == Precision.INT4 and kind is not StageKind.LLM:
             raise ConfigError(f"int4 is for the LLM's weights; '{name}' can be fp32, fp16 or int8")
-        if p == "fp16" and kind in (StageKind.LLM, StageKind.EMBEDDING):
+        if p == Precision.FP16 and kind in (StageKind.LLM, StageKind.EMBEDDING):
             raise ConfigError(f"'{name}' has no fp16 form for ONNX Runtime here; use fp32, int8 or int4")
-        plan[name] = p
-    return plan
+        plan[name] = Precision(p)
+    return {k: str(v) for k, v in plan.items()}
 
 
 @dataclass
-class _Context:
+class QuantizeContext:
+    """What every stage quantizer reads: the FP32 build, the options and the calibration data."""
+
     build: Path
     manifest: Manifest
     opts: QuantizeOptions
@@ -203,9 +244,18 @@ class _Context:
     llm_rows: list[np.ndarray] | None
     log: Callable[[str], None]
 
+    def captured(self, name: str) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+        """(calibration feeds, held-out feeds) captured for stage ``name``; empty without a capture."""
+        return calib.load(self.calibration_dir, name) if self.calibration_dir else ([], [])
 
-def _captured(ctx: _Context, name: str) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
-    return calib.load(ctx.calibration_dir, name) if ctx.calibration_dir else ([], [])
+
+Result = tuple[StageBuild, StageQuantization]
+
+
+class StageQuantizer(Protocol):
+    """Makes one stage's quantized variants under ``out/stages``: its manifest entry and report."""
+
+    def quantize(self, ctx: QuantizeContext, name: str, precision: Precision, out: Path) -> Result: ...
 
 
 def _int8_mode(spec: StageSpec, opts: QuantizeOptions) -> str:
@@ -214,123 +264,184 @@ def _int8_mode(spec: StageSpec, opts: QuantizeOptions) -> str:
     return "static" if spec.kind in CONV_KINDS else "dynamic"
 
 
-def _quantize_stage(
-    ctx: _Context, name: str, precision: str, out: Path
-) -> tuple[StageBuild, StageQuantization]:
-    """Write the quantized files of one stage under ``out/stages`` and return its manifest entry and report."""
-    sb = ctx.manifest.stages[name]
-    spec = ctx.manifest.pipeline.stage(name)
-    (out / "stages").mkdir(parents=True, exist_ok=True)
-    inplace = sb.variant(Role.ORT_INPLACE_LLM)
-    if spec.kind is StageKind.LLM and inplace is not None:
-        wcfg = replace(ctx.opts.weight_only, bits=4 if precision == "int4" else 8)
+class WeightOnlyLlm:
+    """The LLM's weights block-quantized: ``MatMulNBits`` in-place graph plus the ``DequantizeLinear`` form."""
+
+    def quantize(self, ctx: QuantizeContext, name: str, precision: Precision, out: Path) -> Result:
+        sb = ctx.manifest.stages[name]
+        spec = ctx.manifest.pipeline.stage(name)
+        inplace = sb.variant(Role.ORT_INPLACE_LLM)
+        if inplace is None or inplace.contract is None:
+            raise ConfigError(f"stage '{name}' has no in-place LLM graph to quantize; export the build again")
+        wcfg = ctx.opts.weights(precision)
         src = ctx.build / inplace.file
         rel = f"stages/{name}.{precision}.ort.onnx"
-        fp32_graph = onnx.load(str(src))
-        rows = ctx.llm_rows if wcfg.method != "rtn" else None
-        if wcfg.method == "awq":
-            from omniforge.calibration.awq import apply_awq
-
-            q = quantize_weights(apply_awq(fp32_graph, rows, wcfg.block_size), wcfg)
-        else:
-            q = quantize_weights(fp32_graph, wcfg)
-        if wcfg.method == "gptq":
-            from omniforge.calibration.gptq import apply_gptq
-
-            q = apply_gptq(fp32_graph, q, rows, wcfg.bits, wcfg.block_size)
-        onnx.save_model(q, str(out / rel))
+        onnx.save_model(
+            self._graph(onnx.load(str(src)), inplace.contract, wcfg, ctx.llm_rows), str(out / rel)
+        )
         metrics = _llm_metrics(src, out / rel, spec, inplace.contract)
         qsb = sb.with_variant(replace(inplace, file=rel, precision=precision, data_files=()))
         note = "the embedding table is INT8 in token_embedding"
         if ctx.opts.standard_form:
-            from omniforge.calibration.standard_form import dequantize_linear_form
-
-            std_rel = f"stages/{name}.{precision}.qdq.onnx"
-            canonical = onnx.load(str(ctx.build / sb.file))
-            codes = "gptq" if wcfg.method == "gptq" else "rtn"
-            std = dequantize_linear_form(canonical, wcfg.bits, wcfg.block_size, codes, rows)
-            onnx.save_model(std, str(out / std_rel))
+            std_rel, codes = self._standard_form(ctx, name, precision, out, wcfg)
             qsb = qsb.with_variant(Variant(Role.WEIGHT_ONLY_DQ, std_rel, precision))
             metrics["qdq_cosine_min"] = _stage_metrics(ctx.build / sb.file, out / std_rel, spec)["cosine_min"]
-            note += f"; {std_rel}: block-wise DequantizeLinear (opset 21, {codes.upper()} codes) for TensorRT"
-        return replace(qsb, precision=precision), StageQuantization(
-            name,
-            precision,
-            f"weight-only MatMulNBits ({wcfg.method.upper()}), {wcfg.bits}-bit, block {wcfg.block_size}",
-            src.stat().st_size,
-            (out / rel).stat().st_size,
-            metrics,
-            note=note,
+            note += f"; {std_rel}: block-wise DequantizeLinear (opset 21, {codes} codes) for TensorRT"
+        sym = "symmetric" if wcfg.symmetric else "asymmetric"
+        method = (
+            f"weight-only MatMulNBits ({wcfg.method.upper()}), {wcfg.bits}-bit {sym}, block {wcfg.block_size}"
         )
-    if precision == "fp16":
+        size = (src.stat().st_size, (out / rel).stat().st_size)
+        return replace(qsb, precision=precision), StageQuantization(
+            name, precision, method, *size, metrics, note=note
+        )
+
+    @staticmethod
+    def _graph(
+        fp32: onnx.ModelProto, contract: Contract, wcfg: WeightOnlyConfig, rows: list[np.ndarray] | None
+    ) -> onnx.ModelProto:
+        """The ``MatMulNBits`` form of the in-place graph by ``wcfg.method``."""
+        if wcfg.method != "rtn" and not rows:
+            raise ConfigError(f"{wcfg.method.upper()} needs LLM calibration rows")
+        if wcfg.method == "awq":
+            from omniforge.calibration.awq import apply_awq
+
+            scaled = apply_awq(fp32, contract, rows, wcfg.bits, wcfg.block_size, wcfg.symmetric)
+            return quantize_weights(scaled, wcfg)
+        q = quantize_weights(fp32, wcfg)
+        if wcfg.method == "gptq":
+            from omniforge.calibration.gptq import apply_gptq
+
+            q = apply_gptq(fp32, q, contract, rows, wcfg.bits, wcfg.block_size)
+        return q
+
+    @staticmethod
+    def _standard_form(
+        ctx: QuantizeContext, name: str, precision: Precision, out: Path, wcfg: WeightOnlyConfig
+    ) -> tuple[str, str]:
+        """Write the block-wise ``DequantizeLinear`` form of the canonical graph: (its path, its codes)."""
+        from omniforge.calibration.standard_form import dequantize_linear_form
+
+        std_rel = f"stages/{name}.{precision}.qdq.onnx"
+        canonical = onnx.load(str(ctx.build / ctx.manifest.stages[name].file))
+        codes = "gptq" if wcfg.method == "gptq" else "rtn"
+        std = dequantize_linear_form(
+            canonical,
+            wcfg.bits,
+            wcfg.block_size,
+            codes,
+            ctx.llm_rows,
+            ctx.manifest.pipeline.stage(name),
+            wcfg.symmetric,
+        )
+        onnx.save_model(std, str(out / std_rel))
+        sym = "symmetric" if wcfg.symmetric else "asymmetric, with zero points"
+        return std_rel, f"{codes.upper()} {sym}"
+
+
+class Fp16Stage:
+    """FP16 weights and compute, norms and their reductions FP32, FP32 inputs/outputs."""
+
+    def quantize(self, ctx: QuantizeContext, name: str, precision: Precision, out: Path) -> Result:
         from omniforge.passes.precision import to_fp16_keep_norms
 
+        sb = ctx.manifest.stages[name]
         src = ctx.build / sb.file
         rel = f"stages/{name}.fp16.onnx"
         onnx.save_model(to_fp16_keep_norms(onnx.load(str(src))), str(out / rel))
-        heldout = _captured(ctx, name)[1]
+        metrics = _stage_metrics(src, out / rel, ctx.manifest.pipeline.stage(name), ctx.captured(name)[1])
+        size = (src.stat().st_size, (out / rel).stat().st_size)
         return replace(sb.with_variant(Variant(Role.ORT, rel, "fp16")), precision="fp16"), StageQuantization(
-            name,
-            "fp16",
-            "FP16 weights and compute, norms and their reductions FP32, FP32 inputs/outputs",
-            src.stat().st_size,
-            (out / rel).stat().st_size,
-            _stage_metrics(src, out / rel, spec, heldout),
+            name, "fp16", self.__doc__ or "", *size, metrics
         )
-    if spec.kind is StageKind.EMBEDDING:
+
+
+class EmbeddingInt8:
+    """INT8 table, one scale per row."""
+
+    def quantize(self, ctx: QuantizeContext, name: str, precision: Precision, out: Path) -> Result:
+        sb = ctx.manifest.stages[name]
         src = ctx.build / sb.file
         rel = f"stages/{name}.int8.onnx"
         onnx.save_model(quantize_embedding(onnx.load(str(src))), str(out / rel))
+        metrics = _stage_metrics(src, out / rel, ctx.manifest.pipeline.stage(name))
+        size = (src.stat().st_size, (out / rel).stat().st_size)
         return replace(sb.with_variant(Variant(Role.ORT, rel, "int8")), precision="int8"), StageQuantization(
-            name,
-            "int8",
-            "INT8 table, one scale per row",
-            src.stat().st_size,
-            (out / rel).stat().st_size,
-            _stage_metrics(src, out / rel, spec),
+            name, "int8", self.__doc__ or "", *size, metrics
         )
-    mode = _int8_mode(spec, ctx.opts)
-    calibration, heldout = _captured(ctx, name)
-    if not calibration:  # a stage the capture did not reach: seeded inputs at every profile point
-        calibration = [spec.sample_inputs(p, seed=300 + i) for i, p in enumerate(spec.parity_points())]
-    ops = ("Conv", "MatMul", "Gemm") if spec.kind in CONV_KINDS else ("MatMul", "Gemm")
-    cfg = Int8Config(mode, ctx.opts.calibration_method, ops, ctx.opts.budget, ctx.opts.max_fp32_layers)
-    fp32 = ctx.build / (sb.file if mode == "static" else runtime_file(ctx.manifest, name))
-    source, method = (
-        fp32,
-        (
-            f"static QDQ INT8 ({ctx.opts.calibration_method}), per-channel weights"
-            if mode == "static"
-            else "dynamic INT8, per-channel weights, reduce_range"
-        ),
-    )
-    if mode == "static" and ctx.opts.smoothquant_alpha is not None and "MatMul" in ops:
-        from omniforge.calibration.smoothquant import smooth_quant
-
-        smoothed, report = smooth_quant(onnx.load(str(fp32)), calibration, ctx.opts.smoothquant_alpha)
-        source = out / f"{name}.smoothed.onnx"
-        onnx.save_model(smoothed, str(source))
-        method += f", SmoothQuant alpha {ctx.opts.smoothquant_alpha} ({report.fired} groups)"
-    rel = f"stages/{name}.int8.{'qdq' if mode == 'static' else 'ort'}.onnx"
-    fb = quantize_int8_with_fallback(source, out / rel, calibration, config=cfg)
-    if source != fp32:
-        source.unlink()
-    qsb = sb.with_variant(Variant(Role.ORT, rel, "int8"))
-    if mode == "static":  # zero-point-free Q/DQ: what TensorRT builds explicit INT8 from
-        qsb = qsb.with_variant(Variant(Role.QDQ, rel, "int8"))
-    note = f"{len(fb.excluded)} layer(s) kept FP32 by the accuracy fallback" if fb.excluded else ""
-    return replace(qsb, precision="int8"), StageQuantization(
-        name,
-        "int8",
-        method,
-        fp32.stat().st_size,
-        (out / rel).stat().st_size,
-        _stage_metrics(ctx.build / runtime_file(ctx.manifest, name), out / rel, spec, heldout),
-        note=note,
-    )
 
 
-def _stage_key(ctx: _Context, name: str, precision: str) -> str:
+class Int8WithFallback:
+    """Static QDQ or dynamic INT8 with the accuracy-driven fallback (optionally after SmoothQuant)."""
+
+    def quantize(self, ctx: QuantizeContext, name: str, precision: Precision, out: Path) -> Result:
+        sb = ctx.manifest.stages[name]
+        spec = ctx.manifest.pipeline.stage(name)
+        mode = _int8_mode(spec, ctx.opts)
+        calibration, heldout = ctx.captured(name)
+        if not calibration:  # a stage the capture did not reach: seeded inputs at every profile point
+            calibration = [spec.sample_inputs(p, seed=300 + i) for i, p in enumerate(spec.parity_points())]
+        ops = ("Conv", "MatMul", "Gemm") if spec.kind in CONV_KINDS else ("MatMul", "Gemm")
+        cfg = Int8Config(mode, ctx.opts.calibration_method, ops)
+        fp32 = ctx.build / (sb.file if mode == "static" else runtime_file(ctx.manifest, name))
+        if mode == "static":
+            method = f"static QDQ INT8 ({ctx.opts.calibration_method}), per-channel weights"
+        else:
+            method = "dynamic INT8, per-channel weights, reduce_range"
+        source = fp32
+        if mode == "static" and ctx.opts.smoothquant_alpha is not None and "MatMul" in ops:
+            from omniforge.calibration.smoothquant import smooth_quant
+
+            smoothed, report = smooth_quant(onnx.load(str(fp32)), calibration, ctx.opts.smoothquant_alpha)
+            source = out / f"{name}.smoothed.onnx"
+            onnx.save_model(smoothed, str(source))
+            method += f", SmoothQuant alpha {ctx.opts.smoothquant_alpha} ({report.fired} groups)"
+        rel = f"stages/{name}.int8.{'qdq' if mode == 'static' else 'ort'}.onnx"
+        fb = quantize_int8_with_fallback(
+            source, out / rel, calibration, ctx.opts.budget, ctx.opts.max_fp32_layers, config=cfg
+        )
+        if source != fp32:
+            source.unlink()
+        qsb = sb.with_variant(Variant(Role.ORT, rel, "int8"))
+        if mode == "static":  # zero-point-free Q/DQ: what TensorRT builds explicit INT8 from
+            qsb = qsb.with_variant(Variant(Role.QDQ, rel, "int8"))
+        note = f"{len(fb.excluded)} layer(s) kept FP32 by the accuracy fallback" if fb.excluded else ""
+        metrics = _stage_metrics(ctx.build / runtime_file(ctx.manifest, name), out / rel, spec, heldout)
+        size = (fp32.stat().st_size, (out / rel).stat().st_size)
+        return replace(qsb, precision="int8"), StageQuantization(
+            name, "int8", method, *size, metrics, note=note
+        )
+
+
+# (stage kind or None for any kind, precision) -> the quantizer; the kind's own entry wins
+QUANTIZERS: dict[tuple[StageKind | None, Precision], StageQuantizer] = {
+    (StageKind.LLM, Precision.INT4): WeightOnlyLlm(),
+    (StageKind.LLM, Precision.INT8): WeightOnlyLlm(),
+    (StageKind.EMBEDDING, Precision.INT8): EmbeddingInt8(),
+    (None, Precision.INT8): Int8WithFallback(),
+    (None, Precision.FP16): Fp16Stage(),
+}
+
+
+def select_quantizer(kind: StageKind, precision: str) -> StageQuantizer:
+    """The quantizer that makes a ``kind`` stage at ``precision``."""
+    if precision not in QUANTIZED_PRECISIONS:
+        raise ConfigError(f"precision '{precision}' is not one of {', '.join(QUANTIZED_PRECISIONS)}")
+    p = Precision(precision)
+    found = QUANTIZERS.get((kind, p)) or QUANTIZERS.get((None, p))
+    if found is None or (p is Precision.INT4 and kind is not StageKind.LLM):
+        raise ConfigError(f"{kind} stages have no {p} form")
+    return found
+
+
+def _quantize_stage(ctx: QuantizeContext, name: str, precision: str, out: Path) -> Result:
+    """Write the quantized files of one stage under ``out/stages`` and return its manifest entry and report."""
+    (out / "stages").mkdir(parents=True, exist_ok=True)
+    quantizer = select_quantizer(ctx.manifest.pipeline.stage(name).kind, precision)
+    return quantizer.quantize(ctx, name, Precision(precision), out)
+
+
+def _stage_key(ctx: QuantizeContext, name: str, precision: str) -> str:
     """The stage's FP32 graphs, the options and the calibration capture (which depends on every
     stage before this one, not only on this stage's file)."""
     sb = ctx.manifest.stages[name]
@@ -343,7 +454,7 @@ def _stage_key(ctx: _Context, name: str, precision: str) -> str:
 
 
 def _cached_stage(
-    ctx: _Context, name: str, precision: str, tmp: Path, cache: Path | None
+    ctx: QuantizeContext, name: str, precision: str, tmp: Path, cache: Path | None
 ) -> tuple[StageBuild, StageQuantization]:
     """One stage's result, from ``cache`` when present there, copied into ``tmp``."""
     if cache is None:
@@ -393,8 +504,8 @@ def quantize_build(
     ``overrides``: per-stage precisions on top of ``precision``; ``stage_cache``: a folder caching
     each stage's result (and the calibration capture) across runs.
     """
-    if precision not in (*PRECISIONS, "fp32"):
-        raise ConfigError(f"precision '{precision}' is not one of {', '.join(PRECISIONS)}")
+    if precision not in STAGE_PRECISIONS:
+        raise ConfigError(f"precision '{precision}' is not one of {', '.join(STAGE_PRECISIONS)}")
     opts = options or QuantizeOptions()
     if weight_only is not None:
         opts = replace(opts, weight_only=weight_only)
@@ -423,8 +534,9 @@ def quantize_build(
         rows = calibration
         if rows is None and plan.get("llm", "fp32") != "fp32" and opts.weight_only.method != "rtn":
             captured = calib.load(calib_dir, "llm")[0] if calib_dir else []
-            rows = [f["inputs_embeds"] for f in captured] + calibration_rows(build)
-        ctx = _Context(build, manifest, opts, calib_dir, rows, log)
+            embeds = manifest.variant("llm", Role.ORT_INPLACE_LLM).contract.slot(Slot.EMBEDS)
+            rows = [f[embeds] for f in captured] + calibration_rows(build)
+        ctx = QuantizeContext(build, manifest, opts, calib_dir, rows, log)
         stages = dict(manifest.stages)
         results: list[StageQuantization] = []
         for name, p in plan.items():

@@ -5,8 +5,9 @@ ONNX Runtime's own ``MatMulNBits`` form. It is made from the canonical (opset 17
 LLM graph: the opset is raised to 21, which for these graphs only changes the reduce operators
 (``axes`` moves from an attribute to an input, opset 18), and every constant 2-D MatMul weight
 ``W`` (K, N) — the LM head included — becomes ``DequantizeLinear(codes, scale, axis=0,
-block_size)``. Codes follow the same symmetric convention as ``MatMulNBits``: round-to-nearest, or
-GPTQ from Hessians captured through this graph.
+block_size)``. Codes come from ``codes``, as for ``MatMulNBits``: symmetric round-to-nearest (signed
+codes, no zero point), asymmetric round-to-nearest (unsigned codes with a zero point per block),
+or GPTQ from Hessians captured through this graph.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from omniforge.calibration.gptq import gptq_quantize
-from omniforge.calibration.tensors import session_with_outputs
-from omniforge.errors import ConfigError
+from omniforge.calibration.codes import gptq_codes, pack_nibbles, rtn_codes
+from omniforge.calibration.tensors import canonical_prefill, hessians, matmul_inputs
+from omniforge.errors import ConfigError, ExportError
+from omniforge.pipeline.spec import StageSpec
 
 REDUCE_OPS = {
     "ReduceL1",
@@ -71,52 +73,22 @@ def upgrade_opset(model: onnx.ModelProto, target: int = 21) -> onnx.ModelProto:
     return out
 
 
-def rtn_codes(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric round-to-nearest codes (K, N) and scales (ceil(K / block), N), MatMulNBits' convention."""
-    k, n = w.shape
-    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    pad = (-k) % block
-    wp = np.pad(w.astype(np.float32), ((0, pad), (0, 0))).reshape(-1, block, n)
-    extreme = np.take_along_axis(wp, np.abs(wp).argmax(axis=1)[:, None, :], axis=1)[:, 0]
-    scale = extreme / lo
-    scale[scale == 0] = 1.0
-    codes = np.clip(np.round(wp / scale[:, None, :]), lo, hi).astype(np.int32)
-    return codes.reshape(-1, n)[:k], scale.astype(np.float32)
-
-
-def _int_tensor(codes: np.ndarray, bits: int, name: str) -> onnx.TensorProto:
+def _int_tensor(codes: np.ndarray, bits: int, signed: bool, name: str) -> onnx.TensorProto:
+    """Codes as an ONNX INT4/UINT4/INT8/UINT8 initializer."""
     if bits == 8:
-        return numpy_helper.from_array(codes.astype(np.int8), name)
-    flat = codes.astype(np.int8).ravel()
-    if flat.size % 2:
-        flat = np.append(flat, np.int8(0))
-    packed = ((flat[0::2] & 0x0F) | ((flat[1::2] & 0x0F) << 4)).astype(np.uint8)
-    return helper.make_tensor(name, TensorProto.INT4, codes.shape, packed.tobytes(), raw=True)
+        return numpy_helper.from_array(codes.astype(np.int8 if signed else np.uint8), name)
+    kind = TensorProto.INT4 if signed else TensorProto.UINT4
+    return helper.make_tensor(name, kind, codes.shape, pack_nibbles(codes).tobytes(), raw=True)
 
 
-def canonical_hessians(model: onnx.ModelProto, rows: list[np.ndarray]) -> dict[str, np.ndarray]:
+def canonical_hessians(
+    model: onnx.ModelProto, spec: StageSpec, rows: list[np.ndarray]
+) -> dict[str, np.ndarray]:
     """``X^T X / tokens`` of each constant-weight MatMul's input, keyed by the weight's name (prefill, no past)."""
-    weights = {t.name for t in model.graph.initializer}
-    mm = {n.input[1]: n.input[0] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights}
-    names = sorted(set(mm.values()))
-    sess = session_with_outputs(model, names)
-    past = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
-    acc = {n: 0.0 for n in names}
-    count = 0
-    for r in rows:
-        s = r.shape[0]
-        feeds = {
-            "inputs_embeds": r[None].astype(np.float32),
-            "attention_mask": np.ones((1, s), np.int64),
-            "position_ids": np.arange(s, dtype=np.int64)[None],
-        }
-        for p in past:
-            feeds[p.name] = np.zeros((1, p.shape[1], 0, p.shape[3]), np.float32)
-        for n, v in zip(names, sess.run(names, feeds), strict=True):
-            x = v.reshape(-1, v.shape[-1]).astype(np.float64)
-            acc[n] = acc[n] + x.T @ x
-        count += s
-    return {w: acc[x] / count for w, x in mm.items()}
+    readers = matmul_inputs(model)
+    if not readers:
+        raise ExportError("GPTQ found no MatMul with a constant weight in the canonical LLM graph")
+    return hessians(model, readers, [canonical_prefill(spec, r) for r in rows])
 
 
 def dequantize_linear_form(
@@ -125,13 +97,21 @@ def dequantize_linear_form(
     block: int = 32,
     method: str = "rtn",
     rows: list[np.ndarray] | None = None,
+    spec: StageSpec | None = None,
+    symmetric: bool = True,
 ) -> onnx.ModelProto:
-    """The canonical LLM graph at opset 21 with every constant 2-D MatMul weight block-quantized."""
+    """The canonical LLM graph at opset 21 with every constant 2-D MatMul weight block-quantized.
+
+    ``gptq`` needs the calibration ``rows`` and the stage's ``spec`` (to feed the graph); asymmetric
+    codes are unsigned with a zero point per block (``DequantizeLinear``'s third input).
+    """
     if method not in ("rtn", "gptq"):
         raise ConfigError(f"the standard-ONNX form is made with rtn or gptq codes, not '{method}'")
-    if method == "gptq" and not rows:
-        raise ConfigError("GPTQ needs calibration rows")
-    hs = canonical_hessians(model, rows) if method == "gptq" else {}
+    if method == "gptq" and not symmetric:
+        raise ConfigError("GPTQ is implemented for symmetric quantization only")
+    if method == "gptq" and (not rows or spec is None):
+        raise ConfigError("GPTQ needs calibration rows and the LLM's stage description")
+    hs = canonical_hessians(model, spec, rows) if method == "gptq" else {}
     out = upgrade_opset(model, 21)
     inits = {t.name: t for t in out.graph.initializer}
     done: dict[str, str] = {}
@@ -140,25 +120,8 @@ def dequantize_linear_form(
         w_name = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
         if w_name in inits and len(inits[w_name].dims) == 2 and inits[w_name].data_type == TensorProto.FLOAT:
             if w_name not in done:
-                w = numpy_helper.to_array(inits[w_name])
-                if w_name in hs:
-                    codes, scales = gptq_quantize(w, hs[w_name], bits, block)
-                else:
-                    codes, scales = rtn_codes(w, bits, block)
-                q, s, deq = f"{w_name}_q{bits}", f"{w_name}_scale", f"{w_name}_dequantized"
-                out.graph.initializer.append(_int_tensor(codes, bits, q))
-                out.graph.initializer.append(numpy_helper.from_array(scales, s))
-                new_nodes.append(
-                    helper.make_node(
-                        "DequantizeLinear",
-                        [q, s],
-                        [deq],
-                        name=f"{w_name}_DequantizeLinear",
-                        axis=0,
-                        block_size=block,
-                    )
-                )
-                done[w_name] = deq
+                new_nodes.append(_dequantize_node(out, inits[w_name], bits, block, symmetric, hs.get(w_name)))
+                done[w_name] = new_nodes[-1].output[0]
             node.input[1] = done[w_name]
     for w_name in done:
         out.graph.initializer.remove(inits[w_name])
@@ -166,3 +129,31 @@ def dequantize_linear_form(
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     return out
+
+
+def _dequantize_node(
+    model: onnx.ModelProto,
+    weight: onnx.TensorProto,
+    bits: int,
+    block: int,
+    symmetric: bool,
+    hessian: np.ndarray | None,
+) -> onnx.NodeProto:
+    """Add ``weight``'s codes (and scales, zero points) to ``model``; the node that dequantizes them."""
+    w = numpy_helper.to_array(weight)
+    q = rtn_codes(w, bits, block, symmetric) if hessian is None else gptq_codes(w, hessian, bits, block)
+    name = weight.name
+    inputs = [f"{name}_q{bits}", f"{name}_scale"]
+    model.graph.initializer.append(_int_tensor(q.codes, bits, symmetric, inputs[0]))
+    model.graph.initializer.append(numpy_helper.from_array(q.scales, inputs[1]))
+    if q.zero_points is not None:
+        inputs.append(f"{name}_zero_point")
+        model.graph.initializer.append(_int_tensor(q.zero_points, bits, False, inputs[2]))
+    return helper.make_node(
+        "DequantizeLinear",
+        inputs,
+        [f"{name}_dequantized"],
+        name=f"{name}_DequantizeLinear",
+        axis=0,
+        block_size=block,
+    )

@@ -1,11 +1,13 @@
-"""Weight-only quantization of the LLM's linear layers (block-wise INT4 or INT8).
+"""Weight-only quantization of the LLM's linear layers (block-wise INT4 or INT8), ONNX Runtime's form.
 
-Built on ONNX Runtime's ``MatMulNBitsQuantizer``; the result is ONNX Runtime's ``MatMulNBits``
-(``accuracy_level=4``: int8 compute inside the kernel). A standard-ONNX form for TensorRT (block-wise ``DequantizeLinear``, opset 21) is not
-produced yet: the canonical graphs are opset 17 and ONNX's version converter changed the exported
-LLaMA's outputs when tried. Every MatMul with a constant weight is quantized, the LM head included. The embedding
-table (the ``token_embedding`` stage) is stored INT8 with a scale per row by
-``quantize_embedding``: a lookup reads one row per token, so it costs file size, not bandwidth.
+``quantize_weights`` runs ONNX Runtime's ``MatMulNBitsQuantizer`` over every MatMul with a constant
+weight, the LM head included, and returns ONNX Runtime's ``MatMulNBits`` graph
+(``accuracy_level=4``: int8 compute inside the kernel), symmetric or asymmetric (a zero point per
+block). AWQ (``awq``) rescales the weights before this call and GPTQ (``gptq``) overwrites its codes
+after it; the standard-ONNX form for TensorRT (block-wise ``DequantizeLinear``, opset 21) is made
+from the canonical graph by ``standard_form`` with the same codes (``codes``). The embedding table
+(the ``token_embedding`` stage) is stored INT8 with a scale per row by ``quantize_embedding``: a
+lookup reads one row per token, so it costs file size, not bandwidth.
 """
 
 from __future__ import annotations

@@ -172,7 +172,11 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--block-size", type=int, default=32, help="LLM weight-only block size (16..256, default 32)"
     )
-    g.add_argument("--asymmetric", action="store_true", help="asymmetric LLM weight-only quantization (RTN)")
+    g.add_argument(
+        "--asymmetric",
+        action="store_true",
+        help="asymmetric LLM weight-only codes (a zero point per block) in both LLM forms; rtn or awq",
+    )
     g.add_argument(
         "--method",
         choices=["rtn", "awq", "gptq"],
@@ -203,7 +207,16 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
         "(default: prompts and synthetic media shipped with omniforge)",
     )
     g.add_argument(
-        "--int8-budget", type=float, default=0.999, help="mean cosine to FP32 the INT8 fallback restores"
+        "--int8-budget",
+        type=float,
+        metavar="COSINE",
+        help="mean cosine to FP32 on the calibration inputs that the INT8 fallback restores (default 0.999)",
+    )
+    g.add_argument(
+        "--int8-max-fp32-layers",
+        type=int,
+        metavar="N",
+        help="layers the INT8 fallback may keep FP32 to meet its budget (default 8)",
     )
 
 
@@ -211,10 +224,12 @@ def quantize_options(args: argparse.Namespace, precision: str):
     from omniforge.calibration.capture import CalibrationInputs
     from omniforge.calibration.quantize import QuantizeOptions
     from omniforge.calibration.weight_only import WeightOnlyConfig
+    from omniforge.pipeline.precision import weight_bits
 
+    fallback = {"budget": args.int8_budget, "max_fp32_layers": args.int8_max_fp32_layers}
     return QuantizeOptions(
         weight_only=WeightOnlyConfig(
-            bits=4 if precision == "int4" else 8,
+            bits=weight_bits(precision),
             block_size=args.block_size,
             symmetric=not args.asymmetric,
             method=args.method,
@@ -222,8 +237,8 @@ def quantize_options(args: argparse.Namespace, precision: str):
         int8_mode=args.int8_mode,
         calibration_method=args.calibration_method,
         smoothquant_alpha=args.smoothquant,
-        budget=args.int8_budget,
         calibration=CalibrationInputs.from_folder(args.calibration_data) if args.calibration_data else None,
+        **{k: v for k, v in fallback.items() if v is not None},  # unset: QuantizeOptions' defaults
     )
 
 
