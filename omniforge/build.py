@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata as md
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -35,6 +34,7 @@ from omniforge.pipeline.manifest import (
     stage_files,
     write_manifest,
 )
+from omniforge.pipeline.model_config import omniforge_home
 
 BACKENDS = ("onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8", "int4", "auto")
@@ -79,8 +79,7 @@ class BuildOptions:
 def cache_root(opts: BuildOptions) -> Path:
     if opts.cache:
         return Path(opts.cache)
-    home = Path(os.environ.get("OMNIFORGE_HOME", Path.home() / ".cache" / "omniforge"))
-    return home / "build-cache"
+    return omniforge_home() / "build-cache"
 
 
 def _key(*parts: str) -> str:

@@ -142,10 +142,14 @@ def resolve_model(path: str | None) -> Path:
     """The model folder a command works on: the given path, or the embedded default."""
     if path:
         return Path(path)
-    from omniforge.model.tiny import default_model_dir, ensure_default
+    from omniforge.pipeline.model_config import default_model_dir
 
-    if not (default_model_dir() / "nextgpt.json").is_file():
-        log(f"creating the embedded tiny NExT-GPT in {default_model_dir()} ...")
+    folder = default_model_dir()
+    if (folder / "nextgpt.json").is_file():
+        return folder  # no torch import when the default already exists
+    from omniforge.model.tiny import ensure_default
+
+    log(f"creating the embedded tiny NExT-GPT in {folder} ...")
     return ensure_default()
 
 

@@ -32,9 +32,13 @@ from omniforge.model.tokenizer import (
     train_tokenizer,
 )
 from omniforge.pipeline.atomic import temp_folder
-from omniforge.pipeline.model_config import FORMAT, FORMAT_VERSION, AudioFrontend
-
-DEFAULT_VERSION = 3  # bump when the default's architecture or seeds change
+from omniforge.pipeline.model_config import (
+    DEFAULT_VERSION,
+    FORMAT,
+    FORMAT_VERSION,
+    AudioFrontend,
+    default_model_dir,
+)
 
 
 @dataclass(frozen=True)
@@ -325,14 +329,6 @@ def create_default(folder: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
-
-
-def default_model_dir() -> Path:
-    """Where the embedded default is materialised (``$OMNIFORGE_HOME`` or ~/.cache/omniforge)."""
-    import os
-
-    home = Path(os.environ.get("OMNIFORGE_HOME", Path.home() / ".cache" / "omniforge"))
-    return home / f"tiny-nextgpt-v{DEFAULT_VERSION}"
 
 
 def ensure_default() -> Path:

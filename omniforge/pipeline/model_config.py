@@ -22,6 +22,7 @@ describes an LLM-only pipeline.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,3 +147,16 @@ def _from_nextgpt(root: Path, d: dict[str, Any]) -> ModelConfig:
         signal_tokens={k: list(v) for k, v in d.get("signal_tokens", {}).items()},
         placeholders=dict(d.get("placeholders", {})),
     )
+
+
+DEFAULT_VERSION = 3  # of the embedded tiny default: bump when its architecture or seeds change
+
+
+def omniforge_home() -> Path:
+    """``$OMNIFORGE_HOME``, or ~/.cache/omniforge: the default model and the build cache live here."""
+    return Path(os.environ.get("OMNIFORGE_HOME", Path.home() / ".cache" / "omniforge"))
+
+
+def default_model_dir() -> Path:
+    """Where the embedded default is materialised."""
+    return omniforge_home() / f"tiny-nextgpt-v{DEFAULT_VERSION}"
