@@ -9,6 +9,7 @@ from omniforge import __version__
 from omniforge.cli import (
     bench,
     build,
+    check_trt,
     compare,
     create_default,
     describe,
@@ -21,7 +22,19 @@ from omniforge.cli import (
 from omniforge.cli._common import add_verbose_arg, console
 from omniforge.errors import OmniforgeError
 
-COMMANDS = (build, export, optimize, quantize, run, compare, bench, describe, inspect, create_default)
+COMMANDS = (
+    build,
+    export,
+    optimize,
+    quantize,
+    run,
+    compare,
+    bench,
+    describe,
+    inspect,
+    check_trt,
+    create_default,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
