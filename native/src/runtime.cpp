@@ -1,0 +1,384 @@
+// ONNX Runtime loaded at run time, and the LLM: the in-place graph bound through its contract,
+// the KV-cache pool, token embeddings and greedy decoding (as omniforge/runtime/llm.py does).
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime/onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+
+#include <dirent.h>
+#include <dlfcn.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <thread>
+
+#include "internal.hpp"
+
+namespace omniforge {
+
+// ---- ONNX Runtime ---------------------------------------------------------------------------
+
+struct OrtLibrary {
+    void* handle = nullptr;  // kept loaded for the life of the process (unloading ORT is unsafe)
+    std::unique_ptr<Ort::Env> env;
+};
+
+namespace {
+
+bool is_dir(const std::string& p) {
+    struct stat st {};
+    return ::stat(p.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+// The library file: `spec` itself, or libonnxruntime.so* in spec/capi or spec.
+std::string find_library(const std::string& spec) {
+    if (!is_dir(spec)) return spec;
+    for (const std::string& dir : {spec + "/capi", spec}) {
+        DIR* d = ::opendir(dir.c_str());
+        if (!d) continue;
+        std::string best;
+        while (dirent* e = ::readdir(d)) {
+            std::string n = e->d_name;
+            if (n.rfind("libonnxruntime.so", 0) == 0 && n > best) best = n;
+        }
+        ::closedir(d);
+        if (!best.empty()) return dir + "/" + best;
+    }
+    fail(OF_ERR_ENGINE, "no libonnxruntime.so was found in '" + spec + "' or its capi/ folder");
+}
+
+std::shared_ptr<OrtLibrary> load_ort(const char* option) {
+    const char* spec = option && *option ? option : std::getenv("OMNIFORGE_ORT_LIBRARY");
+    if (!spec || !*spec)
+        fail(OF_ERR_ENGINE,
+             "ONNX Runtime's library was not given: set of_build_options.ort_library or OMNIFORGE_ORT_LIBRARY to "
+             "libonnxruntime.so or to the onnxruntime Python package's folder");
+    const std::string path = find_library(spec);
+    auto lib = std::make_shared<OrtLibrary>();
+    lib->handle = ::dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (!lib->handle) {
+        const char* why = ::dlerror();
+        fail(OF_ERR_ENGINE, "ONNX Runtime's library '" + path + "' could not be loaded (" + (why ? why : "unknown reason") + ")");
+    }
+    using GetApiBase = const OrtApiBase* (*)();
+    auto get = reinterpret_cast<GetApiBase>(::dlsym(lib->handle, "OrtGetApiBase"));
+    if (!get) fail(OF_ERR_ENGINE, "'" + path + "' is not ONNX Runtime's library (no OrtGetApiBase)");
+    const OrtApiBase* base = get();
+    const OrtApi* api = base ? base->GetApi(ORT_API_VERSION) : nullptr;
+    if (!api)
+        fail(OF_ERR_ENGINE, std::string("ONNX Runtime ") + (base ? base->GetVersionString() : "?") + " at '" + path +
+                                "' is older than the API version " + std::to_string(ORT_API_VERSION) +
+                                " libomniforge was built against");
+    Ort::InitApi(api);
+    lib->env = std::make_unique<Ort::Env>(ORT_LOGGING_LEVEL_ERROR, "omniforge");
+    return lib;
+}
+
+const char* dtype_name(ONNXTensorElementDataType t) {
+    switch (t) {
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float32";
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return "float64";
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return "int32";
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: return "int8";
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL: return "bool";
+        default: return "another type";
+    }
+}
+
+std::string shape_text(const std::vector<int64_t>& s) {
+    std::string out = "[";
+    for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + (s[i] < 0 ? std::string("?") : std::to_string(s[i]));
+    return out + "]";
+}
+
+// The graph's inputs and outputs are the contract's: names in order, dtypes, ranks, static sizes
+// (check_graph_io in Python).
+void check_graph_io(Ort::Session& session, const Contract& c, const std::string& what, const std::string& file) {
+    Ort::AllocatorWithDefaultOptions alloc;
+    for (int out = 0; out < 2; ++out) {
+        const auto& want = out ? c.outputs : c.inputs;
+        size_t n = out ? session.GetOutputCount() : session.GetInputCount();
+        std::vector<std::string> names;
+        for (size_t i = 0; i < n; ++i)
+            names.push_back((out ? session.GetOutputNameAllocated(i, alloc) : session.GetInputNameAllocated(i, alloc)).get());
+        bool same = names.size() == want.size();
+        for (size_t i = 0; same && i < n; ++i) same = names[i] == want[i].name;
+        if (!same)
+            fail(OF_ERR_MANIFEST, "engine '" + file + "' has " + std::to_string(n) + " " + (out ? "outputs" : "inputs") +
+                                      " that are not the ones " + what + " declares (names in order)");
+        for (size_t i = 0; i < n; ++i) {
+            Ort::TypeInfo ti = out ? session.GetOutputTypeInfo(i) : session.GetInputTypeInfo(i);
+            if (ti.GetONNXType() != ONNX_TYPE_TENSOR)
+                fail(OF_ERR_MANIFEST, "engine '" + file + "' " + (out ? "output '" : "input '") + names[i] + "' is not a tensor");
+            auto info = ti.GetTensorTypeAndShapeInfo();
+            std::string dtype = dtype_name(info.GetElementType());
+            std::vector<int64_t> shape = info.GetShape();
+            bool ok = dtype == want[i].dtype && shape.size() == want[i].shape.size();
+            for (size_t k = 0; ok && k < shape.size(); ++k)
+                ok = shape[k] < 0 || want[i].shape[k] < 0 || shape[k] == want[i].shape[k];
+            if (!ok)
+                fail(OF_ERR_MANIFEST, "engine '" + file + "' " + (out ? "output '" : "input '") + names[i] + "' is " + dtype + " " +
+                                          shape_text(shape) + ", but " + what + " declares " + want[i].dtype + " " +
+                                          shape_text(want[i].shape));
+        }
+    }
+}
+
+Ort::Session open_session(const BuildImpl& b, const Variant& v, bool spin) {
+    if (!v.data_files.empty())
+        fail(OF_ERR_UNSUPPORTED, "graph '" + v.file + "' keeps its weights in external data files, which libomniforge does not read yet");
+    std::vector<char> data = read_verified(b.folder, b.manifest, v.file);
+    Ort::SessionOptions opts;
+    int threads = b.threads > 0 ? b.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    opts.SetIntraOpNumThreads(threads);
+    opts.SetInterOpNumThreads(1);
+    opts.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
+    opts.SetLogSeverityLevel(3);
+    if (!spin) opts.AddConfigEntry("session.force_spinning_stop", "1");
+    try {
+        return Ort::Session(*b.ort->env, data.data(), data.size(), opts);
+    } catch (const Ort::Exception& e) {
+        std::string why = e.what();
+        why = why.substr(0, why.find('\n'));
+        fail(OF_ERR_ENGINE, "ONNX Runtime could not load '" + v.file + "': " + why.substr(0, 300));
+    }
+}
+
+}  // namespace
+
+BuildImpl::~BuildImpl() = default;
+
+std::unique_ptr<BuildImpl> open_build(const std::string& folder, const of_build_options& options) {
+    auto b = std::make_unique<BuildImpl>();
+    b->folder = folder;
+    while (b->folder.size() > 1 && b->folder.back() == '/') b->folder.pop_back();
+    b->manifest = read_manifest(b->folder);
+    verify_artifacts(b->folder, b->manifest, options.skip_verify != 0);
+    if (options.threads < 0 || options.threads > 1024)
+        fail(OF_ERR_INVALID_ARGUMENT, "threads must lie in [0, 1024], got " + std::to_string(options.threads));
+    b->threads = options.threads;
+    b->ort = load_ort(options.ort_library);
+    return b;
+}
+
+// ---- the LLM --------------------------------------------------------------------------------
+
+struct LlmImpl {
+    std::shared_ptr<BuildImpl> build;  // keeps the build (and ORT) alive while the LLM is open
+    LlmGeometry g;
+    int64_t num_slots = 0, max_context = 0;
+    Ort::Session session{nullptr};
+    Contract contract;
+    std::string embeds, seqlens, total, logits, hidden;
+    std::vector<std::vector<float>> kv;  // per in-place pair (layer-major, key then value): (slots, kvh, C, hd)
+    std::vector<int64_t> lengths;       // valid tokens per slot
+    std::vector<bool> busy;
+    std::mutex slots_lock;
+    Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+
+    // token embeddings: a session over the stage's served graph
+    Ort::Session embed_session{nullptr};
+    std::string embed_in, embed_out;
+    bool embed_int64 = true;
+
+    std::vector<float> embed(const std::vector<int32_t>& ids);
+    // Runs rows (S, H) for `slot`; fills last-position logits (V).
+    void step(int64_t slot, const std::vector<float>& rows, int64_t s, std::vector<float>& logits_out);
+};
+
+LlmImpl* open_llm(std::shared_ptr<BuildImpl> build, int32_t num_slots, int32_t max_context) {
+    auto llm = std::make_unique<LlmImpl>();
+    const Manifest& m = build->manifest;
+    const StageSpec& spec = m.spec("llm");
+    if (!spec.has_llm) fail(OF_ERR_MANIFEST, "the pipeline's stage 'llm' has no LLM geometry");
+    llm->g = spec.llm;
+    const LlmGeometry& g = llm->g;
+    if (num_slots < 1 || num_slots > 4096) fail(OF_ERR_INVALID_ARGUMENT, "num_slots must lie in [1, 4096], got " + std::to_string(num_slots));
+    if (max_context < 0 || max_context > g.max_context)
+        fail(OF_ERR_INVALID_ARGUMENT, "max context " + std::to_string(max_context) + " must lie in [1, " + std::to_string(g.max_context) +
+                                          "] for this model (0: the model's)");
+    llm->num_slots = num_slots;
+    llm->max_context = max_context ? max_context : g.max_context;
+
+    const Variant& v = m.variant("llm", "ort_inplace_llm");
+    if (v.stage_contract) fail(OF_ERR_MANIFEST, "the 'ort_inplace_llm' variant of stage 'llm' carries no contract of its own");
+    llm->contract = v.contract;
+    const Contract& c = llm->contract;
+    if (static_cast<int64_t>(c.inplace.size()) != 2 * g.num_layers)
+        fail(OF_ERR_MANIFEST, "'" + v.file + "' binds " + std::to_string(c.inplace.size()) + " K/V buffers in place; a " +
+                                  std::to_string(g.num_layers) + "-layer LLM needs " + std::to_string(2 * g.num_layers));
+    llm->embeds = c.slot("embeds");
+    llm->seqlens = c.slot("seqlens_k");
+    llm->total = c.slot("total_sequence_length");
+    llm->logits = c.slot("logits");
+    llm->hidden = c.slot("hidden_states");
+    auto find = [&](const std::vector<TensorSpec>& list, const std::string& name) -> const TensorSpec& {
+        for (const TensorSpec& t : list)
+            if (t.name == name) return t;
+        fail(OF_ERR_MANIFEST, "the in-place LLM contract names '" + name + "' but does not declare it");
+    };
+    auto expect = [&](const TensorSpec& t, const char* dtype, std::vector<int64_t> shape) {
+        bool ok = t.dtype == dtype && t.shape.size() == shape.size();
+        for (size_t k = 0; ok && k < shape.size(); ++k) ok = t.shape[k] < 0 || shape[k] < 0 || t.shape[k] == shape[k];
+        if (!ok)
+            fail(OF_ERR_MANIFEST, "the in-place LLM contract declares '" + t.name + "' as " + t.dtype + " " + shape_text(t.shape) +
+                                      "; libomniforge binds it as " + dtype + " " + shape_text(shape));
+    };
+    expect(find(c.inputs, llm->embeds), "float32", {-1, -1, g.hidden_size});
+    expect(find(c.inputs, llm->seqlens), "int32", {-1});
+    expect(find(c.inputs, llm->total), "int32", {});
+    expect(find(c.outputs, llm->logits), "float32", {-1, 1, g.vocab_size});
+    expect(find(c.outputs, llm->hidden), "float32", {-1, -1, g.hidden_size});
+    for (const auto& [past, present] : c.inplace) {
+        expect(find(c.inputs, past), "float32", {-1, g.num_kv_heads, -1, g.head_dim});
+        expect(find(c.outputs, present), "float32", {-1, g.num_kv_heads, -1, g.head_dim});
+    }
+
+    const double need = 2.0 * g.num_layers * num_slots * g.num_kv_heads * double(llm->max_context) * g.head_dim * 4;
+    const double phys = double(::sysconf(_SC_PAGE_SIZE)) * double(::sysconf(_SC_PHYS_PAGES));
+    if (phys > 0 && need > phys)
+        fail(OF_ERR_INVALID_ARGUMENT, "a KV cache of " + std::to_string(num_slots) + " slots x " + std::to_string(llm->max_context) +
+                                          " tokens needs more than this machine's memory; use fewer slots or a shorter context");
+
+    llm->session = open_session(*build, v, /*spin=*/true);
+    check_graph_io(llm->session, c, "the in-place LLM contract", v.file);
+
+    const size_t per = size_t(num_slots) * g.num_kv_heads * llm->max_context * g.head_dim;
+    llm->kv.assign(c.inplace.size(), std::vector<float>(per, 0.0f));
+    llm->lengths.assign(num_slots, 0);
+    llm->busy.assign(num_slots, false);
+
+    // token embeddings: the stage's served variant, run as a session
+    const Variant& ev = m.served("token_embedding");
+    const Contract& ec = m.contract("token_embedding", ev);
+    if (ec.inputs.size() != 1 || ec.outputs.empty() || ec.inputs[0].shape.size() != 2 ||
+        (ec.inputs[0].dtype != "int64" && ec.inputs[0].dtype != "int32"))
+        fail(OF_ERR_UNSUPPORTED, "the token_embedding stage does not take one (batch, seq) integer tensor of ids");
+    expect(ec.outputs[0], "float32", {-1, -1, g.hidden_size});
+    llm->embed_in = ec.inputs[0].name;
+    llm->embed_out = ec.outputs[0].name;
+    llm->embed_int64 = ec.inputs[0].dtype == "int64";
+    llm->embed_session = open_session(*build, ev, /*spin=*/false);
+    check_graph_io(llm->embed_session, ec, "the token_embedding stage", ev.file);
+    llm->build = std::move(build);
+    return llm.release();
+}
+
+void close_llm(LlmImpl* llm) { delete llm; }
+
+std::vector<float> LlmImpl::embed(const std::vector<int32_t>& ids) {
+    const int64_t n = static_cast<int64_t>(ids.size());
+    std::vector<int64_t> shape{1, n};
+    std::vector<int64_t> ids64(ids.begin(), ids.end());
+    std::vector<int32_t> ids32(ids);
+    Ort::Value in = embed_int64 ? Ort::Value::CreateTensor<int64_t>(cpu, ids64.data(), ids64.size(), shape.data(), 2)
+                                : Ort::Value::CreateTensor<int32_t>(cpu, ids32.data(), ids32.size(), shape.data(), 2);
+    std::vector<float> rows(size_t(n) * g.hidden_size);
+    std::vector<int64_t> out_shape{1, n, g.hidden_size};
+    Ort::Value out = Ort::Value::CreateTensor<float>(cpu, rows.data(), rows.size(), out_shape.data(), 3);
+    const char* in_names[] = {embed_in.c_str()};
+    const char* out_names[] = {embed_out.c_str()};
+    embed_session.Run(Ort::RunOptions{nullptr}, in_names, &in, 1, out_names, &out, 1);
+    return rows;
+}
+
+void LlmImpl::step(int64_t slot, const std::vector<float>& rows, int64_t s, std::vector<float>& logits_out) {
+    const int64_t before = lengths[slot], after = before + s;
+    if (after > max_context)
+        fail(OF_ERR_CONTEXT_LENGTH, "the sequence would reach " + std::to_string(after) + " tokens; the context holds " + std::to_string(max_context));
+    Ort::IoBinding io(session);
+    std::vector<float> rows_buf(rows);
+    int64_t rows_shape[] = {1, s, g.hidden_size};
+    int32_t seqlens_k = static_cast<int32_t>(after - 1);
+    int64_t one[] = {1};
+    int32_t total_len = static_cast<int32_t>(after);
+    io.BindInput(embeds.c_str(), Ort::Value::CreateTensor<float>(cpu, rows_buf.data(), rows_buf.size(), rows_shape, 3));
+    io.BindInput(seqlens.c_str(), Ort::Value::CreateTensor<int32_t>(cpu, &seqlens_k, 1, one, 1));
+    io.BindInput(total.c_str(), Ort::Value::CreateTensor<int32_t>(cpu, &total_len, 1, nullptr, 0));
+    logits_out.assign(size_t(g.vocab_size), 0.0f);
+    int64_t logits_shape[] = {1, 1, g.vocab_size};
+    std::vector<float> hidden_buf(size_t(s) * g.hidden_size);
+    io.BindOutput(logits.c_str(), Ort::Value::CreateTensor<float>(cpu, logits_out.data(), logits_out.size(), logits_shape, 3));
+    io.BindOutput(hidden.c_str(), Ort::Value::CreateTensor<float>(cpu, hidden_buf.data(), hidden_buf.size(), rows_shape, 3));
+    const size_t per_slot = size_t(g.num_kv_heads) * max_context * g.head_dim;
+    int64_t kv_shape[] = {1, g.num_kv_heads, max_context, g.head_dim};
+    std::vector<Ort::Value> kv_values;
+    kv_values.reserve(contract.inplace.size());
+    for (size_t i = 0; i < contract.inplace.size(); ++i) {
+        float* base = kv[i].data() + size_t(slot) * per_slot;
+        kv_values.push_back(Ort::Value::CreateTensor<float>(cpu, base, per_slot, kv_shape, 4));
+        io.BindInput(contract.inplace[i].first.c_str(), kv_values.back());
+        io.BindOutput(contract.inplace[i].second.c_str(), kv_values.back());
+    }
+    try {
+        session.Run(Ort::RunOptions{nullptr}, io);
+    } catch (const Ort::Exception& e) {
+        std::string why = e.what();
+        fail(OF_ERR_ENGINE, "the LLM step failed: " + why.substr(0, why.find('\n')).substr(0, 300));
+    }
+    lengths[slot] = after;
+}
+
+std::vector<int32_t> generate_greedy(LlmImpl& llm, const int32_t* ids, size_t n, int32_t max_new_tokens, int32_t eos_id) {
+    const int64_t ctx = llm.max_context, vocab = llm.g.vocab_size;
+    if (n == 0) fail(OF_ERR_INPUT, "the prompt is empty");
+    if (max_new_tokens < 1) fail(OF_ERR_INVALID_ARGUMENT, "max_new_tokens must be >= 1, got " + std::to_string(max_new_tokens));
+    if (eos_id < -1) fail(OF_ERR_INVALID_ARGUMENT, "eos_id must be a token id or -1 (none), got " + std::to_string(eos_id));
+    if (n >= static_cast<uint64_t>(ctx))
+        fail(OF_ERR_CONTEXT_LENGTH, "the prompt is " + std::to_string(n) + " tokens fed to the LLM; the context holds " + std::to_string(ctx) +
+                                        ", leaving no room for a new token");
+    std::vector<int32_t> prompt(ids, ids + n);
+    auto lo_hi = std::minmax_element(prompt.begin(), prompt.end());
+    if (*lo_hi.first < 0 || *lo_hi.second >= vocab)
+        fail(OF_ERR_INPUT, "token ids must lie in [0, " + std::to_string(vocab) + "), got [" + std::to_string(*lo_hi.first) + ", " +
+                               std::to_string(*lo_hi.second) + "]");
+    int64_t slot = -1;
+    {
+        std::lock_guard<std::mutex> lock(llm.slots_lock);
+        for (int64_t i = 0; i < llm.num_slots && slot < 0; ++i)
+            if (!llm.busy[i]) slot = i;
+        if (slot < 0)
+            fail(OF_ERR_UNSUPPORTED, "the KV-cache pool has no free slot (" + std::to_string(llm.num_slots) + "/" +
+                                         std::to_string(llm.num_slots) + " in use); retry later or open the LLM with more slots");
+        llm.busy[slot] = true;
+        llm.lengths[slot] = 0;
+    }
+    struct Release {
+        LlmImpl& llm;
+        int64_t slot;
+        ~Release() {
+            std::lock_guard<std::mutex> lock(llm.slots_lock);
+            llm.busy[slot] = false;
+            llm.lengths[slot] = 0;
+        }
+    } release{llm, slot};
+
+    std::vector<int32_t> out;
+    std::vector<float> logits;
+    llm.step(slot, llm.embed(prompt), static_cast<int64_t>(n), logits);
+    while (true) {
+        // the first maximum, as numpy's argmax (a NaN counts as the maximum)
+        int32_t best = 0;
+        for (int32_t i = 0; i < static_cast<int32_t>(logits.size()); ++i) {
+            if (std::isnan(logits[i])) {
+                best = i;
+                break;
+            }
+            if (logits[i] > logits[best]) best = i;
+        }
+        out.push_back(best);
+        if (best == eos_id) break;
+        if (static_cast<int64_t>(out.size()) >= max_new_tokens || static_cast<int64_t>(n + out.size()) > ctx) break;
+        llm.step(slot, llm.embed({best}), 1, logits);
+    }
+    return out;
+}
+
+}  // namespace omniforge

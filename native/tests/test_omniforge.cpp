@@ -1,0 +1,289 @@
+// Tests of libomniforge through its C API. Needs OMNIFORGE_TEST_BUILD (an omniforge build folder)
+// and OMNIFORGE_ORT_LIBRARY (ONNX Runtime's library or the onnxruntime Python package's folder).
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include <unistd.h>
+
+#include "omniforge.h"
+
+namespace fs = std::filesystem;
+
+static int failures = 0;
+
+#define CHECK(cond)                                                                  \
+    do {                                                                             \
+        if (!(cond)) {                                                               \
+            std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
+            ++failures;                                                              \
+        }                                                                            \
+    } while (0)
+
+// A refusal: the expected status and one non-empty sentence (no newline) containing `part`.
+static void expect_refusal(of_status got, of_status want, const char* message, const char* part, const char* what) {
+    std::string m = message ? message : "";
+    bool ok = got == want && !m.empty() && m.find('\n') == std::string::npos && m.find(part) != std::string::npos;
+    std::printf("%-42s %-24s %s\n", what, of_status_name(got), m.c_str());
+    if (!ok) {
+        std::fprintf(stderr, "  expected %s with a sentence containing '%s'\n", of_status_name(want), part);
+        ++failures;
+    }
+}
+
+static std::string read_text(const fs::path& p) {
+    std::ifstream f(p, std::ios::binary);
+    return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+}
+
+static void write_text(const fs::path& p, const std::string& s) {
+    fs::remove(p);  // a hard link or symlink is replaced, never written through
+    std::ofstream f(p, std::ios::binary);
+    f << s;
+}
+
+static void replace_once(std::string& s, const std::string& from, const std::string& to) {
+    size_t at = s.find(from);
+    if (at == std::string::npos) {
+        std::fprintf(stderr, "the manifest holds no '%s' to replace\n", from.c_str());
+        std::exit(1);
+    }
+    s.replace(at, from.size(), to);
+}
+
+// A copy of the build in tmp/name, changed by `edit`; the status and message of opening it.
+static of_status open_copy(const fs::path& src, const fs::path& tmp, const char* name, const std::function<void(const fs::path&)>& edit,
+                           std::string& message, const of_build_options* options = nullptr) {
+    fs::path dst = tmp / name;
+    fs::remove_all(dst);
+    fs::copy(src, dst, fs::copy_options::recursive);
+    edit(dst);
+    of_build* b = nullptr;
+    of_status st = of_build_open(dst.c_str(), options, &b);
+    message = of_last_error(b);
+    of_build_close(b);
+    return st;
+}
+
+int main() {
+    const char* build_path = std::getenv("OMNIFORGE_TEST_BUILD");
+    if (!build_path || !std::getenv("OMNIFORGE_ORT_LIBRARY")) {
+        std::printf("OMNIFORGE_TEST_BUILD and OMNIFORGE_ORT_LIBRARY must name a build folder and ONNX Runtime's library\n");
+        return 77;
+    }
+    const fs::path src(build_path);
+    const fs::path tmp = fs::temp_directory_path() / ("omniforge-native-test-" + std::to_string(::getpid()));
+    fs::create_directories(tmp);
+
+    // ---- null pointers and bad arguments ----
+    of_build* b = nullptr;
+    CHECK(of_build_open(build_path, nullptr, nullptr) == OF_ERR_INVALID_ARGUMENT);
+    of_status st = of_build_open(nullptr, nullptr, &b);
+    expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(b), "null pointer", "null build path");
+    of_build_close(b);
+    st = of_build_open("", nullptr, &b);
+    expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(b), "empty", "empty build path");
+    of_build_close(b);
+    CHECK(of_llm_open(nullptr, 1, 0, nullptr) == OF_ERR_INVALID_ARGUMENT);
+    CHECK(of_llm_generate_greedy(nullptr, nullptr, 0, 1, -1, nullptr, 0, nullptr) == OF_ERR_INVALID_ARGUMENT);
+    CHECK(std::strlen(of_build_last_error(nullptr)) > 0 && std::strlen(of_llm_last_error(nullptr)) > 0);
+    of_build_close(nullptr);
+    of_llm_close(nullptr);
+    CHECK(of_build_llm_geometry(nullptr, nullptr, nullptr, nullptr, nullptr) == OF_ERR_INVALID_ARGUMENT);
+    st = of_build_open((tmp / "nowhere").c_str(), nullptr, &b);
+    expect_refusal(st, OF_ERR_MANIFEST, of_last_error(b), "not a build folder", "a folder without a manifest");
+    CHECK(of_llm_open(b, 1, 0, nullptr) == OF_ERR_INVALID_ARGUMENT);
+    of_llm* none = nullptr;
+    st = of_llm_open(b, 1, 0, &none);
+    expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(b), "failed to open", "an LLM from a failed build");
+    CHECK(none == nullptr);
+    of_build_close(b);
+
+    // ---- the build as written ----
+    st = of_build_open(build_path, nullptr, &b);
+    if (st != OF_OK) {
+        std::fprintf(stderr, "the build did not open: %s %s\n", of_status_name(st), of_last_error(b));
+        return 1;
+    }
+    int32_t layers = 0, hidden = 0, vocab = 0, ctx = 0;
+    CHECK(of_build_llm_geometry(b, &layers, &hidden, &vocab, &ctx) == OF_OK);
+    CHECK(layers > 0 && hidden > 0 && vocab > 8 && ctx > 40);
+    of_llm* llm = nullptr;
+    st = of_llm_open(b, 0, 0, &llm);
+    expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(b), "num_slots", "zero slots");
+    st = of_llm_open(b, 1, ctx + 1, &llm);
+    expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(b), "max context", "a context beyond the model's");
+    st = of_llm_open(b, 2, 0, &llm);
+    if (st != OF_OK) {
+        std::fprintf(stderr, "the LLM did not open: %s %s\n", of_status_name(st), of_last_error(b));
+        return 1;
+    }
+    std::vector<int32_t> prompt{1, 5, 9, 3, 7};
+    std::vector<int32_t> out(64), again(64);
+    size_t n = 0, n2 = 0;
+    CHECK(of_llm_generate_greedy(llm, prompt.data(), prompt.size(), 32, -1, out.data(), out.size(), &n) == OF_OK);
+    CHECK(n == 32);
+    CHECK(of_llm_generate_greedy(llm, prompt.data(), prompt.size(), 32, -1, again.data(), again.size(), &n2) == OF_OK);
+    CHECK(n2 == n && std::equal(out.begin(), out.begin() + n, again.begin()));  // the slot was reset
+    // an eos id stops at its first occurrence, included
+    size_t stop_at = 5;
+    int32_t eos = out[stop_at];
+    size_t first = 0;
+    while (out[first] != eos) ++first;
+    CHECK(of_llm_generate_greedy(llm, prompt.data(), prompt.size(), 32, eos, again.data(), again.size(), &n2) == OF_OK);
+    CHECK(n2 == first + 1 && again[first] == eos);
+
+    int32_t bad_ids[] = {1, vocab};
+    st = of_llm_generate_greedy(llm, bad_ids, 2, 4, -1, out.data(), out.size(), &n);
+    expect_refusal(st, OF_ERR_INPUT, of_last_error(llm), "token ids must lie in", "a token id out of the vocabulary");
+    int32_t negative[] = {-3};
+    st = of_llm_generate_greedy(llm, negative, 1, 4, -1, out.data(), out.size(), &n);
+    expect_refusal(st, OF_ERR_INPUT, of_last_error(llm), "token ids must lie in", "a negative token id");
+    st = of_llm_generate_greedy(llm, prompt.data(), 0, 4, -1, out.data(), out.size(), &n);
+    expect_refusal(st, OF_ERR_INPUT, of_last_error(llm), "empty", "an empty prompt");
+    st = of_llm_generate_greedy(llm, nullptr, 3, 4, -1, out.data(), out.size(), &n);
+    expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(llm), "null pointer", "null prompt ids");
+    st = of_llm_generate_greedy(llm, prompt.data(), prompt.size(), 4, -1, nullptr, 4, &n);
+    expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(llm), "null pointer", "null output ids");
+    st = of_llm_generate_greedy(llm, prompt.data(), prompt.size(), 4, -1, out.data(), out.size(), nullptr);
+    expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(llm), "null pointer", "null output count");
+    st = of_llm_generate_greedy(llm, prompt.data(), prompt.size(), 40, -1, out.data(), 8, &n);
+    expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(llm), "fewer than max_new_tokens", "an output buffer too small");
+    st = of_llm_generate_greedy(llm, prompt.data(), prompt.size(), 0, -1, out.data(), out.size(), &n);
+    expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(llm), "max_new_tokens", "zero new tokens");
+    std::vector<int32_t> longest(static_cast<size_t>(ctx), 1);
+    st = of_llm_generate_greedy(llm, longest.data(), longest.size(), 4, -1, out.data(), out.size(), &n);
+    expect_refusal(st, OF_ERR_CONTEXT_LENGTH, of_last_error(llm), "context holds", "a prompt filling the context");
+    // the LLM still works after refusals, and after its build handle is closed
+    of_build_close(b);
+    CHECK(of_llm_generate_greedy(llm, prompt.data(), prompt.size(), 32, -1, again.data(), again.size(), &n2) == OF_OK);
+    CHECK(n2 == 32 && std::equal(out.begin(), out.begin() + 32, again.begin()));
+    of_llm_close(llm);
+
+    // a short context: generation stops when the next token would not fit (as the Python runtime)
+    CHECK(of_build_open(build_path, nullptr, &b) == OF_OK);
+    CHECK(of_llm_open(b, 1, 16, &llm) == OF_OK);
+    std::vector<int32_t> ten(10, 2);
+    CHECK(of_llm_generate_greedy(llm, ten.data(), ten.size(), 32, -1, out.data(), out.size(), &n) == OF_OK);
+    CHECK(n == 7);  // 10 + 7 > 16
+    of_llm_close(llm);
+    of_build_close(b);
+
+    // ---- damaged builds ----
+    std::string msg;
+    st = open_copy(src, tmp, "flipped", [](const fs::path& d) {
+        fs::path g = d / "stages" / "llm.ort.onnx";
+        std::string s = read_text(g);
+        s[s.size() / 2] ^= 0x01;
+        write_text(g, s);
+    }, msg);
+    expect_refusal(st, OF_ERR_MANIFEST, msg.c_str(), "SHA-256", "a graph with a flipped byte");
+
+    st = open_copy(src, tmp, "truncated", [](const fs::path& d) {
+        fs::path g = d / "stages" / "token_embedding.onnx";
+        std::string s = read_text(g);
+        write_text(g, s.substr(0, s.size() - 1));
+    }, msg);
+    expect_refusal(st, OF_ERR_MANIFEST, msg.c_str(), "SHA-256", "a graph one byte short");
+
+    // skip_verify: sizes match, so the build opens, but the graph is hashed as it is read
+    of_build_options opts;
+    of_build_options_init(&opts);
+    opts.skip_verify = 1;
+    {
+        fs::path d = tmp / "flipped";
+        CHECK(of_build_open(d.c_str(), &opts, &b) == OF_OK);
+        st = of_llm_open(b, 1, 0, &llm);
+        expect_refusal(st, OF_ERR_MANIFEST, of_last_error(b), "SHA-256", "a flipped byte read for a session");
+        of_build_close(b);
+    }
+
+    auto edit_manifest = [](std::function<void(std::string&)> f) {
+        return [f](const fs::path& d) {
+            std::string s = read_text(d / "manifest.json");
+            f(s);
+            write_text(d / "manifest.json", s);
+        };
+    };
+    st = open_copy(src, tmp, "dotdot", edit_manifest([](std::string& s) {
+        replace_once(s, "\"stages/llm.ort.onnx\"", "\"stages/../../outside.onnx\"");
+    }), msg);
+    expect_refusal(st, OF_ERR_MANIFEST, msg.c_str(), "leaves the build folder", "a manifest path with '..'");
+    st = open_copy(src, tmp, "absolute", edit_manifest([](std::string& s) {
+        replace_once(s, "\"path\": \"stages/llm.ort.onnx\"", "\"path\": \"/etc/passwd\"");
+    }), msg);
+    expect_refusal(st, OF_ERR_MANIFEST, msg.c_str(), "leaves the build folder", "an absolute manifest path");
+    st = open_copy(src, tmp, "backslash", edit_manifest([](std::string& s) {
+        replace_once(s, "\"path\": \"stages/llm.ort.onnx\"", "\"path\": \"stages\\\\llm.ort.onnx\"");
+    }), msg);
+    expect_refusal(st, OF_ERR_MANIFEST, msg.c_str(), "leaves the build folder", "a manifest path with a backslash");
+    st = open_copy(src, tmp, "control", edit_manifest([](std::string& s) {
+        replace_once(s, "\"path\": \"stages/llm.ort.onnx\"", "\"path\": \"stages/llm\\u0007.onnx\"");
+    }), msg);
+    expect_refusal(st, OF_ERR_MANIFEST, msg.c_str(), "control character", "a manifest path with a control character");
+    st = open_copy(src, tmp, "symlink", [&](const fs::path& d) {
+        fs::path outside = tmp / "outside.onnx";
+        fs::copy_file(d / "stages" / "token_embedding.onnx", outside, fs::copy_options::overwrite_existing);
+        fs::remove(d / "stages" / "token_embedding.onnx");
+        fs::create_symlink(outside, d / "stages" / "token_embedding.onnx");
+    }, msg);
+    expect_refusal(st, OF_ERR_MANIFEST, msg.c_str(), "resolves outside the build folder", "a symlink out of the folder");
+    st = open_copy(src, tmp, "fifo", [&](const fs::path& d) {
+        fs::remove(d / "stages" / "token_embedding.onnx");
+        fs::create_directory(d / "stages" / "token_embedding.onnx");
+    }, msg);
+    expect_refusal(st, OF_ERR_MANIFEST, msg.c_str(), "not a regular file", "a folder where a graph should be");
+    st = open_copy(src, tmp, "unlisted", edit_manifest([](std::string& s) {
+        replace_once(s, "\"file\": \"stages/llm.ort.onnx\"", "\"file\": \"stages/other.onnx\"");
+    }), msg);
+    expect_refusal(st, OF_ERR_MANIFEST, msg.c_str(), "not among the artifacts", "a variant file not among the artifacts");
+    st = open_copy(src, tmp, "v1", edit_manifest([](std::string& s) {
+        replace_once(s, "\"schema_version\": 2", "\"schema_version\": 1");
+    }), msg);
+    expect_refusal(st, OF_ERR_MANIFEST, msg.c_str(), "schema version 1 is not supported", "a version-1 manifest");
+    st = open_copy(src, tmp, "v3", edit_manifest([](std::string& s) {
+        replace_once(s, "\"schema_version\": 2", "\"schema_version\": \"2\"");
+    }), msg);
+    expect_refusal(st, OF_ERR_MANIFEST, msg.c_str(), "not supported", "a schema version that is a string");
+    st = open_copy(src, tmp, "notjson", edit_manifest([](std::string& s) { s = s.substr(0, s.size() / 2); }), msg);
+    expect_refusal(st, OF_ERR_MANIFEST, msg.c_str(), "not valid JSON", "a manifest cut in half");
+    st = open_copy(src, tmp, "deep", edit_manifest([](std::string& s) { s = std::string(100000, '[') + std::string(100000, ']'); }), msg);
+    expect_refusal(st, OF_ERR_MANIFEST, msg.c_str(), "nests deeper", "a manifest nested 100000 deep");
+    st = open_copy(src, tmp, "huge", edit_manifest([](std::string& s) {
+        replace_once(s, "\"schema_version\": 2", "\"schema_version\": 2, \"x\": 1e999999");
+    }), msg);
+    expect_refusal(st, OF_ERR_MANIFEST, msg.c_str(), "not valid JSON", "a number beyond any float");
+    st = open_copy(src, tmp, "size", edit_manifest([](std::string& s) {
+        replace_once(s, "\"size\": ", "\"size\": -");
+    }), msg);
+    expect_refusal(st, OF_ERR_MANIFEST, msg.c_str(), "size", "a negative artifact size");
+    st = open_copy(src, tmp, "role", edit_manifest([](std::string& s) {
+        replace_once(s, "\"role\": \"ort_inplace_llm\"", "\"role\": \"canonical\"");
+    }), msg);
+    expect_refusal(st, OF_ERR_MANIFEST, msg.c_str(), "variant role twice", "a role listed twice");
+
+    // ---- ONNX Runtime that cannot be loaded ----
+    of_build_options bad_lib;
+    of_build_options_init(&bad_lib);
+    bad_lib.ort_library = "/nonexistent/libonnxruntime.so.1";
+    st = of_build_open(build_path, &bad_lib, &b);
+    expect_refusal(st, OF_ERR_ENGINE, of_last_error(b), "could not be loaded", "a missing ONNX Runtime library");
+    of_build_close(b);
+    bad_lib.ort_library = "libc.so.6";
+    st = of_build_open(build_path, &bad_lib, &b);
+    expect_refusal(st, OF_ERR_ENGINE, of_last_error(b), "OrtGetApiBase", "a library that is not ONNX Runtime");
+    of_build_close(b);
+
+    fs::remove_all(tmp);
+    if (failures) {
+        std::fprintf(stderr, "%d check(s) failed\n", failures);
+        return 1;
+    }
+    std::printf("all native checks passed\n");
+    return 0;
+}
