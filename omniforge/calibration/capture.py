@@ -19,11 +19,11 @@ import json
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
+from omniforge.calibration.corpus import calibration_lines
 from omniforge.errors import ConfigError, InputError
 from omniforge.pipeline.atomic import atomic_folder
 from omniforge.runtime.media import write_wav
@@ -46,8 +46,7 @@ class CalibrationInputs:
     @classmethod
     def default(cls, count: int = 8) -> CalibrationInputs:
         """Prompts from the text shipped with omniforge and seeded synthetic images (WAVs: see ``run``)."""
-        lines = resources.files("omniforge").joinpath("data/corpus.txt").read_text().splitlines()
-        prompts = [ln for ln in lines if ln.strip()][:count]
+        prompts = calibration_lines()[:count]
         rng = np.random.default_rng(0)
         yy, xx = np.mgrid[0:64, 0:64] / 63.0
         images: list[Path | np.ndarray] = []
