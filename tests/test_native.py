@@ -1,0 +1,218 @@
+"""The native core (``native/``, libomniforge): built with CMake, its C++ and C test programs run
+against the default build, its greedy tokens compared with the Python runtime's, and the same
+programs run under AddressSanitizer + UndefinedBehaviorSanitizer with leak checking.
+
+The CMake build folders are cached under pytest's cache, keyed by the hash of the native sources,
+so an unchanged tree is built once; ONNX Runtime's headers (Debian 13's libonnxruntime-dev) are
+fetched once into the same cache.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NATIVE = ROOT / "native"
+FETCH_HEADERS = ROOT / "scripts" / "fetch_ort_headers.sh"
+SOURCES = ("CMakeLists.txt", "include", "src", "tests")
+
+
+def _sources_key(kind: str) -> str:
+    h = hashlib.sha256(kind.encode())
+    files = [FETCH_HEADERS] + sorted(
+        p
+        for top in SOURCES
+        for p in ([NATIVE / top] if (NATIVE / top).is_file() else (NATIVE / top).rglob("*"))
+        if p.is_file()
+    )
+    for p in files:
+        h.update(str(p.relative_to(ROOT)).encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+@contextmanager
+def _locked(path: Path):
+    """An exclusive lock on ``path`` (parallel test processes share the cached build)."""
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, **kw)
+
+
+@pytest.fixture(scope="session")
+def native_cache(request: pytest.FixtureRequest) -> Path:
+    missing = [t for t in ("cmake", "g++", "gcc") if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"the native core needs {' and '.join(missing)}, which this machine does not have")
+    return Path(request.config.cache.mkdir("omniforge-native"))
+
+
+@pytest.fixture(scope="session")
+def ort_headers(native_cache: Path) -> Path:
+    dest = native_cache / "ort-headers"
+    with _locked(native_cache / "headers.lock"):
+        r = _run(["sh", str(FETCH_HEADERS), str(dest)])
+    assert r.returncode == 0, r.stderr.strip()
+    return dest / "include"
+
+
+@pytest.fixture(scope="session")
+def ort_library() -> str:
+    import onnxruntime
+
+    return os.path.dirname(onnxruntime.__file__)
+
+
+def _build(cache: Path, headers: Path, sanitize: bool) -> Path:
+    kind = "san" if sanitize else "rel"
+    out = cache / f"build-{kind}-{_sources_key(kind)}"
+    with _locked(cache / f"build-{kind}.lock"):
+        if (out / ".complete").exists():
+            return out
+        for old in cache.glob(f"build-{kind}-*"):  # builds of older sources
+            shutil.rmtree(old, ignore_errors=True)
+        configure = [
+            "cmake",
+            "-S",
+            str(NATIVE),
+            "-B",
+            str(out),
+            f"-DOMNIFORGE_ORT_HEADERS={headers}",
+            f"-DOMNIFORGE_SANITIZE={'ON' if sanitize else 'OFF'}",
+            f"-DCMAKE_BUILD_TYPE={'Debug' if sanitize else 'RelWithDebInfo'}",
+        ]
+        r = _run(configure)
+        assert r.returncode == 0, f"cmake configure failed: {r.stderr.strip()[-2000:]}"
+        r = _run(["cmake", "--build", str(out), "-j2"])
+        assert r.returncode == 0, f"cmake build failed: {(r.stdout + r.stderr)[-4000:]}"
+        (out / ".complete").touch()
+    return out
+
+
+@pytest.fixture(scope="session")
+def native_build(native_cache: Path, ort_headers: Path) -> Path:
+    return _build(native_cache, ort_headers, sanitize=False)
+
+
+@pytest.fixture(scope="session")
+def native_san_build(native_cache: Path, ort_headers: Path) -> Path:
+    return _build(native_cache, ort_headers, sanitize=True)
+
+
+def _env(build: Path, ort_library: str, **extra: str) -> dict[str, str]:
+    return {**os.environ, "OMNIFORGE_TEST_BUILD": str(build), "OMNIFORGE_ORT_LIBRARY": ort_library, **extra}
+
+
+SANITIZER_ENV = {
+    "ASAN_OPTIONS": "detect_leaks=1:halt_on_error=1:abort_on_error=0:detect_stack_use_after_return=0",
+    "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
+}
+
+PROMPTS = [[1, 5, 9, 3, 7], [42], list(range(3, 60, 2))]
+
+
+def _native_greedy(
+    native: Path, build: Path, ids: list[int], env: dict[str, str], max_new: int = 32
+) -> list[int]:
+    r = _run([str(native / "omniforge_greedy_c"), str(build), str(max_new), *map(str, ids)], env=env)
+    assert r.returncode == 0, r.stderr.strip()[-3000:]
+    return [int(t) for t in r.stdout.split()]
+
+
+def test_ctest_passes(native_build: Path, default_build: Path, ort_library: str) -> None:
+    r = _run(
+        ["ctest", "--test-dir", str(native_build), "--output-on-failure", "-V"],
+        env=_env(default_build, ort_library),
+    )
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    assert "all native checks passed" in r.stdout
+    assert "Skipped" not in r.stdout  # ctest marks SKIP_RETURN_CODE runs so
+
+
+def test_greedy_tokens_equal_the_python_runtime(
+    native_build: Path, default_build: Path, ort_library: str
+) -> None:
+    from omniforge.runtime.llm import LlmRuntime
+    from omniforge.runtime.sampling import GenerationConfig
+
+    rt = LlmRuntime(default_build)
+    for ids in PROMPTS:
+        want = rt.generate(ids, GenerationConfig(max_new_tokens=32, stop_token_ids=())).token_ids
+        got = _native_greedy(native_build, default_build, ids, _env(default_build, ort_library))
+        assert got == want, f"prompt {ids}: native {got} != python {want}"
+
+
+def test_c_program_reports_a_bad_build_in_one_sentence(
+    native_build: Path, default_build: Path, ort_library: str, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(default_build, bad)
+    graph = bad / "stages" / "llm.ort.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 3] ^= 0x10
+    graph.write_bytes(bytes(data))
+    r = _run([str(native_build / "omniforge_greedy_c"), str(bad), "4", "1", "2"], env=_env(bad, ort_library))
+    assert r.returncode == 1
+    line = r.stderr.strip()
+    assert line.count("\n") == 0
+    assert line == (
+        "OF_ERR_MANIFEST: artifact 'stages/llm.ort.onnx' does not match its SHA-256 in the manifest "
+        "(corrupted or modified)"
+    )
+
+
+def test_under_address_and_undefined_behaviour_sanitizers(
+    native_san_build: Path, default_build: Path, ort_library: str
+) -> None:
+    env = _env(default_build, ort_library, **SANITIZER_ENV)
+    r = _run([str(native_san_build / "omniforge_test")], env=env)
+    report = r.stdout + r.stderr
+    assert r.returncode == 0, report[-6000:]
+    assert "all native checks passed" in r.stdout
+    assert "Sanitizer" not in r.stderr and "runtime error" not in r.stderr, r.stderr[-6000:]
+    from omniforge.runtime.llm import LlmRuntime
+    from omniforge.runtime.sampling import GenerationConfig
+
+    ids = PROMPTS[0]
+    want = (
+        LlmRuntime(default_build)
+        .generate(ids, GenerationConfig(max_new_tokens=32, stop_token_ids=()))
+        .token_ids
+    )
+    assert _native_greedy(native_san_build, default_build, ids, env) == want
+
+
+@pytest.mark.parametrize(
+    "disabled, package",
+    [("nlohmann_json", "nlohmann-json3-dev"), ("OpenSSL", "libssl-dev")],
+)
+def test_a_missing_package_is_named_in_one_sentence(
+    native_cache: Path, ort_headers: Path, tmp_path: Path, disabled: str, package: str
+) -> None:
+    r = _run(
+        [
+            "cmake",
+            "-S",
+            str(NATIVE),
+            "-B",
+            str(tmp_path / "b"),
+            f"-DOMNIFORGE_ORT_HEADERS={ort_headers}",
+            f"-DCMAKE_DISABLE_FIND_PACKAGE_{disabled}=ON",
+        ]
+    )
+    assert r.returncode != 0
+    assert f"install Debian's {package}" in " ".join(r.stderr.split())
