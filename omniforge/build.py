@@ -20,7 +20,9 @@ from pathlib import Path
 
 from omniforge import __version__
 from omniforge.build_cache import cached, clean_stale, discard_entry, entry_lock, folder_digest
-from omniforge.calibration.quantize import QuantizeOptions, StageQuantization
+from omniforge.calibration.metrics import meets_budgets
+from omniforge.calibration.quantize import QuantizeOptions, StageQuantization, budgets_for
+from omniforge.engines.profiles import DEFAULT_TRT_VERSION, trt_version_tuple
 from omniforge.errors import ConfigError, ManifestError
 from omniforge.export.opsets import DEFAULT_OPSET, check_opset
 from omniforge.pipeline.atomic import atomic_folder
@@ -35,9 +37,10 @@ from omniforge.pipeline.manifest import (
     write_manifest,
 )
 from omniforge.pipeline.model_config import omniforge_home
+from omniforge.pipeline.precision import BUILD_PRECISIONS, QUANTIZED_PRECISIONS
 
 BACKENDS = ("onnxruntime", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8", "int4", "auto")
+PRECISIONS = BUILD_PRECISIONS
 # per-stage accuracy budgets of the auto plan (overridable): the minimum a quantized stage must keep
 AUTO_BUDGETS = {"cosine_min": 0.999, "logits_cosine": 0.99}
 # whose versions shape the exported graphs, so they are part of the export step's key
@@ -53,6 +56,7 @@ class BuildOptions:
     stage_precision: dict[str, str] = field(default_factory=dict)  # per-stage overrides of precision
     quantize: QuantizeOptions | None = None  # default: QuantizeOptions(), static INT8 everywhere for TensorRT
     opset: int = DEFAULT_OPSET
+    trt_version: str = DEFAULT_TRT_VERSION  # of the device the emitted trtexec lines are for
 
     def quantize_options(self) -> QuantizeOptions:
         opts = self.quantize or QuantizeOptions()
@@ -66,6 +70,7 @@ class BuildOptions:
 
     def __post_init__(self) -> None:
         check_opset(self.opset)
+        trt_version_tuple(self.trt_version)  # one sentence for a malformed version
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend '{self.backend}' is not one of {', '.join(BACKENDS)}")
         if self.precision not in PRECISIONS:
@@ -135,12 +140,10 @@ def _steps(model: Path, root: Path, opts: BuildOptions, log: Callable[[str], Non
     final = optimized
     qopts = opts.quantize_options()
     if opts.precision == "auto":
-        variants = {
-            p: _quantized(root, optimized, opt_key, p, qopts, {}, log) for p in ("fp16", "int8", "int4")
-        }
+        variants = {p: _quantized(root, optimized, opt_key, p, qopts, {}, log) for p in QUANTIZED_PRECISIONS}
         auto_key = _key("auto", opt_key, json.dumps(AUTO_BUDGETS), *(v.name for v in variants.values()))
         final = cached(root, f"auto-{auto_key}", lambda p: assemble_auto(optimized, variants, p, log), log)
-    elif opts.precision in ("fp16", "int8", "int4") or opts.stage_precision:
+    elif opts.precision in QUANTIZED_PRECISIONS or opts.stage_precision:
         final = _quantized(root, optimized, opt_key, opts.precision, qopts, opts.stage_precision, log)
     return final
 
@@ -204,7 +207,8 @@ def assemble_auto(fp32: Path, quantized: dict[str, Path], out: Path, log: Callab
             if qsb.precision == "fp32":
                 continue
             report = reports[name]
-            ok = all(report["metrics"].get(k, 1.0) >= v for k, v in AUTO_BUDGETS.items())
+            budgets = budgets_for(qbuild.manifest.pipeline.stage(name).kind, AUTO_BUDGETS)
+            ok = meets_budgets(report["metrics"], budgets)  # a budgeted metric not measured fails
             t = _latency(qbuild, name)
             if ok and t < best:
                 choice, best, chosen, row = qsb.precision, t, (qpath, qsb), report
@@ -260,7 +264,7 @@ def _assemble(
         extra: list[str] = []
         if opts.emit_trtexec:
             (tmp / "trtexec").mkdir()
-            (tmp / "trtexec" / "build_engines.sh").write_text(trtexec_script(tmp, m))
+            (tmp / "trtexec" / "build_engines.sh").write_text(trtexec_script(tmp, m, opts.trt_version))
             extra.append("trtexec/build_engines.sh")
         if opts.backend == "tensorrt":
             m = _tensorrt_engines(tmp, m, log)
@@ -288,20 +292,24 @@ def _add_artifacts(build: Path, known: dict[str, Artifact], paths: list[str]) ->
     return {**known, **collect_artifacts(build, [p for p in paths if p not in known])}
 
 
-def trtexec_script(build: Path, m: Manifest) -> str:
-    """``build_engines.sh``: one trtexec line per stage, from the graph TensorRT builds it from, with
-    the same FP32 layers the Polygraphy build pins."""
-    from omniforge.engines.profiles import fp32_layers, trtexec_command
+def trtexec_script(build: Path, m: Manifest, trt_version: str = DEFAULT_TRT_VERSION) -> str:
+    """``build_engines.sh``: one trtexec line per stage for TensorRT ``trt_version``, from the graph
+    TensorRT builds it from (strongly typed from 10.12; before it, with the same FP32 layers the
+    Polygraphy build pins)."""
+    from omniforge.engines.profiles import fp32_layers, strongly_typed, trtexec_command
 
+    typing = "strongly typed" if strongly_typed(trt_version) else "weakly typed, norms pinned to FP32"
     lines = [
         "#!/usr/bin/env bash",
-        "# Build TensorRT engines on the target device (Jetson or datacenter GPU).",
+        f"# Build TensorRT engines on the target device (Jetson or datacenter GPU) with TensorRT {trt_version}"
+        f" ({typing}).",
         "set -euo pipefail",
         'cd "$(dirname "$0")/.."',
         "mkdir -p engines",
     ]
     for name, sb in m.stages.items():
-        graph, precision = tensorrt_source(sb)
+        graph, precision = tensorrt_source(sb, trt_version)
+        pinned = [] if strongly_typed(trt_version) else fp32_layers(build / graph)
         lines.append(
             trtexec_command(
                 m.pipeline.stage(name),
@@ -309,31 +317,42 @@ def trtexec_script(build: Path, m: Manifest) -> str:
                 f"engines/{name}.plan",
                 precision,
                 "engines/timing.cache",
-                fp32_layers=fp32_layers(build / graph),
+                fp32_layers=pinned,
+                trt_version=trt_version,
             )
         )
     return "\n".join(lines) + "\n"
 
 
-def tensorrt_source(sb) -> tuple[str, str]:
-    """(graph, precision) TensorRT builds a stage from: the standard Q/DQ graph of an INT8/INT4 stage
-    (explicit quantization), else the canonical graph in FP16 (its norms pinned to FP32: ``fp32_layers``)."""
+def tensorrt_source(sb, trt_version: str = DEFAULT_TRT_VERSION) -> tuple[str, str]:
+    """(graph, precision) TensorRT ``trt_version`` builds a stage from: the standard Q/DQ graph of an
+    INT8/INT4 stage (explicit quantization); strongly typed (>= 10.12), the stage's FP16 graph (norms
+    kept FP32 in the graph) when it has one, else the canonical graph in FP32; weakly typed, the
+    canonical graph with the FP16 flag (its norms pinned to FP32: ``fp32_layers``)."""
+    from omniforge.engines.profiles import strongly_typed
+
     explicit = sb.variant(Role.QDQ) or sb.variant(Role.WEIGHT_ONLY_DQ)
-    if sb.precision in ("int8", "int4") and explicit is not None:
+    if sb.precision in QUANTIZED_PRECISIONS and sb.precision != "fp16" and explicit is not None:
         return explicit.file, sb.precision
-    return sb.file, "fp16"
+    if not strongly_typed(trt_version):
+        return sb.file, "fp16"
+    ort = sb.variant(Role.ORT)
+    if ort is not None and ort.precision == "fp16":
+        return ort.file, "fp16"
+    return sb.file, "fp32"
 
 
 def _tensorrt_engines(build: Path, m: Manifest, log: Callable[[str], None]) -> Manifest:
     """One TensorRT engine per stage (see ``tensorrt_source``), metadata in the manifest."""
     from omniforge.engines.profiles import fp32_layers
-    from omniforge.engines.tensorrt import build_engine
+    from omniforge.engines.tensorrt import build_engine, require_tensorrt, trt
 
+    require_tensorrt()
     (build / "engines").mkdir(exist_ok=True)
     stages, meta = dict(m.stages), {}
     for name, sb in m.stages.items():
         rel = f"engines/{name}.plan"
-        graph, precision = tensorrt_source(sb)
+        graph, precision = tensorrt_source(sb, trt.__version__)
         info = build_engine(
             m.pipeline.stage(name),
             build / graph,

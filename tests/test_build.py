@@ -188,27 +188,30 @@ def test_tensorrt_builds_quantized_stages_from_their_qdq_graphs(builds):
     m = load_manifest(out["int8"])
     unet = m.stages["image_unet"]
     assert tensorrt_source(unet) == (unet.variant(Role.QDQ).file, "int8")
-    assert tensorrt_source(load_manifest(out["fp32"]).stages["image_unet"]) == (
+    fp32_unet = load_manifest(out["fp32"]).stages["image_unet"]
+    assert tensorrt_source(fp32_unet, "10.3") == ("stages/image_unet.onnx", "fp16")  # weakly typed: the flag
+    assert tensorrt_source(fp32_unet, "11") == (
         "stages/image_unet.onnx",
-        "fp16",
-    )
+        "fp32",
+    )  # strongly typed: as written
     llm = m.stages["llm"]
     assert tensorrt_source(llm) == ("stages/llm.int8.qdq.onnx", "int8")
     script = (out["int8"] / "trtexec" / "build_engines.sh").read_text()
     line = next(x for x in script.splitlines() if "image_unet.plan" in x)
-    assert f"--onnx={unet.variant(Role.QDQ).file}" in line and "--int8" in line and "--fp16" in line
+    assert f"--onnx={unet.variant(Role.QDQ).file}" in line and "--stronglyTyped" in line
+    assert "--int8" not in line and "--fp16" not in line  # TensorRT 11's trtexec has neither
 
 
 def test_emitted_trtexec_lines_pin_the_same_norms_as_the_engine_build(builds):
-    from omniforge.build import tensorrt_source
+    from omniforge.build import tensorrt_source, trtexec_script
     from omniforge.engines.profiles import fp32_layers
 
     out, _, _ = builds
     for precision in ("fp32", "int8"):
         m = load_manifest(out[precision])
-        lines = (out[precision] / "trtexec" / "build_engines.sh").read_text().splitlines()
+        lines = trtexec_script(out[precision], m, "10.3").splitlines()  # JetPack 6: weakly typed
         for name in ("llm", "image_encoder", "image_unet"):
-            graph, _ = tensorrt_source(m.stages[name])
+            graph, _ = tensorrt_source(m.stages[name], "10.3")
             pinned = fp32_layers(out[precision] / graph)  # what _tensorrt_engines hands to build_engine
             assert pinned, (precision, name)
             line = next(x for x in lines if f"engines/{name}.plan" in x)

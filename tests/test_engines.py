@@ -1,10 +1,19 @@
 """TensorRT path without a GPU: profiles, flags, trtexec lines, metadata checks, the missing-TRT sentence."""
 
 import re
+from dataclasses import replace
 
 import pytest
 
-from omniforge.engines.profiles import fp32_layers, norm_groups, precision_flags, profile_for, trtexec_command
+from omniforge.engines.profiles import (
+    fp32_layers,
+    norm_groups,
+    precision_flags,
+    profile_for,
+    strongly_typed,
+    trt_version_tuple,
+    trtexec_command,
+)
 from omniforge.engines.tensorrt import EngineMetadata, check_compatible, require_tensorrt
 from omniforge.errors import ConfigError, EngineError, MissingDependencyError
 from omniforge.pipeline.manifest import load_manifest
@@ -36,6 +45,7 @@ def test_trtexec_line_has_shapes_precision_and_fp32_norms(pipeline):
         "engines/video_unet.plan",
         precision="fp16",
         fp32_layers=["norm1", "norm2"],
+        trt_version="10.3",  # weakly typed: precision flags and pinned layers
     )
     assert cmd.startswith("trtexec --onnx=stages/video_unet.onnx --saveEngine=engines/video_unet.plan")
     assert "--minShapes=sample:1x4x1x8x8,timestep:1,encoder_hidden_states:1x77x32" in cmd
@@ -48,6 +58,38 @@ def test_trtexec_line_has_shapes_precision_and_fp32_norms(pipeline):
         and "--layerOutputTypes=norm1:fp32,norm2:fp32" in cmd
     )
     assert "--timingCacheFile=timing.cache" in cmd
+
+
+@pytest.mark.parametrize("version", ["10.12", "11", "11.1.0.12"])
+def test_strongly_typed_trtexec_lines_carry_no_removed_option(pipeline, version):
+    """From 10.12 the graph carries the precisions; TensorRT 11's trtexec rejects the weak-typing options."""
+    cmd = trtexec_command(
+        pipeline.stage("image_unet"),
+        "stages/image_unet.fp16.onnx",
+        "engines/image_unet.plan",
+        "fp16",
+        fp32_layers=["norm1"],
+        trt_version=version,
+    )
+    assert "--stronglyTyped" in cmd and "--minShapes=" in cmd
+    removed = (
+        "--fp16",
+        "--int8",
+        "--int4",
+        "--bf16",
+        "--best",
+        "--precisionConstraints",
+        "--layerPrecisions",
+        "--layerOutputTypes",
+    )
+    assert not [o for o in removed if o in cmd]
+
+
+def test_typing_follows_the_tensorrt_version():
+    assert not strongly_typed("10.3") and not strongly_typed("10.11.0") and strongly_typed("10.12")
+    assert strongly_typed("11") and trt_version_tuple("10.12.0.36") == (10, 12)
+    with pytest.raises(ConfigError, match="not a TensorRT version"):
+        trt_version_tuple("eleven")
 
 
 def test_precision_flags():
@@ -119,7 +161,9 @@ def test_every_rmsnorm_of_the_canonical_llm_is_pinned_to_fp32_in_both_builders(d
     for scope, nodes in scopes.items():
         assert {"Pow", "ReduceMean", "Sqrt"} <= {n.rsplit("/", 1)[1].split("_")[0] for n in nodes}, scope
         assert nodes <= set(pinned), scope
-    cmd = trtexec_command(pipeline.stage("llm"), graph, "engines/llm.plan", "fp16", fp32_layers=pinned)
+    cmd = trtexec_command(
+        pipeline.stage("llm"), graph, "engines/llm.plan", "fp16", fp32_layers=pinned, trt_version="10.3"
+    )
     for nodes in scopes.values():
         for n in nodes:
             assert f"{n}:fp32" in cmd
@@ -184,3 +228,25 @@ def test_decomposed_layernorm_is_pinned_and_other_squares_are_not():
         mk("Add", ["x", "s"], ["y"], name="out"),
     ]
     assert norm_groups(_graph(squares)) == []
+
+
+def test_strongly_typed_builds_take_the_graph_that_carries_the_precision():
+    from omniforge.build import tensorrt_source
+    from omniforge.pipeline.contracts import Role
+    from omniforge.pipeline.manifest import Variant, canonical_stage
+
+    fp16 = canonical_stage("stages/unet.onnx").with_variant(
+        Variant(Role.ORT, "stages/unet.fp16.onnx", "fp16")
+    )
+    fp16 = replace(fp16, precision="fp16")
+    assert tensorrt_source(fp16, "11") == ("stages/unet.fp16.onnx", "fp16")  # FP16 weights, FP32 norms
+    assert tensorrt_source(fp16, "10.3") == ("stages/unet.onnx", "fp16")  # the flag does it
+    int4 = replace(
+        canonical_stage("stages/llm.onnx").with_variant(
+            Variant(Role.WEIGHT_ONLY_DQ, "stages/llm.int4.qdq.onnx", "int4")
+        ),
+        precision="int4",
+    )
+    assert (
+        tensorrt_source(int4, "11") == tensorrt_source(int4, "10.3") == ("stages/llm.int4.qdq.onnx", "int4")
+    )

@@ -6,8 +6,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from omniforge.cli._common import add_quantize_args, log, quantize_options, resolve_model, stage_precisions
+from omniforge.cli._common import add_quantize_args, exportable_model, log, quantize_options, stage_precisions
 from omniforge.export.opsets import DEFAULT_OPSET, SUPPORTED_OPSETS, check_opset
+from omniforge.pipeline.precision import BUILD_PRECISIONS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,12 +24,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
     p.add_argument(
         "--precision",
-        choices=["fp32", "fp16", "int8", "int4", "auto"],
+        choices=[str(p) for p in BUILD_PRECISIONS],
         default="fp32",
         help="auto: per stage, the fastest precision meeting its accuracy budget",
     )
     p.add_argument(
         "--emit-trtexec", action="store_true", help="write trtexec/build_engines.sh for the target device"
+    )
+    p.add_argument(
+        "--trt-version",
+        default="11",
+        metavar="VERSION",
+        help="TensorRT version of the device the trtexec lines are for (e.g. 10.3 on JetPack 6, 10.12, 11; "
+        "strongly typed from 10.12; default 11)",
     )
     p.add_argument(
         "--stage-precision",
@@ -61,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
         stage_precisions(args.stage_precision),
         quantize_options(args, "int4" if args.precision in ("int4", "auto") else "int8"),
         args.opset,
+        args.trt_version,
     )
-    _, rows = build(resolve_model(args.model), Path(args.out), opts, log=log)
+    _, rows = build(exportable_model(args.model), Path(args.out), opts, log=log)
     print(summary_table(rows))
     return 0

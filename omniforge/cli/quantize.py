@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from omniforge.cli._common import add_quantize_args, log, quantize_options, stage_precisions
+from omniforge.pipeline.precision import QUANTIZED_PRECISIONS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="where to write the quantized build (replaced atomically)")
     p.add_argument(
         "--precision",
-        choices=["int4", "int8", "fp16"],
+        choices=[str(p) for p in QUANTIZED_PRECISIONS],
         default="int4",
         help="int4/int8: the LLM weight-only at that precision, INT8 elsewhere; fp16: every stage but the LLM",
     )

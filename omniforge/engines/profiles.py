@@ -22,6 +22,24 @@ if TYPE_CHECKING:
     import onnx
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
+TRT_VERSIONS = ("10.3", "10.12", "11")  # JetPack 6's TensorRT, the first strongly typed default, the newest
+DEFAULT_TRT_VERSION = "11"
+STRONGLY_TYPED_SINCE = (10, 12)  # precision flags deprecated from 10.12 and removed in 11
+
+
+def trt_version_tuple(version: str) -> tuple[int, int]:
+    """(major, minor) of a TensorRT version string ("10.3", "10.12.0.36", "11")."""
+    parts = version.strip().split(".")
+    try:
+        return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
+    except ValueError:
+        raise ConfigError(f"'{version}' is not a TensorRT version (e.g. {', '.join(TRT_VERSIONS)})") from None
+
+
+def strongly_typed(version: str) -> bool:
+    """Whether builds for TensorRT ``version`` are strongly typed: the precision of every tensor is
+    the graph's own (FP16 graphs with FP32 norms, Q/DQ graphs), and no precision flag is passed."""
+    return trt_version_tuple(version) >= STRONGLY_TYPED_SINCE
 
 
 @dataclass(frozen=True)
@@ -195,8 +213,11 @@ def trtexec_command(
     precision: str = "fp16",
     timing_cache: str = "timing.cache",
     fp32_layers: list[str] | None = None,
+    trt_version: str = DEFAULT_TRT_VERSION,
 ) -> str:
-    """The exact ``trtexec`` command that builds ``stage`` on the target device."""
+    """The exact ``trtexec`` command that builds ``stage`` on a device with TensorRT ``trt_version``:
+    ``--stronglyTyped`` from 10.12 on (the graph carries the precisions; ``precision`` and
+    ``fp32_layers`` are not passed), precision flags and FP32 layer pins before it."""
     prof = profile_for(stage)
     args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}"]
     if any(i.min != i.max for i in prof):
@@ -205,6 +226,10 @@ def trtexec_command(
             f"--optShapes={_shapes(prof, 'opt')}",
             f"--maxShapes={_shapes(prof, 'max')}",
         ]
+    if strongly_typed(trt_version):
+        return " ".join(
+            shlex.quote(a) for a in [*args, "--stronglyTyped", f"--timingCacheFile={timing_cache}"]
+        )
     args += precision_flags(precision)
     args += [f"--timingCacheFile={timing_cache}"]
     if fp32_layers and precision != "fp32":  # norms compute and store in FP32 (variance overflows FP16)

@@ -1,9 +1,11 @@
 """TensorRT engines through Polygraphy's loaders, kept thin; imported only when used.
 
-``NetworkFromOnnxPath`` -> the norm layers named by ``profiles.fp32_layers`` pinned to FP32 (the
-same list the emitted trtexec lines carry) -> ``CreateConfig`` (precision flags, the
-optimization profile from the stage description, a persistent timing cache) ->
-``EngineFromNetwork``. Engine metadata (TensorRT version, GPU name and compute capability,
+TensorRT >= 10.12 (and 11, which removed weak typing): ``NetworkFromOnnxPath(strongly_typed=True)``
+-> ``CreateConfig`` with no precision flag (the graph carries its precisions: FP16 graphs with FP32
+norms, Q/DQ graphs) -> ``EngineFromNetwork``. Older TensorRT (JetPack 6's 10.3): the norm layers
+named by ``profiles.fp32_layers`` pinned to FP32 (the same list the emitted trtexec lines carry)
+and precision flags. Both take the optimization profile from the stage description and a
+persistent timing cache. Engine metadata (TensorRT version, GPU name and compute capability,
 profiles) goes into the manifest, and loading an engine on another TensorRT or GPU fails with
 one sentence. Without TensorRT, every entry point says so and points at ONNX Runtime.
 """
@@ -16,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from omniforge._lazy import lazy_import
-from omniforge.engines.profiles import PRECISIONS, profile_for
+from omniforge.engines.profiles import PRECISIONS, profile_for, strongly_typed
 from omniforge.errors import ConfigError, EngineError, MissingDependencyError
 from omniforge.pipeline.contracts import Role
 from omniforge.pipeline.spec import StageSpec
@@ -101,17 +103,22 @@ def build_engine(
     profile = p.Profile()
     for i in profile_for(stage):
         profile.add(i.name, min=i.min, opt=i.opt, max=i.max)
-    builder, network, parser = p.network_from_onnx_path(str(onnx_path))
-    if precision != "fp32":
-        pin_fp32(network, set(fp32_layers))
-    config = p.CreateConfig(
-        fp16=precision in ("fp16", "int8", "int4"),
-        int8=precision == "int8",  # explicit quantization: scales come from the graph's Q/DQ nodes
-        bf16=precision == "bf16",
-        profiles=[profile],
-        precision_constraints="obey" if precision != "fp32" else None,
-        load_timing_cache=str(timing_cache) if timing_cache.exists() else None,
-    )
+    timing = {"load_timing_cache": str(timing_cache) if timing_cache.exists() else None}
+    if strongly_typed(trt.__version__):  # no per-layer precision and no precision flag exist here
+        builder, network, parser = p.network_from_onnx_path(str(onnx_path), strongly_typed=True)
+        config = p.CreateConfig(profiles=[profile], **timing)
+    else:
+        builder, network, parser = p.network_from_onnx_path(str(onnx_path))
+        if precision != "fp32":
+            pin_fp32(network, set(fp32_layers))
+        config = p.CreateConfig(
+            fp16=precision in ("fp16", "int8", "int4"),
+            int8=precision == "int8",  # explicit quantization: scales come from the graph's Q/DQ nodes
+            bf16=precision == "bf16",
+            profiles=[profile],
+            precision_constraints="obey" if precision != "fp32" else None,
+            **timing,
+        )
     engine = p.engine_from_network(
         (builder, network, parser), config=config, save_timing_cache=str(timing_cache)
     )
@@ -121,7 +128,8 @@ def build_engine(
 
 
 def pin_fp32(network, names: set[str]) -> None:
-    """Compute and outputs in FP32 for the layers named ``names`` (obeyed: see ``precision_constraints``)."""
+    """Compute and outputs in FP32 for the layers named ``names`` (obeyed: see ``precision_constraints``);
+    weakly typed builds only (TensorRT < 10.12)."""
     for idx in range(network.num_layers):
         layer = network.get_layer(idx)
         if layer.name in names:
@@ -141,5 +149,18 @@ def load_engine_checked(build: Path, manifest, name: str):
     gpu = gpu_info()
     assert gpu is not None
     check_compatible(meta, trt.__version__, gpu)
-    engine = manifest.stage_build(name).require(Role.TENSORRT, name)
-    return polygraphy_trt.EngineFromBytes((build / engine.file).read_bytes())
+    variant = manifest.stage_build(name).require(Role.TENSORRT, name)
+    data = (build / variant.file).read_bytes()
+    try:  # deserialized now, so a mismatch is reported here in one sentence rather than at first use
+        engine = polygraphy_trt.engine_from_bytes(data)
+    except Exception as exc:
+        raise EngineError(
+            f"the TensorRT engine of stage '{name}' cannot be deserialized by TensorRT {trt.__version__} on "
+            f"{gpu[0]} ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}); "
+            "rebuild it on this device"
+        ) from None
+    if engine is None:
+        raise EngineError(
+            f"the TensorRT engine of stage '{name}' cannot be deserialized here; rebuild it on this device"
+        )
+    return engine
