@@ -78,6 +78,7 @@ int64_t integer(const json& v, const std::string& where, int64_t lo, int64_t hi)
     return x;
 }
 
+const char* const kRoles[] = {"canonical", "ort", "ort_inplace_llm", "qdq", "weight_only_dq", "tensorrt_engine"};
 const char* const kDtypes[] = {"float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool"};
 
 TensorSpec tensor(const json& t, const std::string& where) {
@@ -249,6 +250,9 @@ Manifest read_manifest(const std::string& folder) {
         for (const json& v : vs) {
             Variant var;
             var.role = str(member(v, "role", where + " variant"), where + " variant role");
+            bool known_role = false;
+            for (const char* r : kRoles) known_role = known_role || var.role == r;
+            if (!known_role) bad("stage '" + name + "' has a variant of role " + shown(var.role) + ", which libomniforge does not know");
             std::string vw = where + " variant '" + var.role + "'";
             var.file = str(member(v, "file", vw), vw + ".file");
             check_relative(var.file);

@@ -266,6 +266,10 @@ int main() {
         replace_once(s, "\"role\": \"ort_inplace_llm\"", "\"role\": \"canonical\"");
     }), msg);
     expect_refusal(st, OF_ERR_MANIFEST, msg.c_str(), "variant role twice", "a role listed twice");
+    st = open_copy(src, tmp, "newrole", edit_manifest([](std::string& s) {
+        replace_once(s, "\"role\": \"ort_inplace_llm\"", "\"role\": \"ort_streaming_llm\"");
+    }), msg);
+    expect_refusal(st, OF_ERR_MANIFEST, msg.c_str(), "does not know", "a variant role from a newer omniforge");
 
     // ---- ONNX Runtime that cannot be loaded ----
     of_build_options bad_lib;
