@@ -156,6 +156,63 @@ def test_greedy_tokens_equal_the_python_runtime(
         assert got == want, f"prompt {ids}: native {got} != python {want}"
 
 
+def _with_embedding(default_build: Path, out: Path, form: str) -> Path:
+    """A copy of the default build whose token_embedding stage serves an ``ort`` variant of ``form``:
+    ``int8`` (the quantizer's Gather/Cast/Gather/Mul graph) or ``other`` (Gather then Identity, a
+    form neither runtime reads as a table)."""
+    import json
+
+    import onnx
+    from onnx import helper
+
+    shutil.copytree(default_build, out)
+    model = onnx.load(str(out / "stages" / "token_embedding.onnx"))
+    if form == "int8":
+        from omniforge.calibration.weight_only import quantize_embedding
+
+        model = quantize_embedding(model)
+    else:
+        node = model.graph.node[0]
+        final = node.output[0]
+        node.output[0] = "gathered"
+        model.graph.node.append(helper.make_node("Identity", ["gathered"], [final]))
+    rel = f"stages/token_embedding.{form}.onnx"
+    data = model.SerializeToString()
+    (out / rel).write_bytes(data)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["stages"]["token_embedding"]["variants"].append(
+        {
+            "role": "ort",
+            "file": rel,
+            "precision": "int8" if form == "int8" else "fp32",
+            "data_files": [],
+            "contract": "stage",
+        }
+    )
+    manifest["artifacts"].append({"path": rel, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)})
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return out
+
+
+@pytest.mark.parametrize("form, native_form", [("int8", "table_int8"), ("other", "session")])
+def test_greedy_tokens_equal_with_each_embedding_form(
+    native_build: Path, default_build: Path, ort_library: str, tmp_path: Path, form: str, native_form: str
+) -> None:
+    from omniforge.runtime.llm import LlmRuntime
+    from omniforge.runtime.sampling import GenerationConfig
+
+    build = _with_embedding(default_build, tmp_path / form, form)
+    rt = LlmRuntime(build)
+    assert (rt.table is None) == (form == "other") and (rt.table is None or rt.table.scale is not None)
+    ids = PROMPTS[2]
+    want = rt.generate(ids, GenerationConfig(max_new_tokens=32, stop_token_ids=())).token_ids
+    env = _env(build, ort_library)
+    r = _run([str(native_build / "omniforge_greedy_c"), str(build), "32", *map(str, ids)], env=env)
+    assert r.returncode == 0, r.stderr
+    assert f"embedding: {native_form}" in r.stderr
+    assert [int(t) for t in r.stdout.split()] == want
+
+
 def test_c_program_reports_a_bad_build_in_one_sentence(
     native_build: Path, default_build: Path, ort_library: str, tmp_path: Path
 ) -> None:

@@ -85,6 +85,10 @@ OF_API of_status of_llm_open(of_build* build, int32_t num_slots, int32_t max_con
 OF_API void of_llm_close(of_llm* llm); /* NULL is ignored */
 OF_API const char* of_llm_last_error(const of_llm* llm); /* "" when none; never NULL */
 
+/* How the LLM looks token embeddings up: "table_fp32" or "table_int8" (the token_embedding
+   graph's table read into memory), or "session" (the graph run by ONNX Runtime). */
+OF_API const char* of_llm_embedding_form(const of_llm* llm);
+
 /* Greedy generation from token ids: prefill the n_prompt ids, then decode the argmax token until
    max_new_tokens are generated, eos_id is generated (it is included in out_ids; -1: no stop id)
    or the context is full. out_ids must hold out_capacity >= max_new_tokens ids; *out_n receives

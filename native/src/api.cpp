@@ -144,6 +144,11 @@ const char* of_llm_last_error(const of_llm* llm) {
     return llm->error.c_str();
 }
 
+const char* of_llm_embedding_form(const of_llm* llm) {
+    if (!llm || !llm->impl) return "";
+    return omniforge::embedding_form(*llm->impl);
+}
+
 of_status of_llm_generate_greedy(of_llm* llm, const int32_t* prompt_ids, size_t n_prompt, int32_t max_new_tokens,
                                  int32_t eos_id, int32_t* out_ids, size_t out_capacity, size_t* out_n) {
     if (!llm) return OF_ERR_INVALID_ARGUMENT;

@@ -92,6 +92,16 @@ void verify_artifacts(const std::string& folder, const Manifest& m, bool sizes_o
 std::vector<char> read_verified(const std::string& folder, const Manifest& m, const std::string& rel);
 std::string sha256_hex(const void* data, size_t n);
 
+// The token-embedding table: rows (V, H) as floats (INT8 codes stored as their float values) and,
+// for the INT8 form, one scale per row: a row is rows[id] * scale[id], in float32.
+struct EmbeddingTable {
+    std::vector<float> rows;
+    std::vector<float> scale;  // empty: FP32 table
+};
+// The table of a serialized token-embedding graph of one of the two forms omniforge writes;
+// false for any other form (the caller runs the graph as a session).
+bool read_embedding_table(const std::vector<char>& graph, int64_t vocab, int64_t hidden, EmbeddingTable& table);
+
 // ---- ONNX Runtime and the build ---------------------------------------------------------------
 
 struct OrtLibrary;  // the dlopen'ed library, its API initialised
@@ -110,6 +120,7 @@ struct LlmImpl;
 // The caller owns the result and frees it with close_llm.
 LlmImpl* open_llm(std::shared_ptr<BuildImpl> build, int32_t num_slots, int32_t max_context);
 void close_llm(LlmImpl* llm);
+const char* embedding_form(const LlmImpl& llm);  // "table_fp32", "table_int8" or "session"
 // Greedy decode; returns the generated ids.
 std::vector<int32_t> generate_greedy(LlmImpl& llm, const int32_t* ids, size_t n, int32_t max_new_tokens,
                                      int32_t eos_id);

@@ -131,10 +131,14 @@ void check_graph_io(Ort::Session& session, const Contract& c, const std::string&
     }
 }
 
-Ort::Session open_session(const BuildImpl& b, const Variant& v, bool spin) {
+// A variant's graph, verified as it is read.
+std::vector<char> read_graph(const BuildImpl& b, const Variant& v) {
     if (!v.data_files.empty())
         fail(OF_ERR_UNSUPPORTED, "graph '" + v.file + "' keeps its weights in external data files, which libomniforge does not read yet");
-    std::vector<char> data = read_verified(b.folder, b.manifest, v.file);
+    return read_verified(b.folder, b.manifest, v.file);
+}
+
+Ort::Session open_session(const BuildImpl& b, const Variant& v, const std::vector<char>& data, bool spin) {
     Ort::SessionOptions opts;
     int threads = b.threads > 0 ? b.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
     opts.SetIntraOpNumThreads(threads);
@@ -183,7 +187,9 @@ struct LlmImpl {
     std::mutex slots_lock;
     Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
 
-    // token embeddings: a session over the stage's served graph
+    // token embeddings: the served variant's table, else a session over it
+    bool use_table = false;
+    EmbeddingTable table;
     Ort::Session embed_session{nullptr};
     std::string embed_in, embed_out;
     bool embed_int64 = true;
@@ -247,7 +253,7 @@ LlmImpl* open_llm(std::shared_ptr<BuildImpl> build, int32_t num_slots, int32_t m
         fail(OF_ERR_INVALID_ARGUMENT, "a KV cache of " + std::to_string(num_slots) + " slots x " + std::to_string(llm->max_context) +
                                           " tokens needs more than this machine's memory; use fewer slots or a shorter context");
 
-    llm->session = open_session(*build, v, /*spin=*/true);
+    llm->session = open_session(*build, v, read_graph(*build, v), /*spin=*/true);
     check_graph_io(llm->session, c, "the in-place LLM contract", v.file);
 
     const size_t per = size_t(num_slots) * g.num_kv_heads * llm->max_context * g.head_dim;
@@ -265,16 +271,40 @@ LlmImpl* open_llm(std::shared_ptr<BuildImpl> build, int32_t num_slots, int32_t m
     llm->embed_in = ec.inputs[0].name;
     llm->embed_out = ec.outputs[0].name;
     llm->embed_int64 = ec.inputs[0].dtype == "int64";
-    llm->embed_session = open_session(*build, ev, /*spin=*/false);
-    check_graph_io(llm->embed_session, ec, "the token_embedding stage", ev.file);
+    std::vector<char> egraph = read_graph(*build, ev);
+    llm->use_table = read_embedding_table(egraph, g.vocab_size, g.hidden_size, llm->table);
+    if (!llm->use_table) {
+        llm->embed_session = open_session(*build, ev, egraph, /*spin=*/false);
+        check_graph_io(llm->embed_session, ec, "the token_embedding stage", ev.file);
+    }
     llm->build = std::move(build);
     return llm.release();
 }
 
 void close_llm(LlmImpl* llm) { delete llm; }
 
+const char* embedding_form(const LlmImpl& llm) {
+    if (!llm.use_table) return "session";
+    return llm.table.scale.empty() ? "table_fp32" : "table_int8";
+}
+
 std::vector<float> LlmImpl::embed(const std::vector<int32_t>& ids) {
     const int64_t n = static_cast<int64_t>(ids.size());
+    if (use_table) {  // ids are checked against the vocabulary before they get here
+        const size_t h = size_t(g.hidden_size);
+        std::vector<float> rows(size_t(n) * h);
+        for (int64_t i = 0; i < n; ++i) {
+            const float* src = table.rows.data() + size_t(ids[i]) * h;
+            float* dst = rows.data() + size_t(i) * h;
+            if (table.scale.empty()) {
+                std::copy(src, src + h, dst);
+            } else {
+                const float s = table.scale[size_t(ids[i])];
+                for (size_t k = 0; k < h; ++k) dst[k] = src[k] * s;
+            }
+        }
+        return rows;
+    }
     std::vector<int64_t> shape{1, n};
     std::vector<int64_t> ids64(ids.begin(), ids.end());
     std::vector<int32_t> ids32(ids);

@@ -36,6 +36,7 @@ int main(int argc, char** argv) {
         of_build_close(build);
         return 1;
     }
+    fprintf(stderr, "embedding: %s\n", of_llm_embedding_form(llm));
     st = of_llm_generate_greedy(llm, prompt, (size_t)n_prompt, max_new, -1, out, (size_t)max_new, &n);
     if (st != OF_OK) {
         fprintf(stderr, "%s: %s\n", of_status_name(st), of_last_error(llm));

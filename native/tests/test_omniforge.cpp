@@ -123,6 +123,8 @@ int main() {
         std::fprintf(stderr, "the LLM did not open: %s %s\n", of_status_name(st), of_last_error(b));
         return 1;
     }
+    CHECK(std::string(of_llm_embedding_form(llm)) == "table_fp32");  // the default build's single Gather
+    CHECK(std::string(of_llm_embedding_form(nullptr)).empty());
     std::vector<int32_t> prompt{1, 5, 9, 3, 7};
     std::vector<int32_t> out(64), again(64);
     size_t n = 0, n2 = 0;
