@@ -233,7 +233,7 @@ def test_c_program_reports_a_bad_build_in_one_sentence(
 
 
 def test_under_address_and_undefined_behaviour_sanitizers(
-    native_san_build: Path, default_build: Path, ort_library: str
+    native_san_build: Path, default_build: Path, ort_library: str, tmp_path: Path
 ) -> None:
     env = _env(default_build, ort_library, **SANITIZER_ENV)
     r = _run([str(native_san_build / "omniforge_test")], env=env)
@@ -245,12 +245,13 @@ def test_under_address_and_undefined_behaviour_sanitizers(
     from omniforge.runtime.sampling import GenerationConfig
 
     ids = PROMPTS[0]
-    want = (
-        LlmRuntime(default_build)
-        .generate(ids, GenerationConfig(max_new_tokens=32, stop_token_ids=()))
-        .token_ids
-    )
-    assert _native_greedy(native_san_build, default_build, ids, env) == want
+    for build in (default_build, _with_embedding(default_build, tmp_path / "int8", "int8")):
+        config = GenerationConfig(max_new_tokens=32, stop_token_ids=())
+        want = LlmRuntime(build).generate(ids, config).token_ids
+        r = _run([str(native_san_build / "omniforge_greedy_c"), str(build), "32", *map(str, ids)], env=env)
+        assert r.returncode == 0, r.stderr[-6000:]
+        assert "Sanitizer" not in r.stderr and "runtime error" not in r.stderr, r.stderr[-6000:]
+        assert [int(t) for t in r.stdout.split()] == want
 
 
 @pytest.mark.parametrize(

@@ -100,9 +100,10 @@ bool read_tensor(Reader r, std::string& name, Tensor& t) {
             t.floats.resize(n);
             if (n) std::memcpy(t.floats.data(), d.p, n * 4);
         } else if (field == 4 && wire == 5) {
+            if (r.end - r.p < 4) return false;
             float f;
             std::memcpy(&f, r.p, 4);
-            r.skip(5);
+            r.p += 4;
             t.floats.push_back(f);
         } else if (field == 5 && wire == 2) {
             Reader d = r.sub();
