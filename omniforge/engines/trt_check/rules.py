@@ -66,6 +66,17 @@ def operator_support(g: GraphView, t: Target) -> list[Violation]:
     return out
 
 
+def _each_qdq(g: GraphView, rule: str, out: list[Violation]):
+    """Each Q/DQ node with a function that records a violation of ``rule`` at it."""
+    for n in g.nodes:
+        if n.op_type in (Q, DQ):
+
+            def bad(msg: str, n: onnx.NodeProto = n) -> None:
+                out.append(Violation(rule, label(n), n.op_type, msg))
+
+            yield n, bad
+
+
 def qdq_types(g: GraphView, t: Target) -> list[Violation]:
     """Q/DQ carry a quantized type TensorRT has (INT8, FP8, INT4; FP4 from 10.8), zero points are
     zero, scales are positive float constants.
@@ -75,13 +86,7 @@ def qdq_types(g: GraphView, t: Target) -> list[Violation]:
     the scale is a build-time constant with strictly positive values; UINT8 only for DLA (10.11)."""
     v = t.version
     out = []
-    for n in g.nodes:
-        if n.op_type not in (Q, DQ):
-            continue
-
-        def bad(msg: str, n: onnx.NodeProto = n) -> None:
-            out.append(Violation("qdq_types", label(n), n.op_type, msg))
-
+    for n, bad in _each_qdq(g, "qdq_types", out):
         qtype = _quantized_type(g, n)
         if qtype not in v.dequantize_types:
             what = "input" if n.op_type == DQ else "output"
@@ -121,13 +126,7 @@ def block_quantization(g: GraphView, t: Target) -> list[Violation]:
     128}"; "TensorRT only supports INT4 for weight quantization")."""
     v = t.version
     out = []
-    for n in g.nodes:
-        if n.op_type not in (Q, DQ):
-            continue
-
-        def bad(msg: str, n: onnx.NodeProto = n) -> None:
-            out.append(Violation("block_quantization", label(n), n.op_type, msg))
-
+    for n, bad in _each_qdq(g, "block_quantization", out):
         qtype = _quantized_type(g, n)
         block = int(attribute(n, "block_size", 0) or 0)
         weights = n.op_type == DQ and g.is_constant(n.input[0])
