@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -106,12 +105,9 @@ class _Reader(CalibrationDataReader):
 def outputs(path: Path, feeds: list[Feeds], threads: int = 2, quick: bool = False) -> list[list[np.ndarray]]:
     """Every output of ``path`` on each feed; ``quick``: basic graph optimizations only (a trial
     session is created, run a few times and dropped, so creating it fast matters more)."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    if quick:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    from omniforge.runtime.engine import SessionConfig, open_session
+
+    sess = open_session(path, "trial" if quick else "measurement", SessionConfig(threads=threads))
     return [sess.run(None, f) for f in feeds]
 
 

@@ -339,20 +339,35 @@ class WeightOnlyLlm:
         return std_rel, f"{codes.upper()} {sym}"
 
 
+def _rewritten(
+    ctx: QuantizeContext,
+    name: str,
+    out: Path,
+    precision: str,
+    transform: Callable[[onnx.ModelProto], onnx.ModelProto],
+    method: str,
+    feeds: list[dict[str, np.ndarray]] | None = None,
+) -> Result:
+    """The stage's canonical graph through ``transform``, served by ONNX Runtime, with its report."""
+    sb = ctx.manifest.stages[name]
+    src = ctx.build / sb.file
+    rel = f"stages/{name}.{precision}.onnx"
+    onnx.save_model(transform(onnx.load(str(src))), str(out / rel))
+    metrics = _stage_metrics(src, out / rel, ctx.manifest.pipeline.stage(name), feeds)
+    size = (src.stat().st_size, (out / rel).stat().st_size)
+    return replace(
+        sb.with_variant(Variant(Role.ORT, rel, precision)), precision=precision
+    ), StageQuantization(name, precision, method, *size, metrics)
+
+
 class Fp16Stage:
     """FP16 weights and compute, norms and their reductions FP32, FP32 inputs/outputs."""
 
     def quantize(self, ctx: QuantizeContext, name: str, precision: Precision, out: Path) -> Result:
         from omniforge.passes.precision import to_fp16_keep_norms
 
-        sb = ctx.manifest.stages[name]
-        src = ctx.build / sb.file
-        rel = f"stages/{name}.fp16.onnx"
-        onnx.save_model(to_fp16_keep_norms(onnx.load(str(src))), str(out / rel))
-        metrics = _stage_metrics(src, out / rel, ctx.manifest.pipeline.stage(name), ctx.captured(name)[1])
-        size = (src.stat().st_size, (out / rel).stat().st_size)
-        return replace(sb.with_variant(Variant(Role.ORT, rel, "fp16")), precision="fp16"), StageQuantization(
-            name, "fp16", self.__doc__ or "", *size, metrics
+        return _rewritten(
+            ctx, name, out, "fp16", to_fp16_keep_norms, self.__doc__ or "", ctx.captured(name)[1]
         )
 
 
@@ -360,15 +375,7 @@ class EmbeddingInt8:
     """INT8 table, one scale per row."""
 
     def quantize(self, ctx: QuantizeContext, name: str, precision: Precision, out: Path) -> Result:
-        sb = ctx.manifest.stages[name]
-        src = ctx.build / sb.file
-        rel = f"stages/{name}.int8.onnx"
-        onnx.save_model(quantize_embedding(onnx.load(str(src))), str(out / rel))
-        metrics = _stage_metrics(src, out / rel, ctx.manifest.pipeline.stage(name))
-        size = (src.stat().st_size, (out / rel).stat().st_size)
-        return replace(sb.with_variant(Variant(Role.ORT, rel, "int8")), precision="int8"), StageQuantization(
-            name, "int8", self.__doc__ or "", *size, metrics
-        )
+        return _rewritten(ctx, name, out, "int8", quantize_embedding, self.__doc__ or "")
 
 
 class Int8WithFallback:

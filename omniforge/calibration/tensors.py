@@ -25,9 +25,9 @@ def session_with_outputs(model: onnx.ModelProto, names: list[str]) -> ort.Infere
     m.CopyFrom(model)
     for n in names:
         m.graph.output.append(helper.make_tensor_value_info(n, TensorProto.FLOAT, None))
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    from omniforge.runtime.engine import open_session
+
+    return open_session(m.SerializeToString(), "measurement")
 
 
 def num_layers(contract: Contract) -> int:
