@@ -15,7 +15,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from omniforge.errors import CachePoolExhaustedError, ContextLengthError, EngineError, InputError
+from omniforge.errors import (
+    CachePoolExhaustedError,
+    ConfigError,
+    ContextLengthError,
+    EngineError,
+    InputError,
+)
 from omniforge.pipeline.contracts import Contract, Role, Slot, llm_inplace_contract
 from omniforge.pipeline.spec import LlmGeometry
 from omniforge.runtime.build import Build
@@ -261,75 +267,139 @@ class LlmRuntime:
         }
 
     # ---- inputs -------------------------------------------------------------------------------
-    def embed_ids(self, ids: Sequence[int], trusted: bool = False) -> np.ndarray:
+    def embed_ids(self, ids: Sequence[int] | np.ndarray, trusted: bool = False) -> np.ndarray:
         """(S,) token ids -> (S, H) embedding rows; ``trusted``: ids the sampler chose, known to be
         in range (the decode loop skips the checks)."""
-        arr = np.asarray(ids, dtype=np.int64)
         if trusted and self.table is not None:
-            return self.table.lookup(arr)
-        if arr.ndim != 1:
-            raise InputError(f"token ids must be one-dimensional, got shape {arr.shape}")
-        if arr.size and (arr.min() < 0 or arr.max() >= self.geometry.vocab_size):
-            raise InputError(
-                f"token ids must lie in [0, {self.geometry.vocab_size}), got [{arr.min()}, {arr.max()}]"
-            )
+            return self.table.lookup(np.asarray(ids, dtype=np.int64))
+        arr = self._token_array(ids)
         if self.table is not None:
             return self.table.lookup(arr)
         engine = self.build.engine("token_embedding")
         (ids_in,), (rows_out, *_) = engine.contract.input_names, engine.contract.output_names
         return engine.run({ids_in: arr[None]})[rows_out][0]
 
+    def _token_array(self, ids: object) -> np.ndarray:
+        """``ids`` as a checked (S,) int64 array: a sequence or 1-D integer array of in-vocabulary
+        ids, no longer than the context (huge Python ints are refused before numpy sees them)."""
+        vocab = self.geometry.vocab_size
+        if isinstance(ids, np.ndarray):
+            if ids.ndim != 1:
+                raise InputError(f"token ids must be one-dimensional, got shape {ids.shape}")
+            if ids.dtype.kind not in "iu":
+                raise InputError(f"token ids must be integers, got an array of {ids.dtype}")
+            values: Sequence[int] = ids
+        elif isinstance(ids, (str, bytes, bytearray, memoryview)) or not isinstance(ids, Sequence):
+            raise InputError(f"token ids must be a sequence of integers, got {type(ids).__name__}")
+        else:
+            values = ids
+        if len(values) > self.pool.max_context:
+            raise ContextLengthError(
+                f"{len(values)} token ids do not fit: the context holds {self.pool.max_context}"
+            )
+        if not isinstance(ids, np.ndarray):
+            for v in values:
+                if isinstance(v, (Sequence, np.ndarray)) and not isinstance(v, str):
+                    raise InputError("token ids must be one-dimensional: got a nested sequence")
+                if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                    raise InputError(f"token ids must be integers, got {type(v).__name__} {v!r:.40}")
+        if len(values):
+            lo, hi = (
+                (int(ids.min()), int(ids.max()))
+                if isinstance(ids, np.ndarray)
+                else (min(values), max(values))
+            )
+            if lo < 0 or hi >= vocab:
+                raise InputError(f"token ids must lie in [0, {vocab}), got [{lo}, {hi}]")
+        return np.asarray(values, dtype=np.int64)
+
     def prepare(
         self, prompt: str | Sequence[int] | np.ndarray, media: Media | None = None
     ) -> tuple[np.ndarray, list[int]]:
         """Prompt -> (T, H) rows and the token ids among them; media rows replace placeholders in order.
 
-        ``prompt`` is text, a list of token ids, or a (T, H) float array of ready embeddings.
+        ``prompt`` is text (valid Unicode), a sequence or 1-D integer array of token ids, or a (T, H)
+        float array of ready embeddings; anything else (bytes, None, ...) is refused. The rows fed to
+        the LLM, media rows included, are checked against the context before any is computed.
         """
         if isinstance(prompt, np.ndarray) and prompt.dtype.kind == "f":
             if prompt.ndim != 2 or prompt.shape[1] != self.geometry.hidden_size:
                 raise InputError(
                     f"prompt embeddings must have shape (T, {self.geometry.hidden_size}), got {prompt.shape}"
                 )
+            if len(prompt) == 0:
+                raise InputError("the prompt is empty")
+            self.check_fits(len(prompt), "the prompt embedding")
             if not np.isfinite(prompt).all():
                 raise InputError("prompt embeddings contain NaN or Inf")
             return np.ascontiguousarray(prompt, dtype=np.float32), []
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InputError("this build has no tokenizer; pass token ids or embeddings instead of text")
-            ids = self.tokenizer.encode(prompt)
+            ids = self.tokenizer.encode(prompt, max_tokens=self.pool.max_context)
+        elif isinstance(prompt, (bytes, bytearray, memoryview)):
+            raise InputError(
+                "a prompt must be text (str), token ids or embeddings, got bytes: decode it first"
+            )
+        elif isinstance(prompt, (Sequence, np.ndarray)):
+            ids = self._token_array(prompt).tolist()
         else:
-            ids = [int(i) for i in prompt]
+            raise InputError(
+                "a prompt must be text, a sequence of token ids or a (T, H) float array, "
+                f"got {type(prompt).__name__}"
+            )
         if not ids:
             raise InputError("the prompt is empty")
-        self.check_fits(len(ids))
+        self.check_fits(len(ids))  # media rows replace placeholders: never fewer rows than ids
+        plan = self._media_plan(ids, media)
+        fed = len(ids) + sum(len(item) - 1 for _, item in plan)
+        if plan:
+            self.check_fits(fed, "the prompt with its media")
         rows = self.embed_ids(ids)
-        media = {k: list(v) for k, v in (media or {}).items()}
-        for m in media:
+        pieces: list[np.ndarray] = []
+        start = 0
+        for pos, item in plan:
+            pieces += [rows[start:pos], item]
+            start = pos + 1
+        pieces.append(rows[start:])
+        return np.ascontiguousarray(np.concatenate(pieces)), ids
+
+    def _media_plan(self, ids: list[int], media: Media | None) -> list[tuple[int, np.ndarray]]:
+        """(placeholder position, checked (n, H) float32 rows) for each media item, in order."""
+        if media is None:
+            return []
+        if not isinstance(media, dict):
+            raise InputError(f"media must map a modality to a list of embeddings, got {type(media).__name__}")
+        queues = {k: list(v) if isinstance(v, (list, tuple)) else [v] for k, v in media.items()}
+        for m in queues:
             if m not in self.build.pipeline.placeholders:
                 raise InputError(
                     f"unknown modality '{m}' (this build takes: {sorted(self.build.pipeline.placeholders)})"
                 )
-        pieces: list[np.ndarray] = []
-        start = 0
+        plan: list[tuple[int, np.ndarray]] = []
         for pos, tid in enumerate(ids):
             modality = self.placeholder_ids.get(tid)
-            if modality is None or not media.get(modality):
+            if modality is None or not queues.get(modality):
                 continue
-            item = np.asarray(media[modality].pop(0), dtype=np.float32)
-            if item.ndim != 2 or item.shape[1] != self.geometry.hidden_size:
-                raise InputError(
-                    f"{modality} embeddings must have shape (n, {self.geometry.hidden_size}), got {item.shape}"
-                )
-            pieces += [rows[start:pos], item]
-            start = pos + 1
-        leftover = {m: len(v) for m, v in media.items() if v}
+            item = queues[modality].pop(0)
+            plan.append((pos, self._media_rows(modality, item)))
+        leftover = {m: len(v) for m, v in queues.items() if v}
         if leftover:
             raise InputError(
                 f"the prompt has fewer placeholders than media items: {leftover} left without a placeholder"
             )
-        pieces.append(rows[start:])
-        return np.ascontiguousarray(np.concatenate(pieces)), ids
+        return plan
+
+    def _media_rows(self, modality: str, item: object) -> np.ndarray:
+        h = self.geometry.hidden_size
+        arr = np.asarray(item) if isinstance(item, (np.ndarray, list, tuple)) else None
+        if arr is None or arr.dtype.kind not in "fiu" or arr.ndim != 2 or arr.shape[1] != h or not len(arr):
+            shape = arr.shape if arr is not None else type(item).__name__
+            raise InputError(f"{modality} embeddings must have shape (n, {h}) with n >= 1, got {shape}")
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if not np.isfinite(arr).all():
+            raise InputError(f"{modality} embeddings contain NaN or Inf")
+        return arr
 
     # ---- generation ---------------------------------------------------------------------------
     def generate(
@@ -340,23 +410,25 @@ class LlmRuntime:
         on_text: Callable[[str], None] | None = None,
     ) -> GenerationResult:
         """Generate for one prompt; ``on_text`` receives the text as it streams."""
+        if on_text is not None and not callable(on_text):
+            raise InputError(f"on_text must be callable, got {type(on_text).__name__}")
         rows, ids = self.prepare(prompt, media)
         cb = (lambda _i, d: on_text(d)) if on_text else None
-        return self.generate_rows([rows], [ids], config or GenerationConfig(), cb)[0]
+        return self.generate_rows([rows], [ids], _config(config), cb)[0]
 
     def generate_batch(
         self, prompts: Sequence[str | Sequence[int] | np.ndarray], config: GenerationConfig | None = None
     ) -> list[GenerationResult]:
         """Generate for several prompts at once; each result equals generating it alone."""
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise InputError(f"prompts must be a list of prompts, got {type(prompts).__name__}")
         prepared = [self.prepare(p) for p in prompts]
-        return self.generate_rows(
-            [r for r, _ in prepared], [i for _, i in prepared], config or GenerationConfig()
-        )
+        return self.generate_rows([r for r, _ in prepared], [i for _, i in prepared], _config(config))
 
     def stream(self, prompt: str | Sequence[int], config: GenerationConfig | None = None) -> Iterator[str]:
         """Yield text pieces as they are generated."""
         rows, ids = self.prepare(prompt)
-        yield from (d for _i, d in self._run([rows], [ids], config or GenerationConfig()) if d)
+        yield from (d for _i, d in self._run([rows], [ids], _config(config)) if d)
 
     def generate_rows(
         self,
@@ -365,6 +437,13 @@ class LlmRuntime:
         config: GenerationConfig,
         on_text: Callable[[int, str], None] | None = None,
     ) -> list[GenerationResult]:
+        config = _config(config)
+        if not isinstance(rows, (list, tuple)) or not isinstance(ids, (list, tuple)) or len(rows) != len(ids):
+            raise InputError("rows and ids must be two lists of the same length, one entry per sequence")
+        if not rows:
+            raise InputError("there is no sequence to generate for")
+        if on_text is not None and not callable(on_text):
+            raise InputError(f"on_text must be callable, got {type(on_text).__name__}")
         gen = self._run(rows, ids, config, stream=on_text is not None)
         try:
             while True:
@@ -381,7 +460,7 @@ class LlmRuntime:
         """Final hidden states (len(ids), H) of tokens ``ids`` fed after the embedding ``rows``
         (teacher forcing; a cached prefix of ``rows`` is reused, nothing is kept)."""
         full = np.concatenate([rows, self.embed_ids(ids)])
-        self.check_fits(len(full))
+        self.check_fits(len(full), f"{len(rows)} rows followed by {len(ids)} tokens")
         slot = self.allocate_slots(1)
         try:
             reused = self.prefix_cache.reuse(full[: len(rows) + 1], slot.start)
@@ -390,11 +469,14 @@ class LlmRuntime:
             self.pool.release(slot)
         return hidden[0, -len(ids) :]
 
-    def check_fits(self, prompt_tokens: int) -> None:
+    def check_fits(self, tokens: int, what: str = "the prompt") -> None:
+        """Refuse ``tokens`` rows fed to the LLM that leave no room in the context for one more;
+        ``what`` names what they are in the message."""
         ctx = self.pool.max_context
-        if prompt_tokens >= ctx:
+        if tokens >= ctx:
             raise ContextLengthError(
-                f"the prompt has {prompt_tokens} tokens; the context holds {ctx}, leaving no room for a new token"
+                f"{what} is {tokens} tokens fed to the LLM; the context holds {ctx}, leaving no room "
+                "for a new token"
             )
 
     def allocate_slots(self, count: int) -> SlotRange:
@@ -537,6 +619,15 @@ class LlmRuntime:
 
 
 _NO_HISTORY = np.zeros(0, np.int64)
+
+
+def _config(config: object) -> GenerationConfig:
+    """``config`` if it is a ``GenerationConfig``, the defaults for None, else one ``ConfigError``."""
+    if config is None:
+        return GenerationConfig()
+    if not isinstance(config, GenerationConfig):
+        raise ConfigError(f"a generation config must be a GenerationConfig, got {type(config).__name__}")
+    return config
 
 
 class EmbeddingTable:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from omniforge.errors import InputError, ManifestError
+from omniforge.errors import ContextLengthError, InputError, ManifestError
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,8 @@ class TextTokenizer:
         self.bos_token = _token_str(cfg.get("bos_token"))
         self.add_bos = bool(cfg.get("add_bos_token", False))
         self.vocab_size = self.tok.get_vocab_size()
+        # the most characters one token stands for: a text longer than a context's worth cannot fit
+        self.max_token_chars = max((len(t) for t in self.tok.get_vocab(with_added_tokens=True)), default=1)
 
     def token_id(self, token: str) -> int | None:
         return self.tok.token_to_id(token)
@@ -43,9 +45,22 @@ class TextTokenizer:
     def eos_id(self) -> int | None:
         return self.token_id(self.eos_token) if self.eos_token else None
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, max_tokens: int | None = None) -> list[int]:
+        """Token ids of ``text``, which must be valid Unicode; a text too long to fit ``max_tokens``
+        however it is split is refused before it is tokenized."""
         if not isinstance(text, str):
             raise InputError(f"a prompt must be a string, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InputError(
+                f"the prompt is not valid Unicode text: character {exc.start} is an unpaired surrogate"
+            ) from None
+        if max_tokens is not None and len(text) > 4 * max_tokens * self.max_token_chars:
+            raise ContextLengthError(
+                f"the prompt has {len(text)} characters, too many to fit however it is split: "
+                f"the context holds {max_tokens} tokens"
+            )
         ids = self.tok.encode(text, add_special_tokens=True).ids
         bos = self.token_id(self.bos_token) if self.bos_token else None
         if self.add_bos and bos is not None and (not ids or ids[0] != bos):
