@@ -2,53 +2,154 @@
 
 Each reproduces the preprocessing the encoders were exported with (CLIP image preprocessing,
 an HTK log-mel spectrogram) and is checked against transformers' own implementations in the
-tests. Writers (PNG, GIF, WAV) replace their target atomically.
+tests. Inputs are read only from regular files (a FIFO or device is refused, never waited on),
+and every size is checked against the limits below before anything is decoded or allocated:
+an image's pixels and aspect ratio from its header, a WAV's rate and channels from its ``fmt ``
+chunk (and only the part of its samples that is used is read), a build's front-end config values.
+Writers (PNG, GIF, WAV) replace their target atomically.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
+import stat
 import struct
 import wave
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
-from PIL import Image, ImageSequence, UnidentifiedImageError
+from PIL import Image
 
-from omniforge.errors import InputError
+from omniforge.errors import ConfigError, InputError
 from omniforge.pipeline.atomic import temp_file
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
-MAX_PIXELS = 64_000_000  # refuse decompression bombs
+
+# what a media file or a build's front-end config may ask for; beyond it, one error
+MAX_PIXELS = 64_000_000  # of an image or a video frame, as stored and as resized for the encoder
+MAX_ASPECT = 100  # longer side : shorter side
+MAX_PREPROCESS_SIDE = 4096  # the image preprocessor's shortest edge and crop sides
+MAX_VIDEO_FRAMES = 256  # frames sampled from a video
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1_000, 384_000  # Hz: WAV files and the audio front end
+MAX_CHANNELS = 64
+MAX_AUDIO_SECONDS = 30.0  # ``load_wav`` reads at most this much from the start of a file by default
+MAX_AUDIO_SAMPLES = 1 << 24  # samples over all channels read from one file
+MAX_WAV_CHUNKS = 1024  # RIFF chunks walked to find 'fmt ' and 'data'
+MAX_FFT, MAX_MEL_BINS, MAX_MEL_FRAMES = 1 << 16, 1024, 100_000  # the audio front end's sizes
+
+_SPECIAL = (
+    (stat.S_ISFIFO, "FIFO"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+    (stat.S_ISSOCK, "socket"),
+)
 
 
-def _existing(path: str | Path, what: str) -> Path:
+# ---- files --------------------------------------------------------------------------------------
+def _stat(path: str | os.PathLike[str], what: str) -> tuple[Path, os.stat_result]:
+    """``path`` and its status, or one ``InputError`` for something that is not a reachable path."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"the {what} must be given as a file path, got {type(path).__name__}")
     p = Path(path)
-    if not p.exists():
-        raise InputError(f"{what} file '{p}' does not exist")
-    if not os.access(p, os.R_OK):
-        raise InputError(f"{what} file '{p}' is not readable")
-    return p
-
-
-def load_image(path: str | Path) -> Image.Image:
-    """An RGB image from a file, or one clear error for missing, corrupt or huge files."""
-    p = _existing(path, "image")
-    if p.is_dir():
-        raise InputError(f"image path '{p}' is a folder, not an image file")
     try:
-        with Image.open(p) as im:
-            if im.width * im.height > MAX_PIXELS:
-                raise InputError(
-                    f"image '{p.name}' has {im.width}x{im.height} pixels, more than {MAX_PIXELS}"
-                )
-            im.load()
-            return _to_rgb(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise InputError(f"'{p.name}' is not a readable image ({exc})") from None
+        return p, os.stat(p)
+    except FileNotFoundError:
+        raise InputError(f"{what} file '{p}' does not exist") from None
+    except (OSError, ValueError) as exc:
+        why = getattr(exc, "strerror", None) or str(exc)
+        raise InputError(f"{what} file '{p}' cannot be reached ({why})") from None
+
+
+def _not_regular(p: Path, mode: int, what: str) -> InputError:
+    if stat.S_ISDIR(mode):
+        return InputError(f"{what} path '{p}' is a folder, not {what} file")
+    kind = next((k for test, k in _SPECIAL if test(mode)), "special file")
+    return InputError(f"{what} path '{p}' is a {kind}, not a regular file")
+
+
+def _open_regular(path: str | os.PathLike[str], what: str) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file. It is checked before opening and again
+    on the open descriptor, which is opened non-blocking: a FIFO or device is refused, never waited on."""
+    p, st = _stat(path, what)
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(p, st.st_mode, what)
+    try:
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except PermissionError:
+        raise InputError(f"{what} file '{p}' is not readable") from None
+    except OSError as exc:
+        raise InputError(f"{what} file '{p}' cannot be opened ({exc.strerror})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):  # replaced between the two looks
+        os.close(fd)
+        raise _not_regular(p, mode, what)
+    return os.fdopen(fd, "rb")
+
+
+# ---- config values ------------------------------------------------------------------------------
+def config_int(cfg: Mapping[str, Any], key: str, lo: int, hi: int, what: str, default: Any = None) -> int:
+    """``cfg[key]`` as an integer in [lo, hi], else one ``ConfigError`` naming the limit."""
+    v = cfg.get(key, default)
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ConfigError(f"the {what} config's '{key}' must be an integer in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+def config_float(cfg: Mapping[str, Any], key: str, what: str, default: float, nonzero: bool = False) -> float:
+    """``cfg[key]`` as a finite float (and not 0 if ``nonzero``), else one ``ConfigError``."""
+    v = cfg.get(key, default)
+    ok = (
+        isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and math.isfinite(v)
+        and not (nonzero and v == 0)
+    )
+    if not ok:
+        need = "a finite, non-zero number" if nonzero else "a finite number"
+        raise ConfigError(f"the {what} config's '{key}' must be {need}, got {v!r}")
+    return float(v)
+
+
+def _config_section(cfg: Mapping[str, Any], key: str, what: str) -> Mapping[str, Any]:
+    v = cfg.get(key, {})
+    if not isinstance(v, Mapping):
+        raise ConfigError(f"the {what} config's '{key}' must be an object, got {v!r}")
+    return v
+
+
+# ---- images -------------------------------------------------------------------------------------
+def check_image_size(width: int, height: int, name: str) -> None:
+    """Refuse an image without pixels, above ``MAX_PIXELS``, or with sides further apart than ``MAX_ASPECT``."""
+    if width < 1 or height < 1:
+        raise InputError(f"image '{name}' is {width}x{height}: it has no pixels")
+    if width * height > MAX_PIXELS:
+        raise InputError(f"image '{name}' has {width}x{height} pixels, more than {MAX_PIXELS}")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise InputError(f"image '{name}' is {width}x{height}, an aspect ratio beyond {MAX_ASPECT}:1")
+
+
+def load_image(path: str | os.PathLike[str]) -> Image.Image:
+    """An RGB image from a regular file; its size is checked from the header before it is decoded."""
+    with _open_regular(path, "image") as f:
+        name = Path(path).name
+        try:
+            with Image.open(f) as im:
+                check_image_size(im.width, im.height, name)
+                im.load()
+                return _to_rgb(im)
+        except InputError:
+            raise
+        except Image.DecompressionBombError:
+            raise InputError(f"image '{name}' has more than {MAX_PIXELS} pixels") from None
+        except Exception as exc:  # Pillow's decoders raise many types for corrupt data
+            raise InputError(f"'{name}' is not a readable image ({exc})") from None
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -61,32 +162,94 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return Image.fromarray((grey * 255).round().astype(np.uint8)).convert("RGB")
 
 
-def preprocess_image(image: Image.Image | np.ndarray, cfg: dict[str, Any]) -> np.ndarray:
-    """CLIP preprocessing: shortest edge -> size, center crop, rescale, normalize -> (3, H, W) float32."""
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """The image preprocessor config (CLIP's), each size within its limit."""
+
+    shortest_edge: int
+    crop: tuple[int, int]  # (height, width)
+    resample: Image.Resampling
+    do_resize: bool
+    do_center_crop: bool
+    rescale_factor: float
+    do_normalize: bool
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> ImagePreprocessing:
+        what, side = "image preprocessor", MAX_PREPROCESS_SIDE
+        if not isinstance(cfg, Mapping):
+            raise ConfigError(f"the {what} config must be an object, got {type(cfg).__name__}")
+        short = config_int(_config_section(cfg, "size", what), "shortest_edge", 1, side, what, 224)
+        crop_cfg = _config_section(cfg, "crop_size", what) or {"height": short, "width": short}
+        crop = tuple(config_int(crop_cfg, k, 1, side, what, short) for k in ("height", "width"))
+        resample = config_int(cfg, "resample", 0, max(Image.Resampling), what, 3)
+        try:
+            mode = Image.Resampling(resample)
+        except ValueError:
+            raise ConfigError(f"the {what} config's 'resample' {resample} is not a Pillow filter") from None
+        return cls(
+            short,
+            (crop[0], crop[1]),
+            mode,
+            bool(cfg.get("do_resize", True)),
+            bool(cfg.get("do_center_crop", True)),
+            config_float(cfg, "rescale_factor", what, 1 / 255),
+            bool(cfg.get("do_normalize", True)),
+            _channel_stats(cfg, "image_mean", what, False),
+            _channel_stats(cfg, "image_std", what, True),
+        )
+
+
+def _channel_stats(cfg: Mapping[str, Any], key: str, what: str, nonzero: bool) -> np.ndarray:
+    v = cfg.get(key, [0.5] * 3)
+    try:
+        arr = np.asarray(v, np.float64)
+    except (TypeError, ValueError):
+        arr = np.asarray([np.nan])
+    if arr.shape not in ((), (3,)) or not np.isfinite(arr).all() or (nonzero and (arr == 0).any()):
+        need = "finite, non-zero" if nonzero else "finite"
+        raise ConfigError(f"the {what} config's '{key}' must be one or three {need} numbers, got {v!r}")
+    return np.broadcast_to(arr, (3,)).astype(np.float32)
+
+
+def _as_image(image: Image.Image | np.ndarray) -> Image.Image:
+    """A PIL image of a checked size from an image or an (H, W, 3) uint8 array."""
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise InputError(f"an image array must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
-        image = Image.fromarray(image)
-    image = image.convert("RGB")
-    short = int(cfg.get("size", {}).get("shortest_edge", 224))
-    crop = cfg.get("crop_size", {"height": short, "width": short})
-    ch, cw = int(crop["height"]), int(crop["width"])
+        check_image_size(image.shape[1], image.shape[0], "array")
+        return Image.fromarray(np.ascontiguousarray(image))
+    if not isinstance(image, Image.Image):
+        raise InputError(
+            f"an image must be a PIL image or an (H, W, 3) uint8 array, got {type(image).__name__}"
+        )
+    check_image_size(image.width, image.height, "image")
+    return image
+
+
+def preprocess_image(
+    image: Image.Image | np.ndarray, cfg: Mapping[str, Any] | ImagePreprocessing
+) -> np.ndarray:
+    """CLIP preprocessing: shortest edge -> size, center crop, rescale, normalize -> (3, H, W) float32.
+
+    The image and the size it is resized to are checked against ``MAX_PIXELS`` first."""
+    prep = cfg if isinstance(cfg, ImagePreprocessing) else ImagePreprocessing.from_config(cfg)
+    image = _as_image(image).convert("RGB")
     w, h = image.size
-    if cfg.get("do_resize", True):
-        if w <= h:
-            nw, nh = short, int(short * h / w)
-        else:
-            nw, nh = int(short * w / h), short
-        image = image.resize((nw, nh), resample=Image.Resampling(int(cfg.get("resample", 3))))
+    if prep.do_resize:
+        short = prep.shortest_edge
+        nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+        if nw * nh > MAX_PIXELS:
+            raise InputError(f"a {w}x{h} image resized to {nw}x{nh} would have more than {MAX_PIXELS} pixels")
+        image = image.resize((nw, nh), resample=prep.resample)
     x = np.asarray(image)  # (H, W, 3) uint8
-    if cfg.get("do_center_crop", True):
-        x = _center_crop(x, ch, cw)
-    out = x.astype(np.float64) * float(cfg.get("rescale_factor", 1 / 255))
-    out = out.astype(np.float32)
-    if cfg.get("do_normalize", True):
-        mean = np.asarray(cfg.get("image_mean", [0.5] * 3), np.float32)
-        std = np.asarray(cfg.get("image_std", [0.5] * 3), np.float32)
-        out = (out - mean) / std
+    if prep.do_center_crop:
+        x = _center_crop(x, *prep.crop)
+    out = (x.astype(np.float64) * prep.rescale_factor).astype(np.float32)
+    if prep.do_normalize:
+        out = (out - prep.mean) / prep.std
     return np.ascontiguousarray(out.transpose(2, 0, 1), dtype=np.float32)
 
 
@@ -107,24 +270,54 @@ def sample_indices(n: int, k: int) -> np.ndarray:
     return np.linspace(0, n - 1, k).round().astype(np.int64)
 
 
-def load_video_frames(path: str | Path, num_frames: int) -> list[Image.Image]:
-    """Uniformly sampled RGB frames from a folder of images, an animated GIF/WebP, or an MP4 (imageio)."""
-    p = _existing(path, "video")
-    if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+def check_frame_count(num_frames: int) -> int:
+    """The number of frames to sample, refused beyond ``MAX_VIDEO_FRAMES``."""
+    if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)):
+        raise ConfigError(f"the number of video frames must be an integer, got {type(num_frames).__name__}")
+    if not 1 <= num_frames <= MAX_VIDEO_FRAMES:
+        raise ConfigError(f"the number of video frames must lie in [1, {MAX_VIDEO_FRAMES}], got {num_frames}")
+    return int(num_frames)
+
+
+def iter_video_frames(path: str | os.PathLike[str], num_frames: int) -> Iterator[Image.Image]:
+    """Uniformly sampled RGB frames, one at a time, from a folder of images, an animated GIF/WebP, or
+    an MP4 (imageio): only the sampled frames are decoded."""
+    k = check_frame_count(num_frames)
+    p, st = _stat(path, "video")
+    if stat.S_ISDIR(st.st_mode):
+        try:
+            files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        except OSError as exc:
+            raise InputError(f"video folder '{p}' cannot be listed ({exc.strerror})") from None
         if not files:
             raise InputError(f"video folder '{p}' holds no image frames")
-        return [load_image(files[i]) for i in sample_indices(len(files), num_frames)]
+        for i in sample_indices(len(files), k):
+            yield load_image(files[i])
+        return
     if p.suffix.lower() in (".mp4", ".mov", ".mkv", ".avi", ".webm"):
-        return _video_file_frames(p, num_frames)
+        _open_regular(p, "video").close()
+        yield from _video_file_frames(p, k)
+        return
+    with _open_regular(p, "video") as f:
+        yield from _animated_frames(f, p.name, k)
+
+
+def _animated_frames(f: BinaryIO, name: str, k: int) -> Iterator[Image.Image]:
     try:
-        with Image.open(p) as im:
-            frames = [f.convert("RGB") for f in ImageSequence.Iterator(im)]
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise InputError(
-            f"'{p.name}' is not a readable video (a frame folder, GIF, or MP4) ({exc})"
-        ) from None
-    return [frames[i] for i in sample_indices(len(frames), num_frames)]
+        with Image.open(f) as im:
+            check_image_size(im.width, im.height, name)
+            for i in sample_indices(getattr(im, "n_frames", 1), k):
+                im.seek(int(i))
+                yield im.convert("RGB")
+    except InputError:
+        raise
+    except Exception as exc:  # Pillow's decoders raise many types for corrupt data
+        raise InputError(f"'{name}' is not a readable video (a frame folder, GIF, or MP4) ({exc})") from None
+
+
+def load_video_frames(path: str | os.PathLike[str], num_frames: int) -> list[Image.Image]:
+    """Uniformly sampled RGB frames from a folder of images, an animated GIF/WebP, or an MP4 (imageio)."""
+    return list(iter_video_frames(path, num_frames))
 
 
 def _video_file_frames(p: Path, num_frames: int) -> list[Image.Image]:
@@ -139,6 +332,9 @@ def _video_file_frames(p: Path, num_frames: int) -> list[Image.Image]:
         frames = iio.imread(p)
     except Exception as exc:  # imageio raises backend-specific errors
         raise InputError(f"'{p.name}' is not a readable video ({exc})") from None
+    if frames.ndim != 4 or frames.shape[0] < 1:
+        raise InputError(f"'{p.name}' holds no video frames")
+    check_image_size(frames.shape[2], frames.shape[1], p.name)
     return [Image.fromarray(frames[i]).convert("RGB") for i in sample_indices(len(frames), num_frames)]
 
 
@@ -161,17 +357,29 @@ def _int24(b: bytes) -> np.ndarray:
     return np.where(v >= 1 << 23, v - (1 << 24), v)
 
 
-def _riff_chunks(data: bytes) -> dict[bytes, bytes]:
-    """The chunks of a RIFF/WAVE file by id (first of each); a last chunk cut short keeps what is there."""
-    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+def _wav_layout(f: BinaryIO, size: int) -> tuple[bytes, int, int]:
+    """The ``fmt `` chunk, and the ``data`` chunk's offset and length (a chunk cut short keeps what
+    is there), found by walking chunk headers: no sample is read."""
+    head = f.read(12)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
         raise ValueError("no RIFF/WAVE header")
-    chunks: dict[bytes, bytes] = {}
+    fmt: bytes | None = None
+    data: tuple[int, int] | None = None
     pos = 12
-    while pos + 8 <= len(data):
-        cid, size = data[pos : pos + 4], struct.unpack_from("<I", data, pos + 4)[0]
-        chunks.setdefault(cid, data[pos + 8 : pos + 8 + size])
-        pos += 8 + size + (size & 1)  # chunks are word-aligned
-    return chunks
+    for _ in range(MAX_WAV_CHUNKS):
+        f.seek(pos)
+        hdr = f.read(8)
+        if len(hdr) < 8:
+            break
+        cid, n = hdr[:4], struct.unpack("<I", hdr[4:])[0]
+        if cid == b"fmt " and fmt is None:
+            fmt = f.read(min(n, 1024))
+        elif cid == b"data" and data is None:
+            data = (pos + 8, max(0, min(n, size - pos - 8)))
+        if fmt is not None and data is not None:
+            return fmt, *data
+        pos += 8 + n + (n & 1)  # chunks are word-aligned
+    raise ValueError(f"no 'fmt ' or 'data' chunk among its first {MAX_WAV_CHUNKS} chunks")
 
 
 def _wav_format(fmt: bytes) -> tuple[int, int, int, int]:
@@ -188,35 +396,67 @@ def _wav_format(fmt: bytes) -> tuple[int, int, int, int]:
     return tag, channels, rate, 8 * (align // channels)  # the container width, as it is laid out
 
 
-def load_wav(path: str | Path) -> tuple[np.ndarray, int]:
+def load_wav(path: str | os.PathLike[str], max_seconds: float = MAX_AUDIO_SECONDS) -> tuple[np.ndarray, int]:
     """Mono float32 samples and the sample rate of a WAV file: 8/16/24/32-bit PCM scaled to [-1, 1),
-    32/64-bit float as stored, either also inside WAVE_FORMAT_EXTENSIBLE."""
-    p = _existing(path, "audio")
-    try:
-        chunks = _riff_chunks(p.read_bytes())
-        if b"fmt " not in chunks or b"data" not in chunks:
-            raise ValueError("no 'fmt ' or 'data' chunk")
-        tag, ch, sr, bits = _wav_format(chunks[b"fmt "])
-    except (ValueError, struct.error, OSError) as exc:
-        raise InputError(f"'{p.name}' is not a readable PCM WAV file ({exc})") from None
-    decode = _DECODERS.get((tag, bits))
-    if decode is None:
-        kind = {WAVE_PCM: "PCM", WAVE_FLOAT: "float"}.get(tag, f"format {tag}")
-        raise InputError(
-            f"'{p.name}' holds {bits}-bit {kind} samples; 8/16/24/32-bit PCM and 32/64-bit float are supported"
-        )
-    raw = chunks[b"data"]
-    raw = raw[: len(raw) // (bits // 8 * ch) * (bits // 8 * ch)]  # whole frames only
+    32/64-bit float as stored, either also inside WAVE_FORMAT_EXTENSIBLE.
+
+    Only the first ``max_seconds`` (and at most ``MAX_AUDIO_SAMPLES`` samples over all channels)
+    are read; the rest of a longer file is never loaded."""
+    if (
+        isinstance(max_seconds, bool)
+        or not isinstance(max_seconds, (int, float))
+        or not 0 < max_seconds < math.inf
+    ):
+        raise ConfigError(f"max_seconds must be a positive finite number, got {max_seconds!r}")
+    with _open_regular(path, "audio") as f:
+        name = Path(path).name
+        try:
+            fmt, offset, nbytes = _wav_layout(f, os.fstat(f.fileno()).st_size)
+            tag, ch, sr, bits = _wav_format(fmt)
+        except (ValueError, struct.error, OSError) as exc:
+            raise InputError(f"'{name}' is not a readable PCM WAV file ({exc})") from None
+        if not MIN_SAMPLE_RATE <= sr <= MAX_SAMPLE_RATE:
+            raise InputError(
+                f"'{name}' has a sample rate of {sr} Hz; {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE} Hz are supported"
+            )
+        if ch > MAX_CHANNELS:
+            raise InputError(f"'{name}' has {ch} channels; at most {MAX_CHANNELS} are supported")
+        decode = _DECODERS.get((tag, bits))
+        if decode is None:
+            kind = {WAVE_PCM: "PCM", WAVE_FLOAT: "float"}.get(tag, f"format {tag}")
+            raise InputError(
+                f"'{name}' holds {bits}-bit {kind} samples; 8/16/24/32-bit PCM and 32/64-bit float are supported"
+            )
+        frame = bits // 8 * ch
+        frames = min(nbytes // frame, math.ceil(max_seconds * sr), MAX_AUDIO_SAMPLES // ch)
+        f.seek(offset)
+        raw = f.read(frames * frame)
+    raw = raw[: len(raw) // frame * frame]  # whole frames only
     if not raw:
-        raise InputError(f"'{p.name}' holds no audio samples")
+        raise InputError(f"'{name}' holds no audio samples")
     x = decode(raw).reshape(-1, ch).mean(axis=1)
     if not np.isfinite(x).all():
-        raise InputError(f"'{p.name}' holds NaN or infinite samples")
+        raise InputError(f"'{name}' holds NaN or infinite samples")
     return x.astype(np.float32), sr
+
+
+def check_sample_rate(sr: int, what: str) -> int:
+    """``sr`` if it lies in [``MIN_SAMPLE_RATE``, ``MAX_SAMPLE_RATE``], else one ``InputError``."""
+    if (
+        isinstance(sr, bool)
+        or not isinstance(sr, (int, np.integer))
+        or not MIN_SAMPLE_RATE <= sr <= MAX_SAMPLE_RATE
+    ):
+        raise InputError(f"{what} {sr!r} Hz is outside {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE} Hz")
+    return int(sr)
 
 
 def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
     """Band-limited resampling through the spectrum (the signal is treated as periodic)."""
+    check_sample_rate(sr_in, "the input sample rate")
+    check_sample_rate(sr_out, "the output sample rate")
+    if len(x) == 0:
+        raise InputError("there are no samples to resample")
     if sr_in == sr_out:
         return x.astype(np.float32)
     n_out = max(1, round(len(x) * sr_out / sr_in))
@@ -258,17 +498,61 @@ def log_mel(x: np.ndarray, sr: int, n_fft: int, hop: int, n_mels: int, floor: fl
     return np.log(np.maximum(mel, floor)).T.astype(np.float32)
 
 
-def audio_features(wave_: np.ndarray, sr: int, fe: dict[str, Any]) -> np.ndarray:
-    """The audio encoder's input: (1, n_mels, num_frames) normalised log-mel, cropped or padded."""
-    rate = int(fe["sample_rate"])
-    x = resample(wave_, sr, rate)
-    m = log_mel(x, rate, int(fe["n_fft"]), int(fe["hop_length"]), int(fe["n_mels"]))
-    frames = int(fe["num_frames"])
+@dataclass(frozen=True)
+class AudioFrontEnd:
+    """The audio front-end config (log-mel sizes), each within its limit."""
+
+    sample_rate: int
+    n_fft: int
+    hop_length: int
+    n_mels: int
+    num_frames: int
+    mean: float
+    std: float
+
+    @classmethod
+    def from_config(cls, fe: Mapping[str, Any]) -> AudioFrontEnd:
+        what = "audio front end"
+        if not isinstance(fe, Mapping):
+            raise ConfigError(f"the {what} config must be an object, got {type(fe).__name__}")
+        n_fft = config_int(fe, "n_fft", 2, MAX_FFT, what)
+        return cls(
+            config_int(fe, "sample_rate", MIN_SAMPLE_RATE, MAX_SAMPLE_RATE, what),
+            n_fft,
+            config_int(fe, "hop_length", 1, n_fft, what),
+            config_int(fe, "n_mels", 1, MAX_MEL_BINS, what),
+            config_int(fe, "num_frames", 1, MAX_MEL_FRAMES, what),
+            config_float(fe, "mean", what, 0.0),
+            config_float(fe, "std", what, 1.0, nonzero=True),
+        )
+
+    @property
+    def window_samples(self) -> int:
+        """Samples at ``sample_rate`` that the ``num_frames`` centred frames cover."""
+        return (self.num_frames - 1) * self.hop_length + self.n_fft - self.n_fft // 2
+
+    @property
+    def read_seconds(self) -> float:
+        """Seconds of a recording the features use, with a margin for resampling's edge."""
+        return 1.25 * self.window_samples / self.sample_rate + 0.01
+
+
+def audio_features(wave_: np.ndarray, sr: int, fe: Mapping[str, Any] | AudioFrontEnd) -> np.ndarray:
+    """The audio encoder's input: (1, n_mels, num_frames) normalised log-mel, cropped or padded.
+
+    Only the first ``read_seconds`` of ``wave_`` are used (and resampled)."""
+    cfg = fe if isinstance(fe, AudioFrontEnd) else AudioFrontEnd.from_config(fe)
+    sr = check_sample_rate(sr, "the audio's sample rate")
+    if not isinstance(wave_, np.ndarray) or wave_.ndim != 1 or wave_.size == 0 or wave_.dtype.kind != "f":
+        raise InputError("audio samples must be a non-empty one-dimensional float array")
+    x = resample(wave_[: math.ceil(cfg.read_seconds * sr)], sr, cfg.sample_rate)
+    m = log_mel(x, cfg.sample_rate, cfg.n_fft, cfg.hop_length, cfg.n_mels)
+    frames = cfg.num_frames
     if m.shape[1] >= frames:
         m = m[:, :frames]
     else:
         m = np.pad(m, ((0, 0), (0, frames - m.shape[1])), constant_values=float(np.log(1e-10)))
-    m = (m - float(fe.get("mean", 0.0))) / float(fe.get("std", 1.0))
+    m = (m - cfg.mean) / cfg.std
     return m[None].astype(np.float32)
 
 

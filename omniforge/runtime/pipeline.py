@@ -10,11 +10,13 @@ numpy scheduler -> VAE decoder (-> vocoder for audio). Decoders load on first us
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,11 +49,19 @@ class DiffusionConfig:
     scheduler: str = "ddim"
 
     def __post_init__(self) -> None:
+        for name, value in (("steps", self.steps), ("seed", self.seed)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ConfigError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
         if self.steps < 1:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
-        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
-            raise ConfigError(f"guidance scale must be >= 0 and finite, got {self.guidance_scale}")
-        if self.scheduler not in SCHEDULERS:
+        if not 0 <= self.seed < 2**64:
+            raise ConfigError(f"seed must lie in [0, 2**64), got {self.seed}")
+        g = self.guidance_scale
+        if isinstance(g, bool) or not isinstance(g, (int, float, np.integer, np.floating)):
+            raise ConfigError(f"guidance scale must be a number, got {type(g).__name__} {g!r}")
+        if not math.isfinite(g) or g < 0:
+            raise ConfigError(f"guidance scale must be >= 0 and finite, got {g}")
+        if not isinstance(self.scheduler, str) or self.scheduler not in SCHEDULERS:
             raise ConfigError(f"unknown scheduler '{self.scheduler}' (choose from {', '.join(SCHEDULERS)})")
 
 
@@ -68,8 +78,15 @@ class PipelineResult:
     signals: list[SignalEvent] = field(default_factory=list)  # signal tokens the LLM generated
 
     def save(self, out: str | Path) -> list[Path]:
-        """Write every generated medium to ``out`` (PNG, GIF + PNG frames, WAV), atomically."""
-        out = Path(out)
+        """Write every generated medium to ``out`` (PNG, GIF + PNG frames, WAV), atomically; an
+        output folder that cannot be written is one ``ConfigError``."""
+        out = check_output_folder(out) if self.images or self.videos or self.audios else Path(out)
+        try:
+            return self._write(out)
+        except OSError as exc:
+            raise ConfigError(f"cannot write to output folder '{out}' ({exc.strerror or exc})") from None
+
+    def _write(self, out: Path) -> list[Path]:
         written: list[Path] = []
         for i, img in enumerate(self.images):
             written.append(M.write_png(out / f"image_{i}.png", img))
@@ -80,6 +97,29 @@ class PipelineResult:
         for i, wav in enumerate(self.audios):
             written.append(M.write_wav(out / f"audio_{i}.wav", wav, self.sample_rate))
         return written
+
+
+def check_output_folder(out: str | os.PathLike[str]) -> Path:
+    """``out`` if media can be written there: an existing writable folder, or one that can be made
+    in the nearest existing folder above it (nothing is created; writability is tried with a
+    temporary file, so read-only mounts and pseudo file systems are caught). Else one ``ConfigError``."""
+    if not isinstance(out, (str, os.PathLike)) or not str(out):
+        raise ConfigError(f"the output folder must be a path, got {out!r}")
+    p = Path(out)
+    probe = p
+    while not probe.exists() and probe != probe.parent:
+        if probe.is_symlink():  # a dangling link: nothing can be made through it
+            raise ConfigError(f"output folder '{p}' cannot be made: '{probe}' is a broken link")
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"output folder '{p}' cannot be used: '{probe}' is not a folder")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".omniforge-probe-", dir=probe)
+    except OSError as exc:
+        raise ConfigError(f"output folder '{p}' is not writable ('{probe}': {exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(tmp)
+    return p
 
 
 class Pipeline:
@@ -130,31 +170,35 @@ class Pipeline:
 
     def encode_image(self, image: str | Path | np.ndarray) -> np.ndarray:
         self._need("image_encoder", "image input")
-        pic = M.load_image(image) if not isinstance(image, np.ndarray) else image
-        x = M.preprocess_image(pic, self.build.json("image_preprocessor"))
+        prep = M.ImagePreprocessing.from_config(self.build.json("image_preprocessor"))
+        pic = image if isinstance(image, np.ndarray) else M.load_image(image)
+        x = M.preprocess_image(pic, prep)
         return self._project(self._run("image_encoder", {"pixel_values": x[None]})["embeds"])
 
     def encode_video(self, video: str | Path) -> np.ndarray:
+        """Frames sampled from ``video``, each preprocessed as it is decoded (one full-size frame in
+        memory at a time), through the image encoder and mean-pooled."""
         self._need("image_encoder", "video input")
-        frames = M.load_video_frames(video, self.video_frames)
-        cfg = self.build.json("image_preprocessor")
-        x = np.stack([M.preprocess_image(f, cfg) for f in frames])
+        prep = M.ImagePreprocessing.from_config(self.build.json("image_preprocessor"))
+        x = np.stack([M.preprocess_image(f, prep) for f in M.iter_video_frames(video, self.video_frames)])
         emb = self._run("image_encoder", {"pixel_values": x})["embeds"]  # (T, D)
         return self._project(emb.mean(axis=0, keepdims=True))  # temporal mean pooling
 
     def encode_audio(self, audio: str | Path) -> np.ndarray:
+        """The audio encoder's embedding of ``audio``: only the seconds its front end uses are read."""
         self._need("audio_encoder", "audio input")
-        samples, sr = M.load_wav(audio)
-        feats = M.audio_features(samples, sr, self.build.json("audio_frontend"))
+        fe = M.AudioFrontEnd.from_config(self.build.json("audio_frontend"))
+        samples, sr = M.load_wav(audio, max_seconds=fe.read_seconds)
+        feats = M.audio_features(samples, sr, fe)
         return self._project(self._run("audio_encoder", {"log_mel": feats[None]})["embeds"])
 
     @property
     def video_frames(self) -> int:
-        return (
-            self.build.pipeline.stage("video_unet").dim("frames").opt
-            if self.build.has_stage("video_unet")
-            else 4
-        )
+        """Frames sampled from an input video: the video decoder's frame count (at most
+        ``media.MAX_VIDEO_FRAMES``)."""
+        if not self.build.has_stage("video_unet"):
+            return 4
+        return M.check_frame_count(self.build.pipeline.stage("video_unet").dim("frames").opt)
 
     def _need(self, stage: str, what: str) -> None:
         if not self.build.has_stage(stage):
@@ -269,6 +313,62 @@ class Pipeline:
             return int(self.build.json("vocoder").get("sampling_rate", 16000))
         return 16000
 
+    # ---- request checks ----------------------------------------------------------------------
+    def _options(
+        self,
+        generation: GenerationConfig | None,
+        diffusion: DiffusionConfig | None,
+        force: Iterable[str],
+        on_text: Callable[[str], None] | None,
+    ) -> tuple[GenerationConfig, DiffusionConfig, set[str]]:
+        """The request's options, each checked for its type and value (one error, before any work)."""
+        generation = GenerationConfig() if generation is None else generation
+        diffusion = DiffusionConfig() if diffusion is None else diffusion
+        if not isinstance(generation, GenerationConfig):
+            raise ConfigError(f"generation must be a GenerationConfig, got {type(generation).__name__}")
+        if not isinstance(diffusion, DiffusionConfig):
+            raise ConfigError(f"diffusion must be a DiffusionConfig, got {type(diffusion).__name__}")
+        if on_text is not None and not callable(on_text):
+            raise InputError(f"on_text must be callable, got {type(on_text).__name__}")
+        try:
+            forced = {force} if isinstance(force, str) else set(force)
+        except TypeError:
+            raise InputError(f"force must name modalities, got {type(force).__name__}") from None
+        bad = [m for m in forced if m not in MODALITIES]
+        if bad:
+            raise InputError(
+                f"unknown modality {sorted(map(str, bad))} (choose from {', '.join(MODALITIES)})"
+            )
+        missing = forced - self.modalities_in()
+        if missing:
+            raise InputError(f"this build cannot generate {sorted(missing)}")
+        return generation, diffusion, forced
+
+    def _latents(self, latents: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+        if latents is None:
+            return {}
+        if not isinstance(latents, Mapping):
+            raise InputError(f"latents must map a modality to an array, got {type(latents).__name__}")
+        return {m: self.check_latents(m, x) for m, x in latents.items()}
+
+    def _reserve_signal_room(
+        self, fed: int, force: set[str], generation: GenerationConfig
+    ) -> GenerationConfig:
+        """Check that the signal tokens a forced modality appends after the prompt fit the context,
+        and cap the generated text so that they still fit after it (``ContextLengthError``)."""
+        counts = {m: len(self.build.pipeline.signal_tokens.get(m, [])) for m in force}
+        if not counts:
+            return generation
+        modality = max(counts, key=lambda m: counts[m])
+        n = counts[modality]
+        self.llm.check_fits(
+            fed + n, f"the prompt ({fed} tokens) followed by the {n} signal tokens of forced {modality}"
+        )
+        room = self.llm.pool.max_context - 1 - fed - n
+        if room >= generation.max_new_tokens:
+            return generation
+        return replace(generation, max_new_tokens=max(1, room))
+
     # ---- the one call -------------------------------------------------------------------------
     def run(
         self,
@@ -290,18 +390,12 @@ class Pipeline:
         sigma, as in diffusers); ``initial_latents(modality, seed)`` gives a seed's own.
         A generated waveform that is silent is reported in ``result.warnings``.
         """
-        generation = generation or GenerationConfig()
-        diffusion = diffusion or DiffusionConfig()
-        force = set(force)
-        bad = force - set(MODALITIES)
-        if bad:
-            raise InputError(f"unknown modality {sorted(bad)} (choose from {', '.join(MODALITIES)})")
-        missing = force - self.modalities_in()
-        if missing:
-            raise InputError(f"this build cannot generate {sorted(missing)}")
-        given = {m: self.check_latents(m, x) for m, x in (latents or {}).items()}
+        generation, diffusion, force = self._options(generation, diffusion, force, on_text)
+        given = self._latents(latents)
         for modality in sorted(force):
             self.check_steps(modality, diffusion)
+        if not isinstance(prompt, str) and any(m is not None for m in (image, audio, video)):
+            raise InputError("a prompt with media must be text, so that a placeholder can mark each medium")
         self._local.timings = defaultdict(float)
         t_all = time.perf_counter()
         media: dict[str, list[np.ndarray]] = {}
@@ -317,6 +411,7 @@ class Pipeline:
             if tag not in prompt:
                 prompt = f"{tag} {prompt}"
         rows, ids = self.llm.prepare(prompt, media)
+        generation = self._reserve_signal_room(len(rows), force, generation)
         if self.recorder is not None:
             self.recorder("llm", {self.llm.engine.names[Slot.EMBEDS]: rows})
         t0 = time.perf_counter()
@@ -340,6 +435,7 @@ class Pipeline:
                 hidden = got[:n]
             else:  # teacher-force the full set after the prompt and the generated text
                 text_ids = [t for t in gen.token_ids if t not in self.llm.stop_ids(generation)]
+                text_ids = text_ids[: max(0, self.llm.pool.max_context - 1 - len(rows) - n)]  # what fits
                 fed = np.concatenate([rows, self.llm.embed_ids(text_ids)]) if text_ids else rows
                 hidden = self.signal_hidden(fed, modality)
             self.timings["signal_tokens"] += time.perf_counter() - t0
