@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from typing import NoReturn
 
 from omniforge import __version__
 from omniforge.cli import (
@@ -37,8 +39,17 @@ COMMANDS = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with omniforge's error form: a usage error is one line on stderr and exit 1, like
+    every other error a user can cause (``--help`` still prints the full usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        line = " ".join(message.split())
+        self.exit(1, f"omniforge: error: {line} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="omniforge",
         description="Compile NExT-GPT-style any-to-any pipelines to ONNX / TensorRT and run them.",
     )
@@ -59,11 +70,31 @@ def main(argv: list[str] | None = None) -> int:
         with console(args.verbose):
             return int(args.run(args) or 0)
     except OmniforgeError as exc:
-        print(f"omniforge: error: {exc}", file=sys.stderr)
-        return 1
+        return _report(f"omniforge: error: {exc}", 1)
     except KeyboardInterrupt:
-        print("omniforge: interrupted", file=sys.stderr)
-        return 130
+        return _report("omniforge: interrupted", 130)
+    except BrokenPipeError:  # the reader of stdout went away (`omniforge run ... | head -c1`)
+        _detach_stdout()
+        return 1
+
+
+def _report(line: str, code: int) -> int:
+    """Print ``line`` to stderr (unless stderr is gone too) and return ``code``."""
+    try:
+        print(line, file=sys.stderr)
+    except (BrokenPipeError, ValueError):
+        pass
+    return code
+
+
+def _detach_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout is not a real file (captured, closed)
+        pass
 
 
 if __name__ == "__main__":

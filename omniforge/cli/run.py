@@ -56,14 +56,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--low-memory", action="store_true", help="release each decoder after use")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = one per core)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="ONNX Runtime intra-op threads (0 = one per core; at most 4 per core)",
+    )
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from omniforge.runtime.build import Build
     from omniforge.runtime.engine import SessionConfig
-    from omniforge.runtime.pipeline import DiffusionConfig, Pipeline
+    from omniforge.runtime.pipeline import DiffusionConfig, Pipeline, check_output_folder
     from omniforge.runtime.sampling import GenerationConfig
 
     gen = GenerationConfig(
@@ -78,9 +83,10 @@ def run(args: argparse.Namespace) -> int:
     diffusion = DiffusionConfig(
         steps=args.steps, guidance_scale=args.guidance, seed=args.seed, scheduler=args.scheduler
     )
-    pipe = Pipeline(
-        Build(args.build, SessionConfig(threads=args.threads)), low_memory=args.low_memory, num_slots=1
-    )
+    session = SessionConfig(threads=args.threads)
+    pipe = Pipeline(Build(args.build, session), low_memory=args.low_memory, num_slots=1)
+    if pipe.modalities_in():  # media may be generated: --out must take them, known before generating
+        check_output_folder(args.out)
 
     def emit(delta: str) -> None:
         sys.stdout.write(delta)
