@@ -41,8 +41,12 @@ class SessionConfig:
             raise ConfigError(
                 f"graph optimization '{self.graph_optimization}' is not one of {sorted(_OPT_LEVELS)}"
             )
-        if self.threads < 0:
-            raise ConfigError("threads must be >= 0")
+        most = 4 * (os.cpu_count() or 1)  # more threads than this only contend for the cores
+        t = self.threads
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= most:
+            raise ConfigError(
+                f"threads must be an integer in [0, {most}] (4 per core here; 0: one per core), got {t!r}"
+            )
         missing = [p for p in self.providers if p not in ort.get_available_providers()]
         if missing:
             raise ConfigError(
