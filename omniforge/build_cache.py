@@ -148,6 +148,7 @@ def cached(root: Path, name: str, make: Callable[[Path], None], log: Callable[[s
             log(f"{step}: up to date (made meanwhile by another build)")
             return path
         tmp = temp_folder(root, name)
+        log(f"{step}: running")  # one line per long step; its items update a status line
         try:
             make(tmp / "build")
             _discard(path)  # a leftover without a manifest is not an entry

@@ -319,7 +319,10 @@ def validate_schema(data: dict[str, Any]) -> None:
     error = jsonschema.exceptions.best_match(_validator().iter_errors(data))
     if error is not None:
         where = "/".join(map(str, error.absolute_path)) or "top level"
-        raise ManifestError(f"manifest does not match its schema at {where}: {error.message[:200]}")
+        what = error.message[:200]
+        if error.validator == "pattern" and "(?!/)" in str(error.validator_value):  # a path's rules
+            what = f"path {str(error.instance)[:80]!r} leaves the build folder or holds characters a path may not"
+        raise ManifestError(f"manifest does not match its schema at {where}: {what}")
 
 
 def write_manifest(build: Path, manifest: Manifest) -> Path:
@@ -364,7 +367,9 @@ def load_manifest(build: str | Path, verify: bool = True) -> Manifest:
         raise ManifestError(f"'{build}' is not a build folder (no {MANIFEST})")
     try:
         if path.stat().st_size > MAX_MANIFEST_BYTES:
-            raise ManifestError(f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB; not a manifest omniforge writes")
+            raise ManifestError(
+                f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB; not a manifest omniforge writes"
+            )
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSON, huge numbers
         raise ManifestError(f"{path} is not valid JSON ({type(exc).__name__})") from None
