@@ -60,11 +60,12 @@ def llama_folder(default_model: Path, tmp_path_factory: pytest.TempPathFactory) 
 # ---- 1. quiet by default ----------------------------------------------------------------------
 
 
-def test_export_of_the_default_is_quiet_and_verbose_shows_more(tmp_path):
-    home = tmp_path / "home"  # the embedded model is written here first, as on a fresh machine
-    quiet = omniforge("export", "--out", str(tmp_path / "b"), home=home)
+def test_export_of_the_default_is_quiet_and_verbose_shows_more(readme_export, tmp_path):
+    model, _, quiet = readme_export  # the embedded model was written first, as on a fresh machine
     assert_quiet(quiet)
+    assert "creating the embedded tiny NExT-GPT" in quiet.stderr
     assert "| vocoder |" in quiet.stdout and "build written to" in quiet.stdout
+    home = model.parent
     stages = ("--stages", "token_embedding,llm")
     few = omniforge("export", "--out", str(tmp_path / "q"), *stages, home=home)
     loud = omniforge("-v", "export", "--out", str(tmp_path / "v"), *stages, home=home)
