@@ -138,10 +138,19 @@ def add_verbose_arg(p: argparse.ArgumentParser, default: object = False) -> None
     )
 
 
+def model_arg(path: str | None) -> Path:
+    """The model folder a command will read, checked as a path but not created or read."""
+    if path:
+        return check_path(path, "model path")
+    from omniforge.pipeline.model_config import default_model_dir
+
+    return default_model_dir()
+
+
 def resolve_model(path: str | None) -> Path:
     """The model folder a command works on: the given path, or the embedded default."""
     if path:
-        return Path(path)
+        return check_path(path, "model path")
     from omniforge.pipeline.model_config import default_model_dir
 
     folder = default_model_dir()
@@ -162,6 +171,94 @@ def exportable_model(path: str | None, stages: list[str] | None = None) -> Path:
 
         require_tokenizer_json(load_model_config(model).llm)
     return model
+
+
+PATH_MAX = 4096  # bytes of a whole path, with its terminating NUL (Linux)
+NAME_MAX = 255  # bytes of one path component, where the file system does not say
+
+
+def _shown(value: str) -> str:
+    """A path as a message shows it: a very long one is cut."""
+    return value if len(value) <= 80 else f"{value[:40]}...{value[-20:]} ({len(value)} characters)"
+
+
+def _existing_ancestor(path: Path) -> Path | None:
+    for folder in (path, *path.parents):
+        if os.path.lexists(folder):
+            return folder
+    return None
+
+
+def check_path(value: str, what: str) -> Path:
+    """``value`` as a path, or one ``ConfigError`` for a path the operating system cannot take (a NUL
+    byte, text that is not a file name, longer than ``PATH_MAX`` or a component beyond ``NAME_MAX``)."""
+    from omniforge.errors import ConfigError
+
+    if "\x00" in value:
+        raise ConfigError(f"{what} '{_shown(value)}' contains a NUL byte")
+    try:
+        raw = os.fsencode(value)
+    except UnicodeEncodeError:
+        raise ConfigError(f"{what} '{_shown(value)}' is not a valid file name") from None
+    if len(raw) >= PATH_MAX:
+        raise ConfigError(f"{what} '{_shown(value)}' is longer than the {PATH_MAX - 1} bytes a path may have")
+    path = Path(value)
+    longest = max(raw.split(b"/"), key=len)
+    try:
+        name_max = os.pathconf(_existing_ancestor(path.absolute()) or "/", "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max = NAME_MAX
+    if len(longest) > name_max:
+        raise ConfigError(
+            f"{what} '{_shown(value)}' has a name of {len(longest)} bytes, longer than the {name_max} "
+            "the file system allows"
+        )
+    return path
+
+
+def check_folder_arg(value: str, what: str) -> Path:
+    """``check_path`` for a folder to be written: it must not be a file, nor lie under one, and its
+    nearest existing folder must be writable."""
+    from omniforge.errors import ConfigError
+
+    path = check_path(value, what)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} '{_shown(value)}' is a file, not a folder")
+    ancestor = _existing_ancestor(path.absolute().parent)
+    if ancestor is not None and not ancestor.is_dir():
+        raise ConfigError(f"{what} '{_shown(value)}' lies under '{_shown(str(ancestor))}', which is a file")
+    if ancestor is not None and not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{what} '{_shown(value)}' cannot be created: '{_shown(str(ancestor))}' is not writable"
+        )
+    return path
+
+
+def check_out(value: str, reads: dict[str, Path], what: str = "--out", replace_read: bool = False) -> Path:
+    """``check_folder_arg`` for a build folder that is replaced whole, refused before any work when
+    replacing it would delete the caller's files: the current folder or a folder above it, a folder
+    holding what the command reads (``reads``: what -> path), or a folder inside it. With
+    ``replace_read`` the folder read may itself be the target (an in-place rewrite)."""
+    from omniforge.errors import ConfigError
+
+    path = check_folder_arg(value, what)
+    target, cwd = path.resolve(), Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        where = "the current folder" if target == cwd else "a folder above the current one"
+        raise ConfigError(f"{what} '{_shown(value)}' is {where}; replacing it would delete the files in it")
+    for name, src in reads.items():
+        src = src.resolve()
+        if target == src and replace_read:
+            continue
+        if target == src or target in src.parents:
+            raise ConfigError(
+                f"{what} '{_shown(value)}' holds the {name} being read; replacing it would delete the {name}"
+            )
+        if src in target.parents:
+            raise ConfigError(
+                f"{what} '{_shown(value)}' lies inside the {name} being read; write it elsewhere"
+            )
+    return path
 
 
 def split_list(value: str | None) -> list[str] | None:
@@ -241,7 +338,11 @@ def quantize_options(args: argparse.Namespace, precision: str):
         int8_mode=args.int8_mode,
         calibration_method=args.calibration_method,
         smoothquant_alpha=args.smoothquant,
-        calibration=CalibrationInputs.from_folder(args.calibration_data) if args.calibration_data else None,
+        calibration=(
+            CalibrationInputs.from_folder(check_path(args.calibration_data, "--calibration-data"))
+            if args.calibration_data
+            else None
+        ),
         **{k: v for k, v in fallback.items() if v is not None},  # unset: QuantizeOptions' defaults
     )
 

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
-from omniforge.cli._common import add_quantize_args, exportable_model, log, quantize_options, stage_precisions
+from omniforge.cli._common import (
+    add_quantize_args,
+    check_folder_arg,
+    check_out,
+    exportable_model,
+    log,
+    model_arg,
+    quantize_options,
+    stage_precisions,
+)
 from omniforge.export.opsets import DEFAULT_OPSET, SUPPORTED_OPSETS, check_opset
 from omniforge.pipeline.precision import BUILD_PRECISIONS
 
@@ -58,6 +66,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_opset(args.opset)  # before any work
+    cache = check_folder_arg(args.cache, "--cache") if args.cache else None
+    reads = {"model folder": model_arg(args.model)}
+    if cache is not None:
+        reads["build cache"] = cache
+    out = check_out(args.out, reads)
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     from omniforge.build import BuildOptions, build, summary_table
 
@@ -65,12 +78,12 @@ def run(args: argparse.Namespace) -> int:
         args.backend,
         args.precision,
         args.emit_trtexec,
-        Path(args.cache) if args.cache else None,
+        cache,
         stage_precisions(args.stage_precision),
         quantize_options(args, "int4" if args.precision in ("int4", "auto") else "int8"),
         args.opset,
         args.trt_version,
     )
-    _, rows = build(exportable_model(args.model), Path(args.out), opts, log=log)
+    _, rows = build(exportable_model(args.model), out, opts, log=log)
     print(summary_table(rows))
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from omniforge.cli._common import end_status_line, exportable_model, log, split_list
+from omniforge.cli._common import check_out, end_status_line, exportable_model, log, model_arg, split_list
 from omniforge.errors import ConfigError
 from omniforge.export.opsets import DEFAULT_OPSET, SUPPORTED_OPSETS, check_opset
 
@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     check_opset(args.opset)  # before any work
     if args.threads < 1:
         raise ConfigError("--threads must be at least 1")
+    out = check_out(args.out, {"model folder": model_arg(args.model)})
     model = exportable_model(args.model, split_list(args.stages))
     from omniforge.pipeline.describe import describe
     from omniforge.pipeline.model_config import load_model_config
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
     )
     log(f"exporting {model} -> {args.out}")
-    manifest, reports = export_pipeline(model, args.out, opts, log=log)
+    manifest, reports = export_pipeline(model, out, opts, log=log)
     end_status_line()
     print(parity_table(reports))
     print(f"\nbuild written to {args.out} ({len(manifest.stages)} stages, manifest.json, parity.md)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from omniforge.cli._common import end_status_line, log
+from omniforge.cli._common import check_out, check_path, end_status_line, log
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,10 +23,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    build = check_path(args.build, "build path")
+    # without --out the build itself is replaced, so it gets the same checks
+    out = check_out(
+        args.out or args.build, {"build": build}, "--out" if args.out else "BUILD", replace_read=True
+    )
     from omniforge.passes.build import optimize_build, optimize_table
 
     log(f"optimizing {args.build} ...")
-    _, results = optimize_build(args.build, args.out, lower=not args.no_lower, log=log)
+    _, results = optimize_build(build, out, lower=not args.no_lower, log=log)
     end_status_line()
     print(optimize_table(results))
     print(f"\noptimized build written to {args.out or args.build} (optimize.md)")

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 
-from omniforge.cli._common import add_quantize_args, log, quantize_options, stage_precisions
+from omniforge.cli._common import (
+    add_quantize_args,
+    check_out,
+    check_path,
+    log,
+    quantize_options,
+    stage_precisions,
+)
 from omniforge.pipeline.precision import QUANTIZED_PRECISIONS
 
 
@@ -38,13 +45,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    build = check_path(args.build, "build path")
+    out = check_out(args.out, {"build": build})
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     from omniforge.calibration.quantize import quantize_build, quantize_table
 
     log(f"quantizing {args.build} to {args.precision} ...")
     _, results = quantize_build(
-        args.build,
-        args.out,
+        build,
+        out,
         args.precision,
         log=log,
         options=quantize_options(args, args.precision),
