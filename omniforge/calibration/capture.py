@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,11 +28,14 @@ import numpy as np
 from omniforge.calibration.corpus import calibration_lines
 from omniforge.errors import ConfigError, InputError
 from omniforge.pipeline.atomic import atomic_folder
-from omniforge.runtime.media import write_wav
+from omniforge.runtime.media import load_image, load_wav, write_wav
 
 Feeds = dict[str, np.ndarray]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 HOLDOUT_EVERY = 4
+MAX_CALIBRATION_PROMPTS = 10_000  # prompts read from a calibration folder
+MAX_CALIBRATION_FILES = 10_000  # images, and WAV files, in a calibration folder
+MAX_PROMPTS_BYTES = 64 << 20  # size of prompts.jsonl / prompts.txt
 
 
 @dataclass
@@ -57,30 +62,35 @@ class CalibrationInputs:
 
     @classmethod
     def from_folder(cls, folder: str | Path, steps: int = 8) -> CalibrationInputs:
-        """``prompts.jsonl`` ({"prompt": ...} per line) or ``prompts.txt``, images and ``*.wav`` files."""
+        """``prompts.jsonl`` ({"prompt": ...} per line) or ``prompts.txt``, images and ``*.wav`` files.
+
+        Everything is checked here, before any capture starts: each prompt line, the counts (at most
+        ``MAX_CALIBRATION_PROMPTS`` prompts and ``MAX_CALIBRATION_FILES`` images and WAVs each) and
+        every media file (decoded as the runtime will); a problem is one ``InputError`` naming the
+        file and, for prompts, the line."""
         folder = Path(folder)
-        if not folder.is_dir():
-            raise InputError(f"calibration folder '{folder}' does not exist")
-        prompts: list[str] = []
-        if (folder / "prompts.jsonl").is_file():
-            for i, line in enumerate((folder / "prompts.jsonl").read_text().splitlines()):
-                if not line.strip():
-                    continue
-                try:
-                    prompts.append(str(json.loads(line)["prompt"]))
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise InputError(
-                        f"{folder / 'prompts.jsonl'} line {i + 1} is not a JSON object with a 'prompt'"
-                    ) from None
-        elif (folder / "prompts.txt").is_file():
-            prompts = [ln for ln in (folder / "prompts.txt").read_text().splitlines() if ln.strip()]
-        if not prompts:
+        try:
+            if not folder.is_dir():
+                raise InputError(f"calibration folder '{folder}' does not exist or is not a folder")
+            names = _media_names(folder)
+        except OSError as exc:
             raise InputError(
-                f"calibration folder '{folder}' has no prompts.jsonl or prompts.txt with prompts"
-            )
-        files = sorted(folder.iterdir())
-        images: list[Path | np.ndarray] = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-        audios = [p for p in files if p.suffix.lower() == ".wav"]
+                f"calibration folder '{folder}' cannot be read ({exc.strerror or exc})"
+            ) from None
+        prompts = _read_prompts(folder)
+        images: list[Path | np.ndarray] = []
+        audios: list[Path] = []
+        for name in sorted(names):
+            path = folder / name
+            try:
+                if path.suffix.lower() == ".wav":
+                    load_wav(path, max_seconds=0.01)  # header, format and the first samples
+                    audios.append(path)
+                else:
+                    load_image(path)
+                    images.append(path)
+            except InputError as exc:
+                raise InputError(f"{exc} (calibration folder '{folder}')") from None
         return cls(prompts, images, audios, steps)
 
     def digest(self) -> str:
@@ -88,6 +98,89 @@ class CalibrationInputs:
         for item in [*self.images, *self.audios]:
             h.update(item.tobytes() if isinstance(item, np.ndarray) else Path(item).read_bytes())
         return h.hexdigest()[:24]
+
+
+def _media_names(folder: Path) -> list[str]:
+    """Names of the images and WAVs in ``folder``, at most ``MAX_CALIBRATION_FILES`` of each."""
+    counts = {"images": 0, "WAV files": 0}
+    names = []
+    for entry in os.scandir(folder):
+        suffix = Path(entry.name).suffix.lower()
+        kind = "WAV files" if suffix == ".wav" else "images" if suffix in IMAGE_SUFFIXES else None
+        if kind is None:
+            continue
+        counts[kind] += 1
+        if counts[kind] > MAX_CALIBRATION_FILES:
+            raise InputError(
+                f"calibration folder '{folder}' holds more than {MAX_CALIBRATION_FILES:,} {kind}, "
+                "the most calibration takes"
+            )
+        names.append(entry.name)
+    return names
+
+
+def _read_prompts(folder: Path) -> list[str]:
+    """The prompts of ``prompts.jsonl`` or else ``prompts.txt``, every line checked."""
+    jsonl = folder / "prompts.jsonl"
+    path = jsonl if os.path.lexists(jsonl) else folder / "prompts.txt"
+    if not os.path.lexists(path):
+        raise InputError(f"calibration folder '{folder}' has no prompts.jsonl or prompts.txt")
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"calibration prompts '{path}' is not a regular file")
+        if st.st_size > MAX_PROMPTS_BYTES:
+            raise InputError(
+                f"calibration prompts '{path}' has {st.st_size:,} bytes, more than {MAX_PROMPTS_BYTES:,}"
+            )
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"calibration prompts '{path}' cannot be read ({exc.strerror or exc})") from None
+    prompts: list[str] = []
+    for n, line in enumerate(raw.removeprefix(b"\xef\xbb\xbf").splitlines(), 1):
+        where = f"{path} line {n}"
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"{where} is not UTF-8 text") from None
+        if not text.strip():
+            continue
+        prompt = _jsonl_prompt(text, where) if path == jsonl else text
+        if len(prompts) == MAX_CALIBRATION_PROMPTS:
+            raise InputError(
+                f"{where}: more than {MAX_CALIBRATION_PROMPTS:,} prompts, the most calibration takes"
+            )
+        prompts.append(prompt)
+    if not prompts:
+        raise InputError(f"calibration prompts '{path}' holds no prompts")
+    return prompts
+
+
+def _jsonl_prompt(text: str, where: str) -> str:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        raise InputError(f"{where} is not valid JSON") from None
+    except ValueError:  # an integer of more digits than Python converts
+        raise InputError(f"{where} holds an integer with more digits than can be read") from None
+    except RecursionError:
+        raise InputError(f"{where} nests arrays or objects too deep to read") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{where} is not a JSON object")
+    if "prompt" not in obj:
+        raise InputError(f"{where} has no 'prompt' key")
+    prompt = obj["prompt"]
+    if not isinstance(prompt, str):
+        kind = "null" if prompt is None else "true or false" if isinstance(prompt, bool) else "not text"
+        kind = "a number" if type(prompt) in (int, float) else kind
+        raise InputError(f"{where} has a 'prompt' that is {kind}, not a string")
+    if not prompt.strip():
+        raise InputError(f"{where} has an empty 'prompt'")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"{where} has a 'prompt' that is not valid Unicode (a lone surrogate)") from None
+    return prompt
 
 
 def _synthetic_wavs(folder: Path, count: int, sr: int = 16000) -> list[Path]:
