@@ -102,7 +102,8 @@ def test_a_killed_build_leaves_the_previous_build_usable(builds, default_model, 
     shutil.copytree(out["fp32"], target)
     env = {**os.environ, "OMNIFORGE_HOME": str(tmp_path / "home")}  # an empty cache: the build takes a while
     proc = subprocess.Popen(
-        [sys.executable, "-m", "omniforge", "build", str(default_model), "--out", str(target)],
+        # -v: the per-stage lines the kill waits for are printed only in verbose mode
+        [sys.executable, "-m", "omniforge", "-v", "build", str(default_model), "--out", str(target)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -113,6 +114,7 @@ def test_a_killed_build_leaves_the_previous_build_usable(builds, default_model, 
         line = proc.stderr.readline()
         if not line or "[3/15]" in line:
             break
+    assert proc.poll() is None, "the build ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     m = load_manifest(target)  # still the previous, complete build
