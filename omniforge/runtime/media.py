@@ -67,7 +67,7 @@ def _stat(path: str | os.PathLike[str], what: str) -> tuple[Path, os.stat_result
 
 def _not_regular(p: Path, mode: int, what: str) -> InputError:
     if stat.S_ISDIR(mode):
-        return InputError(f"{what} path '{p}' is a folder, not {what} file")
+        return InputError(f"{what} path '{p}' is a folder, not a file")
     kind = next((k for test, k in _SPECIAL if test(mode)), "special file")
     return InputError(f"{what} path '{p}' is a {kind}, not a regular file")
 
@@ -149,7 +149,8 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
         except Image.DecompressionBombError:
             raise InputError(f"image '{name}' has more than {MAX_PIXELS} pixels") from None
         except Exception as exc:  # Pillow's decoders raise many types for corrupt data
-            raise InputError(f"'{name}' is not a readable image ({exc})") from None
+            why = type(exc).__name__ if "<_io." in str(exc) else str(exc)  # not the file object's repr
+            raise InputError(f"'{name}' is not a readable image ({why})") from None
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
