@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
@@ -103,13 +104,18 @@ def test_an_in_place_edit_of_a_model_file_rebuilds(shared, llm_model, tmp_path):
     assert old.artifacts["stages/llm.onnx"].sha256 != new.artifacts["stages/llm.onnx"].sha256
 
 
-def test_an_edit_that_restores_the_mtime_is_still_seen(tmp_path):
+def _one_file_folder(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A model folder holding one aged 64-byte file, and where its hash index goes."""
     folder = tmp_path / "m"
     folder.mkdir()
     f = folder / "weights.bin"
     f.write_bytes(b"a" * 64)
     _age(f, 60)
-    index = tmp_path / "index.json"
+    return folder, f, tmp_path / "index.json"
+
+
+def test_an_edit_that_restores_the_mtime_is_still_seen(tmp_path):
+    folder, f, index = _one_file_folder(tmp_path)
     first = folder_digest(folder, index)
     st = f.stat()
     with open(f, "r+b") as fh:
@@ -120,12 +126,7 @@ def test_an_edit_that_restores_the_mtime_is_still_seen(tmp_path):
 
 
 def test_an_unchanged_file_is_taken_from_the_index(tmp_path):
-    folder = tmp_path / "m"
-    folder.mkdir()
-    f = folder / "weights.bin"
-    f.write_bytes(b"a" * 64)
-    _age(f, 60)
-    index = tmp_path / "index.json"
+    folder, f, index = _one_file_folder(tmp_path)
     real = folder_digest(folder, index)
     data = json.loads(index.read_text())
     (entry,) = data["files"].values()
