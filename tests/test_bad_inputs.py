@@ -403,7 +403,10 @@ CLI_CASES = {
     "run on a tampered build": (["run", "{d}/truncated", "--prompt", "x"], "SHA-256"),
     "inspect a build of another schema": (["inspect", "{d}/schema"], "schema version 3"),
     "export a missing model": (["export", "{d}/nothing", "--out", "{d}/never"], "does not exist"),
-    "export an unsupported opset": (["export", "{model}", "--out", "{d}/never", "--opset", "9"], "opset 9 is not supported"),
+    "export an unsupported opset": (
+        ["export", "{model}", "--out", "{d}/never", "--opset", "9"],
+        "opset 9 is not supported",
+    ),
     "export an unknown stage": (
         ["export", "{model}", "--out", "{d}/never", "--stages", "nope"],
         "unknown stage 'nope'",

@@ -45,7 +45,8 @@ def test_unknown_stage_leaves_nothing_behind(tmp_path, default_model):
 
 def test_bad_option_values(tmp_path, default_model):
     assert_one_line_error(
-        run_cli("export", str(default_model), "--out", str(tmp_path / "b"), "--opset", "9"), "opset 9 is not supported"
+        run_cli("export", str(default_model), "--out", str(tmp_path / "b"), "--opset", "9"),
+        "opset 9 is not supported",
     )
     assert_one_line_error(
         run_cli(
