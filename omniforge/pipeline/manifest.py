@@ -102,9 +102,6 @@ class StageBuild:
         kept = tuple(x for x in self.variants if x.role is not v.role)
         return replace(self, variants=(*kept, v))
 
-    def without(self, role: Role) -> StageBuild:
-        return replace(self, variants=tuple(x for x in self.variants if x.role is not role))
-
     @property
     def canonical(self) -> Variant:
         return self.require(Role.CANONICAL)

@@ -92,10 +92,6 @@ class Build:
         v = self.manifest.variant(name, role)
         return self.path / v.file, v
 
-    def served_file(self, name: str) -> Path:
-        """The graph ONNX Runtime serves for stage ``name`` under the stage's own contract."""
-        return self.path / self.manifest.stage_build(name).served().file
-
     def verify_graphs(self) -> int:
         """Check every ONNX variant's external-data references against the manifest; how many graphs."""
         graphs = [v for sb in self.manifest.stages.values() for v in sb.variants if v.file.endswith(".onnx")]

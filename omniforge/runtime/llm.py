@@ -109,12 +109,7 @@ class StepBinding:
             self._bound_decode = True
         return self._decode
 
-    def step(self, embeds: np.ndarray, copy: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """(b, S, H) new rows -> last-position logits (b, V) and hidden states (b, S, H).
-
-        The rows are checked against the contract (dtype, shape, finite values) before the session
-        sees them. ``copy=False``: a one-token step returns views of the bound output buffers,
-        valid until the next step (the decode loop reads them at once)."""
+    def _check(self, embeds: np.ndarray) -> None:
         g = self.engine.geometry
         if not isinstance(embeds, np.ndarray) or embeds.dtype != np.float32 or embeds.ndim != 3:
             raise InputError(f"LLM rows must be a float32 array of shape (batch, seq, {g.hidden_size})")
@@ -125,6 +120,19 @@ class StepBinding:
             )
         if not np.isfinite(embeds).all():
             raise InputError("LLM rows contain NaN or Inf")
+
+    def step(
+        self, embeds: np.ndarray, copy: bool = True, trusted: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(b, S, H) new rows -> last-position logits (b, V) and hidden states (b, S, H).
+
+        The rows are checked against the contract (dtype, shape, finite values) before the session
+        sees them, unless ``trusted`` (the decode loop's rows, looked up from the checked embedding
+        table). ``copy=False``: a one-token step returns views of the bound output buffers, valid
+        until the next step (the decode loop reads them at once)."""
+        if not trusted:
+            self._check(embeds)
+        s = embeds.shape[1]
         lengths = self.pool.lengths[self.slots.start : self.slots.stop]
         new = lengths + s
         if int(new.max()) > self.pool.max_context:
@@ -537,7 +545,7 @@ class LlmRuntime:
                     )
                     feed = [seqs[first + j].generated[-1] for j in range(count)]
                     emb = self.embed_ids(feed, trusted=True)[:, None]  # (count, 1, H)
-                    logits, hidden = binding.step(emb, copy=False)
+                    logits, hidden = binding.step(emb, copy=False, trusted=True)
                     for j in range(count):
                         k, s = first + j, seqs[first + j]
                         s.fed.append(emb[j, 0])
