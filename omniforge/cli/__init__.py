@@ -16,6 +16,7 @@ from omniforge.cli import (
     create_default,
     describe,
     export,
+    import_,
     inspect,
     optimize,
     quantize,
@@ -25,6 +26,7 @@ from omniforge.cli._common import add_verbose_arg, console
 from omniforge.errors import OmniforgeError
 
 COMMANDS = (
+    import_,
     build,
     export,
     optimize,

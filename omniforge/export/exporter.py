@@ -26,7 +26,7 @@ from omniforge.export.stages import export_module, reference_module
 from omniforge.model.loader import load_component
 from omniforge.pipeline.atomic import atomic_folder
 from omniforge.pipeline.contracts import Role, llm_inplace_contract
-from omniforge.pipeline.describe import describe
+from omniforge.pipeline.describe import describe, is_imagebind
 from omniforge.pipeline.manifest import (
     Manifest,
     StageBuild,
@@ -136,7 +136,9 @@ def copy_runtime_files(cfg: ModelConfig, spec: PipelineSpec, build: Path) -> dic
             if (cfg.llm / f).is_file():
                 role = {"config.json": "llm_config"}.get(f, f.split(".")[0])
                 _copy(cfg.llm / f, build, f"llm/{f}", files, role)
-    if "image_encoder" in names and (cfg.encoders["image"] / "preprocessor_config.json").is_file():
+    if "image_encoder" in names and is_imagebind(cfg.encoders["image"]):
+        _write_json(build, "image_preprocessor", imagebind_vision_frontend(cfg.encoders["image"]), files)
+    elif "image_encoder" in names and (cfg.encoders["image"] / "preprocessor_config.json").is_file():
         _copy(
             cfg.encoders["image"] / "preprocessor_config.json",
             build,
@@ -145,10 +147,15 @@ def copy_runtime_files(cfg: ModelConfig, spec: PipelineSpec, build: Path) -> dic
             "image_preprocessor",
         )
     if "audio_encoder" in names:
-        rel = "configs/audio_frontend.json"
-        (build / "configs").mkdir(parents=True, exist_ok=True)
-        (build / rel).write_text(json.dumps(asdict(cfg.audio_frontend), indent=2) + "\n")
-        files["audio_frontend"] = rel
+        if is_imagebind(cfg.encoders["audio"]):
+            _write_json(build, "audio_frontend", imagebind_audio_frontend(cfg.encoders["audio"]), files)
+        else:
+            _write_json(build, "audio_frontend", asdict(cfg.audio_frontend), files)
+    if cfg.protocol is not None and "llm" in names:
+        _write_json(build, "protocol", cfg.protocol.to_dict(), files)
+    for modality, src in cfg.uncond.items():
+        if f"{modality}_unet" in names:
+            _copy(src, build, f"configs/{modality}_uncond.npy", files, f"{modality}_uncond")
     for modality, folder in cfg.decoders.items():
         if f"{modality}_unet" in names or f"{modality}_vae_decoder" in names:
             rel = f"configs/{modality}_scheduler.json"
@@ -165,6 +172,40 @@ def copy_runtime_files(cfg: ModelConfig, spec: PipelineSpec, build: Path) -> dic
         if modality == "audio" and "vocoder" in names:
             _copy(folder / "vocoder" / "config.json", build, "configs/vocoder.json", files, "vocoder")
     return files
+
+
+def _write_json(build: Path, role: str, data: dict, files: dict[str, str]) -> None:
+    rel = f"configs/{role}.json"
+    (build / "configs").mkdir(parents=True, exist_ok=True)
+    (build / rel).write_text(json.dumps(data, indent=2) + "\n")
+    files[role] = rel
+
+
+def imagebind_vision_frontend(folder: Path) -> dict:
+    """What the runtime's ImageBind image and video transforms need (``runtime.imagebind_media``)."""
+    c = json.loads((folder / "config.json").read_text())
+    return {
+        "kind": "imagebind",
+        "size": int(c["image_size"]),
+        "frames_per_clip": int(c["frames_per_clip"]),
+        "video_clips": 5,
+        "clip_seconds": 2.0,
+    }
+
+
+def imagebind_audio_frontend(folder: Path) -> dict:
+    """ImageBind's audio transform settings: 16 kHz, 3 clips of 2 s, 128-bin fbank of 204 frames."""
+    c = json.loads((folder / "config.json").read_text())
+    return {
+        "kind": "imagebind",
+        "sample_rate": 16000,
+        "clips": 3,
+        "clip_seconds": 2.0,
+        "n_mels": int(c["n_mels"]),
+        "target_frames": int(c["audio_frames"]),
+        "mean": -4.268,
+        "std": 9.138,
+    }
 
 
 def scheduler_config(folder: Path) -> dict:

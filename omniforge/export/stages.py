@@ -64,8 +64,10 @@ def export_module(stage: StageSpec, module: nn.Module) -> nn.Module:
         return _Embedding(module)
     if stage.kind is StageKind.LLM:
         return LlamaExplicitCache(module)
-    if stage.kind is StageKind.ENCODER:
-        return _Encoder(module)
+    if stage.kind is StageKind.ENCODER:  # a CLIP vision model; ImageBind's modules return embeddings
+        from transformers import PreTrainedModel
+
+        return _Encoder(module) if isinstance(module, PreTrainedModel) else module
     if stage.kind in (StageKind.INPUT_PROJECTOR, StageKind.OUTPUT_PROJECTOR):
         return module
     if stage.kind is StageKind.DECODER:

@@ -13,7 +13,8 @@ from torch import nn
 
 from omniforge.errors import ConfigError, ModelNotFoundError
 from omniforge.model.projectors import InputProjector, OutputProjector, load_module
-from omniforge.pipeline.model_config import ModelConfig
+from omniforge.pipeline.describe import is_imagebind
+from omniforge.pipeline.model_config import ModelConfig, read_json
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -54,6 +55,10 @@ def load_component(cfg: ModelConfig, component: str, adapter: str | None = None)
     if parts[0] == "llm":
         return load_llm(cfg, adapter)
     if parts[0] == "encoders":
+        if is_imagebind(cfg.encoders[parts[1]]):
+            from omniforge.model.imagebind import load_imagebind
+
+            return load_imagebind(cfg.encoders[parts[1]], parts[1])
         from transformers import CLIPVisionModelWithProjection
 
         return CLIPVisionModelWithProjection.from_pretrained(
@@ -63,7 +68,12 @@ def load_component(cfg: ModelConfig, component: str, adapter: str | None = None)
         assert cfg.input_projector is not None
         return load_module(InputProjector, cfg.input_projector)
     if parts[0] == "output_projectors":
-        return load_module(OutputProjector, cfg.output_projectors[parts[1]])
+        folder = cfg.output_projectors[parts[1]]
+        if read_json(folder / "config.json").get("kind") == "textfc":
+            from omniforge.model.textfc import load_textfc
+
+            return load_textfc(folder)
+        return load_module(OutputProjector, folder)
     if parts[0] == "decoders":
         folder: Path = cfg.decoders[parts[1]] / parts[2]
         if parts[2] == "vocoder":

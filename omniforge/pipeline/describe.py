@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omniforge.errors import ConfigError
 from omniforge.pipeline.model_config import ModelConfig, read_json
 from omniforge.pipeline.spec import (
@@ -101,42 +103,13 @@ def describe(cfg: ModelConfig) -> PipelineSpec:
     edges: list[Edge] = []
     enc_dim = None
     for modality, path in cfg.encoders.items():
-        c = read_json(path / "config.json")
-        size, ch = int(c["image_size"]), int(c.get("num_channels", 3))
-        enc_dim = int(c["projection_dim"])
-        if modality == "audio":
-            fe = cfg.audio_frontend
-            if (fe.n_mels, fe.num_frames) != (size, size):
-                raise_mismatch(
-                    "audio encoder image_size",
-                    size,
-                    "audio_frontend n_mels/num_frames",
-                    (fe.n_mels, fe.num_frames),
-                )
-            x = TensorSpec("log_mel", F32, ("batch", ch, size, size))
-        else:
-            x = TensorSpec("pixel_values", F32, ("batch", ch, size, size))
-        name = f"{modality}_encoder"
-        stages.append(
-            StageSpec(
-                name,
-                StageKind.ENCODER,
-                f"encoders.{modality}",
-                (x,),
-                (TensorSpec("embeds", F32, ("batch", enc_dim)),),
-                (Dim("batch", 1, 1, 32),),
-                tolerance=TIGHT,
-                modality=modality,
-            )
-        )
-        edges.append(Edge(f"{name}.embeds", "input_projector.features", via="stack media tokens"))
+        stage, enc_dim = encoder_stage(modality, path, cfg)
+        stages.append(stage)
+        edges.append(Edge(f"{stage.name}.embeds", "input_projector.features", via="stack media tokens"))
         if modality == "image":
+            frames = "ImageBind's 15 two-frame clips" if is_imagebind(path) else f"{cfg.video_frames} frames"
             edges.append(
-                Edge(
-                    f"{name}.embeds",
-                    "input_projector.features",
-                    via=f"video: mean over {cfg.video_frames} frames",
-                )
+                Edge(f"{stage.name}.embeds", "input_projector.features", via=f"video: mean over {frames}")
             )
     if cfg.input_projector is not None:
         c = read_json(cfg.input_projector / "config.json")
@@ -156,13 +129,22 @@ def describe(cfg: ModelConfig) -> PipelineSpec:
     for modality, path in cfg.output_projectors.items():
         c = read_json(path / "config.json")
         name = f"{modality}_output_projector"
+        if c.get("kind") == "textfc":  # NExT-GPT's TextFcLayer: signal hidden states + their input embeddings
+            n_in, n_out = int(c["num_input_tokens"]), int(c["num_output_tokens"])
+            rows = (
+                TensorSpec("hidden_states", F32, ("batch", n_in, int(c["in_dim"]))),
+                TensorSpec("signal_embeds", F32, ("batch", n_in, int(c["in_dim"])), high=0.05),
+            )
+        else:
+            n_in, n_out = int(c["num_signal_tokens"]), int(c["num_queries"])
+            rows = (TensorSpec("hidden_states", F32, ("batch", n_in, int(c["in_dim"]))),)
         stages.append(
             StageSpec(
                 name,
                 StageKind.OUTPUT_PROJECTOR,
                 f"output_projectors.{modality}",
-                (TensorSpec("hidden_states", F32, ("batch", int(c["num_signal_tokens"]), int(c["in_dim"]))),),
-                (TensorSpec("conditioning", F32, ("batch", int(c["num_queries"]), int(c["out_dim"]))),),
+                rows,
+                (TensorSpec("conditioning", F32, ("batch", n_out, int(c["out_dim"]))),),
                 (BATCH,),
                 tolerance=TIGHT,
                 modality=modality,
@@ -181,6 +163,51 @@ def describe(cfg: ModelConfig) -> PipelineSpec:
         signal_tokens=cfg.signal_tokens,
         placeholders=cfg.placeholders,
     )
+
+
+def is_imagebind(path: Path) -> bool:
+    """Whether an encoder folder holds ImageBind (converted by ``omniforge import nextgpt``)."""
+    return read_json(path / "config.json").get("model_type") == "imagebind"
+
+
+def encoder_stage(modality: str, path: Path, cfg: ModelConfig) -> tuple[StageSpec, int]:
+    """The encoder stage of ``modality`` and its embedding width. ImageBind takes 2-frame clips
+    (an image is a clip of itself twice) or 1-channel Kaldi fbank clips; a CLIP vision folder takes
+    square pixels or square log-mel patches."""
+    c = read_json(path / "config.json")
+    if c.get("model_type") == "imagebind":
+        enc_dim = int(c["embed_dim"])
+        if modality == "audio":
+            x = TensorSpec("fbank", F32, ("batch", 1, int(c["n_mels"]), int(c["audio_frames"])))
+        else:
+            size = int(c["image_size"])
+            x = TensorSpec("pixel_values", F32, ("batch", 3, int(c["frames_per_clip"]), size, size))
+    else:
+        size, ch = int(c["image_size"]), int(c.get("num_channels", 3))
+        enc_dim = int(c["projection_dim"])
+        if modality == "audio":
+            fe = cfg.audio_frontend
+            if (fe.n_mels, fe.num_frames) != (size, size):
+                raise_mismatch(
+                    "audio encoder image_size",
+                    size,
+                    "audio_frontend n_mels/num_frames",
+                    (fe.n_mels, fe.num_frames),
+                )
+            x = TensorSpec("log_mel", F32, ("batch", ch, size, size))
+        else:
+            x = TensorSpec("pixel_values", F32, ("batch", ch, size, size))
+    stage = StageSpec(
+        f"{modality}_encoder",
+        StageKind.ENCODER,
+        f"encoders.{modality}",
+        (x,),
+        (TensorSpec("embeds", F32, ("batch", enc_dim)),),
+        (Dim("batch", 1, 1, 32),),
+        tolerance=TIGHT,
+        modality=modality,
+    )
+    return stage, enc_dim
 
 
 def raise_mismatch(a: str, av: object, b: str, bv: object) -> None:

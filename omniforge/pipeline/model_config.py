@@ -23,15 +23,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omniforge.errors import ConfigError, ModelNotFoundError
+from omniforge.pipeline.protocol import PromptProtocol
 
 FORMAT = "omniforge-nextgpt"
 FORMAT_VERSION = 1
 MODALITIES = ("image", "video", "audio")
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,8 @@ class ModelConfig:
     decoders: dict[str, Path] = field(default_factory=dict)
     signal_tokens: dict[str, list[str]] = field(default_factory=dict)
     placeholders: dict[str, str] = field(default_factory=dict)
+    protocol: PromptProtocol | None = None  # a conversation protocol (NExT-GPT's); None: placeholders
+    uncond: dict[str, Path] = field(default_factory=dict)  # modality -> unconditional embedding (.npy)
 
     @property
     def is_llm_only(self) -> bool:
@@ -126,7 +131,12 @@ def _from_nextgpt(root: Path, d: dict[str, Any]) -> ModelConfig:
         return {k: p(v) for k, v in entries.items()}
 
     merge = d.get("merge_adapter")
-    adapters = mods("adapters")
+    adapters = d.get("adapters", {})
+    if not isinstance(adapters, dict) or not all(
+        isinstance(k, str) and ADAPTER_NAME.fullmatch(k) for k in adapters
+    ):
+        raise ConfigError("nextgpt.json 'adapters' must map names (letters, digits, _ and -) to folders")
+    adapters = {k: p(v) for k, v in adapters.items()}
     if merge is not None and merge not in adapters:
         raise ConfigError(f"merge_adapter '{merge}' is not one of the adapters {sorted(adapters)}")
     encoders = mods("encoders")
@@ -146,6 +156,8 @@ def _from_nextgpt(root: Path, d: dict[str, Any]) -> ModelConfig:
         decoders=mods("decoders"),
         signal_tokens={k: list(v) for k, v in d.get("signal_tokens", {}).items()},
         placeholders=dict(d.get("placeholders", {})),
+        protocol=PromptProtocol.from_dict(d["protocol"]) if d.get("protocol") is not None else None,
+        uncond=mods("uncond"),
     )
 
 

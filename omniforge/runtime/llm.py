@@ -23,6 +23,7 @@ from omniforge.errors import (
     InputError,
 )
 from omniforge.pipeline.contracts import Contract, Role, Slot, llm_inplace_contract
+from omniforge.pipeline.protocol import MediaPart, PromptProtocol
 from omniforge.pipeline.spec import LlmGeometry
 from omniforge.runtime.build import Build
 from omniforge.runtime.engine import GraphSource, SessionConfig, check_graph_io, open_session
@@ -273,6 +274,14 @@ class LlmRuntime:
             for m, t in self.build.pipeline.placeholders.items()
             if (tid := self.tokenizer.token_id(t)) is not None
         }
+        self.protocol = (
+            PromptProtocol.from_dict(self.build.json("protocol"))
+            if "protocol" in self.build.manifest.files
+            else None
+        )
+        # which hidden state stands for a generated signal token: the one that predicted it
+        # (NExT-GPT's generation) or the one computed at it
+        self.signal_position = self.protocol.signal_position if self.protocol else "at_token"
 
     # ---- inputs -------------------------------------------------------------------------------
     def embed_ids(self, ids: Sequence[int] | np.ndarray, trusted: bool = False) -> np.ndarray:
@@ -372,6 +381,30 @@ class LlmRuntime:
         pieces.append(rows[start:])
         return np.ascontiguousarray(np.concatenate(pieces)), ids
 
+    def prepare_protocol(
+        self, prompt: str, items: Sequence[tuple[str, np.ndarray]]
+    ) -> tuple[np.ndarray, list[int]]:
+        """Prompt text and media rows -> (T, H) rows and their token ids, laid out by the build's
+        conversation protocol (NExT-GPT's: BOS before each text segment, each item wrapped in
+        ``<Img>``/``</Img>``); the length is checked against the context before any row is computed."""
+        if self.protocol is None or self.tokenizer is None:
+            raise InputError("this build has no conversation protocol and tokenizer")
+        if not isinstance(prompt, str):
+            raise InputError(f"a prompt must be text, got {type(prompt).__name__}")
+        bos = self.tokenizer.token_id(self.tokenizer.bos_token) if self.tokenizer.bos_token else None
+        checked = [self._media_rows(m, rows) for m, rows in items]
+        plan: list[list[int] | np.ndarray] = []
+        for part in self.protocol.layout(prompt, len(checked)):
+            if isinstance(part, MediaPart):
+                plan.append(checked[part.index])
+                continue
+            ids = self.tokenizer.encode(part.text, max_tokens=self.pool.max_context, special=False)
+            plan.append(([bos] if part.bos and bos is not None else []) + ids)
+        self.check_fits(sum(len(x) for x in plan), "the prompt with its media" if checked else "the prompt")
+        all_ids = [t for x in plan if isinstance(x, list) for t in x]
+        pieces = [x if isinstance(x, np.ndarray) else self.embed_ids(x) for x in plan if len(x)]
+        return np.ascontiguousarray(np.concatenate(pieces)), all_ids
+
     def _media_plan(self, ids: list[int], media: Media | None) -> list[tuple[int, np.ndarray]]:
         """(placeholder position, checked (n, H) float32 rows) for each media item, in order."""
         if media is None:
@@ -464,14 +497,17 @@ class LlmRuntime:
         finally:
             gen.close()  # a callback that raised: the slots are released now, not when the frame dies
 
-    def hidden_after(self, rows: np.ndarray, ids: Sequence[int]) -> np.ndarray:
+    def hidden_after(self, rows: np.ndarray, ids: Sequence[int], predicting: bool = False) -> np.ndarray:
         """Final hidden states (len(ids), H) of tokens ``ids`` fed after the embedding ``rows``
-        (teacher forcing; a cached prefix of ``rows`` is reused, nothing is kept)."""
-        full = np.concatenate([rows, self.embed_ids(ids)])
-        self.check_fits(len(full), f"{len(rows)} rows followed by {len(ids)} tokens")
+        (teacher forcing; a cached prefix of ``rows`` is reused, nothing is kept). ``predicting``:
+        the hidden states that predict each of ``ids`` instead (the last row's and those of
+        ``ids[:-1]``), as NExT-GPT's generation reads its signal tokens."""
+        fed = list(ids[:-1]) if predicting else list(ids)
+        full = np.concatenate([rows, self.embed_ids(fed)]) if fed else rows
+        self.check_fits(len(full), f"{len(rows)} rows followed by {len(fed)} tokens")
         slot = self.allocate_slots(1)
-        try:
-            reused = self.prefix_cache.reuse(full[: len(rows) + 1], slot.start)
+        try:  # at least the rows whose hidden states are read are computed anew
+            reused = self.prefix_cache.reuse(full[: len(rows) + (0 if predicting else 1)], slot.start)
             _, hidden = self.engine.bind(self.pool, slot).step(full[None, reused:])
         finally:
             self.pool.release(slot)
@@ -521,6 +557,7 @@ class LlmRuntime:
             self.check_fits(len(r))
         t0 = time.perf_counter()
         stop_ids = self.stop_ids(cfg)
+        predicting = self.signal_position == "predicting"
         seqs = [
             _Seq(r, list(i), np.random.default_rng(cfg.seed), stream=stream)
             for r, i in zip(rows, ids, strict=True)
@@ -531,9 +568,9 @@ class LlmRuntime:
             for k, s in enumerate(seqs):  # prefill one sequence at a time: no padding
                 slot = slots.start + k
                 s.reused = self.prefix_cache.reuse(s.rows, slot)
-                logits, _ = self.engine.bind(self.pool, SlotRange(slot, 1)).step(s.rows[None, s.reused :])
+                logits, hid = self.engine.bind(self.pool, SlotRange(slot, 1)).step(s.rows[None, s.reused :])
                 s.ttft = time.perf_counter() - t0
-                yield from self._accept(k, s, logits[0], cfg, stop_ids)
+                yield from self._accept(k, s, logits[0], cfg, stop_ids, hid[0, -1])
             t_decode = time.perf_counter()
             bindings: dict[tuple[int, int], StepBinding] = {}
             while not all(s.finish for s in seqs):
@@ -549,10 +586,15 @@ class LlmRuntime:
                     for j in range(count):
                         k, s = first + j, seqs[first + j]
                         s.fed.append(emb[j, 0])
-                        self._record_signal(s, feed[j], hidden[j, 0], cfg)
-                        yield from self._accept(k, s, logits[j], cfg, stop_ids)
+                        if predicting:
+                            yield from self._accept(k, s, logits[j], cfg, stop_ids, hidden[j, 0])
+                        else:
+                            self._record_signal(s, feed[j], hidden[j, 0], cfg)
+                            yield from self._accept(k, s, logits[j], cfg, stop_ids)
             decode_s = time.perf_counter() - t_decode
             for k, s in enumerate(seqs):  # a signal token generated last still needs its hidden state
+                if predicting:
+                    break
                 last = s.generated[-1]
                 if cfg.collect_signal_hidden and last in self.signal_ids and s.finish != "stop":
                     slot = SlotRange(slots.start + k, 1)
@@ -595,12 +637,24 @@ class LlmRuntime:
         hidden = stop_ids | self.signal_ids.keys() | self.placeholder_ids.keys()
         return self.tokenizer.visible_text(ids, hidden)
 
-    def _accept(self, k: int, s: _Seq, logits: np.ndarray, cfg: GenerationConfig, stop_ids: set[int]):
-        """Choose the next token of sequence ``k``; update its text and finish state."""
+    def _accept(
+        self,
+        k: int,
+        s: _Seq,
+        logits: np.ndarray,
+        cfg: GenerationConfig,
+        stop_ids: set[int],
+        hidden: np.ndarray | None = None,
+    ):
+        """Choose the next token of sequence ``k``; update its text and finish state. ``hidden``:
+        the hidden state that produced ``logits``, kept when it predicts a signal token (protocols
+        whose signal position is ``predicting``)."""
         history = np.asarray(s.history, np.int64) if cfg.repetition_penalty != 1.0 else _NO_HISTORY
         token = select_token(logits, cfg, s.rng, history)
         s.generated.append(token)
         s.history.append(token)
+        if hidden is not None and self.signal_position == "predicting":
+            self._record_signal(s, token, hidden, cfg)
         out_of_room = len(s.rows) + len(s.generated) > self.pool.max_context  # the next feed would overflow
         if token in stop_ids:
             s.finish = "stop"

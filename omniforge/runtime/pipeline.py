@@ -9,6 +9,7 @@ numpy scheduler -> VAE decoder (-> vocoder for audio). Decoders load on first us
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import tempfile
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from omniforge.errors import ConfigError, InputError
+from omniforge.errors import ConfigError, InputError, ManifestError
 from omniforge.pipeline.contracts import Slot
 from omniforge.runtime import media as M
 from omniforge.runtime.build import Build
@@ -122,6 +123,14 @@ def check_output_folder(out: str | os.PathLike[str]) -> Path:
     return p
 
 
+def _size(cfg: Mapping[str, object], key: str, high: int = 4096) -> int:
+    """A positive integer setting of a front-end config, bounded (one ``ManifestError`` otherwise)."""
+    v = cfg.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= high:
+        raise ManifestError(f"the front-end config's '{key}' must be an integer in [1, {high}], got {v!r}")
+    return v
+
+
 class Pipeline:
     """A build's full NExT-GPT pipeline. ``run`` is the one call a service needs."""
 
@@ -170,24 +179,53 @@ class Pipeline:
 
     def encode_image(self, image: str | Path | np.ndarray) -> np.ndarray:
         self._need("image_encoder", "image input")
-        prep = M.ImagePreprocessing.from_config(self.build.json("image_preprocessor"))
+        cfg = self.build.json("image_preprocessor")
         pic = image if isinstance(image, np.ndarray) else M.load_image(image)
-        x = M.preprocess_image(pic, prep)
+        if cfg.get("kind") == "imagebind":  # a 2-frame clip of the image, as ImageBind feeds images
+            from omniforge.runtime import imagebind_media as IB
+
+            x = IB.image_clip(pic, size=_size(cfg, "size"))
+        else:
+            x = M.preprocess_image(pic, M.ImagePreprocessing.from_config(cfg))
         return self._project(self._run("image_encoder", {"pixel_values": x[None]})["embeds"])
 
     def encode_video(self, video: str | Path) -> np.ndarray:
         """Frames sampled from ``video``, each preprocessed as it is decoded (one full-size frame in
-        memory at a time), through the image encoder and mean-pooled."""
+        memory at a time), through the image encoder and mean-pooled. ImageBind: its clips (2-frame
+        clips at spread start times, 3 spatial crops each), their embeddings averaged."""
         self._need("image_encoder", "video input")
-        prep = M.ImagePreprocessing.from_config(self.build.json("image_preprocessor"))
-        x = np.stack([M.preprocess_image(f, prep) for f in M.iter_video_frames(video, self.video_frames)])
+        cfg = self.build.json("image_preprocessor")
+        if cfg.get("kind") == "imagebind":
+            from omniforge.runtime import imagebind_media as IB
+
+            clips, per_clip = _size(cfg, "video_clips"), _size(cfg, "frames_per_clip")
+            frames = [np.asarray(f) for f in M.iter_video_frames(video, clips * per_clip)]
+            x = IB.video_clips(frames, size=_size(cfg, "size"), clips=clips, frames_per_clip=per_clip)
+        else:
+            prep = M.ImagePreprocessing.from_config(cfg)
+            x = np.stack([M.preprocess_image(f, prep) for f in M.iter_video_frames(video, self.video_frames)])
         emb = self._run("image_encoder", {"pixel_values": x})["embeds"]  # (T, D)
         return self._project(emb.mean(axis=0, keepdims=True))  # temporal mean pooling
 
     def encode_audio(self, audio: str | Path) -> np.ndarray:
-        """The audio encoder's embedding of ``audio``: only the seconds its front end uses are read."""
+        """The audio encoder's embedding of ``audio``: only the seconds its front end uses are read.
+        ImageBind: fbank clips spread over the recording, their embeddings averaged."""
         self._need("audio_encoder", "audio input")
-        fe = M.AudioFrontEnd.from_config(self.build.json("audio_frontend"))
+        cfg = self.build.json("audio_frontend")
+        if cfg.get("kind") == "imagebind":
+            from omniforge.runtime import imagebind_media as IB
+
+            samples, sr = M.load_wav(audio)
+            x = IB.audio_clips(
+                samples,
+                sr,
+                clips=_size(cfg, "clips"),
+                n_mels=_size(cfg, "n_mels"),
+                target_frames=_size(cfg, "target_frames"),
+            )
+            emb = self._run("audio_encoder", {"fbank": x})["embeds"]
+            return self._project(emb.mean(axis=0, keepdims=True))
+        fe = M.AudioFrontEnd.from_config(cfg)
         samples, sr = M.load_wav(audio, max_seconds=fe.read_seconds)
         feats = M.audio_features(samples, sr, fe)
         return self._project(self._run("audio_encoder", {"log_mel": feats[None]})["embeds"])
@@ -206,18 +244,46 @@ class Pipeline:
 
     # ---- output side --------------------------------------------------------------------------
     def signal_hidden(self, rows: np.ndarray, modality: str) -> np.ndarray:
-        """Hidden states of ``modality``'s signal tokens appended after ``rows`` (teacher forcing)."""
+        """Hidden states of ``modality``'s signal tokens appended after ``rows`` (teacher forcing), at
+        the position the build's protocol reads them from."""
+        predicting = self.llm.signal_position == "predicting"
+        return self.llm.hidden_after(rows, self.signal_ids(modality), predicting=predicting)
+
+    def signal_ids(self, modality: str) -> list[int]:
         tokens = self.build.pipeline.signal_tokens.get(modality, [])
         ids = [self.llm.tokenizer.token_id(t) for t in tokens] if self.llm.tokenizer else []
         if not ids or None in ids:
             raise InputError(f"this build has no signal tokens for '{modality}'")
-        return self.llm.hidden_after(rows, ids)
+        return ids  # type: ignore[return-value]
 
     def conditioning(self, modality: str, hidden: np.ndarray) -> np.ndarray:
-        """Signal-token hidden states (n, H) -> the decoder's conditioning (1, Q, D)."""
+        """Signal-token hidden states (n, H) -> the decoder's conditioning (1, Q, D). A projector
+        that also takes the signal tokens' input embeddings (NExT-GPT's) gets them."""
         stage = self.build.pipeline.stage(f"{modality}_output_projector")
-        (rows_in,), (cond_out, *_) = stage.input_names, stage.output_names
-        return self._run(stage.name, {rows_in: hidden[None].astype(np.float32)})[cond_out]
+        rows_in, *more = stage.input_names
+        feeds = {rows_in: hidden[None].astype(np.float32)}
+        if more:
+            feeds[more[0]] = self.llm.embed_ids(self.signal_ids(modality))[None]
+        return self._run(stage.name, feeds)[stage.output_names[0]]
+
+    def unconditional(self, modality: str, cond: np.ndarray) -> np.ndarray:
+        """The guidance's unconditional input: the decoder's own empty-prompt embedding where the
+        build carries one (as diffusers' pipelines compute it), else zeros."""
+        role = f"{modality}_uncond"
+        if role not in self.build.manifest.files:
+            return np.zeros_like(cond)
+        try:
+            arr = np.load(io.BytesIO(self.build.read(self.build.manifest.files[role])), allow_pickle=False)
+        except ValueError as exc:
+            raise ManifestError(
+                f"the {modality} unconditional embedding is not a numpy array ({exc})"
+            ) from None
+        if arr.size != cond.size or arr.dtype.kind != "f" or not np.isfinite(arr).all():
+            raise ManifestError(
+                f"the {modality} unconditional embedding has {arr.size} values of {arr.dtype}; "
+                f"the conditioning has {cond.size} finite floats"
+            )
+        return arr.reshape(cond.shape).astype(np.float32)
 
     def latent_shape(self, modality: str) -> tuple[int, ...]:
         """The shape of ``modality``'s initial latents (batch 1), e.g. (1, 4, 16, 16) for images."""
@@ -261,7 +327,7 @@ class Pipeline:
             noise = self.check_latents(modality, latents)
         latents = (noise * np.float32(sched.init_noise_sigma)).astype(np.float32)
         cond_name = spec.input_names[2]
-        uncond = np.zeros_like(cond)
+        uncond = self.unconditional(modality, cond)
         guided = cfg.guidance_scale > 1.0
         context = np.concatenate([uncond, cond]) if guided else cond
         for i, t in enumerate(sched.timesteps):
@@ -399,6 +465,7 @@ class Pipeline:
         self._local.timings = defaultdict(float)
         t_all = time.perf_counter()
         media: dict[str, list[np.ndarray]] = {}
+        protocol = self.llm.protocol
         for modality, item, enc in (
             ("image", image, self.encode_image),
             ("audio", audio, self.encode_audio),
@@ -408,9 +475,15 @@ class Pipeline:
                 continue
             media[modality] = [enc(item)]
             tag = self.build.pipeline.placeholders.get(modality, f"<{modality}>")
-            if tag not in prompt:
+            if protocol is None and tag not in prompt:
                 prompt = f"{tag} {prompt}"
-        rows, ids = self.llm.prepare(prompt, media)
+        if protocol is not None:  # the model's conversation layout (NExT-GPT's) and its stop strings
+            items = [(m, rows) for m, got in media.items() for rows in got]
+            rows, ids = self.llm.prepare_protocol(prompt, items)
+            if not generation.stop_strings:
+                generation = replace(generation, stop_strings=protocol.stop_strings)
+        else:
+            rows, ids = self.llm.prepare(prompt, media)
         generation = self._reserve_signal_room(len(rows), force, generation)
         if self.recorder is not None:
             self.recorder("llm", {self.llm.engine.names[Slot.EMBEDS]: rows})

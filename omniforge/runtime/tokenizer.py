@@ -45,9 +45,10 @@ class TextTokenizer:
     def eos_id(self) -> int | None:
         return self.token_id(self.eos_token) if self.eos_token else None
 
-    def encode(self, text: str, max_tokens: int | None = None) -> list[int]:
+    def encode(self, text: str, max_tokens: int | None = None, special: bool = True) -> list[int]:
         """Token ids of ``text``, which must be valid Unicode; a text too long to fit ``max_tokens``
-        however it is split is refused before it is tokenized."""
+        however it is split is refused before it is tokenized. ``special=False``: no BOS or other
+        special tokens added (a protocol's text segments)."""
         if not isinstance(text, str):
             raise InputError(f"a prompt must be a string, got {type(text).__name__}")
         try:
@@ -61,9 +62,9 @@ class TextTokenizer:
                 f"the prompt has {len(text)} characters, too many to fit however it is split: "
                 f"the context holds {max_tokens} tokens"
             )
-        ids = self.tok.encode(text, add_special_tokens=True).ids
+        ids = self.tok.encode(text, add_special_tokens=special).ids
         bos = self.token_id(self.bos_token) if self.bos_token else None
-        if self.add_bos and bos is not None and (not ids or ids[0] != bos):
+        if special and self.add_bos and bos is not None and (not ids or ids[0] != bos):
             ids = [bos, *ids]
         return ids
 
