@@ -48,6 +48,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     n.add_argument("--vision-heads", type=int, default=16, help="ImageBind vision heads (huge: 16)")
     n.add_argument("--audio-heads", type=int, default=12, help="ImageBind audio heads (huge: 12)")
     n.add_argument(
+        "--projector-heads",
+        type=int,
+        help="output projector heads (default: 4 for transformer mode, 12 for qformer mode)",
+    )
+    n.add_argument(
         "--copy-decoders",
         action="store_true",
         help="copy the decoders into the model folder (default: reference them where they lie)",
@@ -76,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         max_context=args.max_context,
         vision_heads=args.vision_heads,
         audio_heads=args.audio_heads,
+        projector_heads=args.projector_heads,
         copy_decoders=args.copy_decoders,
     )
     summary = import_nextgpt(opts, log=log)

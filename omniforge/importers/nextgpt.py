@@ -40,7 +40,7 @@ class ImportOptions:
     max_context: int = 512  # NExT-GPT's max_length; the KV pool is sized by it
     vision_heads: int = 16  # ImageBind-huge; not inferable from the checkpoint
     audio_heads: int = 12
-    projector_heads: int = 4  # TextFcLayer's nn.Transformer
+    projector_heads: int | None = None  # None: 4 for TextFcLayer's nn.Transformer, 12 for its Q-Former
     copy_decoders: bool = False  # False: nextgpt.json names the decoder folders where they lie
 
 
@@ -93,8 +93,12 @@ def _check_inputs(opts: ImportOptions) -> None:
         raise ConfigError(f"--lora-alpha must lie in (0, 10000], got {opts.lora_alpha}")
 
 
+def _dtype(dtype: object) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _params(state: dict[str, torch.Tensor]) -> tuple[int, str]:
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state.values()})
+    dtypes = sorted({_dtype(t.dtype) for t in state.values()})
     return sum(t.numel() for t in state.values()), "/".join(dtypes)
 
 
@@ -128,7 +132,7 @@ def _import_into(opts: ImportOptions, root: Path, summary: ImportSummary, log: C
     write_peft_adapter(delta, root / "lora" / "nextgpt", alpha=opts.lora_alpha, target_modules=LORA_TARGETS)
     lora_params = sum(a.numel() + b.numel() for mods in delta.lora.values() for a, b in mods.values())
     summary.parts.append(
-        ("lora/nextgpt", f"LoRA r={delta.lora_rank} alpha={opts.lora_alpha:g}", lora_params, str(delta.dtype))
+        ("lora/nextgpt", f"LoRA r={delta.lora_rank} alpha={opts.lora_alpha:g}", lora_params, _dtype(delta.dtype))
     )
 
     log("converting ImageBind (vision and audio trunks)")
@@ -142,7 +146,7 @@ def _import_into(opts: ImportOptions, root: Path, summary: ImportSummary, log: C
     proj = InputProjector(InputProjectorConfig(in_dim=int(w.shape[1]), out_dim=int(w.shape[0])))
     proj.load_state_dict({"proj.weight": w.float(), "proj.bias": b.float()})
     save_module(proj, root / "input_projector")
-    summary.parts.append(("input_projector", "Linear (llama_proj)", w.numel() + b.numel(), str(delta.dtype)))
+    summary.parts.append(("input_projector", "Linear (llama_proj)", w.numel() + b.numel(), _dtype(delta.dtype)))
 
     signal = _signal_tokens(added)
     output_projectors, decoders, uncond = {}, {}, {}

@@ -72,7 +72,7 @@ def load_component(cfg: ModelConfig, component: str, adapter: str | None = None)
         if read_json(folder / "config.json").get("kind") == "textfc":
             from omniforge.model.textfc import load_textfc
 
-            return load_textfc(folder)
+            return load_textfc(folder).float()  # exported in FP32 like every stage
         return load_module(OutputProjector, folder)
     if parts[0] == "decoders":
         folder: Path = cfg.decoders[parts[1]] / parts[2]

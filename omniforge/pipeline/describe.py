@@ -131,10 +131,11 @@ def describe(cfg: ModelConfig) -> PipelineSpec:
         name = f"{modality}_output_projector"
         if c.get("kind") == "textfc":  # NExT-GPT's TextFcLayer: signal hidden states + their input embeddings
             n_in, n_out = int(c["num_input_tokens"]), int(c["num_output_tokens"])
-            rows = (
-                TensorSpec("hidden_states", F32, ("batch", n_in, int(c["in_dim"]))),
-                TensorSpec("signal_embeds", F32, ("batch", n_in, int(c["in_dim"])), high=0.05),
-            )
+            rows = (TensorSpec("hidden_states", F32, ("batch", n_in, int(c["in_dim"]))),)
+            if c.get("mode") == "linear":  # GILL's linear mode reads the hidden states alone
+                n_out = min(n_in, n_out)
+            else:
+                rows += (TensorSpec("signal_embeds", F32, ("batch", n_in, int(c["in_dim"])), high=0.05),)
         else:
             n_in, n_out = int(c["num_signal_tokens"]), int(c["num_queries"])
             rows = (TensorSpec("hidden_states", F32, ("batch", n_in, int(c["in_dim"]))),)

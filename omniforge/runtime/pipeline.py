@@ -197,10 +197,14 @@ class Pipeline:
         cfg = self.build.json("image_preprocessor")
         if cfg.get("kind") == "imagebind":
             from omniforge.runtime import imagebind_media as IB
+            from omniforge.runtime.video import read_picked_frames
 
             clips, per_clip = _size(cfg, "video_clips"), _size(cfg, "frames_per_clip")
-            frames = [np.asarray(f) for f in M.iter_video_frames(video, clips * per_clip)]
-            x = IB.video_clips(frames, size=_size(cfg, "size"), clips=clips, frames_per_clip=per_clip)
+            at, frames = read_picked_frames(
+                video, lambda n, fps: IB.video_frame_indices(n, fps, clips=clips, frames_per_clip=per_clip)
+            )
+            picked = [[np.asarray(frames[int(i)]) for i in row] for row in at]
+            x = IB.clips_from_frames(picked, size=_size(cfg, "size"))
         else:
             prep = M.ImagePreprocessing.from_config(cfg)
             x = np.stack([M.preprocess_image(f, prep) for f in M.iter_video_frames(video, self.video_frames)])
@@ -379,6 +383,20 @@ class Pipeline:
             return int(self.build.json("vocoder").get("sampling_rate", 16000))
         return 16000
 
+    def _generated_signal_rows(self, gen: GenerationResult, modality: str) -> np.ndarray | None:
+        """The hidden states of the first complete, in-order run of ``modality``'s signal tokens the
+        LLM generated (``[IMG0] [IMG1] [IMG2] [IMG3]``), or None when it generated no such run."""
+        rows = gen.signal_hidden.get(modality)
+        if rows is None:
+            return None
+        ids = self.signal_ids(modality)
+        n, toks = len(ids), gen.token_ids
+        at = [i for i, t in enumerate(toks) if self.llm.signal_ids.get(t) == modality]  # one row each
+        for k, i in enumerate(at):
+            if toks[i : i + n] == ids and k + n <= len(rows):
+                return rows[k : k + n]
+        return None
+
     # ---- request checks ----------------------------------------------------------------------
     def _options(
         self,
@@ -495,17 +513,21 @@ class Pipeline:
         result = PipelineResult(
             text=gen.text, generation=gen, sample_rate=self.sample_rate, signals=list(gen.signals)
         )
-        emitted = {self.llm.signal_ids[t] for t in gen.token_ids if t in self.llm.signal_ids}
+        if protocol is not None:  # NExT-GPT generates a modality where its first signal token appears
+            first = {self.signal_ids(m)[0]: m for m in self.modalities_in()}
+            emitted = {first[t] for t in gen.token_ids if t in first}
+        else:
+            emitted = {self.llm.signal_ids[t] for t in gen.token_ids if t in self.llm.signal_ids}
         for modality in MODALITIES:
             if modality not in force and modality not in emitted:
                 continue
             if modality not in self.modalities_in():
                 continue
             n = len(self.build.pipeline.signal_tokens[modality])
-            got = gen.signal_hidden.get(modality)
+            got = self._generated_signal_rows(gen, modality)
             t0 = time.perf_counter()
-            if got is not None and len(got) >= n:
-                hidden = got[:n]
+            if got is not None:
+                hidden = got
             else:  # teacher-force the full set after the prompt and the generated text
                 text_ids = [t for t in gen.token_ids if t not in self.llm.stop_ids(generation)]
                 text_ids = text_ids[: max(0, self.llm.pool.max_context - 1 - len(rows) - n)]  # what fits
