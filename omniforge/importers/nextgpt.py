@@ -111,6 +111,9 @@ def _import_into(opts: ImportOptions, root: Path, summary: ImportSummary, log: C
     delta = read_delta(opts.delta, num_heads=opts.projector_heads)
     delta_dir = Path(opts.delta) if Path(opts.delta).is_dir() else Path(opts.delta).parent
 
+    log("converting ImageBind (vision and audio trunks)")
+    enc_dim = _import_imagebind(opts, root / "imagebind", summary)
+
     log("converting the tokenizer saved beside the delta")
     tok = convert_tokenizer(delta_dir, root / "llm")
     added = dict(tok["added_tokens"])
@@ -132,11 +135,13 @@ def _import_into(opts: ImportOptions, root: Path, summary: ImportSummary, log: C
     write_peft_adapter(delta, root / "lora" / "nextgpt", alpha=opts.lora_alpha, target_modules=LORA_TARGETS)
     lora_params = sum(a.numel() + b.numel() for mods in delta.lora.values() for a, b in mods.values())
     summary.parts.append(
-        ("lora/nextgpt", f"LoRA r={delta.lora_rank} alpha={opts.lora_alpha:g}", lora_params, _dtype(delta.dtype))
+        (
+            "lora/nextgpt",
+            f"LoRA r={delta.lora_rank} alpha={opts.lora_alpha:g}",
+            lora_params,
+            _dtype(delta.dtype),
+        )
     )
-
-    log("converting ImageBind (vision and audio trunks)")
-    enc_dim = _import_imagebind(opts, root / "imagebind", summary)
 
     from omniforge.model.projectors import InputProjector, InputProjectorConfig, save_module
 
@@ -146,7 +151,9 @@ def _import_into(opts: ImportOptions, root: Path, summary: ImportSummary, log: C
     proj = InputProjector(InputProjectorConfig(in_dim=int(w.shape[1]), out_dim=int(w.shape[0])))
     proj.load_state_dict({"proj.weight": w.float(), "proj.bias": b.float()})
     save_module(proj, root / "input_projector")
-    summary.parts.append(("input_projector", "Linear (llama_proj)", w.numel() + b.numel(), _dtype(delta.dtype)))
+    summary.parts.append(
+        ("input_projector", "Linear (llama_proj)", w.numel() + b.numel(), _dtype(delta.dtype))
+    )
 
     signal = _signal_tokens(added)
     output_projectors, decoders, uncond = {}, {}, {}

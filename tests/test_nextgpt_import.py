@@ -1,0 +1,315 @@
+"""NExT-GPT's release files in: ``omniforge import nextgpt`` on checkpoints fabricated in the release's
+exact formats, then build and run the whole any-to-any chain. Every imported stage is compared with
+an independent torch forward written from the checkpoint's own tensors, and NExT-GPT's protocol
+(prompt layout, signal-token positions) with a torch reference of the same request."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import wave
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+
+from omniforge.pipeline.manifest import load_manifest
+from tests.release_format.delta import make_delta, make_malicious_pickle, reference_textfc
+from tests.release_format.imagebind import make_imagebind_pth, reference_audio, reference_vision
+from tests.release_format.vicuna import make_vicuna
+
+HEADS = 4  # of the fabricated ImageBind trunks (ImageBind-huge: 16 / 12)
+ALPHA = 32.0  # NExT-GPT's released LoRA alpha, the importer's default
+P = "llama_model.base_model.model."
+PROMPT = "show me a small bird"
+
+
+def omniforge(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "omniforge", *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory, default_model):
+    root = tmp_path_factory.mktemp("release")
+    make_vicuna(root / "vicuna")
+    ib = make_imagebind_pth(root / "imagebind_huge.pth")
+    # the tiny default's decoders: SD/ZeroScope-style UNets cross-attending to 77 x 32, AudioLDM taking 16
+    make_delta(
+        root / "delta", root / "vicuna", image_out=(77, 32), video_out=(77, 32), audio_out=(1, 16), enc_dim=16
+    )
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(root / "bird.png")
+    frames = [Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)) for _ in range(30)]
+    frames[0].save(root / "clip.gif", save_all=True, append_images=frames[1:], duration=100)  # 3 s at 10 fps
+    with wave.open(str(root / "chirp.wav"), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(22050)
+        w.writeframes((np.sin(np.arange(22050 * 3) * 0.05) * 9000).astype(np.int16).tobytes())
+    delta = torch.load(root / "delta" / "pytorch_model.pt", weights_only=True)
+    return SimpleNamespace(root=root, ib=ib, delta=delta, default=default_model)
+
+
+def import_args(release, out: Path, **over: str) -> list[str]:
+    r, d = release.root, release.default
+    args = {
+        "--vicuna": str(r / "vicuna"),
+        "--imagebind": str(r / "imagebind_huge.pth"),
+        "--delta": str(r / "delta"),
+        "--image-decoder": str(d / "image_decoder"),
+        "--video-decoder": str(d / "video_decoder"),
+        "--audio-decoder": str(d / "audio_decoder"),
+        "--vision-heads": str(HEADS),
+        "--audio-heads": str(HEADS),
+        "--out": str(out),
+        **over,
+    }
+    return ["import", "nextgpt", *[x for kv in args.items() for x in kv]]
+
+
+@pytest.fixture(scope="module")
+def imported(release, tmp_path_factory):
+    out = tmp_path_factory.mktemp("imported") / "nextgpt"
+    proc = omniforge(*import_args(release, out))
+    assert proc.returncode == 0, proc.stderr
+    return SimpleNamespace(folder=out, stdout=proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def built(imported, tmp_path_factory):
+    out = tmp_path_factory.mktemp("built") / "build"
+    proc = omniforge("build", str(imported.folder), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_import_writes_a_safetensors_model_folder(imported):
+    out, folder = imported.stdout, imported.folder
+    for row in (
+        "| llm | LlamaForCausalLM |",
+        "LoRA r=4 alpha=32",
+        "| imagebind/vision |",
+        "| imagebind/audio |",
+    ):
+        assert row in out
+    assert out.count("TextFcLayer transformer") == 3
+    assert "added tokens: 38 ({'<Img>'}=480, {'</Img>'}=481, [IMG0]=482" in out
+    assert "<Img> -> \"{'<Img>'}\"" in out  # the release's tags are the set literals its code produced
+    desc = json.loads((folder / "nextgpt.json").read_text())
+    assert {m: len(t) for m, t in desc["signal_tokens"].items()} == {"image": 4, "video": 24, "audio": 8}
+    assert desc["merge_adapter"] == "nextgpt" and desc["protocol"]["media_open"] == "<Img>"
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in (".pt", ".pth", ".bin", ".pkl")]
+    assert {p.parent.name for p in files if p.suffix == ".safetensors"} >= {
+        "llm",
+        "nextgpt",
+        "imagebind",
+        "input_projector",
+        "image",
+        "video",
+        "audio",
+    }
+
+
+@pytest.mark.parametrize("which", ["--imagebind", "--delta"])
+def test_a_pickle_that_runs_code_is_refused(release, tmp_path, which):
+    marker = tmp_path / "ran"
+    if which == "--delta":
+        (tmp_path / "delta").mkdir()
+        evil = make_malicious_pickle(tmp_path / "delta" / "pytorch_model.pt", marker)
+        for f in (release.root / "delta").iterdir():
+            if f.name != "pytorch_model.pt":
+                (tmp_path / "delta" / f.name).write_bytes(f.read_bytes())
+        evil = evil.parent
+    else:
+        evil = make_malicious_pickle(tmp_path / "imagebind_huge.pth", marker)
+    out = tmp_path / "model"
+    proc = omniforge(*import_args(release, out, **{which: str(evil)}))
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]  # after the progress lines: one error line
+    assert last.startswith("omniforge: error:") and "refused" in last and "Traceback" not in proc.stderr
+    assert not marker.exists() and not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".model")]  # no temporary left
+
+
+def _session(build: Path, stage: str) -> ort.InferenceSession:
+    m = load_manifest(build)
+    return ort.InferenceSession(
+        str(build / m.stages[stage].canonical.file), providers=["CPUExecutionProvider"]
+    )
+
+
+def _close(a, b, atol=1e-4):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert np.abs(a - b).max() <= atol * max(1.0, np.abs(b).max()), np.abs(a - b).max()
+
+
+def reference_llm(release) -> torch.nn.Module:
+    """Vicuna from its .bin shards, the delta's embeddings and head, the LoRA merged by hand."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vicuna, d = release.root / "vicuna", release.delta
+    state = {}
+    for shard in sorted(vicuna.glob("pytorch_model-*.bin")):
+        state.update(torch.load(shard, weights_only=True))
+    state = {k: v.float() for k, v in state.items() if "rotary_emb" not in k}
+    state["model.embed_tokens.weight"] = d[P + "model.embed_tokens.weight"].float()
+    state["lm_head.weight"] = d[P + "lm_head.weight"].float()
+    for key in [k for k in d if k.endswith("lora_A.default.weight")]:
+        a, b = d[key].float(), d[key.replace("lora_A", "lora_B")].float()
+        base = key.removeprefix(P).replace(".lora_A.default", "")
+        state[base] = state[base] + (ALPHA / a.shape[0]) * (b @ a)
+    cfg = LlamaConfig.from_pretrained(vicuna)
+    cfg.vocab_size, cfg.pad_token_id = state["lm_head.weight"].shape[0], None
+    model = LlamaForCausalLM(cfg).eval()
+    model.load_state_dict(state)
+    return model
+
+
+def test_imported_stages_match_independent_references(release, built):
+    g = torch.Generator().manual_seed(0)
+    clips = torch.randn(3, 3, 2, 224, 224, generator=g)
+    got = _session(built, "image_encoder").run(None, {"pixel_values": clips.numpy()})[0]
+    _close(got, reference_vision(release.ib, clips, HEADS))
+    fbank = torch.randn(3, 1, 128, 204, generator=g)
+    got = _session(built, "audio_encoder").run(None, {"fbank": fbank.numpy()})[0]
+    _close(got, reference_audio(release.ib, fbank, HEADS))
+
+    d = release.delta
+    feats = torch.randn(1, 2, 16, generator=g)
+    got = _session(built, "input_projector").run(None, {"features": feats.numpy()})[0]
+    _close(
+        got, torch.nn.functional.linear(feats, d["llama_proj.weight"].float(), d["llama_proj.bias"].float())
+    )
+
+    for m, prefix, n in (
+        ("image", "gen_text_hidden_fcs.0.", 4),
+        ("video", "gen_text_hidden_fcs_video.0.", 24),
+        ("audio", "gen_text_hidden_fcs_audio.0.", 8),
+    ):
+        state = {k.removeprefix(prefix): v.float() for k, v in d.items() if k.startswith(prefix)}
+        x, e = torch.randn(2, n, 64, generator=g), torch.randn(2, n, 64, generator=g) * 0.05
+        got = _session(built, f"{m}_output_projector").run(
+            None, {"hidden_states": x.numpy(), "signal_embeds": e.numpy()}
+        )[0]
+        _close(got, reference_textfc(state, x, e, heads=4))
+
+    rows = torch.randn(1, 9, 64, generator=g) * 0.05
+    llm = _session(built, "llm")
+    feeds = {
+        "inputs_embeds": rows.numpy(),
+        "attention_mask": np.ones((1, 9), np.int64),
+        "position_ids": np.arange(9)[None],
+    }
+    for i in llm.get_inputs():
+        if i.name.startswith("past_key_values"):
+            feeds[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+    logits, hidden = llm.run(["logits", "hidden_states"], feeds)
+    with torch.no_grad():
+        ref = reference_llm(release)(inputs_embeds=rows, output_hidden_states=True)
+    _close(logits, ref.logits)
+    _close(hidden, ref.hidden_states[-1])
+
+
+def test_run_any_to_any_from_the_cli(release, built, tmp_path):
+    r = release.root
+    for media, force, expect in (
+        (["--image", str(r / "bird.png")], "image", "image_0.png"),
+        (["--audio", str(r / "chirp.wav")], "audio", "audio_0.wav"),
+        (["--video", str(r / "clip.gif")], "video", "video_0.gif"),
+    ):
+        out = tmp_path / force
+        proc = omniforge(
+            "run",
+            str(built),
+            "--prompt",
+            PROMPT,
+            *media,
+            "--force",
+            force,
+            "--steps",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--out",
+            str(out),
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert (out / expect).is_file(), sorted(p.name for p in out.iterdir())
+
+
+def _expected_rows(release, image_row: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """NExT-GPT's layout of one image request, from the delta's SentencePiece model and embedding."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(release.root / "delta" / "tokenizer.model"))
+    emb = release.delta[P + "model.embed_tokens.weight"].float()
+    segments = [
+        [1, *sp.encode("### Human:")],
+        sp.encode("<Img>"),
+        None,
+        sp.encode("</Img>"),
+        [1, *sp.encode(PROMPT + "\n### Assistant:")],
+    ]
+    parts = [image_row if s is None else emb[s] for s in segments]
+    return torch.cat(parts), [t for s in segments if s is not None for t in s]
+
+
+def test_protocol_layout_and_signal_positions(release, built, monkeypatch):
+    """The rows fed to the LLM follow NExT-GPT's generation layout, and the projector reads the hidden
+    states that predicted each signal token (teacher-forced after the text, and when generated)."""
+    from omniforge.runtime import llm as llm_module
+    from omniforge.runtime.imagebind_media import image_clip
+    from omniforge.runtime.media import load_image
+    from omniforge.runtime.pipeline import DiffusionConfig, Pipeline
+    from omniforge.runtime.sampling import GenerationConfig
+
+    d = release.delta
+    clip = torch.from_numpy(image_clip(load_image(release.root / "bird.png")))[None]
+    image_row = torch.nn.functional.linear(
+        reference_vision(release.ib, clip, HEADS),
+        d["llama_proj.weight"].float(),
+        d["llama_proj.bias"].float(),
+    )
+    rows, _ = _expected_rows(release, image_row)
+    emb = d[P + "model.embed_tokens.weight"].float()
+    signal = [482, 483, 484, 485]  # [IMG0..3] after the 480-piece vocabulary and the two tags
+    ref = reference_llm(release)
+
+    def predicting(fed_ids: list[int]) -> torch.Tensor:
+        seq = torch.cat([rows, emb[fed_ids]]) if fed_ids else rows
+        with torch.no_grad():
+            return ref(inputs_embeds=seq[None], output_hidden_states=True).hidden_states[-1][0, -4:]
+
+    pipe = Pipeline(built, num_slots=1)
+    seen: dict[str, dict] = {}
+    pipe.recorder = lambda stage, feeds: seen.setdefault(stage, {k: v.copy() for k, v in feeds.items()})
+    res = pipe.run(
+        PROMPT,
+        image=release.root / "bird.png",
+        force=["image"],
+        generation=GenerationConfig(max_new_tokens=3),
+        diffusion=DiffusionConfig(steps=1),
+    )
+    _close(next(iter(seen["llm"].values())), rows, atol=1e-4)
+    text_ids = [t for t in res.generation.token_ids if t != 2]
+    _close(seen["image_output_projector"]["hidden_states"][0], predicting(text_ids + signal[:-1]))
+    _close(seen["image_output_projector"]["signal_embeds"][0], emb[signal], atol=1e-6)
+
+    script = iter([7, *signal, 9])  # the LLM "generates" a token, then [IMG0..3]
+    monkeypatch.setattr(llm_module, "select_token", lambda *a, **k: next(script))
+    seen.clear()
+    res = pipe.run(
+        PROMPT,
+        image=release.root / "bird.png",
+        generation=GenerationConfig(max_new_tokens=6),
+        diffusion=DiffusionConfig(steps=1),
+    )
+    assert res.generation.token_ids == [7, *signal, 9] and len(res.images) == 1
+    _close(seen["image_output_projector"]["hidden_states"][0], predicting([7, *signal[:-1]]))
