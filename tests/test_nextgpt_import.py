@@ -313,3 +313,44 @@ def test_protocol_layout_and_signal_positions(release, built, monkeypatch):
     )
     assert res.generation.token_ids == [7, *signal, 9] and len(res.images) == 1
     _close(seen["image_output_projector"]["hidden_states"][0], predicting([7, *signal[:-1]]))
+
+
+def test_left_out_decoders_and_the_empty_prompt_embedding(release, tmp_path):
+    """Only an image decoder, with a CLIP text encoder beside it: the model cannot produce video or
+    audio, and guidance's unconditional input is that encoder on the empty prompt, as NExT-GPT's
+    Stable Diffusion pipeline computes it when it is given ``prompt_embeds``."""
+    import shutil
+
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from omniforge.pipeline.describe import describe
+    from omniforge.pipeline.model_config import load_model_config
+
+    sd = tmp_path / "sd"
+    shutil.copytree(release.default / "image_decoder", sd)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "!</w>": 3}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt")).save_pretrained(
+        sd / "tokenizer"
+    )
+    torch.manual_seed(0)
+    cfg = CLIPTextConfig(
+        vocab_size=4, hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4
+    )
+    encoder = CLIPTextModel(cfg).eval()
+    encoder.save_pretrained(sd / "text_encoder", safe_serialization=True)
+    out = tmp_path / "model"
+    args = [a for a in import_args(release, out, **{"--image-decoder": str(sd)})]
+    for flag in ("--video-decoder", "--audio-decoder"):
+        i = args.index(flag)
+        del args[i : i + 2]
+    proc = omniforge(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert "no video decoder given" in proc.stdout and "no audio decoder given" in proc.stdout
+    with torch.no_grad():
+        ids = torch.tensor([[0] + [1] * 76])  # "" as CLIP's tokenizer pads it to 77
+        want = encoder(ids)[0][0].numpy()
+    np.testing.assert_allclose(np.load(out / "uncond" / "image.npy"), want, atol=1e-6)
+    names = describe(load_model_config(out)).stage_names
+    assert "image_unet" in names and not [n for n in names if n.startswith(("video_", "audio_o", "audio_u"))]
