@@ -47,3 +47,8 @@ class ContextLengthError(InputError):
 
 class CachePoolExhaustedError(OmniforgeError):
     """The KV-cache pool has no room for this request (other requests are unaffected)."""
+
+
+class QueueFullError(CachePoolExhaustedError):
+    """Too many requests already wait for a KV-cache slot; retry later (a server maps it to a
+    retryable status)."""
