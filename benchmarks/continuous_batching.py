@@ -1,0 +1,120 @@
+"""Continuous batching: aggregate decode throughput of N concurrent streams vs one, in one run.
+
+usage: python benchmarks/continuous_batching.py [--work /tmp/omniforge-bench] [--precision int4]
+       [--streams 8] [--new 64] [--runs 3]
+
+Uses the 150M LLaMA-shaped model of ``llm_decode.py`` (built once with ``omniforge build``), then
+measures with ``omniforge.runtime.batching.ContinuousBatcher``: one stream alone, then ``--streams``
+streams submitted together (prompt 32, ``--new`` tokens each, EOS ignored), median of ``--runs``.
+Reported: aggregate tokens/s and each stream's per-token latency, and their ratios to the single
+stream (the targets: aggregate >= 3x, per-token latency <= 2x). Results go to
+benchmarks/results/continuous_batching.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, median, write_results  # noqa: E402
+from llm_decode import PROMPT, make_model  # noqa: E402
+
+
+def build(work: Path, precision: str) -> Path:
+    out = work / f"batching-{precision}"
+    if not (out / "manifest.json").is_file():
+        model = make_model(work / "llama-150m")
+        cmd = [
+            sys.executable,
+            "-m",
+            "omniforge",
+            "build",
+            str(model),
+            "--out",
+            str(out),
+            "--precision",
+            precision,
+        ]
+        subprocess.run(cmd, check=True)
+    return out
+
+
+def measure(build_dir: Path, streams: int, new: int) -> dict:
+    from omniforge.runtime.batching import ContinuousBatcher
+    from omniforge.runtime.llm import LlmRuntime
+    from omniforge.runtime.sampling import GenerationConfig
+
+    rt = LlmRuntime(build_dir, num_slots=streams, prefix_cache_entries=0)
+    cfg = GenerationConfig(max_new_tokens=new, stop_token_ids=())
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(2, rt.geometry.vocab_size, PROMPT).tolist() for _ in range(streams)]
+    with ContinuousBatcher(rt) as batcher:
+        batcher.generate(prompts[0], GenerationConfig(max_new_tokens=4, stop_token_ids=()))  # warm-up
+        t0 = time.perf_counter()
+        handles = [batcher.submit(p, cfg) for p in prompts]
+        results = [h.result() for h in handles]
+        wall = time.perf_counter() - t0
+    per_token = [r.decode_s / max(1, r.new_tokens - 1) for r in results]
+    return {
+        "streams": streams,
+        "tokens": sum(r.new_tokens for r in results),
+        "wall_s": wall,
+        "aggregate_tok_s": sum(r.new_tokens for r in results) / wall,
+        "per_token_ms": 1000 * float(np.median(per_token)),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default="/tmp/omniforge-bench")
+    ap.add_argument("--precision", default="int4")
+    ap.add_argument("--streams", type=int, default=8)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    b = build(work, args.precision)
+    rows = {1: [], args.streams: []}
+    for _ in range(args.runs):  # interleaved rounds: drift hits both alike
+        for n in rows:
+            rows[n].append(measure(b, n, args.new))
+    one, many = (
+        {k: median([r[k] for r in rows[n]]) for k in ("aggregate_tok_s", "per_token_ms")} for n in rows
+    )
+    data = {
+        "machine": machine(),
+        "precision": args.precision,
+        "new_tokens": args.new,
+        "single": one,
+        "concurrent": {**many, "streams": args.streams},
+        "aggregate_ratio": many["aggregate_tok_s"] / one["aggregate_tok_s"],
+        "per_token_ratio": many["per_token_ms"] / one["per_token_ms"],
+        "runs": rows,
+    }
+    md = "\n".join(
+        [
+            f"# Continuous batching, 150M LLaMA-shaped model, {args.precision} (prompt {PROMPT}, {args.new} new tokens)",
+            "",
+            "| streams | aggregate tokens/s | per-token latency (ms) |",
+            "|---:|---:|---:|",
+            f"| 1 | {one['aggregate_tok_s']:.1f} | {one['per_token_ms']:.2f} |",
+            f"| {args.streams} | {many['aggregate_tok_s']:.1f} | {many['per_token_ms']:.2f} |",
+            "",
+            f"Aggregate ratio {data['aggregate_ratio']:.2f}x (target >= 3x); per-token latency ratio "
+            f"{data['per_token_ratio']:.2f}x (target <= 2x). Machine: {data['machine'].get('cpu', '')}.",
+        ]
+    )
+    paths = write_results("continuous_batching", data, md)
+    print(md)
+    print(f"written: {', '.join(map(str, paths))}")
+
+
+if __name__ == "__main__":
+    main()
