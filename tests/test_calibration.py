@@ -182,8 +182,8 @@ def test_gptq_reduces_output_error_and_packs_like_onnxruntime():
     np.testing.assert_array_equal(pack_matmul_nbits(rtn_codes(w, 4, 32).codes, 4, 32), packed)
 
 
-def test_standard_form_is_opset_21_dequantize_linear_with_the_same_weights(default_build):
-    from omniforge.calibration.codes import rtn_codes
+def test_standard_form_is_dequantize_linear_with_positive_scales_per_channel_int8_and_fp16(default_build):
+    from omniforge.calibration.codes import dequantize, rtn_codes
     from omniforge.calibration.standard_form import dequantize_linear_form, upgrade_opset
 
     m = load_manifest(default_build)
@@ -191,30 +191,44 @@ def test_standard_form_is_opset_21_dequantize_linear_with_the_same_weights(defau
     canonical = onnx.load(str(default_build / m.stages["llm"].file))
     sess = lambda mm: ort.InferenceSession(mm.SerializeToString(), providers=["CPUExecutionProvider"])  # noqa: E731
     feeds = spec.sample_inputs("opt", seed=3)
-    up = upgrade_opset(canonical)
-    assert next(o.version for o in up.opset_import if o.domain == "") == 21
-    for a, b in zip(sess(canonical).run(None, feeds), sess(up).run(None, feeds), strict=True):
-        np.testing.assert_array_equal(a, b)  # raising the opset changes nothing
-    std = dequantize_linear_form(canonical, 4, 32)
-    onnx.checker.check_model(std)
-    dq = [n for n in std.graph.node if n.op_type == "DequantizeLinear"]
-    weights = {t.name for t in canonical.graph.initializer if len(t.dims) == 2}
-    assert len(dq) == len(
-        {n.input[1] for n in canonical.graph.node if n.op_type == "MatMul" and n.input[1] in weights}
-    )
-    assert not [
-        n for n in std.graph.node if n.op_type == "MatMul" and n.input[1] in weights
-    ]  # none left FP32
-    inits = {t.name: t for t in std.graph.initializer}
-    first = dq[0]
-    assert inits[first.input[0]].data_type == TensorProto.INT4
-    assert {a.name: a.i for a in first.attribute} == {"axis": 0, "block_size": 32}
-    orig = next(t for t in canonical.graph.initializer if t.name == first.input[0].rsplit("_q4", 1)[0])
-    np.testing.assert_array_equal(
-        numpy_helper.to_array(inits[first.input[0]]), rtn_codes(numpy_helper.to_array(orig), 4, 32).codes
-    )
-    logits = sess(canonical).run(["logits"], feeds)[0], sess(std).run(["logits"], feeds)[0]
-    assert cosine(*logits) > 0.95
+    for opset in (19, 21):
+        up = upgrade_opset(canonical, opset)
+        assert next(o.version for o in up.opset_import if o.domain == "") == opset
+        for a, b in zip(sess(canonical).run(None, feeds), sess(up).run(None, feeds), strict=True):
+            np.testing.assert_array_equal(a, b)  # raising the opset changes nothing
+    weights = {t.name: numpy_helper.to_array(t) for t in canonical.graph.initializer if len(t.dims) == 2}
+    matmul_weights = {
+        n.input[1] for n in canonical.graph.node if n.op_type == "MatMul" and n.input[1] in weights
+    }
+    ref = sess(canonical).run(["logits"], feeds)[0]
+    for bits, fp16 in ((4, False), (4, True), (8, False), (8, True)):
+        std = dequantize_linear_form(canonical, bits, 32, fp16=fp16)
+        onnx.checker.check_model(std)  # nodes in order after the FP16 conversion too
+        assert next(o.version for o in std.opset_import if o.domain == "") == (21 if bits == 4 else 19)
+        dq = [n for n in std.graph.node if n.op_type == "DequantizeLinear"]
+        assert len(dq) == len(matmul_weights)  # K = 64 and 160 are multiples of 32
+        assert not [n for n in std.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+        inits = {t.name: t for t in std.graph.initializer}
+        for node in dq:
+            w = weights[node.input[0].rsplit(f"_q{bits}", 1)[0]]
+            codes = numpy_helper.to_array(inits[node.input[0]])
+            scale = numpy_helper.to_array(inits[node.input[1]])
+            assert scale.dtype == (np.float16 if fp16 else np.float32) and (scale > 0).all()
+            attrs = {a.name: a.i for a in node.attribute}
+            if bits == 4:  # block-wise along K, MatMulNBits' rounding with the scales made positive
+                assert inits[node.input[0]].data_type == TensorProto.INT4
+                assert attrs == {"axis": 0, "block_size": 32}
+                ours, nbits = rtn_codes(w, 4, 32, positive=True), rtn_codes(w, 4, 32)
+                np.testing.assert_array_equal(codes, ours.codes)
+                same = np.repeat(nbits.scales > 0, 32, axis=0)[: w.shape[0]]  # blocks whose extreme is < 0
+                np.testing.assert_array_equal(dequantize(ours, 32)[same], dequantize(nbits, 32)[same])
+            else:  # one scale per output column: TensorRT 10.x blocks INT4 only
+                assert inits[node.input[0]].data_type == TensorProto.INT8 and attrs == {"axis": 1}
+                assert scale.shape == (w.shape[1],)
+                np.testing.assert_array_equal(codes, rtn_codes(w, 8, w.shape[0], positive=True).codes)
+                step = scale.astype(np.float32)  # within half a step, a whole one for a clipped top code
+                assert (np.abs(codes * step - w) <= step * 1.01).all()
+        assert cosine(ref, sess(std).run(["logits"], feeds)[0]) > (0.95 if bits == 4 else 0.999)
     bad = helper.make_model(
         helper.make_graph(
             [helper.make_node("Resize", ["x", "", "s"], ["y"])],
@@ -227,6 +241,55 @@ def test_standard_form_is_opset_21_dequantize_linear_with_the_same_weights(defau
     )
     with pytest.raises(ConfigError, match="Resize"):
         upgrade_opset(bad)
+    with pytest.raises(ConfigError, match="4 or 8 bits"):
+        dequantize_linear_form(canonical, 3)
+
+
+def test_w4a16_form_keeps_whole_norms_fp32_where_the_fp16_stage_pass_overflows(default_build):
+    """The TensorRT form's FP16 activations: each RMSNorm reads FP16 once and computes in FP32
+    throughout, so a hidden state of magnitude 1000 (x**2 far beyond FP16) changes nothing, where
+    the FP16 stage pass (to_fp16_keep_norms) stores x**2 in FP16 between its blocked operators."""
+    from omniforge.calibration.standard_form import dequantize_linear_form
+    from omniforge.passes.precision import to_fp16_keep_norms
+
+    m = load_manifest(default_build)
+    spec = m.pipeline.stage("llm")
+    canonical = onnx.load(str(default_build / m.stages["llm"].file))
+    a16, a32 = (dequantize_linear_form(canonical, 4, 64, fp16=fp16) for fp16 in (True, False))
+    stage_pass = to_fp16_keep_norms(a32)
+    inferred = onnx.shape_inference.infer_shapes(a16).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.input, *inferred.value_info)}
+    casts = {n.output[0]: n for n in a16.graph.node if n.op_type == "Cast"}
+    to = lambda n: next(a.i for a in n.attribute if a.name == "to")  # noqa: E731
+    round_trips = [  # FP32 -> FP16 -> FP32: a rounding a norm (or an output) would go through
+        n.name
+        for n in casts.values()
+        if to(n) == TensorProto.FLOAT
+        and n.input[0] in casts
+        and to(casts[n.input[0]]) == TensorProto.FLOAT16
+        and types.get(casts[n.input[0]].input[0]) == TensorProto.FLOAT
+    ]
+    assert round_trips == []
+    sess = lambda mm: ort.InferenceSession(mm.SerializeToString(), providers=["CPUExecutionProvider"])  # noqa: E731
+    ref, ours, theirs = sess(a32), sess(a16), sess(stage_pass)
+    for magnitude, expect_pass_ok in ((1.0, True), (1000.0, False)):
+        feeds = spec.sample_inputs("opt", seed=3)
+        feeds["inputs_embeds"] *= magnitude / np.abs(feeds["inputs_embeds"]).max()
+        logits = [s.run(["logits"], feeds)[0] for s in (ref, ours, theirs)]
+        assert cosine(logits[0], logits[1]) > 0.9999, magnitude
+        assert (cosine(logits[0], logits[2]) > 0.9999) == expect_pass_ok, magnitude  # measured 0.0 at 1000
+
+
+def test_positive_scales_keep_the_extreme_weight_exact():
+    from omniforge.calibration.codes import dequantize, rtn_codes
+
+    w = np.array([[1.0, -1.0], [0.5, 0.25], [-0.25, -0.5], [0.0, 0.1]], np.float32)  # one block of 4 rows
+    nbits, ours = rtn_codes(w, 4, 4), rtn_codes(w, 4, 4, positive=True)
+    assert nbits.scales[0, 0] < 0 < nbits.scales[0, 1]  # MatMulNBits: the extreme maps to -8 either way
+    assert (ours.scales > 0).all() and ours.codes[0, 0] == 7 and ours.codes[0, 1] == -8
+    np.testing.assert_array_equal(ours.codes[:, 1], nbits.codes[:, 1])  # negative extreme: the same codes
+    np.testing.assert_allclose(dequantize(ours, 4)[0], [1.0, -1.0])  # both extremes exact
+    assert ours.codes.min() >= -8 and ours.codes.max() <= 7
 
 
 def test_quantized_build_holds_calibration_and_both_llm_forms(default_build, tmp_path, quick_quant):

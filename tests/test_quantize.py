@@ -45,6 +45,20 @@ def test_int4_build_has_quantized_llm_and_int8_encoders(int4_build, default_buil
     assert report["token_embedding"]["metrics"]["cosine_min"] > 0.999
 
 
+def test_int4_build_is_tensorrt_ready_where_its_forms_are_documented(int4_build):
+    """check-trt on the whole INT4 build: clean for 10.12 and 11; for 10.3 only the LLM's opset-21
+    W4A16 form, which a build for 10.3 refuses (profiles.require_buildable)."""
+    from omniforge.engines.trt_check import check_build
+
+    found = {(f.stage, f.trt_version): f.violations for f in check_build(int4_build, ["10.3", "10.12", "11"])}
+    assert {k: v for k, v in found.items() if v} == {("llm", "10.3"): found["llm", "10.3"]} and [
+        (v.rule, v.node) for v in found["llm", "10.3"]
+    ] == [("operator_support", "<model>")]
+    report = {r["stage"]: r for r in json.loads((int4_build / "quantize.json").read_text())}["llm"]
+    assert "W4A16 DequantizeLinear (opset 21, INT4 blocks of 64" in report["note"]
+    assert report["metrics"]["qdq_cosine_min"] > 0.95
+
+
 def test_the_runtime_runs_the_quantized_build(int4_build):
     rt = LlmRuntime(int4_build)
     assert rt.engine.session.get_inputs()[0].name == "inputs_embeds"
@@ -155,7 +169,9 @@ def test_awq_keeps_the_fp32_function_and_lowers_the_weighted_error_below_rtn(
     assert LlmRuntime(out).generate("A dog runs", GenerationConfig(max_new_tokens=4)).new_tokens == 4
 
 
-def test_asymmetric_reaches_both_llm_forms(default_build, tmp_path, quick_quant):
+def test_asymmetric_reaches_matmulnbits_and_the_tensorrt_form_stays_symmetric(
+    default_build, tmp_path, quick_quant
+):
     from dataclasses import replace
 
     m = load_manifest(default_build)
@@ -166,8 +182,8 @@ def test_asymmetric_reaches_both_llm_forms(default_build, tmp_path, quick_quant)
     llm = q.stages["llm"]
     nbits = onnx.load(str(out / llm.variant(Role.ORT_INPLACE_LLM).file))
     assert all(len(n.input) == 4 for n in nbits.graph.node if n.op_type == "MatMulNBits")  # zero points
-    std = onnx.load(str(out / llm.variant(Role.WEIGHT_ONLY_DQ).file))
-    assert all(len(n.input) == 3 for n in std.graph.node if n.op_type == "DequantizeLinear")
+    std = onnx.load(str(out / llm.variant(Role.WEIGHT_ONLY_DQ).file))  # TensorRT has no zero points
+    assert all(len(n.input) == 2 for n in std.graph.node if n.op_type == "DequantizeLinear")
     report = next(r for r in results if r.stage == "llm")
-    assert "asymmetric" in report.method and "asymmetric" in report.note
+    assert "asymmetric" in report.method and "RTN symmetric codes" in report.note
     assert report.metrics["logits_cosine"] > 0.95 and report.metrics["qdq_cosine_min"] > 0.9

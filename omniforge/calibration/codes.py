@@ -3,8 +3,13 @@
 A weight ``W`` (K, N) is cut into blocks of ``block`` rows along K; each block of each output
 column has one scale (and, asymmetric, one zero point). Symmetric codes are signed, in
 [-2^(bits-1), 2^(bits-1) - 1], and the block's largest-magnitude weight maps to the negative end:
-ONNX Runtime's ``MatMulNBits`` convention. Asymmetric codes are unsigned, in [0, 2^bits - 1], over
-the block's range widened to include 0, with ``W ~ (code - zero_point) * scale``.
+ONNX Runtime's ``MatMulNBits`` convention, under which a scale is negative where that weight is
+positive. ``positive=True`` keeps every scale positive, as TensorRT requires: the largest-magnitude
+weight maps to the end of the code range on its own side (-2^(bits-1) when it is negative, the same
+codes and scale as ``MatMulNBits``; 2^(bits-1) - 1 when it is positive). Negating the codes of a
+negative-scale block cannot do it: its extreme code -2^(bits-1) has no positive twin. Asymmetric
+codes are unsigned, in [0, 2^bits - 1], over the block's range widened to include 0, with
+``W ~ (code - zero_point) * scale``.
 
 Round-to-nearest, GPTQ's error-correcting rounding and the ``MatMulNBits`` packing live here, so
 AWQ, GPTQ and the standard ``DequantizeLinear`` form round weights the same way.
@@ -31,13 +36,15 @@ def code_range(bits: int, symmetric: bool = True) -> tuple[int, int]:
 
 
 def block_scales(
-    blocks: np.ndarray, bits: int, symmetric: bool = True, axis: int = 1
+    blocks: np.ndarray, bits: int, symmetric: bool = True, axis: int = 1, positive: bool = False
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """(scales, zero points or None) of ``blocks``, reduced over ``axis`` (a block's rows)."""
+    """(scales, zero points or None) of ``blocks``, reduced over ``axis`` (a block's rows);
+    ``positive``: symmetric scales > 0 (see the module's docstring)."""
     lo, hi = code_range(bits, symmetric)
     if symmetric:
         idx = np.expand_dims(np.abs(blocks).argmax(axis=axis), axis)
-        scale = np.take_along_axis(blocks, idx, axis=axis).squeeze(axis) / lo
+        extreme = np.take_along_axis(blocks, idx, axis=axis).squeeze(axis)
+        scale = np.where(extreme < 0, extreme / lo, extreme / hi) if positive else extreme / lo
         scale[scale == 0] = 1.0
         return scale, None
     vmin = np.minimum(blocks.min(axis=axis), 0.0)
@@ -54,12 +61,14 @@ def _blocks(w: np.ndarray, block: int) -> np.ndarray:
     return np.pad(w.astype(np.float32), ((0, (-k) % block), (0, 0))).reshape(-1, block, n)
 
 
-def rtn_codes(w: np.ndarray, bits: int, block: int, symmetric: bool = True) -> BlockCodes:
-    """Round-to-nearest codes of ``w`` (K, N)."""
+def rtn_codes(
+    w: np.ndarray, bits: int, block: int, symmetric: bool = True, positive: bool = False
+) -> BlockCodes:
+    """Round-to-nearest codes of ``w`` (K, N); ``positive``: symmetric scales > 0."""
     k, n = w.shape
     lo, hi = code_range(bits, symmetric)
     wb = _blocks(w, block)
-    scale, zero = block_scales(wb, bits, symmetric)
+    scale, zero = block_scales(wb, bits, symmetric, positive=positive)
     shift = 0.0 if zero is None else zero[:, None, :]
     codes = np.clip(np.round(wb / scale[:, None, :]) + shift, lo, hi).astype(np.int32)
     zp = None if zero is None else zero.astype(np.int32)
@@ -80,9 +89,10 @@ def fake_quantize(w: np.ndarray, bits: int, block: int, symmetric: bool = True) 
 
 
 def gptq_codes(
-    w: np.ndarray, h: np.ndarray, bits: int = 4, block: int = 32, damp: float = 0.01
+    w: np.ndarray, h: np.ndarray, bits: int = 4, block: int = 32, damp: float = 0.01, positive: bool = False
 ) -> BlockCodes:
-    """Symmetric codes of ``w`` (K, N) by GPTQ (Frantar et al., 2022) given the Hessian ``h`` (K, K).
+    """Symmetric codes of ``w`` (K, N) by GPTQ (Frantar et al., 2022) given the Hessian ``h`` (K, K);
+    ``positive``: scales > 0.
 
     Input channels are quantized one at a time, a block's scale taken from the error-updated
     weights when the block starts, and each channel's rounding error is spread over the channels
@@ -106,7 +116,7 @@ def gptq_codes(
         w1, err1, hinv1 = wt[:, i1:i2].copy(), np.zeros((n, i2 - i1)), hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             if (i1 + i) % block == 0:
-                scale, _ = block_scales(w1[:, i : i + block], bits)
+                scale, _ = block_scales(w1[:, i : i + block], bits, positive=positive)
                 scales[(i1 + i) // block] = scale
             col = w1[:, i]
             q = np.clip(np.round(col / scale), lo, hi)

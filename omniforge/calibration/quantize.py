@@ -1,8 +1,8 @@
 """``quantize`` over a build, one stage at a time, each stage by the quantizer of its kind and precision.
 
 - LLM (int4/int8): weight-only (RTN, AWQ or GPTQ) as ONNX Runtime's ``MatMulNBits`` in-place
-  graph, plus the standard-ONNX form (block-wise ``DequantizeLinear``, opset 21) that TensorRT
-  consumes;
+  graph, plus the standard-ONNX form TensorRT consumes (``standard_form``: W4A16 with INT4 blocks
+  of 64 or 128 at opset 21, or W8A16 per-channel INT8 at opset 19; symmetric, positive scales);
 - token embedding (int8): INT8 table, one scale per row;
 - encoders, projectors, UNets, VAE decoders, vocoder (int8): INT8 with the accuracy-driven
   fallback. Static QDQ (calibrated on inputs captured from the FP32 pipeline, the TensorRT-ready
@@ -69,6 +69,11 @@ from omniforge.pipeline.precision import QUANTIZED_PRECISIONS, STAGE_PRECISIONS,
 from omniforge.pipeline.spec import StageKind, StageSpec
 
 INT8_MODES = ("auto", "static", "dynamic")
+# the version of the quantized graphs' forms, part of every quantization cache key: raise it when a
+# form changes, so cached stages made in the old form are not reused (2: float biases in static
+# QDQ graphs; TensorRT's weight-only LLM form with positive scales, per-channel INT8, INT4 blocks
+# of 64/128, FP16 activations)
+FORM_VERSION = 2
 CONV_KINDS = {StageKind.DECODER, StageKind.VAE, StageKind.VOCODER}  # UNets, VAE decoders, vocoder
 STAGE_METRICS = ("cosine_min", "snr_db_min", "max_abs_err")  # what _stage_metrics measures
 LLM_METRICS = ("top1_agreement", "kl_divergence", "logits_cosine")  # what _llm_metrics measures
@@ -84,7 +89,7 @@ class QuantizeOptions:
     smoothquant_alpha: float | None = None  # SmoothQuant before static INT8 of MatMul stages
     budget: float = DEFAULT_BUDGET  # mean cosine to FP32 on calibration inputs the INT8 fallback restores
     max_fp32_layers: int = DEFAULT_MAX_FP32_LAYERS  # layers the INT8 fallback may keep FP32
-    standard_form: bool = True  # LLM: also the block-wise DequantizeLinear graph for TensorRT
+    standard_form: bool = True  # LLM: also the DequantizeLinear graph for TensorRT (W4A16 / W8A16)
     end_to_end: bool = True  # measure image PSNR / audio SNR / token agreement against the FP32 pipeline
     calibration: CalibrationInputs | None = None  # default: CalibrationInputs.default()
 
@@ -110,7 +115,12 @@ class QuantizeOptions:
 
     def key(self, precision: str) -> str:
         wo = self.weights(precision)
-        data = {**asdict(self), "weight_only": asdict(wo), "calibration": self.inputs().digest()}
+        data = {
+            **asdict(self),
+            "weight_only": asdict(wo),
+            "calibration": self.inputs().digest(),
+            "forms": FORM_VERSION,
+        }
         return json.dumps(data, sort_keys=True, default=str)
 
 
@@ -265,7 +275,7 @@ def _int8_mode(spec: StageSpec, opts: QuantizeOptions) -> str:
 
 
 class WeightOnlyLlm:
-    """The LLM's weights block-quantized: ``MatMulNBits`` in-place graph plus the ``DequantizeLinear`` form."""
+    """The LLM's weights block-quantized: ``MatMulNBits`` in-place graph plus TensorRT's ``DequantizeLinear`` form."""
 
     def quantize(self, ctx: QuantizeContext, name: str, precision: Precision, out: Path) -> Result:
         sb = ctx.manifest.stages[name]
@@ -283,10 +293,10 @@ class WeightOnlyLlm:
         qsb = sb.with_variant(replace(inplace, file=rel, precision=precision, data_files=()))
         note = "the embedding table is INT8 in token_embedding"
         if ctx.opts.standard_form:
-            std_rel, codes = self._standard_form(ctx, name, precision, out, wcfg)
+            std_rel, form = self._standard_form(ctx, name, precision, out, wcfg)
             qsb = qsb.with_variant(Variant(Role.WEIGHT_ONLY_DQ, std_rel, precision))
             metrics["qdq_cosine_min"] = _stage_metrics(ctx.build / sb.file, out / std_rel, spec)["cosine_min"]
-            note += f"; {std_rel}: block-wise DequantizeLinear (opset 21, {codes} codes) for TensorRT"
+            note += f"; {std_rel}: {form} for TensorRT"
         sym = "symmetric" if wcfg.symmetric else "asymmetric"
         method = (
             f"weight-only MatMulNBits ({wcfg.method.upper()}), {wcfg.bits}-bit {sym}, block {wcfg.block_size}"
@@ -319,24 +329,35 @@ class WeightOnlyLlm:
     def _standard_form(
         ctx: QuantizeContext, name: str, precision: Precision, out: Path, wcfg: WeightOnlyConfig
     ) -> tuple[str, str]:
-        """Write the block-wise ``DequantizeLinear`` form of the canonical graph: (its path, its codes)."""
-        from omniforge.calibration.standard_form import dequantize_linear_form
+        """Write TensorRT's weight-only form of the canonical graph: (its path, what it is).
+
+        Always symmetric (TensorRT quantization has no zero points), whatever ``MatMulNBits`` got;
+        INT4 blocks of ``tensorrt_block_size(wcfg.block_size)`` rows, INT8 per output channel."""
+        from omniforge.calibration.standard_form import (
+            WEIGHT_ONLY_OPSET,
+            dequantize_linear_form,
+            tensorrt_block_size,
+            unquantized_weights,
+        )
 
         std_rel = f"stages/{name}.{precision}.qdq.onnx"
         canonical = onnx.load(str(ctx.build / ctx.manifest.stages[name].file))
         codes = "gptq" if wcfg.method == "gptq" else "rtn"
+        block = tensorrt_block_size(wcfg.block_size)
         std = dequantize_linear_form(
-            canonical,
-            wcfg.bits,
-            wcfg.block_size,
-            codes,
-            ctx.llm_rows,
-            ctx.manifest.pipeline.stage(name),
-            wcfg.symmetric,
+            canonical, wcfg.bits, block, codes, ctx.llm_rows, ctx.manifest.pipeline.stage(name)
         )
         onnx.save_model(std, str(out / std_rel))
-        sym = "symmetric" if wcfg.symmetric else "asymmetric, with zero points"
-        return std_rel, f"{codes.upper()} {sym}"
+        layout = f"INT4 blocks of {block}" if wcfg.bits == 4 else "per-channel INT8"
+        form = (
+            f"W{wcfg.bits}A16 DequantizeLinear (opset {WEIGHT_ONLY_OPSET[wcfg.bits]}, {layout}, "
+            f"{codes.upper()} symmetric codes, positive FP16 scales)"
+        )
+        kept = unquantized_weights(std)
+        if kept:
+            sizes = " or ".join(str(b) for b in sorted({block, 64}, reverse=True))
+            form += f"; {len(kept)} weight(s) whose K is no multiple of {sizes} kept FP16"
+        return std_rel, form
 
 
 def _rewritten(

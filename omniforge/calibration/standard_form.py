@@ -1,13 +1,27 @@
-"""The standard-ONNX weight-only form: block-wise ``DequantizeLinear`` (opset 21) before each MatMul.
+"""TensorRT's weight-only form of the LLM: ``DequantizeLinear`` of constant weights before each MatMul.
 
 This is what TensorRT (and any ONNX runtime) consumes for INT4/INT8 weight-only LLMs, next to
 ONNX Runtime's own ``MatMulNBits`` form. It is made from the canonical (opset 17, explicit-cache)
-LLM graph: the opset is raised to 21, which for these graphs only changes the reduce operators
-(``axes`` moves from an attribute to an input, opset 18), and every constant 2-D MatMul weight
-``W`` (K, N) — the LM head included — becomes ``DequantizeLinear(codes, scale, axis=0,
-block_size)``. Codes come from ``codes``, as for ``MatMulNBits``: symmetric round-to-nearest (signed
-codes, no zero point), asymmetric round-to-nearest (unsigned codes with a zero point per block),
-or GPTQ from Hessians captured through this graph.
+LLM graph, and every constant 2-D MatMul weight ``W`` (K, N), the LM head included, becomes a
+``DequantizeLinear`` of its codes, in the forms TensorRT documents:
+
+- INT4: block-wise along K (``axis=0, block_size``) at opset 21, the first opset with INT4 and
+  ``block_size``; TensorRT 11 takes blocks of 64 or 128 (``tensorrt_block_size`` picks one from
+  ``MatMulNBits``' block size), and a weight whose K is not a multiple of the block (and, for 128,
+  not of 64 either) is left unquantized, since TensorRT derives the block from the scale's shape;
+- INT8: per-channel, one scale per output column (``axis=1``, no ``block_size``: TensorRT 10.x
+  block-quantizes INT4 only) at opset 19, the first where ``DequantizeLinear`` takes FP16 scales;
+- symmetric codes are signed with strictly positive scales (``codes``: ``positive=True``);
+  asymmetric ones are unsigned with a zero point per block or column (not a TensorRT form:
+  TensorRT quantization has no zero points);
+- ``fp16`` (the default): W4A16 / W8A16, the form of NVIDIA's weight-only path
+  (``fp16_activations``): FP16 activations, weights left float and scales; every norm whole and the
+  softmax in FP32; FP32 inputs and outputs; so a strongly typed TensorRT build takes its precisions
+  from the graph.
+
+Raising the opset (``upgrade_opset``) only changes the reduce operators for these graphs (``axes``
+moves from an attribute to an input, opset 18). Codes come from ``codes``, as for ``MatMulNBits``:
+round-to-nearest, or GPTQ from Hessians captured through this graph.
 """
 
 from __future__ import annotations
@@ -91,20 +105,47 @@ def canonical_hessians(
     return hessians(model, readers, [canonical_prefill(spec, r) for r in rows])
 
 
+TENSORRT_INT4_BLOCKS = (64, 128)  # the INT4 block sizes TensorRT 11's quantization guide lists
+WEIGHT_ONLY_OPSET = {4: 21, 8: 19}  # INT4 + block_size: opset 21; FP16 scales: opset 19
+
+
+def tensorrt_block_size(block: int) -> int:
+    """The INT4 block of the TensorRT form for ``MatMulNBits``' ``block``: itself when it is 64 or
+    128, else the nearer of them (16, 32 -> 64; 256 -> 128). 10.x documents no size, so one file
+    serves every TensorRT version."""
+    return min(max(block, TENSORRT_INT4_BLOCKS[0]), TENSORRT_INT4_BLOCKS[-1])
+
+
+def _block_for(k: int, block: int) -> int | None:
+    """The INT4 block used for a weight with ``k`` rows: ``block`` or, from 128 down, a halving of it
+    no smaller than 64 that divides ``k``; None when none does (the weight stays unquantized)."""
+    b = block
+    while b >= min(block, TENSORRT_INT4_BLOCKS[0]):
+        if k % b == 0:
+            return b
+        b //= 2
+    return None
+
+
 def dequantize_linear_form(
     model: onnx.ModelProto,
     bits: int = 4,
-    block: int = 32,
+    block: int = 64,
     method: str = "rtn",
     rows: list[np.ndarray] | None = None,
     spec: StageSpec | None = None,
     symmetric: bool = True,
+    fp16: bool = True,
 ) -> onnx.ModelProto:
-    """The canonical LLM graph at opset 21 with every constant 2-D MatMul weight block-quantized.
+    """The canonical LLM graph with every constant 2-D MatMul weight quantized (see the module's
+    docstring): INT4 in blocks of ``block`` rows, INT8 per output column (``block`` unused).
 
     ``gptq`` needs the calibration ``rows`` and the stage's ``spec`` (to feed the graph); asymmetric
-    codes are unsigned with a zero point per block (``DequantizeLinear``'s third input).
+    codes are unsigned with zero points (``DequantizeLinear``'s third input); ``fp16``: FP16
+    activations and scales (norms FP32), else FP32.
     """
+    if bits not in WEIGHT_ONLY_OPSET:
+        raise ConfigError(f"the weight-only form takes 4 or 8 bits, got {bits}")
     if method not in ("rtn", "gptq"):
         raise ConfigError(f"the standard-ONNX form is made with rtn or gptq codes, not '{method}'")
     if method == "gptq" and not symmetric:
@@ -112,7 +153,7 @@ def dequantize_linear_form(
     if method == "gptq" and (not rows or spec is None):
         raise ConfigError("GPTQ needs calibration rows and the LLM's stage description")
     hs = canonical_hessians(model, spec, rows) if method == "gptq" else {}
-    out = upgrade_opset(model, 21)
+    out = upgrade_opset(model, WEIGHT_ONLY_OPSET[bits])
     inits = {t.name: t for t in out.graph.initializer}
     done: dict[str, str] = {}
     new_nodes = []
@@ -120,7 +161,13 @@ def dequantize_linear_form(
         w_name = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
         if w_name in inits and len(inits[w_name].dims) == 2 and inits[w_name].data_type == TensorProto.FLOAT:
             if w_name not in done:
-                new_nodes.append(_dequantize_node(out, inits[w_name], bits, block, symmetric, hs.get(w_name)))
+                k = inits[w_name].dims[0]
+                rows_per_scale = k if bits == 8 else _block_for(k, block)
+                if rows_per_scale is None:
+                    continue  # K is no multiple of a block TensorRT takes: the weight stays float
+                new_nodes.append(
+                    _dequantize_node(out, inits[w_name], bits, rows_per_scale, symmetric, hs.get(w_name))
+                )
                 done[w_name] = new_nodes[-1].output[0]
             node.input[1] = done[w_name]
     for w_name in done:
@@ -128,7 +175,122 @@ def dequantize_linear_form(
     nodes = new_nodes + list(out.graph.node)
     del out.graph.node[:]
     out.graph.node.extend(nodes)
-    return out
+    return fp16_activations(out) if fp16 else out
+
+
+def fp16_activations(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with FP16 activations, weights and scales, and every norm whole in FP32.
+
+    ONNX Runtime's FP16 converter (as ``passes.precision.to_fp16_keep_norms`` calls it) blocks the
+    norms' ``Pow``/``ReduceMean``/``Sqrt`` one by one and stores every tensor between them in FP16, so
+    an RMSNorm's ``x**2`` overflows for ``|x| > 256`` and its variance is rounded to FP16. Here the
+    converter blocks those operators and every node of every norm (``engines.profiles.norm_groups``,
+    the norms the weakly typed TensorRT build pins), then the FP32 -> FP16 -> FP32 round trips it
+    leaves between blocked nodes are removed, so a norm reads its FP16 input once, computes in FP32
+    and hands FP16 to the next layer. Inputs and outputs stay FP32."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from omniforge.engines.profiles import norm_groups
+    from omniforge.passes.precision import FP32_OPS
+
+    blocked = {name for group in norm_groups(model) for name in group}
+    blocked |= {n.name for n in model.graph.node if n.op_type in FP32_OPS and n.name}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    blocked |= {  # constants only FP32 nodes read (a norm's exponent and epsilon) stay FP32 too
+        n.name
+        for n in model.graph.node
+        if n.op_type == "Constant"
+        and n.name
+        and all(r.name in blocked for r in readers.get(n.output[0], [None]) if r)
+    }
+    inferred = onnx.shape_inference.infer_shapes(model)  # the converter places Casts by value types
+    converted = convert_float_to_float16(
+        inferred, keep_io_types=True, op_block_list=FP32_OPS, node_block_list=sorted(blocked)
+    )
+    return _sorted(_without_round_trips(converted))
+
+
+def _without_round_trips(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop ``Cast(FP32 -> FP16) -> Cast(-> FP32)`` pairs: the second Cast's readers read the FP32
+    tensor itself (exact, where the pair would have rounded it to FP16); a graph output keeps its
+    name through an ``Identity``."""
+    types = _element_types(onnx.shape_inference.infer_shapes(model))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    outputs = {o.name for o in model.graph.output}
+    to = lambda n: next((a.i for a in n.attribute if a.name == "to"), None)  # noqa: E731
+    rename: dict[str, str] = {}
+    kept = []
+    for node in model.graph.node:
+        first = producer.get(node.input[0]) if node.op_type == "Cast" else None
+        if (
+            first is None
+            or first.op_type != "Cast"
+            or to(node) != TensorProto.FLOAT
+            or to(first) != TensorProto.FLOAT16
+            or types.get(first.input[0]) != TensorProto.FLOAT
+        ):
+            kept.append(node)
+        elif node.output[0] in outputs:
+            kept.append(helper.make_node("Identity", [first.input[0]], list(node.output), name=node.name))
+        else:
+            rename[node.output[0]] = first.input[0]
+    for n in kept:
+        for i, name in enumerate(n.input):
+            n.input[i] = rename.get(name, name)
+    read = {i for n in kept for i in n.input} | outputs
+    kept = [n for n in kept if n.op_type != "Cast" or any(o in read for o in n.output)]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return model
+
+
+def _element_types(model: onnx.ModelProto) -> dict[str, int]:
+    g = model.graph
+    types = {t.name: t.data_type for t in g.initializer}
+    for vi in (*g.input, *g.output, *g.value_info):
+        if vi.type.HasField("tensor_type"):
+            types[vi.name] = vi.type.tensor_type.elem_type
+    return types
+
+
+def _sorted(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its nodes in topological order, otherwise as they were (the FP16 converter
+    appends the Casts of graph inputs after their readers, which ONNX's checker refuses)."""
+    available = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
+    pending = list(model.graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise ExportError("the FP16 weight-only graph has a cycle or an input nothing produces")
+        for n in ready:
+            available.update(n.output)
+        ordered += ready
+        ready_ids = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in ready_ids]
+    del model.graph.node[:]
+    model.graph.node.extend(ordered)
+    return model
+
+
+def unquantized_weights(model: onnx.ModelProto) -> list[str]:
+    """The constant 2-D MatMul weights of ``model`` left in float (FP32 or FP16)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    floats = (TensorProto.FLOAT, TensorProto.FLOAT16)
+    return sorted(
+        {
+            n.input[1]
+            for n in model.graph.node
+            if n.op_type == "MatMul"
+            and len(n.input) == 2
+            and n.input[1] in inits
+            and len(inits[n.input[1]].dims) == 2
+            and inits[n.input[1]].data_type in floats
+        }
+    )
 
 
 def _dequantize_node(
@@ -139,21 +301,24 @@ def _dequantize_node(
     symmetric: bool,
     hessian: np.ndarray | None,
 ) -> onnx.NodeProto:
-    """Add ``weight``'s codes (and scales, zero points) to ``model``; the node that dequantizes them."""
+    """Add ``weight``'s codes (and scales, zero points) to ``model``; the node that dequantizes them.
+    INT8: ``block`` is K (one scale per column), written per-channel (1-D scales along axis 1)."""
     w = numpy_helper.to_array(weight)
-    q = rtn_codes(w, bits, block, symmetric) if hessian is None else gptq_codes(w, hessian, bits, block)
+    if hessian is None:
+        q = rtn_codes(w, bits, block, symmetric, positive=symmetric)
+    else:
+        q = gptq_codes(w, hessian, bits, block, positive=True)
     name = weight.name
+    per_channel = bits == 8
+    scales = q.scales[0] if per_channel else q.scales
     inputs = [f"{name}_q{bits}", f"{name}_scale"]
     model.graph.initializer.append(_int_tensor(q.codes, bits, symmetric, inputs[0]))
-    model.graph.initializer.append(numpy_helper.from_array(q.scales, inputs[1]))
+    model.graph.initializer.append(numpy_helper.from_array(scales, inputs[1]))
     if q.zero_points is not None:
         inputs.append(f"{name}_zero_point")
-        model.graph.initializer.append(_int_tensor(q.zero_points, bits, False, inputs[2]))
+        zero = q.zero_points[0] if per_channel else q.zero_points
+        model.graph.initializer.append(_int_tensor(zero, bits, False, inputs[2]))
+    attrs = {"axis": 1} if per_channel else {"axis": 0, "block_size": block}
     return helper.make_node(
-        "DequantizeLinear",
-        inputs,
-        [f"{name}_dequantized"],
-        name=f"{name}_DequantizeLinear",
-        axis=0,
-        block_size=block,
+        "DequantizeLinear", inputs, [f"{name}_dequantized"], name=f"{name}_DequantizeLinear", **attrs
     )

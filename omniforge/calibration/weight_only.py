@@ -4,8 +4,8 @@
 weight, the LM head included, and returns ONNX Runtime's ``MatMulNBits`` graph
 (``accuracy_level=4``: int8 compute inside the kernel), symmetric or asymmetric (a zero point per
 block). AWQ (``awq``) rescales the weights before this call and GPTQ (``gptq``) overwrites its codes
-after it; the standard-ONNX form for TensorRT (block-wise ``DequantizeLinear``, opset 21) is made
-from the canonical graph by ``standard_form`` with the same codes (``codes``). The embedding table
+after it; TensorRT's form (``DequantizeLinear`` W4A16 / W8A16, symmetric with positive scales) is
+made from the canonical graph by ``standard_form`` with the same rounding (``codes``). The embedding table
 (the ``token_embedding`` stage) is stored INT8 with a scale per row by ``quantize_embedding``: a
 lookup reads one row per token, so it costs file size, not bandwidth.
 """
