@@ -1,7 +1,9 @@
 """TensorRT path without a GPU: profiles, flags, trtexec lines, metadata checks, the missing-TRT sentence."""
 
+import json
 import re
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 
@@ -14,7 +16,13 @@ from omniforge.engines.profiles import (
     trt_version_tuple,
     trtexec_command,
 )
-from omniforge.engines.tensorrt import EngineMetadata, check_compatible, require_tensorrt
+from omniforge.engines.tensorrt import (
+    EngineMetadata,
+    check_compatible,
+    engine_metadata,
+    hardware_compatibility_name,
+    require_tensorrt,
+)
 from omniforge.errors import ConfigError, EngineError, MissingDependencyError
 from omniforge.pipeline.manifest import load_manifest
 
@@ -101,11 +109,84 @@ def test_precision_flags():
 
 def test_engines_from_another_tensorrt_or_gpu_are_refused():
     meta = EngineMetadata("10.3.0", "NVIDIA H200", "9.0", "fp16", [])
+    assert meta.hardware_compatibility == "none"
     check_compatible(meta, "10.3.0", ("NVIDIA H100", "9.0"))  # same architecture: fine
     with pytest.raises(EngineError, match="built with TensorRT 10.3.0 but TensorRT 10.8.0"):
         check_compatible(meta, "10.8.0", ("NVIDIA H200", "9.0"))
     with pytest.raises(EngineError, match="compute capability 9.0 .* Orin \\(8.7\\)"):
         check_compatible(meta, "10.3.0", ("Orin", "8.7"))
+    # Ampere-plus engines run on any GPU from compute capability 8.0 on, and on nothing older
+    plus = replace(meta, hardware_compatibility="ampere_plus")
+    for cc in ("8.0", "8.6", "9.0", "10.0", "12.0"):
+        check_compatible(plus, "10.3.0", ("some GPU", cc))
+    with pytest.raises(
+        EngineError,
+        match=r"^this engine was built for Ampere and later GPUs \(hardware compatibility ampere_plus, on "
+        r"NVIDIA H200\) but this GPU is Tesla T4 \(compute capability 7.5\); rebuild it on this GPU$",
+    ):
+        check_compatible(plus, "10.3.0", ("Tesla T4", "7.5"))
+    with pytest.raises(EngineError, match="built with TensorRT 10.3.0"):  # the version binds every level
+        check_compatible(plus, "10.12.0", ("NVIDIA H200", "9.0"))
+    same = replace(meta, hardware_compatibility="same_compute_capability")
+    check_compatible(same, "10.3.0", ("NVIDIA H100", "9.0"))
+    with pytest.raises(EngineError, match="hardware compatibility same_compute_capability"):
+        check_compatible(same, "10.3.0", ("NVIDIA A100", "8.0"))
+
+
+def test_engine_metadata_records_version_capability_and_hardware_level(pipeline):
+    """What ``build_engine`` writes into engines/engines.json, from the built engine's own level."""
+    level = SimpleNamespace(name="AMPERE_PLUS")  # what trt.HardwareCompatibilityLevel.AMPERE_PLUS carries
+    engine = SimpleNamespace(hardware_compatibility_level=level)
+    meta = engine_metadata(engine, "10.12.0.36", ("NVIDIA H200", "9.0"), "int8", pipeline.stage("vocoder"))
+    data = meta.to_dict()
+    assert {k: data[k] for k in ("tensorrt", "gpu", "compute_capability", "hardware_compatibility")} == {
+        "tensorrt": "10.12.0.36",
+        "gpu": "NVIDIA H200",
+        "compute_capability": "9.0",
+        "hardware_compatibility": "ampere_plus",
+    }
+    assert data["precision"] == "int8" and data["strongly_typed"] is True
+    assert data["profile"][0]["name"] == pipeline.stage("vocoder").inputs[0].name
+    assert EngineMetadata.from_dict(json.loads(json.dumps(data))) == meta  # through engines.json
+    # an engine that does not report its level: the level asked for
+    assert (
+        engine_metadata(object(), "10.3.0", ("Orin", "8.7"), "fp16", pipeline.stage("vocoder")).to_dict()[
+            "hardware_compatibility"
+        ]
+        == "none"
+    )
+    # metadata written before the level was recorded still loads (as "none"); unknown keys are ignored
+    old = {k: data[k] for k in ("tensorrt", "gpu", "compute_capability", "precision", "profile")}
+    assert EngineMetadata.from_dict({**old, "later": 1}).hardware_compatibility == "none"
+    with pytest.raises(EngineError, match="^the engine metadata of stage 'vocoder' lacks compute_capability"):
+        EngineMetadata.from_dict({k: v for k, v in old.items() if k != "compute_capability"}, "vocoder")
+    assert hardware_compatibility_name("HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY") == (
+        "same_compute_capability"
+    )
+    with pytest.raises(ConfigError, match="hardware compatibility 'turing_plus' is not one of"):
+        hardware_compatibility_name("turing_plus")
+
+
+def test_compare_runs_the_llm_engine_against_the_graph_it_was_built_from():
+    """With a TensorRT engine for the LLM, compare feeds the other build's graph of the engine's
+    interface (explicit cache), not the in-place graph the runtime serves."""
+    from omniforge.engines.compare import onnx_graph
+    from omniforge.pipeline.contracts import Role
+    from omniforge.pipeline.manifest import Variant, canonical_stage
+
+    sb = replace(
+        canonical_stage("stages/llm.onnx")
+        .with_variant(Variant(Role.ORT_INPLACE_LLM, "stages/llm.int4.ort.onnx", "int4"))
+        .with_variant(Variant(Role.WEIGHT_ONLY_DQ, "stages/llm.int4.qdq.onnx", "int4")),
+        precision="int4",
+    )
+    m = SimpleNamespace(stage_build=lambda _name: sb, stages={"llm": sb})
+    assert onnx_graph(m, "llm", engine_interface=True) == "stages/llm.int4.qdq.onnx"
+    fp32 = canonical_stage("stages/llm.onnx").with_variant(
+        Variant(Role.ORT_INPLACE_LLM, "stages/llm.ort.onnx", "fp32")
+    )
+    m32 = SimpleNamespace(stage_build=lambda _name: fp32, stages={"llm": fp32})
+    assert onnx_graph(m32, "llm", engine_interface=True) == "stages/llm.onnx"
 
 
 def test_without_tensorrt_one_sentence_points_at_onnxruntime():

@@ -3,8 +3,12 @@
 Each stage's runtime graph from build A and build B runs in ONNX Runtime (Polygraphy's
 ``OnnxrtRunner``) on the stage's seeded inputs at its parity shapes; Polygraphy's
 ``CompareFunc.simple`` decides pass/fail per output at the given tolerances, and the largest
-absolute / relative errors are reported. The LLM is compared through its in-place graphs
-(logits over a decode sequence), since that is what the runtime executes.
+absolute / relative errors are reported. A stage with a TensorRT engine (where TensorRT is
+installed) runs through it. The LLM is compared through its in-place graphs (logits over a decode
+sequence), since that is what the runtime executes, unless either build has a TensorRT engine for
+it: then the engine runs on the stage's seeded inputs against the other build's graph of the same
+interface (the one TensorRT builds from: the canonical graph, or the weight-only ``DequantizeLinear``
+form) in ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -34,17 +38,32 @@ class StageComparison:
     passed: bool
 
 
-def _runner(build: Path, m: Manifest, name: str, tag: str):
+def onnx_graph(m: Manifest, name: str, engine_interface: bool = False) -> str:
+    """The graph ONNX Runtime runs for stage ``name`` in a comparison: the one the runtime serves,
+    or, with ``engine_interface``, the one a TensorRT engine of the stage is built from (same
+    inputs and outputs as the engine; for the LLM, the explicit-cache graph, not the in-place one)."""
+    if engine_interface:
+        from omniforge.engines.trt_check.build import trt_graph
+
+        return trt_graph(m.stage_build(name)).file
+    return runtime_file(m, name)
+
+
+def _runner(build: Path, m: Manifest, name: str, tag: str, engine_interface: bool = False):
     """Polygraphy runner for the stage as the build serves it: its TensorRT engine where it has one
-    (and TensorRT is here), else its ONNX Runtime graph."""
+    (and TensorRT is here), else its ONNX Runtime graph (``onnx_graph``)."""
     if m.stage_build(name).variant(Role.TENSORRT) is not None:
         from omniforge.engines.tensorrt import load_engine_checked, polygraphy_trt
 
         engine = load_engine_checked(build, m, name)
         return polygraphy_trt.TrtRunner(engine, name=tag)
     return polygraphy_onnxrt.OnnxrtRunner(
-        polygraphy_onnxrt.SessionFromOnnx(str(build / runtime_file(m, name))), name=tag
+        polygraphy_onnxrt.SessionFromOnnx(str(build / onnx_graph(m, name, engine_interface))), name=tag
     )
+
+
+def _has_engine(m: Manifest, name: str) -> bool:
+    return m.stage_build(name).variant(Role.TENSORRT) is not None
 
 
 def _errors(ra: list[dict], rb: list[dict]) -> tuple[float, float, float]:
@@ -77,7 +96,9 @@ def compare_builds(
     out = []
     for name in names:
         spec = ma.pipeline.stage(name)
-        if ma.stage_build(name).variant(Role.ORT_INPLACE_LLM) is not None:
+        engines = _has_engine(ma, name) or _has_engine(mb, name)
+        inplace = ma.stage_build(name).variant(Role.ORT_INPLACE_LLM) is not None
+        if inplace and not engines:
             ra, rb = _llm_logits(a, ma, name), _llm_logits(b, mb, name)
             max_abs, max_rel, cos = _errors(ra, rb)
             passed = all(
@@ -86,7 +107,10 @@ def compare_builds(
             )
         else:
             feeds = [spec.sample_inputs(p, seed=300 + i) for i, p in enumerate(spec.parity_points())]
-            runners = [_runner(build, m, name, tag) for build, m, tag in ((a, ma, "A"), (b, mb, "B"))]
+            runners = [
+                _runner(build, m, name, tag, engine_interface=inplace)
+                for build, m, tag in ((a, ma, "A"), (b, mb, "B"))
+            ]
             results = comparator.Comparator.run(runners, data_loader=feeds)
             accuracy = comparator.Comparator.compare_accuracy(
                 results, compare_func=comparator.CompareFunc.simple(atol=atol, rtol=rtol)

@@ -25,6 +25,10 @@ PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 TRT_VERSIONS = ("10.3", "10.12", "11")  # JetPack 6's TensorRT, the first strongly typed default, the newest
 DEFAULT_TRT_VERSION = "11"
 STRONGLY_TYPED_SINCE = (10, 12)  # precision flags deprecated from 10.12 and removed in 11
+# the first TensorRT whose ONNX parser documents opset 21, the opset of the INT4 weight-only form
+# (INT4 DequantizeLinear with block_size): onnx-tensorrt's Changelog moves to ONNX 1.17 in 10.6; the
+# 10.1 GA operators page, which 10.2 and 10.3 leave unchanged, documents opsets 9..20
+OPSET_21_SINCE = (10, 6)
 
 
 def trt_version_tuple(version: str) -> tuple[int, int]:
@@ -40,6 +44,18 @@ def strongly_typed(version: str) -> bool:
     """Whether builds for TensorRT ``version`` are strongly typed: the precision of every tensor is
     the graph's own (FP16 graphs with FP32 norms, Q/DQ graphs), and no precision flag is passed."""
     return trt_version_tuple(version) >= STRONGLY_TYPED_SINCE
+
+
+def require_buildable(precision: str, trt_version: str) -> None:
+    """One sentence (ConfigError) when TensorRT ``trt_version`` cannot take the graph omniforge writes
+    for a stage of ``precision``; ``check-trt`` reports the same graph as outside that version's opsets."""
+    if precision == "int4" and trt_version_tuple(trt_version) < OPSET_21_SINCE:
+        raise ConfigError(
+            f"TensorRT {trt_version} cannot build the INT4 LLM: its weight-only form needs ONNX opset 21 "
+            f"(INT4 DequantizeLinear with block_size) and TensorRT {trt_version}'s ONNX parser documents "
+            "opsets up to 20 (10.6 and later take it); build the LLM as int8 for this TensorRT "
+            "(--stage-precision llm=int8)"
+        )
 
 
 @dataclass(frozen=True)
@@ -217,7 +233,9 @@ def trtexec_command(
 ) -> str:
     """The exact ``trtexec`` command that builds ``stage`` on a device with TensorRT ``trt_version``:
     ``--stronglyTyped`` from 10.12 on (the graph carries the precisions; ``precision`` and
-    ``fp32_layers`` are not passed), precision flags and FP32 layer pins before it."""
+    ``fp32_layers`` are not passed), precision flags and FP32 layer pins before it; a precision that
+    version cannot build (``require_buildable``) is refused with one sentence."""
+    require_buildable(precision, trt_version)
     prof = profile_for(stage)
     args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}"]
     if any(i.min != i.max for i in prof):
