@@ -302,8 +302,8 @@ def test_cli_refuses_unknown_stage_and_build(default_build, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def int8_build(default_build, tmp_path_factory, quick_quant):
-    """One quantized build: the INT8 weight-only LLM (block-wise DequantizeLinear) and static INT8
-    QDQ for the convolution stages."""
+    """One quantized build: the INT8 weight-only LLM (TensorRT's W8A16 DequantizeLinear form) and
+    static INT8 QDQ for the convolution stages."""
     from omniforge.calibration.quantize import quantize_build
 
     out = tmp_path_factory.mktemp("trt") / "int8"
@@ -314,7 +314,7 @@ def int8_build(default_build, tmp_path_factory, quick_quant):
 
 
 def _dq_nodes(model, pred):
-    """Names of the DequantizeLinear nodes whose (input type, scale values) satisfy ``pred``."""
+    """Names of the DequantizeLinear nodes of constants whose (input type, scale values) satisfy ``pred``."""
     inits = {t.name: t for t in model.graph.initializer}
     return {
         n.name
@@ -325,51 +325,150 @@ def _dq_nodes(model, pred):
     }
 
 
-def test_quantized_build_findings_are_the_known_ones(int8_build, capsys):
-    """Known problems of omniforge's quantized output (docs/tensorrt.md): static INT8 QDQ graphs
-    dequantize INT32 biases; the LLM's weight-only form is block-wise INT8 (TensorRT 10.x blocks INT4
-    only), has negative scales (MatMulNBits' code convention) and is opset 21 (10.3 documents 20)."""
+def _attrs(node):
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _weight_matmul_types(model):
+    """Element types of the outputs of the MatMuls whose weight is dequantized."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {
+        vi.name: vi.type.tensor_type.elem_type for vi in (*inferred.graph.value_info, *inferred.graph.output)
+    }
+    dq = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    return {types.get(n.output[0]) for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in dq}
+
+
+def _assert_tensorrt_qdq_placement(model, name):
+    """What TensorRT's explicit quantization expects of a static INT8 graph: every quantized
+    Conv/MatMul/Gemm reads both its inputs through DequantizeLinear (activations per tensor,
+    constant INT8 weights per output channel), biases stay float, nothing is INT32."""
+    inits = {t.name: t for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    quantized = 0
+    for n in model.graph.node:
+        if n.op_type not in ("Conv", "MatMul", "Gemm"):
+            continue
+        a, w = (producer.get(i) for i in n.input[:2])
+        if not (w is not None and w.op_type == "DequantizeLinear" and w.input[0] in inits):
+            continue  # a layer the quantizer left FP32 (e.g. an attention MatMul of two activations)
+        quantized += 1
+        assert a is not None and a.op_type == "DequantizeLinear", (name, n.name)
+        assert inits[w.input[0]].data_type == T.INT8, (name, n.name)
+        scale = numpy_helper.to_array(inits[w.input[1]])
+        trans_b = _attrs(n).get("transB", 0)
+        out_axis = {"Conv": 0, "MatMul": 1, "Gemm": 0 if trans_b else 1}[n.op_type]
+        if scale.size > 1:
+            assert _attrs(w).get("axis", 1) == out_axis, (name, n.name)
+        assert numpy_helper.to_array(inits[a.input[1]]).size == 1, (name, n.name)  # activations per tensor
+        if len(n.input) > 2 and n.input[2]:  # the bias: a float constant (the vocoder's behind an Identity)
+            bias = producer.get(n.input[2])
+            source = bias.input[0] if bias is not None and bias.op_type == "Identity" else n.input[2]
+            assert source in inits and inits[source].data_type == T.FLOAT, (name, n.name)
+    assert quantized, name
+    assert not _dq_nodes(model, lambda t, _s: t == T.INT32), name
+
+
+def test_quantized_build_passes_every_rule_for_every_version(int8_build, capsys):
+    """The graphs a quantized build hands TensorRT: static INT8 QDQ with float biases in TensorRT's
+    Q/DQ placement, and the LLM's W8A16 form (per-channel INT8, positive FP16 scales, opset 19)."""
     m = load_manifest(int8_build)
-    findings = {(f.stage, f.trt_version): f for f in check_build(int8_build, ALL)}
+    findings = check_build(int8_build, ALL)
+    assert len(findings) == 3 * len(m.stages)
+    assert [(f.stage, f.trt_version, f.violations) for f in findings if f.violations] == []
+    roles = set()
     for name, sb in m.stages.items():
         variant = trt_graph(sb)
+        roles.add(variant.role)
         model = onnx.load(str(int8_build / variant.file))
-        for v in ALL:
-            got = {(x.rule, x.node) for x in findings[name, v].violations}
-            if variant.role is Role.QDQ:
-                int32 = _dq_nodes(model, lambda t, _s: t == T.INT32)
-                assert int32, name
-                assert got == {("qdq_types", n) for n in int32}, (name, v)
-            elif variant.role is Role.WEIGHT_ONLY_DQ:
-                blocked = _dq_nodes(model, lambda t, _s: t == T.INT8)
-                negative = _dq_nodes(model, lambda _t, s: bool((s <= 0).any()))
-                assert blocked and negative, name
-                expect = {("qdq_types", n) for n in negative}
-                if v != "11":
-                    expect |= {("block_quantization", n) for n in blocked}
-                if v == "10.3":
-                    expect |= {("operator_support", "<model>")}
-                assert got == expect, (name, v)
-            else:
-                assert variant.role is Role.CANONICAL and got == set(), (name, v)
-    assert main(["check-trt", str(int8_build), "--trt-version", "10.12", "--stage", "vocoder"]) == 1
+        if variant.role is Role.QDQ:
+            _assert_tensorrt_qdq_placement(model, name)
+        elif variant.role is Role.WEIGHT_ONLY_DQ:
+            assert next(o.version for o in model.opset_import if o.domain == "") == 19
+            dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+            assert dq and all(_attrs(n) == {"axis": 1} for n in dq)  # per output channel, no block_size
+            assert _dq_nodes(
+                model, lambda t, s: t == T.INT8 and s.dtype == np.float16 and bool((s > 0).all())
+            )
+            assert _dq_nodes(model, lambda _t, _s: True) == {n.name for n in dq}
+            assert _weight_matmul_types(model) == {T.FLOAT16}  # W8A16: FP16 activations
+    assert roles == {Role.QDQ, Role.WEIGHT_ONLY_DQ, Role.CANONICAL}
+    assert main(["check-trt", str(int8_build)]) == 0
     out = capsys.readouterr().out
-    assert "quantized input is INT32" in out and "qdq_types" in out and "vocoder" in out
+    assert "0 violation(s)" in out and "vocoder" in out and "weight_only_dq" in out
 
 
-def test_int4_weight_only_form_findings(default_build):
-    """omniforge's INT4 standard form of the default LLM: symmetric INT4 blocks of 32 along K."""
-    from omniforge.calibration.standard_form import dequantize_linear_form
+def test_int4_weight_only_form_is_w4a16_and_refused_where_its_opset_is_not_documented(
+    default_build, pipeline
+):
+    """TensorRT's INT4 form of the default LLM: blocks of 64 along K, positive FP16 scales, FP16
+    activations, opset 21. 10.12 and 11 take it; 10.3 documents opsets up to 20, which check-trt
+    reports and the build refuses in one sentence."""
+    from omniforge.calibration.codes import rtn_codes
+    from omniforge.calibration.standard_form import dequantize_linear_form, unquantized_weights
+    from omniforge.engines.profiles import require_buildable, trtexec_command
 
     m = load_manifest(default_build)
     canonical = onnx.load(str(default_build / m.stages["llm"].canonical.file))
-    q = dequantize_linear_form(canonical, bits=4, block=32)
-    int4 = _dq_nodes(q, lambda t, _s: t == T.INT4)
-    negative = _dq_nodes(q, lambda _t, s: bool((s <= 0).any()))
-    assert int4 and negative <= int4
-    for v, extra in (("10.3", {("operator_support", "<model>")}), ("10.12", set()), ("11", None)):
-        got = {(x.rule, x.node) for x in check_model(q, Target(version(v)))}
-        expect = {("qdq_types", n) for n in negative} | (extra or set())
-        if extra is None:  # 11.x documents INT4 block sizes 64 and 128 only
-            expect |= {("block_quantization", n) for n in int4}
-        assert got == expect, v
+    q = dequantize_linear_form(canonical, bits=4, block=64)
+    onnx.checker.check_model(q)
+    int4 = _dq_nodes(q, lambda t, s: t == T.INT4 and s.dtype == np.float16 and bool((s > 0).all()))
+    assert int4 and int4 == _dq_nodes(q, lambda _t, _s: True)
+    assert {tuple(sorted(_attrs(n).items())) for n in q.graph.node if n.name in int4} == {
+        (("axis", 0), ("block_size", 64))
+    }
+    # the default model's down_proj has K = 160, no multiple of 64: TensorRT derives the block from
+    # the scale's shape, so that weight stays FP16 rather than padded
+    weights = {t.name: t for t in canonical.graph.initializer}
+    assert unquantized_weights(q) and all(weights[w].dims[0] == 160 for w in unquantized_weights(q))
+    assert _found(q, "10.12", "qdq_types") == []
+    for v in ("10.12", "11"):
+        assert check_model(q, Target(version(v))) == [], v
+    found = check_model(q, Target(version("10.3")))
+    assert [(x.rule, x.node) for x in found] == [("operator_support", "<model>")]
+    assert "opset 21" in found[0].message
+    assert _weight_matmul_types(q) == {T.FLOAT16}  # W4A16: FP16 activations
+    line = {
+        v: lambda v=v: trtexec_command(
+            pipeline.stage("llm"), "stages/llm.int4.qdq.onnx", "engines/llm.plan", "int4", trt_version=v
+        )
+        for v in ("10.3", "10.5", "10.6", "10.12", "11")
+    }
+    for v in ("10.3", "10.5"):
+        with pytest.raises(ConfigError, match=f"TensorRT {v} cannot build the INT4 LLM: .*opset 21"):
+            line[v]()
+    assert (
+        "--int4" in line["10.6"]()
+        and "--stronglyTyped" in line["10.12"]()
+        and "--stronglyTyped" in line["11"]()
+    )
+    require_buildable("int8", "10.3")  # W8A16 at opset 19 is within 10.3's range
+    # the codes: signed INT4 with positive scales; where MatMulNBits' scale is already positive
+    # (the block's extreme weight is negative) they are MatMulNBits' codes exactly
+    dq = next(n for n in q.graph.node if n.name in int4)
+    inits = {t.name: t for t in q.graph.initializer}
+    w = numpy_helper.to_array(weights[dq.input[0].rsplit("_q4", 1)[0]])
+    ours, ort = rtn_codes(w, 4, 64, positive=True), rtn_codes(w, 4, 64)
+    np.testing.assert_array_equal(numpy_helper.to_array(inits[dq.input[0]]), ours.codes)
+    assert (ours.scales > 0).all() and (ort.scales < 0).any()
+    same = np.repeat(ort.scales > 0, 64, axis=0)[: w.shape[0]]
+    np.testing.assert_array_equal(ours.codes[same], ort.codes[same])
+
+
+@pytest.fixture(scope="module")
+def pipeline(default_build):
+    return load_manifest(default_build).pipeline
+
+
+def test_fp16_build_passes_every_rule_for_every_version(default_build, tmp_path, quick_quant):
+    """The FP16 stage graphs (norms FP32, FP32 inputs and outputs) are what strongly typed builds
+    take their FP16 from: consistent types everywhere."""
+    from omniforge.calibration.quantize import quantize_build
+
+    out = tmp_path / "fp16"
+    quantize_build(
+        default_build, out, "fp16", log=lambda _m: None, options=replace(quick_quant, end_to_end=False)
+    )
+    findings = check_build(out, ALL)
+    assert {f.variant.precision for f in findings} == {"fp16", "fp32"}  # the LLM and embedding stay FP32
+    assert [(f.stage, f.trt_version, f.violations) for f in findings if f.violations] == []
