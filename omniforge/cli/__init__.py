@@ -21,6 +21,8 @@ from omniforge.cli import (
     optimize,
     quantize,
     run,
+    serve,
+    triton,
 )
 from omniforge.cli._common import add_verbose_arg, console
 from omniforge.errors import OmniforgeError
@@ -37,6 +39,8 @@ COMMANDS = (
     describe,
     inspect,
     check_trt,
+    triton,
+    serve,
     create_default,
 )
 

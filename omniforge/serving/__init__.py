@@ -1,0 +1,1 @@
+"""Serving a build: Triton model repositories (`omniforge triton`) and a real `tritonserver` (`omniforge serve`)."""
