@@ -385,3 +385,61 @@ def test_killed_server_fails_the_request_and_a_restart_serves_again(install, def
         assert len(ids) == 4
     finally:
         again.stop()
+
+
+def test_client_examples_run_against_the_server(server, tmp_path):
+    import subprocess
+    import sys
+
+    examples = Path(__file__).resolve().parents[1] / "examples" / "triton"
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(examples / "grpc_stream.py"),
+            "A dog runs",
+            "--url",
+            server.grpc_url,
+            "--max-new-tokens",
+            "7",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.rstrip().endswith("[7 tokens, finish: length]")
+    res = subprocess.run(
+        [sys.executable, str(examples / "http_any2any.py"), "A harbour", "--url", server.http_address]
+        + [
+            "--force",
+            "image",
+            "--force",
+            "audio",
+            "--steps",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "image_0.png").is_file() and (tmp_path / "audio_0.wav").is_file()
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(examples / "http_any2any.py"),
+            "x",
+            "--url",
+            server.http_address,
+            "--steps",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 1 and res.stderr.strip() == "error (400): steps must be >= 1, got 0"
