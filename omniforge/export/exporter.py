@@ -26,7 +26,7 @@ from omniforge.export.stages import export_module, reference_module
 from omniforge.model.loader import load_component
 from omniforge.pipeline.atomic import atomic_folder
 from omniforge.pipeline.contracts import Role, llm_inplace_contract
-from omniforge.pipeline.describe import describe, is_imagebind
+from omniforge.pipeline.describe import describe, encoder_kind, is_imagebind
 from omniforge.pipeline.manifest import (
     Manifest,
     StageBuild,
@@ -147,7 +147,15 @@ def copy_runtime_files(cfg: ModelConfig, spec: PipelineSpec, build: Path) -> dic
             "image_preprocessor",
         )
     if "audio_encoder" in names:
-        if is_imagebind(cfg.encoders["audio"]):
+        if encoder_kind(cfg.encoders["audio"]) == "whisper":
+            c = json.loads((cfg.encoders["audio"] / "config.json").read_text())
+            fe = {
+                "kind": "whisper",
+                "n_mels": int(c["num_mel_bins"]),
+                "window_s": cfg.audio_frontend.window_s,
+            }
+            _write_json(build, "audio_frontend", fe, files)
+        elif is_imagebind(cfg.encoders["audio"]):
             _write_json(build, "audio_frontend", imagebind_audio_frontend(cfg.encoders["audio"]), files)
         else:
             _write_json(build, "audio_frontend", asdict(cfg.audio_frontend), files)

@@ -13,7 +13,7 @@ from torch import nn
 
 from omniforge.errors import ConfigError, ModelNotFoundError
 from omniforge.model.projectors import InputProjector, OutputProjector, load_module
-from omniforge.pipeline.describe import is_imagebind
+from omniforge.pipeline.describe import encoder_kind, is_imagebind
 from omniforge.pipeline.model_config import ModelConfig, read_json
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -55,6 +55,10 @@ def load_component(cfg: ModelConfig, component: str, adapter: str | None = None)
     if parts[0] == "llm":
         return load_llm(cfg, adapter)
     if parts[0] == "encoders":
+        if encoder_kind(cfg.encoders[parts[1]]) == "whisper":
+            from omniforge.model.audio_encoders import load_whisper_encoder
+
+            return load_whisper_encoder(cfg.encoders[parts[1]], cfg.audio_frontend)
         if is_imagebind(cfg.encoders[parts[1]]):
             from omniforge.model.imagebind import load_imagebind
 
@@ -67,6 +71,8 @@ def load_component(cfg: ModelConfig, component: str, adapter: str | None = None)
     if parts[0] == "input_projector":
         assert cfg.input_projector is not None
         return load_module(InputProjector, cfg.input_projector)
+    if parts[0] == "input_projectors":
+        return load_module(InputProjector, cfg.input_projectors[parts[1]])
     if parts[0] == "output_projectors":
         folder = cfg.output_projectors[parts[1]]
         if read_json(folder / "config.json").get("kind") == "textfc":

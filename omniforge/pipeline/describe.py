@@ -101,30 +101,36 @@ def describe(cfg: ModelConfig) -> PipelineSpec:
     g = stages[1].llm
     assert g is not None
     edges: list[Edge] = []
-    enc_dim = None
+    tokens_out = 16
     for modality, path in cfg.encoders.items():
-        stage, enc_dim = encoder_stage(modality, path, cfg)
+        stage, _ = encoder_stage(modality, path, cfg)
         stages.append(stage)
-        edges.append(Edge(f"{stage.name}.embeds", "input_projector.features", via="stack media tokens"))
+        out = stage.outputs[0].shape
+        tokens_out = max(tokens_out, int(out[1]) if len(out) == 3 else 1)
+        proj = input_projector_name(cfg, modality)
+        edges.append(Edge(f"{stage.name}.embeds", f"{proj}.features", via="stack media tokens"))
         if modality == "image":
             frames = "ImageBind's 15 two-frame clips" if is_imagebind(path) else f"{cfg.video_frames} frames"
-            edges.append(
-                Edge(f"{stage.name}.embeds", "input_projector.features", via=f"video: mean over {frames}")
-            )
+            edges.append(Edge(f"{stage.name}.embeds", f"{proj}.features", via=f"video: mean over {frames}"))
+    projectors = {m: f for m, f in cfg.input_projectors.items()}
     if cfg.input_projector is not None:
-        c = read_json(cfg.input_projector / "config.json")
+        projectors[""] = cfg.input_projector
+    for modality, folder in projectors.items():
+        c = read_json(folder / "config.json")
+        name = f"{modality}_input_projector" if modality else "input_projector"
         stages.append(
             StageSpec(
-                "input_projector",
+                name,
                 StageKind.INPUT_PROJECTOR,
-                "input_projector",
+                f"input_projectors.{modality}" if modality else "input_projector",
                 (TensorSpec("features", F32, ("batch", "tokens", int(c["in_dim"]))),),
                 (TensorSpec("embeds", F32, ("batch", "tokens", int(c["out_dim"]))),),
-                (BATCH, Dim("tokens", 1, 1, 16)),
+                (BATCH, Dim("tokens", 1, 1, tokens_out)),
                 tolerance=TIGHT,
+                modality=modality or None,
             )
         )
-        edges.append(Edge("input_projector.embeds", "llm.inputs_embeds", via="splice at media placeholders"))
+        edges.append(Edge(f"{name}.embeds", "llm.inputs_embeds", via="splice at media placeholders"))
     edges.append(Edge("token_embedding.inputs_embeds", "llm.inputs_embeds"))
     for modality, path in cfg.output_projectors.items():
         c = read_json(path / "config.json")
@@ -166,6 +172,19 @@ def describe(cfg: ModelConfig) -> PipelineSpec:
     )
 
 
+def input_projector_name(cfg: ModelConfig, modality: str) -> str:
+    """The input projector stage of ``modality``'s encoder: its own, else the shared one (video
+    goes through the image encoder and so through the image projector)."""
+    m = "image" if modality == "video" else modality
+    return f"{m}_input_projector" if m in cfg.input_projectors else "input_projector"
+
+
+def encoder_kind(path: Path) -> str:
+    """``imagebind``, ``whisper`` or ``clip`` (a CLIP vision folder), from the folder's config."""
+    t = read_json(path / "config.json").get("model_type")
+    return t if t in ("imagebind", "whisper") else "clip"
+
+
 def is_imagebind(path: Path) -> bool:
     """Whether an encoder folder holds ImageBind (converted by ``omniforge import nextgpt``)."""
     return read_json(path / "config.json").get("model_type") == "imagebind"
@@ -176,6 +195,35 @@ def encoder_stage(modality: str, path: Path, cfg: ModelConfig) -> tuple[StageSpe
     (an image is a clip of itself twice) or 1-channel Kaldi fbank clips; a CLIP vision folder takes
     square pixels or square log-mel patches."""
     c = read_json(path / "config.json")
+    if c.get("model_type") == "whisper":
+        if modality != "audio":
+            raise ConfigError(f"a Whisper encoder encodes audio, not {modality}")
+        fe = cfg.audio_frontend
+        for key, v, high in (("window_s", fe.window_s, 30), ("pool", fe.pool, 1500)):
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= high:
+                raise ConfigError(f"audio_frontend {key} must be an integer in [1, {high}], got {v!r}")
+        frames = 100 * fe.window_s  # 10 ms hops
+        positions = frames // 2  # after the stride-2 convolution
+        if positions > int(c["max_source_positions"]):
+            raise ConfigError(
+                f"a {fe.window_s} s window gives {positions} positions; this Whisper encoder has "
+                f"{c['max_source_positions']}"
+            )
+        if positions % fe.pool:
+            raise ConfigError(f"audio_frontend pool {fe.pool} must divide the {positions} encoder positions")
+        x = TensorSpec("input_features", F32, ("batch", int(c["num_mel_bins"]), frames))
+        out = TensorSpec("embeds", F32, ("batch", positions // fe.pool, int(c["d_model"])))
+        stage = StageSpec(
+            f"{modality}_encoder",
+            StageKind.ENCODER,
+            f"encoders.{modality}",
+            (x,),
+            (out,),
+            (Dim("batch", 1, 1, 8),),
+            tolerance=TIGHT,
+            modality=modality,
+        )
+        return stage, int(c["d_model"])
     if c.get("model_type") == "imagebind":
         enc_dim = int(c["embed_dim"])
         if modality == "audio":

@@ -48,6 +48,8 @@ class AudioFrontend:
     num_frames: int = 32
     mean: float = -4.268  # log-mel normalisation, ImageBind's values
     std: float = 4.569
+    window_s: int = 30  # Whisper encoders: seconds per window (Whisper was trained on 30)
+    pool: int = 1  # Whisper encoders: average-pool this many positions into one token
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,8 @@ class ModelConfig:
     encoders: dict[str, Path] = field(default_factory=dict)  # image, audio
     audio_frontend: AudioFrontend = AudioFrontend()
     video_frames: int = 4  # frames sampled from a video for the image encoder
-    input_projector: Path | None = None
+    input_projector: Path | None = None  # shared by every modality (NExT-GPT's llama_proj)
+    input_projectors: dict[str, Path] = field(default_factory=dict)  # per modality, over the shared one
     output_projectors: dict[str, Path] = field(default_factory=dict)
     decoders: dict[str, Path] = field(default_factory=dict)
     signal_tokens: dict[str, list[str]] = field(default_factory=dict)
@@ -152,6 +155,7 @@ def _from_nextgpt(root: Path, d: dict[str, Any]) -> ModelConfig:
         audio_frontend=AudioFrontend(**d.get("audio_frontend", {})),
         video_frames=int(d.get("video_frames", 4)),
         input_projector=p(d["input_projector"]) if d.get("input_projector") else None,
+        input_projectors=mods("input_projectors"),
         output_projectors=mods("output_projectors"),
         decoders=mods("decoders"),
         signal_tokens={k: list(v) for k, v in d.get("signal_tokens", {}).items()},

@@ -173,9 +173,12 @@ class Pipeline:
         return {m for m in MODALITIES if f"{m}_output_projector" in self.build.manifest.stages}
 
     # ---- input side ---------------------------------------------------------------------------
-    def _project(self, embeds: np.ndarray) -> np.ndarray:
-        """(n, D) encoder embeddings -> (n, H) LLM rows through the input projector."""
-        return self._run("input_projector", {"features": embeds[None].astype(np.float32)})["embeds"][0]
+    def _project(self, embeds: np.ndarray, modality: str = "image") -> np.ndarray:
+        """(n, D) encoder embeddings or tokens -> (n, H) LLM rows through ``modality``'s input
+        projector (its own, else the shared one)."""
+        own = f"{modality}_input_projector"
+        stage = own if self.build.has_stage(own) else "input_projector"
+        return self._run(stage, {"features": embeds[None].astype(np.float32)})["embeds"][0]
 
     def encode_image(self, image: str | Path | np.ndarray) -> np.ndarray:
         self._need("image_encoder", "image input")
@@ -228,11 +231,20 @@ class Pipeline:
                 target_frames=_size(cfg, "target_frames"),
             )
             emb = self._run("audio_encoder", {"fbank": x})["embeds"]
-            return self._project(emb.mean(axis=0, keepdims=True))
+            return self._project(emb.mean(axis=0, keepdims=True), "audio")
+        if cfg.get("kind") == "whisper":  # log-mel over one window -> encoder tokens
+            from omniforge.runtime.whisper_media import SAMPLE_RATE, log_mel
+
+            window = _size(cfg, "window_s", 30)
+            samples, sr = M.load_wav(audio, max_seconds=window)
+            x = log_mel(M.resample(samples, sr, SAMPLE_RATE), _size(cfg, "n_mels", 256), window)
+            return self._project(
+                self._run("audio_encoder", {"input_features": x[None]})["embeds"][0], "audio"
+            )
         fe = M.AudioFrontEnd.from_config(cfg)
         samples, sr = M.load_wav(audio, max_seconds=fe.read_seconds)
         feats = M.audio_features(samples, sr, fe)
-        return self._project(self._run("audio_encoder", {"log_mel": feats[None]})["embeds"])
+        return self._project(self._run("audio_encoder", {"log_mel": feats[None]})["embeds"], "audio")
 
     @property
     def video_frames(self) -> int:
