@@ -136,7 +136,9 @@ def copy_runtime_files(cfg: ModelConfig, spec: PipelineSpec, build: Path) -> dic
             if (cfg.llm / f).is_file():
                 role = {"config.json": "llm_config"}.get(f, f.split(".")[0])
                 _copy(cfg.llm / f, build, f"llm/{f}", files, role)
-    if "image_encoder" in names and is_imagebind(cfg.encoders["image"]):
+    if "image_encoder" in names and encoder_kind(cfg.encoders["image"]) == "blip-2":
+        _write_json(build, "image_preprocessor", blip_frontend(cfg.encoders["image"]), files)
+    elif "image_encoder" in names and is_imagebind(cfg.encoders["image"]):
         _write_json(build, "image_preprocessor", imagebind_vision_frontend(cfg.encoders["image"]), files)
     elif "image_encoder" in names and (cfg.encoders["image"] / "preprocessor_config.json").is_file():
         _copy(
@@ -187,6 +189,22 @@ def _write_json(build: Path, role: str, data: dict, files: dict[str, str]) -> No
     (build / "configs").mkdir(parents=True, exist_ok=True)
     (build / rel).write_text(json.dumps(data, indent=2) + "\n")
     files[role] = rel
+
+
+def blip_frontend(folder: Path) -> dict:
+    """BLIP's image processor: resize to the exact size (no crop), rescale, normalise."""
+    c = json.loads((folder / "config.json").read_text())
+    size = int(c.get("vision_config", {}).get("image_size", 224))
+    pre = folder / "preprocessor_config.json"
+    p = json.loads(pre.read_text()) if pre.is_file() else {}
+    return {
+        "kind": "resize",
+        "height": size,
+        "width": size,
+        "resample": int(p.get("resample", 3)),
+        "mean": list(p.get("image_mean", [0.48145466, 0.4578275, 0.40821073])),
+        "std": list(p.get("image_std", [0.26862954, 0.26130258, 0.27577711])),
+    }
 
 
 def imagebind_vision_frontend(folder: Path) -> dict:

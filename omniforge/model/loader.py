@@ -55,6 +55,10 @@ def load_component(cfg: ModelConfig, component: str, adapter: str | None = None)
     if parts[0] == "llm":
         return load_llm(cfg, adapter)
     if parts[0] == "encoders":
+        if encoder_kind(cfg.encoders[parts[1]]) == "blip-2":
+            from omniforge.model.qformer_encoder import load_blip2_encoder
+
+            return load_blip2_encoder(cfg.encoders[parts[1]])
         if encoder_kind(cfg.encoders[parts[1]]) == "whisper":
             from omniforge.model.audio_encoders import load_whisper_encoder
 

@@ -180,9 +180,9 @@ def input_projector_name(cfg: ModelConfig, modality: str) -> str:
 
 
 def encoder_kind(path: Path) -> str:
-    """``imagebind``, ``whisper`` or ``clip`` (a CLIP vision folder), from the folder's config."""
+    """``imagebind``, ``whisper``, ``blip-2`` or ``clip`` (a CLIP vision folder), from its config."""
     t = read_json(path / "config.json").get("model_type")
-    return t if t in ("imagebind", "whisper") else "clip"
+    return t if t in ("imagebind", "whisper", "blip-2") else "clip"
 
 
 def is_imagebind(path: Path) -> bool:
@@ -224,6 +224,24 @@ def encoder_stage(modality: str, path: Path, cfg: ModelConfig) -> tuple[StageSpe
             modality=modality,
         )
         return stage, int(c["d_model"])
+    if c.get("model_type") == "blip-2":  # vision tower + Q-Former: query states per image
+        if modality != "image":
+            raise ConfigError(f"a BLIP-2 Q-Former encodes images, not {modality}")
+        vis, qf = c.get("vision_config", {}), c.get("qformer_config", {})
+        size, width = int(vis.get("image_size", 224)), int(qf.get("hidden_size", 768))
+        x = TensorSpec("pixel_values", F32, ("batch", 3, size, size))
+        out = TensorSpec("embeds", F32, ("batch", int(c.get("num_query_tokens", 32)), width))
+        stage = StageSpec(
+            f"{modality}_encoder",
+            StageKind.ENCODER,
+            f"encoders.{modality}",
+            (x,),
+            (out,),
+            (Dim("batch", 1, 1, 32),),
+            tolerance=TIGHT,
+            modality=modality,
+        )
+        return stage, width
     if c.get("model_type") == "imagebind":
         enc_dim = int(c["embed_dim"])
         if modality == "audio":

@@ -123,6 +123,12 @@ def check_output_folder(out: str | os.PathLike[str]) -> Path:
     return p
 
 
+def _rows(embeds: np.ndarray) -> np.ndarray:
+    """One item's encoder output as projector rows: a pooled (1, D) embedding stays one row; the
+    tokens of (1, Q, D) become Q rows."""
+    return embeds[0] if embeds.ndim == 3 else embeds
+
+
 def _size(cfg: Mapping[str, object], key: str, high: int = 4096) -> int:
     """A positive integer setting of a front-end config, bounded (one ``ManifestError`` otherwise)."""
     v = cfg.get(key)
@@ -189,8 +195,16 @@ class Pipeline:
 
             x = IB.image_clip(pic, size=_size(cfg, "size"))
         else:
-            x = M.preprocess_image(pic, M.ImagePreprocessing.from_config(cfg))
-        return self._project(self._run("image_encoder", {"pixel_values": x[None]})["embeds"])
+            x = self._image_pixels(pic, cfg)
+        return self._project(_rows(self._run("image_encoder", {"pixel_values": x[None]})["embeds"]))
+
+    @staticmethod
+    def _image_pixels(pic: object, cfg: Mapping[str, object]) -> np.ndarray:
+        if cfg.get("kind") == "resize":  # BLIP's processor: exact size, no crop
+            from omniforge.runtime.image_frontends import resize_normalize
+
+            return resize_normalize(pic, cfg)
+        return M.preprocess_image(pic, M.ImagePreprocessing.from_config(cfg))
 
     def encode_video(self, video: str | Path) -> np.ndarray:
         """Frames sampled from ``video``, each preprocessed as it is decoded (one full-size frame in
@@ -209,10 +223,9 @@ class Pipeline:
             picked = [[np.asarray(frames[int(i)]) for i in row] for row in at]
             x = IB.clips_from_frames(picked, size=_size(cfg, "size"))
         else:
-            prep = M.ImagePreprocessing.from_config(cfg)
-            x = np.stack([M.preprocess_image(f, prep) for f in M.iter_video_frames(video, self.video_frames)])
-        emb = self._run("image_encoder", {"pixel_values": x})["embeds"]  # (T, D)
-        return self._project(emb.mean(axis=0, keepdims=True))  # temporal mean pooling
+            x = np.stack([self._image_pixels(f, cfg) for f in M.iter_video_frames(video, self.video_frames)])
+        emb = self._run("image_encoder", {"pixel_values": x})["embeds"]  # (T, D) or (T, Q, D)
+        return self._project(_rows(emb.mean(axis=0, keepdims=True)))  # temporal mean pooling
 
     def encode_audio(self, audio: str | Path) -> np.ndarray:
         """The audio encoder's embedding of ``audio``: only the seconds its front end uses are read.

@@ -1,0 +1,122 @@
+"""A BLIP-2 Q-Former as the image encoder: the stage equals transformers' ``get_qformer_features``
+(without loading the language model), the numpy front end equals ``BlipImageProcessor``, and a
+model folder using it is exported and run by the torch-free runtime (image and video input)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def blip2(tmp_path_factory):
+    from transformers import Blip2Config, Blip2Model, BlipImageProcessor
+
+    folder = tmp_path_factory.mktemp("blip2") / "blip2"
+    torch.manual_seed(0)
+    cfg = Blip2Config(
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=28,
+            patch_size=14,
+        ),
+        qformer_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            encoder_hidden_size=32,
+            vocab_size=64,
+        ),
+        text_config=dict(
+            model_type="opt",
+            hidden_size=16,
+            ffn_dim=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=64,
+            word_embed_proj_dim=16,
+        ),
+        num_query_tokens=4,
+    )
+    model = Blip2Model(cfg).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    BlipImageProcessor(size={"height": 28, "width": 28}).save_pretrained(folder)
+    return folder, model
+
+
+def test_stage_equals_transformers_qformer_features(blip2):
+    from omniforge.model.qformer_encoder import load_blip2_encoder
+
+    folder, model = blip2
+    x = torch.randn(3, 3, 28, 28)
+    with torch.no_grad():
+        want = model.get_qformer_features(pixel_values=x)
+        want = getattr(want, "last_hidden_state", want)
+        got = load_blip2_encoder(folder)(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_front_end_equals_blip_image_processor(blip2):
+    from transformers import BlipImageProcessor
+
+    from omniforge.export.exporter import blip_frontend
+    from omniforge.runtime.image_frontends import resize_normalize
+
+    folder, _ = blip2
+    pic = Image.fromarray(np.random.default_rng(0).integers(0, 255, (61, 47, 3), dtype=np.uint8))
+    want = BlipImageProcessor.from_pretrained(folder)(pic, return_tensors="np").pixel_values[0]
+    np.testing.assert_allclose(resize_normalize(pic, blip_frontend(folder)), want, atol=1e-5)
+
+
+def test_blip2_image_encoder_end_to_end(blip2, default_model, tmp_path):
+    from transformers import BlipImageProcessor
+
+    from omniforge.model.projectors import InputProjector, InputProjectorConfig, save_module
+    from omniforge.runtime.pipeline import Pipeline
+
+    folder, model = blip2
+    root = tmp_path / "model"
+    shutil.copytree(default_model, root)
+    shutil.copytree(folder, root / "blip2")
+    hidden = json.loads((root / "llm" / "config.json").read_text())["hidden_size"]
+    torch.manual_seed(1)
+    proj = InputProjector(InputProjectorConfig(in_dim=32, out_dim=hidden)).eval()
+    save_module(proj, root / "image_projector")
+    desc = json.loads((root / "nextgpt.json").read_text())
+    desc["encoders"]["image"] = "blip2"
+    desc["input_projectors"] = {"image": "image_projector"}
+    (root / "nextgpt.json").write_text(json.dumps(desc))
+    build = tmp_path / "build"
+    stages = "token_embedding,llm,image_encoder,image_input_projector"
+    proc = subprocess.run(
+        [sys.executable, "-m", "omniforge", "export", str(root), "--out", str(build), "--stages", stages],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+
+    pic = Image.fromarray(np.random.default_rng(2).integers(0, 255, (40, 52, 3), dtype=np.uint8))
+    pic.save(tmp_path / "p.png")
+    pipe = Pipeline(build)
+    rows = pipe.encode_image(tmp_path / "p.png")
+    x = BlipImageProcessor.from_pretrained(folder)(pic, return_tensors="pt").pixel_values
+    with torch.no_grad():
+        q = model.get_qformer_features(pixel_values=x)
+        want = proj(getattr(q, "last_hidden_state", q))[0].numpy()
+    assert rows.shape == (4, hidden)  # one row per query token
+    np.testing.assert_allclose(rows, want, atol=1e-4)
+    frames = [pic, pic.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    frames[0].save(tmp_path / "v.gif", save_all=True, append_images=frames[1:], duration=100)
+    assert pipe.encode_video(tmp_path / "v.gif").shape == (4, hidden)
+    assert pipe.run("what is in <image>", image=tmp_path / "p.png").generation.prompt_tokens >= 4
