@@ -15,6 +15,10 @@ The graph's I/O names, in-place pairs and calibration taps come from its ``Contr
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
 import numpy as np
 import onnx
 import torch
@@ -30,46 +34,155 @@ def _w(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).cpu().numpy()
 
 
+@dataclass(frozen=True)
+class LlamaShape:
+    """What the graph's structure depends on, read from an HF LLaMA config."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    eps: float
+    attention_bias: bool
+
+    @classmethod
+    def of(cls, c: Any, attention_bias: bool) -> LlamaShape:
+        nh = c.num_attention_heads
+        return cls(
+            c.num_hidden_layers,
+            nh,
+            c.num_key_value_heads,
+            getattr(c, "head_dim", None) or c.hidden_size // nh,
+            float(c.rms_norm_eps),
+            attention_bias,
+        )
+
+
+class LlamaWeights(Protocol):
+    """A LLaMA's tensors by their HF names (``model.layers.0.self_attn.q_proj.weight``, ...), one at
+    a time, as FP32 arrays in HF's layouts (a linear layer's weight is (out, in))."""
+
+    def tensor(self, name: str) -> np.ndarray: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+
+class GraphSink(Protocol):
+    """Where the graph's initializers go: ``add`` for any tensor, ``linear`` for a constant-weight
+    linear layer ``y = x @ W.T`` whose weight ``W`` (N, K) is the concatenation of ``parts`` (HF
+    names, (n_i, K) each) along N; ``linear`` returns the nodes computing it."""
+
+    def add(self, name: str, arr: np.ndarray) -> str: ...
+
+    def linear(self, name: str, parts: list[str], x: str, y: str) -> list[onnx.NodeProto]: ...
+
+
+class InMemory:
+    """Initializers held in the model proto; linear layers as ``MatMul`` with the (K, N) weight."""
+
+    def __init__(self, weights: LlamaWeights) -> None:
+        self.weights = weights
+        self.initializers: list[onnx.TensorProto] = []
+
+    def add(self, name: str, arr: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        return name
+
+    def linear(self, name: str, parts: list[str], x: str, y: str) -> list[onnx.NodeProto]:
+        w = np.concatenate([self.weights.tensor(p) for p in parts], axis=0) if len(parts) > 1 else None
+        self.add(name, (w if w is not None else self.weights.tensor(parts[0])).T)
+        return [helper.make_node("MatMul", [x, name], [y])]
+
+
+class TorchWeights:
+    """A loaded ``LlamaForCausalLM``'s tensors (tied embeddings included)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.state = model.state_dict(keep_vars=True)
+
+    def tensor(self, name: str) -> np.ndarray:
+        return _w(self.state[name])
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.state[name].shape)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.state
+
+
+def rotary_tables(rotary: torch.nn.Module, max_context: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin (max_context, head_dim / 2) of positions 0..max_context-1 from an HF rotary module."""
+    with torch.no_grad():
+        pos = torch.arange(max_context)[None]
+        cos, sin = rotary(torch.zeros(1, dtype=torch.float32), pos)
+    return _w(cos[0, :, : head_dim // 2]), _w(sin[0, :, : head_dim // 2])
+
+
 def build_llama_gqa(
     model: torch.nn.Module, max_context: int, contract: Contract, opset: int = 17
 ) -> onnx.ModelProto:
     """An ONNX Runtime graph of ``model`` (HF LlamaForCausalLM) for contexts up to ``max_context``,
     with the tensor names of ``contract``."""
-    c = model.config
+    weights = TorchWeights(model)
+    sink = InMemory(weights)
+    shape = LlamaShape.of(
+        model.config, getattr(model.model.layers[0].self_attn.q_proj, "bias", None) is not None
+    )
+    tables = rotary_tables(model.model.rotary_emb, max_context, shape.head_dim)
+    nodes = llama_gqa_nodes(weights, shape, tables, contract, sink)
+    return llama_gqa_model(nodes, sink.initializers, contract, opset)
+
+
+def llama_gqa_model(
+    nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto], contract: Contract, opset: int = 17
+) -> onnx.ModelProto:
+    """The graph's model proto: ``nodes`` over ``initializers``, with ``contract``'s inputs and outputs."""
+    inputs = [_value_info(t) for t in contract.inputs]
+    outputs = [_value_info(t) for t in contract.outputs]
+    graph = helper.make_graph(nodes, "llama_gqa", inputs, outputs, initializers)
+    model_proto = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
+        producer_name="omniforge",
+    )
+    model_proto.ir_version = 8
+    return model_proto
+
+
+def llama_gqa_nodes(
+    weights: LlamaWeights,
+    shape: LlamaShape,
+    rotary: tuple[np.ndarray, np.ndarray],
+    contract: Contract,
+    sink: GraphSink,
+    on_layer: Callable[[int], None] | None = None,
+) -> list[onnx.NodeProto]:
+    """The in-place graph's nodes, layer by layer; initializers go to ``sink`` as they are made
+    (``on_layer(i)`` after layer ``i``'s), each weight read from ``weights`` when it is needed."""
     io = contract.slots
     embeds, seqlens, total = io[Slot.EMBEDS], io[Slot.SEQLENS], io[Slot.TOTAL]
 
     def tap(i: int, purpose: str) -> str:
         return layer_tap(contract, i, purpose)
 
-    nh, kvh = c.num_attention_heads, c.num_key_value_heads
-    hd = getattr(c, "head_dim", None) or c.hidden_size // nh
-    eps = float(c.rms_norm_eps)
-    inits: list[onnx.TensorProto] = []
+    nh, kvh, hd, eps = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.eps
     nodes: list[onnx.NodeProto] = []
-
-    def init(name: str, arr: np.ndarray) -> str:
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
-        return name
+    init = sink.add
 
     # rotary tables for positions 0..max_context-1, from the model's own rotary module
-    with torch.no_grad():
-        pos = torch.arange(max_context)[None]
-        cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)
-    init("cos_cache", _w(cos[0, :, : hd // 2]))
-    init("sin_cache", _w(sin[0, :, : hd // 2]))
+    init("cos_cache", rotary[0])
+    init("sin_cache", rotary[1])
     # ORT's GroupQueryAttention applies rotary itself only for head sizes that are multiples of 16;
     # other sizes get the same rotation from standard ops before the attention.
     fused_rotary = hd % 16 == 0
     if not fused_rotary:
         nodes.extend(_rotary_tables(init, embeds, seqlens))
 
-    layers = model.model.layers
     x, residual = embeds, ""
-    for i, layer in enumerate(layers):
-        a = layer.self_attn
+    for i in range(shape.num_layers):
+        hf = f"model.layers.{i}."
         p = f"layers.{i}"
-        g_in = init(tap(i, "attn_norm_weight"), _w(layer.input_layernorm.weight))
+        g_in = init(tap(i, "attn_norm_weight"), weights.tensor(hf + "input_layernorm.weight"))
         norm1, norm2, act = tap(i, "attn_in"), tap(i, "mlp_in"), tap(i, "down_in")
         if i == 0:
             nodes.append(
@@ -87,11 +200,11 @@ def build_llama_gqa(
                 )
             )
             residual = f"{p}.res1"
-        qkv = np.concatenate([_w(a.q_proj.weight), _w(a.k_proj.weight), _w(a.v_proj.weight)], axis=0).T
-        nodes.append(helper.make_node("MatMul", [norm1, init(tap(i, "qkv_weight"), qkv)], [f"{p}.qkv"]))
+        attn = [f"{hf}self_attn.{k}_proj.weight" for k in "qkv"]
+        nodes += sink.linear(tap(i, "qkv_weight"), attn, norm1, f"{p}.qkv")
         last = f"{p}.qkv"
-        if getattr(a.q_proj, "bias", None) is not None:
-            b = np.concatenate([_w(a.q_proj.bias), _w(a.k_proj.bias), _w(a.v_proj.bias)])
+        if shape.attention_bias:
+            b = np.concatenate([weights.tensor(f"{hf}self_attn.{k}_proj.bias") for k in "qkv"])
             nodes.append(helper.make_node("Add", [last, init(f"{p}.qkv.bias", b)], [f"{p}.qkv_b"]))
             last = f"{p}.qkv_b"
         if fused_rotary:
@@ -114,15 +227,11 @@ def build_llama_gqa(
                 kv_num_heads=kvh,
                 do_rotary=int(fused_rotary),
                 rotary_interleaved=0,
-                scale=float(a.scaling),
+                scale=float(hd**-0.5),
             )
         )
-        nodes.append(
-            helper.make_node(
-                "MatMul", [f"{p}.attn", init(tap(i, "o_weight"), _w(a.o_proj.weight).T)], [f"{p}.o"]
-            )
-        )
-        g_post = init(tap(i, "mlp_norm_weight"), _w(layer.post_attention_layernorm.weight))
+        nodes += sink.linear(tap(i, "o_weight"), [f"{hf}self_attn.o_proj.weight"], f"{p}.attn", f"{p}.o")
+        g_post = init(tap(i, "mlp_norm_weight"), weights.tensor(hf + "post_attention_layernorm.weight"))
         nodes.append(
             helper.make_node(
                 "SkipSimplifiedLayerNormalization",
@@ -133,23 +242,19 @@ def build_llama_gqa(
             )
         )
         residual = f"{p}.res2"
-        m = layer.mlp
+        mlp = f"{hf}mlp."
+        nodes += sink.linear(tap(i, "gate_weight"), [mlp + "gate_proj.weight"], norm2, f"{p}.gate")
+        nodes += sink.linear(tap(i, "up_weight"), [mlp + "up_proj.weight"], norm2, f"{p}.up")
         nodes += [
-            helper.make_node(
-                "MatMul", [norm2, init(tap(i, "gate_weight"), _w(m.gate_proj.weight).T)], [f"{p}.gate"]
-            ),
-            helper.make_node(
-                "MatMul", [norm2, init(tap(i, "up_weight"), _w(m.up_proj.weight).T)], [f"{p}.up"]
-            ),
             helper.make_node("Sigmoid", [f"{p}.gate"], [f"{p}.gate_sig"]),
             helper.make_node("Mul", [f"{p}.gate", f"{p}.gate_sig"], [f"{p}.silu"]),
             helper.make_node("Mul", [f"{p}.silu", f"{p}.up"], [act]),
-            helper.make_node(
-                "MatMul", [act, init(tap(i, "down_weight"), _w(m.down_proj.weight).T)], [f"{p}.down"]
-            ),
         ]
+        nodes += sink.linear(tap(i, "down_weight"), [mlp + "down_proj.weight"], act, f"{p}.down")
         x = f"{p}.down"
-    g_f = init(contract.tap("final_norm_weight"), _w(model.model.norm.weight))
+        if on_layer is not None:
+            on_layer(i)
+    g_f = init(contract.tap("final_norm_weight"), weights.tensor("model.norm.weight"))
     nodes.append(
         helper.make_node(
             "SkipSimplifiedLayerNormalization",
@@ -161,19 +266,8 @@ def build_llama_gqa(
     )
     init("last_index", np.array([-1], dtype=np.int64))
     nodes.append(helper.make_node("Gather", [io[Slot.HIDDEN], "last_index"], ["last_hidden"], axis=1))
-    lm_head = init(contract.tap("lm_head_weight"), _w(model.lm_head.weight).T)
-    nodes.append(helper.make_node("MatMul", ["last_hidden", lm_head], [io[Slot.LOGITS]]))
-
-    inputs = [_value_info(t) for t in contract.inputs]
-    outputs = [_value_info(t) for t in contract.outputs]
-    graph = helper.make_graph(nodes, "llama_gqa", inputs, outputs, inits)
-    model_proto = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
-        producer_name="omniforge",
-    )
-    model_proto.ir_version = 8
-    return model_proto
+    nodes += sink.linear(contract.tap("lm_head_weight"), ["lm_head.weight"], "last_hidden", io[Slot.LOGITS])
+    return nodes
 
 
 def _value_info(t: TensorSpec) -> onnx.ValueInfoProto:
