@@ -40,6 +40,7 @@ from omniforge.pipeline.model_config import omniforge_home
 from omniforge.pipeline.precision import BUILD_PRECISIONS, QUANTIZED_PRECISIONS
 
 BACKENDS = ("onnxruntime", "tensorrt")
+LLM_STREAM = ("auto", "always", "never")
 PRECISIONS = BUILD_PRECISIONS
 # per-stage accuracy budgets of the auto plan (overridable): the minimum a quantized stage must keep
 AUTO_BUDGETS = {"cosine_min": 0.999, "logits_cosine": 0.99}
@@ -57,6 +58,9 @@ class BuildOptions:
     quantize: QuantizeOptions | None = None  # default: QuantizeOptions(), static INT8 everywhere for TensorRT
     opset: int = DEFAULT_OPSET
     trt_version: str = DEFAULT_TRT_VERSION  # of the device the emitted trtexec lines are for
+    # an LLM-only folder's LLM written from its shards layer by layer (omniforge.export.llm_stream):
+    # "auto" when its FP32 export would not fit in the memory available, "always" or "never"
+    llm_stream: str = "auto"
 
     def quantize_options(self) -> QuantizeOptions:
         opts = self.quantize or QuantizeOptions()
@@ -75,6 +79,8 @@ class BuildOptions:
             raise ConfigError(f"backend '{self.backend}' is not one of {', '.join(BACKENDS)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision '{self.precision}' is not one of {', '.join(PRECISIONS)}")
+        if self.llm_stream not in LLM_STREAM:
+            raise ConfigError(f"llm_stream must be one of {', '.join(LLM_STREAM)}, got '{self.llm_stream}'")
         if self.precision == "auto" and self.stage_precision:
             raise ConfigError(
                 "the auto plan chooses every stage's precision; give per-stage precisions with fp32, fp16, int8 or int4"
@@ -130,6 +136,8 @@ def build(
 def _steps(model: Path, root: Path, opts: BuildOptions, log: Callable[[str], None]) -> Path:
     """The cache entry of the last step, every step made or reused in turn."""
     model_key = folder_digest(model, root / "file-hashes.json")
+    if _streams(model, opts):  # a large LLM-only folder: the streaming build replaces every step
+        return _streamed(model, root, model_key, opts, log)
     export_opts = opts.export_options()
     export_key = _key(
         "export", __version__, model_key, json.dumps(export_opts, sort_keys=True), tool_versions()
@@ -146,6 +154,51 @@ def _steps(model: Path, root: Path, opts: BuildOptions, log: Callable[[str], Non
     elif opts.precision in QUANTIZED_PRECISIONS or opts.stage_precision:
         final = _quantized(root, optimized, opt_key, opts.precision, qopts, opts.stage_precision, log)
     return final
+
+
+# ---- the streaming LLM build (omniforge.export.llm_stream) ---------------------------------------
+
+
+def _streams(model: Path, opts: BuildOptions) -> bool:
+    """Whether ``model``'s build is the streaming LLM build: an LLM-only folder whose FP32 export
+    would not fit in the memory available (``llm_stream="auto"``), or ``"always"``."""
+    if opts.llm_stream == "never":
+        return False
+    from omniforge.pipeline.model_config import load_model_config
+
+    llm_only = load_model_config(model).is_llm_only
+    if opts.llm_stream == "always" and not llm_only:
+        raise ConfigError("the streaming LLM build takes an LLM-only folder; this model has other stages")
+    if not llm_only:
+        return False
+    from omniforge.export.llm_stream import fits_in_memory
+
+    return opts.llm_stream == "always" or not fits_in_memory(model)
+
+
+def _streamed(
+    model: Path, root: Path, model_key: str, opts: BuildOptions, log: Callable[[str], None]
+) -> Path:
+    """The streaming build's cache entry: token embedding and in-place LLM graph written from the
+    shards (fp16 keeps both FP32, as ``stage_plan`` does), checked layer by layer, peak RSS reported;
+    no traced FP32 canonical graph, which would load the whole model."""
+    if opts.precision == "auto" or opts.stage_precision or opts.backend == "tensorrt":
+        raise ConfigError(
+            "the streaming LLM build writes fp32, int8 or int4 for ONNX Runtime (the auto plan, per-stage "
+            "precisions and TensorRT forms start from the FP32 export: llm_stream='never' where it fits)"
+        )
+    from omniforge.export.llm_stream import stream_llm_build_into
+
+    precision = "fp32" if opts.precision == "fp16" else opts.precision
+    wcfg = opts.quantize_options().weights(precision) if precision != "fp32" else None
+    settings = json.dumps(asdict(wcfg) if wcfg else None, sort_keys=True)
+    key = _key("stream", __version__, model_key, precision, settings, tool_versions())
+    return cached(
+        root,
+        f"stream-{key}",
+        lambda p: stream_llm_build_into(model, p, precision, wcfg, canonical=False, log=log),
+        log,
+    )
 
 
 def _export(model: Path, out: Path, options: dict, log: Callable[[str], None]) -> None:
