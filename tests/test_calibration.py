@@ -246,38 +246,46 @@ def test_standard_form_is_dequantize_linear_with_positive_scales_per_channel_int
 
 
 def test_w4a16_form_keeps_whole_norms_fp32_where_the_fp16_stage_pass_overflows(default_build):
-    """The TensorRT form's FP16 activations: each RMSNorm reads FP16 once and computes in FP32
-    throughout, so a hidden state of magnitude 1000 (x**2 far beyond FP16) changes nothing, where
-    the FP16 stage pass (to_fp16_keep_norms) stores x**2 in FP16 between its blocked operators."""
+    """The TensorRT form's FP16 activations, on the exported and on the optimized LLM graph (norm
+    gammas folded into the weights, constants lifted to initializers): each RMSNorm reads FP16 once
+    and computes in FP32 throughout, so a hidden state of magnitude 1000 (x**2 far beyond FP16)
+    changes nothing, where the FP16 stage pass (to_fp16_keep_norms) stores x**2 in FP16 between its
+    blocked operators."""
     from omniforge.calibration.standard_form import dequantize_linear_form
+    from omniforge.passes.manager import optimize_stage
     from omniforge.passes.precision import to_fp16_keep_norms
 
     m = load_manifest(default_build)
     spec = m.pipeline.stage("llm")
-    canonical = onnx.load(str(default_build / m.stages["llm"].file))
-    a16, a32 = (dequantize_linear_form(canonical, 4, 64, fp16=fp16) for fp16 in (True, False))
-    stage_pass = to_fp16_keep_norms(a32)
-    inferred = onnx.shape_inference.infer_shapes(a16).graph
-    types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.input, *inferred.value_info)}
-    casts = {n.output[0]: n for n in a16.graph.node if n.op_type == "Cast"}
-    to = lambda n: next(a.i for a in n.attribute if a.name == "to")  # noqa: E731
-    round_trips = [  # FP32 -> FP16 -> FP32: a rounding a norm (or an output) would go through
-        n.name
-        for n in casts.values()
-        if to(n) == TensorProto.FLOAT
-        and n.input[0] in casts
-        and to(casts[n.input[0]]) == TensorProto.FLOAT16
-        and types.get(casts[n.input[0]].input[0]) == TensorProto.FLOAT
-    ]
-    assert round_trips == []
+    exported = onnx.load(str(default_build / m.stages["llm"].file))
+    optimized, report = optimize_stage(exported, spec)
+    assert report.passed and report.nodes_after < report.nodes_before
     sess = lambda mm: ort.InferenceSession(mm.SerializeToString(), providers=["CPUExecutionProvider"])  # noqa: E731
-    ref, ours, theirs = sess(a32), sess(a16), sess(stage_pass)
-    for magnitude, expect_pass_ok in ((1.0, True), (1000.0, False)):
-        feeds = spec.sample_inputs("opt", seed=3)
-        feeds["inputs_embeds"] *= magnitude / np.abs(feeds["inputs_embeds"]).max()
-        logits = [s.run(["logits"], feeds)[0] for s in (ref, ours, theirs)]
-        assert cosine(logits[0], logits[1]) > 0.9999, magnitude
-        assert (cosine(logits[0], logits[2]) > 0.9999) == expect_pass_ok, magnitude  # measured 0.0 at 1000
+    to = lambda n: next(a.i for a in n.attribute if a.name == "to")  # noqa: E731
+    for canonical in (exported, optimized):
+        a16, a32 = (dequantize_linear_form(canonical, 4, 64, fp16=fp16) for fp16 in (True, False))
+        onnx.checker.check_model(a16, full_check=True)  # sorted, and its declared types are the real ones
+        inferred = onnx.shape_inference.infer_shapes(a16).graph
+        types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.input, *inferred.value_info)}
+        casts = {n.output[0]: n for n in a16.graph.node if n.op_type == "Cast"}
+        round_trips = [  # FP32 -> FP16 -> FP32: a rounding a norm (or an output) would go through
+            n.name
+            for n in casts.values()
+            if to(n) == TensorProto.FLOAT
+            and n.input[0] in casts
+            and to(casts[n.input[0]]) == TensorProto.FLOAT16
+            and types.get(casts[n.input[0]].input[0]) == TensorProto.FLOAT
+        ]
+        assert round_trips == []
+        ref, ours, theirs = sess(a32), sess(a16), sess(to_fp16_keep_norms(a32))
+        for magnitude, expect_pass_ok in ((1.0, True), (1000.0, False)):
+            feeds = spec.sample_inputs("opt", seed=3)
+            feeds["inputs_embeds"] *= magnitude / np.abs(feeds["inputs_embeds"]).max()
+            logits = [s.run(["logits"], feeds)[0] for s in (ref, ours, theirs)]
+            assert cosine(logits[0], logits[1]) > 0.9999, magnitude
+            assert (cosine(logits[0], logits[2]) > 0.9999) == expect_pass_ok, (
+                magnitude
+            )  # measured 0.0 at 1000
 
 
 def test_positive_scales_keep_the_extreme_weight_exact():

@@ -172,6 +172,9 @@ def dequantize_linear_form(
             node.input[1] = done[w_name]
     for w_name in done:
         out.graph.initializer.remove(inits[w_name])
+    stale = [vi for vi in out.graph.value_info if vi.name in done]  # the float weights' declared types
+    for vi in stale:
+        out.graph.value_info.remove(vi)
     nodes = new_nodes + list(out.graph.node)
     del out.graph.node[:]
     out.graph.node.extend(nodes)
@@ -210,7 +213,10 @@ def fp16_activations(model: onnx.ModelProto) -> onnx.ModelProto:
     converted = convert_float_to_float16(
         inferred, keep_io_types=True, op_block_list=FP32_OPS, node_block_list=sorted(blocked)
     )
-    return _sorted(_without_round_trips(converted))
+    # the converter declares every float tensor FP16, also initializers it keeps FP32 for blocked
+    # nodes (an optimized graph's norm constants): its value types are dropped and inferred anew
+    del converted.graph.value_info[:]
+    return onnx.shape_inference.infer_shapes(_without_round_trips(_sorted(converted)))
 
 
 def _without_round_trips(model: onnx.ModelProto) -> onnx.ModelProto:
