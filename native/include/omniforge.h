@@ -11,8 +11,10 @@
  * of_build_close. A failed build handle refuses every other call. An of_llm keeps what it needs
  * of its build: the two may be closed in either order.
  *
- * Threads: a handle is used by one thread at a time (the library keeps no global state beyond
- * ONNX Runtime's own; different handles may be used by different threads).
+ * Threads: of_llm_generate* may be called on one of_llm from many threads at once (each request
+ * takes its own KV slot); an of_tokenizer may be used by any number of threads. The last error is
+ * kept per handle and per calling thread. Opening and closing a handle must not race other calls
+ * on it. The library keeps no global state beyond ONNX Runtime's own.
  */
 #ifndef OMNIFORGE_H
 #define OMNIFORGE_H
@@ -42,11 +44,23 @@ typedef enum of_status {
     OF_ERR_CONTEXT_LENGTH = 5,   /* the prompt does not fit the context */
     OF_ERR_OUT_OF_MEMORY = 6,
     OF_ERR_UNSUPPORTED = 7,      /* something valid this library does not run yet */
-    OF_ERR_INTERNAL = 8
+    OF_ERR_INTERNAL = 8,
+    OF_ERR_BUSY = 9              /* every KV slot is in use (see of_generate_options.slot_wait_ms) */
 } of_status;
 
-typedef struct of_build of_build; /* a verified build folder */
-typedef struct of_llm of_llm;     /* the LLM stage with its KV-cache pool */
+typedef struct of_build of_build;           /* a verified build folder */
+typedef struct of_llm of_llm;               /* the LLM stage with its KV-cache pool */
+typedef struct of_generation of_generation; /* the result of one generation request */
+typedef struct of_tokenizer of_tokenizer;   /* a tokenizer.json */
+
+/* Why a generation ended. */
+typedef enum of_finish_reason {
+    OF_FINISH_NONE = 0,
+    OF_FINISH_STOP = 1,        /* a stop token id was generated (it is the last token) */
+    OF_FINISH_STOP_STRING = 2, /* a stop string appeared in the text (the text is cut before it) */
+    OF_FINISH_LENGTH = 3,      /* max_new_tokens were generated, or the context is full */
+    OF_FINISH_CANCELLED = 4    /* the token callback returned nonzero */
+} of_finish_reason;
 
 typedef struct of_build_options {
     /* ONNX Runtime's shared library: the file (libonnxruntime.so.1.x) or the folder of the
@@ -97,15 +111,111 @@ OF_API of_status of_llm_generate_greedy(of_llm* llm, const int32_t* prompt_ids, 
                                  int32_t max_new_tokens, int32_t eos_id, int32_t* out_ids,
                                  size_t out_capacity, size_t* out_n);
 
+/* ---- sampling and streaming ------------------------------------------------------------------ */
+
+/* Called once per generated token, on the thread that called of_llm_generate*, before the next
+   token is computed. token_id: the token; text/text_len: the visible UTF-8 text this token adds
+   (never a split character: bytes of an incomplete character wait for the next token; special,
+   stop, signal and placeholder tokens add none; text_len may be 0; text is not NUL-terminated and
+   is valid only during the call). Return 0 to go on, nonzero to stop: the request then ends with
+   OF_FINISH_CANCELLED, the token just reported being the last one. It must not throw, and must not
+   call into the same request. */
+typedef int (*of_token_callback)(void* user_data, int32_t token_id, const char* text, size_t text_len);
+
+typedef struct of_generate_options {
+    size_t struct_size;         /* sizeof(of_generate_options): set by of_generate_options_init */
+    int32_t max_new_tokens;     /* >= 1; default 64 */
+    double temperature;         /* 0 (default): greedy; else in [0.001, 1000] */
+    int32_t top_k;              /* keep the k most likely tokens; 0 (default): off */
+    double top_p;               /* keep the smallest set whose mass reaches top_p, in (0, 1]; 1: off */
+    double repetition_penalty;  /* HF semantics: positive logits of seen tokens divided, negative
+                                   multiplied; seen = prompt ids + generated; in [0.001, 1000]; 1: off */
+    uint64_t seed;              /* the draws are numpy.random.default_rng(seed)'s, as the Python runtime */
+    const int32_t* stop_token_ids; /* n_stop_token_ids ids that end the request (kept in the output) */
+    int32_t n_stop_token_ids;   /* -1 (default): the model's EOS (tokenizer_config's eos_token) when
+                                   the build carries a tokenizer, else none; 0: none */
+    const char* const* stop_strings; /* n_stop_strings NUL-terminated UTF-8 strings; the text is cut
+                                   before the first one that appears (needs the build's tokenizer) */
+    size_t n_stop_strings;
+    of_token_callback on_token; /* NULL: no streaming */
+    void* user_data;            /* passed to on_token */
+    int32_t slot_wait_ms;       /* when every KV slot is in use: 0 (default) fail at once with
+                                   OF_ERR_BUSY, > 0 wait up to that long, -1 wait until one is free */
+} of_generate_options;
+
+/* Defaults: struct_size set, max_new_tokens 64, greedy, top_k 0, top_p 1, penalty 1, seed 0,
+   the model's EOS as the stop id, no stop strings, no callback, slot_wait_ms 0. */
+OF_API void of_generate_options_init(of_generate_options* options);
+
+/* Generate from token ids: the prompt is prefilled in one step, then tokens are chosen one by one
+   (greedy, or sampled as options say) until a stop token, a stop string, max_new_tokens, a full
+   context or a cancelling callback. options may be NULL (the defaults). On OF_OK *result holds the
+   tokens, text and finish reason (free it with of_generation_free); on failure *result is NULL and
+   of_llm_last_error(llm) says why. Each call takes one KV slot of the LLM's pool for its duration:
+   calls on one of_llm from different threads run concurrently, each with its own state. */
+OF_API of_status of_llm_generate(of_llm* llm, const int32_t* prompt_ids, size_t n_prompt,
+                                 const of_generate_options* options, of_generation** result);
+
+/* As of_llm_generate, from prompt text (prompt_len bytes of UTF-8, not NUL-terminated) encoded
+   as the Python runtime's TextTokenizer.encode does it: the build's tokenizer with its special
+   tokens, BOS first when tokenizer_config.json's add_bos_token asks for it. Invalid UTF-8 is
+   OF_ERR_INPUT; a build whose tokenizer cannot be read gives that tokenizer's sentence. */
+OF_API of_status of_llm_generate_text(of_llm* llm, const char* prompt, size_t prompt_len,
+                                      const of_generate_options* options, of_generation** result);
+
+OF_API const int32_t* of_generation_tokens(const of_generation* g, size_t* n); /* generated ids */
+/* The visible text, NUL-terminated UTF-8 (special, stop, signal and placeholder tokens left out;
+   cut before a stop string); "" when the build has no tokenizer. len may be NULL. */
+OF_API const char* of_generation_text(const of_generation* g, size_t* len);
+OF_API of_finish_reason of_generation_finish_reason(const of_generation* g);
+OF_API size_t of_generation_prompt_tokens(const of_generation* g);
+OF_API double of_generation_ttft_s(const of_generation* g);   /* request start to the first token */
+OF_API double of_generation_decode_s(const of_generation* g); /* the tokens after the first */
+OF_API void of_generation_free(of_generation* g);              /* NULL is ignored */
+
+/* "stop", "stop_string", "length", "cancelled" ("" for OF_FINISH_NONE): the Python runtime's words. */
+OF_API const char* of_finish_reason_name(of_finish_reason reason);
+
+/* ---- the tokenizer -------------------------------------------------------------------------- */
+
+/* A tokenizer.json of the kinds omniforge builds carry: a BPE model (byte-level, as the embedded
+   default's, or SentencePiece-style with byte fallback, as Llama/Vicuna's), added and special
+   tokens, the Prepend/Replace normalizers, ByteLevel/Metaspace pre-tokenizers, a template
+   post-processor, and the ByteLevel/Metaspace/Replace/ByteFallback/Fuse/Strip decoders. Anything
+   else is refused here with one sentence (OF_ERR_UNSUPPORTED). Ids and text equal the `tokenizers`
+   library's for the same file. A tokenizer is immutable: any number of threads may use one. Like
+   of_build_open, it gives a handle even when it fails (NULL only when memory ran out). */
+OF_API of_status of_tokenizer_open(const char* path, of_tokenizer** tokenizer);
+/* The build's tokenizer (its manifest's 'tokenizer' file, verified as read); errors go to the build. */
+OF_API of_status of_build_tokenizer(of_build* build, of_tokenizer** tokenizer);
+OF_API void of_tokenizer_close(of_tokenizer* tokenizer);                   /* NULL is ignored */
+OF_API const char* of_tokenizer_last_error(const of_tokenizer* tokenizer); /* "" when none */
+
+/* Encode len bytes of UTF-8 text (invalid UTF-8: OF_ERR_INPUT) as tokenizers' encode(text,
+   add_special_tokens).ids. *n_ids receives the number of ids; with ids NULL and capacity 0 nothing
+   else is written (a size query); a capacity too small is OF_ERR_INVALID_ARGUMENT. */
+OF_API of_status of_tokenizer_encode(of_tokenizer* tokenizer, const char* text, size_t len,
+                                     int add_special_tokens, int32_t* ids, size_t capacity, size_t* n_ids);
+/* Decode ids as tokenizers' decode(ids, skip_special_tokens): NUL-terminated UTF-8 in text (ids
+   outside the vocabulary are left out; bytes that are not UTF-8 become U+FFFD). *len receives the
+   length without the NUL; text NULL with capacity 0 is a size query; capacity must exceed *len. */
+OF_API of_status of_tokenizer_decode(of_tokenizer* tokenizer, const int32_t* ids, size_t n,
+                                     int skip_special_tokens, char* text, size_t capacity, size_t* len);
+/* The id of a token (an added token or a vocabulary entry); OF_ERR_INPUT when it has none. */
+OF_API of_status of_tokenizer_token_to_id(of_tokenizer* tokenizer, const char* token, int32_t* id);
+OF_API size_t of_tokenizer_vocab_size(const of_tokenizer* tokenizer); /* with the added tokens */
+
 #ifdef __cplusplus
 } /* extern "C" */
 
 inline const char* of_last_error(const of_build* h) { return of_build_last_error(h); }
 inline const char* of_last_error(const of_llm* h) { return of_llm_last_error(h); }
+inline const char* of_last_error(const of_tokenizer* h) { return of_tokenizer_last_error(h); }
 #elif defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L
 #define of_last_error(h)                                                                       \
     _Generic((h), of_build*: of_build_last_error, const of_build*: of_build_last_error,        \
-             of_llm*: of_llm_last_error, const of_llm*: of_llm_last_error)(h)
+             of_llm*: of_llm_last_error, const of_llm*: of_llm_last_error,                      \
+             of_tokenizer*: of_tokenizer_last_error, const of_tokenizer*: of_tokenizer_last_error)(h)
 #endif
 
 #endif /* OMNIFORGE_H */

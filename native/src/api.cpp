@@ -3,18 +3,60 @@
 #include <onnxruntime/onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
 
+#include <fstream>
+#include <mutex>
 #include <new>
+#include <thread>
+#include <unordered_map>
 
 #include "internal.hpp"
+#include "tokenizer.hpp"
+
+namespace {
+
+// A handle's last error, kept per calling thread: calls on one handle may come from several
+// threads, and each reads the sentence of its own last call. A pointer to a thread's string stays
+// valid until that thread's next call on the handle (unordered_map never moves its elements).
+class Errors {
+  public:
+    std::string* mine() noexcept {
+        try {
+            std::lock_guard<std::mutex> lock(lock_);
+            return &by_thread_[std::this_thread::get_id()];
+        } catch (...) {
+            return nullptr;  // no memory for a message: the status still says what happened
+        }
+    }
+    const char* read() const noexcept {
+        std::lock_guard<std::mutex> lock(lock_);
+        auto it = by_thread_.find(std::this_thread::get_id());
+        return it == by_thread_.end() ? "" : it->second.c_str();
+    }
+
+  private:
+    mutable std::mutex lock_;
+    std::unordered_map<std::thread::id, std::string> by_thread_;
+};
+
+}  // namespace
 
 struct of_build {
-    std::string error;
+    Errors errors;
     std::shared_ptr<omniforge::BuildImpl> impl;  // null when opening failed
 };
 
 struct of_llm {
-    std::string error;
+    Errors errors;
     omniforge::LlmImpl* impl = nullptr;
+};
+
+struct of_tokenizer {
+    Errors errors;
+    std::shared_ptr<const omniforge::Tokenizer> impl;  // null when opening failed
+};
+
+struct of_generation {
+    omniforge::GenerateOutput out;
 };
 
 namespace {
@@ -81,6 +123,7 @@ const char* of_status_name(of_status status) {
         case OF_ERR_OUT_OF_MEMORY: return "OF_ERR_OUT_OF_MEMORY";
         case OF_ERR_UNSUPPORTED: return "OF_ERR_UNSUPPORTED";
         case OF_ERR_INTERNAL: return "OF_ERR_INTERNAL";
+        case OF_ERR_BUSY: return "OF_ERR_BUSY";
     }
     return "OF_ERR_UNKNOWN";
 }
@@ -91,7 +134,7 @@ of_status of_build_open(const char* path, const of_build_options* options, of_bu
     of_build* h = new (std::nothrow) of_build();
     if (!h) return OF_ERR_OUT_OF_MEMORY;
     *build = h;
-    return guarded(&h->error, [&] {
+    return guarded(h->errors.mine(), [&] {
         if (!path) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "the build path is a null pointer");
         if (!*path) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "the build path is empty");
         of_build_options defaults;
@@ -104,13 +147,13 @@ void of_build_close(of_build* build) { delete build; }
 
 const char* of_build_last_error(const of_build* build) {
     if (!build) return "the build handle is a null pointer";
-    return build->error.c_str();
+    return build->errors.read();
 }
 
 of_status of_build_llm_geometry(of_build* build, int32_t* num_layers, int32_t* hidden_size, int32_t* vocab_size,
                                 int32_t* max_context) {
     if (!build) return OF_ERR_INVALID_ARGUMENT;
-    return guarded(&build->error, [&] {
+    return guarded(build->errors.mine(), [&] {
         if (!build->impl) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "this build handle failed to open and cannot be used");
         const omniforge::StageSpec& s = build->impl->manifest.spec("llm");
         if (!s.has_llm) omniforge::fail(OF_ERR_MANIFEST, "the pipeline's stage 'llm' has no LLM geometry");
@@ -123,7 +166,7 @@ of_status of_build_llm_geometry(of_build* build, int32_t* num_layers, int32_t* h
 
 of_status of_llm_open(of_build* build, int32_t num_slots, int32_t max_context, of_llm** llm) {
     if (!build) return OF_ERR_INVALID_ARGUMENT;
-    return guarded(&build->error, [&] {
+    return guarded(build->errors.mine(), [&] {
         if (!llm) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "the LLM handle's address is a null pointer");
         *llm = nullptr;
         if (!build->impl) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "this build handle failed to open and cannot be used");
@@ -141,7 +184,7 @@ void of_llm_close(of_llm* llm) {
 
 const char* of_llm_last_error(const of_llm* llm) {
     if (!llm) return "the LLM handle is a null pointer";
-    return llm->error.c_str();
+    return llm->errors.read();
 }
 
 const char* of_llm_embedding_form(const of_llm* llm) {
@@ -152,7 +195,7 @@ const char* of_llm_embedding_form(const of_llm* llm) {
 of_status of_llm_generate_greedy(of_llm* llm, const int32_t* prompt_ids, size_t n_prompt, int32_t max_new_tokens,
                                  int32_t eos_id, int32_t* out_ids, size_t out_capacity, size_t* out_n) {
     if (!llm) return OF_ERR_INVALID_ARGUMENT;
-    return guarded(&llm->error, [&] {
+    return guarded(llm->errors.mine(), [&] {
         if (out_n) *out_n = 0;
         if (!prompt_ids && n_prompt) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "prompt_ids is a null pointer");
         if (!out_ids) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "out_ids is a null pointer");
@@ -165,6 +208,220 @@ of_status of_llm_generate_greedy(of_llm* llm, const int32_t* prompt_ids, size_t 
         std::copy(out.begin(), out.end(), out_ids);
         *out_n = out.size();
     });
+}
+
+void of_generate_options_init(of_generate_options* o) {
+    if (!o) return;
+    *o = of_generate_options{};
+    o->struct_size = sizeof(of_generate_options);
+    o->max_new_tokens = 64;
+    o->temperature = 0.0;
+    o->top_k = 0;
+    o->top_p = 1.0;
+    o->repetition_penalty = 1.0;
+    o->seed = 0;
+    o->stop_token_ids = nullptr;
+    o->n_stop_token_ids = -1;
+    o->stop_strings = nullptr;
+    o->n_stop_strings = 0;
+    o->on_token = nullptr;
+    o->user_data = nullptr;
+    o->slot_wait_ms = 0;
+}
+
+}  // extern "C"
+
+namespace {
+
+omniforge::GenerateParams params_of(const of_generate_options* options) {
+    using omniforge::fail;
+    of_generate_options o;
+    of_generate_options_init(&o);
+    if (options) {
+        if (options->struct_size != sizeof(of_generate_options))
+            fail(OF_ERR_INVALID_ARGUMENT, "the generate options were not set up with of_generate_options_init (struct_size is " +
+                                              std::to_string(options->struct_size) + ", this library's is " +
+                                              std::to_string(sizeof(of_generate_options)) + ")");
+        o = *options;
+    }
+    omniforge::GenerateParams p;
+    p.max_new_tokens = o.max_new_tokens;
+    p.sampling.temperature = o.temperature;
+    if (o.top_k < 0) fail(OF_ERR_INVALID_ARGUMENT, "top_k must be >= 0, got " + std::to_string(o.top_k));
+    p.sampling.top_k = o.top_k;
+    p.sampling.top_p = o.top_p;
+    p.sampling.repetition_penalty = o.repetition_penalty;
+    p.sampling.seed = o.seed;
+    if (o.n_stop_token_ids < -1 || o.n_stop_token_ids > 65536)
+        fail(OF_ERR_INVALID_ARGUMENT, "n_stop_token_ids must lie in [-1, 65536], got " + std::to_string(o.n_stop_token_ids));
+    if (o.n_stop_token_ids > 0 && !o.stop_token_ids) fail(OF_ERR_INVALID_ARGUMENT, "stop_token_ids is a null pointer");
+    p.default_stop = o.n_stop_token_ids < 0;
+    if (o.n_stop_token_ids > 0) p.stop_ids.assign(o.stop_token_ids, o.stop_token_ids + o.n_stop_token_ids);
+    if (o.n_stop_strings > 1024) fail(OF_ERR_INVALID_ARGUMENT, "at most 1024 stop strings, got " + std::to_string(o.n_stop_strings));
+    if (o.n_stop_strings && !o.stop_strings) fail(OF_ERR_INVALID_ARGUMENT, "stop_strings is a null pointer");
+    for (size_t i = 0; i < o.n_stop_strings; ++i) {
+        if (!o.stop_strings[i]) fail(OF_ERR_INVALID_ARGUMENT, "stop string " + std::to_string(i) + " is a null pointer");
+        p.stop_strings.emplace_back(o.stop_strings[i]);
+    }
+    p.callback = o.on_token;
+    p.user_data = o.user_data;
+    if (o.slot_wait_ms < -1) fail(OF_ERR_INVALID_ARGUMENT, "slot_wait_ms must be >= -1, got " + std::to_string(o.slot_wait_ms));
+    p.slot_wait_ms = o.slot_wait_ms;
+    return p;
+}
+
+}  // namespace
+
+extern "C" {
+
+of_status of_llm_generate(of_llm* llm, const int32_t* prompt_ids, size_t n_prompt, const of_generate_options* options,
+                          of_generation** result) {
+    if (!llm) return OF_ERR_INVALID_ARGUMENT;
+    return guarded(llm->errors.mine(), [&] {
+        if (!result) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "the result's address is a null pointer");
+        *result = nullptr;
+        if (!prompt_ids && n_prompt) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "prompt_ids is a null pointer");
+        omniforge::GenerateParams p = params_of(options);
+        auto g = std::make_unique<of_generation>();
+        g->out = omniforge::generate(*llm->impl, std::vector<int32_t>(prompt_ids, prompt_ids + n_prompt), p);
+        *result = g.release();
+    });
+}
+
+const int32_t* of_generation_tokens(const of_generation* g, size_t* n) {
+    if (n) *n = g ? g->out.tokens.size() : 0;
+    return g ? g->out.tokens.data() : nullptr;
+}
+
+const char* of_generation_text(const of_generation* g, size_t* len) {
+    if (len) *len = g ? g->out.text.size() : 0;
+    return g ? g->out.text.c_str() : "";
+}
+
+of_finish_reason of_generation_finish_reason(const of_generation* g) { return g ? g->out.finish : OF_FINISH_NONE; }
+size_t of_generation_prompt_tokens(const of_generation* g) { return g ? g->out.prompt_tokens : 0; }
+double of_generation_ttft_s(const of_generation* g) { return g ? g->out.ttft_s : 0.0; }
+double of_generation_decode_s(const of_generation* g) { return g ? g->out.decode_s : 0.0; }
+void of_generation_free(of_generation* g) { delete g; }
+
+const char* of_finish_reason_name(of_finish_reason reason) {
+    switch (reason) {
+        case OF_FINISH_NONE: return "";
+        case OF_FINISH_STOP: return "stop";
+        case OF_FINISH_STOP_STRING: return "stop_string";
+        case OF_FINISH_LENGTH: return "length";
+        case OF_FINISH_CANCELLED: return "cancelled";
+    }
+    return "";
+}
+
+of_status of_llm_generate_text(of_llm* llm, const char* prompt, size_t prompt_len, const of_generate_options* options,
+                               of_generation** result) {
+    if (!llm) return OF_ERR_INVALID_ARGUMENT;
+    return guarded(llm->errors.mine(), [&] {
+        if (!result) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "the result's address is a null pointer");
+        *result = nullptr;
+        if (!prompt) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "the prompt is a null pointer");
+        omniforge::GenerateParams p = params_of(options);
+        std::vector<int32_t> ids = omniforge::encode_prompt(*llm->impl, std::string(prompt, prompt_len));
+        auto g = std::make_unique<of_generation>();
+        g->out = omniforge::generate(*llm->impl, ids, p);
+        *result = g.release();
+    });
+}
+
+of_status of_tokenizer_open(const char* path, of_tokenizer** tokenizer) {
+    if (!tokenizer) return OF_ERR_INVALID_ARGUMENT;
+    *tokenizer = nullptr;
+    of_tokenizer* h = new (std::nothrow) of_tokenizer();
+    if (!h) return OF_ERR_OUT_OF_MEMORY;
+    *tokenizer = h;
+    return guarded(h->errors.mine(), [&] {
+        if (!path) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "the tokenizer path is a null pointer");
+        std::ifstream f(path, std::ios::binary);
+        if (!f) omniforge::fail(OF_ERR_INPUT, std::string("'") + path + "' cannot be read");
+        f.seekg(0, std::ios::end);
+        const std::streamoff size = f.tellg();
+        if (size < 0 || size > (std::streamoff(256) << 20)) omniforge::fail(OF_ERR_INPUT, std::string("'") + path + "' is not a file of at most 256 MiB");
+        f.seekg(0);
+        std::string text(static_cast<size_t>(size), '\0');
+        f.read(text.data(), size);
+        std::string name = path;
+        name = name.substr(name.find_last_of('/') + 1);
+        h->impl = omniforge::Tokenizer::from_json(text, name);
+    });
+}
+
+of_status of_build_tokenizer(of_build* build, of_tokenizer** tokenizer) {
+    if (!build) return OF_ERR_INVALID_ARGUMENT;
+    return guarded(build->errors.mine(), [&] {
+        if (!tokenizer) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "the tokenizer handle's address is a null pointer");
+        *tokenizer = nullptr;
+        if (!build->impl) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "this build handle failed to open and cannot be used");
+        auto h = std::make_unique<of_tokenizer>();
+        h->impl = omniforge::load_build_tokenizer(*build->impl).tok;
+        *tokenizer = h.release();
+    });
+}
+
+void of_tokenizer_close(of_tokenizer* tokenizer) { delete tokenizer; }
+
+const char* of_tokenizer_last_error(const of_tokenizer* tokenizer) {
+    if (!tokenizer) return "the tokenizer handle is a null pointer";
+    return tokenizer->errors.read();
+}
+
+of_status of_tokenizer_encode(of_tokenizer* tokenizer, const char* text, size_t len, int add_special_tokens, int32_t* ids,
+                              size_t capacity, size_t* n_ids) {
+    if (!tokenizer) return OF_ERR_INVALID_ARGUMENT;
+    return guarded(tokenizer->errors.mine(), [&] {
+        if (!tokenizer->impl) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "this tokenizer handle failed to open and cannot be used");
+        if (!n_ids) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "n_ids is a null pointer");
+        *n_ids = 0;
+        if (!text && len) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "the text is a null pointer");
+        std::vector<int32_t> out = tokenizer->impl->encode(std::string(text ? text : "", len), add_special_tokens != 0);
+        *n_ids = out.size();
+        if (!ids && capacity == 0) return;
+        if (!ids) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "ids is a null pointer");
+        if (capacity < out.size())
+            omniforge::fail(OF_ERR_INVALID_ARGUMENT, "ids holds " + std::to_string(capacity) + " ids; the text needs " + std::to_string(out.size()));
+        std::copy(out.begin(), out.end(), ids);
+    });
+}
+
+of_status of_tokenizer_decode(of_tokenizer* tokenizer, const int32_t* ids, size_t n, int skip_special_tokens, char* text,
+                              size_t capacity, size_t* len) {
+    if (!tokenizer) return OF_ERR_INVALID_ARGUMENT;
+    return guarded(tokenizer->errors.mine(), [&] {
+        if (!tokenizer->impl) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "this tokenizer handle failed to open and cannot be used");
+        if (!len) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "len is a null pointer");
+        *len = 0;
+        if (!ids && n) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "ids is a null pointer");
+        std::string out = tokenizer->impl->decode(std::vector<int32_t>(ids, ids + n), skip_special_tokens != 0);
+        *len = out.size();
+        if (!text && capacity == 0) return;
+        if (!text) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "text is a null pointer");
+        if (capacity <= out.size())
+            omniforge::fail(OF_ERR_INVALID_ARGUMENT, "text holds " + std::to_string(capacity) + " bytes; the decoded text needs " +
+                                                         std::to_string(out.size() + 1) + " with its NUL");
+        std::copy(out.begin(), out.end(), text);
+        text[out.size()] = '\0';
+    });
+}
+
+of_status of_tokenizer_token_to_id(of_tokenizer* tokenizer, const char* token, int32_t* id) {
+    if (!tokenizer) return OF_ERR_INVALID_ARGUMENT;
+    return guarded(tokenizer->errors.mine(), [&] {
+        if (!tokenizer->impl) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "this tokenizer handle failed to open and cannot be used");
+        if (!token || !id) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "the token or the id's address is a null pointer");
+        auto found = tokenizer->impl->token_to_id(token);
+        if (!found) omniforge::fail(OF_ERR_INPUT, "the token is not in the vocabulary");
+        *id = *found;
+    });
+}
+
+size_t of_tokenizer_vocab_size(const of_tokenizer* tokenizer) {
+    return tokenizer && tokenizer->impl ? tokenizer->impl->vocab_size() : 0;
 }
 
 }  // extern "C"

@@ -2,6 +2,7 @@
 // Everything here may throw; only api.cpp talks to C callers, and it catches everything.
 #pragma once
 
+#include <condition_variable>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -70,6 +71,8 @@ struct Manifest {
     std::map<std::string, StageBuild> stages;
     std::map<std::string, Artifact> artifacts;
     std::map<std::string, std::string> files;
+    std::vector<std::pair<std::string, std::string>> signal_tokens;  // (modality, token)
+    std::vector<std::pair<std::string, std::string>> placeholders;   // (modality, token)
 
     const StageBuild& stage(const std::string& name) const;
     const StageSpec& spec(const std::string& name) const;
@@ -116,11 +119,80 @@ struct BuildImpl {
 
 std::unique_ptr<BuildImpl> open_build(const std::string& folder, const of_build_options& options);
 
+// ---- sampling (sampling.cpp) -------------------------------------------------------------------
+
+constexpr double kMinTemperature = 1e-3, kMaxTemperature = 1e3;  // as sampling.py
+constexpr double kMinPenalty = 1e-3, kMaxPenalty = 1e3;
+
+struct SamplingConfig {
+    double temperature = 0.0;  // 0: greedy
+    int64_t top_k = 0;         // 0: off
+    double top_p = 1.0;        // 1: off
+    double repetition_penalty = 1.0;
+    uint64_t seed = 0;
+};
+// Throws OF_ERR_INVALID_ARGUMENT with GenerationConfig's sentences.
+void check_sampling(const SamplingConfig& c);
+
+// numpy.random.default_rng(seed): SeedSequence then PCG64, bit for bit.
+class Rng {
+  public:
+    explicit Rng(uint64_t seed);
+    uint64_t next64();
+    double next_double();  // Generator.random()
+
+  private:
+    unsigned __int128 state_ = 0, inc_ = 0;
+};
+
+double pairwise_sum(const double* a, size_t n);  // numpy's np.sum of a contiguous float64 array
+
+// select_token of sampling.py; keeps its scratch buffers between calls (one per request).
+struct Sampler {
+    int32_t select(const float* logits, size_t n, const SamplingConfig& c, Rng& rng, const std::vector<int32_t>& history);
+    std::vector<float> penalized;
+    std::vector<double> z, probs, cdf;
+    std::vector<int32_t> order;
+    std::vector<uint8_t> seen;
+};
+
+// ---- the tokenizer (tokenizer.cpp) ----------------------------------------------------------------
+
+class Tokenizer;        // tokenizer.json read in C++; see tokenizer.hpp
+struct BuildTokenizer;  // a build's tokenizer with its BOS/EOS settings
+
+// ---- the LLM ----------------------------------------------------------------------------------
+
 struct LlmImpl;
 // The caller owns the result and frees it with close_llm.
 LlmImpl* open_llm(std::shared_ptr<BuildImpl> build, int32_t num_slots, int32_t max_context);
 void close_llm(LlmImpl* llm);
 const char* embedding_form(const LlmImpl& llm);  // "table_fp32", "table_int8" or "session"
+const BuildTokenizer* llm_tokenizer(const LlmImpl& llm);  // null when the build's cannot be read
+of_status llm_tokenizer_error(const LlmImpl& llm, std::string* why);     // why not (OF_OK: it can)
+
+struct GenerateParams {
+    int32_t max_new_tokens = 64;
+    SamplingConfig sampling;
+    bool default_stop = true;  // the model's EOS (when the build has a tokenizer); else stop_ids
+    std::vector<int32_t> stop_ids;
+    std::vector<std::string> stop_strings;
+    of_token_callback callback = nullptr;
+    void* user_data = nullptr;
+    int32_t slot_wait_ms = 0;  // 0: fail at once when no KV slot is free; < 0: wait for one
+};
+
+struct GenerateOutput {
+    std::vector<int32_t> tokens;
+    std::string text;  // the visible text (special, stop, signal and placeholder tokens left out)
+    of_finish_reason finish = OF_FINISH_NONE;
+    size_t prompt_tokens = 0;
+    double ttft_s = 0.0, decode_s = 0.0;
+};
+
+GenerateOutput generate(LlmImpl& llm, const std::vector<int32_t>& prompt, const GenerateParams& params);
+// The prompt text as the Python runtime's TextTokenizer.encode makes it (BOS rule included).
+std::vector<int32_t> encode_prompt(LlmImpl& llm, const std::string& text);
 // Greedy decode; returns the generated ids.
 std::vector<int32_t> generate_greedy(LlmImpl& llm, const int32_t* ids, size_t n, int32_t max_new_tokens,
                                      int32_t eos_id);

@@ -225,6 +225,18 @@ Manifest read_manifest(const std::string& folder) {
         if (!m.pipeline.emplace(spec.name, spec).second) bad("manifest is malformed: the pipeline describes stage '" + spec.name + "' twice");
     }
 
+    if (auto it = pipeline.find("signal_tokens"); it != pipeline.end() && !it->is_null()) {
+        if (!it->is_object()) bad("manifest is malformed: pipeline.signal_tokens must be an object");
+        for (auto& [modality, list] : it->items()) {
+            if (!list.is_array() || list.size() > 4096) bad("manifest is malformed: pipeline.signal_tokens." + modality + " must be a list");
+            for (const json& t : list) m.signal_tokens.emplace_back(modality, str(t, "a signal token"));
+        }
+    }
+    if (auto it = pipeline.find("placeholders"); it != pipeline.end() && !it->is_null()) {
+        if (!it->is_object()) bad("manifest is malformed: pipeline.placeholders must be an object");
+        for (auto& [modality, t] : it->items()) m.placeholders.emplace_back(modality, str(t, "a placeholder token"));
+    }
+
     const json& arts = member(d, "artifacts", "the manifest");
     if (!arts.is_array() || arts.size() > 100000) bad("manifest is malformed: artifacts must be a list of at most 100000 files");
     for (const json& a : arts) {

@@ -12,11 +12,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <chrono>
 #include <cstring>
 #include <mutex>
 #include <thread>
 
 #include "internal.hpp"
+#include "tokenizer.hpp"
 
 namespace omniforge {
 
@@ -184,7 +186,8 @@ struct LlmImpl {
     std::vector<std::vector<float>> kv;  // per in-place pair (layer-major, key then value): (slots, kvh, C, hd)
     std::vector<int64_t> lengths;       // valid tokens per slot
     std::vector<bool> busy;
-    std::mutex slots_lock;
+    std::mutex slots_lock;  // guards busy, and lengths at the start and end of a request
+    std::condition_variable slot_free;
     Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
 
     // token embeddings: the served variant's table, else a session over it
@@ -193,6 +196,12 @@ struct LlmImpl {
     Ort::Session embed_session{nullptr};
     std::string embed_in, embed_out;
     bool embed_int64 = true;
+
+    // the build's tokenizer, or why it cannot be read (text calls then fail with that sentence)
+    std::optional<BuildTokenizer> tokenizer;
+    of_status tokenizer_status = OF_OK;
+    std::string tokenizer_error;
+    std::vector<int32_t> hidden_ids;  // signal and placeholder tokens: never part of the visible text
 
     std::vector<float> embed(const std::vector<int32_t>& ids);
     // Runs rows (S, H) for `slot`; fills last-position logits (V).
@@ -277,11 +286,35 @@ LlmImpl* open_llm(std::shared_ptr<BuildImpl> build, int32_t num_slots, int32_t m
         llm->embed_session = open_session(*build, ev, egraph, /*spin=*/false);
         check_graph_io(llm->embed_session, ec, "the token_embedding stage", ev.file);
     }
+    try {
+        llm->tokenizer = load_build_tokenizer(*build);
+        for (const auto& list : {m.signal_tokens, m.placeholders})
+            for (const auto& [modality, token] : list)
+                if (auto id = llm->tokenizer->tok->token_to_id(token)) llm->hidden_ids.push_back(*id);
+    } catch (const Error& e) {
+        if (e.status == OF_ERR_MANIFEST) throw;  // a damaged file is refused, as every artifact is
+        llm->tokenizer_status = e.status;
+        llm->tokenizer_error = e.what();
+    }
     llm->build = std::move(build);
     return llm.release();
 }
 
 void close_llm(LlmImpl* llm) { delete llm; }
+
+const BuildTokenizer* llm_tokenizer(const LlmImpl& llm) { return llm.tokenizer ? &*llm.tokenizer : nullptr; }
+
+of_status llm_tokenizer_error(const LlmImpl& llm, std::string* why) {
+    if (why) *why = llm.tokenizer_error;
+    return llm.tokenizer_status;
+}
+
+std::vector<int32_t> encode_prompt(LlmImpl& llm, const std::string& text) {
+    if (!llm.tokenizer) fail(llm.tokenizer_status, llm.tokenizer_error);
+    std::vector<int32_t> ids = encode_text(*llm.tokenizer, text, llm.max_context, /*special=*/true);
+    if (ids.empty()) fail(OF_ERR_INPUT, "the prompt is empty");
+    return ids;
+}
 
 const char* embedding_form(const LlmImpl& llm) {
     if (!llm.use_table) return "session";
@@ -356,59 +389,132 @@ void LlmImpl::step(int64_t slot, const std::vector<float>& rows, int64_t s, std:
     lengths[slot] = after;
 }
 
-std::vector<int32_t> generate_greedy(LlmImpl& llm, const int32_t* ids, size_t n, int32_t max_new_tokens, int32_t eos_id) {
+namespace {
+
+// A KV slot of the pool held for one request, released (and reset) when it goes out of scope.
+struct SlotLease {
+    LlmImpl& llm;
+    int64_t slot = -1;
+    SlotLease(LlmImpl& l, int32_t wait_ms) : llm(l) {
+        std::unique_lock<std::mutex> lock(llm.slots_lock);
+        auto free_slot = [&] {
+            for (int64_t i = 0; i < llm.num_slots; ++i)
+                if (!llm.busy[size_t(i)]) return slot = i, true;
+            return false;
+        };
+        bool got = free_slot();
+        if (!got && wait_ms < 0) {
+            llm.slot_free.wait(lock, free_slot);
+            got = true;
+        } else if (!got && wait_ms > 0) {
+            got = llm.slot_free.wait_for(lock, std::chrono::milliseconds(wait_ms), free_slot);
+        }
+        if (!got)
+            fail(OF_ERR_BUSY, "the KV-cache pool has no free slot (" + std::to_string(llm.num_slots) + "/" +
+                                  std::to_string(llm.num_slots) + " in use); retry later, wait with slot_wait_ms, or open the LLM with more slots");
+        llm.busy[size_t(slot)] = true;
+        llm.lengths[size_t(slot)] = 0;
+    }
+    ~SlotLease() {
+        {
+            std::lock_guard<std::mutex> lock(llm.slots_lock);
+            llm.busy[size_t(slot)] = false;
+            llm.lengths[size_t(slot)] = 0;
+        }
+        llm.slot_free.notify_one();
+    }
+    SlotLease(const SlotLease&) = delete;
+    SlotLease& operator=(const SlotLease&) = delete;
+};
+
+double seconds_since(std::chrono::steady_clock::time_point t) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+}
+
+}  // namespace
+
+GenerateOutput generate(LlmImpl& llm, const std::vector<int32_t>& prompt, const GenerateParams& p) {
+    const auto t0 = std::chrono::steady_clock::now();
     const int64_t ctx = llm.max_context, vocab = llm.g.vocab_size;
+    const size_t n = prompt.size();
     if (n == 0) fail(OF_ERR_INPUT, "the prompt is empty");
-    if (max_new_tokens < 1) fail(OF_ERR_INVALID_ARGUMENT, "max_new_tokens must be >= 1, got " + std::to_string(max_new_tokens));
-    if (eos_id < -1) fail(OF_ERR_INVALID_ARGUMENT, "eos_id must be a token id or -1 (none), got " + std::to_string(eos_id));
+    if (p.max_new_tokens < 1) fail(OF_ERR_INVALID_ARGUMENT, "max_new_tokens must be >= 1, got " + std::to_string(p.max_new_tokens));
+    check_sampling(p.sampling);
+    for (int32_t id : p.stop_ids)
+        if (id < 0) fail(OF_ERR_INVALID_ARGUMENT, "a stop token id must be >= 0, got " + std::to_string(id));
+    for (const std::string& s : p.stop_strings)
+        if (s.empty()) fail(OF_ERR_INVALID_ARGUMENT, "a stop string must be non-empty text");
+    if (!p.stop_strings.empty() && !llm.tokenizer)
+        fail(llm.tokenizer_status, "stop strings need the build's tokenizer: " + llm.tokenizer_error);
     if (n >= static_cast<uint64_t>(ctx))
         fail(OF_ERR_CONTEXT_LENGTH, "the prompt is " + std::to_string(n) + " tokens fed to the LLM; the context holds " + std::to_string(ctx) +
                                         ", leaving no room for a new token");
-    std::vector<int32_t> prompt(ids, ids + n);
     auto lo_hi = std::minmax_element(prompt.begin(), prompt.end());
     if (*lo_hi.first < 0 || *lo_hi.second >= vocab)
         fail(OF_ERR_INPUT, "token ids must lie in [0, " + std::to_string(vocab) + "), got [" + std::to_string(*lo_hi.first) + ", " +
                                std::to_string(*lo_hi.second) + "]");
-    int64_t slot = -1;
-    {
-        std::lock_guard<std::mutex> lock(llm.slots_lock);
-        for (int64_t i = 0; i < llm.num_slots && slot < 0; ++i)
-            if (!llm.busy[i]) slot = i;
-        if (slot < 0)
-            fail(OF_ERR_UNSUPPORTED, "the KV-cache pool has no free slot (" + std::to_string(llm.num_slots) + "/" +
-                                         std::to_string(llm.num_slots) + " in use); retry later or open the LLM with more slots");
-        llm.busy[slot] = true;
-        llm.lengths[slot] = 0;
-    }
-    struct Release {
-        LlmImpl& llm;
-        int64_t slot;
-        ~Release() {
-            std::lock_guard<std::mutex> lock(llm.slots_lock);
-            llm.busy[slot] = false;
-            llm.lengths[slot] = 0;
-        }
-    } release{llm, slot};
+    std::vector<int32_t> stop_ids = p.stop_ids;
+    if (p.default_stop && llm.tokenizer && llm.tokenizer->eos) stop_ids.assign(1, *llm.tokenizer->eos);  // the model's EOS
+    auto is_stop = [&](int32_t t) { return std::find(stop_ids.begin(), stop_ids.end(), t) != stop_ids.end(); };
 
-    std::vector<int32_t> out;
+    SlotLease lease(llm, p.slot_wait_ms);
+    GenerateOutput out;
+    out.prompt_tokens = n;
+    Rng rng(p.sampling.seed);
+    Sampler sampler;
+    std::vector<int32_t> history;  // for the repetition penalty: the prompt's ids, then the generated
+    if (p.sampling.repetition_penalty != 1.0) history = prompt;
+    // the visible text, kept up to date per token when streamed or searched for stop strings
+    std::optional<TextStream> text;
+    const bool live_text = llm.tokenizer && (p.callback || !p.stop_strings.empty());
+    if (llm.tokenizer) {
+        std::vector<int32_t> hidden = llm.hidden_ids;
+        hidden.insert(hidden.end(), stop_ids.begin(), stop_ids.end());
+        text.emplace(*llm.tokenizer->tok, std::move(hidden), p.stop_strings);
+    }
     std::vector<float> logits;
-    llm.step(slot, llm.embed(prompt), static_cast<int64_t>(n), logits);
+    llm.step(lease.slot, llm.embed(prompt), static_cast<int64_t>(n), logits);
+    std::chrono::steady_clock::time_point t_decode{};
     while (true) {
-        // the first maximum, as numpy's argmax (a NaN counts as the maximum)
-        int32_t best = 0;
-        for (int32_t i = 0; i < static_cast<int32_t>(logits.size()); ++i) {
-            if (std::isnan(logits[i])) {
-                best = i;
-                break;
-            }
-            if (logits[i] > logits[best]) best = i;
+        const int32_t token = sampler.select(logits.data(), logits.size(), p.sampling, rng, history);
+        out.tokens.push_back(token);
+        if (p.sampling.repetition_penalty != 1.0) history.push_back(token);
+        if (out.tokens.size() == 1) {
+            out.ttft_s = seconds_since(t0);
+            t_decode = std::chrono::steady_clock::now();
         }
-        out.push_back(best);
-        if (best == eos_id) break;
-        if (static_cast<int64_t>(out.size()) >= max_new_tokens || static_cast<int64_t>(n + out.size()) > ctx) break;
-        llm.step(slot, llm.embed({best}), 1, logits);
+        if (is_stop(token)) out.finish = OF_FINISH_STOP;
+        else if (static_cast<int64_t>(out.tokens.size()) >= p.max_new_tokens || static_cast<int64_t>(n + out.tokens.size()) > ctx)
+            out.finish = OF_FINISH_LENGTH;
+        std::string delta;
+        if (live_text) {
+            bool stopped = false;
+            delta = text->push(token, out.finish != OF_FINISH_NONE, &stopped);
+            if (stopped) out.finish = OF_FINISH_STOP_STRING;
+        }
+        if (p.callback && p.callback(p.user_data, token, delta.data(), delta.size()) != 0 && !out.finish)
+            out.finish = OF_FINISH_CANCELLED;
+        if (out.finish) break;
+        llm.step(lease.slot, llm.embed({token}), 1, logits);
+    }
+    out.decode_s = seconds_since(t_decode);
+    if (text) {
+        if (!live_text) {  // computed once, at the end
+            text->finish(out.tokens);
+        }
+        out.text = text->text();
     }
     return out;
+}
+
+std::vector<int32_t> generate_greedy(LlmImpl& llm, const int32_t* ids, size_t n, int32_t max_new_tokens, int32_t eos_id) {
+    if (eos_id < -1) fail(OF_ERR_INVALID_ARGUMENT, "eos_id must be a token id or -1 (none), got " + std::to_string(eos_id));
+    GenerateParams p;
+    p.max_new_tokens = max_new_tokens;
+    p.default_stop = false;
+    if (eos_id >= 0) p.stop_ids.push_back(eos_id);
+    p.slot_wait_ms = -1;  // a call waits for a free slot (calls may come from several threads)
+    return generate(llm, std::vector<int32_t>(ids, ids + n), p).tokens;
 }
 
 }  // namespace omniforge

@@ -1,5 +1,6 @@
 // Tests of libomniforge through its C API. Needs OMNIFORGE_TEST_BUILD (an omniforge build folder)
 // and OMNIFORGE_ORT_LIBRARY (ONNX Runtime's library or the onnxruntime Python package's folder).
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -139,6 +140,82 @@ int main() {
     while (out[first] != eos) ++first;
     CHECK(of_llm_generate_greedy(llm, prompt.data(), prompt.size(), 32, eos, again.data(), again.size(), &n2) == OF_OK);
     CHECK(n2 == first + 1 && again[first] == eos);
+
+    // ---- of_llm_generate: options, results, streaming ----
+    {
+        of_generate_options go;
+        of_generate_options_init(&go);
+        CHECK(go.struct_size == sizeof go && go.max_new_tokens == 64 && go.n_stop_token_ids == -1 && go.top_p == 1.0);
+        of_generation* g = nullptr;
+        CHECK(of_llm_generate(nullptr, prompt.data(), prompt.size(), &go, &g) == OF_ERR_INVALID_ARGUMENT);
+        st = of_llm_generate(llm, prompt.data(), prompt.size(), &go, nullptr);
+        expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(llm), "null pointer", "a null result address");
+        go.max_new_tokens = 8;
+        go.n_stop_token_ids = 0;
+        CHECK(of_llm_generate(llm, prompt.data(), prompt.size(), &go, &g) == OF_OK && g);
+        size_t gn = 0;
+        const int32_t* gt = of_generation_tokens(g, &gn);
+        CHECK(gn == 8 && std::equal(gt, gt + gn, out.begin()));  // greedy, as of_llm_generate_greedy
+        CHECK(of_generation_finish_reason(g) == OF_FINISH_LENGTH && of_generation_prompt_tokens(g) == prompt.size());
+        CHECK(std::string(of_finish_reason_name(of_generation_finish_reason(g))) == "length");
+        of_generation_free(g);
+        of_generation_free(nullptr);
+        CHECK(of_generation_tokens(nullptr, &gn) == nullptr && gn == 0);
+
+        // the callback sees every token and can stop the request
+        struct Seen {
+            std::vector<int32_t> ids;
+        } seen;
+        go.on_token = [](void* u, int32_t t, const char*, size_t) {
+            auto* s = static_cast<Seen*>(u);
+            s->ids.push_back(t);
+            return s->ids.size() >= 3 ? 1 : 0;
+        };
+        go.user_data = &seen;
+        CHECK(of_llm_generate(llm, prompt.data(), prompt.size(), &go, &g) == OF_OK);
+        gt = of_generation_tokens(g, &gn);
+        CHECK(gn == 3 && seen.ids.size() == 3 && std::equal(gt, gt + 3, seen.ids.begin()));
+        CHECK(of_generation_finish_reason(g) == OF_FINISH_CANCELLED);
+        of_generation_free(g);
+        go.on_token = nullptr;
+
+        auto refused = [&](const std::function<void(of_generate_options&)>& edit, of_status want, const char* part, const char* what) {
+            of_generate_options bad;
+            of_generate_options_init(&bad);
+            edit(bad);
+            of_generation* r = reinterpret_cast<of_generation*>(&bad);  // must be reset to NULL
+            of_status s = of_llm_generate(llm, prompt.data(), prompt.size(), &bad, &r);
+            expect_refusal(s, want, of_last_error(llm), part, what);
+            CHECK(r == nullptr);
+        };
+        refused([](of_generate_options& o) { o.struct_size = 0; }, OF_ERR_INVALID_ARGUMENT, "of_generate_options_init", "options not initialised");
+        refused([](of_generate_options& o) { o.temperature = -1; }, OF_ERR_INVALID_ARGUMENT, "temperature must be >= 0", "a negative temperature");
+        refused([](of_generate_options& o) { o.temperature = 1e-5; }, OF_ERR_INVALID_ARGUMENT, "temperature must be 0 (greedy) or lie in", "a tiny temperature");
+        refused([](of_generate_options& o) { o.temperature = NAN; }, OF_ERR_INVALID_ARGUMENT, "finite", "a NaN temperature");
+        refused([](of_generate_options& o) { o.top_p = 0; }, OF_ERR_INVALID_ARGUMENT, "top_p must lie in (0, 1]", "top_p 0");
+        refused([](of_generate_options& o) { o.top_p = 1.5; }, OF_ERR_INVALID_ARGUMENT, "top_p must lie in (0, 1]", "top_p 1.5");
+        refused([](of_generate_options& o) { o.top_k = -1; }, OF_ERR_INVALID_ARGUMENT, "top_k must be >= 0", "a negative top_k");
+        refused([](of_generate_options& o) { o.repetition_penalty = 0; }, OF_ERR_INVALID_ARGUMENT, "repetition_penalty must be > 0", "penalty 0");
+        refused([](of_generate_options& o) { o.repetition_penalty = 1e9; }, OF_ERR_INVALID_ARGUMENT, "repetition_penalty must lie in", "a huge penalty");
+        refused([](of_generate_options& o) { o.max_new_tokens = 0; }, OF_ERR_INVALID_ARGUMENT, "max_new_tokens", "zero new tokens (options)");
+        refused([](of_generate_options& o) { o.n_stop_token_ids = 2; }, OF_ERR_INVALID_ARGUMENT, "null pointer", "stop ids without a pointer");
+        static const int32_t negative_stop[] = {-4};
+        refused([](of_generate_options& o) { o.stop_token_ids = negative_stop; o.n_stop_token_ids = 1; }, OF_ERR_INVALID_ARGUMENT,
+                "stop token id must be >= 0", "a negative stop id");
+        refused([](of_generate_options& o) { o.n_stop_token_ids = -2; }, OF_ERR_INVALID_ARGUMENT, "n_stop_token_ids", "a stop count below -1");
+        refused([](of_generate_options& o) { o.n_stop_strings = 1; }, OF_ERR_INVALID_ARGUMENT, "null pointer", "stop strings without a pointer");
+        static const char* const empty_stop[] = {""};
+        refused([](of_generate_options& o) { o.stop_strings = empty_stop; o.n_stop_strings = 1; }, OF_ERR_INVALID_ARGUMENT,
+                "non-empty", "an empty stop string");
+        refused([](of_generate_options& o) { o.slot_wait_ms = -2; }, OF_ERR_INVALID_ARGUMENT, "slot_wait_ms", "slot_wait_ms -2");
+        std::vector<int32_t> too_long(static_cast<size_t>(ctx), 1);
+        st = of_llm_generate(llm, too_long.data(), too_long.size(), nullptr, &g);
+        expect_refusal(st, OF_ERR_CONTEXT_LENGTH, of_last_error(llm), "context holds", "a prompt filling the context (generate)");
+        int32_t outside[] = {vocab + 5};
+        st = of_llm_generate(llm, outside, 1, nullptr, &g);
+        expect_refusal(st, OF_ERR_INPUT, of_last_error(llm), "token ids must lie in", "an id outside the vocabulary (generate)");
+        CHECK(std::string(of_status_name(OF_ERR_BUSY)) == "OF_ERR_BUSY");
+    }
 
     int32_t bad_ids[] = {1, vocab};
     st = of_llm_generate_greedy(llm, bad_ids, 2, 4, -1, out.data(), out.size(), &n);

@@ -1,0 +1,132 @@
+// One loaded build shared by many threads: every thread runs several requests (greedy and seeded
+// sampling) through one of_llm, each request with its own KV slot, and each result must equal the
+// same request run alone. A thread's bad requests get their own errors while the others run.
+//   omniforge_threads BUILD [THREADS] [ROUNDS]
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "omniforge.h"
+
+namespace {
+
+struct Request {
+    std::vector<int32_t> prompt;
+    double temperature;
+    int32_t top_k;
+    double top_p;
+    uint64_t seed;
+};
+
+std::vector<int32_t> run(of_llm* llm, const Request& r, int32_t wait_ms, of_status* status) {
+    of_generate_options o;
+    of_generate_options_init(&o);
+    o.max_new_tokens = 24;
+    o.n_stop_token_ids = 0;
+    o.temperature = r.temperature;
+    o.top_k = r.top_k;
+    o.top_p = r.top_p;
+    o.seed = r.seed;
+    o.slot_wait_ms = wait_ms;
+    of_generation* g = nullptr;
+    *status = of_llm_generate(llm, r.prompt.data(), r.prompt.size(), &o, &g);
+    std::vector<int32_t> out;
+    if (*status == OF_OK) {
+        size_t n = 0;
+        const int32_t* t = of_generation_tokens(g, &n);
+        out.assign(t, t + n);
+    }
+    of_generation_free(g);
+    return out;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    if (argc < 2) {
+        std::fprintf(stderr, "usage: %s BUILD [THREADS] [ROUNDS]\n", argv[0]);
+        return 2;
+    }
+    const int threads = argc > 2 ? std::atoi(argv[2]) : 8;
+    const int rounds = argc > 3 ? std::atoi(argv[3]) : 3;
+    of_build_options bo;
+    of_build_options_init(&bo);
+    bo.threads = 1;  // one intra-op thread per session: the requests are the parallelism
+    of_build* build = nullptr;
+    of_status st = of_build_open(argv[1], &bo, &build);
+    if (st != OF_OK) {
+        std::fprintf(stderr, "%s: %s\n", of_status_name(st), of_last_error(build));
+        of_build_close(build);
+        return 1;
+    }
+    int failures = 0;
+    std::vector<Request> requests;
+    for (int i = 0; i < threads * rounds; ++i) {
+        Request r;
+        for (int k = 0; k < 3 + (i % 7); ++k) r.prompt.push_back(1 + (i * 13 + k * 7) % 300);
+        r.temperature = i % 3 == 0 ? 0.0 : 0.7 + 0.1 * (i % 4);
+        r.top_k = i % 4 == 1 ? 20 : 0;
+        r.top_p = i % 5 == 2 ? 0.85 : 1.0;
+        r.seed = 1000 + i;
+        requests.push_back(r);
+    }
+    // two pools: one slot per thread, and fewer slots than threads (requests wait for a slot)
+    for (int slots : {threads, std::max(1, threads / 3)}) {
+        of_llm* llm = nullptr;
+        st = of_llm_open(build, slots, 0, &llm);
+        if (st != OF_OK) {
+            std::fprintf(stderr, "%s: %s\n", of_status_name(st), of_last_error(build));
+            return 1;
+        }
+        std::vector<std::vector<int32_t>> serial;
+        for (const Request& r : requests) {
+            serial.push_back(run(llm, r, 0, &st));
+            if (st != OF_OK) {
+                std::fprintf(stderr, "serial request failed: %s\n", of_last_error(llm));
+                return 1;
+            }
+        }
+        std::atomic<int> mismatches{0}, errors{0};
+        std::vector<std::thread> pool;
+        for (int t = 0; t < threads; ++t) {
+            pool.emplace_back([&, t] {
+                for (int k = 0; k < rounds; ++k) {
+                    const size_t i = size_t((t * rounds + k * 5) % (threads * rounds));
+                    of_status s = OF_OK;
+                    std::vector<int32_t> got = run(llm, requests[i], -1, &s);
+                    if (s != OF_OK) {
+                        std::fprintf(stderr, "thread %d: %s %s\n", t, of_status_name(s), of_last_error(llm));
+                        ++errors;
+                    } else if (got != serial[i]) {
+                        ++mismatches;
+                    }
+                    if (t == 0) {  // a bad request: its error is this thread's, one sentence
+                        int32_t bad = 1 << 30;
+                        of_generation* g = nullptr;
+                        s = of_llm_generate(llm, &bad, 1, nullptr, &g);
+                        std::string e = of_last_error(llm);
+                        if (s != OF_ERR_INPUT || e.find("token ids must lie in") == std::string::npos) ++errors;
+                    } else if (std::string(of_last_error(llm)) != "") {
+                        ++errors;  // another thread's error leaked into this one's
+                    }
+                }
+            });
+        }
+        for (std::thread& th : pool) th.join();
+        std::printf("%d threads x %d requests on %d slots: %d mismatches, %d errors\n", threads, rounds, slots, mismatches.load(),
+                    errors.load());
+        failures += mismatches + errors;
+        // every slot is free again: a request that may not wait gets one
+        of_status s = OF_OK;
+        run(llm, requests[0], 0, &s);
+        if (s != OF_OK) ++failures;
+        of_llm_close(llm);
+    }
+    of_build_close(build);
+    if (failures) return 1;
+    std::printf("all thread checks passed\n");
+    return 0;
+}
