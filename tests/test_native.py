@@ -25,13 +25,14 @@ FETCH_HEADERS = ROOT / "scripts" / "fetch_ort_headers.sh"
 SOURCES = ("CMakeLists.txt", "include", "src", "tests")
 
 
+EXAMPLES = (ROOT / "examples" / "c", ROOT / "examples" / "cpp")
+
+
 def _sources_key(kind: str) -> str:
     h = hashlib.sha256(kind.encode())
+    tops = [NATIVE / top for top in SOURCES] + list(EXAMPLES)
     files = [FETCH_HEADERS] + sorted(
-        p
-        for top in SOURCES
-        for p in ([NATIVE / top] if (NATIVE / top).is_file() else (NATIVE / top).rglob("*"))
-        if p.is_file()
+        p for top in tops for p in ([top] if top.is_file() else top.rglob("*")) if p.is_file()
     )
     for p in files:
         h.update(str(p.relative_to(ROOT)).encode() + b"\0" + p.read_bytes() + b"\0")
@@ -77,8 +78,15 @@ def ort_library() -> str:
     return os.path.dirname(onnxruntime.__file__)
 
 
-def _build(cache: Path, headers: Path, sanitize: bool) -> Path:
-    kind = "san" if sanitize else "rel"
+BUILD_KINDS = {  # kind: (CMake options, build type, targets; None: all)
+    "rel": (["-DOMNIFORGE_SANITIZE=OFF"], "RelWithDebInfo", None),
+    "san": (["-DOMNIFORGE_SANITIZE=ON"], "Debug", None),
+    "tsan": (["-DOMNIFORGE_TSAN=ON"], "Debug", ["omniforge_threads"]),
+}
+
+
+def _build(cache: Path, headers: Path, kind: str) -> Path:
+    options, build_type, targets = BUILD_KINDS[kind]
     out = cache / f"build-{kind}-{_sources_key(kind)}"
     with _locked(cache / f"build-{kind}.lock"):
         if (out / ".complete").exists():
@@ -92,12 +100,12 @@ def _build(cache: Path, headers: Path, sanitize: bool) -> Path:
             "-B",
             str(out),
             f"-DOMNIFORGE_ORT_HEADERS={headers}",
-            f"-DOMNIFORGE_SANITIZE={'ON' if sanitize else 'OFF'}",
-            f"-DCMAKE_BUILD_TYPE={'Debug' if sanitize else 'RelWithDebInfo'}",
+            *options,
+            f"-DCMAKE_BUILD_TYPE={build_type}",
         ]
         r = _run(configure)
         assert r.returncode == 0, f"cmake configure failed: {r.stderr.strip()[-2000:]}"
-        r = _run(["cmake", "--build", str(out), "-j2"])
+        r = _run(["cmake", "--build", str(out), "-j2", *(["--target", *targets] if targets else [])])
         assert r.returncode == 0, f"cmake build failed: {(r.stdout + r.stderr)[-4000:]}"
         (out / ".complete").touch()
     return out
@@ -105,12 +113,17 @@ def _build(cache: Path, headers: Path, sanitize: bool) -> Path:
 
 @pytest.fixture(scope="session")
 def native_build(native_cache: Path, ort_headers: Path) -> Path:
-    return _build(native_cache, ort_headers, sanitize=False)
+    return _build(native_cache, ort_headers, "rel")
 
 
 @pytest.fixture(scope="session")
 def native_san_build(native_cache: Path, ort_headers: Path) -> Path:
-    return _build(native_cache, ort_headers, sanitize=True)
+    return _build(native_cache, ort_headers, "san")
+
+
+@pytest.fixture(scope="session")
+def native_tsan_build(native_cache: Path, ort_headers: Path) -> Path:
+    return _build(native_cache, ort_headers, "tsan")
 
 
 def _env(build: Path, ort_library: str, **extra: str) -> dict[str, str]:
@@ -252,6 +265,53 @@ def test_under_address_and_undefined_behaviour_sanitizers(
         assert r.returncode == 0, r.stderr[-6000:]
         assert "Sanitizer" not in r.stderr and "runtime error" not in r.stderr, r.stderr[-6000:]
         assert [int(t) for t in r.stdout.split()] == want
+
+
+def test_c_example_streams_the_python_runtimes_reply(
+    native_build: Path, default_build: Path, ort_library: str
+) -> None:
+    """examples/c/stream.c: a text prompt in, the reply streamed to stdout (greedy, the model's EOS
+    as the stop token), as the Python runtime streams it."""
+    from omniforge.runtime.llm import LlmRuntime
+    from omniforge.runtime.sampling import GenerationConfig
+
+    prompt = "Describe a harbour at dawn."
+    want = LlmRuntime(default_build).generate(prompt, GenerationConfig(max_new_tokens=40))
+    r = subprocess.run(
+        [str(native_build / "omniforge_example_c"), str(default_build), prompt, "40"],
+        capture_output=True,
+        env=_env(default_build, ort_library),
+    )
+    assert r.returncode == 0, r.stderr.decode(errors="replace")[-3000:]
+    assert r.stdout.decode() == want.text + "\n"
+    assert r.stderr.decode().strip() == f"finish: {want.finish_reason}, {len(want.token_ids)} tokens"
+
+
+def test_cpp_example_serves_cancels_and_reports_timing(
+    native_build: Path, default_build: Path, ort_library: str
+) -> None:
+    """examples/cpp/service.cpp: one loaded build, 3 concurrent requests cancelled after 5 tokens,
+    a timing line per request."""
+    r = _run(
+        [
+            str(native_build / "omniforge_example_cpp"),
+            str(default_build),
+            "Hello there",
+            "--max",
+            "40",
+            "--cancel-after",
+            "5",
+            "--requests",
+            "3",
+        ],
+        env=_env(default_build, ort_library),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("request ")]
+    assert len(lines) == 3 and r.stderr.startswith("loaded in ")
+    for k, line in enumerate(lines):
+        assert line.startswith(f"request {k}: tokens=5 finish=cancelled ttft_ms="), line
+        assert "decode_tok_s=" in line
 
 
 @pytest.mark.parametrize(

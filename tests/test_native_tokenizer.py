@@ -1,0 +1,374 @@
+# ruff: noqa: F811  (the native fixtures are imported from tests/test_native.py by name)
+"""The native core's tokenizer (``of_tokenizer_*`` through ctypes) against the ``tokenizers``
+library, on >= 10,000 generated strings per tokenizer omniforge builds carry: the embedded default's
+byte-level BPE, a Vicuna/Llama SentencePiece BPE with byte fallback as ``omniforge import nextgpt``
+converts it (with NExT-GPT's 38 added tokens, lstrip/rstrip), and the same model in the newer Llama
+form (a Metaspace pre-tokenizer). Strings mix Unicode from many scripts and planes, emoji, combining
+marks, whitespace runs, digits, contractions, added tokens and long inputs; ids must be identical,
+and decoding (with and without special tokens) must give the library's text. Unsupported tokenizer
+features are refused at load with one sentence."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from tests.test_native import (  # noqa: F401  (fixtures)
+    native_build,
+    native_cache,
+    ort_headers,
+)
+
+N_STRINGS = 10_000
+
+
+class NativeTokenizer:
+    def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
+        self.lib = lib
+        self.h = ctypes.c_void_p()
+        st = lib.of_tokenizer_open(str(path).encode(), ctypes.byref(self.h))
+        self.status, self.error = st, lib.of_tokenizer_last_error(self.h).decode()
+        self.ids = (ctypes.c_int32 * 200_000)()
+        self.text = ctypes.create_string_buffer(1 << 20)
+
+    def close(self) -> None:
+        self.lib.of_tokenizer_close(self.h)
+
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        n = ctypes.c_size_t()
+        st = self.lib.of_tokenizer_encode(
+            self.h, data, len(data), int(special), self.ids, len(self.ids), ctypes.byref(n)
+        )
+        assert st == 0, self.lib.of_tokenizer_last_error(self.h).decode()
+        return self.ids[: n.value]
+
+    def decode(self, ids: list[int], skip_special: bool) -> str:
+        arr = (ctypes.c_int32 * max(1, len(ids)))(*ids)
+        n = ctypes.c_size_t()
+        st = self.lib.of_tokenizer_decode(
+            self.h, arr, len(ids), int(skip_special), self.text, len(self.text), ctypes.byref(n)
+        )
+        assert st == 0, self.lib.of_tokenizer_last_error(self.h).decode()
+        return ctypes.string_at(self.text, n.value).decode("utf-8")
+
+
+@pytest.fixture(scope="module")
+def lib(native_build: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(native_build / "libomniforge.so"))
+    p, sz = ctypes.POINTER, ctypes.c_size_t
+    lib.of_tokenizer_open.argtypes = [ctypes.c_char_p, p(ctypes.c_void_p)]
+    lib.of_tokenizer_last_error.argtypes = [ctypes.c_void_p]
+    lib.of_tokenizer_last_error.restype = ctypes.c_char_p
+    lib.of_tokenizer_close.argtypes = [ctypes.c_void_p]
+    lib.of_tokenizer_encode.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_char_p,
+        sz,
+        ctypes.c_int,
+        p(ctypes.c_int32),
+        sz,
+        p(sz),
+    ]
+    lib.of_tokenizer_decode.argtypes = [
+        ctypes.c_void_p,
+        p(ctypes.c_int32),
+        sz,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        sz,
+        p(sz),
+    ]
+    lib.of_status_name.restype = ctypes.c_char_p
+    return lib
+
+
+# ---- the tokenizers ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer_files(tmp_path_factory: pytest.TempPathFactory, default_model: Path) -> dict[str, Path]:
+    from tokenizers import Tokenizer, pre_tokenizers
+
+    from omniforge.importers.tokenizer import convert_tokenizer
+    from tests.release_format.delta import signal_tokens
+    from tests.release_format.vicuna import added_token, train_sentencepiece, vicuna_tokenizer_config
+
+    root = tmp_path_factory.mktemp("tokenizers")
+    src = root / "vicuna-src"
+    src.mkdir()
+    (src / "tokenizer.model").write_bytes(train_sentencepiece())
+    (src / "tokenizer_config.json").write_text(json.dumps(vicuna_tokenizer_config()))
+    plain = {
+        k: {kk: vv for kk, vv in added_token(t).items() if kk != "__type"}
+        for k, t in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>"))
+    }
+    (src / "special_tokens_map.json").write_text(json.dumps({**plain, "pad_token": "</s>"}))
+    import sentencepiece as spm
+
+    vocab = spm.SentencePieceProcessor(model_file=str(src / "tokenizer.model")).get_piece_size()
+    added = {t: vocab + i for i, t in enumerate(["{'<Img>'}", "{'</Img>'}", *signal_tokens()])}
+    (src / "added_tokens.json").write_text(json.dumps(added))
+    try:
+        convert_tokenizer(src, root / "vicuna")
+    except Exception as exc:  # noqa: BLE001  (protobuf's VersionError where sentencepiece's pb2 is newer)
+        if "protobuf" not in f"{type(exc).__module__} {exc}".lower():
+            raise
+        _convert_like_the_importer(src, root / "vicuna", added)
+    # the newer Llama form of the same model: no normalizer, a Metaspace pre-tokenizer
+    tok = Tokenizer.from_file(str(root / "vicuna" / "tokenizer.json"))
+    tok.normalizer = None
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    (root / "llama-metaspace").mkdir()
+    tok.save(str(root / "llama-metaspace" / "tokenizer.json"))
+    return {
+        "default": default_model / "llm" / "tokenizer.json",
+        "vicuna": root / "vicuna" / "tokenizer.json",
+        "llama-metaspace": root / "llama-metaspace" / "tokenizer.json",
+    }
+
+
+def _convert_like_the_importer(src: Path, dst: Path, added: dict[str, int]) -> None:
+    """What ``convert_tokenizer`` writes for this folder, read through SentencePieceProcessor where
+    the installed protobuf cannot load sentencepiece's model description: BPE merges ranked by the
+    merged piece's score, byte fallback, fused unk, Prepend + Replace normalizers, the
+    Replace/ByteFallback/Fuse/Strip decoder, added tokens as 4.29 stripped them, BOS template."""
+    import sentencepiece as spm
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+
+    sp = spm.SentencePieceProcessor(model_file=str(src / "tokenizer.model"))
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    normal = {
+        p: (sp.get_score(i), i)
+        for i, p in enumerate(pieces)
+        if not (sp.is_unknown(i) or sp.is_control(i) or sp.is_byte(i) or sp.is_unused(i))
+    }
+    ranked = sorted(
+        (-score, i, p[:cut], p[cut:])
+        for p, (score, i) in normal.items()
+        for cut in range(1, len(p))
+        if p[:cut] in normal and p[cut:] in normal
+    )
+    tok = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=[(a, b) for *_, a, b in ranked],
+            unk_token="<unk>",
+            fuse_unk=True,
+            byte_fallback=True,
+        )
+    )
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>")])
+    for t, _ in sorted(added.items(), key=lambda kv: kv[1]):
+        tok.add_tokens([AddedToken(t, lstrip=True, rstrip=True, normalized=False)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B:1", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    dst.mkdir(parents=True, exist_ok=True)
+    tok.save(str(dst / "tokenizer.json"))
+
+
+# ---- the strings -------------------------------------------------------------------------------
+
+BLOCKS = [
+    (0x20, 0x7E),
+    (0xA0, 0x17F),
+    (0x370, 0x3FF),
+    (0x400, 0x4FF),
+    (0x590, 0x5FF),
+    (0x600, 0x6FF),
+    (0x900, 0x97F),
+    (0xE00, 0xE7F),
+    (0x1100, 0x11FF),
+    (0x1E00, 0x1EFF),
+    (0x2000, 0x206F),
+    (0x2190, 0x23FF),
+    (0x3000, 0x30FF),
+    (0x4E00, 0x9FFF),
+    (0xAC00, 0xD7A3),
+    (0xFF00, 0xFFEF),
+    (0x1F300, 0x1FAFF),
+    (0x10000, 0x1007F),
+    (0x1D400, 0x1D7FF),
+    (0x20000, 0x2A6DF),
+    (0xE0000, 0xE007F),
+]
+SPACES = [
+    " ",
+    "  ",
+    "   ",
+    "\t",
+    "\n",
+    "\n\n",
+    "\r\n",
+    " \n ",
+    "\u00a0",
+    "\u3000",
+    "\u2009",
+    "\u200b",
+    "\x0b",
+    "\x0c",
+    "\u2028",
+    "\u0085",
+]
+PUNCT = list(".,;:!?'\"()[]{}<>-_=+*/\\|@#$%^&~`") + ["...", "--", "\u2014", "\u00bf", "\u201c", "\u201d"]
+CONTRACTIONS = ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "'LL", "'x"]
+EMOJI = [
+    "\U0001f600",
+    "\U0001f44d\U0001f3fd",
+    "\U0001f468\u200d\U0001f469\u200d\U0001f467",
+    "\u2764\ufe0f",
+    "\U0001f1ef\U0001f1f5",
+]
+COMBINING = ["e\u0301", "n\u0303", "\u0915\u094d\u0937", "a\u0308\u0304", "\u05e9\u05c1"]
+
+
+def _char(rng: random.Random) -> str:
+    if rng.random() < 0.1:  # anywhere in Unicode (no surrogates)
+        while True:
+            c = rng.randrange(0x110000)
+            if not 0xD800 <= c <= 0xDFFF:
+                return chr(c)
+    lo, hi = rng.choice(BLOCKS)
+    return chr(rng.randint(lo, hi))
+
+
+def _strings(rng: random.Random, words: list[str], added: list[str], n: int) -> list[str]:
+    out = []
+    for i in range(n):
+        s = _string(rng, words, added)
+        if i % 97 == 0:  # long inputs
+            s = " ".join(_string(rng, words, added) for _ in range(60))[:8000]
+        if i % 50 == 1:
+            s = rng.choice(SPACES) * rng.randint(1, 40) + s + rng.choice(SPACES) * rng.randint(1, 40)
+        out.append(s)
+    return out + ["", " ", "  ", "\n", "a", "'s", "\ufffd", "\u2581", "\u2581\u2581x", "<0x41>"]
+
+
+def _string(rng: random.Random, words: list[str], added: list[str]) -> str:
+    parts = []
+    for _ in range(rng.randint(1, 12)):
+        kind = rng.random()
+        if kind < 0.3:
+            parts.append(rng.choice(words))
+        elif kind < 0.45:
+            parts.append("".join(_char(rng) for _ in range(rng.randint(1, 6))))
+        elif kind < 0.58:
+            parts.append(rng.choice(SPACES) * rng.randint(1, 3))
+        elif kind < 0.64:
+            parts.append(str(rng.randint(0, 10 ** rng.randint(1, 12))))
+        elif kind < 0.7:
+            parts.append(rng.choice(PUNCT) * rng.randint(1, 3))
+        elif kind < 0.76:
+            parts.append(rng.choice(CONTRACTIONS))
+        elif kind < 0.8:
+            parts.append(rng.choice(EMOJI + COMBINING))
+        elif kind < 0.92 and added:
+            t = rng.choice(added)
+            parts.append(rng.choice(["", " ", "  ", "\n"]) + t + rng.choice(["", " ", "  ", "\t"]))
+        else:
+            parts.append(rng.choice(words).upper())
+    return "".join(p + (" " if rng.random() < 0.5 else "") for p in parts)
+
+
+def _words() -> list[str]:
+    from importlib import resources
+
+    text = resources.files("omniforge").joinpath("data/corpus.txt").read_text()
+    return sorted(set(text.split()))[:3000] or ["hello", "world"]
+
+
+@pytest.mark.parametrize("kind", ["default", "vicuna", "llama-metaspace"])
+def test_ids_and_text_equal_the_tokenizers_library(
+    lib: ctypes.CDLL, tokenizer_files: dict[str, Path], kind: str
+) -> None:
+    from tokenizers import Tokenizer
+
+    path = tokenizer_files[kind]
+    ref = Tokenizer.from_file(str(path))
+    native = NativeTokenizer(lib, path)
+    assert native.status == 0, native.error
+    try:
+        added = [t.content for t in ref.get_added_tokens_decoder().values()]
+        rng = random.Random(16)
+        strings = _strings(rng, _words(), added, N_STRINGS)
+        assert len(strings) >= N_STRINGS
+        for special in (True, False):
+            want = [e.ids for e in ref.encode_batch(strings, add_special_tokens=special)]
+            for s, w in zip(strings, want, strict=True):
+                got = native.encode(s, special)
+                assert got == w, f"{kind}: {s!r}: native {got} != tokenizers {w}"
+                if special:
+                    for skip in (False, True):
+                        assert native.decode(got, skip) == ref.decode(w, skip_special_tokens=skip), (
+                            kind,
+                            s,
+                            skip,
+                        )
+        # random id sequences: byte tokens cut mid-character, special and added tokens, unknown ids
+        size = ref.get_vocab_size(with_added_tokens=True)
+        for _ in range(2000):
+            ids = [rng.randrange(size + 3) for _ in range(rng.randint(0, 30))]
+            for skip in (False, True):
+                assert native.decode(ids, skip) == ref.decode(ids, skip_special_tokens=skip), (
+                    kind,
+                    ids,
+                    skip,
+                )
+    finally:
+        native.close()
+
+
+def _refused(lib: ctypes.CDLL, path: Path) -> tuple[str, str]:
+    t = NativeTokenizer(lib, path)
+    t.close()
+    return lib.of_status_name(t.status).decode(), t.error
+
+
+@pytest.mark.parametrize(
+    "edit, status, words",
+    [
+        (lambda d: d["model"].update(type="Unigram"), "OF_ERR_UNSUPPORTED", "Unigram model"),
+        (lambda d: d.update(normalizer={"type": "NFKC"}), "OF_ERR_UNSUPPORTED", "the normalizer 'NFKC'"),
+        (
+            lambda d: d.update(pre_tokenizer={"type": "Whitespace"}),
+            "OF_ERR_UNSUPPORTED",
+            "the pre-tokenizer 'Whitespace'",
+        ),
+        (lambda d: d.update(decoder={"type": "WordPiece"}), "OF_ERR_UNSUPPORTED", "the decoder 'WordPiece'"),
+        (
+            lambda d: d.update(post_processor={"type": "BertProcessing"}),
+            "OF_ERR_UNSUPPORTED",
+            "post-processor 'BertProcessing'",
+        ),
+        (lambda d: d.update(truncation={"max_length": 8}), "OF_ERR_UNSUPPORTED", "truncation"),
+        (lambda d: d["model"].update(dropout=0.1), "OF_ERR_UNSUPPORTED", "dropout"),
+        (lambda d: d["added_tokens"][0].update(single_word=True), "OF_ERR_UNSUPPORTED", "single_word"),
+        (
+            lambda d: d["model"].update(merges=[["no-such", "token"]]),
+            "OF_ERR_MANIFEST",
+            "merge names a token",
+        ),
+        (lambda d: d.clear(), "OF_ERR_MANIFEST", "has no model"),
+    ],
+)
+def test_unsupported_features_are_refused_in_one_sentence(
+    lib: ctypes.CDLL, tokenizer_files: dict[str, Path], tmp_path: Path, edit, status: str, words: str
+) -> None:
+    d = json.loads(tokenizer_files["default"].read_text())
+    edit(d)
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(d))
+    got_status, message = _refused(lib, path)
+    assert got_status == status and words in message and "\n" not in message, message
+    path.write_text("{not json")
+    assert _refused(lib, path)[0] == "OF_ERR_MANIFEST"
