@@ -8,6 +8,8 @@ other value raises ``ConfigError`` rather than silently computing something diff
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -34,30 +36,55 @@ class SchedulerConfig:
     alphas_cumprod: tuple[float, ...] = ()
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SchedulerConfig:
+    def from_dict(cls, d: Mapping[str, Any]) -> SchedulerConfig:
+        """The config of a diffusers ``scheduler_config.json``, every value the numpy schedulers
+        read checked for its type and range (one ``ConfigError`` naming the key and the limit)."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"the scheduler config must be a JSON object, got {type(d).__name__}")
         for key, ok in (
             ("thresholding", False),
             ("rescale_betas_zero_snr", False),
             ("use_karras_sigmas", False),
             ("trained_betas", None),
         ):
-            if d.get(key, ok) not in (ok,):
+            if d.get(key, ok) is not ok:
                 raise ConfigError(
-                    f"scheduler option {key}={d[key]!r} is not supported by the numpy schedulers"
+                    f"scheduler option {key}={_shown(d[key])} is not supported by the numpy schedulers"
                 )
-        fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-        fields["alphas_cumprod"] = tuple(d.get("alphas_cumprod", ()))
-        cfg = cls(**fields)
-        if cfg.alphas_cumprod and len(cfg.alphas_cumprod) != cfg.num_train_timesteps:
-            raise ConfigError("the scheduler's alphas_cumprod table does not match num_train_timesteps")
-        if cfg.beta_schedule not in ("linear", "scaled_linear"):
-            raise ConfigError(f"beta_schedule '{cfg.beta_schedule}' is not supported (linear, scaled_linear)")
-        if cfg.prediction_type not in ("epsilon", "v_prediction"):
+        kind = d.get("_class_name", "Scheduler")
+        if not isinstance(kind, str) or not kind.endswith("Scheduler"):
             raise ConfigError(
-                f"prediction_type '{cfg.prediction_type}' is not supported (epsilon, v_prediction)"
+                f"the scheduler config is not a scheduler's (its _class_name is {_shown(kind)})"
             )
-        if cfg.timestep_spacing not in ("leading", "trailing", "linspace"):
-            raise ConfigError(f"timestep_spacing '{cfg.timestep_spacing}' is not supported")
+        base = cls()
+        n = _int(d, "num_train_timesteps", base.num_train_timesteps, 1, MAX_TRAIN_TIMESTEPS)
+        beta_start = _float(d, "beta_start", base.beta_start)
+        beta_end = _float(d, "beta_end", base.beta_end)
+        if not 0 < beta_start <= beta_end < 1:
+            raise ConfigError(
+                f"the scheduler config's betas must satisfy 0 < beta_start <= beta_end < 1, "
+                f"got beta_start={beta_start!r}, beta_end={beta_end!r}"
+            )
+        cfg = cls(
+            num_train_timesteps=n,
+            beta_start=beta_start,
+            beta_end=beta_end,
+            beta_schedule=_choice(d, "beta_schedule", base.beta_schedule, ("linear", "scaled_linear")),
+            prediction_type=_choice(d, "prediction_type", base.prediction_type, ("epsilon", "v_prediction")),
+            timestep_spacing=_choice(
+                d, "timestep_spacing", base.timestep_spacing, ("leading", "trailing", "linspace")
+            ),
+            steps_offset=_int(d, "steps_offset", base.steps_offset, 0, n - 1),
+            set_alpha_to_one=_bool(d, "set_alpha_to_one", base.set_alpha_to_one),
+            clip_sample=_bool(d, "clip_sample", base.clip_sample),
+            clip_sample_range=_float(d, "clip_sample_range", base.clip_sample_range),
+            alphas_cumprod=_alphas_cumprod(d.get("alphas_cumprod", ()), n),
+        )
+        if cfg.clip_sample_range <= 0:
+            raise ConfigError(
+                f"the scheduler config's 'clip_sample_range' must be > 0, got {cfg.clip_sample_range!r}"
+            )
+        _check_table(cfg.alphas_cumprod_table(), "given" if cfg.alphas_cumprod else "computed from its betas")
         return cfg
 
     def alphas_cumprod_table(self) -> np.ndarray:
@@ -69,6 +96,82 @@ class SchedulerConfig:
         else:
             betas = np.linspace(self.beta_start**0.5, self.beta_end**0.5, n, dtype=np.float64) ** 2
         return np.cumprod(1.0 - betas).astype(np.float32)
+
+
+MAX_TRAIN_TIMESTEPS = 10_000  # a scheduler config's num_train_timesteps (diffusers' configs use 1000)
+MIN_ALPHA_CUMPROD = 1e-20  # the schedulers' sigmas (up to 1e10) and their squares stay finite in float32
+
+
+def _shown(v: object) -> str:
+    """A config value as a message shows it: cut short."""
+    r = repr(v)
+    return r if len(r) <= 60 else f"{r[:40]}...({len(r)} characters)"
+
+
+def _int(d: Mapping[str, Any], key: str, default: int, lo: int, hi: int) -> int:
+    v = d.get(key, default)
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ConfigError(
+            f"the scheduler config's '{key}' must be an integer in [{lo}, {hi}], got {_shown(v)}"
+        )
+    return v
+
+
+def _float(d: Mapping[str, Any], key: str, default: float) -> float:
+    v = d.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ConfigError(f"the scheduler config's '{key}' must be a finite number, got {_shown(v)}")
+    return float(v)
+
+
+def _bool(d: Mapping[str, Any], key: str, default: bool) -> bool:
+    v = d.get(key, default)
+    if not isinstance(v, bool):
+        raise ConfigError(f"the scheduler config's '{key}' must be true or false, got {_shown(v)}")
+    return v
+
+
+def _choice(d: Mapping[str, Any], key: str, default: str, choices: tuple[str, ...]) -> str:
+    v = d.get(key, default)
+    if not isinstance(v, str) or v not in choices:
+        raise ConfigError(f"{key} {_shown(v)} is not supported ({', '.join(choices)})")
+    return v
+
+
+def _alphas_cumprod(v: object, n: int) -> tuple[float, ...]:
+    """The stored alphas_cumprod table: empty, or ``n`` numbers (their range is checked as float32)."""
+    if isinstance(v, (str, bytes)) or not isinstance(v, Sequence):
+        raise ConfigError(
+            f"the scheduler config's 'alphas_cumprod' must be a list of numbers, got {_shown(v)}"
+        )
+    if not v:
+        return ()
+    if len(v) != n:
+        raise ConfigError(
+            f"the scheduler's alphas_cumprod table has {len(v)} entries, not num_train_timesteps ({n})"
+        )
+    if any(isinstance(a, bool) or not isinstance(a, (int, float)) for a in v):
+        raise ConfigError("the scheduler config's 'alphas_cumprod' must hold only numbers")
+    return tuple(float(a) for a in v)
+
+
+def _check_table(table: np.ndarray, how: str) -> None:
+    """The float32 alphas_cumprod table the schedulers divide by, take roots and logs of: every
+    value in [``MIN_ALPHA_CUMPROD``, 1) and strictly decreasing (a zero-length step is a division
+    by zero in DPM-Solver), else one ``ConfigError``."""
+    ok = np.isfinite(table).all() and table.min() >= MIN_ALPHA_CUMPROD and table.max() < 1
+    if not ok:
+        raise ConfigError(
+            f"the scheduler's alphas_cumprod table ({how}) must hold numbers in [{MIN_ALPHA_CUMPROD:g}, 1) "
+            f"in float32, got values from {float(np.nanmin(table)):.3g} to {float(np.nanmax(table)):.3g}"
+        )
+    if (np.diff(table) >= 0).any():
+        raise ConfigError(
+            f"the scheduler's alphas_cumprod table ({how}) must decrease strictly with the timestep "
+            "in float32"
+        )
 
 
 class Scheduler:
@@ -105,11 +208,17 @@ class Scheduler:
     def check_steps(self, num_steps: int) -> None:
         """Refuse a step count outside [1, max_steps] with one sentence."""
         top = self.max_steps
+        c = self.config
+        if top < 1:
+            raise ConfigError(
+                f"the build's scheduler config leaves the {self.name} scheduler no usable step count "
+                f"(steps_offset {c.steps_offset} over {c.num_train_timesteps} training timesteps)"
+            )
         whole = isinstance(num_steps, int | np.integer) and not isinstance(num_steps, bool)
         if not (whole and 1 <= num_steps <= top):
             raise ConfigError(
                 f"steps must lie in [1, {top}] for the {self.name} scheduler over "
-                f"{self.config.num_train_timesteps} training timesteps, got {num_steps!r}"
+                f"{c.num_train_timesteps} training timesteps, got {num_steps!r}"
             )
 
 
