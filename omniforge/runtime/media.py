@@ -41,6 +41,10 @@ MAX_AUDIO_SECONDS = 30.0  # ``load_wav`` reads at most this much from the start 
 MAX_AUDIO_SAMPLES = 1 << 24  # samples over all channels read from one file
 MAX_WAV_CHUNKS = 1024  # RIFF chunks walked to find 'fmt ' and 'data'
 MAX_FFT, MAX_MEL_BINS, MAX_MEL_FRAMES = 1 << 16, 1024, 100_000  # the audio front end's sizes
+MAX_MEL_WORK = 1 << 22  # num_frames x n_fft and n_mels x (n_fft // 2 + 1): the front end's largest arrays
+MAX_UPSAMPLE = 1024  # one upsampling rate of the vocoder config
+MIN_VAE_SCALE, MAX_VAE_SCALE = 1e-6, 1e6  # a VAE config's scaling_factor
+MAX_CONFIG_FLOAT, MIN_CONFIG_DIVISOR = 1e6, 1e-6  # a front-end config's means, scales and divisors
 
 _SPECIAL = (
     (stat.S_ISFIFO, "FIFO"),
@@ -98,29 +102,53 @@ def config_int(cfg: Mapping[str, Any], key: str, lo: int, hi: int, what: str, de
     if isinstance(v, float) and v.is_integer():
         v = int(v)
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise ConfigError(f"the {what} config's '{key}' must be an integer in [{lo}, {hi}], got {v!r}")
+        raise ConfigError(f"the {what} config's '{key}' must be an integer in [{lo}, {hi}], got {_shown(v)}")
     return v
 
 
 def config_float(cfg: Mapping[str, Any], key: str, what: str, default: float, nonzero: bool = False) -> float:
-    """``cfg[key]`` as a finite float (and not 0 if ``nonzero``), else one ``ConfigError``."""
+    """``cfg[key]`` as a float within [-``MAX_CONFIG_FLOAT``, ``MAX_CONFIG_FLOAT``] (and, if
+    ``nonzero``, of magnitude at least ``MIN_CONFIG_DIVISOR``: it is divided by), else one
+    ``ConfigError``. Within these bounds what is computed from it stays finite in float32."""
     v = cfg.get(key, default)
-    ok = (
-        isinstance(v, (int, float))
-        and not isinstance(v, bool)
-        and math.isfinite(v)
-        and not (nonzero and v == 0)
-    )
-    if not ok:
-        need = "a finite, non-zero number" if nonzero else "a finite number"
-        raise ConfigError(f"the {what} config's '{key}' must be {need}, got {v!r}")
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not ok or not _in_range(abs(v), nonzero):
+        raise ConfigError(
+            f"the {what} config's '{key}' must be {_float_need(nonzero, 'a', 'number')}, got {_shown(v)}"
+        )
     return float(v)
+
+
+def _in_range(magnitude: Any, nonzero: bool) -> bool:
+    return bool(
+        np.all(magnitude <= MAX_CONFIG_FLOAT) and (not nonzero or np.all(magnitude >= MIN_CONFIG_DIVISOR))
+    )
+
+
+def _float_need(nonzero: bool, article: str, noun: str) -> str:
+    if nonzero:
+        return f"{article} finite, non-zero {noun} of magnitude in [{MIN_CONFIG_DIVISOR:g}, {MAX_CONFIG_FLOAT:g}]"
+    return f"{article} finite {noun} in [{-MAX_CONFIG_FLOAT:g}, {MAX_CONFIG_FLOAT:g}]"
+
+
+def _shown(v: object) -> str:
+    """A config value as a message shows it: cut short."""
+    r = repr(v)
+    return r if len(r) <= 60 else f"{r[:40]}... ({len(r)} characters)"
+
+
+def config_bool(cfg: Mapping[str, Any], key: str, what: str, default: bool) -> bool:
+    """``cfg[key]`` if it is true or false (a string such as "false" is refused, not taken as true)."""
+    v = cfg.get(key, default)
+    if not isinstance(v, bool):
+        raise ConfigError(f"the {what} config's '{key}' must be true or false, got {_shown(v)}")
+    return v
 
 
 def _config_section(cfg: Mapping[str, Any], key: str, what: str) -> Mapping[str, Any]:
     v = cfg.get(key, {})
     if not isinstance(v, Mapping):
-        raise ConfigError(f"the {what} config's '{key}' must be an object, got {v!r}")
+        raise ConfigError(f"the {what} config's '{key}' must be an object, got {_shown(v)}")
     return v
 
 
@@ -190,14 +218,17 @@ class ImagePreprocessing:
             mode = Image.Resampling(resample)
         except ValueError:
             raise ConfigError(f"the {what} config's 'resample' {resample} is not a Pillow filter") from None
+        # as transformers: without do_rescale the pixels keep their 0-255 range
+        do_rescale = config_bool(cfg, "do_rescale", what, True)
+        rescale = config_float(cfg, "rescale_factor", what, 1 / 255) if do_rescale else 1.0
         return cls(
             short,
             (crop[0], crop[1]),
             mode,
-            bool(cfg.get("do_resize", True)),
-            bool(cfg.get("do_center_crop", True)),
-            config_float(cfg, "rescale_factor", what, 1 / 255),
-            bool(cfg.get("do_normalize", True)),
+            config_bool(cfg, "do_resize", what, True),
+            config_bool(cfg, "do_center_crop", what, True),
+            rescale,
+            config_bool(cfg, "do_normalize", what, True),
             _channel_stats(cfg, "image_mean", what, False),
             _channel_stats(cfg, "image_std", what, True),
         )
@@ -207,11 +238,11 @@ def _channel_stats(cfg: Mapping[str, Any], key: str, what: str, nonzero: bool) -
     v = cfg.get(key, [0.5] * 3)
     try:
         arr = np.asarray(v, np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         arr = np.asarray([np.nan])
-    if arr.shape not in ((), (3,)) or not np.isfinite(arr).all() or (nonzero and (arr == 0).any()):
-        need = "finite, non-zero" if nonzero else "finite"
-        raise ConfigError(f"the {what} config's '{key}' must be one or three {need} numbers, got {v!r}")
+    if arr.shape not in ((), (3,)) or not np.isfinite(arr).all() or not _in_range(np.abs(arr), nonzero):
+        need = _float_need(nonzero, "one or three", "numbers")
+        raise ConfigError(f"the {what} config's '{key}' must be {need}, got {_shown(v)}")
     return np.broadcast_to(arr, (3,)).astype(np.float32)
 
 
@@ -238,12 +269,18 @@ def preprocess_image(
     The image and the size it is resized to are checked against ``MAX_PIXELS`` first."""
     prep = cfg if isinstance(cfg, ImagePreprocessing) else ImagePreprocessing.from_config(cfg)
     image = _as_image(image).convert("RGB")
-    w, h = image.size
+    w, h = nw, nh = image.size
     if prep.do_resize:
         short = prep.shortest_edge
         nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
         if nw * nh > MAX_PIXELS:
             raise InputError(f"a {w}x{h} image resized to {nw}x{nh} would have more than {MAX_PIXELS} pixels")
+    if not prep.do_center_crop and max(nw, nh) > MAX_PREPROCESS_SIDE:  # all of it would become floats
+        raise InputError(
+            f"a {w}x{h} image preprocessed without a center crop is {nw}x{nh}; "
+            f"at most {MAX_PREPROCESS_SIDE} pixels a side are encoded"
+        )
+    if (nw, nh) != (w, h):
         image = image.resize((nw, nh), resample=prep.resample)
     x = np.asarray(image)  # (H, W, 3) uint8
     if prep.do_center_crop:
@@ -517,7 +554,7 @@ class AudioFrontEnd:
         if not isinstance(fe, Mapping):
             raise ConfigError(f"the {what} config must be an object, got {type(fe).__name__}")
         n_fft = config_int(fe, "n_fft", 2, MAX_FFT, what)
-        return cls(
+        cfg = cls(
             config_int(fe, "sample_rate", MIN_SAMPLE_RATE, MAX_SAMPLE_RATE, what),
             n_fft,
             config_int(fe, "hop_length", 1, n_fft, what),
@@ -526,6 +563,15 @@ class AudioFrontEnd:
             config_float(fe, "mean", what, 0.0),
             config_float(fe, "std", what, 1.0, nonzero=True),
         )
+        # each size may lie within its own limit while their products, the sizes of the framed
+        # signal and of the filter bank, do not
+        for name, size in (
+            ("num_frames x n_fft", cfg.num_frames * cfg.n_fft),
+            ("n_mels x (n_fft // 2 + 1)", cfg.n_mels * (cfg.n_fft // 2 + 1)),
+        ):
+            if size > MAX_MEL_WORK:
+                raise ConfigError(f"the {what} config's {name} is {size}, more than {MAX_MEL_WORK}")
+        return cfg
 
     @property
     def window_samples(self) -> int:
@@ -555,6 +601,55 @@ def audio_features(wave_: np.ndarray, sr: int, fe: Mapping[str, Any] | AudioFron
         m = np.pad(m, ((0, 0), (0, frames - m.shape[1])), constant_values=float(np.log(1e-10)))
     m = (m - cfg.mean) / cfg.std
     return m[None].astype(np.float32)
+
+
+# ---- decoder configs ----------------------------------------------------------------------------
+def vae_scaling(cfg: Mapping[str, Any]) -> float:
+    """The VAE config's ``scaling_factor`` (latents are divided by it before decoding): a number in
+    [``MIN_VAE_SCALE``, ``MAX_VAE_SCALE``] (real VAEs use 0.1 to 2). ``block_out_channels``, when
+    given, must be a non-empty list of sizes; a config that asks for more than that division
+    (``shift_factor``, ``latents_mean``/``latents_std``) is refused rather than decoded differently.
+    Else one ``ConfigError``."""
+    what = "VAE"
+    if not isinstance(cfg, Mapping):
+        raise ConfigError(f"the {what} config must be an object, got {type(cfg).__name__}")
+    if "block_out_channels" in cfg:
+        _size_list(cfg, "block_out_channels", what, 1 << 16)
+    for key in ("shift_factor", "latents_mean", "latents_std"):
+        if cfg.get(key) not in (None, 0):
+            raise ConfigError(
+                f"the {what} config's '{key}' is not supported (the runtime decodes latents / scaling_factor)"
+            )
+    v = cfg.get("scaling_factor", 0.18215)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not MIN_VAE_SCALE <= v <= MAX_VAE_SCALE:
+        raise ConfigError(
+            f"the {what} config's 'scaling_factor' must be a number in [{MIN_VAE_SCALE:g}, {MAX_VAE_SCALE:g}], "
+            f"got {_shown(v)}"
+        )
+    return float(v)
+
+
+def check_vocoder_config(cfg: Mapping[str, Any]) -> int:
+    """The vocoder config's ``sampling_rate`` (what generated WAVs are written at) within
+    [``MIN_SAMPLE_RATE``, ``MAX_SAMPLE_RATE``], after checking that ``upsample_rates``, when given,
+    is a non-empty list of rates in [1, ``MAX_UPSAMPLE``]; else one ``ConfigError``."""
+    what = "vocoder"
+    if not isinstance(cfg, Mapping):
+        raise ConfigError(f"the {what} config must be an object, got {type(cfg).__name__}")
+    if "upsample_rates" in cfg:
+        _size_list(cfg, "upsample_rates", what, MAX_UPSAMPLE)
+    if "model_in_dim" in cfg:
+        config_int(cfg, "model_in_dim", 1, MAX_MEL_BINS, what)
+    return config_int(cfg, "sampling_rate", MIN_SAMPLE_RATE, MAX_SAMPLE_RATE, what, 16000)
+
+
+def _size_list(cfg: Mapping[str, Any], key: str, what: str, hi: int, most: int = 64) -> list[int]:
+    v = cfg[key]
+    if not isinstance(v, list) or not 1 <= len(v) <= most:
+        raise ConfigError(
+            f"the {what} config's '{key}' must be a list of 1 to {most} integers, got {_shown(v)}"
+        )
+    return [config_int({key: x}, key, 1, hi, what) for x in v]
 
 
 def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> Path:
