@@ -232,6 +232,11 @@ class Manifest:
         for role, p in files.items():
             if p not in artifacts:
                 raise ManifestError(f"file '{role}' -> '{p}' is not among the artifacts")
+        check_pipeline(pipeline)
+        for name, sb in stages.items():
+            for v in sb.variants:
+                if v.contract is not None:
+                    _check_tensors(v.contract, f"the {v.role} variant of stage '{name}'")
         return cls(
             pipeline,
             stages,
@@ -242,6 +247,73 @@ class Manifest:
             SCHEMA_VERSION,
             version,
         )
+
+
+MAX_TENSOR_ELEMENTS = 1 << 26  # of one tensor of a stage or contract, its named dims at their opt size
+MIN_RUNTIME_IO = {StageKind.DECODER: (3, 1)}  # sample, timestep, conditioning; other kinds: (1, 1)
+
+
+def check_pipeline(pipeline: PipelineSpec) -> None:
+    """``ManifestError`` unless the pipeline description is one the runtime can bind: stage names
+    unique; every stage's tensors named once, their named dims declared, their size bounded; each
+    stage with the inputs and outputs its kind is bound by; the LLM stage with its geometry; a
+    signal-token list for each modality that has an output projector."""
+    seen: set[str] = set()
+    for spec in pipeline.stages:
+        if spec.name in seen:
+            raise ManifestError(f"the pipeline describes stage '{spec.name}' twice")
+        seen.add(spec.name)
+        what = f"stage '{spec.name}'"
+        _check_tensors(spec, what)
+        ins, outs = MIN_RUNTIME_IO.get(spec.kind, (1, 1))
+        if len(spec.inputs) < ins or len(spec.outputs) < outs:
+            raise ManifestError(
+                f"{what} ({spec.kind}) has {len(spec.inputs)} inputs and {len(spec.outputs)} outputs; "
+                f"the runtime binds at least {ins} and {outs}"
+            )
+        if spec.kind is StageKind.LLM:
+            g = spec.llm
+            if g is None:
+                raise ManifestError(f"{what} is an LLM stage without its geometry ('llm')")
+            zero = [k for k, v in asdict(g).items() if v < 1]
+            if zero:
+                raise ManifestError(f"the LLM geometry of {what} has {', '.join(zero)} below 1")
+        if spec.kind is StageKind.OUTPUT_PROJECTOR and spec.name.endswith("_output_projector"):
+            modality = spec.name.removesuffix("_output_projector")
+            if not pipeline.signal_tokens.get(modality):
+                raise ManifestError(f"{what} has no signal tokens for '{modality}' in the pipeline")
+
+
+def _check_tensors(t: StageSpec | Contract, what: str) -> None:
+    """Tensor and dim names unique, every named dim of a shape declared (sums of declared dims), and
+    no tensor of more than ``MAX_TENSOR_ELEMENTS`` elements with its dims at their opt size."""
+    dims = {d.name: d for d in t.dims}
+    if len(dims) != len(t.dims):
+        raise ManifestError(f"{what} declares a dim twice")
+    for d in t.dims:
+        unknown = [s for s in d.sum_of if s not in dims or dims[s].sum_of]
+        if unknown:
+            raise ManifestError(
+                f"dim '{d.name}' of {what} sums {unknown}, which are not plain dims it declares"
+            )
+    for kind, tensors in (("input", t.inputs), ("output", t.outputs)):
+        names = [x.name for x in tensors]
+        if len(set(names)) != len(names):
+            raise ManifestError(f"{what} names an {kind} twice")
+        for x in tensors:
+            undeclared = [s for s in x.shape if isinstance(s, str) and s not in dims]
+            if undeclared:
+                raise ManifestError(
+                    f"{kind} '{x.name}' of {what} has dims {undeclared} that it does not declare"
+                )
+            elements = 1
+            for s in x.shape:
+                elements *= dims[s].opt if isinstance(s, str) else s
+            if elements > MAX_TENSOR_ELEMENTS:
+                raise ManifestError(
+                    f"{kind} '{x.name}' {list(x.shape)} of {what} holds {elements} elements at its opt "
+                    f"sizes, more than {MAX_TENSOR_ELEMENTS}"
+                )
 
 
 def _upgrade_v1_stage(d: dict[str, Any], spec: StageSpec) -> StageBuild:
