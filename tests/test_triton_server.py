@@ -300,15 +300,20 @@ def test_tampered_artifact_keeps_that_model_from_loading(install, default_build,
     data = bytearray(graph.read_bytes())
     data[len(data) // 2] ^= 0xFF
     graph.write_bytes(bytes(data))
-    s = start(install, repo.path, ["image_vae_decoder_py", "image_encoder_py"], exit_on_error=False)
+    s = start(
+        install,
+        repo.path,
+        ["image_vae_decoder_py", "image_encoder_py", "image_unet_onnx"],
+        exit_on_error=False,
+    )
     try:
         s.wait(ready=False)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             states = s.model_states()
-            if (
-                states["image_vae_decoder_py"][0] not in ("", "LOADING")
-                and states["image_encoder_py"][0] == "READY"
+            if all(
+                states[m][0] in ("READY", "UNAVAILABLE")
+                for m in ("image_vae_decoder_py", "image_encoder_py", "image_unet_onnx")
             ):
                 break
             time.sleep(0.2)
@@ -316,6 +321,9 @@ def test_tampered_artifact_keeps_that_model_from_loading(install, default_build,
         state, reason = states["image_vae_decoder_py"]
         assert state == "UNAVAILABLE"
         assert "image_vae_decoder.onnx" in reason and "SHA-256" in reason, reason
+        # no onnxruntime backend here: the config passed the server's own checks, only the backend is missing
+        if install.bundled:
+            assert "unable to find backend library for backend 'onnxruntime'" in states["image_unet_onnx"][1]
     finally:
         s.stop()
 

@@ -179,6 +179,16 @@ def libpython_dir() -> Path:
     return libdir
 
 
+def _stop_with_parent() -> None:
+    """In the server's process, before exec: Linux sends it SIGINT when the process that started it
+    dies, so a killed ``omniforge serve`` or test run leaves no server behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGINT)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -300,6 +310,7 @@ class TritonServer:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                preexec_fn=_stop_with_parent,
             )
         return self
 
