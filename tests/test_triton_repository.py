@@ -184,3 +184,21 @@ def test_a_tampered_build_writes_nothing(default_build, tmp_path):
     with pytest.raises(ManifestError, match="SHA-256"):
         write_repository(build, out)
     assert sorted(os.listdir(out)) == before  # the previous repository is left as it was
+
+
+def test_python_models_take_providers_and_threads(default_build, tmp_path, capsys):
+    out = tmp_path / "repo"
+    argv = [
+        "triton",
+        str(default_build),
+        "--out",
+        str(out),
+        "--providers",
+        "CUDAExecutionProvider,CPUExecutionProvider",
+    ]
+    assert main([*argv, "--threads", "2"]) == 0
+    params = {k: v.string_value for k, v in parsed(out / "image_unet_py" / "config.pbtxt").parameters.items()}
+    assert params["providers"] == "CUDAExecutionProvider,CPUExecutionProvider" and params["threads"] == "2"
+    assert read_repository(out).options.providers == ("CUDAExecutionProvider", "CPUExecutionProvider")
+    assert main([*argv[:-2], "--providers", "not a provider"]) == 1
+    assert "providers must be ONNX Runtime provider names" in capsys.readouterr().err

@@ -40,6 +40,18 @@ def add_repository_args(p: argparse.ArgumentParser) -> None:
         "quantized; default) or the exported FP32 graph of standard ops",
     )
     p.add_argument(
+        "--providers",
+        default="CPUExecutionProvider",
+        help="comma-separated ONNX Runtime providers of the Python-backend models, e.g. "
+        "CUDAExecutionProvider,CPUExecutionProvider on a GPU host with onnxruntime-gpu (default: CPU)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="ONNX Runtime threads per Python-backend model (default 0: one per core)",
+    )
+    p.add_argument(
         "--max-queue-delay-us",
         type=int,
         default=500,
@@ -58,6 +70,8 @@ def repository_options(args: argparse.Namespace):
         any2any_workers=args.any2any_workers,
         onnx_variant=args.onnx_variant,
         max_queue_delay_us=args.max_queue_delay_us,
+        providers=tuple(p.strip() for p in args.providers.split(",") if p.strip()),
+        threads=args.threads,
     )
 
 

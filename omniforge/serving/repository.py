@@ -93,6 +93,8 @@ class RepositoryOptions:
     any2any_workers: int = 4  # any2any requests run at once
     onnx_variant: str = "served"  # served: the graph the runtime serves; canonical: the exported FP32 graph
     max_queue_delay_us: int = 500  # dynamic batching: how long a request may wait for others
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)  # ONNX Runtime providers of the Python models
+    threads: int = 0  # ONNX Runtime intra-op threads per Python model (0: one per core)
 
     def __post_init__(self) -> None:
         for name in ("llm_slots", "llm_queue", "any2any_workers"):
@@ -106,6 +108,11 @@ class RepositoryOptions:
             raise ConfigError(
                 f"any2any stages '{self.any2any_stages}' is not one of {', '.join(ANY2ANY_STAGES)}"
             )
+        if not self.providers or not all(isinstance(p, str) and p.isidentifier() for p in self.providers):
+            raise ConfigError(f"providers must be ONNX Runtime provider names, got {self.providers!r}")
+        t = self.threads
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= 1024:
+            raise ConfigError(f"threads must be an integer in [0, 1024], got {t!r}")
         if self.onnx_variant not in ONNX_VARIANTS:
             raise ConfigError(f"onnx variant '{self.onnx_variant}' is not one of {', '.join(ONNX_VARIANTS)}")
 
@@ -162,7 +169,7 @@ def read_repository(path: str | Path) -> Repository:
             path,
             str(d["build"]),
             str(d["manifest_sha256"]),
-            RepositoryOptions(**d["options"]),
+            RepositoryOptions(**{**d["options"], "providers": tuple(d["options"]["providers"])}),
             [ModelEntry(**m) for m in d["models"]],
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -422,7 +429,12 @@ def write_repository(
         )
     manifest_sha = hashlib.sha256((build_path / MANIFEST).read_bytes()).hexdigest()
     ref = f"../{BUILD_MODEL}/{COPY_FOLDER}" if options.copy else str(build_path.resolve())
-    params = {"build": ref, "manifest_sha256": manifest_sha}
+    params = {
+        "build": ref,
+        "manifest_sha256": manifest_sha,
+        "providers": ",".join(options.providers),
+        "threads": str(options.threads),
+    }
     models = plan_models(m)
     checked = True
     with atomic_folder(out) as tmp:

@@ -82,8 +82,16 @@ class _BuildModel:
             )
         return path
 
+    @property
+    def session(self):
+        """ONNX Runtime settings from the repository (``ConfigError`` when a provider is missing here)."""
+        from omniforge.runtime.engine import SessionConfig
+
+        providers = tuple(p for p in self.params.get("providers", "CPUExecutionProvider").split(",") if p)
+        return SessionConfig(threads=int(self.params.get("threads", "0")), providers=providers)
+
     def open_build(self, path: Path) -> Build:
-        return Build(path, verify=self.verify_all)
+        return Build(path, self.session, verify=self.verify_all)
 
     def setup(self) -> None:
         pass
@@ -261,8 +269,10 @@ class BlsEngine:
 class _BlsBuild(Build):
     """A build whose stage engines are other models of the repository (``<stage>_<backend>``)."""
 
-    def __init__(self, path: Path, backend: str) -> None:
-        super().__init__(path)  # every artifact checked: the LLM, tokenizer and configs are read here
+    def __init__(self, path: Path, backend: str, session) -> None:
+        super().__init__(
+            path, session
+        )  # every artifact checked: the LLM, tokenizer and configs are read here
         self.suffix = SUFFIX[backend]
 
     def engine(self, name: str) -> Any:  # type: ignore[override]
@@ -285,7 +295,7 @@ class Any2AnyModel(_BuildModel):
 
     def open_build(self, path: Path) -> Build:
         stages = self.params.get("stages", "process")
-        return Build(path) if stages == "process" else _BlsBuild(path, stages)
+        return Build(path, self.session) if stages == "process" else _BlsBuild(path, stages, self.session)
 
     def setup(self) -> None:
         from omniforge.runtime.pipeline import Pipeline
