@@ -236,7 +236,7 @@ class Manifest:
         for name, sb in stages.items():
             for v in sb.variants:
                 if v.contract is not None:
-                    _check_tensors(v.contract, f"the {v.role} variant of stage '{name}'")
+                    _check_tensors(v.contract, f"the {v.role} variant of stage '{name}'", bounded=False)
         return cls(
             pipeline,
             stages,
@@ -249,7 +249,7 @@ class Manifest:
         )
 
 
-MAX_TENSOR_ELEMENTS = 1 << 26  # of one tensor of a stage or contract, its named dims at their opt size
+MAX_TENSOR_ELEMENTS = 1 << 26  # of one tensor of a stage, its named dims at their opt size
 MIN_RUNTIME_IO = {StageKind.DECODER: (3, 1)}  # sample, timestep, conditioning; other kinds: (1, 1)
 
 
@@ -284,9 +284,11 @@ def check_pipeline(pipeline: PipelineSpec) -> None:
                 raise ManifestError(f"{what} has no signal tokens for '{modality}' in the pipeline")
 
 
-def _check_tensors(t: StageSpec | Contract, what: str) -> None:
-    """Tensor and dim names unique, every named dim of a shape declared (sums of declared dims), and
-    no tensor of more than ``MAX_TENSOR_ELEMENTS`` elements with its dims at their opt size."""
+def _check_tensors(t: StageSpec | Contract, what: str, bounded: bool = True) -> None:
+    """Tensor and dim names unique, every named dim of a shape declared (sums of declared dims), and,
+    if ``bounded``, no tensor of more than ``MAX_TENSOR_ELEMENTS`` elements with its dims at their
+    opt size (a stage's; a variant's contract may hold a whole KV cache, which the runtime sizes
+    from the LLM geometry against the machine's memory)."""
     dims = {d.name: d for d in t.dims}
     if len(dims) != len(t.dims):
         raise ManifestError(f"{what} declares a dim twice")
@@ -307,7 +309,7 @@ def _check_tensors(t: StageSpec | Contract, what: str) -> None:
                     f"{kind} '{x.name}' of {what} has dims {undeclared} that it does not declare"
                 )
             elements = 1
-            for s in x.shape:
+            for s in x.shape if bounded else ():
                 elements *= dims[s].opt if isinstance(s, str) else s
             if elements > MAX_TENSOR_ELEMENTS:
                 raise ManifestError(
