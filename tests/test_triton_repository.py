@@ -131,6 +131,10 @@ def test_batch_dim_rules():
         cfg["max_batch_size"] == 0 and cfg["input"][0]["dims"] == [2, -1] and cfg["dynamic_batching"] is None
     )
     assert pbtxt.check(pbtxt.render(cfg), "s_onnx") in (True, False)
+    trt = stage_config("s_trt", both, "tensorrt", RepositoryOptions(), {})
+    assert trt["platform"] == "tensorrt_plan" and trt["max_batch_size"] == 4
+    assert trt["output"][0]["dims"] == [1] and trt["output"][0]["reshape"] == {"shape": []}
+    assert pbtxt.check(pbtxt.render(trt), "s_trt") in (True, False)
     twice = StageSpec(
         "s",
         StageKind.ENCODER,

@@ -194,7 +194,7 @@ class LlmModel(_BuildModel):
                 prompt = R.prompt(tensors)
                 config = R.generation_config(tensors)
                 self.service.submit(
-                    prompt, config, self._sender(sender), self._finisher(sender), self._cancelled(r, sender)
+                    prompt, config, self._sender(sender), self._finisher(sender), self._cancelled(sender)
                 )
             except Exception as exc:
                 sender.send(
@@ -231,7 +231,8 @@ class LlmModel(_BuildModel):
         return done
 
     @staticmethod
-    def _cancelled(request: Any, sender: Any):
+    def _cancelled(sender: Any):
+        """Whether the client cancelled the request or went away."""
         return lambda: bool(sender.is_cancelled())
 
     def finalize(self) -> None:
