@@ -354,3 +354,29 @@ def test_left_out_decoders_and_the_empty_prompt_embedding(release, tmp_path):
     np.testing.assert_allclose(np.load(out / "uncond" / "image.npy"), want, atol=1e-6)
     names = describe(load_model_config(out)).stage_names
     assert "image_unet" in names and not [n for n in names if n.startswith(("video_", "audio_o", "audio_u"))]
+
+
+def test_imagebind_audio_reads_the_first_channel_of_the_whole_recording(built, tmp_path):
+    """As ImageBind's loader: the first channel of a stereo file, clips placed over all of it (a
+    40 s recording is longer than the runtime's default audio window)."""
+    from omniforge.runtime.pipeline import Pipeline
+
+    n = 16000 * 40
+    left = (np.sin(np.arange(n) * 0.01) * 8000).astype(np.int16)
+    right = (np.random.default_rng(0).standard_normal(n) * 8000).astype(np.int16)
+    for name, ch, data in (("stereo", 2, np.stack([left, right], 1)), ("left", 1, left)):
+        with wave.open(str(tmp_path / f"{name}.wav"), "wb") as w:
+            w.setnchannels(ch)
+            w.setsampwidth(2)
+            w.setframerate(16000)
+            w.writeframes(data.tobytes())
+    pipe = Pipeline(built)
+    stereo, mono = pipe.encode_audio(tmp_path / "stereo.wav"), pipe.encode_audio(tmp_path / "left.wav")
+    np.testing.assert_array_equal(stereo, mono)
+    short = tmp_path / "short.wav"
+    with wave.open(str(short), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(left[: 16000 * 30].tobytes())
+    assert np.abs(pipe.encode_audio(short) - mono).max() > 1e-6  # the last 10 s do count

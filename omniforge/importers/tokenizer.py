@@ -28,14 +28,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors
 
-from omniforge._lazy import lazy_import
-from omniforge.errors import ConfigError, ModelNotFoundError
-
-sp_pb2 = lazy_import(
-    "sentencepiece.sentencepiece_model_pb2",
-    extra="export",
-    hint="It reads SentencePiece tokenizer.model files.",
-)
+from omniforge.errors import ConfigError, MissingDependencyError, ModelNotFoundError
 
 SIGNAL_RE = {"image": r"\[IMG(\d+)\]", "video": r"\[VID(\d+)\]", "audio": r"\[AUD(\d+)\]"}
 SET_LITERAL_RE = re.compile(r"\{'(.+)'\}")  # str({"<Img>"}): how a set passed to add_tokens was stored
@@ -144,9 +137,24 @@ def _tags(added: dict[str, int]) -> dict[str, str]:
     return tags
 
 
+def _sp_model_proto():
+    """SentencePiece's ModelProto message: sentencepiece's own generated module, or, where that
+    demands a newer protobuf runtime than is installed (serving clients pin protobuf below 7),
+    transformers' copy of the same schema, which loads under protobuf 4 to 7."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as pb2
+    except ImportError:
+        raise MissingDependencyError(
+            "reading a SentencePiece tokenizer.model needs sentencepiece (pip install 'omniforge[export]')"
+        ) from None
+    except Exception:  # protobuf's VersionError: the generated code is newer than the runtime
+        from transformers.utils import sentencepiece_model_pb2_new as pb2
+    return pb2.ModelProto()
+
+
 def _from_sentencepiece(path: Path) -> tuple[Tokenizer, dict[str, str]]:
     """A ``tokenizers`` pipeline that encodes as ``SentencePieceProcessor.encode`` does."""
-    proto = sp_pb2.ModelProto()
+    proto = _sp_model_proto()
     try:
         proto.ParseFromString(path.read_bytes())
     except Exception:  # protobuf's DecodeError, or a message that is not a model

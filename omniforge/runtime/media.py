@@ -88,11 +88,27 @@ def _open_regular(path: str | os.PathLike[str], what: str) -> BinaryIO:
         raise InputError(f"{what} file '{p}' is not readable") from None
     except OSError as exc:
         raise InputError(f"{what} file '{p}' cannot be opened ({exc.strerror})") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):  # replaced between the two looks
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):  # replaced between the two looks
         os.close(fd)
-        raise _not_regular(p, mode, what)
-    return os.fdopen(fd, "rb")
+        raise _not_regular(p, st.st_mode, what)
+    return _WithinFile(io.FileIO(fd, "rb"), st.st_size)
+
+
+class _WithinFile(io.BufferedReader):
+    """A reader that never asks for more bytes than the file holds past the current position: a
+    decoder that reads as far as a length field in the file says (Pillow skips a PNG's IDAT chunk
+    by reading its declared length in one call) allocates at most the file's size, not 2 GiB for a
+    75-byte file."""
+
+    def __init__(self, raw: io.FileIO, size: int) -> None:
+        super().__init__(raw)
+        self._size = size
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is not None and size > 0:
+            size = min(size, max(0, self._size - self.tell()))
+        return super().read(size)
 
 
 # ---- config values ------------------------------------------------------------------------------
@@ -434,9 +450,12 @@ def _wav_format(fmt: bytes) -> tuple[int, int, int, int]:
     return tag, channels, rate, 8 * (align // channels)  # the container width, as it is laid out
 
 
-def load_wav(path: str | os.PathLike[str], max_seconds: float = MAX_AUDIO_SECONDS) -> tuple[np.ndarray, int]:
+def load_wav(
+    path: str | os.PathLike[str], max_seconds: float = MAX_AUDIO_SECONDS, channel: int | None = None
+) -> tuple[np.ndarray, int]:
     """Mono float32 samples and the sample rate of a WAV file: 8/16/24/32-bit PCM scaled to [-1, 1),
-    32/64-bit float as stored, either also inside WAVE_FORMAT_EXTENSIBLE.
+    32/64-bit float as stored, either also inside WAVE_FORMAT_EXTENSIBLE. ``channel``: that channel
+    alone (ImageBind's front end reads the first), else the mean of all channels.
 
     Only the first ``max_seconds`` (and at most ``MAX_AUDIO_SAMPLES`` samples over all channels)
     are read; the rest of a longer file is never loaded."""
@@ -472,7 +491,8 @@ def load_wav(path: str | os.PathLike[str], max_seconds: float = MAX_AUDIO_SECOND
     raw = raw[: len(raw) // frame * frame]  # whole frames only
     if not raw:
         raise InputError(f"'{name}' holds no audio samples")
-    x = decode(raw).reshape(-1, ch).mean(axis=1)
+    frames_x = decode(raw).reshape(-1, ch)
+    x = frames_x.mean(axis=1) if channel is None else frames_x[:, min(channel, ch - 1)]
     if not np.isfinite(x).all():
         raise InputError(f"'{name}' holds NaN or infinite samples")
     return x.astype(np.float32), sr

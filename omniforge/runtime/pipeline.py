@@ -35,6 +35,7 @@ from omniforge.runtime.tokenizer import SignalEvent
 MODALITIES = ("image", "video", "audio")
 
 
+IB_LONGEST_S = 3600.0  # ImageBind audio read per request (also bounded by media.MAX_AUDIO_SAMPLES)
 SILENCE = 1 / 32768  # one 16-bit step: a waveform whose peak is below it writes as all zeros
 
 
@@ -235,7 +236,9 @@ class Pipeline:
         if cfg.get("kind") == "imagebind":
             from omniforge.runtime import imagebind_media as IB
 
-            samples, sr = M.load_wav(audio)
+            # its clips are placed over the whole recording: read all of it (up to the sample
+            # bound), first channel only, as ImageBind's torchaudio-based loader does
+            samples, sr = M.load_wav(audio, max_seconds=IB_LONGEST_S, channel=0)
             x = IB.audio_clips(
                 samples,
                 sr,
