@@ -80,7 +80,7 @@ def ort_library() -> str:
 
 BUILD_KINDS = {  # kind: (CMake options, build type, targets; None: all)
     "rel": (["-DOMNIFORGE_SANITIZE=OFF"], "RelWithDebInfo", None),
-    "san": (["-DOMNIFORGE_SANITIZE=ON"], "Debug", None),
+    "san": (["-DOMNIFORGE_SANITIZE=ON", "-DOMNIFORGE_EXAMPLES=OFF"], "Debug", None),
     "tsan": (["-DOMNIFORGE_TSAN=ON"], "Debug", ["omniforge_threads"]),
 }
 
@@ -265,6 +265,33 @@ def test_under_address_and_undefined_behaviour_sanitizers(
         assert r.returncode == 0, r.stderr[-6000:]
         assert "Sanitizer" not in r.stderr and "runtime error" not in r.stderr, r.stderr[-6000:]
         assert [int(t) for t in r.stdout.split()] == want
+    # text in, sampled, streamed and cut at a stop string: the tokenizer and sampler under ASan too
+    prompt = "naïve café — 東京 \U0001f600 [IMG0] <image>"
+    cfg = GenerationConfig(
+        max_new_tokens=40, temperature=1.1, top_k=50, top_p=0.9, seed=4, stop_strings=("e ",)
+    )
+    want = LlmRuntime(default_build).generate(prompt, cfg)
+    args = ["--text", prompt, "--max", "40", "--temperature", "1.1", "--top-k", "50", "--top-p", "0.9"]
+    r = _run(
+        [
+            str(native_san_build / "omniforge_generate"),
+            str(default_build),
+            *args,
+            "--seed",
+            "4",
+            "--stop-string",
+            "e ",
+        ],
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr[-6000:]
+    assert "Sanitizer" not in r.stderr and "runtime error" not in r.stderr, r.stderr[-6000:]
+    import json
+
+    got = json.loads(r.stdout)
+    assert (
+        got["tokens"] == want.token_ids and got["text"] == want.text and got["finish"] == want.finish_reason
+    )
 
 
 def test_c_example_streams_the_python_runtimes_reply(

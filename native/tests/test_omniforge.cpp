@@ -217,6 +217,57 @@ int main() {
         CHECK(std::string(of_status_name(OF_ERR_BUSY)) == "OF_ERR_BUSY");
     }
 
+    // ---- text and the tokenizer through the C API ----
+    {
+        of_generation* g = nullptr;
+        const char bad_utf8[] = "caf\xc3";  // a character cut in half
+        st = of_llm_generate_text(llm, bad_utf8, sizeof bad_utf8 - 1, nullptr, &g);
+        expect_refusal(st, OF_ERR_INPUT, of_last_error(llm), "not valid UTF-8", "an invalid UTF-8 prompt");
+        st = of_llm_generate_text(llm, nullptr, 3, nullptr, &g);
+        expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(llm), "null pointer", "a null text prompt");
+        of_generate_options go;
+        of_generate_options_init(&go);
+        go.max_new_tokens = 6;
+        const char hello[] = "Hello \xe4\xb8\x96\xe7\x95\x8c [IMG0]";
+        CHECK(of_llm_generate_text(llm, hello, sizeof hello - 1, &go, &g) == OF_OK && g);
+        size_t len = 0;
+        const char* text = of_generation_text(g, &len);
+        CHECK(text && std::strlen(text) == len && of_generation_prompt_tokens(g) > 3);
+        of_generation_free(g);
+
+        of_tokenizer* tok = nullptr;
+        CHECK(of_build_tokenizer(b, &tok) == OF_OK && tok);
+        CHECK(of_tokenizer_vocab_size(tok) > 40 && of_tokenizer_vocab_size(nullptr) == 0);
+        size_t n_ids = 0;
+        CHECK(of_tokenizer_encode(tok, hello, sizeof hello - 1, 1, nullptr, 0, &n_ids) == OF_OK && n_ids > 3);  // size query
+        std::vector<int32_t> ids(n_ids);
+        size_t n2 = 0;
+        st = of_tokenizer_encode(tok, hello, sizeof hello - 1, 1, ids.data(), 1, &n2);
+        expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(tok), "the text needs", "an id buffer too small");
+        CHECK(of_tokenizer_encode(tok, hello, sizeof hello - 1, 1, ids.data(), ids.size(), &n2) == OF_OK && n2 == n_ids);
+        st = of_tokenizer_encode(tok, bad_utf8, sizeof bad_utf8 - 1, 1, ids.data(), ids.size(), &n2);
+        expect_refusal(st, OF_ERR_INPUT, of_last_error(tok), "not valid UTF-8", "invalid UTF-8 to encode");
+        char buf[256];
+        CHECK(of_tokenizer_decode(tok, ids.data(), ids.size(), 0, buf, sizeof buf, &len) == OF_OK);
+        CHECK(std::string(buf, len) == std::string(hello, sizeof hello - 1) && buf[len] == '\0');
+        st = of_tokenizer_decode(tok, ids.data(), ids.size(), 0, buf, 4, &len);
+        expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(tok), "with its NUL", "a text buffer too small");
+        int32_t id = -1;
+        CHECK(of_tokenizer_token_to_id(tok, "[IMG0]", &id) == OF_OK && id >= 0);
+        st = of_tokenizer_token_to_id(tok, "no such token here", &id);
+        expect_refusal(st, OF_ERR_INPUT, of_last_error(tok), "not in the vocabulary", "an unknown token");
+        CHECK(of_tokenizer_encode(nullptr, hello, 1, 1, nullptr, 0, &n2) == OF_ERR_INVALID_ARGUMENT);
+        st = of_tokenizer_encode(tok, hello, 1, 1, nullptr, 0, nullptr);
+        expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(tok), "null pointer", "a null id count");
+        of_tokenizer_close(tok);
+        of_tokenizer_close(nullptr);
+        of_tokenizer* missing = nullptr;
+        st = of_tokenizer_open((tmp / "no-tokenizer.json").c_str(), &missing);
+        expect_refusal(st, OF_ERR_INPUT, of_last_error(missing), "cannot be read", "a tokenizer file that is not there");
+        of_tokenizer_close(missing);
+        CHECK(of_tokenizer_open("x", nullptr) == OF_ERR_INVALID_ARGUMENT);
+    }
+
     int32_t bad_ids[] = {1, vocab};
     st = of_llm_generate_greedy(llm, bad_ids, 2, 4, -1, out.data(), out.size(), &n);
     expect_refusal(st, OF_ERR_INPUT, of_last_error(llm), "token ids must lie in", "a token id out of the vocabulary");
