@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "quantize",
         help="write an INT4 or INT8 copy of a build with an accuracy report",
         description="Quantize an FP32 build: the LLM weight-only (block-wise INT4 or INT8 as MatMulNBits, "
-        "plus the block-wise DequantizeLinear form for TensorRT; the LM head too; the embedding table INT8 "
+        "plus TensorRT's W4A16 / W8A16 DequantizeLinear form; the LM head too; the embedding table INT8 "
         "per row), every other stage INT8 with an accuracy-driven fallback, calibrated on inputs captured "
         "from the FP32 pipeline (stored in the new build's calibration/). Each stage is measured against "
         "FP32 on held-out inputs and the report is written to quantize.md in the new build.",
