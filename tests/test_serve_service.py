@@ -111,7 +111,7 @@ def run(service, prompt, config, cancelled=lambda: False):
 def test_text_service_streams_what_generate_returns(runtime):
     from omniforge.serving.text_service import TextService
 
-    service = TextService(runtime, workers=2, max_queued=4)
+    service = TextService(runtime, max_queued=4)
     try:
         cfg = GenerationConfig(max_new_tokens=9)
         text, result, error = run(service, "A dog runs", cfg)
@@ -126,7 +126,7 @@ def test_text_service_streams_what_generate_returns(runtime):
 def test_text_service_cancels_and_refuses_beyond_its_queue(runtime):
     from omniforge.serving.text_service import Cancelled, TextService
 
-    service = TextService(runtime, workers=1, max_queued=1)
+    service = TextService(runtime, max_queued=1)
     try:
         calls = []
 
@@ -145,7 +145,7 @@ def test_text_service_cancels_and_refuses_beyond_its_queue(runtime):
             gate.wait(30)
 
         service.submit("A", GenerationConfig(max_new_tokens=3), hold, lambda r, e: None)
-        assert blocked.wait(30)  # the one worker is busy
+        assert blocked.wait(30)  # the scheduler is busy in the callback
         service.submit("B", GenerationConfig(max_new_tokens=3), lambda d: None, lambda r, e: None)  # waits
         with pytest.raises(QueueFullError, match="retry later"):
             service.submit("C", GenerationConfig(max_new_tokens=3), lambda d: None, lambda r, e: None)

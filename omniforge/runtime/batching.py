@@ -46,7 +46,10 @@ class RequestHandle:
     """A submitted request: ``result()`` waits for it, ``stream()`` yields its text as it comes,
     ``cancel()`` stops it (its slot is freed before the next step)."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, on_done: Callable[[GenerationResult | None, BaseException | None], None] | None = None
+    ) -> None:
+        self._on_done = on_done
         self._done = threading.Event()
         self._cancel = threading.Event()
         self._pieces: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -85,6 +88,11 @@ class RequestHandle:
         self._result, self._error = result, error
         self._pieces.put(_DONE)
         self._done.set()
+        if self._on_done is not None:
+            try:
+                self._on_done(result, error)
+            except Exception:  # noqa: BLE001 - the caller's callback cannot stop the scheduler
+                pass
 
 
 class ContinuousBatcher:
@@ -113,14 +121,16 @@ class ContinuousBatcher:
         config: GenerationConfig | None = None,
         on_text: Callable[[str], None] | None = None,
         media: Media | None = None,
+        on_done: Callable[[GenerationResult | None, BaseException | None], None] | None = None,
     ) -> RequestHandle:
-        """Queue a request (its prompt is checked and embedded on the caller's thread)."""
+        """Queue a request (its prompt is checked and embedded on the caller's thread). ``on_text``
+        gets each text piece and ``on_done`` the result or the error, on the scheduler thread."""
         config = _config(config)
         if on_text is not None and not callable(on_text):
             raise InputError(f"on_text must be callable, got {type(on_text).__name__}")
         rows, ids = self.rt.prepare(prompt, media)
         self.rt.check_fits(len(rows))
-        handle = RequestHandle()
+        handle = RequestHandle(on_done)
         seq = _Seq(rows, list(ids), np.random.default_rng(config.seed), stream=True)
         req = _Request(seq, list(ids), config, self.rt.stop_ids(config), on_text, handle)
         with self._wake:

@@ -171,7 +171,7 @@ class StageModel(_BuildModel):
 class LlmModel(_BuildModel):
     """Streamed text generation (decoupled: text pieces as they come, then a final response with
     the generated token ids and the finish reason). Requests run concurrently on the runtime's
-    KV-cache slots through ``TextService``."""
+    KV-cache slots through ``TextService`` (continuous batching)."""
 
     def setup(self) -> None:
         from omniforge.runtime.llm import LlmRuntime
@@ -182,9 +182,7 @@ class LlmModel(_BuildModel):
                 verify_file(self.build.path, self.build.manifest, self.build.manifest.files[role])
         slots = int(self.params.get("num_slots", "4"))
         self.runtime = LlmRuntime(self.build, num_slots=slots, slot_wait_s=30.0)
-        self.service = TextService(
-            self.runtime, workers=slots, max_queued=int(self.params.get("max_queued", "64"))
-        )
+        self.service = TextService(self.runtime, max_queued=int(self.params.get("max_queued", "64")))
 
     def execute(self, requests: list[Any]) -> None:
         for r in requests:
