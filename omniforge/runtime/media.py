@@ -374,7 +374,8 @@ def load_video_frames(path: str | os.PathLike[str], num_frames: int) -> list[Ima
     return list(iter_video_frames(path, num_frames))
 
 
-def _video_file_frames(p: Path, num_frames: int) -> list[Image.Image]:
+def imageio_for(p: Path):
+    """imageio's v3 API for reading the video ``p``, or one ``InputError`` naming what to install."""
     try:
         import imageio.v3 as iio
     except ImportError:
@@ -382,6 +383,11 @@ def _video_file_frames(p: Path, num_frames: int) -> list[Image.Image]:
             f"reading '{p.suffix}' video needs imageio with an ffmpeg backend (`pip install imageio imageio-ffmpeg`); "
             "a folder of frames or a GIF works without it"
         ) from None
+    return iio
+
+
+def _video_file_frames(p: Path, num_frames: int) -> list[Image.Image]:
+    iio = imageio_for(p)
     try:
         frames = iio.imread(p)
     except Exception as exc:  # imageio raises backend-specific errors

@@ -64,13 +64,7 @@ def _checked(at: np.ndarray, n: int) -> np.ndarray:
 
 
 def _stream_frames(p, pick: Pick) -> tuple[np.ndarray, dict[int, Image.Image]]:
-    try:
-        import imageio.v3 as iio
-    except ImportError:
-        raise InputError(
-            f"reading '{p.suffix}' video needs imageio with an ffmpeg backend (`pip install imageio imageio-ffmpeg`); "
-            "a folder of frames or a GIF works without it"
-        ) from None
+    iio = M.imageio_for(p)
     try:
         meta = iio.immeta(p)
         fps = float(meta.get("fps") or FOLDER_FPS)
