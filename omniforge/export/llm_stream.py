@@ -512,9 +512,10 @@ def embedding_graph(table: np.ndarray, spec) -> onnx.ModelProto:
 # ---- the build ----------------------------------------------------------------------------------
 
 STREAM_PRECISIONS = ("fp32", "int8", "int4")
-# what the non-streaming export holds at once, in multiples of the FP32 weights: the PyTorch
-# model, the traced graph and ONNX Runtime's session for its parity check
-NON_STREAMING_FACTOR = 3.0
+# the non-streaming build's peak memory in multiples of the LLM's FP32 weights (the PyTorch model,
+# the traced graph, parity sessions, then quantization of the FP32 graphs): 4.9x measured for a
+# 1.1B LLaMA's export + INT4 build (20.2 GiB; tests/test_llm_stream.py's slow test)
+NON_STREAMING_FACTOR = 5.0
 
 
 def available_memory() -> int:
@@ -746,16 +747,17 @@ def stream_llm_build_into(
 
     tables = rotary_tables(LlamaRotaryEmbedding(config=conf), g.max_context, shape.head_dim)
     tol = llm_spec.tolerance
-    graphs = [("served", build / llm_rel, tol.atol, tol.rtol)]
+    graphs = [("served", build / llm_rel, tol.atol, tol.rtol, None)]
     twin = None
     if nbits is not None and nbits.accuracy_level:
         # the served graph computes with INT8 activations (accuracy level 4); its twin at accuracy
-        # level 0 (FP32 activations, the same weight file) must match the reference exactly
+        # level 0 (FP32 activations, the same weight file) must match the reference exactly, the
+        # served graph closely (its error grows with depth: 1-5% of the output scale measured)
         twin = build / "stages" / f".{Path(llm_rel).name}.level0.onnx"
         _accuracy_level_twin(build / llm_rel, twin)
         graphs = [
-            ("accuracy_level 0", twin, tol.atol, tol.rtol),
-            ("served", build / llm_rel, 0.0, SERVED_RTOL),
+            ("accuracy_level 0", twin, tol.atol, tol.rtol, None),
+            ("served", build / llm_rel, np.inf, np.inf, SERVED_COSINE),
         ]
     try:
         check = check_streamed(graphs, contract, llm_spec, weights, shape, tables, nbits, threads=threads)
@@ -765,6 +767,7 @@ def stream_llm_build_into(
     llm_parity += check.parity
     phase("llm checks (layer-by-layer reference)", t0)
     report["reference_peak_rss_bytes"] = check.reference_peak_rss
+    report["output_cosine_min"] = check.cosine_min
 
     inplace = Variant(Role.ORT_INPLACE_LLM, llm_rel, precision, (data_rel,), contract)
     if canon_variant is None:
@@ -838,7 +841,9 @@ def stream_llm_build_into(
     return manifest, report
 
 
-SERVED_RTOL = 5e-2  # the served graph's INT8 activations (accuracy level 4) vs FP32 ones: ~1% on the default
+# the served quantized graph (INT8 activations inside MatMulNBits, accuracy level 4) against the
+# reference with its weights: every output at a cosine of at least this
+SERVED_COSINE = 0.99
 
 
 def _accuracy_level_twin(path: Path, twin: Path) -> None:

@@ -139,10 +139,11 @@ class StreamCheck:
     metrics: dict[str, float]  # quantized graphs: accuracy vs the FP32 reference (LLM_METRICS)
     seconds: float
     reference_peak_rss: int
+    cosine_min: dict[str, float]  # per graph label: the lowest output cosine against the reference
 
 
 def check_streamed(
-    graphs: list[tuple[str, Path, float, float]],
+    graphs: list[tuple[str, Path, float, float, float | None]],
     contract,
     stage,
     weights: LlamaFolder,
@@ -154,14 +155,14 @@ def check_streamed(
     steps: int = 3,
     longest: int = 64,
 ) -> StreamCheck:
-    """Streamed in-place graphs ``graphs`` ((label, path, atol, rtol) each, the served graph
-    last) against ``LayerwiseReference``.
+    """Streamed in-place graphs ``graphs`` ((label, path, atol, rtol, min_cosine) each, the
+    served graph last) against ``LayerwiseReference``.
 
     Parity: as ``parity.check_llm_inplace``, three sequences (7 and 11 rows, and one filling the
     context, or ``longest`` rows when the context is longer than 512) prefilled one at a time into
     pool slots and decoded together for ``steps`` steps; last-row logits and new hidden states
     against the reference computed with the weights the graph holds, within each graph's ``atol +
-    rtol * max|ref|``. Quantized graphs also get ``metrics`` (of the served graph): next-token agreement, KL and logits cosine
+    rtol * max|ref|`` and, where ``min_cosine`` is given, at a cosine of at least that. Quantized graphs also get ``metrics`` (of the served graph): next-token agreement, KL and logits cosine
     against the FP32 reference after a seeded 12-row prompt and each of 24 seeded decode rows
     (the rows ``quantize._llm_metrics`` feeds)."""
     import time
@@ -193,7 +194,8 @@ def check_streamed(
     logits_name, hidden_name = contract.slot(Slot.LOGITS), contract.slot(Slot.HIDDEN)
     worst: dict[str, ParityResult] = {}
     metrics: dict[str, float] = {}
-    for label, path, atol, rtol in graphs:
+    cosines: dict[str, float] = {}
+    for label, path, atol, rtol, min_cosine in graphs:
         engine = LlmEngine(Path(path), g, SessionConfig(threads=threads), contract, preset="measurement")
         got = probe(
             engine,
@@ -213,6 +215,10 @@ def check_streamed(
         results = []
         for point, name, r, o in pairs:
             diff, rel, scale, ok = compare(r, o, atol, rtol)
+            cos = cosine(r, o)
+            cosines[label] = min(cosines.get(label, 1.0), cos)
+            if min_cosine is not None:
+                ok = ok and cos >= min_cosine
             results.append(
                 ParityResult(f"{stage.name}[streamed, {label}]", point, name, diff, rel, scale, ok)
             )
@@ -231,4 +237,4 @@ def check_streamed(
                 "logits_cosine": cosine(fp, q),
             }
         del engine
-    return StreamCheck(list(worst.values()), metrics, time.perf_counter() - t0, ref.peak_rss)
+    return StreamCheck(list(worst.values()), metrics, time.perf_counter() - t0, ref.peak_rss, cosines)
