@@ -271,12 +271,15 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     """Options that shape quantized stages, shared by ``quantize`` and ``build``."""
     g = p.add_argument_group("quantization")
     g.add_argument(
-        "--block-size", type=int, default=32, help="LLM weight-only block size (16..256, default 32)"
+        "--block-size",
+        type=int,
+        default=32,
+        help="LLM weight-only block size of the MatMulNBits form (16..256, default 32); TensorRT's form uses 64, or 128 from 128 up",
     )
     g.add_argument(
         "--asymmetric",
         action="store_true",
-        help="asymmetric LLM weight-only codes (a zero point per block) in both LLM forms; rtn or awq",
+        help="asymmetric LLM weight-only codes (a zero point per block) in the MatMulNBits form (TensorRT's is symmetric); rtn or awq",
     )
     g.add_argument(
         "--method",
