@@ -520,7 +520,11 @@ class Worker:
         ]
         cmd += ["--prompt", str(args.prompt), "--new", str(args.new)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "ready", kind
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            code = self.proc.wait()
+            why = {-4: " (illegal instruction: a build for another CPU)", -9: " (killed: out of memory?)"}
+            raise RuntimeError(f"the {kind} worker exited with {code}{why.get(code, '')}")
 
     def run(self) -> tuple[float, float]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -548,14 +552,27 @@ def worker_main(args: argparse.Namespace) -> None:
 def decode(paths: dict[str, str], args: argparse.Namespace) -> dict:
     samples: dict[str, list[tuple[float, float]]] = {k: [] for k in paths}
     rss: dict[str, int] = {}
+    failed: dict[str, str] = {}
+
+    def start(kind: str, path: str) -> Worker | None:
+        try:
+            return Worker(kind, path, args)
+        except RuntimeError as exc:
+            failed[kind] = str(exc)
+            samples.pop(kind)
+            return None
+
     if args.sequential:
         for kind, path in paths.items():
-            w = Worker(kind, path, args)
+            w = start(kind, path)
+            if w is None:
+                continue
             for _ in range(args.runs):
                 samples[kind].append(w.run())
             rss[kind] = w.close()
     else:
-        workers = {k: Worker(k, p, args) for k, p in paths.items()}
+        started = {k: start(k, p) for k, p in paths.items()}
+        workers = {k: w for k, w in started.items() if w is not None}
         for r in range(args.runs):
             print(f"round {r + 1}/{args.runs} ...", file=sys.stderr)
             for kind, w in workers.items():
@@ -563,7 +580,7 @@ def decode(paths: dict[str, str], args: argparse.Namespace) -> dict:
                 w.run()  # warm again after the others ran
                 samples[kind].append(w.run())
         rss = {k: w.close() for k, w in workers.items()}
-    out = {}
+    out: dict[str, dict] = {k: {"failed": why} for k, why in failed.items()}
     for kind, s in samples.items():
         ttft = [a for a, _ in s]
         dec = [(args.new - 1) / max(b - a, 1e-9) for a, b in s]
@@ -679,8 +696,10 @@ def main() -> None:
         "read_bandwidth_GBps": bw / 1e9,
         "int4_bound_tok_s": bound,
     }
-    if "omniforge" in results:
+    if "decode_tok_s" in results.get("omniforge", {}):
         for k, r in results.items():
+            if "failed" in r:
+                continue
             if k != "omniforge":
                 r["omniforge_vs_this"] = results["omniforge"]["decode_tok_s"] / r["decode_tok_s"]
             if bound:
@@ -700,6 +719,8 @@ def main() -> None:
     ]
     for k, b in builds.items():
         r = results.get(k, {})
+        if "failed" in r:
+            b = {**b, "failed": f"built in {b['seconds']:.0f}s; decode: {r['failed']}"}
         if "skipped" in b or "failed" in b:
             lines.append(f"| {NAMES[k]} | {b.get('skipped') or b.get('failed')} | | | | | | |")
             continue
@@ -715,6 +736,8 @@ def main() -> None:
             f"over a measured {bw / 1e9:.1f} GB/s = **{bound:.2f} tok/s**."
         )
     for k, r in results.items():
+        if "failed" in r:
+            continue
         extra = f"; omniforge / this: **{r['omniforge_vs_this']:.2f}x**" if "omniforge_vs_this" in r else ""
         frac = (
             f"{100 * r['fraction_of_int4_bound']:.0f}% of the INT4 bound"

@@ -325,6 +325,34 @@ def test_build_streams_llm_only_folders_and_reports_peak_rss(bf16_llama, tmp_pat
     assert not any(p.name.startswith("export-") for p in (tmp_path / "cache").iterdir())
 
 
+def test_cli_build_streams_a_folder_too_large_for_the_memory_available(
+    bf16_llama, tmp_path, monkeypatch, capsys
+):
+    """``omniforge build`` takes the streaming build by itself when the FP32 export would not fit;
+    the output reports the build's peak RSS and the manifest says why no FP32 canonical graph."""
+    import omniforge.export.llm_stream as llm_stream
+    from omniforge.cli import main
+    from omniforge.pipeline.manifest import load_manifest
+
+    monkeypatch.setattr(llm_stream, "available_memory", lambda: 1 << 20)
+    out = tmp_path / "b"
+    args = [
+        "build",
+        str(bf16_llama),
+        "--out",
+        str(out),
+        "--precision",
+        "int4",
+        "--cache",
+        str(tmp_path / "c"),
+    ]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "streamed LLM build:" in err and "peak RSS" in err
+    note = load_manifest(out).source["llm_stream"]["canonical"]
+    assert "was not written" in note and "GiB was available" in note
+
+
 def test_streaming_refusals_are_one_sentence(default_model, bf16_llama, tmp_path):
     from omniforge.build import BuildOptions, build
     from omniforge.calibration.weight_only import WeightOnlyConfig
