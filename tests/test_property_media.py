@@ -274,11 +274,6 @@ def huge(dtype, shape):
                 {"image": [huge(np.float32, (10**9, p.llm.geometry.hidden_size))]},
             ),
             ContextLengthError,
-            marks=pytest.mark.xfail(
-                reason="LlmRuntime._media_rows (omniforge/runtime/llm.py) copies media rows before "
-                "counting them against the context (issue 20)",
-                strict=False,
-            ),
             id="media-rows",
         ),
     ],
@@ -373,11 +368,6 @@ def test_any_diffusion_options_denoise_or_get_one_error(pipe, modality, options)
         assert all(np.isfinite(a).all() for a in (*got.images, *got.videos, *got.audios))
 
 
-@pytest.mark.xfail(
-    reason="DiffusionConfig (omniforge/runtime/pipeline.py) takes any finite guidance scale; beyond "
-    "float32's range the latents overflow and the VAE decoder is blamed (issue 20)",
-    strict=False,
-)
 @pytest.mark.parametrize("guidance", [1e39, 1e300])
 def test_a_guidance_scale_beyond_float32_is_refused_as_an_option(guidance):
     with pytest.raises(ConfigError, match="guidance scale"):

@@ -58,7 +58,6 @@ def load_blip2_encoder(folder: Path) -> Blip2QFormerEncoder:
                 if key.startswith(PARTS):
                     state[key] = sf.get_tensor(key).float()
     missing, unexpected = module.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
         raise ConfigError(
             f"{folder}: the BLIP-2 weights do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})"

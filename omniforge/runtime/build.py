@@ -61,8 +61,10 @@ class Build:
         self.file(role)  # a clear error for a role the build does not have
         try:
             return json.loads(self.read(self.manifest.files[role]))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ManifestError(f"'{self.manifest.files[role]}' is not valid JSON ({exc})") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # also huge numbers, deep nesting
+            raise ManifestError(
+                f"'{self.manifest.files[role]}' is not valid JSON ({type(exc).__name__}: {str(exc)[:120]})"
+            ) from None
 
     def graph(self, variant: Variant) -> GraphSource:
         """``variant``'s graph for a session: its verified bytes, and the folder its external data
@@ -119,8 +121,10 @@ class Build:
 
     def tokenizer(self) -> TextTokenizer:
         if self._tokenizer is None:
-            cfg = self.file("tokenizer_config") if "tokenizer_config" in self.manifest.files else None
-            self._tokenizer = TextTokenizer(self.file("tokenizer"), cfg)
+            files = self.manifest.files  # read through the verifying reader, not reopened by path
+            cfg = self.read(files["tokenizer_config"]) if "tokenizer_config" in files else None
+            self.file("tokenizer")  # a clear error for a build without one
+            self._tokenizer = TextTokenizer(self.read(files["tokenizer"]), cfg)
         return self._tokenizer
 
 

@@ -437,6 +437,10 @@ class LlmRuntime:
         if arr is None or arr.dtype.kind not in "fiu" or arr.ndim != 2 or arr.shape[1] != h or not len(arr):
             shape = arr.shape if arr is not None else type(item).__name__
             raise InputError(f"{modality} embeddings must have shape (n, {h}) with n >= 1, got {shape}")
+        if len(arr) > self.pool.max_context:  # counted before a copy: a broadcast view may be huge
+            raise ContextLengthError(
+                f"{modality} embeddings have {len(arr)} rows; the context holds {self.pool.max_context}"
+            )
         arr = np.ascontiguousarray(arr, dtype=np.float32)
         if not np.isfinite(arr).all():
             raise InputError(f"{modality} embeddings contain NaN or Inf")

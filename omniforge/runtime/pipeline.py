@@ -36,6 +36,7 @@ MODALITIES = ("image", "video", "audio")
 
 
 IB_LONGEST_S = 3600.0  # ImageBind audio read per request (also bounded by media.MAX_AUDIO_SAMPLES)
+MAX_GUIDANCE = 1000.0  # beyond it the guided noise overflows float32
 SILENCE = 1 / 32768  # one 16-bit step: a waveform whose peak is below it writes as all zeros
 
 
@@ -61,8 +62,8 @@ class DiffusionConfig:
         g = self.guidance_scale
         if isinstance(g, bool) or not isinstance(g, (int, float, np.integer, np.floating)):
             raise ConfigError(f"guidance scale must be a number, got {type(g).__name__} {g!r}")
-        if not math.isfinite(g) or g < 0:
-            raise ConfigError(f"guidance scale must be >= 0 and finite, got {g}")
+        if not math.isfinite(g) or not 0 <= g <= MAX_GUIDANCE:
+            raise ConfigError(f"guidance scale must lie in [0, {MAX_GUIDANCE:g}], got {g}")
         if not isinstance(self.scheduler, str) or self.scheduler not in SCHEDULERS:
             raise ConfigError(f"unknown scheduler '{self.scheduler}' (choose from {', '.join(SCHEDULERS)})")
 
@@ -320,8 +321,11 @@ class Pipeline:
     def latent_shape(self, modality: str) -> tuple[int, ...]:
         """The shape of ``modality``'s initial latents (batch 1), e.g. (1, 4, 16, 16) for images."""
         self._need(f"{modality}_unet", f"latents for '{modality}'")
-        sizes = {"batch": 1, **({"frames": self.video_frames} if modality == "video" else {})}
-        return self.build.pipeline.stage(f"{modality}_unet").inputs[0].concrete_shape(sizes)
+        spec = self.build.pipeline.stage(f"{modality}_unet")
+        sizes = {d.name: d.opt for d in spec.dims} | {"batch": 1}
+        if modality == "video":
+            sizes["frames"] = self.video_frames
+        return spec.inputs[0].concrete_shape(sizes)
 
     def initial_latents(self, modality: str, seed: int) -> np.ndarray:
         """The unit-variance noise a run with ``seed`` starts ``modality``'s denoising from."""
@@ -344,6 +348,9 @@ class Pipeline:
     def check_steps(self, modality: str, cfg: DiffusionConfig) -> None:
         """Refuse a step count ``modality``'s scheduler cannot take (``ConfigError``, one sentence)."""
         make_scheduler(cfg.scheduler, self.build.json(f"{modality}_scheduler")).check_steps(cfg.steps)
+        M.vae_scaling(self.build.json(f"{modality}_vae"))  # the decoder configs too, before any work
+        if modality == "audio" and "vocoder" in self.build.manifest.files:
+            M.check_vocoder_config(self.build.json("vocoder"))
 
     def _denoise(
         self, modality: str, cond: np.ndarray, cfg: DiffusionConfig, latents: np.ndarray | None = None
@@ -375,7 +382,7 @@ class Pipeline:
         return latents
 
     def _vae(self, modality: str, latents: np.ndarray) -> np.ndarray:
-        scale = float(self.build.json(f"{modality}_vae").get("scaling_factor", 0.18215))
+        scale = M.vae_scaling(self.build.json(f"{modality}_vae"))
         name = f"{modality}_vae_decoder"
         out = self._run(name, {"latent": (latents / np.float32(scale)).astype(np.float32)})
         self._release([name])
@@ -408,7 +415,7 @@ class Pipeline:
     @property
     def sample_rate(self) -> int:
         if "vocoder" in self.build.manifest.files:
-            return int(self.build.json("vocoder").get("sampling_rate", 16000))
+            return M.check_vocoder_config(self.build.json("vocoder"))
         return 16000
 
     def _generated_signal_rows(self, gen: GenerationResult, modality: str) -> np.ndarray | None:

@@ -163,9 +163,11 @@ def _check_table(table: np.ndarray, how: str) -> None:
     by zero in DPM-Solver), else one ``ConfigError``."""
     ok = np.isfinite(table).all() and table.min() >= MIN_ALPHA_CUMPROD and table.max() < 1
     if not ok:
+        finite = table[np.isfinite(table)]
+        got = f"{float(finite.min()):.3g} to {float(finite.max()):.3g}" if finite.size else "no finite values"
         raise ConfigError(
             f"the scheduler's alphas_cumprod table ({how}) must hold numbers in [{MIN_ALPHA_CUMPROD:g}, 1) "
-            f"in float32, got values from {float(np.nanmin(table)):.3g} to {float(np.nanmax(table)):.3g}"
+            f"in float32, got {got}"
         )
     if (np.diff(table) >= 0).any():
         raise ConfigError(

@@ -25,12 +25,23 @@ class SignalEvent:
 class TextTokenizer:
     """Encode prompts, decode generations, and name the special tokens of the build."""
 
-    def __init__(self, tokenizer_json: Path, config_json: Path | None = None) -> None:
+    def __init__(self, tokenizer_json: Path | bytes, config_json: Path | bytes | None = None) -> None:
+        """From files, or from bytes already read and verified (a build's ``Build.read``)."""
+        name = tokenizer_json.name if isinstance(tokenizer_json, Path) else "tokenizer.json"
         try:
-            self.tok = Tokenizer.from_file(str(tokenizer_json))
+            data = tokenizer_json.read_bytes() if isinstance(tokenizer_json, Path) else tokenizer_json
+            self.tok = Tokenizer.from_str(data.decode("utf-8"))
         except Exception as exc:  # tokenizers raises a bare Exception on bad files
-            raise ManifestError(f"cannot read tokenizer {tokenizer_json.name}: {exc}") from None
-        cfg = json.loads(config_json.read_text()) if config_json and config_json.is_file() else {}
+            raise ManifestError(f"cannot read tokenizer {name}: {str(exc)[:200]}") from None
+        cfg_name = config_json.name if isinstance(config_json, Path) else "tokenizer_config.json"
+        try:
+            if isinstance(config_json, Path):
+                config_json = config_json.read_bytes() if config_json.is_file() else None
+            cfg = json.loads(config_json) if config_json is not None else {}
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise ManifestError(f"cannot read tokenizer config {cfg_name} ({type(exc).__name__})") from None
+        if not isinstance(cfg, dict):
+            raise ManifestError(f"tokenizer config {cfg_name} is not a JSON object")
         self.eos_token = _token_str(cfg.get("eos_token"))
         self.bos_token = _token_str(cfg.get("bos_token"))
         self.add_bos = bool(cfg.get("add_bos_token", False))
