@@ -63,7 +63,7 @@ class DiffusionConfig:
         if isinstance(g, bool) or not isinstance(g, (int, float, np.integer, np.floating)):
             raise ConfigError(f"guidance scale must be a number, got {type(g).__name__} {g!r}")
         if not math.isfinite(g) or not 0 <= g <= MAX_GUIDANCE:
-            raise ConfigError(f"guidance scale must lie in [0, {MAX_GUIDANCE:g}], got {g}")
+            raise ConfigError(f"guidance scale must be >= 0 and finite, at most {MAX_GUIDANCE:g}, got {g}")
         if not isinstance(self.scheduler, str) or self.scheduler not in SCHEDULERS:
             raise ConfigError(f"unknown scheduler '{self.scheduler}' (choose from {', '.join(SCHEDULERS)})")
 
