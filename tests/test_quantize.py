@@ -1,6 +1,7 @@
 """``omniforge quantize``: INT4/INT8 builds that the runtime runs, with an accuracy report."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -162,8 +163,15 @@ def test_awq_keeps_the_fp32_function_and_lowers_the_weighted_error_below_rtn(
     at8 = {bits: _weighted_error(graph, scaled[bits], contract, rows, 8) for bits in (4, 8)}
     assert at8[8] < 0.99 * at8[4]
     out = tmp_path / "awq"
+    keep = {name: "fp32" for name in load_manifest(default_build).stages if name != "llm"}  # the LLM alone
     quantize_build(
-        default_build, out, "int4", WeightOnlyConfig(method="awq"), log=lambda _m: None, options=quick_quant
+        default_build,
+        out,
+        "int4",
+        WeightOnlyConfig(method="awq"),
+        log=lambda _m: None,
+        options=replace(quick_quant, end_to_end=False),
+        overrides=keep,
     )
     assert "AWQ" in {r["stage"]: r for r in json.loads((out / "quantize.json").read_text())}["llm"]["method"]
     assert LlmRuntime(out).generate("A dog runs", GenerationConfig(max_new_tokens=4)).new_tokens == 4
@@ -172,8 +180,6 @@ def test_awq_keeps_the_fp32_function_and_lowers_the_weighted_error_below_rtn(
 def test_asymmetric_reaches_matmulnbits_and_the_tensorrt_form_stays_symmetric(
     default_build, tmp_path, quick_quant
 ):
-    from dataclasses import replace
-
     m = load_manifest(default_build)
     keep = {name: "fp32" for name in m.stages if name != "llm"}
     opts = replace(quick_quant, weight_only=WeightOnlyConfig(symmetric=False), end_to_end=False)
