@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -28,6 +27,7 @@ from omniforge.runtime.build import Build
 from omniforge.runtime.pipeline import DiffusionConfig, Pipeline
 from omniforge.runtime.sampling import GenerationConfig
 from omniforge.runtime.schedulers import MAX_TRAIN_TIMESTEPS, SCHEDULERS, make_scheduler
+from tests.test_hostile_inputs import bounded
 
 PROPERTY = settings(
     max_examples=int(os.environ.get("OMNIFORGE_PROPERTY_EXAMPLES", 60)),  # more for a longer hunt
@@ -40,25 +40,6 @@ MEMORY_BUDGET = 512 * 2**20  # bytes numpy may hold at once while one config is 
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-def bounded(fn, timeout: float = 30.0):
-    """``fn()``'s result or exception, from a daemon thread: a call that hangs fails the test."""
-    box: dict = {}
-
-    def target():
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # handed to the caller as raised
-            box["error"] = exc
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(timeout)
-    assert not t.is_alive(), f"still running after {timeout} s"
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
 def outcome(fn, allowed=(ConfigError, ManifestError), timeout: float = 30.0):
     """``fn()``'s result, or the one-line error of an ``allowed`` type it raised."""
     try:

@@ -11,7 +11,6 @@ import copy
 import json
 import os
 import shutil
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from omniforge.errors import ManifestError, OmniforgeError
 from omniforge.pipeline.manifest import load_manifest
 from omniforge.runtime.pipeline import MODALITIES, DiffusionConfig, Pipeline, PipelineResult
 from omniforge.runtime.sampling import GenerationConfig
+from tests.test_hostile_inputs import bounded
 
 PROPERTY = settings(
     max_examples=int(os.environ.get("OMNIFORGE_PROPERTY_EXAMPLES", 60)),
@@ -32,24 +32,6 @@ PROPERTY = settings(
 )
 
 DEEP, BIG = "\x01deep\x01", "\x01big\x01"  # markers replaced in the text: json cannot write these
-
-
-def bounded(fn, timeout: float = 60.0):
-    box: dict = {}
-
-    def target():
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # handed to the caller as raised
-            box["error"] = exc
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(timeout)
-    assert not t.is_alive(), f"still running after {timeout} s"
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 def outcome(fn, timeout: float = 60.0):

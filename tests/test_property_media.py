@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import os
 import struct
-import threading
 import tracemalloc
 
 import numpy as np
@@ -25,6 +24,7 @@ from omniforge.runtime import media as M
 from omniforge.runtime.llm import GenerationResult
 from omniforge.runtime.pipeline import DiffusionConfig, Pipeline, PipelineResult
 from omniforge.runtime.sampling import GenerationConfig
+from tests.test_hostile_inputs import bounded
 
 PROPERTY = settings(
     max_examples=int(os.environ.get("OMNIFORGE_PROPERTY_EXAMPLES", 60)),
@@ -34,24 +34,6 @@ PROPERTY = settings(
 )
 FEW = settings(PROPERTY, max_examples=max(15, PROPERTY.max_examples // 4))
 SMALL_PEAK = 64 * 2**20  # what a small file or a refused array may cost
-
-
-def bounded(fn, timeout: float = 60.0):
-    box: dict = {}
-
-    def target():
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # handed to the caller as raised
-            box["error"] = exc
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(timeout)
-    assert not t.is_alive(), f"still running after {timeout} s"
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 def outcome(fn, allowed=(InputError,), timeout: float = 60.0):

@@ -195,6 +195,7 @@ def encoder_stage(modality: str, path: Path, cfg: ModelConfig) -> tuple[StageSpe
     (an image is a clip of itself twice) or 1-channel Kaldi fbank clips; a CLIP vision folder takes
     square pixels or square log-mel patches."""
     c = read_json(path / "config.json")
+    batch_max = 32
     if c.get("model_type") == "whisper":
         if modality != "audio":
             raise ConfigError(f"a Whisper encoder encodes audio, not {modality}")
@@ -211,39 +212,19 @@ def encoder_stage(modality: str, path: Path, cfg: ModelConfig) -> tuple[StageSpe
             )
         if positions % fe.pool:
             raise ConfigError(f"audio_frontend pool {fe.pool} must divide the {positions} encoder positions")
+        enc_dim, batch_max = int(c["d_model"]), 8
         x = TensorSpec("input_features", F32, ("batch", int(c["num_mel_bins"]), frames))
-        out = TensorSpec("embeds", F32, ("batch", positions // fe.pool, int(c["d_model"])))
-        stage = StageSpec(
-            f"{modality}_encoder",
-            StageKind.ENCODER,
-            f"encoders.{modality}",
-            (x,),
-            (out,),
-            (Dim("batch", 1, 1, 8),),
-            tolerance=TIGHT,
-            modality=modality,
-        )
-        return stage, int(c["d_model"])
-    if c.get("model_type") == "blip-2":  # vision tower + Q-Former: query states per image
+        out = ("batch", positions // fe.pool, enc_dim)
+    elif c.get("model_type") == "blip-2":  # vision tower + Q-Former: query states per image
         if modality != "image":
             raise ConfigError(f"a BLIP-2 Q-Former encodes images, not {modality}")
         vis, qf = c.get("vision_config", {}), c.get("qformer_config", {})
-        size, width = int(vis.get("image_size", 224)), int(qf.get("hidden_size", 768))
+        size, enc_dim = int(vis.get("image_size", 224)), int(qf.get("hidden_size", 768))
         x = TensorSpec("pixel_values", F32, ("batch", 3, size, size))
-        out = TensorSpec("embeds", F32, ("batch", int(c.get("num_query_tokens", 32)), width))
-        stage = StageSpec(
-            f"{modality}_encoder",
-            StageKind.ENCODER,
-            f"encoders.{modality}",
-            (x,),
-            (out,),
-            (Dim("batch", 1, 1, 32),),
-            tolerance=TIGHT,
-            modality=modality,
-        )
-        return stage, width
-    if c.get("model_type") == "imagebind":
+        out = ("batch", int(c.get("num_query_tokens", 32)), enc_dim)
+    elif c.get("model_type") == "imagebind":
         enc_dim = int(c["embed_dim"])
+        out = ("batch", enc_dim)
         if modality == "audio":
             x = TensorSpec("fbank", F32, ("batch", 1, int(c["n_mels"]), int(c["audio_frames"])))
         else:
@@ -252,6 +233,7 @@ def encoder_stage(modality: str, path: Path, cfg: ModelConfig) -> tuple[StageSpe
     else:
         size, ch = int(c["image_size"]), int(c.get("num_channels", 3))
         enc_dim = int(c["projection_dim"])
+        out = ("batch", enc_dim)
         if modality == "audio":
             fe = cfg.audio_frontend
             if (fe.n_mels, fe.num_frames) != (size, size):
@@ -269,8 +251,8 @@ def encoder_stage(modality: str, path: Path, cfg: ModelConfig) -> tuple[StageSpe
         StageKind.ENCODER,
         f"encoders.{modality}",
         (x,),
-        (TensorSpec("embeds", F32, ("batch", enc_dim)),),
-        (Dim("batch", 1, 1, 32),),
+        (TensorSpec("embeds", F32, out),),  # a pooled embedding, or tokens (Whisper, Q-Former)
+        (Dim("batch", 1, 1, batch_max),),
         tolerance=TIGHT,
         modality=modality,
     )
