@@ -484,7 +484,13 @@ def runner_llama_cpp(path: str, threads: int, prompt: int, new: int):
         n_threads_batch=threads,
         verbose=False,
     )
+    import llama_cpp
+
     ids = prompt_ids(prompt)
+    vocab = llm.n_vocab()
+
+    def last_logits() -> np.ndarray:  # the last evaluated row (eval keeps no scores without logits_all)
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
 
     def gen(n: int) -> tuple[float, float]:
         llm.reset()
@@ -492,7 +498,7 @@ def runner_llama_cpp(path: str, threads: int, prompt: int, new: int):
         llm.eval(ids)
         ttft = 0.0
         for step in range(n):
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))  # greedy, a Python argmax per token
+            tok = int(np.argmax(last_logits()))  # greedy, a Python argmax per token
             if step == 0:
                 ttft = time.perf_counter() - t0
             if step < n - 1:
