@@ -25,7 +25,6 @@ MODALITIES = ("image", "video", "audio")
 SIGNAL_PREFIX = {"image": "IMG", "video": "VID", "audio": "AUD"}
 LORA_ALPHA = 32.0  # NExT-GPT's stage-3 config (r 32, alpha 32); the checkpoint does not store it
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 @dataclass
@@ -274,15 +273,14 @@ def _decoder(m: str, src: Path, root: Path, copy: bool, summary: ImportSummary) 
         if not (src / part / "config.json").is_file():
             raise ModelNotFoundError(f"the {m} decoder '{src}' has no {part}/config.json")
     pickled = [p for p in parts if not any((src / p).glob("*.safetensors"))]
-    total = 0
-    for part in parts:
-        files = sorted((src / part).glob("*.safetensors")) or sorted((src / part).glob("*.bin"))
-        if not files:
+    for part in pickled:
+        if not any((src / part).glob("*.bin")):
             raise ModelNotFoundError(f"the {m} decoder's {part}/ holds no weights (.safetensors or .bin)")
+    total = 0
     if not pickled and not copy:
-        for part in parts:
-            from safetensors import safe_open
+        from safetensors import safe_open
 
+        for part in parts:
             for f in sorted((src / part).glob("*.safetensors")):
                 with safe_open(str(f), "pt") as sf:
                     total += sum(int(np.prod(sf.get_slice(k).get_shape())) for k in sf.keys())

@@ -250,7 +250,6 @@ class ContinuousBatcher:
     def _decode(self, reqs: list[_Request]) -> None:
         by_slot = {r.slot: r for r in reqs}
         active = [j in by_slot for j in range(self.rt.pool.num_slots)]
-        predicting = self.rt.signal_position == "predicting"
         for first, count in _runs(active):
             run = [by_slot[j] for j in range(first, first + count)]
             feed = [r.seq.generated[-1] for r in run]
@@ -262,13 +261,12 @@ class ContinuousBatcher:
                     self._fail(r, exc)
                 continue
             for j, r in enumerate(run):
-                r.seq.fed.append(emb[j, 0])
-                if predicting:
-                    pieces = self.rt._accept(0, r.seq, logits[j], r.config, r.stop_ids, hidden[j, 0])
-                else:
-                    self.rt._record_signal(r.seq, feed[j], hidden[j, 0], r.config)
-                    pieces = self.rt._accept(0, r.seq, logits[j], r.config, r.stop_ids)
-                self._emit(r, pieces)
+                self._emit(
+                    r,
+                    self.rt._decoded(
+                        0, r.seq, feed[j], emb[j, 0], logits[j], hidden[j, 0], r.config, r.stop_ids
+                    ),
+                )
 
     def _binding(self, first: int, count: int):
         """The step binding of slots [first, first + count), made once (it views the pool's memory)."""
@@ -309,19 +307,8 @@ class ContinuousBatcher:
         self._end(req, self._result(req, s.finish))
 
     def _result(self, req: _Request, finish: str) -> GenerationResult:
-        s = req.seq
-        tok = self.rt.tokenizer
-        return GenerationResult(
-            text=s.text,
-            token_ids=list(s.generated),
-            finish_reason=finish,
-            prompt_tokens=len(s.rows),
-            reused_prefix_tokens=s.reused,
-            ttft_s=s.ttft,
-            decode_s=time.perf_counter() - req.t_decode if req.t_decode else 0.0,
-            signal_hidden={m: np.stack(v) for m, v in s.signal_rows.items()},
-            signals=tok.signal_events(s.generated, self.rt.signal_ids) if tok else [],
-        )
+        decode_s = time.perf_counter() - req.t_decode if req.t_decode else 0.0
+        return self.rt._result(req.seq, finish, decode_s)
 
     @staticmethod
     def _end(req: _Request, result: GenerationResult | None, error: BaseException | None = None) -> None:

@@ -589,12 +589,9 @@ class LlmRuntime:
                     logits, hidden = binding.step(emb, copy=False, trusted=True)
                     for j in range(count):
                         k, s = first + j, seqs[first + j]
-                        s.fed.append(emb[j, 0])
-                        if predicting:
-                            yield from self._accept(k, s, logits[j], cfg, stop_ids, hidden[j, 0])
-                        else:
-                            self._record_signal(s, feed[j], hidden[j, 0], cfg)
-                            yield from self._accept(k, s, logits[j], cfg, stop_ids)
+                        yield from self._decoded(
+                            k, s, feed[j], emb[j, 0], logits[j], hidden[j, 0], cfg, stop_ids
+                        )
             decode_s = time.perf_counter() - t_decode
             for k, s in enumerate(seqs):  # a signal token generated last still needs its hidden state
                 if predicting:
@@ -615,20 +612,40 @@ class LlmRuntime:
             for j in range(slots.start, slots.stop):
                 if j not in adopted:
                     self.pool.release(SlotRange(j, 1))
-        return [
-            GenerationResult(
-                text=s.text,
-                token_ids=s.generated,
-                finish_reason=s.finish,
-                prompt_tokens=len(s.rows),
-                reused_prefix_tokens=s.reused,
-                ttft_s=s.ttft,
-                decode_s=decode_s,
-                signal_hidden={m: np.stack(v) for m, v in s.signal_rows.items()},
-                signals=self.tokenizer.signal_events(s.generated, self.signal_ids) if self.tokenizer else [],
-            )
-            for s in seqs
-        ]
+        return [self._result(s, s.finish, decode_s) for s in seqs]
+
+    def _decoded(
+        self,
+        k: int,
+        s: _Seq,
+        fed_token: int,
+        fed_row: np.ndarray,
+        logits: np.ndarray,
+        hidden: np.ndarray,
+        cfg: GenerationConfig,
+        stop_ids: set[int],
+    ):
+        """After a decode step that fed ``fed_token`` to sequence ``k``: keep its row, the hidden
+        state its protocol reads for signal tokens, and choose the next token."""
+        s.fed.append(fed_row)
+        if self.signal_position == "predicting":
+            yield from self._accept(k, s, logits, cfg, stop_ids, hidden)
+        else:
+            self._record_signal(s, fed_token, hidden, cfg)
+            yield from self._accept(k, s, logits, cfg, stop_ids)
+
+    def _result(self, s: _Seq, finish: str, decode_s: float) -> GenerationResult:
+        return GenerationResult(
+            text=s.text,
+            token_ids=list(s.generated),
+            finish_reason=finish,
+            prompt_tokens=len(s.rows),
+            reused_prefix_tokens=s.reused,
+            ttft_s=s.ttft,
+            decode_s=decode_s,
+            signal_hidden={m: np.stack(v) for m, v in s.signal_rows.items()},
+            signals=self.tokenizer.signal_events(s.generated, self.signal_ids) if self.tokenizer else [],
+        )
 
     def _record_signal(self, s: _Seq, token: int, hidden: np.ndarray, cfg: GenerationConfig) -> None:
         modality = self.signal_ids.get(token)
