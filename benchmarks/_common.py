@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import statistics
+import time
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +59,27 @@ def write_results(name: str, data: dict, markdown: str) -> tuple[Path, Path]:
     j.write_text(json.dumps(data, indent=2) + "\n")
     m.write_text(markdown + "\n")
     return j, m
+
+
+def genai_greedy(model, ids: list[int], new: int):
+    """A timed greedy run of ONNX Runtime GenAI's generator over ``ids`` (warmed up once):
+    returns a callable giving (time to first token, total seconds) for ``new`` tokens."""
+    import onnxruntime_genai as og
+
+    def gen(n: int) -> tuple[float, float]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + n, min_length=len(ids) + n, do_sample=False)
+        t0 = time.perf_counter()
+        g = og.Generator(model, params)
+        g.append_tokens(ids)
+        ttft, count = 0.0, 0
+        while not g.is_done():
+            g.generate_next_token()
+            count += 1
+            if count == 1:
+                ttft = time.perf_counter() - t0
+        assert count == n, count
+        return ttft, time.perf_counter() - t0
+
+    gen(4)
+    return lambda: gen(new)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, median, read_bandwidth, spread, write_results  # noqa: E402
+from _common import genai_greedy, machine, median, read_bandwidth, spread, write_results  # noqa: E402
 
 PROMPT, NEW = 32, 64
 SHAPE = dict(
@@ -197,23 +197,7 @@ def bench_genai(path: Path) -> Callable[[], tuple[float, float]]:
     model = og.Model(str(path))
     ids = prompt_ids(PROMPT)
 
-    def gen(n: int) -> tuple[float, float]:
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=PROMPT + n, min_length=PROMPT + n, do_sample=False)
-        t0 = time.perf_counter()
-        gen_ = og.Generator(model, params)
-        gen_.append_tokens(ids)
-        ttft, count = 0.0, 0
-        while not gen_.is_done():
-            gen_.generate_next_token()
-            count += 1
-            if count == 1:
-                ttft = time.perf_counter() - t0
-        assert count == n, count
-        return ttft, time.perf_counter() - t0
-
-    gen(4)
-    return lambda: gen(NEW)
+    return genai_greedy(model, ids, NEW)
 
 
 def paired_int4(build4: Path, genai4: Path, threads: int, rounds: int = 25) -> dict:

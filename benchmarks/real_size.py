@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, median, read_bandwidth, spread, write_results  # noqa: E402
+from _common import genai_greedy, machine, median, read_bandwidth, spread, write_results  # noqa: E402
 
 ADDED_TOKENS = 38  # NExT-GPT's <Img>, </Img>, [IMG0..3], [VID0..23], [AUD0..7]
 SIZES = {
@@ -454,23 +454,7 @@ def runner_genai(path: str, threads: int, prompt: int, new: int):
     model = og.Model(path)
     ids = prompt_ids(prompt)
 
-    def gen(n: int) -> tuple[float, float]:
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=prompt + n, min_length=prompt + n, do_sample=False)
-        t0 = time.perf_counter()
-        g = og.Generator(model, params)
-        g.append_tokens(ids)
-        ttft, count = 0.0, 0
-        while not g.is_done():
-            g.generate_next_token()
-            count += 1
-            if count == 1:
-                ttft = time.perf_counter() - t0
-        assert count == n, count
-        return ttft, time.perf_counter() - t0
-
-    gen(4)
-    return lambda: gen(new)
+    return genai_greedy(model, ids, new)
 
 
 def runner_llama_cpp(path: str, threads: int, prompt: int, new: int):
