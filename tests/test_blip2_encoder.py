@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from tests.encoder_variants import export_with_encoder
 
 
 @pytest.fixture(scope="module")
@@ -82,29 +82,16 @@ def test_front_end_equals_blip_image_processor(blip2):
 def test_blip2_image_encoder_end_to_end(blip2, default_model, tmp_path):
     from transformers import BlipImageProcessor
 
-    from omniforge.model.projectors import InputProjector, InputProjectorConfig, save_module
     from omniforge.runtime.pipeline import Pipeline
 
     folder, model = blip2
-    root = tmp_path / "model"
-    shutil.copytree(default_model, root)
-    shutil.copytree(folder, root / "blip2")
+
+    def place(root):
+        shutil.copytree(folder, root / "blip2")
+        return "blip2"
+
+    build, proj, root = export_with_encoder(default_model, tmp_path, "image", place, 32)
     hidden = json.loads((root / "llm" / "config.json").read_text())["hidden_size"]
-    torch.manual_seed(1)
-    proj = InputProjector(InputProjectorConfig(in_dim=32, out_dim=hidden)).eval()
-    save_module(proj, root / "image_projector")
-    desc = json.loads((root / "nextgpt.json").read_text())
-    desc["encoders"]["image"] = "blip2"
-    desc["input_projectors"] = {"image": "image_projector"}
-    (root / "nextgpt.json").write_text(json.dumps(desc))
-    build = tmp_path / "build"
-    stages = "token_embedding,llm,image_encoder,image_input_projector"
-    proc = subprocess.run(
-        [sys.executable, "-m", "omniforge", "export", str(root), "--out", str(build), "--stages", stages],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr
 
     pic = Image.fromarray(np.random.default_rng(2).integers(0, 255, (40, 52, 3), dtype=np.uint8))
     pic.save(tmp_path / "p.png")

@@ -5,9 +5,6 @@ with a Whisper encoder and its own input projector exported and run by the torch
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 import wave
 
 import numpy as np
@@ -15,6 +12,7 @@ import pytest
 import torch
 
 from omniforge.runtime.whisper_media import log_mel
+from tests.encoder_variants import export_with_encoder
 
 
 @pytest.mark.parametrize("n_mels", [80, 128])
@@ -73,29 +71,19 @@ def test_whisper_audio_encoder_end_to_end(default_model, tmp_path):
     from transformers import WhisperFeatureExtractor
 
     from omniforge.model.audio_encoders import WhisperEncoderStage
-    from omniforge.model.projectors import InputProjector, InputProjectorConfig, save_module
     from omniforge.runtime.pipeline import Pipeline
 
-    model = tmp_path / "model"
-    shutil.copytree(default_model, model)
-    whisper = _tiny_whisper(model / "whisper_encoder")
-    hidden = json.loads((model / "llm" / "config.json").read_text())["hidden_size"]
-    torch.manual_seed(1)
-    proj = InputProjector(InputProjectorConfig(in_dim=32, out_dim=hidden)).eval()
-    save_module(proj, model / "audio_projector")
-    desc = json.loads((model / "nextgpt.json").read_text())
-    desc["encoders"]["audio"] = "whisper_encoder"
-    desc["input_projectors"] = {"audio": "audio_projector"}
-    desc["audio_frontend"] = {"window_s": 2, "pool": 4}
-    (model / "nextgpt.json").write_text(json.dumps(desc))
-    build = tmp_path / "build"
-    stages = "token_embedding,llm,audio_encoder,audio_input_projector"
-    proc = subprocess.run(
-        [sys.executable, "-m", "omniforge", "export", str(model), "--out", str(build), "--stages", stages],
-        capture_output=True,
-        text=True,
+    made = {}
+
+    def place(model):
+        made["whisper"] = _tiny_whisper(model / "whisper_encoder")
+        return "whisper_encoder"
+
+    build, proj, model = export_with_encoder(
+        default_model, tmp_path, "audio", place, 32, frontend={"window_s": 2, "pool": 4}
     )
-    assert proc.returncode == 0, proc.stderr
+    whisper = made["whisper"]
+    hidden = json.loads((model / "llm" / "config.json").read_text())["hidden_size"]
 
     x = (np.sin(np.arange(16000 * 3) * 0.05) * 9000).astype(np.int16)
     with wave.open(str(tmp_path / "a.wav"), "wb") as w:
