@@ -22,7 +22,7 @@ from omniforge import __version__
 from omniforge.build_cache import cached, clean_stale, discard_entry, entry_lock, folder_digest
 from omniforge.calibration.metrics import meets_budgets
 from omniforge.calibration.quantize import QuantizeOptions, StageQuantization, budgets_for
-from omniforge.engines.profiles import DEFAULT_TRT_VERSION, trt_version_tuple
+from omniforge.engines.profiles import DEFAULT_TRT_VERSION, require_buildable, trt_version_tuple
 from omniforge.errors import ConfigError, ManifestError
 from omniforge.export.opsets import DEFAULT_OPSET, check_opset
 from omniforge.pipeline.atomic import atomic_folder
@@ -85,6 +85,13 @@ class BuildOptions:
             raise ConfigError(
                 "the auto plan chooses every stage's precision; give per-stage precisions with fp32, fp16, int8 or int4"
             )
+        if self.emit_trtexec:  # refused here, before any export, rather than at the trtexec lines
+            require_buildable(self.llm_precision, self.trt_version)
+
+    @property
+    def llm_precision(self) -> str:
+        """The LLM's precision: its per-stage override, else the build's."""
+        return self.stage_precision.get("llm", self.precision)
 
 
 def cache_root(opts: BuildOptions) -> Path:
@@ -113,9 +120,10 @@ def build(
 ) -> tuple[Manifest, list[dict]]:
     """Build ``model`` into ``out``; returns the manifest and the summary rows."""
     if opts.backend == "tensorrt":
-        from omniforge.engines.tensorrt import require_tensorrt
+        from omniforge.engines.tensorrt import require_tensorrt, trt
 
         require_tensorrt()
+        require_buildable(opts.llm_precision, trt.__version__)  # before any export, as build_engine would
     root = cache_root(opts)
     for folder, name in ((root, None), (root / "stages", None), (out.parent, out.name)):
         clean_stale(folder, name, log)  # what killed builds left behind
