@@ -61,6 +61,7 @@ class BuildOptions:
     # an LLM-only folder's LLM written from its shards layer by layer (omniforge.export.llm_stream):
     # "auto" when its FP32 export would not fit in the memory available, "always" or "never"
     llm_stream: str = "auto"
+    merge_adapters: tuple[str, ...] = ()  # LoRA adapters given an LLM variant of their own, merged
 
     def quantize_options(self) -> QuantizeOptions:
         opts = self.quantize or QuantizeOptions()
@@ -85,6 +86,8 @@ class BuildOptions:
             raise ConfigError(
                 "the auto plan chooses every stage's precision; give per-stage precisions with fp32, fp16, int8 or int4"
             )
+        if len(set(self.merge_adapters)) != len(self.merge_adapters):
+            raise ConfigError("each adapter is merged once; --merge-adapter names one twice")
         if self.emit_trtexec:  # refused here, before any export, rather than at the trtexec lines
             require_buildable(self.llm_precision, self.trt_version)
 
@@ -124,6 +127,8 @@ def build(
 
         require_tensorrt()
         require_buildable(opts.llm_precision, trt.__version__)  # before any export, as build_engine would
+    if opts.merge_adapters:
+        check_merge_adapters(model, opts.merge_adapters)
     root = cache_root(opts)
     for folder, name in ((root, None), (root / "stages", None), (out.parent, out.name)):
         clean_stale(folder, name, log)  # what killed builds left behind
@@ -145,6 +150,11 @@ def _steps(model: Path, root: Path, opts: BuildOptions, log: Callable[[str], Non
     """The cache entry of the last step, every step made or reused in turn."""
     model_key = folder_digest(model, root / "file-hashes.json")
     if _streams(model, opts):  # a large LLM-only folder: the streaming build replaces every step
+        if opts.merge_adapters:
+            raise ConfigError(
+                "merged adapter variants are made from the traced export; this LLM is built by "
+                "streaming its shards (its adapters are switched at run time)"
+            )
         return _streamed(model, root, model_key, opts, log)
     export_opts = opts.export_options()
     export_key = _key(
@@ -161,7 +171,73 @@ def _steps(model: Path, root: Path, opts: BuildOptions, log: Callable[[str], Non
         final = cached(root, f"auto-{auto_key}", lambda p: assemble_auto(optimized, variants, p, log), log)
     elif opts.precision in QUANTIZED_PRECISIONS or opts.stage_precision:
         final = _quantized(root, optimized, opt_key, opts.precision, qopts, opts.stage_precision, log)
+    if opts.merge_adapters:
+        src = final
+        merge_key = _key("merge", __version__, src.name, *opts.merge_adapters)  # src's name keys its options
+        final = cached(root, f"merged-{merge_key}", lambda p: merged_variants(model, src, p, opts, log), log)
     return final
+
+
+# ---- LLM variants with a LoRA adapter merged in ----------------------------------------------------
+
+
+def check_merge_adapters(model: Path, names: tuple[str, ...]) -> None:
+    """One sentence, before any work, unless every name is an adapter switched at run time."""
+    from omniforge.pipeline.model_config import load_model_config
+
+    cfg = load_model_config(model)
+    if cfg.merge_adapter is not None or not cfg.adapters:
+        raise ConfigError(
+            "--merge-adapter needs a model whose adapters are switched at run time (adapters in "
+            "nextgpt.json and no merge_adapter)"
+        )
+    unknown = [n for n in names if n not in cfg.adapters]
+    if unknown:
+        raise ConfigError(f"unknown adapter '{unknown[0]}'; this model has {sorted(cfg.adapters)}")
+
+
+def merged_variants(
+    model: Path, src: Path, dst: Path, opts: BuildOptions, log: Callable[[str], None]
+) -> None:
+    """``src`` plus, for each of ``opts.merge_adapters``, an in-place LLM graph with that adapter
+    merged (as PEFT merges it), at the precision of the build's in-place LLM (weight-only INT4/INT8
+    by round-to-nearest)."""
+    from omniforge.calibration.weight_only import quantize_weights
+    from omniforge.export.exporter import save_model
+    from omniforge.export.llm_ort import build_llama_gqa
+    from omniforge.model.loader import load_llm
+    from omniforge.pipeline.model_config import load_model_config
+
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    m = load_manifest(dst, verify=False)
+    cfg = load_model_config(model)
+    sb = m.stage_build("llm")
+    inplace = sb.require(Role.ORT_INPLACE_LLM, "llm")
+    geometry = m.pipeline.stage("llm").llm
+    assert geometry is not None and inplace.contract is not None
+    precision = inplace.precision
+    paths: list[str] = []
+    for name in opts.merge_adapters:
+        log(f"llm: writing a variant with adapter '{name}' merged ({precision})")
+        graph = build_llama_gqa(load_llm(cfg, name), geometry.max_context, inplace.contract)
+        if precision in QUANTIZED_PRECISIONS:
+            graph = quantize_weights(graph, opts.quantize_options().weights(precision))
+        rel = f"stages/llm.merged-{name}.{precision}.ort.onnx"
+        save_model(graph, dst / rel)
+        data = (f"{rel}.data",) if (dst / f"{rel}.data").exists() else ()
+        sb = sb.with_variant(Variant(Role.ORT_INPLACE_LLM, rel, precision, data, inplace.contract, name))
+        paths += [rel, *data]
+    write_manifest(
+        dst,
+        Manifest(
+            m.pipeline,
+            {**m.stages, "llm": sb},
+            _add_artifacts(dst, m.artifacts, paths),
+            m.files,
+            m.source,
+            m.tools,
+        ),
+    )
 
 
 # ---- the streaming LLM build (omniforge.export.llm_stream) ---------------------------------------
@@ -174,14 +250,15 @@ def _streams(model: Path, opts: BuildOptions) -> bool:
         return False
     from omniforge.pipeline.model_config import load_model_config
 
-    llm_only = load_model_config(model).is_llm_only
+    cfg = load_model_config(model)
+    llm_only = cfg.is_llm_only
     if opts.llm_stream == "always" and not llm_only:
         raise ConfigError("the streaming LLM build takes an LLM-only folder; this model has other stages")
     if not llm_only:
         return False
     from omniforge.export.llm_stream import fits_in_memory
 
-    return opts.llm_stream == "always" or not fits_in_memory(model)
+    return opts.llm_stream == "always" or not fits_in_memory(cfg.llm)
 
 
 def _streamed(

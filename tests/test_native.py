@@ -19,6 +19,9 @@ from pathlib import Path
 
 import pytest
 
+# the native core runs the base LLM: switchable LoRA adapters are bound by the Python runtime only
+BASE = "none"
+
 ROOT = Path(__file__).resolve().parents[1]
 NATIVE = ROOT / "native"
 FETCH_HEADERS = ROOT / "scripts" / "fetch_ort_headers.sh"
@@ -164,7 +167,9 @@ def test_greedy_tokens_equal_the_python_runtime(
 
     rt = LlmRuntime(default_build)
     for ids in PROMPTS:
-        want = rt.generate(ids, GenerationConfig(max_new_tokens=32, stop_token_ids=())).token_ids
+        want = rt.generate(
+            ids, GenerationConfig(max_new_tokens=32, stop_token_ids=()), adapter=BASE
+        ).token_ids
         got = _native_greedy(native_build, default_build, ids, _env(default_build, ort_library))
         assert got == want, f"prompt {ids}: native {got} != python {want}"
 
@@ -218,7 +223,7 @@ def test_greedy_tokens_equal_with_each_embedding_form(
     rt = LlmRuntime(build)
     assert (rt.table is None) == (form == "other") and (rt.table is None or rt.table.scale is not None)
     ids = PROMPTS[2]
-    want = rt.generate(ids, GenerationConfig(max_new_tokens=32, stop_token_ids=())).token_ids
+    want = rt.generate(ids, GenerationConfig(max_new_tokens=32, stop_token_ids=()), adapter=BASE).token_ids
     env = _env(build, ort_library)
     r = _run([str(native_build / "omniforge_greedy_c"), str(build), "32", *map(str, ids)], env=env)
     assert r.returncode == 0, r.stderr
@@ -260,7 +265,7 @@ def test_under_address_and_undefined_behaviour_sanitizers(
     ids = PROMPTS[0]
     for build in (default_build, _with_embedding(default_build, tmp_path / "int8", "int8")):
         config = GenerationConfig(max_new_tokens=32, stop_token_ids=())
-        want = LlmRuntime(build).generate(ids, config).token_ids
+        want = LlmRuntime(build).generate(ids, config, adapter=BASE).token_ids
         r = _run([str(native_san_build / "omniforge_greedy_c"), str(build), "32", *map(str, ids)], env=env)
         assert r.returncode == 0, r.stderr[-6000:]
         assert "Sanitizer" not in r.stderr and "runtime error" not in r.stderr, r.stderr[-6000:]
@@ -270,7 +275,7 @@ def test_under_address_and_undefined_behaviour_sanitizers(
     cfg = GenerationConfig(
         max_new_tokens=40, temperature=1.1, top_k=50, top_p=0.9, seed=4, stop_strings=("e ",)
     )
-    want = LlmRuntime(default_build).generate(prompt, cfg)
+    want = LlmRuntime(default_build).generate(prompt, cfg, adapter=BASE)
     args = ["--text", prompt, "--max", "40", "--temperature", "1.1", "--top-k", "50", "--top-p", "0.9"]
     r = _run(
         [
@@ -303,7 +308,7 @@ def test_c_example_streams_the_python_runtimes_reply(
     from omniforge.runtime.sampling import GenerationConfig
 
     prompt = "Describe a harbour at dawn."
-    want = LlmRuntime(default_build).generate(prompt, GenerationConfig(max_new_tokens=40))
+    want = LlmRuntime(default_build).generate(prompt, GenerationConfig(max_new_tokens=40), adapter=BASE)
     r = subprocess.run(
         [str(native_build / "omniforge_example_c"), str(default_build), prompt, "40"],
         capture_output=True,

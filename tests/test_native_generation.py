@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests.test_native import (  # noqa: F401  (fixtures)
+    BASE,
     _env,
     _run,
     native_build,
@@ -133,7 +134,7 @@ def test_generation_equals_the_python_runtime(
 
     ids = [1, 5, 9, 3, 7]
     want = LlmRuntime(default_build).generate(
-        ids, GenerationConfig(max_new_tokens=40, stop_token_ids=(), **cfg)
+        ids, GenerationConfig(max_new_tokens=40, stop_token_ids=(), **cfg), adapter=BASE
     )
     args = ["--max", "40", "--stops", "none"]
     for k, v in cfg.items():
@@ -153,7 +154,7 @@ def test_stop_ids_and_cancellation(native_build: Path, default_build: Path, ort_
     free = _generate(native_build, default_build, env, ids, "--max", "30", "--stops", "none")["tokens"]
     stop = free[6]
     want = LlmRuntime(default_build).generate(
-        ids, GenerationConfig(max_new_tokens=30, stop_token_ids=(stop, 99999))
+        ids, GenerationConfig(max_new_tokens=30, stop_token_ids=(stop, 99999)), adapter=BASE
     )
     got = _generate(native_build, default_build, env, ids, "--max", "30", "--stops", f"{stop},99999")
     assert got["tokens"] == want.token_ids == free[: free.index(stop) + 1]
@@ -189,7 +190,7 @@ def test_text_prompts_stream_the_python_runtimes_text(
 
     pieces: list[str] = []
     want = LlmRuntime(default_build).generate(
-        prompt, GenerationConfig(max_new_tokens=48, **cfg), on_text=pieces.append
+        prompt, GenerationConfig(max_new_tokens=48, **cfg), on_text=pieces.append, adapter=BASE
     )
     args = ["--max", "48"]
     for k, v in cfg.items():
@@ -219,7 +220,7 @@ def test_stop_strings_cut_the_text_as_the_python_runtime(
     for stops in ([stop], ["\u2603never", stop]):
         pieces: list[str] = []
         cfg = GenerationConfig(max_new_tokens=48, stop_token_ids=(), stop_strings=tuple(stops))
-        want = rt.generate(prompt, cfg, on_text=pieces.append)
+        want = rt.generate(prompt, cfg, on_text=pieces.append, adapter=BASE)
         args = [a for s in stops for a in ("--stop-string", s)]
         got = _generate_text(
             native_build, default_build, env, prompt, "--max", "48", "--stops", "none", *args

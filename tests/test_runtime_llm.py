@@ -28,7 +28,8 @@ def runtime(default_build):
 
 @pytest.fixture(scope="module")
 def hf(default_model):
-    return load_llm(load_model_config(default_model), adapter="image")
+    """The LLM with the adapter text prompts run with (``auto``) merged, as PEFT merges it."""
+    return load_llm(load_model_config(default_model), adapter="text")
 
 
 def hf_greedy(hf, ids, n, eos):

@@ -317,7 +317,7 @@ def test_forced_signal_hidden_equals_teacher_forcing_in_torch(pipe, default_mode
     from omniforge.pipeline.model_config import load_model_config
 
     rows, ids = pipe.llm.prepare("A picture of")
-    hidden = pipe.signal_hidden(rows, "image")
+    hidden = pipe.signal_hidden(rows, "image", adapter="image")
     sig = [pipe.llm.tokenizer.token_id(f"[IMG{i}]") for i in range(4)]
     hf = load_llm(load_model_config(default_model), adapter="image")
     with torch.no_grad():

@@ -82,7 +82,9 @@ def grpc_input(name: str, value: np.ndarray, dtype: str):
     return x
 
 
-def stream_text(server, prompt: str, max_new_tokens: int, **extra) -> tuple[str, list[int], int]:
+def stream_text(
+    server, prompt: str, max_new_tokens: int, adapter: str | None = None, **extra
+) -> tuple[str, list[int], int]:
     """Streamed generation over gRPC: (the text pieces joined, the token ids, responses received)."""
     import tritonclient.grpc as grpcclient
 
@@ -95,6 +97,8 @@ def stream_text(server, prompt: str, max_new_tokens: int, **extra) -> tuple[str,
             grpc_input("max_new_tokens", np.array([max_new_tokens], np.int32), "INT32"),
         ]
         inputs += [grpc_input(k, np.array([v], np.float32), "FP32") for k, v in extra.items()]
+        if adapter is not None:
+            inputs.append(grpc_input("adapter", np.array([adapter.encode()], dtype=object), "BYTES"))
         client.async_stream_infer("llm", inputs)
         pieces, responses = [], 0
         while True:
@@ -171,6 +175,18 @@ def test_streamed_generation_equals_local_greedy_tokens(server, default_build):
     assert ids == local.token_ids
     assert text == local.text
     assert responses > 2  # streamed: pieces, then the final response
+
+
+def test_a_request_chooses_its_lora_adapter(server, default_build):
+    from omniforge.runtime.llm import LlmRuntime
+    from omniforge.runtime.sampling import GenerationConfig
+
+    local = LlmRuntime(default_build, num_slots=2)
+    for name in ("video", "none"):
+        _, ids, _ = stream_text(server, "A dog runs", 8, adapter=name)
+        assert ids == local.generate("A dog runs", GenerationConfig(max_new_tokens=8), adapter=name).token_ids
+    msg = _one_line_error(lambda: stream_text(server, "A dog", 4, adapter="smell"), status=None)
+    assert "unknown adapter 'smell'" in msg
 
 
 def test_image_request_equals_local_pipeline(server, default_build):

@@ -44,7 +44,8 @@ class WeightOnlyConfig:
 
 
 def quantize_weights(model: onnx.ModelProto, cfg: WeightOnlyConfig) -> onnx.ModelProto:
-    """A copy of ``model`` with every constant-weight MatMul quantized block-wise."""
+    """A copy of ``model`` with every constant-weight MatMul quantized block-wise (the low-rank
+    branches of switchable LoRA adapters stay FP32: their weights are inputs, bound per request)."""
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     copy = onnx.ModelProto()
     copy.CopyFrom(model)  # the quantizer rewrites the graph it is given
@@ -55,6 +56,7 @@ def quantize_weights(model: onnx.ModelProto, cfg: WeightOnlyConfig) -> onnx.Mode
         is_symmetric=cfg.symmetric,
         accuracy_level=cfg.accuracy_level,
         quant_format=QuantFormat.QOperator,
+        nodes_to_exclude=[n.name for n in copy.graph.node if n.name.startswith("lora.")],
     )
     q.process()
     return q.model.model

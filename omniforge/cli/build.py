@@ -53,6 +53,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="per-stage precision on top of --precision (fp32, fp16, int8; int4 for the llm), repeatable; "
         "only the stages whose precision changes are rebuilt",
     )
+    p.add_argument(
+        "--merge-adapter",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also write an LLM variant with this LoRA adapter merged in, used for its requests "
+        "(repeatable; the other adapters stay switched at run time)",
+    )
     p.add_argument("--cache", help="cache folder (default: $OMNIFORGE_HOME/build-cache)")
     p.add_argument(
         "--opset",
@@ -83,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         quantize_options(args, "int4" if args.precision in ("int4", "auto") else "int8"),
         args.opset,
         args.trt_version,
+        merge_adapters=tuple(args.merge_adapter),
     )
     _, rows = build(exportable_model(args.model), out, opts, log=log)
     print(summary_table(rows))

@@ -55,6 +55,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--repetition-penalty", type=float, default=1.0, help="penalty for repeated tokens (1 = off)"
     )
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument(
+        "--adapter",
+        default="auto",
+        help="LoRA adapter the LLM runs with: a name, 'none', or 'auto' (by the media given and "
+        "--force; default)",
+    )
     p.add_argument("--low-memory", action="store_true", help="release each decoder after use")
     p.add_argument(
         "--threads",
@@ -101,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         diffusion=diffusion,
         force=args.force,
         on_text=emit,
+        adapter=args.adapter,
     )
     sys.stdout.write("\n")
     for warning in result.warnings:
@@ -109,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr)
     g = result.generation
     print(
-        f"[{g.prompt_tokens} prompt tokens, {g.new_tokens} new, finish: {g.finish_reason}; "
+        f"[{g.prompt_tokens} prompt tokens, {g.new_tokens} new, finish: {g.finish_reason}"
+        f"{f', adapter: {g.adapter}' if g.adapter else ''}; "
         f"time to first token {g.ttft_s * 1000:.1f} ms, decode {g.decode_tokens_per_s:.1f} tokens/s]",
         file=sys.stderr,
     )

@@ -19,7 +19,8 @@ import torch
 
 from omniforge import __version__
 from omniforge.errors import ExportError, OmniforgeError
-from omniforge.export.llm_ort import build_llama_gqa
+from omniforge.export.llm_ort import TorchWeights, build_llama_gqa
+from omniforge.export.lora import export_adapters
 from omniforge.export.opsets import DEFAULT_OPSET, check_opset
 from omniforge.export.parity import ParityResult, check_llm_inplace, check_stage
 from omniforge.export.stages import export_module, reference_module
@@ -317,6 +318,7 @@ def _export_into(
     log: Callable[[str], None],
 ) -> tuple[Manifest, list[StageReport]]:
     (build / "stages").mkdir(parents=True)
+    adapter_files: dict[str, str] = {}
     loaded: dict[str, torch.nn.Module] = {}
     reports: list[StageReport] = []
     builds: dict[str, StageBuild] = {}
@@ -351,7 +353,14 @@ def _export_into(
             assert stage.llm is not None
             contract = llm_inplace_contract(stage.llm)
             ort_rel = f"stages/{stage.name}.ort.onnx"
-            save_model(build_llama_gqa(module, stage.llm.max_context, contract), build / ort_rel)
+            slots = None
+            if adapter is None and cfg.adapters:  # no adapter merged: each one switched at run time
+                slots, adapter_files = export_adapters(
+                    cfg.adapters, TorchWeights(module), stage.llm.num_layers, build, cfg.adapter_auto
+                )
+            save_model(
+                build_llama_gqa(module, stage.llm.max_context, contract, lora_slots=slots), build / ort_rel
+            )
             ort_data = (f"{ort_rel}.data",) if (build / f"{ort_rel}.data").exists() else ()
             inplace = Variant(Role.ORT_INPLACE_LLM, ort_rel, "fp32", ort_data, contract)
             sb = sb.with_variant(inplace)
@@ -376,7 +385,7 @@ def _export_into(
     if failed:
         detail = "; ".join(f"{r.stage} max abs {max(p.max_abs for p in r.parity):.2e}" for r in failed)
         raise ExportError(f"{len(failed)} stage(s) missed their parity tolerance: {detail}")
-    files = copy_runtime_files(cfg, spec, build)
+    files = {**copy_runtime_files(cfg, spec, build), **adapter_files}
     write_report(build, reports)
     paths += list(files.values()) + ["parity.json", "parity.md"]
     manifest = Manifest(

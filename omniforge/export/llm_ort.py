@@ -26,6 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from omniforge.pipeline.contracts import Contract, Slot, layer_tap
 from omniforge.pipeline.spec import TensorSpec
+from omniforge.runtime.adapters import lora_input_names
 
 MS = "com.microsoft"
 
@@ -119,25 +120,39 @@ def rotary_tables(rotary: torch.nn.Module, max_context: int, head_dim: int) -> t
 
 
 def build_llama_gqa(
-    model: torch.nn.Module, max_context: int, contract: Contract, opset: int = 17
+    model: torch.nn.Module,
+    max_context: int,
+    contract: Contract,
+    opset: int = 17,
+    lora_slots: dict[str, tuple[int, int]] | None = None,
 ) -> onnx.ModelProto:
     """An ONNX Runtime graph of ``model`` (HF LlamaForCausalLM) for contexts up to ``max_context``,
-    with the tensor names of ``contract``."""
+    with the tensor names of ``contract``; ``lora_slots`` ((K, N) by ``layers.{i}.{group}``) get
+    a low-rank branch each, its A/B optional graph inputs (see ``omniforge.export.lora``)."""
     weights = TorchWeights(model)
     sink = InMemory(weights)
     shape = LlamaShape.of(
         model.config, getattr(model.model.layers[0].self_attn.q_proj, "bias", None) is not None
     )
     tables = rotary_tables(model.model.rotary_emb, max_context, shape.head_dim)
-    nodes = llama_gqa_nodes(weights, shape, tables, contract, sink)
-    return llama_gqa_model(nodes, sink.initializers, contract, opset)
+    nodes = llama_gqa_nodes(weights, shape, tables, contract, sink, lora_slots=lora_slots)
+    return llama_gqa_model(nodes, sink.initializers, contract, opset, lora_slots)
 
 
 def llama_gqa_model(
-    nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto], contract: Contract, opset: int = 17
+    nodes: list[onnx.NodeProto],
+    initializers: list[onnx.TensorProto],
+    contract: Contract,
+    opset: int = 17,
+    lora_slots: dict[str, tuple[int, int]] | None = None,
 ) -> onnx.ModelProto:
-    """The graph's model proto: ``nodes`` over ``initializers``, with ``contract``'s inputs and outputs."""
+    """The graph's model proto: ``nodes`` over ``initializers``, with ``contract``'s inputs and
+    outputs, and the optional A/B inputs of ``lora_slots``."""
     inputs = [_value_info(t) for t in contract.inputs]
+    for slot, (k, n) in (lora_slots or {}).items():
+        a, b = lora_input_names(slot)
+        inputs.append(helper.make_tensor_value_info(a, TensorProto.FLOAT, [None, k, None]))
+        inputs.append(helper.make_tensor_value_info(b, TensorProto.FLOAT, [None, None, n]))
     outputs = [_value_info(t) for t in contract.outputs]
     graph = helper.make_graph(nodes, "llama_gqa", inputs, outputs, initializers)
     model_proto = helper.make_model(
@@ -156,10 +171,21 @@ def llama_gqa_nodes(
     contract: Contract,
     sink: GraphSink,
     on_layer: Callable[[int], None] | None = None,
+    lora_slots: dict[str, tuple[int, int]] | None = None,
 ) -> list[onnx.NodeProto]:
     """The in-place graph's nodes, layer by layer; initializers go to ``sink`` as they are made
-    (``on_layer(i)`` after layer ``i``'s), each weight read from ``weights`` when it is needed."""
+    (``on_layer(i)`` after layer ``i``'s), each weight read from ``weights`` when it is needed.
+    Each linear group named in ``lora_slots`` gets a low-rank branch over optional inputs."""
     io = contract.slots
+    lora_slots = lora_slots or {}
+
+    def linear(tap_name: str, parts: list[str], x: str, y: str, slot: str) -> list[onnx.NodeProto]:
+        if slot not in lora_slots:
+            return sink.linear(tap_name, parts, x, y)
+        return sink.linear(tap_name, parts, x, f"{y}.base") + _lora_branch(
+            slot, lora_slots[slot], x, f"{y}.base", y, sink.add
+        )
+
     embeds, seqlens, total = io[Slot.EMBEDS], io[Slot.SEQLENS], io[Slot.TOTAL]
 
     def tap(i: int, purpose: str) -> str:
@@ -201,7 +227,7 @@ def llama_gqa_nodes(
             )
             residual = f"{p}.res1"
         attn = [f"{hf}self_attn.{k}_proj.weight" for k in "qkv"]
-        nodes += sink.linear(tap(i, "qkv_weight"), attn, norm1, f"{p}.qkv")
+        nodes += linear(tap(i, "qkv_weight"), attn, norm1, f"{p}.qkv", f"{p}.qkv")
         last = f"{p}.qkv"
         if shape.attention_bias:
             b = np.concatenate([weights.tensor(f"{hf}self_attn.{k}_proj.bias") for k in "qkv"])
@@ -230,7 +256,7 @@ def llama_gqa_nodes(
                 scale=float(hd**-0.5),
             )
         )
-        nodes += sink.linear(tap(i, "o_weight"), [f"{hf}self_attn.o_proj.weight"], f"{p}.attn", f"{p}.o")
+        nodes += linear(tap(i, "o_weight"), [f"{hf}self_attn.o_proj.weight"], f"{p}.attn", f"{p}.o", f"{p}.o")
         g_post = init(tap(i, "mlp_norm_weight"), weights.tensor(hf + "post_attention_layernorm.weight"))
         nodes.append(
             helper.make_node(
@@ -243,14 +269,14 @@ def llama_gqa_nodes(
         )
         residual = f"{p}.res2"
         mlp = f"{hf}mlp."
-        nodes += sink.linear(tap(i, "gate_weight"), [mlp + "gate_proj.weight"], norm2, f"{p}.gate")
-        nodes += sink.linear(tap(i, "up_weight"), [mlp + "up_proj.weight"], norm2, f"{p}.up")
+        nodes += linear(tap(i, "gate_weight"), [mlp + "gate_proj.weight"], norm2, f"{p}.gate", f"{p}.gate")
+        nodes += linear(tap(i, "up_weight"), [mlp + "up_proj.weight"], norm2, f"{p}.up", f"{p}.up")
         nodes += [
             helper.make_node("Sigmoid", [f"{p}.gate"], [f"{p}.gate_sig"]),
             helper.make_node("Mul", [f"{p}.gate", f"{p}.gate_sig"], [f"{p}.silu"]),
             helper.make_node("Mul", [f"{p}.silu", f"{p}.up"], [act]),
         ]
-        nodes += sink.linear(tap(i, "down_weight"), [mlp + "down_proj.weight"], act, f"{p}.down")
+        nodes += linear(tap(i, "down_weight"), [mlp + "down_proj.weight"], act, f"{p}.down", f"{p}.down")
         x = f"{p}.down"
         if on_layer is not None:
             on_layer(i)
@@ -268,6 +294,22 @@ def llama_gqa_nodes(
     nodes.append(helper.make_node("Gather", [io[Slot.HIDDEN], "last_index"], ["last_hidden"], axis=1))
     nodes += sink.linear(contract.tap("lm_head_weight"), ["lm_head.weight"], "last_hidden", io[Slot.LOGITS])
     return nodes
+
+
+def _lora_branch(
+    slot: str, kn: tuple[int, int], x: str, base: str, y: str, init: Callable[[str, np.ndarray], str]
+) -> list[onnx.NodeProto]:
+    """``y = base + (x @ A) @ B``; A and B default to rank 0 (the branch adds zeros)."""
+    k, n = kn
+    a, b = lora_input_names(slot)
+    init(a, np.zeros((1, k, 0), np.float32))
+    init(b, np.zeros((1, 0, n), np.float32))
+    mk = helper.make_node
+    return [
+        mk("MatMul", [x, a], [f"lora.{slot}.xa"], name=f"lora.{slot}.down"),
+        mk("MatMul", [f"lora.{slot}.xa", b], [f"lora.{slot}.delta"], name=f"lora.{slot}.up"),
+        mk("Add", [base, f"lora.{slot}.delta"], [y], name=f"lora.{slot}.add"),
+    ]
 
 
 def _value_info(t: TensorSpec) -> onnx.ValueInfoProto:

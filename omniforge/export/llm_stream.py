@@ -193,9 +193,7 @@ class LoraAdapter:
             if bad
         ]
         if unsupported:
-            raise ConfigError(
-                f"the streaming build merges plain LoRA adapters; '{folder}' has {unsupported[0]}"
-            )
+            raise ConfigError(f"omniforge takes plain LoRA adapters; '{folder}' has {unsupported[0]}")
         r = float(c["r"])
         self.scaling = float(c["lora_alpha"]) / (r**0.5 if c.get("use_rslora") else r)
         files = sorted(folder.glob("adapter_model*.safetensors"))
@@ -208,6 +206,14 @@ class LoraAdapter:
                 base = name.split(".lora_A.")[0].removeprefix("base_model.model.")
                 b = name.replace(".lora_A.", ".lora_B.")
                 self.pairs[base + ".weight"] = (name, b)
+
+    def pair(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """The low-rank pair of the linear weight ``name`` (HF name): A (r, in) and B (out, r) with
+        the scaling folded into B, FP32; None where the adapter does not target it."""
+        if name not in self.pairs:
+            return None
+        a, b = (self.reader.tensor(n) for n in self.pairs[name])
+        return a, b * np.float32(self.scaling)
 
     def merge(self, name: str, w: np.ndarray) -> np.ndarray:
         if name not in self.pairs:
@@ -456,9 +462,11 @@ def write_llm_graph(
     path: Path,
     nbits: NBits | None = None,
     log: Callable[[str], None] | None = None,
+    lora_slots: dict[str, tuple[int, int]] | None = None,
 ) -> WrittenGraph:
     """The in-place graph of ``weights`` at ``path`` (its tensors in ``<path>.data``), FP32 or
-    ``MatMulNBits`` (``nbits``), written layer by layer."""
+    ``MatMulNBits`` (``nbits``), written layer by layer; ``lora_slots``: the low-rank branches of
+    adapters switched at run time (FP32, their weights bound per request)."""
     import time
 
     import torch
@@ -482,10 +490,10 @@ def write_llm_graph(
             )
 
     try:
-        nodes = llama_gqa_nodes(weights, shape, tables, contract, sink, on_layer)
+        nodes = llama_gqa_nodes(weights, shape, tables, contract, sink, on_layer, lora_slots)
     finally:
         data.close()
-    model = llama_gqa_model(nodes, sink.initializers, contract)
+    model = llama_gqa_model(nodes, sink.initializers, contract, lora_slots=lora_slots)
     from omniforge import __version__
 
     model.producer_version = __version__
@@ -733,7 +741,14 @@ def stream_llm_build_into(
 
     # -- the in-place graph, layer by layer -------------------------------------------------------
     t0 = time.perf_counter()
-    written = write_llm_graph(weights, g.max_context, contract, build / llm_rel, nbits, log=log)
+    slots, adapter_files = None, {}
+    if cfg.adapters and cfg.merge_adapter is None:  # adapters switched at run time, written beside it
+        from omniforge.export.lora import export_adapters
+
+        slots, adapter_files = export_adapters(cfg.adapters, weights, g.num_layers, build, cfg.adapter_auto)
+    written = write_llm_graph(
+        weights, g.max_context, contract, build / llm_rel, nbits, log=log, lora_slots=slots
+    )
     data_rel = f"{llm_rel}.data"
     phase(f"llm in-place graph ({precision}, streamed)", t0)
     report["bytes_read"] = weights.reader.bytes_read
@@ -797,7 +812,7 @@ def stream_llm_build_into(
     if failed:
         detail = "; ".join(f"{r.stage} max rel {max(p.max_rel for p in r.parity):.2e}" for r in failed)
         raise ExportError(f"the streamed build missed its parity tolerance: {detail}")
-    files = copy_runtime_files(cfg, spec, build)
+    files = {**copy_runtime_files(cfg, spec, build), **adapter_files}
     write_report(build, reports)
     paths = (
         [p for sb in stages.values() for p in sb.files()]

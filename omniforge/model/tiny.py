@@ -108,28 +108,33 @@ def _llm(cfg: TinyConfig, folder: Path) -> None:
 
 
 def _lora(cfg: TinyConfig, llm_folder: Path, root: Path) -> dict[str, str]:
+    """One seeded adapter per modality and one for text: the media adapters on the attention
+    projections (rank ``lora_rank``), the text adapter on attention and MLP (twice the rank)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
+    attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
     out = {}
-    for i, modality in enumerate(SIGNAL_TOKENS):
+    for i, name in enumerate([*SIGNAL_TOKENS, "text"]):
         torch.manual_seed(cfg.seed + 10 + i)
         base = LlamaForCausalLM.from_pretrained(llm_folder)
+        text = name == "text"
+        r = cfg.lora_rank * (2 if text else 1)
         lcfg = LoraConfig(
-            r=cfg.lora_rank,
-            lora_alpha=2 * cfg.lora_rank,
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            r=r,
+            lora_alpha=2 * r,
+            target_modules=attention + (["gate_proj", "up_proj", "down_proj"] if text else []),
             init_lora_weights=False,  # non-zero B so that merging changes the weights
             lora_dropout=0.0,
         )
         peft_model = get_peft_model(base, lcfg)
-        # keep the adapter's effect small and seeded
+        # seeded, large enough to change greedy output visibly
         with torch.no_grad():
-            for name, p in peft_model.named_parameters():
-                if "lora_" in name:
-                    p.mul_(0.1)
-        peft_model.save_pretrained(root / "lora" / modality)
-        out[modality] = f"lora/{modality}"
+            for pname, p in peft_model.named_parameters():
+                if "lora_" in pname:
+                    p.mul_(0.5)
+        peft_model.save_pretrained(root / "lora" / name)
+        out[name] = f"lora/{name}"
     return out
 
 
@@ -311,7 +316,7 @@ def create_default(folder: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
             "llm": "llm",
             "max_context": cfg.max_context,
             "adapters": adapters,
-            "merge_adapter": "image",
+            "adapter_auto": {"video": "video", "audio": "audio", "image": "image", "text": "text"},
             "encoders": {"image": "image_encoder", "audio": "audio_encoder"},
             "audio_frontend": asdict(AudioFrontend(n_mels=cfg.image_size, num_frames=cfg.image_size)),
             "video_frames": cfg.video_frames,

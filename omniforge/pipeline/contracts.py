@@ -131,6 +131,12 @@ LLM_LAYER_TAPS = {
 }
 
 
+def lora_slot(layer: int, group: str) -> str:
+    """The name of decoder layer ``layer``'s linear group ``group`` (qkv, o, gate, up, down) as a
+    LoRA slot of the in-place graph (its inputs: ``lora.<slot>.A`` and ``.B``)."""
+    return f"layers.{layer}.{group}"
+
+
 def layer_tap(contract: Contract, layer: int, purpose: str) -> str:
     """The tensor of ``purpose`` (a key of ``LLM_LAYER_TAPS``) in decoder layer ``layer``."""
     return contract.tap(f"layers.{layer}.{purpose}")

@@ -53,15 +53,19 @@ class Variant:
     precision: str = "fp32"
     data_files: tuple[str, ...] = ()
     contract: Contract | None = None
+    adapter: str | None = None  # a LoRA adapter merged into this variant (the LLM's merged variants)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "role": str(self.role),
             "file": self.file,
             "precision": self.precision,
             "data_files": list(self.data_files),
             "contract": self.contract.to_dict() if self.contract else "stage",
         }
+        if self.adapter is not None:
+            d["adapter"] = self.adapter
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Variant:
@@ -72,6 +76,7 @@ class Variant:
             precision=d.get("precision", "fp32"),
             data_files=tuple(d.get("data_files", ())),
             contract=None if c == "stage" else Contract.from_dict(c),
+            adapter=None if d.get("adapter") is None else str(d["adapter"]),
         )
 
 
@@ -88,7 +93,12 @@ class StageBuild:
     nodes: int = 0
 
     def variant(self, role: Role) -> Variant | None:
-        return next((v for v in self.variants if v.role is role), None)
+        """The variant of ``role`` (never a variant with a LoRA adapter merged in)."""
+        return next((v for v in self.variants if v.role is role and v.adapter is None), None)
+
+    def merged(self) -> dict[str, Variant]:
+        """The in-place LLM variants with a LoRA adapter merged in, by adapter."""
+        return {v.adapter: v for v in self.variants if v.adapter is not None}
 
     def require(self, role: Role, stage: str = "") -> Variant:
         v = self.variant(role)
@@ -98,8 +108,8 @@ class StageBuild:
         return v
 
     def with_variant(self, v: Variant) -> StageBuild:
-        """This stage with ``v`` replacing the variant of the same role (or added)."""
-        kept = tuple(x for x in self.variants if x.role is not v.role)
+        """This stage with ``v`` replacing the variant of the same role and adapter (or added)."""
+        kept = tuple(x for x in self.variants if (x.role, x.adapter) != (v.role, v.adapter))
         return replace(self, variants=(*kept, v))
 
     @property
@@ -223,9 +233,13 @@ class Manifest:
                 raise ManifestError(f"manifest builds stage '{name}', which its pipeline does not describe")
             if sb.variant(Role.CANONICAL) is None:
                 raise ManifestError(f"stage '{name}' has no canonical variant")
-            roles = [v.role for v in sb.variants]
+            roles = [(v.role, v.adapter) for v in sb.variants]
             if len(set(roles)) != len(roles):
                 raise ManifestError(f"stage '{name}' lists a variant role twice")
+            if any(v.adapter is not None and v.role is not Role.ORT_INPLACE_LLM for v in sb.variants):
+                raise ManifestError(
+                    f"stage '{name}' has a merged-adapter variant that is not an in-place LLM"
+                )
             for p in sb.files():
                 if p not in artifacts:
                     raise ManifestError(f"stage '{name}' names '{p}', which is not among the artifacts")

@@ -60,7 +60,8 @@ class ModelConfig:
     llm: Path
     max_context: int = 256
     adapters: dict[str, Path] = field(default_factory=dict)
-    merge_adapter: str | None = None
+    merge_adapter: str | None = None  # merged into the LLM at export; None: adapters switched at run time
+    adapter_auto: dict[str, str | None] = field(default_factory=dict)  # modality -> adapter, first match wins
     encoders: dict[str, Path] = field(default_factory=dict)  # image, audio
     audio_frontend: AudioFrontend = AudioFrontend()
     video_frames: int = 4  # frames sampled from a video for the image encoder
@@ -142,6 +143,14 @@ def _from_nextgpt(root: Path, d: dict[str, Any]) -> ModelConfig:
     adapters = {k: p(v) for k, v in adapters.items()}
     if merge is not None and merge not in adapters:
         raise ConfigError(f"merge_adapter '{merge}' is not one of the adapters {sorted(adapters)}")
+    auto = d.get("adapter_auto", {})
+    if not isinstance(auto, dict) or not all(
+        k in (*MODALITIES, "text") and (v is None or v in adapters) for k, v in auto.items()
+    ):
+        raise ConfigError(
+            "nextgpt.json 'adapter_auto' must map modalities (image, video, audio, text) to one of "
+            f"the adapters {sorted(adapters)} or null"
+        )
     encoders = mods("encoders")
     if "video" in encoders:
         raise ConfigError("video goes through the image encoder; nextgpt.json must not name a video encoder")
@@ -151,6 +160,7 @@ def _from_nextgpt(root: Path, d: dict[str, Any]) -> ModelConfig:
         max_context=int(d.get("max_context", 256)),
         adapters=adapters,
         merge_adapter=merge,
+        adapter_auto=dict(auto),
         encoders=encoders,
         audio_frontend=AudioFrontend(**d.get("audio_frontend", {})),
         video_frames=int(d.get("video_frames", 4)),
@@ -165,7 +175,7 @@ def _from_nextgpt(root: Path, d: dict[str, Any]) -> ModelConfig:
     )
 
 
-DEFAULT_VERSION = 3  # of the embedded tiny default: bump when its architecture or seeds change
+DEFAULT_VERSION = 4  # of the embedded tiny default: bump when its architecture or seeds change
 
 
 def omniforge_home() -> Path:

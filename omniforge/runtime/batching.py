@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from omniforge.errors import CachePoolExhaustedError, ConfigError, InputError, QueueFullError
+from omniforge.runtime.adapters import AUTO
 from omniforge.runtime.kv_cache import SlotRange
-from omniforge.runtime.llm import GenerationResult, LlmRuntime, Media, _config, _runs, _Seq
+from omniforge.runtime.llm import GenerationResult, LlmRuntime, Media, _config, _groups, _Seq
 from omniforge.runtime.sampling import GenerationConfig
 
 _DONE = object()
@@ -106,7 +107,7 @@ class ContinuousBatcher:
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
         self._queue: deque[_Request] = deque()
-        self._bindings: dict[tuple[int, int], object] = {}
+        self._bindings: dict[tuple[str, int, int], object] = {}
         self._active: list[_Request] = []
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -122,16 +123,20 @@ class ContinuousBatcher:
         on_text: Callable[[str], None] | None = None,
         media: Media | None = None,
         on_done: Callable[[GenerationResult | None, BaseException | None], None] | None = None,
+        adapter: str | None = AUTO,
     ) -> RequestHandle:
         """Queue a request (its prompt is checked and embedded on the caller's thread). ``on_text``
-        gets each text piece and ``on_done`` the result or the error, on the scheduler thread."""
+        gets each text piece and ``on_done`` the result or the error, on the scheduler thread.
+        ``adapter``: its LoRA adapter (name, ``auto`` or ``none``); requests with different
+        adapters decode in the same steps."""
         config = _config(config)
         if on_text is not None and not callable(on_text):
             raise InputError(f"on_text must be callable, got {type(on_text).__name__}")
+        name = self.rt.resolve_adapter(adapter, list(media) if isinstance(media, dict) else ())
         rows, ids = self.rt.prepare(prompt, media)
         self.rt.check_fits(len(rows))
         handle = RequestHandle(on_done)
-        seq = _Seq(rows, list(ids), np.random.default_rng(config.seed), stream=True)
+        seq = _Seq(rows, list(ids), np.random.default_rng(config.seed), stream=True, adapter=name)
         req = _Request(seq, list(ids), config, self.rt.stop_ids(config), on_text, handle)
         with self._wake:
             if self._closed:
@@ -146,9 +151,9 @@ class ContinuousBatcher:
         return handle
 
     def generate(
-        self, prompt, config: GenerationConfig | None = None, on_text=None, media=None
+        self, prompt, config: GenerationConfig | None = None, on_text=None, media=None, adapter=AUTO
     ) -> GenerationResult:
-        return self.submit(prompt, config, on_text, media).result()
+        return self.submit(prompt, config, on_text, media, adapter=adapter).result()
 
     @property
     def waiting(self) -> int:
@@ -229,7 +234,7 @@ class ContinuousBatcher:
             with self._lock:
                 self._queue.popleft()
             req.slot = slot.start
-            req.seq.reused = self.rt.prefix_cache.reuse(req.seq.rows, req.slot)
+            req.seq.reused = self.rt.prefix_cache.reuse(req.seq.rows, req.slot, req.seq.adapter or "")
             req.fed_prompt = req.seq.reused
             self._active.append(req)
 
@@ -237,7 +242,9 @@ class ContinuousBatcher:
         s = req.seq
         end = min(len(s.rows), req.fed_prompt + self.prefill_chunk)
         try:
-            logits, hidden = self._binding(req.slot, 1).step(s.rows[None, req.fed_prompt : end])
+            binding = self._binding(req.slot, 1, self.rt.engine_key(s.adapter))
+            binding.use_adapters(self.rt.adapter_arrays([s.adapter]))
+            logits, hidden = binding.step(s.rows[None, req.fed_prompt : end])
         except Exception as exc:  # noqa: BLE001 - the request fails, the others go on
             self._fail(req, exc)
             return
@@ -249,13 +256,18 @@ class ContinuousBatcher:
 
     def _decode(self, reqs: list[_Request]) -> None:
         by_slot = {r.slot: r for r in reqs}
-        active = [j in by_slot for j in range(self.rt.pool.num_slots)]
-        for first, count in _runs(active):
+        keys = [
+            self.rt.engine_key(by_slot[j].seq.adapter) if j in by_slot else None
+            for j in range(self.rt.pool.num_slots)
+        ]
+        for first, count, key in _groups(keys):  # adjacent slots on one engine
             run = [by_slot[j] for j in range(first, first + count)]
             feed = [r.seq.generated[-1] for r in run]
             emb = self.rt.embed_ids(feed, trusted=True)[:, None]
             try:
-                logits, hidden = self._binding(first, count).step(emb, copy=False, trusted=True)
+                binding = self._binding(first, count, key)
+                binding.use_adapters(self.rt.adapter_arrays([r.seq.adapter for r in run]))
+                logits, hidden = binding.step(emb, copy=False, trusted=True)
             except Exception as exc:  # noqa: BLE001
                 for r in run:
                     self._fail(r, exc)
@@ -268,11 +280,12 @@ class ContinuousBatcher:
                     ),
                 )
 
-    def _binding(self, first: int, count: int):
-        """The step binding of slots [first, first + count), made once (it views the pool's memory)."""
-        key = (first, count)
+    def _binding(self, first: int, count: int, engine: str = ""):
+        """The step binding of slots [first, first + count) on engine ``engine`` (``engine_key``),
+        made once (it views the pool's memory)."""
+        key = (engine, first, count)
         if key not in self._bindings:
-            self._bindings[key] = self.rt.engine.bind(self.rt.pool, SlotRange(first, count))
+            self._bindings[key] = self.rt.engine_for(engine).bind(self.rt.pool, SlotRange(first, count))
         return self._bindings[key]
 
     def _emit(self, req: _Request, pieces: Iterator[tuple[int, str]]) -> None:
@@ -301,7 +314,7 @@ class ContinuousBatcher:
         adopted = False
         if keep_cache and s.finish != "cancelled":
             fed = np.concatenate([s.rows, np.asarray(s.fed, np.float32).reshape(-1, s.rows.shape[1])])
-            adopted = self.rt.prefix_cache.add(req.slot, fed)
+            adopted = self.rt.prefix_cache.add(req.slot, fed, s.adapter or "")
         if not adopted:
             self.rt.pool.release(SlotRange(req.slot, 1))
         self._end(req, self._result(req, s.finish))

@@ -138,9 +138,10 @@ class KVCachePool:
         self.lengths[dst] = length
 
 
-def block_hashes(rows: np.ndarray, block_size: int) -> list[bytes]:
-    """Chained digests of each full block of embedding rows: equal digests mean equal prefixes."""
-    out, h = [], b""
+def block_hashes(rows: np.ndarray, block_size: int, namespace: str = "") -> list[bytes]:
+    """Chained digests of each full block of embedding rows: equal digests mean equal prefixes
+    computed under the same ``namespace`` (the LoRA adapter the cache was filled with)."""
+    out, h = [], namespace.encode()
     for b in range(len(rows) // block_size):
         h = hashlib.blake2b(
             h + rows[b * block_size : (b + 1) * block_size].tobytes(), digest_size=16
@@ -153,8 +154,9 @@ class PrefixCache:
     """Keeps the KV of finished sequences so a later request with the same prefix skips its prefill.
 
     Keys are chained hashes of the embedding rows fed to the LLM, per block of ``block_size``
-    tokens, so text and spliced media embeddings are matched alike. An entry pins its slot until
-    it is evicted (least recently used first) to make room for a new request.
+    tokens, so text and spliced media embeddings are matched alike; the chain starts from the
+    adapter's name, so KV computed under one adapter is never reused under another. An entry pins
+    its slot until it is evicted (least recently used first) to make room for a new request.
     """
 
     def __init__(self, pool: KVCachePool, max_entries: int = 2, block_size: int = 16) -> None:
@@ -167,9 +169,10 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def add(self, slot: int, rows: np.ndarray) -> bool:
-        """Adopt ``slot`` (whose cache holds ``rows``) as an entry; False if caching is off or useless."""
-        hashes = block_hashes(rows, self.block_size)
+    def add(self, slot: int, rows: np.ndarray, namespace: str = "") -> bool:
+        """Adopt ``slot`` (whose cache holds ``rows``, computed under adapter ``namespace``) as an
+        entry; False if caching is off or useless."""
+        hashes = block_hashes(rows, self.block_size, namespace)
         if self.max_entries == 0 or not hashes:
             return False
         with self._lock:
@@ -180,8 +183,9 @@ class PrefixCache:
                 self.pool.release(SlotRange(old, 1))
         return True
 
-    def reuse(self, rows: np.ndarray, dst: int) -> int:
-        """Copy the longest cached prefix of ``rows`` into slot ``dst``; return its length (0: none).
+    def reuse(self, rows: np.ndarray, dst: int, namespace: str = "") -> int:
+        """Copy the longest prefix of ``rows`` cached under ``namespace`` into slot ``dst``; return
+        its length (0: none).
 
         At least one row is left to run, since its logits are needed. The copy happens under the
         cache's lock, so a concurrent eviction cannot recycle the source slot mid-copy.
@@ -189,7 +193,7 @@ class PrefixCache:
         limit = (len(rows) - 1) // self.block_size
         if limit <= 0 or not self._entries:
             return 0
-        wanted = block_hashes(rows[: limit * self.block_size], self.block_size)
+        wanted = block_hashes(rows[: limit * self.block_size], self.block_size, namespace)
         with self._lock:
             best, best_n = -1, 0
             for slot, hashes in self._entries.items():

@@ -7,6 +7,7 @@ are embedding rows, so projected media embeddings can stand in for placeholder t
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from omniforge.errors import (
 from omniforge.pipeline.contracts import Contract, Role, Slot, llm_inplace_contract
 from omniforge.pipeline.protocol import MediaPart, PromptProtocol
 from omniforge.pipeline.spec import LlmGeometry
+from omniforge.runtime.adapters import AUTO, AdapterSet
 from omniforge.runtime.build import Build
 from omniforge.runtime.engine import GraphSource, SessionConfig, check_graph_io, open_session
 from omniforge.runtime.kv_cache import KVCachePool, PrefixCache, SlotRange
@@ -60,11 +62,17 @@ class LlmEngine:
         check_graph_io(self.session, self.contract, "the in-place LLM contract", name)
         c = self.contract
         self.names = {k: c.slot(k) for k in Slot}
+        # the optional low-rank inputs of an LLM whose adapters are switched at run time
+        self.lora_inputs = [
+            x.name for x in self.session.get_overridable_initializers() if x.name.startswith("lora.")
+        ]
 
     @classmethod
-    def of_build(cls, build: Build, preset: str = "serving") -> LlmEngine:
-        """The build's in-place LLM variant, bound from its contract in the manifest."""
-        variant = build.manifest.variant("llm", Role.ORT_INPLACE_LLM)
+    def of_build(cls, build: Build, preset: str = "serving", adapter: str | None = None) -> LlmEngine:
+        """The build's in-place LLM variant (with ``adapter`` merged in: its merged variant), bound
+        from its contract in the manifest."""
+        sb = build.manifest.stage_build("llm")
+        variant = sb.require(Role.ORT_INPLACE_LLM, "llm") if adapter is None else sb.merged()[adapter]
         spec = build.pipeline.stage("llm")
         assert spec.llm is not None
         return cls(build.graph(variant), spec.llm, build.session, variant.contract, preset)
@@ -87,6 +95,16 @@ class StepBinding:
             self.io.bind_ortvalue_output(pair.output, ov)
         self._decode: dict[str, np.ndarray] | None = None  # one-token buffers, bound once
         self._bound_decode = False
+        self._adapters: object = None  # the adapter arrays bound now (kept alive while bound)
+
+    def use_adapters(self, arrays: dict[str, np.ndarray] | None) -> None:
+        """Bind the low-rank inputs (``AdapterSet.arrays``) for the following steps (None: a build
+        without switchable adapters). Rebinds only when they change."""
+        if arrays is None or arrays is self._adapters or not self.engine.lora_inputs:
+            return
+        for name in self.engine.lora_inputs:
+            self.io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arrays[name]))
+        self._adapters = arrays
 
     def _decode_buffers(self) -> dict[str, np.ndarray]:
         """Inputs and outputs of a one-token step, allocated and bound once for this binding: a
@@ -210,6 +228,7 @@ class GenerationResult:
     decode_s: float
     signal_hidden: dict[str, np.ndarray] = field(default_factory=dict)  # modality -> (n, H)
     signals: list[SignalEvent] = field(default_factory=list)  # signal tokens generated (not in ``text``)
+    adapter: str | None = None  # the LoRA adapter it was generated with (None: the base model)
 
     @property
     def new_tokens(self) -> int:
@@ -235,6 +254,7 @@ class _Seq:
     ttft: float = 0.0
     stream: bool = True  # keep the text up to date token by token (for streaming callbacks)
     signal_rows: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    adapter: str | None = None
 
 
 class LlmRuntime:
@@ -282,6 +302,43 @@ class LlmRuntime:
         # which hidden state stands for a generated signal token: the one that predicted it
         # (NExT-GPT's generation) or the one computed at it
         self.signal_position = self.protocol.signal_position if self.protocol else "at_token"
+        self.adapters = AdapterSet.of_build(self.build)
+        self.merged_adapters = sorted(self.build.manifest.stage_build("llm").merged())
+        self._engines: dict[str, LlmEngine] = {"": self.engine}
+        self._engines_lock = threading.Lock()
+
+    def engine_key(self, adapter: str | None) -> str:
+        """Which engine runs a sequence with ``adapter``: its merged variant's (the adapter's
+        name) where the build has one, else the base graph's ("")."""
+        return adapter if adapter is not None and adapter in self.merged_adapters else ""
+
+    def engine_for(self, key: str) -> LlmEngine:
+        """The engine of ``engine_key``, opened on first use."""
+        with self._engines_lock:
+            if key not in self._engines:
+                self._engines[key] = LlmEngine.of_build(self.build, adapter=key)
+            return self._engines[key]
+
+    def bind_for(self, adapters: Sequence[str | None], slots: SlotRange) -> StepBinding:
+        """A binding of ``slots`` on the engine of ``adapters`` (one engine for all), their
+        low-rank inputs bound."""
+        binding = self.engine_for(self.engine_key(adapters[0])).bind(self.pool, slots)
+        binding.use_adapters(self.adapter_arrays(adapters))
+        return binding
+
+    # ---- adapters -----------------------------------------------------------------------------
+    def resolve_adapter(self, adapter: str | None, modalities: Sequence[str] = ()) -> str | None:
+        """The adapter a request runs with: a name, ``auto`` (by the build's rule, from the
+        request's modalities in and out), or ``none``/None for the base model."""
+        if self.adapters is None:
+            if adapter in (None, AUTO, "none"):
+                return None
+            raise InputError(f"this build has no switchable adapters; {adapter!r} cannot be used")
+        return self.adapters.resolve(adapter, tuple(modalities))
+
+    def adapter_arrays(self, names: Sequence[str | None]) -> dict[str, np.ndarray] | None:
+        """The low-rank inputs for one step whose rows use ``names``."""
+        return self.adapters.arrays(tuple(names)) if self.adapters is not None else None
 
     # ---- inputs -------------------------------------------------------------------------------
     def embed_ids(self, ids: Sequence[int] | np.ndarray, trusted: bool = False) -> np.ndarray:
@@ -453,27 +510,43 @@ class LlmRuntime:
         config: GenerationConfig | None = None,
         media: Media | None = None,
         on_text: Callable[[str], None] | None = None,
+        adapter: str | None = AUTO,
     ) -> GenerationResult:
-        """Generate for one prompt; ``on_text`` receives the text as it streams."""
+        """Generate for one prompt; ``on_text`` receives the text as it streams; ``adapter``: a
+        LoRA adapter's name, ``auto`` (chosen from the media given) or ``none``."""
         if on_text is not None and not callable(on_text):
             raise InputError(f"on_text must be callable, got {type(on_text).__name__}")
+        name = self.resolve_adapter(adapter, list(media) if isinstance(media, dict) else ())
         rows, ids = self.prepare(prompt, media)
         cb = (lambda _i, d: on_text(d)) if on_text else None
-        return self.generate_rows([rows], [ids], _config(config), cb)[0]
+        return self.generate_rows([rows], [ids], _config(config), cb, [name])[0]
 
     def generate_batch(
-        self, prompts: Sequence[str | Sequence[int] | np.ndarray], config: GenerationConfig | None = None
+        self,
+        prompts: Sequence[str | Sequence[int] | np.ndarray],
+        config: GenerationConfig | None = None,
+        adapters: str | None | Sequence[str | None] = AUTO,
     ) -> list[GenerationResult]:
-        """Generate for several prompts at once; each result equals generating it alone."""
+        """Generate for several prompts at once; each result equals generating it alone.
+        ``adapters``: one for all prompts, or one per prompt (rows of a step may differ)."""
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
             raise InputError(f"prompts must be a list of prompts, got {type(prompts).__name__}")
+        per = [adapters] * len(prompts) if adapters is None or isinstance(adapters, str) else list(adapters)
+        if len(per) != len(prompts):
+            raise InputError(f"{len(per)} adapters given for {len(prompts)} prompts")
+        names = [self.resolve_adapter(a) for a in per]
         prepared = [self.prepare(p) for p in prompts]
-        return self.generate_rows([r for r, _ in prepared], [i for _, i in prepared], _config(config))
+        return self.generate_rows(
+            [r for r, _ in prepared], [i for _, i in prepared], _config(config), adapters=names
+        )
 
-    def stream(self, prompt: str | Sequence[int], config: GenerationConfig | None = None) -> Iterator[str]:
+    def stream(
+        self, prompt: str | Sequence[int], config: GenerationConfig | None = None, adapter: str | None = AUTO
+    ) -> Iterator[str]:
         """Yield text pieces as they are generated."""
+        name = self.resolve_adapter(adapter)
         rows, ids = self.prepare(prompt)
-        yield from (d for _i, d in self._run([rows], [ids], _config(config)) if d)
+        yield from (d for _i, d in self._run([rows], [ids], _config(config), adapters=[name]) if d)
 
     def generate_rows(
         self,
@@ -481,7 +554,10 @@ class LlmRuntime:
         ids: list[list[int]],
         config: GenerationConfig,
         on_text: Callable[[int, str], None] | None = None,
+        adapters: Sequence[str | None] | None = None,
     ) -> list[GenerationResult]:
+        """Generate from prepared rows; ``adapters``: each sequence's resolved adapter (None: the
+        base model; the argument None: the base model for all)."""
         config = _config(config)
         if not isinstance(rows, (list, tuple)) or not isinstance(ids, (list, tuple)) or len(rows) != len(ids):
             raise InputError("rows and ids must be two lists of the same length, one entry per sequence")
@@ -489,7 +565,10 @@ class LlmRuntime:
             raise InputError("there is no sequence to generate for")
         if on_text is not None and not callable(on_text):
             raise InputError(f"on_text must be callable, got {type(on_text).__name__}")
-        gen = self._run(rows, ids, config, stream=on_text is not None)
+        adapters = list(adapters) if adapters is not None else [None] * len(rows)
+        if len(adapters) != len(rows):
+            raise InputError(f"{len(adapters)} adapters given for {len(rows)} sequences")
+        gen = self._run(rows, ids, config, stream=on_text is not None, adapters=adapters)
         try:
             while True:
                 try:
@@ -501,18 +580,23 @@ class LlmRuntime:
         finally:
             gen.close()  # a callback that raised: the slots are released now, not when the frame dies
 
-    def hidden_after(self, rows: np.ndarray, ids: Sequence[int], predicting: bool = False) -> np.ndarray:
+    def hidden_after(
+        self, rows: np.ndarray, ids: Sequence[int], predicting: bool = False, adapter: str | None = None
+    ) -> np.ndarray:
         """Final hidden states (len(ids), H) of tokens ``ids`` fed after the embedding ``rows``
         (teacher forcing; a cached prefix of ``rows`` is reused, nothing is kept). ``predicting``:
         the hidden states that predict each of ``ids`` instead (the last row's and those of
-        ``ids[:-1]``), as NExT-GPT's generation reads its signal tokens."""
+        ``ids[:-1]``), as NExT-GPT's generation reads its signal tokens. ``adapter``: the resolved
+        adapter the rows were generated with."""
         fed = list(ids[:-1]) if predicting else list(ids)
         full = np.concatenate([rows, self.embed_ids(fed)]) if fed else rows
         self.check_fits(len(full), f"{len(rows)} rows followed by {len(fed)} tokens")
         slot = self.allocate_slots(1)
         try:  # at least the rows whose hidden states are read are computed anew
-            reused = self.prefix_cache.reuse(full[: len(rows) + (0 if predicting else 1)], slot.start)
-            _, hidden = self.engine.bind(self.pool, slot).step(full[None, reused:])
+            reused = self.prefix_cache.reuse(
+                full[: len(rows) + (0 if predicting else 1)], slot.start, adapter or ""
+            )
+            _, hidden = self.bind_for([adapter], slot).step(full[None, reused:])
         finally:
             self.pool.release(slot)
         return hidden[0, -len(ids) :]
@@ -554,7 +638,14 @@ class LlmRuntime:
         eos = self.tokenizer.eos_id if self.tokenizer is not None else None
         return {eos} if eos is not None else set()
 
-    def _run(self, rows: list[np.ndarray], ids: list[list[int]], cfg: GenerationConfig, stream: bool = True):
+    def _run(
+        self,
+        rows: list[np.ndarray],
+        ids: list[list[int]],
+        cfg: GenerationConfig,
+        stream: bool = True,
+        adapters: Sequence[str | None] | None = None,
+    ):
         """Generator: yields (sequence index, text delta); returns the results."""
         ctx = self.pool.max_context
         for r in rows:
@@ -563,29 +654,33 @@ class LlmRuntime:
         stop_ids = self.stop_ids(cfg)
         predicting = self.signal_position == "predicting"
         seqs = [
-            _Seq(r, list(i), np.random.default_rng(cfg.seed), stream=stream)
-            for r, i in zip(rows, ids, strict=True)
+            _Seq(r, list(i), np.random.default_rng(cfg.seed), stream=stream, adapter=a)
+            for r, i, a in zip(rows, ids, adapters or [None] * len(rows), strict=True)
         ]
         slots = self.allocate_slots(len(seqs))
         adopted: set[int] = set()
         try:
             for k, s in enumerate(seqs):  # prefill one sequence at a time: no padding
                 slot = slots.start + k
-                s.reused = self.prefix_cache.reuse(s.rows, slot)
-                logits, hid = self.engine.bind(self.pool, SlotRange(slot, 1)).step(s.rows[None, s.reused :])
+                s.reused = self.prefix_cache.reuse(s.rows, slot, s.adapter or "")
+                binding = self.bind_for([s.adapter], SlotRange(slot, 1))
+                logits, hid = binding.step(s.rows[None, s.reused :])
                 s.ttft = time.perf_counter() - t0
                 yield from self._accept(k, s, logits[0], cfg, stop_ids, hid[0, -1])
             t_decode = time.perf_counter()
-            bindings: dict[tuple[int, int], StepBinding] = {}
+            bindings: dict[tuple[str, int, int], StepBinding] = {}
             while not all(s.finish for s in seqs):
-                # active sequences in runs of adjacent slots: finished ones stop costing work
-                for first, count in _runs([not s.finish for s in seqs]):
+                # active sequences in runs of adjacent slots on one engine: finished ones stop
+                # costing work; a merged-adapter variant runs its own sequences
+                keys = [None if s.finish else self.engine_key(s.adapter) for s in seqs]
+                for first, count, key in _groups(keys):
                     run = SlotRange(slots.start + first, count)
-                    binding = bindings.get((run.start, count)) or bindings.setdefault(
-                        (run.start, count), self.engine.bind(self.pool, run)
+                    binding = bindings.get((key, run.start, count)) or bindings.setdefault(
+                        (key, run.start, count), self.engine_for(key).bind(self.pool, run)
                     )
                     feed = [seqs[first + j].generated[-1] for j in range(count)]
                     emb = self.embed_ids(feed, trusted=True)[:, None]  # (count, 1, H)
+                    binding.use_adapters(self.adapter_arrays([seqs[first + j].adapter for j in range(count)]))
                     logits, hidden = binding.step(emb, copy=False, trusted=True)
                     for j in range(count):
                         k, s = first + j, seqs[first + j]
@@ -601,12 +696,12 @@ class LlmRuntime:
                     slot = SlotRange(slots.start + k, 1)
                     if self.pool.lengths[slot.start] < ctx:
                         emb = self.embed_ids([last])
-                        _, hidden = self.engine.bind(self.pool, slot).step(emb[None])
+                        _, hidden = self.bind_for([s.adapter], slot).step(emb[None])
                         s.fed.append(emb[0])
                         self._record_signal(s, last, hidden[0, 0], cfg)
             for k, s in enumerate(seqs):
                 fed = np.concatenate([s.rows, np.asarray(s.fed, np.float32).reshape(-1, s.rows.shape[1])])
-                if self.prefix_cache.add(slots.start + k, fed):
+                if self.prefix_cache.add(slots.start + k, fed, s.adapter or ""):
                     adopted.add(slots.start + k)
         finally:
             for j in range(slots.start, slots.stop):
@@ -645,6 +740,7 @@ class LlmRuntime:
             decode_s=decode_s,
             signal_hidden={m: np.stack(v) for m, v in s.signal_rows.items()},
             signals=self.tokenizer.signal_events(s.generated, self.signal_ids) if self.tokenizer else [],
+            adapter=s.adapter,
         )
 
     def _record_signal(self, s: _Seq, token: int, hidden: np.ndarray, cfg: GenerationConfig) -> None:
@@ -747,36 +843,45 @@ class EmbeddingTable:
         return None  # another form: the engine does the lookup
 
 
-def _runs(active: list[bool]) -> list[tuple[int, int]]:
-    """(first index, length) of each run of consecutive True values."""
-    out: list[tuple[int, int]] = []
-    for i, a in enumerate(active):
-        if not a:
+def _groups(keys: Sequence[str | None]) -> list[tuple[int, int, str]]:
+    """(first index, length, key) of each run of consecutive equal keys that are not None."""
+    out: list[tuple[int, int, str]] = []
+    for i, k in enumerate(keys):
+        if k is None:
             continue
-        if out and out[-1][0] + out[-1][1] == i:
-            out[-1] = (out[-1][0], out[-1][1] + 1)
+        if out and out[-1][0] + out[-1][1] == i and out[-1][2] == k:
+            out[-1] = (out[-1][0], out[-1][1] + 1, k)
         else:
-            out.append((i, 1))
+            out.append((i, 1, k))
     return out
 
 
 class Chat:
     """A conversation: each turn's prompt extends the previous turns, so the prefix cache reuses them."""
 
-    def __init__(self, runtime: LlmRuntime, config: GenerationConfig | None = None) -> None:
+    def __init__(
+        self, runtime: LlmRuntime, config: GenerationConfig | None = None, adapter: str | None = AUTO
+    ) -> None:
         self.runtime = runtime
         self.config = config or GenerationConfig()
+        self.adapter = adapter  # one adapter for the whole conversation, resolved at the first turn
+        self._resolved = False
         self.rows: np.ndarray | None = None
         self.ids: list[int] = []
 
     def send(
         self, text: str, media: Media | None = None, on_text: Callable[[str], None] | None = None
     ) -> GenerationResult:
+        if not self._resolved:
+            self.adapter = self.runtime.resolve_adapter(
+                self.adapter, list(media) if isinstance(media, dict) else ()
+            )
+            self._resolved = True
         new_rows, new_ids = self.runtime.prepare(text, media)
         rows = new_rows if self.rows is None else np.concatenate([self.rows, new_rows])
         ids = self.ids + new_ids
         cb = (lambda _i, d: on_text(d)) if on_text else None
-        result = self.runtime.generate_rows([rows], [ids], self.config, cb)[0]
+        result = self.runtime.generate_rows([rows], [ids], self.config, cb, [self.adapter])[0]
         self.rows = np.concatenate([rows, self.runtime.embed_ids(result.token_ids)])
         self.ids = ids + result.token_ids
         return result

@@ -25,6 +25,7 @@ import numpy as np
 from omniforge.errors import ConfigError, InputError, ManifestError
 from omniforge.pipeline.contracts import Slot
 from omniforge.runtime import media as M
+from omniforge.runtime.adapters import AUTO
 from omniforge.runtime.build import Build
 from omniforge.runtime.engine import SessionConfig
 from omniforge.runtime.llm import GenerationResult, LlmRuntime
@@ -276,11 +277,11 @@ class Pipeline:
             raise InputError(f"this build cannot take {what}: it has no '{stage}' stage")
 
     # ---- output side --------------------------------------------------------------------------
-    def signal_hidden(self, rows: np.ndarray, modality: str) -> np.ndarray:
+    def signal_hidden(self, rows: np.ndarray, modality: str, adapter: str | None = None) -> np.ndarray:
         """Hidden states of ``modality``'s signal tokens appended after ``rows`` (teacher forcing), at
         the position the build's protocol reads them from."""
         predicting = self.llm.signal_position == "predicting"
-        return self.llm.hidden_after(rows, self.signal_ids(modality), predicting=predicting)
+        return self.llm.hidden_after(rows, self.signal_ids(modality), predicting=predicting, adapter=adapter)
 
     def signal_ids(self, modality: str) -> list[int]:
         tokens = self.build.pipeline.signal_tokens.get(modality, [])
@@ -500,9 +501,12 @@ class Pipeline:
         force: Iterable[str] = (),
         on_text: Callable[[str], None] | None = None,
         latents: Mapping[str, np.ndarray] | None = None,
+        adapter: str | None = AUTO,
     ) -> PipelineResult:
         """Generate text for ``prompt`` (+ media) and every medium whose signal tokens appear.
 
+        ``adapter``: the LoRA adapter the LLM runs with: a name, ``none``, or ``auto`` (the
+        build's rule over the media given and the modalities forced out).
         ``force`` names modalities to generate even if the LLM emits none of their signal tokens.
         ``latents`` maps a modality to the noise its denoising starts from instead of the seeded
         noise: floats of ``latent_shape(modality)``, unit variance (scaled by the scheduler's initial
@@ -511,6 +515,8 @@ class Pipeline:
         """
         generation, diffusion, force = self._options(generation, diffusion, force, on_text)
         given = self._latents(latents)
+        asked = [m for m, x in (("image", image), ("audio", audio), ("video", video)) if x is not None]
+        adapter_name = self.llm.resolve_adapter(adapter, [*asked, *sorted(force)])
         for modality in sorted(force):
             self.check_steps(modality, diffusion)
         if not isinstance(prompt, str) and any(m is not None for m in (image, audio, video)):
@@ -542,7 +548,7 @@ class Pipeline:
             self.recorder("llm", {self.llm.engine.names[Slot.EMBEDS]: rows})
         t0 = time.perf_counter()
         gen = self.llm.generate_rows(
-            [rows], [ids], generation, (lambda _i, d: on_text(d)) if on_text else None
+            [rows], [ids], generation, (lambda _i, d: on_text(d)) if on_text else None, [adapter_name]
         )[0]
         self.timings["llm"] += time.perf_counter() - t0
         result = PipelineResult(
@@ -567,7 +573,7 @@ class Pipeline:
                 text_ids = [t for t in gen.token_ids if t not in self.llm.stop_ids(generation)]
                 text_ids = text_ids[: max(0, self.llm.pool.max_context - 1 - len(rows) - n)]  # what fits
                 fed = np.concatenate([rows, self.llm.embed_ids(text_ids)]) if text_ids else rows
-                hidden = self.signal_hidden(fed, modality)
+                hidden = self.signal_hidden(fed, modality, adapter_name)
             self.timings["signal_tokens"] += time.perf_counter() - t0
             cond = self.conditioning(modality, hidden)
             if modality == "image":

@@ -278,6 +278,7 @@ def llm_config(options: RepositoryOptions, params: dict[str, str]) -> dict[str, 
             _string("prompt"),
             *(_number(n, t) for n, t in GENERATION_INPUTS),
             _string("stop", optional=True, dims=(-1,)),
+            _string("adapter", optional=True),
         ],
         "output": [
             _string("text"),
@@ -308,6 +309,7 @@ def any2any_config(options: RepositoryOptions, params: dict[str, str]) -> dict[s
             *(_number(n, t) for n, t in GENERATION_INPUTS),
             *(_number(n, t) for n, t in DIFFUSION_INPUTS),
             _string("scheduler", optional=True),
+            _string("adapter", optional=True),
         ],
         "output": [
             _string("text"),

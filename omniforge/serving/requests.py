@@ -133,6 +133,11 @@ def generation_config(tensors: Tensors) -> GenerationConfig:
     return GenerationConfig(**values)  # ConfigError for values out of range
 
 
+def adapter(tensors: Tensors) -> str:
+    """The LoRA adapter a request asks for (``auto`` when it names none)."""
+    return text(tensors, "adapter") or "auto"
+
+
 def prompt(tensors: Tensors) -> str:
     p = text(tensors, "prompt")
     if p is None:
@@ -149,6 +154,7 @@ class PipelineRequest:
     diffusion: DiffusionConfig
     force: list[str] = field(default_factory=list)
     media: dict[str, bytes] = field(default_factory=dict)  # modality -> encoded file
+    adapter: str = "auto"  # the LoRA adapter: a name, auto or none
 
     @classmethod
     def parse(cls, tensors: Tensors) -> PipelineRequest:
@@ -170,6 +176,7 @@ class PipelineRequest:
             DiffusionConfig(**values),  # ConfigError for values out of range
             texts(tensors, "force"),
             {m: b for m, b in found.items() if b is not None},
+            adapter(tensors),
         )
 
     @contextlib.contextmanager

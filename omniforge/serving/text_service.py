@@ -40,9 +40,11 @@ class TextService:
         on_text: OnText,
         on_done: OnDone,
         cancelled: Callable[[], bool] = lambda: False,
+        adapter: str | None = "auto",
     ) -> None:
         """Queue a request; ``QueueFullError`` at once when ``max_queued`` already wait. Exactly one
-        ``on_done`` call follows, with the result or the error (``Cancelled`` when the client left)."""
+        ``on_done`` call follows, with the result or the error (``Cancelled`` when the client left).
+        ``adapter``: the request's LoRA adapter (a name, ``auto`` or ``none``)."""
         if cancelled():
             on_done(None, Cancelled("the request was cancelled before it started"))
             return
@@ -58,7 +60,7 @@ class TextService:
             on_done(result, error)
 
         try:
-            self._batcher.submit(prompt, config, on_text=piece, on_done=done)
+            self._batcher.submit(prompt, config, on_text=piece, on_done=done, adapter=adapter)
         except QueueFullError:
             raise
         except OmniforgeError as exc:  # a prompt the runtime refuses: reported like any other end

@@ -192,7 +192,12 @@ class LlmModel(_BuildModel):
                 prompt = R.prompt(tensors)
                 config = R.generation_config(tensors)
                 self.service.submit(
-                    prompt, config, self._sender(sender), self._finisher(sender), self._cancelled(sender)
+                    prompt,
+                    config,
+                    self._sender(sender),
+                    self._finisher(sender),
+                    self._cancelled(sender),
+                    adapter=R.adapter(tensors),
                 )
             except Exception as exc:
                 sender.send(
@@ -326,6 +331,7 @@ class Any2AnyModel(_BuildModel):
                     generation=req.generation,
                     diffusion=req.diffusion,
                     force=req.force,
+                    adapter=req.adapter,
                 )
             outputs = R.pipeline_outputs(result)
             return pb_utils.InferenceResponse([pb_utils.Tensor(n, a[None]) for n, a in outputs.items()])
