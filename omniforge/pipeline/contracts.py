@@ -26,7 +26,8 @@ class Role(StrEnum):
     ORT = "ort"  # the graph ONNX Runtime serves with the stage's contract (lowered, FP16 or INT8)
     ORT_INPLACE_LLM = "ort_inplace_llm"  # the LLM for ONNX Runtime: GQA with in-place K/V buffers
     QDQ = "qdq"  # explicit Q/DQ INT8 graph, zero points 0 (TensorRT's explicit INT8 source)
-    WEIGHT_ONLY_DQ = "weight_only_dq"  # LLM with DequantizeLinear weights: INT4 blocks (opset 21) / INT8 per channel
+    # the LLM with DequantizeLinear weights: INT4 blocks (opset 21) / INT8 per channel
+    WEIGHT_ONLY_DQ = "weight_only_dq"
     TENSORRT = "tensorrt_engine"  # a serialized TensorRT engine
 
 
