@@ -498,6 +498,7 @@ def _tensorrt_engines(build: Path, m: Manifest, log: Callable[[str], None]) -> M
             precision,
             build / "engines" / "timing.cache",
             fp32_layers(build / graph),
+            refittable=name == "llm" and "adapters" in m.files,  # LoRA adapters are refitted in
         )
         stages[name] = sb.with_variant(Variant(Role.TENSORRT, rel, precision))
         meta[name] = asdict(info)

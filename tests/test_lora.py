@@ -365,3 +365,46 @@ def test_merge_adapter_is_checked_before_any_work(default_model, tmp_path):
         "omniforge: error: unknown adapter 'smell'; this model has ['audio', 'image', 'text', 'video']"
     ]
     assert not (tmp_path / "b").exists() and not (tmp_path / "cache").exists()
+
+
+def test_tensorrt_refit_weights_make_the_base_graph_the_merged_model(default_model, default_build):
+    """The weights a TensorRT refit would receive, put into the canonical base graph, give the
+    merged model's logits; the refit itself says in one sentence that TensorRT is absent."""
+    import onnx
+    from onnx import numpy_helper
+
+    from omniforge.engines.lora_refit import canonical_refit_map, refit_engine
+    from omniforge.errors import MissingDependencyError
+    from omniforge.export.llm_ort import TorchWeights
+    from omniforge.export.llm_stream import LoraAdapter
+
+    cfg = load_model_config(default_model)
+    base = load_llm(cfg, None)
+    graph = onnx.load(str(default_build / "stages" / "llm.onnx"))
+    weights = canonical_refit_map(graph, TorchWeights(base), LoraAdapter(cfg.adapters["text"]))
+    assert len(weights) == 7 * base.config.num_hidden_layers  # q, k, v, o, gate, up, down
+    for t in graph.graph.initializer:
+        if t.name in weights:
+            t.CopyFrom(numpy_helper.from_array(weights[t.name], t.name))
+    sess = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([[5, 17, 42, 9, 3]], np.int64)
+    emb = base.model.embed_tokens(torch.from_numpy(ids)).detach().numpy()
+    g = base.config
+    hd = g.hidden_size // g.num_attention_heads
+    past = {
+        f"past_key_values.{i}.{k}": np.zeros((1, g.num_key_value_heads, 0, hd), np.float32)
+        for i in range(g.num_hidden_layers)
+        for k in ("key", "value")
+    }
+    feeds = {
+        "inputs_embeds": emb,
+        "attention_mask": np.ones((1, 5), np.int64),
+        "position_ids": np.arange(5)[None],
+        **past,
+    }
+    got = sess.run(["logits"], feeds)[0]
+    with torch.no_grad():
+        want = load_llm(cfg, "text")(torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    with pytest.raises(MissingDependencyError, match="TensorRT"):
+        refit_engine(default_build / "none.engine", weights, default_build / "out.engine")

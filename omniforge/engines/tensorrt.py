@@ -178,11 +178,13 @@ def build_engine(
     timing_cache: Path,
     fp32_layers: list[str] | tuple[str, ...] = (),
     hardware_compatibility: str = "none",
+    refittable: bool = False,
 ) -> EngineMetadata:
     """Build and save one stage's engine (GPU only); ``fp32_layers`` (ONNX node names, see
     ``profiles.fp32_layers``) compute and store in FP32 when ``precision`` is lower;
     ``hardware_compatibility``: TensorRT's level (``HARDWARE_COMPATIBILITY``), recorded with the
-    TensorRT version and the GPU's compute capability in the returned metadata."""
+    TensorRT version and the GPU's compute capability in the returned metadata; ``refittable``:
+    weights may be replaced later (an LLM whose LoRA adapters are refitted in, ``lora_refit``)."""
     if precision not in PRECISIONS:
         raise ConfigError(f"precision '{precision}' is not one of {', '.join(PRECISIONS)}")
     level = hardware_compatibility_name(hardware_compatibility)
@@ -193,6 +195,8 @@ def build_engine(
     for i in profile_for(stage):
         profile.add(i.name, min=i.min, opt=i.opt, max=i.max)
     common = {"load_timing_cache": str(timing_cache) if timing_cache.exists() else None}
+    if refittable:
+        common["refittable"] = True
     if level != "none":
         common["hardware_compatibility_level"] = getattr(trt.HardwareCompatibilityLevel, level.upper())
     if strongly_typed(trt.__version__):  # no per-layer precision and no precision flag exist here
