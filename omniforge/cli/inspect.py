@@ -30,13 +30,24 @@ def run(args: argparse.Namespace) -> int:
         f"build {args.build}: schema {m.schema_version}{upgraded}, {len(m.stages)} stages, "
         f"{len(m.artifacts)} artifacts verified, {graphs} graphs read only listed files"
     )
-    print(f"source: {m.source.get('model')} (adapter: {m.source.get('adapter')})")
+    merged = m.source.get("adapter")
+    print(f"source: {m.source.get('model')} (adapter merged at export: {merged or 'none'})")
+    if "adapters" in m.files:
+        index = Build(args.build, verify=False).json("adapters")
+        with_variant = set(m.stage_build("llm").merged()) if "llm" in m.stages else set()
+        listed = ", ".join(
+            f"{n} (rank {a['rank']}, {a['dtype']}{', merged variant' if n in with_variant else ''})"
+            for n, a in sorted(index["adapters"].items())
+        )
+        print(f"adapters switched per request: {listed}")
     print("tools: " + ", ".join(f"{k} {v}" for k, v in m.tools.items()))
     print(f"  {'stage':24s} {'prec':5s} {'served variant':16s} {'KiB':>9s}  file (other variants)")
     for name, sb in m.stages.items():
         served = sb.runtime_variant()
         size = sum(m.artifacts[p].size for p in (served.file, *served.data_files))
-        others = ", ".join(f"{v.role}" for v in sb.variants if v is not served)
+        others = ", ".join(
+            f"{v.role}" + (f"+{v.adapter}" if v.adapter else "") for v in sb.variants if v is not served
+        )
         print(
             f"  {name:24s} {sb.precision:5s} {served.role:16s} {size / 1024:9.0f}  {served.file} ({others or '-'})"
         )

@@ -161,7 +161,14 @@ def export_adapters(
         write_adapter(build / rel, arrays, fingerprint, dtype)
         files[f"adapter.{name}"] = rel
         modules = sorted({n.split(".")[-2] for n in a.pairs})
-        items[name] = {"file": rel, "rank": rank, "dtype": dtype, "modules": modules}
+        lora_rank = max(a.reader.shape(pair[0])[0] for pair in a.pairs.values())
+        items[name] = {
+            "file": rel,
+            "rank": lora_rank,  # the adapter's r
+            "packed_rank": rank,  # the widest packed group (q, k and v side by side)
+            "dtype": dtype,
+            "modules": modules,
+        }
     index = {
         "version": ADAPTER_VERSION,
         "base_fingerprint": fingerprint,
