@@ -12,7 +12,8 @@ Measured:
   a 32-token prompt and the first 64 greedy tokens;
 - switching cost: binding another adapter's inputs between two requests (median of 1000);
 - per-token decode at batch 1 (prompt 32, 64 new tokens, median of ``--rounds`` interleaved
-  rounds): merged, switched (unmerged) and the base with no adapter;
+  rounds): merged, switched (unmerged) and the base with no adapter; and the one-token graph step
+  alone, in blocks of 30 steps per case (less sensitive to a busy machine);
 - a batch of 4 whose sequences use 4 different adapters vs 4 sequences with one adapter.
 Results go to benchmarks/results/lora.{json,md}.
 """
@@ -181,6 +182,37 @@ def decode(switched: Path, merged_text: Path, threads: int, rounds: int) -> dict
     return out
 
 
+def steps(switched: Path, merged_text: Path, threads: int, rounds: int, block: int = 30) -> dict:
+    """The graph's one-token step alone (no sampling or Python loop), in blocks of ``block`` steps
+    per case, the cases rotated ``rounds`` times: median and 10th percentile per step."""
+    from omniforge.runtime.kv_cache import SlotRange
+
+    rt, m = runtime(switched, threads, slots=2), runtime(merged_text, threads)
+    rows = rt.embed_ids(prompt_ids(PROMPT))
+    one = rt.embed_ids([5])[None]
+    cases = {
+        "merged": (m, m.bind_for([None], SlotRange(0, 1))),
+        "switched": (rt, rt.bind_for(["text"], SlotRange(0, 1))),
+        "base, no adapter": (rt, rt.bind_for([None], SlotRange(1, 1))),
+    }
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(rounds):
+        for k, (r, binding) in cases.items():
+            r.pool.lengths[binding.slots.start] = 0
+            binding.step(rows[None])
+            for _ in range(5):  # the session's threads awake
+                binding.step(one, copy=False, trusted=True)
+            for _ in range(block):
+                t0 = time.perf_counter()
+                binding.step(one, copy=False, trusted=True)
+                times[k].append(time.perf_counter() - t0)
+    out = {
+        k: {"ms": 1000 * median(v), "p10_ms": 1000 * float(np.percentile(v, 10))} for k, v in times.items()
+    }
+    out["switched_over_merged"] = out["switched"]["ms"] / out["merged"]["ms"]
+    return out
+
+
 def mixed_batch(switched: Path, threads: int, rounds: int) -> dict:
     from omniforge.runtime.sampling import GenerationConfig
 
@@ -233,6 +265,7 @@ def main() -> None:
         data["equality_fp32"] = equality(fp32, merged, args.threads)
     data["switching"] = switching(switched, args.threads)
     data["decode_batch1"] = decode(switched, merged_text, args.threads, args.rounds)
+    data["step_batch1"] = steps(switched, merged_text, args.threads, args.rounds)
     data["batch4"] = mixed_batch(switched, args.threads, args.rounds)
     md = [
         f"# LoRA at run time, 150M LLaMA-shaped model, {p}, rank {RANK}, {args.threads} threads",
@@ -247,7 +280,7 @@ def main() -> None:
             e = data["equality_fp32"][n]
             md.append(f"| {n} | {e['max_abs_logits']:.2e} | {e['tokens_equal']} |")
         md.append("")
-    s, d, b = data["switching"], data["decode_batch1"], data["batch4"]
+    s, d, b, st = data["switching"], data["decode_batch1"], data["batch4"], data["step_batch1"]
     md += [
         "| measure | value | target |",
         "|---|---|---|",
@@ -256,7 +289,10 @@ def main() -> None:
         f"| per token, merged | {d['merged']['ms']:.2f} ms | |",
         f"| per token, switched (unmerged rank {RANK}) | {d['switched']['ms']:.2f} ms | |",
         f"| per token, base without adapter | {d['base, no adapter']['ms']:.2f} ms | |",
-        f"| switched / merged | {d['switched_over_merged']:.3f} | <= 1.10 |",
+        f"| switched / merged (whole generations) | {d['switched_over_merged']:.3f} | <= 1.10 |",
+        f"| one-token graph step: merged / switched / base | {st['merged']['ms']:.2f} / "
+        f"{st['switched']['ms']:.2f} / {st['base, no adapter']['ms']:.2f} ms | |",
+        f"| switched / merged (graph step) | {st['switched_over_merged']:.3f} | <= 1.10 |",
         f"| batch of 4, one adapter | {b['same adapter x4']['s']:.3f} s | |",
         f"| batch of 4, four adapters | {b['4 different adapters']['s']:.3f} s | |",
         f"| mixed / same | {b['mixed_over_same']:.3f} | <= 1.20 |",
