@@ -1,10 +1,11 @@
-"""An export-friendly LLaMA forward with the KV cache as explicit tensors.
+"""An export-friendly LLaMA/Qwen forward with the KV cache as explicit tensors.
 
 Tracing transformers' Llama through its cache classes is fragile across torch/transformers
-versions, so this forward reuses the HF modules and weights (projections, norms, MLP, rotary
-embedding) but writes the cache concatenation, causal mask and attention out plainly. One graph
-serves prefill (empty past) and decode; it takes ``inputs_embeds`` so projected media tokens can be
-spliced in, and returns the final hidden states the output projectors need.
+versions, so this forward reuses the HF modules and weights (projections with their biases
+(Qwen2), per-head q/k norms (Qwen3), norms, MLP, rotary embedding) but writes the cache
+concatenation, causal mask and attention out plainly. One graph serves prefill (empty past) and
+decode; it takes ``inputs_embeds`` so projected media tokens can be spliced in, and returns the
+final hidden states the output projectors need.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 
 
 class LlamaExplicitCache(nn.Module):
-    """(inputs_embeds, attention_mask, position_ids, *past) -> (logits, hidden_states, *present)."""
+    """(inputs_embeds, attention_mask, position_ids, *past) -> (logits, hidden_states, *present)
+    of a LLaMA, Qwen2 or Qwen3 causal LM."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -49,8 +51,11 @@ class LlamaExplicitCache(nn.Module):
         for i, layer in enumerate(self.model.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # (B, nh, S, hd)
-            k = attn.k_proj(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
+            q = attn.q_proj(x).view(bsz, seq, -1, self.head_dim)  # (B, S, nh, hd)
+            k = attn.k_proj(x).view(bsz, seq, -1, self.head_dim)  # (B, S, nkv, hd)
+            if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head before rotary
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, S, hd), (B, nkv, S, hd)
             v = attn.v_proj(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             k = torch.cat([past[2 * i], k], dim=2)  # (B, nkv, T, hd)

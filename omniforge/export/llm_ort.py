@@ -1,4 +1,4 @@
-"""Lower a LLaMA to an ONNX Runtime graph with fused ops and an in-place KV cache.
+"""Lower a LLaMA (or Qwen2/Qwen3) to an ONNX Runtime graph with fused ops and an in-place KV cache.
 
 The canonical ``llm.onnx`` (standard ops, explicit cache concatenation) is what TensorRT and any
 ONNX consumer read. For ONNX Runtime the runtime uses this second graph: one
@@ -7,7 +7,9 @@ buffer, so a decode step writes only the new token's K/V), ``SkipSimplifiedLayer
 for the residual + RMSNorm, packed QKV and no shape/mask plumbing: ~10 nodes a layer instead of
 hundreds. ORT's transformer optimizer produces no GroupQueryAttention from traced graphs, and
 ONNX Runtime GenAI's builder writes its own model format, so the graph is built here directly
-from the HF weights.
+from the HF weights. Qwen2's q/k/v biases are one ``Add`` after the packed QKV; Qwen3's per-head
+RMSNorm of q and k splits the packed QKV, normalizes q and k over the head dimension
+(``SimplifiedLayerNormalization``) and concatenates them back before the attention.
 
 The graph's I/O names, in-place pairs and calibration taps come from its ``Contract``
 (``omniforge.pipeline.contracts.llm_inplace_contract``), recorded in the manifest with the file.
@@ -37,7 +39,7 @@ def _w(t: torch.Tensor) -> np.ndarray:
 
 @dataclass(frozen=True)
 class LlamaShape:
-    """What the graph's structure depends on, read from an HF LLaMA config."""
+    """What the graph's structure depends on, read from an HF LLaMA/Qwen config."""
 
     num_layers: int
     num_heads: int
@@ -45,9 +47,10 @@ class LlamaShape:
     head_dim: int
     eps: float
     attention_bias: bool
+    qk_norm: bool = False  # Qwen3: RMSNorm of each q and k head before rotary
 
     @classmethod
-    def of(cls, c: Any, attention_bias: bool) -> LlamaShape:
+    def of(cls, c: Any, attention_bias: bool, qk_norm: bool = False) -> LlamaShape:
         nh = c.num_attention_heads
         return cls(
             c.num_hidden_layers,
@@ -56,6 +59,7 @@ class LlamaShape:
             getattr(c, "head_dim", None) or c.hidden_size // nh,
             float(c.rms_norm_eps),
             attention_bias,
+            qk_norm,
         )
 
 
@@ -96,7 +100,7 @@ class InMemory:
 
 
 class TorchWeights:
-    """A loaded ``LlamaForCausalLM``'s tensors (tied embeddings included)."""
+    """A loaded causal LM's tensors (tied embeddings included)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.state = model.state_dict(keep_vars=True)
@@ -126,13 +130,14 @@ def build_llama_gqa(
     opset: int = 17,
     lora_slots: dict[str, tuple[int, int]] | None = None,
 ) -> onnx.ModelProto:
-    """An ONNX Runtime graph of ``model`` (HF LlamaForCausalLM) for contexts up to ``max_context``,
-    with the tensor names of ``contract``; ``lora_slots`` ((K, N) by ``layers.{i}.{group}``) get
+    """An ONNX Runtime graph of ``model`` (HF Llama/Qwen2/Qwen3ForCausalLM) for contexts up to
+    ``max_context``, with the tensor names of ``contract``; ``lora_slots`` ((K, N) by ``layers.{i}.{group}``) get
     a low-rank branch each, its A/B optional graph inputs (see ``omniforge.export.lora``)."""
     weights = TorchWeights(model)
     sink = InMemory(weights)
+    attn = model.model.layers[0].self_attn
     shape = LlamaShape.of(
-        model.config, getattr(model.model.layers[0].self_attn.q_proj, "bias", None) is not None
+        model.config, getattr(attn.q_proj, "bias", None) is not None, hasattr(attn, "q_norm")
     )
     tables = rotary_tables(model.model.rotary_emb, max_context, shape.head_dim)
     nodes = llama_gqa_nodes(weights, shape, tables, contract, sink, lora_slots=lora_slots)
@@ -233,14 +238,26 @@ def llama_gqa_nodes(
             b = np.concatenate([weights.tensor(f"{hf}self_attn.{k}_proj.bias") for k in "qkv"])
             nodes.append(helper.make_node("Add", [last, init(f"{p}.qkv.bias", b)], [f"{p}.qkv_b"]))
             last = f"{p}.qkv_b"
-        if fused_rotary:
+        if fused_rotary and not shape.qk_norm:
             qkv_in, rot = [last, "", ""], ["cos_cache", "sin_cache"]
         else:
             split = init(f"{p}.qkv.split", np.array([nh * hd, kvh * hd, kvh * hd], np.int64))
             nodes.append(helper.make_node("Split", [last, split], [f"{p}.q", f"{p}.k", f"{p}.v"], axis=-1))
-            nodes.extend(_rotate(f"{p}.q", f"{p}.q_rot", nh, hd, init))
-            nodes.extend(_rotate(f"{p}.k", f"{p}.k_rot", kvh, hd, init))
-            qkv_in, rot = [f"{p}.q_rot", f"{p}.k_rot", f"{p}.v"], []
+            q, k = f"{p}.q", f"{p}.k"
+            if shape.qk_norm:
+                for name, heads in (("q", nh), ("k", kvh)):
+                    gamma = init(
+                        f"{p}.{name}_norm.weight", weights.tensor(f"{hf}self_attn.{name}_norm.weight")
+                    )
+                    nodes.extend(_head_norm(f"{p}.{name}", f"{p}.{name}_n", heads, hd, gamma, eps, init))
+                q, k = f"{p}.q_n", f"{p}.k_n"
+            if fused_rotary:
+                nodes.append(helper.make_node("Concat", [q, k, f"{p}.v"], [f"{p}.qkv_n"], axis=-1))
+                qkv_in, rot = [f"{p}.qkv_n", "", ""], ["cos_cache", "sin_cache"]
+            else:
+                nodes.extend(_rotate(q, f"{p}.q_rot", nh, hd, init))
+                nodes.extend(_rotate(k, f"{p}.k_rot", kvh, hd, init))
+                qkv_in, rot = [f"{p}.q_rot", f"{p}.k_rot", f"{p}.v"], []
         k_pair, v_pair = contract.inplace[2 * i], contract.inplace[2 * i + 1]
         cache = [k_pair.input, v_pair.input, seqlens, total]
         nodes.append(
@@ -339,6 +356,20 @@ def _rotary_tables(init, embeds: str, seqlens: str) -> list[onnx.NodeProto]:
         mk("Gather", ["sin_cache", "rot.positions"], ["rot.sin3"], axis=0),
         mk("Unsqueeze", ["rot.cos3", axis2], ["rot.cos"]),  # (B, S, 1, hd/2)
         mk("Unsqueeze", ["rot.sin3", axis2], ["rot.sin"]),
+    ]
+
+
+def _head_norm(
+    x: str, out: str, heads: int, hd: int, gamma: str, eps: float, init: Callable[[str, np.ndarray], str]
+) -> list[onnx.NodeProto]:
+    """RMSNorm of each head of (B, S, heads * hd) over its ``hd`` values, scaled by ``gamma`` (hd,)."""
+    mk = helper.make_node
+    shape4 = init(f"{x}.norm_shape4", np.array([0, 0, heads, hd], np.int64))
+    shape3 = init(f"{x}.norm_shape3", np.array([0, 0, heads * hd], np.int64))
+    return [
+        mk("Reshape", [x, shape4], [f"{x}.heads"]),
+        mk("SimplifiedLayerNormalization", [f"{x}.heads", gamma], [f"{x}.normed"], epsilon=eps, axis=-1),
+        mk("Reshape", [f"{x}.normed", shape3], [out]),
     ]
 
 

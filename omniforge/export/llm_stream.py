@@ -1,4 +1,4 @@
-"""The LLM stage written layer by layer from an HF LLaMA folder's safetensors shards.
+"""The LLM stage written layer by layer from an HF LLaMA or Qwen2 folder's safetensors shards.
 
 The non-streaming export loads the whole LLM into PyTorch in FP32 and traces it (28 GB for a 7B
 model). This writer never holds more than a few tensors: each weight is read from its shard when
@@ -270,9 +270,9 @@ class LlamaFolder:
         return sum(int(np.prod(self.reader.shape(n), dtype=np.int64)) for n in self.reader.names())
 
     def hf_config(self):
-        from transformers import LlamaConfig
+        from transformers import AutoConfig
 
-        return LlamaConfig.from_pretrained(self.folder)
+        return AutoConfig.from_pretrained(self.folder)
 
 
 # ---- weight-only codes (ONNX Runtime's MatMulNBits layout) --------------------------------------
@@ -476,7 +476,11 @@ def write_llm_graph(
 
     t0 = time.perf_counter()
     conf = weights.hf_config()
-    shape = LlamaShape.of(conf, "model.layers.0.self_attn.q_proj.bias" in weights)
+    shape = LlamaShape.of(
+        conf,
+        "model.layers.0.self_attn.q_proj.bias" in weights,
+        "model.layers.0.self_attn.q_norm.weight" in weights,
+    )
     with torch.device("cpu"):
         tables = rotary_tables(LlamaRotaryEmbedding(config=conf), max_context, shape.head_dim)
     data = ExternalData(Path(f"{path}.data"))
@@ -520,6 +524,8 @@ def embedding_graph(table: np.ndarray, spec) -> onnx.ModelProto:
 # ---- the build ----------------------------------------------------------------------------------
 
 STREAM_PRECISIONS = ("fp32", "int8", "int4")
+# the backbones the streamed graph's check reproduces (Qwen3's per-head q/k norms it does not)
+STREAM_BACKBONES = ("llama", "qwen2")
 # the non-streaming build's peak memory in multiples of the LLM's FP32 weights (the PyTorch model,
 # the traced graph, parity sessions, then quantization of the FP32 graphs): 4.9x measured for a
 # 1.1B LLaMA's export + INT4 build (20.2 GiB; tests/test_llm_stream.py's slow test)
@@ -622,7 +628,7 @@ def stream_llm_build_into(
         collect_artifacts,
         write_manifest,
     )
-    from omniforge.pipeline.model_config import load_model_config
+    from omniforge.pipeline.model_config import llm_backbone, load_model_config
 
     if precision not in STREAM_PRECISIONS:
         raise ConfigError(f"the streaming LLM build writes {', '.join(STREAM_PRECISIONS)}, not '{precision}'")
@@ -633,6 +639,11 @@ def stream_llm_build_into(
     g = llm_spec.llm
     assert g is not None
     adapter = cfg.adapters[cfg.merge_adapter] if cfg.merge_adapter else None
+    if llm_backbone(cfg.llm) not in STREAM_BACKBONES:
+        raise ConfigError(
+            f"the streaming LLM build writes model_type {', '.join(STREAM_BACKBONES)} "
+            f"(not '{llm_backbone(cfg.llm)}'): use llm_stream='never' for this LLM"
+        )
     weights = LlamaFolder(cfg.llm, adapter)
     quantized = precision != "fp32"
     wcfg = weight_only or WeightOnlyConfig(bits=4 if precision == "int4" else 8)
@@ -757,7 +768,11 @@ def stream_llm_build_into(
     # -- checks against the layer-by-layer reference ----------------------------------------------
     t0 = time.perf_counter()
     conf = weights.hf_config()
-    shape = LlamaShape.of(conf, "model.layers.0.self_attn.q_proj.bias" in weights)
+    shape = LlamaShape.of(
+        conf,
+        "model.layers.0.self_attn.q_proj.bias" in weights,
+        "model.layers.0.self_attn.q_norm.weight" in weights,
+    )
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     tables = rotary_tables(LlamaRotaryEmbedding(config=conf), g.max_context, shape.head_dim)

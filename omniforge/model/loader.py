@@ -14,7 +14,7 @@ from torch import nn
 from omniforge.errors import ConfigError, ModelNotFoundError
 from omniforge.model.projectors import InputProjector, OutputProjector, load_module
 from omniforge.pipeline.describe import encoder_kind, is_imagebind
-from omniforge.pipeline.model_config import ModelConfig, read_json
+from omniforge.pipeline.model_config import LLM_BACKBONES, ModelConfig, llm_backbone, read_json
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -31,12 +31,14 @@ def _quiet() -> None:
 
 
 def load_llm(cfg: ModelConfig, adapter: str | None = None) -> nn.Module:
-    """``LlamaForCausalLM`` in fp32, with one LoRA adapter merged into its weights when asked."""
-    from transformers import LlamaForCausalLM
+    """The LLM (``LlamaForCausalLM``, ``Qwen2ForCausalLM`` or ``Qwen3ForCausalLM``, by its
+    ``model_type``) in fp32, with one LoRA adapter merged into its weights when asked."""
+    import transformers
 
     _quiet()
+    cls = getattr(transformers, LLM_BACKBONES[llm_backbone(cfg.llm)])
     try:
-        model = LlamaForCausalLM.from_pretrained(cfg.llm, torch_dtype=torch.float32, use_safetensors=True)
+        model = cls.from_pretrained(cfg.llm, torch_dtype=torch.float32, use_safetensors=True)
     except OSError as exc:
         raise ModelNotFoundError(f"cannot load the LLM from {cfg.llm} ({str(exc).splitlines()[0]})") from None
     if adapter is not None:

@@ -3,7 +3,7 @@
 A NExT-GPT folder holds ``nextgpt.json`` naming its parts, each in its library's own format:
 
     nextgpt.json
-    llm/                      HF LlamaForCausalLM folder + tokenizer.json
+    llm/                      HF LLM folder (LLM_BACKBONES) + tokenizer.json
     lora/<modality>/          peft LoRA adapters
     image_encoder/            HF CLIPVisionModelWithProjection folder (ImageBind-style ViT)
     audio_encoder/            the same class over 1-channel log-mel patches
@@ -15,8 +15,8 @@ A NExT-GPT folder holds ``nextgpt.json`` naming its parts, each in its library's
 
 Paths in ``nextgpt.json`` are relative to the folder or absolute, so real checkpoints
 (Vicuna, Stable Diffusion, ZeroScope, AudioLDM folders) can be pointed at where they lie.
-A plain HF Llama folder (``config.json`` with ``model_type: llama``) is accepted too and
-describes an LLM-only pipeline.
+A plain HF LLM folder (``config.json`` with a ``model_type`` of ``LLM_BACKBONES``) is accepted
+too and describes an LLM-only pipeline.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ FORMAT = "omniforge-nextgpt"
 FORMAT_VERSION = 1
 MODALITIES = ("image", "video", "audio")
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# the LLM backbones omniforge exports: HF config.json ``model_type`` -> transformers class
+LLM_BACKBONES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 @dataclass(frozen=True)
@@ -102,14 +104,36 @@ def load_model_config(path: str | Path) -> ModelConfig:
         return _from_nextgpt(root, read_json(root / "nextgpt.json"))
     if (root / "config.json").is_file():
         cfg = read_json(root / "config.json")
-        if cfg.get("model_type") != "llama":
+        if cfg.get("model_type") not in LLM_BACKBONES:
             raise ModelNotFoundError(
                 f"'{root}' holds a '{cfg.get('model_type')}' model; omniforge reads NExT-GPT folders "
-                "(nextgpt.json) or HF Llama folders"
+                f"(nextgpt.json) or HF LLM folders of model_type {_backbones()}"
             )
+        llm_backbone(root)
         ctx = int(cfg.get("max_position_embeddings", 2048))
         return ModelConfig(root=root.resolve(), llm=root.resolve(), max_context=ctx)
     raise ModelNotFoundError(f"'{root}' has neither nextgpt.json nor an HF config.json")
+
+
+def _backbones() -> str:
+    return ", ".join(f"'{t}' ({c})" for t, c in LLM_BACKBONES.items())
+
+
+def llm_backbone(folder: Path) -> str:
+    """The ``model_type`` of the HF LLM folder ``folder``, one of ``LLM_BACKBONES``; anything else
+    (another architecture, sliding-window attention) is refused in one sentence."""
+    c = read_json(folder / "config.json")
+    kind = c.get("model_type")
+    if kind not in LLM_BACKBONES:
+        raise ConfigError(
+            f"the LLM in '{folder}' is a '{kind}' model; omniforge exports LLMs of model_type {_backbones()}"
+        )
+    if c.get("use_sliding_window"):
+        raise ConfigError(
+            f"the LLM in '{folder}' uses sliding-window attention (use_sliding_window), which omniforge "
+            "does not export; set it to false where the context fits the window"
+        )
+    return kind
 
 
 def _from_nextgpt(root: Path, d: dict[str, Any]) -> ModelConfig:
@@ -154,9 +178,12 @@ def _from_nextgpt(root: Path, d: dict[str, Any]) -> ModelConfig:
     encoders = mods("encoders")
     if "video" in encoders:
         raise ConfigError("video goes through the image encoder; nextgpt.json must not name a video encoder")
+    llm = p(d["llm"])
+    if (llm / "config.json").is_file():
+        llm_backbone(llm)
     return ModelConfig(
         root=root,
-        llm=p(d["llm"]),
+        llm=llm,
         max_context=int(d.get("max_context", 256)),
         adapters=adapters,
         merge_adapter=merge,

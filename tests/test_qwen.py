@@ -1,0 +1,224 @@
+"""Qwen2 and Qwen3 LLM backbones: plain HF folders exported, run and quantized like LLaMA folders."""
+
+import json
+
+import pytest
+import torch
+
+from omniforge.errors import ConfigError, ModelNotFoundError
+from omniforge.runtime.llm import LlmRuntime
+from omniforge.runtime.sampling import GenerationConfig
+from omniforge.runtime.tokenizer import TextTokenizer
+
+PROMPTS = ["Describe the image in one sentence.", "A dog runs"]
+SIGNALS = ["[IMG0]", "[IMG1]", "[AUD0]"]
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Qwen2's pre-tokenizer split (its tokenizer.json's), before the byte-level mapping
+QWEN_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+CORPUS = [
+    "Describe the image in one sentence. A dog runs across the harbour at dawn.",
+    "Generate the sound of rain falling on a tin roof, then a picture of 3 boats.",
+    "What do you hear? Summarise the clip: café, naïve, 東京, emoji 🙂 and tabs\tand\nnew lines.",
+] * 20
+
+
+def byte_level_bpe():
+    """A small byte-level BPE in Qwen's form (NFC, regex split, byte-level, special and signal tokens)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.add_tokens(SIGNALS)
+    return tok
+
+
+def write_qwen(folder, kind: str, tie: bool, seed: int, head_dim: int = 16):
+    """A seeded tiny Qwen folder as HF writes it (config.json, safetensors) with tokenizer.json."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    tok = byte_level_bpe()
+    folder.mkdir(parents=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "Qwen2Tokenizer",
+                "bos_token": None,
+                "eos_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+                "add_prefix_space": False,
+                "clean_up_tokenization_spaces": False,
+                "model_max_length": 160,
+            }
+        )
+    )
+    cls, conf_cls = (Qwen2ForCausalLM, Qwen2Config) if kind == "qwen2" else (Qwen3ForCausalLM, Qwen3Config)
+    extra = {"head_dim": head_dim} if kind == "qwen3" else {}
+    conf = conf_cls(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=160,
+        rope_theta=1_000_000.0,
+        tie_word_embeddings=tie,
+        eos_token_id=tok.token_to_id("<|endoftext|>"),
+        initializer_range=0.1,  # HF's 0.02 makes a tiny tied model repeat the prompt's last token
+        **extra,
+    )
+    torch.manual_seed(seed)
+    model = cls(conf).eval()
+    with torch.no_grad():  # biases and norm gains away from HF's zeros and ones, so they matter
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.2 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(
+    scope="module", params=[("qwen2", True, 2), ("qwen3", False, 1)], ids=["qwen2-tied", "qwen3-untied"]
+)
+def qwen(request, tmp_path_factory):
+    """(folder, FP32 build, the model as transformers loads it back)."""
+    from transformers import AutoModelForCausalLM
+
+    from omniforge.export.exporter import export_pipeline
+
+    kind, tie, seed = request.param
+    root = tmp_path_factory.mktemp(kind)
+    folder = write_qwen(root / "model", kind, tie, seed)
+    export_pipeline(folder, root / "build", log=lambda _m: None)
+    hf = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    assert type(hf).__name__ == ("Qwen2ForCausalLM" if kind == "qwen2" else "Qwen3ForCausalLM")
+    assert hf.config.tie_word_embeddings is tie
+    return folder, root / "build", hf
+
+
+def test_export_meets_parity(qwen):
+    _, build, _ = qwen
+    llm = {r["stage"]: r for r in json.loads((build / "parity.json").read_text())}["llm"]
+    assert llm["passed"] and len(llm["parity"]) >= 4  # canonical and in-place graphs, >= 2 shapes each
+
+
+def test_greedy_equals_transformers_generate_for_64_tokens(qwen):
+    _, build, hf = qwen
+    rt = LlmRuntime(build, num_slots=2)
+    eos = hf.config.eos_token_id
+    for prompt in PROMPTS:
+        ids = rt.tokenizer.encode(prompt)
+        with torch.no_grad():
+            out = hf.generate(
+                torch.tensor([ids]), max_new_tokens=64, do_sample=False, eos_token_id=eos, pad_token_id=eos
+            )
+        ref = out[0, len(ids) :].tolist()
+        assert rt.generate(prompt, GenerationConfig(max_new_tokens=64)).token_ids == ref
+        assert len(ref) == 64 or ref[-1] == eos
+
+
+def test_int4_weight_only_build_runs_close_to_fp32(qwen, tmp_path, quick_quant):
+    from omniforge.calibration.quantize import quantize_build
+
+    _, build, _ = qwen
+    quantize_build(build, tmp_path / "int4", "int4", log=lambda _m: None, options=quick_quant)
+    report = {r["stage"]: r for r in json.loads((tmp_path / "int4" / "quantize.json").read_text())}
+    assert report["llm"]["precision"] == "int4"
+    assert report["llm"]["metrics"]["logits_cosine"] > 0.94  # measured 0.964 (qwen2), 0.957 (qwen3)
+    result = LlmRuntime(tmp_path / "int4").generate(PROMPTS[0], GenerationConfig(max_new_tokens=8))
+    assert len(result.token_ids) >= 1
+
+
+def test_text_tokenizer_equals_transformers_on_byte_level_bpe(qwen):
+    from transformers import AutoTokenizer
+
+    folder, build, _ = qwen
+    ours = TextTokenizer(build / "llm" / "tokenizer.json", build / "llm" / "tokenizer_config.json")
+    theirs = AutoTokenizer.from_pretrained(folder)
+    texts = [
+        *PROMPTS,
+        "café naïve 東京 🙂\tx\n\n  y",
+        "Make a picture [IMG0][IMG1] of a harbour<|im_end|> and a sound [AUD0].",
+        "<|im_start|>user\nWhat's this?<|im_end|>\n",
+    ]
+    for text in texts:
+        ids = ours.encode(text)
+        assert ids == theirs.encode(text)
+        assert ours.decode(ids) == theirs.decode(ids) == text
+        assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True)
+    assert ours.bos_token is None and ours.eos_id == theirs.eos_token_id
+    for s in SIGNALS:
+        assert ours.token_id(s) == theirs.convert_tokens_to_ids(s) is not None
+
+
+def test_a_qwen_llm_in_a_nextgpt_folder_and_refusals(qwen, tmp_path):
+    from omniforge.model.loader import load_llm
+    from omniforge.pipeline.describe import llm_geometry
+    from omniforge.pipeline.model_config import load_model_config
+
+    folder, _, hf = qwen
+    (tmp_path / "nextgpt.json").write_text(
+        json.dumps(
+            {"format": "omniforge-nextgpt", "format_version": 1, "llm": str(folder), "max_context": 96}
+        )
+    )
+    cfg = load_model_config(tmp_path)
+    assert type(load_llm(cfg)) is type(hf) and llm_geometry(cfg).max_context == 96
+    for model_type in ("gpt2", "mistral"):
+        other = tmp_path / model_type
+        other.mkdir()
+        (other / "config.json").write_text(json.dumps({"model_type": model_type}))
+        with pytest.raises(ModelNotFoundError, match="'llama' \\(LlamaForCausalLM\\), 'qwen2'"):
+            load_model_config(other)
+        (other / "nextgpt.json").write_text(
+            json.dumps({"format": "omniforge-nextgpt", "format_version": 1, "llm": "."})
+        )
+        with pytest.raises(ConfigError, match=f"is a '{model_type}' model; omniforge exports LLMs"):
+            load_model_config(other)
+    cfg_json = json.loads((folder / "config.json").read_text())
+    sliding = tmp_path / "sliding"
+    sliding.mkdir()
+    (sliding / "config.json").write_text(json.dumps({**cfg_json, "use_sliding_window": True}))
+    with pytest.raises(ConfigError, match="sliding-window attention"):
+        load_model_config(sliding)
+
+
+def test_streaming_build(qwen, tmp_path):
+    """The streamed writer takes Qwen2 (its generation equals the traced export's) and refuses Qwen3."""
+    from omniforge.export.llm_stream import stream_llm_build
+
+    folder, build, hf = qwen
+    if hf.config.model_type == "qwen3":
+        with pytest.raises(ConfigError, match="not 'qwen3'"):
+            stream_llm_build(folder, tmp_path / "s", "fp32", canonical=False, log=lambda _m: None)
+        return
+    stream_llm_build(folder, tmp_path / "s", "fp32", canonical=False, log=lambda _m: None)
+    cfg = GenerationConfig(max_new_tokens=16)
+    a = LlmRuntime(tmp_path / "s").generate(PROMPTS[1], cfg).token_ids
+    assert a == LlmRuntime(build).generate(PROMPTS[1], cfg).token_ids
+
+
+def test_qwen3_head_size_without_fused_rotary(tmp_path):
+    """A head size GroupQueryAttention does not rotate itself (24): q/k norms, then rotary from standard ops."""
+    from omniforge.export.exporter import export_pipeline
+
+    folder = write_qwen(tmp_path / "model", "qwen3", False, seed=1, head_dim=24)
+    assert json.loads((folder / "config.json").read_text())["head_dim"] == 24
+    export_pipeline(folder, tmp_path / "build", log=lambda _m: None)  # raises below its parity tolerance
+    llm = {r["stage"]: r for r in json.loads((tmp_path / "build" / "parity.json").read_text())}["llm"]
+    assert llm["passed"]
