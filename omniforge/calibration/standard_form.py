@@ -220,36 +220,12 @@ def fp16_activations(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _without_round_trips(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Drop ``Cast(FP32 -> FP16) -> Cast(-> FP32)`` pairs: the second Cast's readers read the FP32
-    tensor itself (exact, where the pair would have rounded it to FP16); a graph output keeps its
-    name through an ``Identity``."""
+    """Drop ``Cast(FP32 -> FP16) -> Cast(-> FP32)`` pairs (``passes.precision.drop_cast_round_trips``)
+    over the tensors shape inference types FP32."""
+    from omniforge.passes.precision import drop_cast_round_trips
+
     types = _element_types(onnx.shape_inference.infer_shapes(model))
-    producer = {o: n for n in model.graph.node for o in n.output}
-    outputs = {o.name for o in model.graph.output}
-    to = lambda n: next((a.i for a in n.attribute if a.name == "to"), None)  # noqa: E731
-    rename: dict[str, str] = {}
-    kept = []
-    for node in model.graph.node:
-        first = producer.get(node.input[0]) if node.op_type == "Cast" else None
-        if (
-            first is None
-            or first.op_type != "Cast"
-            or to(node) != TensorProto.FLOAT
-            or to(first) != TensorProto.FLOAT16
-            or types.get(first.input[0]) != TensorProto.FLOAT
-        ):
-            kept.append(node)
-        elif node.output[0] in outputs:
-            kept.append(helper.make_node("Identity", [first.input[0]], list(node.output), name=node.name))
-        else:
-            rename[node.output[0]] = first.input[0]
-    for n in kept:
-        for i, name in enumerate(n.input):
-            n.input[i] = rename.get(name, name)
-    read = {i for n in kept for i in n.input} | outputs
-    kept = [n for n in kept if n.op_type != "Cast" or any(o in read for o in n.output)]
-    del model.graph.node[:]
-    model.graph.node.extend(kept)
+    drop_cast_round_trips(model.graph, lambda name: types.get(name) == TensorProto.FLOAT)
     return model
 
 

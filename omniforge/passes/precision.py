@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 from collections import defaultdict
+from collections.abc import Callable
 from itertools import count
 
 import numpy as np
@@ -134,8 +135,14 @@ def _beyond_fp16_nodes(graph: onnx.GraphProto) -> list[str]:
 
 def _without_round_trips(graph: onnx.GraphProto, fp32: set[str]) -> None:
     """Readers of ``Cast(FP32 -> FP16) -> Cast(-> FP32)`` of a tensor of ``fp32`` read that tensor
-    itself (the converter casts between two FP32 nodes through FP16, where such a value overflows); a
-    graph output keeps its name through an ``Identity``."""
+    itself (the converter casts between two FP32 nodes through FP16, where such a value overflows)."""
+    drop_cast_round_trips(graph, fp32.__contains__)
+
+
+def drop_cast_round_trips(graph: onnx.GraphProto, is_fp32: Callable[[str], bool]) -> None:
+    """Drop ``Cast(-> FP16) -> Cast(-> FP32)`` pairs over a tensor ``is_fp32`` accepts: the second
+    Cast's readers read the FP32 tensor itself (exact, where the pair would round it to FP16); a
+    graph output keeps its name through an ``Identity``; Casts nobody reads any more are dropped."""
     producer = {o: n for n in graph.node for o in n.output}
     outputs = {o.name for o in graph.output}
     rename: dict[str, str] = {}
@@ -146,7 +153,7 @@ def _without_round_trips(graph: onnx.GraphProto, fp32: set[str]) -> None:
             first is None
             or first.op_type != "Cast"
             or _to(first) != TensorProto.FLOAT16
-            or first.input[0] not in fp32
+            or not is_fp32(first.input[0])
         ):
             kept.append(n)
         elif n.output[0] in outputs:
@@ -158,9 +165,6 @@ def _without_round_trips(graph: onnx.GraphProto, fp32: set[str]) -> None:
     read = {i for n in kept for i in _reads(n)} | outputs
     del graph.node[:]
     graph.node.extend(n for n in kept if n.op_type != "Cast" or any(o in read for o in n.output))
-    live = {o for n in graph.node for o in n.output}
-    for v in [v for v in graph.value_info if v.name not in live]:  # the dropped Casts' outputs
-        graph.value_info.remove(v)
 
 
 def _to(node: onnx.NodeProto) -> int | None:
