@@ -39,31 +39,14 @@ RANK = 16
 
 def make_adapters(llm: Path, root: Path) -> dict[str, str]:
     """Four seeded rank-16 PEFT adapters of ``llm``, large enough to change greedy output."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
+    from omniforge.model.tiny import seeded_lora
 
     out = {}
     for i, name in enumerate(ADAPTERS):
         folder = root / "lora" / name
         out[name] = str(folder)
-        if (folder / "adapter_config.json").is_file():
-            continue
-        torch.manual_seed(100 + i)
-        base = LlamaForCausalLM.from_pretrained(llm)
-        cfg = LoraConfig(
-            r=RANK,
-            lora_alpha=2 * RANK,
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-            init_lora_weights=False,
-            lora_dropout=0.0,
-        )
-        model = get_peft_model(base, cfg)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_" in n:
-                    p.mul_(0.2)
-        model.save_pretrained(folder)
+        if not (folder / "adapter_config.json").is_file():
+            seeded_lora(llm, folder, RANK, ["q_proj", "k_proj", "v_proj", "o_proj"], 0.2, 100 + i)
     return out
 
 

@@ -107,33 +107,36 @@ def _llm(cfg: TinyConfig, folder: Path) -> None:
     model.save_pretrained(folder)
 
 
-def _lora(cfg: TinyConfig, llm_folder: Path, root: Path) -> dict[str, str]:
-    """One seeded adapter per modality and one for text: the media adapters on the attention
-    projections (rank ``lora_rank``), the text adapter on attention and MLP (twice the rank)."""
+def seeded_lora(llm_folder: Path, out: Path, rank: int, targets: list[str], scale: float, seed: int) -> None:
+    """A PEFT LoRA adapter of the LLM at ``llm_folder`` (``lora_alpha`` = 2 * ``rank``) with seeded
+    A and B (B non-zero, so that it changes the model), both scaled by ``scale``, saved to ``out``."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
+    torch.manual_seed(seed)
+    base = LlamaForCausalLM.from_pretrained(llm_folder)
+    lcfg = LoraConfig(
+        r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False, lora_dropout=0.0
+    )
+    peft_model = get_peft_model(base, lcfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.mul_(scale)
+    peft_model.save_pretrained(out)
+
+
+def _lora(cfg: TinyConfig, llm_folder: Path, root: Path) -> dict[str, str]:
+    """One seeded adapter per modality and one for text: the media adapters on the attention
+    projections (rank ``lora_rank``), the text adapter on attention and MLP (twice the rank), each
+    large enough to change greedy output visibly."""
     attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
     out = {}
     for i, name in enumerate([*SIGNAL_TOKENS, "text"]):
-        torch.manual_seed(cfg.seed + 10 + i)
-        base = LlamaForCausalLM.from_pretrained(llm_folder)
         text = name == "text"
-        r = cfg.lora_rank * (2 if text else 1)
-        lcfg = LoraConfig(
-            r=r,
-            lora_alpha=2 * r,
-            target_modules=attention + (["gate_proj", "up_proj", "down_proj"] if text else []),
-            init_lora_weights=False,  # non-zero B so that merging changes the weights
-            lora_dropout=0.0,
-        )
-        peft_model = get_peft_model(base, lcfg)
-        # seeded, large enough to change greedy output visibly
-        with torch.no_grad():
-            for pname, p in peft_model.named_parameters():
-                if "lora_" in pname:
-                    p.mul_(0.5)
-        peft_model.save_pretrained(root / "lora" / name)
+        targets = attention + (["gate_proj", "up_proj", "down_proj"] if text else [])
+        rank = cfg.lora_rank * (2 if text else 1)
+        seeded_lora(llm_folder, root / "lora" / name, rank, targets, 0.5, cfg.seed + 10 + i)
         out[name] = f"lora/{name}"
     return out
 
