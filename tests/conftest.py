@@ -1,10 +1,13 @@
-"""Shared fixtures: the tiny default model and its fp32 build, made once per test session."""
+"""Shared fixtures, made once per test session: the tiny default model, its fp32 export, and its
+``omniforge build`` at fp32, int8 and auto with the quick quantization options. Tests only read
+them; a test that changes a build copies it first."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -58,3 +61,28 @@ def quick_quant():
     inputs = CalibrationInputs.default(count=2)
     inputs.steps, inputs.max_per_stage = 2, 8
     return QuantizeOptions(max_fp32_layers=0, calibration=inputs)
+
+
+@pytest.fixture(scope="session")
+def default_builds(default_model, tmp_path_factory, quick_quant):
+    """``omniforge build`` of the default model at fp32 (export, then the graph passes), int8 and
+    auto, with the quick quantization options and trtexec lines, on one build cache. Returns
+    ({precision: build folder}, the cache, {precision: seconds}); the build tests and the
+    check-trt tests share them."""
+    from omniforge.build import BuildOptions, build
+
+    root = tmp_path_factory.mktemp("builds")
+    cache = root / "cache"
+    out = {}
+    times = {}
+    for precision in ("fp32", "int8", "auto"):
+        t0 = time.perf_counter()
+        build(
+            default_model,
+            root / precision,
+            BuildOptions(precision=precision, cache=cache, emit_trtexec=True, quantize=quick_quant),
+            log=lambda _m: None,
+        )
+        times[precision] = time.perf_counter() - t0
+        out[precision] = root / precision
+    return out, cache, times

@@ -19,27 +19,8 @@ from omniforge.runtime.pipeline import DiffusionConfig, Pipeline
 from omniforge.runtime.sampling import GenerationConfig
 
 
-@pytest.fixture(scope="module")
-def builds(default_model, tmp_path_factory, quick_quant):
-    root = tmp_path_factory.mktemp("builds")
-    cache = root / "cache"
-    out = {}
-    times = {}
-    for precision in ("fp32", "int8", "auto"):
-        t0 = time.perf_counter()
-        build(
-            default_model,
-            root / precision,
-            BuildOptions(precision=precision, cache=cache, emit_trtexec=True, quantize=quick_quant),
-            log=lambda _m: None,
-        )
-        times[precision] = time.perf_counter() - t0
-        out[precision] = root / precision
-    return out, cache, times
-
-
-def test_each_precision_builds_and_runs(builds):
-    out, _, _ = builds
+def test_each_precision_builds_and_runs(default_builds):
+    out, _, _ = default_builds
     for precision, path in out.items():
         m = load_manifest(path)
         assert m.source["backend"] == "onnxruntime"
@@ -69,8 +50,8 @@ def test_each_precision_builds_and_runs(builds):
     assert "trtexec --onnx=stages/image_unet.onnx --saveEngine=engines/image_unet.plan" in script
 
 
-def test_a_second_identical_build_reuses_every_step(builds, default_model, tmp_path):
-    out, cache, _ = builds
+def test_a_second_identical_build_reuses_every_step(default_builds, default_model, tmp_path):
+    out, cache, _ = default_builds
     logs: list[str] = []
     build(default_model, tmp_path / "again", BuildOptions(precision="fp32", cache=cache), log=logs.append)
     assert logs[:2] == ["export: up to date (cached)", "optimize: up to date (cached)"]
@@ -94,8 +75,8 @@ def test_tensorrt_backend_says_what_is_missing(default_model, tmp_path, capsys):
     assert not (tmp_path / "trt").exists()
 
 
-def test_a_killed_build_leaves_the_previous_build_usable(builds, default_model, tmp_path):
-    out, _, _ = builds
+def test_a_killed_build_leaves_the_previous_build_usable(default_builds, default_model, tmp_path):
+    out, _, _ = default_builds
     import shutil
 
     target = tmp_path / "target"
@@ -123,8 +104,8 @@ def test_a_killed_build_leaves_the_previous_build_usable(builds, default_model, 
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".target")]
 
 
-def test_compare_passes_and_fails_by_tolerance(builds, capsys):
-    out, _, _ = builds
+def test_compare_passes_and_fails_by_tolerance(default_builds, capsys):
+    out, _, _ = default_builds
     loose = compare_builds(out["fp32"], out["int8"], atol=1.0, rtol=1.0)
     assert all(r.passed for r in loose) and {r.stage for r in loose} >= {"llm", "image_encoder"}
     assert main(["compare", str(out["fp32"]), str(out["int8"]), "--atol", "1", "--rtol", "1"]) == 0
@@ -142,8 +123,10 @@ def test_build_options_are_checked():
     assert cache_root(BuildOptions()).name == "build-cache"
 
 
-def test_changing_one_stage_precision_rebuilds_only_that_stage(builds, default_model, tmp_path, quick_quant):
-    _, cache, _ = builds
+def test_changing_one_stage_precision_rebuilds_only_that_stage(
+    default_builds, default_model, tmp_path, quick_quant
+):
+    _, cache, _ = default_builds
     logs: list[str] = []
     opts = BuildOptions(
         precision="int8",
@@ -183,10 +166,10 @@ def test_changing_one_stage_precision_rebuilds_only_that_stage(builds, default_m
     assert not (tmp_path / "bad").exists()
 
 
-def test_tensorrt_builds_quantized_stages_from_their_qdq_graphs(builds):
+def test_tensorrt_builds_quantized_stages_from_their_qdq_graphs(default_builds):
     from omniforge.build import tensorrt_source
 
-    out, _, _ = builds
+    out, _, _ = default_builds
     m = load_manifest(out["int8"])
     unet = m.stages["image_unet"]
     assert tensorrt_source(unet) == (unet.variant(Role.QDQ).file, "int8")
@@ -204,11 +187,11 @@ def test_tensorrt_builds_quantized_stages_from_their_qdq_graphs(builds):
     assert "--int8" not in line and "--fp16" not in line  # TensorRT 11's trtexec has neither
 
 
-def test_emitted_trtexec_lines_pin_the_same_norms_as_the_engine_build(builds):
+def test_emitted_trtexec_lines_pin_the_same_norms_as_the_engine_build(default_builds):
     from omniforge.build import tensorrt_source, trtexec_script
     from omniforge.engines.profiles import fp32_layers
 
-    out, _, _ = builds
+    out, _, _ = default_builds
     for precision in ("fp32", "int8"):
         m = load_manifest(out[precision])
         lines = trtexec_script(out[precision], m, "10.3").splitlines()  # JetPack 6: weakly typed

@@ -6,8 +6,6 @@ default build and one quantized build) are checked for every version and their f
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import onnx
 import pytest
@@ -301,27 +299,10 @@ def test_cli_refuses_unknown_stage_and_build(default_build, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def optimized_build(default_build, tmp_path_factory):
-    """The default build after the graph passes, as ``omniforge build`` quantizes it (folded norm
-    gammas, constants as initializers, Gemm)."""
-    from omniforge.passes.build import optimize_build
-
-    out = tmp_path_factory.mktemp("trt") / "optimized"
-    optimize_build(default_build, out, log=lambda _m: None)
-    return out
-
-
-@pytest.fixture(scope="module")
-def int8_build(optimized_build, tmp_path_factory, quick_quant):
-    """One quantized build: the INT8 weight-only LLM (TensorRT's W8A16 DequantizeLinear form) and
-    static INT8 QDQ for the convolution stages."""
-    from omniforge.calibration.quantize import quantize_build
-
-    out = tmp_path_factory.mktemp("trt") / "int8"
-    quantize_build(
-        optimized_build, out, "int8", log=lambda _m: None, options=replace(quick_quant, end_to_end=False)
-    )
-    return out
+def int8_build(default_builds):
+    """One quantized build, ``omniforge build --precision int8``: the INT8 weight-only LLM
+    (TensorRT's W8A16 DequantizeLinear form) and static INT8 QDQ for the convolution stages."""
+    return default_builds[0]["int8"]
 
 
 def _dq_nodes(model, pred):
@@ -471,14 +452,19 @@ def pipeline(default_build):
     return load_manifest(default_build).pipeline
 
 
-def test_fp16_build_passes_every_rule_for_every_version(optimized_build, tmp_path, quick_quant):
+def test_fp16_build_passes_every_rule_for_every_version(default_model, default_builds, tmp_path, quick_quant):
     """The FP16 stage graphs (norms FP32, FP32 inputs and outputs) are what strongly typed builds
-    take their FP16 from: consistent types everywhere."""
-    from omniforge.calibration.quantize import quantize_build
+    take their FP16 from: consistent types everywhere. The build is ``omniforge build --precision
+    fp16`` on the shared build cache, where the auto build quantized the same graphs at FP16."""
+    from omniforge.build import BuildOptions, build
 
+    _, cache, _ = default_builds
     out = tmp_path / "fp16"
-    quantize_build(
-        optimized_build, out, "fp16", log=lambda _m: None, options=replace(quick_quant, end_to_end=False)
+    build(
+        default_model,
+        out,
+        BuildOptions(precision="fp16", cache=cache, quantize=quick_quant),
+        log=lambda _m: None,
     )
     findings = check_build(out, ALL)
     assert {f.variant.precision for f in findings} == {"fp16", "fp32"}  # the LLM and embedding stay FP32
