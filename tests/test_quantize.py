@@ -20,9 +20,19 @@ from omniforge.runtime.sampling import GenerationConfig
 
 
 @pytest.fixture(scope="module")
-def int4_build(default_build, tmp_path_factory, quick_quant):
+def stage_cache(tmp_path_factory):
+    """One per-stage cache for this module's INT4 and INT8 builds of the default build: they
+    quantize every stage but the LLM the same way (and from the same calibration capture), so the
+    second build takes those stages from the first instead of quantizing them again."""
+    return tmp_path_factory.mktemp("q") / "stage-cache"
+
+
+@pytest.fixture(scope="module")
+def int4_build(default_build, tmp_path_factory, quick_quant, stage_cache):
     out = tmp_path_factory.mktemp("q") / "int4"
-    quantize_build(default_build, out, "int4", log=lambda _m: None, options=quick_quant)
+    quantize_build(
+        default_build, out, "int4", log=lambda _m: None, options=quick_quant, stage_cache=stage_cache
+    )
     return out
 
 
@@ -77,9 +87,13 @@ def test_the_runtime_runs_the_quantized_build(int4_build):
     assert out.images[0].shape == (32, 32, 3)
 
 
-def test_int8_weight_only_is_closer_to_fp32_than_int4(default_build, int4_build, tmp_path, quick_quant):
+def test_int8_weight_only_is_closer_to_fp32_than_int4(
+    default_build, int4_build, tmp_path, quick_quant, stage_cache
+):
     out = tmp_path / "int8"
-    quantize_build(default_build, out, "int8", log=lambda _m: None, options=quick_quant)
+    quantize_build(
+        default_build, out, "int8", log=lambda _m: None, options=quick_quant, stage_cache=stage_cache
+    )
     r8 = {r["stage"]: r for r in json.loads((out / "quantize.json").read_text())}["llm"]["metrics"]
     r4 = {r["stage"]: r for r in json.loads((int4_build / "quantize.json").read_text())}["llm"]["metrics"]
     assert r8["kl_divergence"] < r4["kl_divergence"]
