@@ -1,6 +1,10 @@
 """``omniforge optimize`` on the default build: every stage, parity, report, runtime unchanged."""
 
+import contextlib
+import io
 import json
+import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -18,10 +22,34 @@ from omniforge.runtime.sampling import GenerationConfig
 
 
 @pytest.fixture(scope="module")
-def optimized(default_build, tmp_path_factory):
-    out = tmp_path_factory.mktemp("opt") / "build"
-    manifest, results = optimize_build(default_build, out, log=lambda _m: None)
-    return out, manifest, results
+def cli_run(default_build, tmp_path_factory):
+    """``omniforge optimize BUILD`` in place on a copy of the default build, run once for the
+    module: the folder it ran in, the exit code, what it printed, and the manifest and per-stage
+    results ``optimize_build`` returned to it."""
+    import omniforge.passes.build
+
+    root = tmp_path_factory.mktemp("opt")
+    out = root / "b"
+    shutil.copytree(default_build, out)
+    returned = []
+
+    def kept(*args, **kwargs):
+        returned.append(optimize_build(*args, **kwargs))
+        return returned[-1]
+
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        mp.setattr(omniforge.passes.build, "optimize_build", kept)
+        code = main(["optimize", str(out)])
+    ((manifest, results),) = returned
+    return SimpleNamespace(
+        root=root, out=out, code=code, stdout=printed.getvalue(), manifest=manifest, results=results
+    )
+
+
+@pytest.fixture(scope="module")
+def optimized(cli_run):
+    return cli_run.out, cli_run.manifest, cli_run.results
 
 
 def test_every_stage_is_optimized_within_tolerance(optimized, default_build):
@@ -68,13 +96,10 @@ def test_lowered_graphs_are_used_and_outputs_do_not_change(optimized, default_bu
     )
 
 
-def test_cli_optimize_in_place_and_refuses_twice(default_build, tmp_path, capsys):
-    import shutil
-
-    copy = tmp_path / "b"
-    shutil.copytree(default_build, copy)
-    assert main(["optimize", str(copy)]) == 0
-    assert "| llm |" in capsys.readouterr().out
-    assert (copy / "optimize.json").is_file() and [p.name for p in tmp_path.iterdir()] == ["b"]
+def test_cli_optimize_in_place_and_refuses_twice(cli_run, capsys):
+    copy = cli_run.out
+    assert cli_run.code == 0
+    assert "| llm |" in cli_run.stdout
+    assert (copy / "optimize.json").is_file() and [p.name for p in cli_run.root.iterdir()] == ["b"]
     assert main(["optimize", str(copy)]) == 1
     assert "already optimized" in capsys.readouterr().err
