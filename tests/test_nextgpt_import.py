@@ -380,3 +380,33 @@ def test_imagebind_audio_reads_the_first_channel_of_the_whole_recording(built, t
         w.setframerate(16000)
         w.writeframes(left[: 16000 * 30].tobytes())
     assert np.abs(pipe.encode_audio(short) - mono).max() > 1e-6  # the last 10 s do count
+
+
+def test_keep_lora_switches_the_delta_adapter_at_run_time(release, tmp_path):
+    """--keep-lora: the delta's LoRA stays an adapter, and ``auto`` runs every request with it,
+    as the merged import does."""
+    from omniforge.export.exporter import ExportOptions, export_pipeline
+    from omniforge.importers.nextgpt import ImportOptions, import_nextgpt
+    from omniforge.pipeline.model_config import load_model_config
+    from omniforge.runtime.llm import LlmRuntime
+    from omniforge.runtime.sampling import GenerationConfig
+
+    r = release.root
+    folder = tmp_path / "kept"
+    common = dict(vicuna=r / "vicuna", imagebind=r / "imagebind_huge.pth", delta=r / "delta")
+    common.update(vision_heads=HEADS, audio_heads=HEADS, max_context=64)
+    import_nextgpt(ImportOptions(out=folder, merge_lora=False, **common), log=lambda _m: None)
+    cfg = load_model_config(folder)
+    assert cfg.merge_adapter is None and cfg.adapter_auto == {"text": "nextgpt"}
+    stages = ExportOptions(stages=["token_embedding", "llm"], parity=False)
+    export_pipeline(folder, tmp_path / "switched", stages, log=lambda _m: None)
+    merged = tmp_path / "merged-folder"
+    import_nextgpt(ImportOptions(out=merged, **common), log=lambda _m: None)
+    export_pipeline(merged, tmp_path / "merged", stages, log=lambda _m: None)
+    switched = LlmRuntime(tmp_path / "switched", num_slots=1)
+    assert switched.resolve_adapter("auto", ["image"]) == "nextgpt"
+    ids = [1, 5, 9, 13, 2, 7]
+    cfg16 = GenerationConfig(max_new_tokens=16, stop_token_ids=())
+    a = switched.generate(ids, cfg16)
+    b = LlmRuntime(tmp_path / "merged", num_slots=1).generate(ids, cfg16)
+    assert a.adapter == "nextgpt" and a.token_ids == b.token_ids

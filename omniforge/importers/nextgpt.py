@@ -201,6 +201,8 @@ def _import_into(opts: ImportOptions, root: Path, summary: ImportSummary, log: C
     }
     if opts.merge_lora:
         desc["merge_adapter"] = "nextgpt"
+    else:  # switched at run time: NExT-GPT's one adapter serves every request
+        desc["adapter_auto"] = {"text": "nextgpt"}
     (root / "nextgpt.json").write_text(json.dumps(desc, indent=2) + "\n")
 
 
