@@ -82,8 +82,9 @@ def imported(release, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def built(imported, tmp_path_factory):
-    out = tmp_path_factory.mktemp("built") / "build"
-    proc = omniforge("build", str(imported.folder), "--out", str(out))
+    root = tmp_path_factory.mktemp("built")
+    out = root / "build"  # its own cache: never the user's $OMNIFORGE_HOME
+    proc = omniforge("build", str(imported.folder), "--out", str(out), "--cache", str(root / "cache"))
     assert proc.returncode == 0, proc.stderr
     return out
 
