@@ -14,6 +14,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# the Python decode loop unless a test asks for the native one (a checkout with build/native/
+# would otherwise switch every LlmRuntime to it; tests/test_native_backend.py covers both)
+os.environ.setdefault("OMNIFORGE_LLM_BACKEND", "python")
 
 
 QUIET_ENV = ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE", "TRANSFORMERS_VERBOSITY")

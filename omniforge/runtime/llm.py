@@ -3,10 +3,16 @@
 Only numpy, onnxruntime and tokenizers are used. The LLM runs as the build's ONNX Runtime variant
 (GroupQueryAttention with the cache bound in place, see ``omniforge.export.llm_ort``); prompts
 are embedding rows, so projected media embeddings can stand in for placeholder tokens.
+
+The decode loop is Python's or, where libomniforge is present, the native core's
+(``omniforge.runtime.native``): ``backend="auto"`` hands it the requests it runs the same way
+(a prompt of token rows only, the base model), ``"native"`` insists, ``"python"`` never uses it.
 """
 
 from __future__ import annotations
 
+import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -22,6 +28,7 @@ from omniforge.errors import (
     ContextLengthError,
     EngineError,
     InputError,
+    OmniforgeError,
 )
 from omniforge.pipeline.contracts import Contract, Role, Slot, llm_inplace_contract
 from omniforge.pipeline.protocol import MediaPart, PromptProtocol
@@ -30,6 +37,7 @@ from omniforge.runtime.adapters import AUTO, AdapterSet
 from omniforge.runtime.build import Build
 from omniforge.runtime.engine import GraphSource, SessionConfig, check_graph_io, open_session
 from omniforge.runtime.kv_cache import KVCachePool, PrefixCache, SlotRange
+from omniforge.runtime.native import NativeLlm, check_backend, find_library
 from omniforge.runtime.sampling import GenerationConfig, select_token
 from omniforge.runtime.tokenizer import SignalEvent
 
@@ -269,7 +277,11 @@ class LlmRuntime:
         block_size: int = 16,
         session: SessionConfig | None = None,
         slot_wait_s: float = 0.0,
+        backend: str = "auto",
     ) -> None:
+        """``backend``: the decode loop: ``auto`` (the native core's where libomniforge is found
+        and the request allows it, else Python's; ``OMNIFORGE_LLM_BACKEND`` overrides ``auto``),
+        ``native`` (an error when the library is missing or refuses the build) or ``python``."""
         self.build = build if isinstance(build, Build) else Build(build, session)
         stage = self.build.pipeline.stage("llm")
         assert stage.llm is not None
@@ -306,6 +318,33 @@ class LlmRuntime:
         self.merged_adapters = sorted(self.build.manifest.stage_build("llm").merged())
         self._engines: dict[str, LlmEngine] = {"": self.engine}
         self._engines_lock = threading.Lock()
+        backend = check_backend(backend)
+        if backend == "auto":
+            backend = check_backend(os.environ.get("OMNIFORGE_LLM_BACKEND") or "auto")
+        self.native = self._open_native(backend)
+        self.backend = "native" if self.native is not None else "python"
+
+    def _open_native(self, backend: str) -> NativeLlm | None:
+        """The native core's LLM for ``backend`` (None: the Python loop)."""
+        if backend == "python":
+            return None
+        cpu_only = tuple(self.build.session.providers) == ("CPUExecutionProvider",)
+        if backend == "auto" and (not cpu_only or find_library() is None):
+            return None
+        if not cpu_only:
+            raise ConfigError("the native backend runs ONNX Runtime's CPU provider only; use backend='python'")
+        try:
+            return NativeLlm(
+                self.build.path,
+                self.pool.num_slots,
+                self.pool.max_context,
+                self.build.session.threads,
+                needs_tokenizer=self.tokenizer is not None,
+            )
+        except OmniforgeError:
+            if backend == "native":
+                raise
+            return None  # auto: a build the library refuses runs on the Python loop
 
     def engine_key(self, adapter: str | None) -> str:
         """Which engine runs a sequence with ``adapter``: its merged variant's (the adapter's
@@ -546,6 +585,9 @@ class LlmRuntime:
         """Yield text pieces as they are generated."""
         name = self.resolve_adapter(adapter)
         rows, ids = self.prepare(prompt)
+        if self._native_runs([rows], [ids], [name]):
+            yield from self._stream_native(rows, ids, _config(config))
+            return
         yield from (d for _i, d in self._run([rows], [ids], _config(config), adapters=[name]) if d)
 
     def generate_rows(
@@ -555,9 +597,11 @@ class LlmRuntime:
         config: GenerationConfig,
         on_text: Callable[[int, str], None] | None = None,
         adapters: Sequence[str | None] | None = None,
+        native: bool = True,
     ) -> list[GenerationResult]:
         """Generate from prepared rows; ``adapters``: each sequence's resolved adapter (None: the
-        base model; the argument None: the base model for all)."""
+        base model; the argument None: the base model for all). ``native``: False keeps the
+        request on the Python loop (its prefix cache) even when the native core could run it."""
         config = _config(config)
         if not isinstance(rows, (list, tuple)) or not isinstance(ids, (list, tuple)) or len(rows) != len(ids):
             raise InputError("rows and ids must be two lists of the same length, one entry per sequence")
@@ -568,6 +612,8 @@ class LlmRuntime:
         adapters = list(adapters) if adapters is not None else [None] * len(rows)
         if len(adapters) != len(rows):
             raise InputError(f"{len(adapters)} adapters given for {len(rows)} sequences")
+        if native and self._native_runs(rows, ids, adapters):
+            return [self._generate_native(rows[0], ids[0], config, on_text)]
         gen = self._run(rows, ids, config, stream=on_text is not None, adapters=adapters)
         try:
             while True:
@@ -600,6 +646,87 @@ class LlmRuntime:
         finally:
             self.pool.release(slot)
         return hidden[0, -len(ids) :]
+
+    # ---- the native loop -----------------------------------------------------------------------
+    def _native_runs(
+        self, rows: Sequence[np.ndarray], ids: Sequence[Sequence[int]], adapters: Sequence[str | None]
+    ) -> bool:
+        """Whether the native core runs this request as the Python loop would: one sequence on the
+        base model whose rows are exactly its tokens' embeddings (no media, no ready embeddings)."""
+        if self.native is None or len(rows) != 1 or adapters[0] is not None:
+            return False
+        r, i = rows[0], ids[0]
+        if not isinstance(r, np.ndarray) or r.ndim != 2 or len(r) != len(i) or not len(i):
+            return False
+        return bool(np.array_equal(r, self.embed_ids(i)))
+
+    def _generate_native(
+        self,
+        rows: np.ndarray,
+        ids: Sequence[int],
+        config: GenerationConfig,
+        on_text: Callable[[int, str], None] | None = None,
+    ) -> GenerationResult:
+        """One request on the native loop, as ``_run`` would return it. Signal tokens' hidden states
+        come from one teacher-forced pass over the finished sequence (the native core returns
+        tokens and text only)."""
+        assert self.native is not None
+        self.check_fits(len(rows))
+        cb = (lambda _t, d: on_text(0, d) if d else None) if on_text else None
+        out = self.native.generate(list(ids), config, cb, self.slot_wait_s)
+        s = _Seq(rows, list(ids), np.random.default_rng(0), generated=out.token_ids, text=out.text)
+        if config.collect_signal_hidden and any(t in self.signal_ids for t in out.token_ids):
+            self._native_signal_hidden(s, out.finish_reason)
+        return self._result(s, out.finish_reason, out.decode_s, ttft=out.ttft_s)
+
+    def _native_signal_hidden(self, s: _Seq, finish: str) -> None:
+        """The hidden states the Python loop records for the generated signal tokens: those that
+        predicted them, or those computed at them (the last token only when it was fed)."""
+        gen = s.generated
+        if self.signal_position == "predicting":
+            hidden, tokens = self.hidden_after(s.rows, gen, predicting=True), gen
+        else:
+            fed = list(gen[:-1])
+            if gen[-1] in self.signal_ids and finish != "stop" and len(s.rows) + len(gen) < self.pool.max_context:
+                fed.append(gen[-1])
+            if not fed:
+                return
+            hidden, tokens = self.hidden_after(s.rows, fed), fed
+        for t, h in zip(tokens, hidden, strict=True):
+            if t in self.signal_ids:
+                s.signal_rows.setdefault(self.signal_ids[t], []).append(np.array(h, np.float32))
+
+    def _stream_native(self, rows: np.ndarray, ids: Sequence[int], config: GenerationConfig) -> Iterator[str]:
+        """Yield the native loop's text pieces as they come (it runs on a worker thread; closing
+        the iterator cancels the request)."""
+        pieces: queue.Queue = queue.Queue()
+        stop = threading.Event()
+        done = object()
+
+        def on_text(_i: int, delta: str) -> None:
+            if stop.is_set():
+                raise _StreamClosed
+            pieces.put(delta)
+
+        def work() -> None:
+            try:
+                self._generate_native(rows, ids, config, on_text)
+            except _StreamClosed:
+                pass
+            except BaseException as exc:  # raised in the consumer's thread
+                pieces.put(exc)
+            pieces.put(done)
+
+        worker = threading.Thread(target=work, name="omniforge-native-stream", daemon=True)
+        worker.start()
+        try:
+            while (item := pieces.get()) is not done:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            worker.join()
 
     def check_fits(self, tokens: int, what: str = "the prompt") -> None:
         """Refuse ``tokens`` rows fed to the LLM that leave no room in the context for one more;
@@ -729,14 +856,14 @@ class LlmRuntime:
             self._record_signal(s, fed_token, hidden, cfg)
             yield from self._accept(k, s, logits, cfg, stop_ids)
 
-    def _result(self, s: _Seq, finish: str, decode_s: float) -> GenerationResult:
+    def _result(self, s: _Seq, finish: str, decode_s: float, ttft: float | None = None) -> GenerationResult:
         return GenerationResult(
             text=s.text,
             token_ids=list(s.generated),
             finish_reason=finish,
             prompt_tokens=len(s.rows),
             reused_prefix_tokens=s.reused,
-            ttft_s=s.ttft,
+            ttft_s=s.ttft if ttft is None else ttft,
             decode_s=decode_s,
             signal_hidden={m: np.stack(v) for m, v in s.signal_rows.items()},
             signals=self.tokenizer.signal_events(s.generated, self.signal_ids) if self.tokenizer else [],
@@ -798,6 +925,10 @@ class LlmRuntime:
 
 
 _NO_HISTORY = np.zeros(0, np.int64)
+
+
+class _StreamClosed(Exception):
+    """The consumer of a native stream went away: the request is cancelled."""
 
 
 def _config(config: object) -> GenerationConfig:
@@ -881,7 +1012,8 @@ class Chat:
         rows = new_rows if self.rows is None else np.concatenate([self.rows, new_rows])
         ids = self.ids + new_ids
         cb = (lambda _i, d: on_text(d)) if on_text else None
-        result = self.runtime.generate_rows([rows], [ids], self.config, cb, [self.adapter])[0]
+        # the Python loop: its prefix cache reuses the earlier turns (the native core has none yet)
+        result = self.runtime.generate_rows([rows], [ids], self.config, cb, [self.adapter], native=False)[0]
         self.rows = np.concatenate([rows, self.runtime.embed_ids(result.token_ids)])
         self.ids = ids + result.token_ids
         return result

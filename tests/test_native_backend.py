@@ -1,0 +1,174 @@
+# ruff: noqa: F811  (the native fixtures are imported from tests/test_native.py by name)
+"""``LlmRuntime(backend="native")``: the Python runtime hands its decode loop to libomniforge
+through ctypes. The same requests on both backends give the same tokens, text, stream pieces,
+finish reasons and signal events (signal hidden states within float rounding), on the default
+build and on a user's Llama folder built at fp32 and int4; requests the native core does not run
+(media, adapters, chat turns) stay on the Python loop; a missing library is one sentence."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.test_native import (  # noqa: F401  (fixtures)
+    native_build,
+    native_cache,
+    ort_headers,
+)
+
+CONFIGS = [
+    {"max_new_tokens": 64},
+    {"max_new_tokens": 48, "temperature": 0.9, "top_k": 40, "top_p": 0.9, "seed": 11},
+    {"max_new_tokens": 48, "temperature": 0.7, "repetition_penalty": 1.3, "seed": 5},
+]
+PROMPTS = ["A dog runs in the park", "Show me a picture of a cat", "make a sound", [1, 5, 9, 3, 7]]
+
+
+@pytest.fixture
+def library(native_build: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    lib = native_build / "libomniforge.so"
+    assert lib.is_file()
+    monkeypatch.setenv("OMNIFORGE_NATIVE_LIBRARY", str(lib))
+    return lib
+
+
+def _pair(build: Path):
+    from omniforge.runtime.llm import LlmRuntime
+
+    py, nat = LlmRuntime(build, backend="python"), LlmRuntime(build, backend="native")
+    assert (py.backend, nat.backend) == ("python", "native")
+    return py, nat
+
+
+def _same(a, b) -> None:
+    assert b.token_ids == a.token_ids
+    assert b.text == a.text
+    assert b.finish_reason == a.finish_reason
+    assert b.signals == a.signals
+    assert b.prompt_tokens == a.prompt_tokens
+    assert sorted(b.signal_hidden) == sorted(a.signal_hidden)
+    for m, rows in a.signal_hidden.items():  # one teacher-forced pass vs step by step
+        np.testing.assert_allclose(b.signal_hidden[m], rows, atol=1e-5, rtol=1e-5)
+
+
+def test_default_build_same_requests_same_results(library: Path, default_build: Path) -> None:
+    from omniforge.runtime.sampling import GenerationConfig
+
+    py, nat = _pair(default_build)
+    signals = 0
+    for prompt in PROMPTS:
+        for cfg in CONFIGS:
+            config = GenerationConfig(**cfg)
+            a = py.generate(prompt, config, adapter="none")
+            pieces: list[str] = []
+            b = nat.generate(prompt, config, adapter="none", on_text=pieces.append)
+            _same(a, b)
+            assert "".join(pieces) == a.text
+            signals += len(a.signals)
+    assert signals > 0  # the signal-hidden path was exercised
+    stop = GenerationConfig(max_new_tokens=40, stop_strings=("a",), stop_token_ids=(5, 9))
+    _same(py.generate("A dog", stop, adapter="none"), nat.generate("A dog", stop, adapter="none"))
+
+
+def test_stream_and_cancellation(library: Path, default_build: Path) -> None:
+    from omniforge.runtime.sampling import GenerationConfig
+
+    py, nat = _pair(default_build)
+    cfg = GenerationConfig(max_new_tokens=32, stop_token_ids=())
+    want = list(py.stream("A dog runs", cfg, adapter="none"))
+    assert "".join(nat.stream("A dog runs", cfg, adapter="none")) == "".join(want)
+    it = nat.stream("A dog runs", cfg, adapter="none")
+    next(it)
+    it.close()  # cancels the request: its slot is free again for all four slots' worth of work
+
+    def boom(_text: str) -> None:
+        raise RuntimeError("client left")
+
+    with pytest.raises(RuntimeError, match="client left"):
+        nat.generate("A dog runs", cfg, adapter="none", on_text=boom)
+    got = [nat.generate([1, 2, 3], cfg, adapter="none") for _ in range(nat.pool.num_slots + 1)]
+    assert len({tuple(r.token_ids) for r in got}) == 1  # no slot was lost
+
+
+def test_requests_the_native_core_does_not_run_stay_on_python(library: Path, default_build: Path) -> None:
+    from omniforge.runtime.llm import Chat
+    from omniforge.runtime.sampling import GenerationConfig
+
+    py, nat = _pair(default_build)
+    cfg = GenerationConfig(max_new_tokens=24)
+    # the default model's adapters: the native core runs the base model only
+    a, b = py.generate("A dog runs", cfg), nat.generate("A dog runs", cfg)
+    assert a.adapter == b.adapter == "text" and a.token_ids == b.token_ids
+    rows, ids = nat.prepare("A dog runs")
+    emb = rows + 0.01  # ready embeddings, not the tokens' own rows
+    assert not nat._native_runs([emb], [ids], [None]) and nat._native_runs([rows], [ids], [None])
+    np.testing.assert_array_equal(
+        py.generate(emb, cfg, adapter="none").token_ids, nat.generate(emb, cfg, adapter="none").token_ids
+    )
+    chat = Chat(nat, cfg, adapter="none")  # turns reuse the prefix cache of the Python loop
+    chat.send("Hello")
+    assert chat.send("Again").reused_prefix_tokens > 0
+
+
+def test_auto_picks_the_library_and_a_missing_one_is_one_sentence(
+    library: Path, default_build: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from omniforge.errors import ConfigError, EngineError
+    from omniforge.runtime.llm import LlmRuntime
+
+    monkeypatch.delenv("OMNIFORGE_LLM_BACKEND", raising=False)
+    assert LlmRuntime(default_build).backend == "native"
+    monkeypatch.setenv("OMNIFORGE_LLM_BACKEND", "python")
+    assert LlmRuntime(default_build).backend == "python"
+    assert LlmRuntime(default_build, backend="native").backend == "native"  # explicit wins
+    monkeypatch.setenv("OMNIFORGE_NATIVE_LIBRARY", str(tmp_path / "nowhere.so"))
+    with pytest.raises(EngineError, match="nowhere.so, which is not a file"):
+        LlmRuntime(default_build, backend="native")
+    with pytest.raises(ConfigError, match="backend must be one of auto, native, python"):
+        LlmRuntime(default_build, backend="fast")
+
+
+def _user_llama(tmp_path: Path) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from omniforge.model.tokenizer import save_tokenizer, train_tokenizer
+
+    torch.manual_seed(3)
+    conf = LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    folder = tmp_path / "user-llama"
+    LlamaForCausalLM(conf).eval().save_pretrained(folder)
+    save_tokenizer(train_tokenizer(512), folder)
+    return folder
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_user_llama_folder_same_greedy_tokens(library: Path, tmp_path: Path, precision: str) -> None:
+    from omniforge.runtime.sampling import GenerationConfig
+
+    out = tmp_path / f"build-{precision}"
+    r = subprocess.run(
+        [sys.executable, "-m", "omniforge", "build", str(_user_llama(tmp_path)), "--out", str(out),
+         "--precision", precision, "--cache", str(tmp_path / "cache")],
+        capture_output=True, text=True, env={**os.environ, "OMNIFORGE_HOME": str(tmp_path / "home")},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    py, nat = _pair(out)
+    for prompt in ("hello there", [3, 4, 5, 6]):
+        cfg = GenerationConfig(max_new_tokens=64, stop_token_ids=())
+        _same(py.generate(prompt, cfg), nat.generate(prompt, cfg))
