@@ -332,7 +332,9 @@ class LlmRuntime:
         if backend == "auto" and (not cpu_only or find_library() is None):
             return None
         if not cpu_only:
-            raise ConfigError("the native backend runs ONNX Runtime's CPU provider only; use backend='python'")
+            raise ConfigError(
+                "the native backend runs ONNX Runtime's CPU provider only; use backend='python'"
+            )
         try:
             return NativeLlm(
                 self.build.path,
@@ -687,7 +689,11 @@ class LlmRuntime:
             hidden, tokens = self.hidden_after(s.rows, gen, predicting=True), gen
         else:
             fed = list(gen[:-1])
-            if gen[-1] in self.signal_ids and finish != "stop" and len(s.rows) + len(gen) < self.pool.max_context:
+            if (
+                gen[-1] in self.signal_ids
+                and finish != "stop"
+                and len(s.rows) + len(gen) < self.pool.max_context
+            ):
                 fed.append(gen[-1])
             if not fed:
                 return

@@ -49,7 +49,11 @@ _TOKEN_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int32, ctyp
 
 
 class _BuildOptions(ctypes.Structure):
-    _fields_ = [("ort_library", ctypes.c_char_p), ("threads", ctypes.c_int32), ("skip_verify", ctypes.c_int32)]
+    _fields_ = [
+        ("ort_library", ctypes.c_char_p),
+        ("threads", ctypes.c_int32),
+        ("skip_verify", ctypes.c_int32),
+    ]
 
 
 class _GenerateOptions(ctypes.Structure):
@@ -184,7 +188,9 @@ class NativeLlm:
             if status != 0:
                 message = lib.of_build_last_error(build).decode(errors="replace")
                 lib.of_build_close(build)
-                raise _ERRORS.get(status, EngineError)(f"the native core cannot read the tokenizer: {message}")
+                raise _ERRORS.get(status, EngineError)(
+                    f"the native core cannot read the tokenizer: {message}"
+                )
         llm = ctypes.c_void_p()
         status = lib.of_llm_open(build, int(num_slots), int(max_context), ctypes.byref(llm))
         if status != 0:
