@@ -63,6 +63,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--low-memory", action="store_true", help="release each decoder after use")
     p.add_argument(
+        "--memory-budget",
+        help="follow `omniforge plan`'s plan for this budget (e.g. 8GiB): stages it does not keep "
+        "resident are opened for the request and closed after it",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=0,
@@ -90,7 +95,9 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps, guidance_scale=args.guidance, seed=args.seed, scheduler=args.scheduler
     )
     session = SessionConfig(threads=args.threads)
-    pipe = Pipeline(Build(args.build, session), low_memory=args.low_memory, num_slots=1)
+    pipe = Pipeline(
+        Build(args.build, session), low_memory=args.low_memory, num_slots=1, memory_budget=args.memory_budget
+    )
     if pipe.modalities_in():  # media may be generated: --out must take them, known before generating
         check_output_folder(args.out)
 

@@ -29,6 +29,7 @@ from omniforge.runtime.adapters import AUTO
 from omniforge.runtime.build import Build
 from omniforge.runtime.engine import SessionConfig
 from omniforge.runtime.llm import GenerationResult, LlmRuntime
+from omniforge.runtime.plan import planned
 from omniforge.runtime.sampling import GenerationConfig
 from omniforge.runtime.schedulers import SCHEDULERS, make_scheduler
 from omniforge.runtime.tokenizer import SignalEvent
@@ -149,8 +150,11 @@ class Pipeline:
         low_memory: bool = False,
         session: SessionConfig | None = None,
         num_slots: int = 2,
+        memory_budget: int | str | None = None,
     ) -> None:
         self.build = build if isinstance(build, Build) else Build(build, session)
+        # with a budget, the memory plan's per-use stages are opened for a request and closed after it
+        self.plan = None if memory_budget is None else planned(self, memory_budget, num_slots)
         self.llm = LlmRuntime(self.build, num_slots=num_slots)
         self.low_memory = low_memory
         # called with (stage, feeds) before every stage call and ("llm", {<embeds tensor>: rows}) per
