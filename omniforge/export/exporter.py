@@ -240,6 +240,10 @@ def scheduler_config(folder: Path) -> dict:
     from diffusers import DDIMScheduler
 
     cfg = json.loads((folder / "scheduler_config.json").read_text())
+    if str(cfg.get("_class_name", "")).startswith("CogVideoX"):  # its own table: SNR shift, zero-SNR rescale
+        from omniforge.export.cogvideox import scheduler_table
+
+        return {**cfg, "alphas_cumprod": scheduler_table(cfg)}
     alphas = DDIMScheduler.from_config(cfg).alphas_cumprod  # same betas for every beta-based scheduler
     return {**cfg, "alphas_cumprod": [float(a) for a in alphas.tolist()]}
 

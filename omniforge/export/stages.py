@@ -70,6 +70,10 @@ def export_module(stage: StageSpec, module: nn.Module) -> nn.Module:
         return _Encoder(module) if isinstance(module, PreTrainedModel) else module
     if stage.kind in (StageKind.INPUT_PROJECTOR, StageKind.OUTPUT_PROJECTOR):
         return module
+    if stage.kind is StageKind.DECODER and stage.component.endswith(".transformer"):  # CogVideoX
+        from omniforge.export.cogvideox import CogVideoXDenoiser
+
+        return CogVideoXDenoiser(module, stage)
     if stage.kind is StageKind.DECODER:
         return _UNet(module, cond_as_class_labels=stage.input_names[2] == "class_labels")
     if stage.kind is StageKind.VAE:

@@ -93,9 +93,15 @@ def load_component(cfg: ModelConfig, component: str, adapter: str | None = None)
 
             return SpeechT5HifiGan.from_pretrained(folder, use_safetensors=True).eval()
         if parts[2] == "vae":
-            from diffusers import AutoencoderKL
+            from diffusers import AutoencoderKL, AutoencoderKLCogVideoX
 
-            return AutoencoderKL.from_pretrained(folder, use_safetensors=True).eval()
+            causal = read_json(folder / "config.json").get("_class_name") == "AutoencoderKLCogVideoX"
+            cls = AutoencoderKLCogVideoX if causal else AutoencoderKL
+            return cls.from_pretrained(folder, use_safetensors=True).eval()
+        if parts[2] == "transformer":  # CogVideoX
+            from diffusers import CogVideoXTransformer3DModel
+
+            return CogVideoXTransformer3DModel.from_pretrained(folder, use_safetensors=True).eval()
         if parts[2] == "unet":
             from diffusers import UNet2DConditionModel, UNet3DConditionModel
 

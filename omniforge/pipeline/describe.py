@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from omniforge.errors import ConfigError
+from omniforge.pipeline.cogvideox import check_conditioning, cogvideox_stages, is_cogvideox
 from omniforge.pipeline.model_config import ModelConfig, read_json
 from omniforge.pipeline.spec import (
     Dim,
@@ -161,8 +162,12 @@ def describe(cfg: ModelConfig) -> PipelineSpec:
             Edge("llm.hidden_states", f"{name}.hidden_states", via=f"rows at {modality} signal tokens")
         )
     for modality, path in cfg.decoders.items():
-        stages += decoder_stages(modality, path, cfg)
+        if modality == "video" and is_cogvideox(path):  # a CogVideoX transformer + causal 3D VAE
+            stages += cogvideox_stages(path)
+        else:
+            stages += decoder_stages(modality, path, cfg)
         edges += decoder_edges(modality)
+    check_conditioning(stages)
     return PipelineSpec(
         name=cfg.root.name,
         stages=tuple(stages),

@@ -24,6 +24,7 @@ import numpy as np
 
 from omniforge.errors import ConfigError, InputError, ManifestError
 from omniforge.pipeline.contracts import Slot
+from omniforge.runtime import cogvideox
 from omniforge.runtime import media as M
 from omniforge.runtime.adapters import AUTO
 from omniforge.runtime.build import Build
@@ -352,6 +353,8 @@ class Pipeline:
 
     def check_steps(self, modality: str, cfg: DiffusionConfig) -> None:
         """Refuse a step count ``modality``'s scheduler cannot take (``ConfigError``, one sentence)."""
+        if modality == "video" and cogvideox.is_cogvideox_build(self):
+            return cogvideox.check_steps(self, cfg)
         make_scheduler(cfg.scheduler, self.build.json(f"{modality}_scheduler")).check_steps(cfg.steps)
         M.vae_scaling(self.build.json(f"{modality}_vae"))  # the decoder configs too, before any work
         if modality == "audio" and "vocoder" in self.build.manifest.files:
@@ -403,6 +406,8 @@ class Pipeline:
     def decode_video(
         self, cond: np.ndarray, cfg: DiffusionConfig, latents: np.ndarray | None = None
     ) -> np.ndarray:
+        if cogvideox.is_cogvideox_build(self):  # a CogVideoX transformer + causal 3D VAE
+            return cogvideox.decode_video(self, cond, cfg, latents)
         latents = self._denoise("video", cond, cfg, latents)  # (1, C, F, h, w)
         frames = latents[0].transpose(1, 0, 2, 3)  # (F, C, h, w)
         imgs = self._vae("video", np.ascontiguousarray(frames))  # (F, 3, H, W)
