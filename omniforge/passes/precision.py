@@ -9,6 +9,7 @@ mask's ``finfo(float32).min``) is not clamped: the nodes it reaches stay FP32 (`
 from __future__ import annotations
 
 import heapq
+import logging
 from collections import defaultdict
 from collections.abc import Callable
 from itertools import count
@@ -72,6 +73,9 @@ def to_fp16_keep_norms(model: onnx.ModelProto) -> onnx.ModelProto:
     order (the converter appends its Casts after their readers)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    # its INFO line lists every initializer shared by FP32 and FP16 nodes (the norms' weights, which
+    # this pass keeps FP32 on purpose): thousands of lines when a caller's logging is at INFO
+    logging.getLogger("onnxruntime.transformers.float16").setLevel(logging.WARNING)
     inferred = onnx.shape_inference.infer_shapes(model)  # the converter places Casts by value types
     _constants_as_tensors(inferred.graph)
     kept = _beyond_fp16_nodes(inferred.graph)

@@ -140,3 +140,19 @@ def test_a_value_float_constant_loads():
     m = value_float_constant()
     f = feeds(m)
     np.testing.assert_allclose(run(to_fp16_keep_norms(m), f), run(m, f), atol=1e-2)
+
+
+def test_quiet_under_a_callers_info_logging(caplog: pytest.LogCaptureFixture) -> None:
+    """A weight shared by a norm (kept FP32) and a converted node makes ONNX Runtime's converter
+    log an INFO line per such initializer; a caller logging at INFO must not see it."""
+    import logging
+
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "g", "b"], ["n"], axis=-1),
+        helper.make_node("Mul", ["n", "g"], ["y"]),
+    ]
+    m = model(nodes, [("x", [4, 6])], ["y"], {"g": w(6), "b": w(6)})
+    with caplog.at_level(logging.INFO):
+        out = to_fp16_keep_norms(m)
+    assert not [r for r in caplog.records if r.name.startswith("onnxruntime")], caplog.text[:500]
+    ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])
