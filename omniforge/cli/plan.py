@@ -27,6 +27,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="request type to plan for (repeatable; default: any, every type the build serves)",
     )
     p.add_argument("--slots", type=int, default=1, help="KV-cache slots, as `run` uses (default 1)")
+    p.add_argument(
+        "--llm-backend",
+        default="auto",
+        choices=["auto", "native", "python"],
+        help="the LLM's decode loop, as LlmRuntime's backend: native adds its library and a second "
+        "LLM session (default auto: native where libomniforge is found, as `run` does)",
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(run=run)
 
@@ -34,12 +41,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from omniforge.errors import ConfigError
     from omniforge.pipeline.manifest import load_manifest
-    from omniforge.runtime.plan import format_bytes, parse_memory, plan_memory
+    from omniforge.runtime.plan import format_bytes, native_decoding, parse_memory, plan_memory
 
     budget = None if args.memory is None else parse_memory(args.memory)
     if not 1 <= args.slots <= 4096:
         raise ConfigError(f"--slots must lie in [1, 4096], got {args.slots}")
-    plan = plan_memory(load_manifest(args.build), budget, args.request or ["any"], args.slots)
+    native = native_decoding(args.llm_backend)
+    plan = plan_memory(load_manifest(args.build), budget, args.request or ["any"], args.slots, native=native)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
         return 0
@@ -47,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     fits = "" if budget is None else f", budget {format_bytes(budget)}"
     print(
         f"plan for {args.build}{fits}: fixed {format_bytes(plan.fixed)} (runtime, LLM, KV pool "
-        f"{format_bytes(plan.kv_pool)} for {args.slots} slot(s)); largest peak {format_bytes(plan.peak)}"
+        f"{format_bytes(plan.kv_pool)} for {args.slots} slot(s){', native decoding' if native else ''}); "
+        f"largest peak {format_bytes(plan.peak)}"
     )
     print(f"  {'stage':24s} {'weights':>8s} {'session':>8s} {'arena':>8s}  {'keep':9s} requests")
     for name, s in plan.stages.items():

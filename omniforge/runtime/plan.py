@@ -12,7 +12,9 @@ The model (``docs/plan.md`` has its assumptions and the figures it was checked a
   frames x (h x w)^2 float32); the arena is kept until the session closes;
 - the LLM is always resident: its session, the token-embedding table (its bytes) and the KV pool
   (``2 x layers x slots x kv_heads x context x head_dim`` float32);
-- the process pays ``RUNTIME_OVERHEAD`` once (the verified build, ONNX Runtime's environment).
+- the process pays ``RUNTIME_OVERHEAD`` once (the verified build, ONNX Runtime's environment);
+  where the native core decodes (``LlmRuntime``'s ``auto`` backend finds libomniforge), it also
+  pays ``NATIVE_OVERHEAD`` and a second LLM session with its arena, opened at start.
 
 A request's peak is the fixed part plus every resident stage and every stage the request uses
 (resident stages count whether or not this request uses them: a service has run them before).
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import re
 import threading
 from collections.abc import Iterable, Sequence
@@ -36,9 +39,10 @@ from omniforge.pipeline.spec import StageKind
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
 # Measured on the default build (ONNX Runtime 1.32, CPU provider, glibc malloc; docs/plan.md).
-RUNTIME_OVERHEAD = 10 * MiB  # the opened build and ONNX Runtime's environment, once per process
+RUNTIME_OVERHEAD = 13 * MiB + 512 * KiB  # the opened build (its schema checker) and ONNX Runtime, once
+NATIVE_OVERHEAD = 23 * MiB  # libomniforge with the ONNX Runtime library it loads, when it decodes
 SESSION_OVERHEAD = 1 * MiB  # one InferenceSession beyond its weights
-WEIGHT_FACTOR = 4.0  # resident bytes per byte of served graph after load (copy + load transient kept)
+WEIGHT_FACTOR = 3.8  # resident bytes per byte of served graph after load (copy + load transient kept)
 ARENA_FLOOR = 256 * KiB  # a session's first run: its arena's first chunk
 ACTIVATION_FACTOR = 4.0  # arena bytes per byte of the stage's inputs and outputs at run sizes
 ATTENTION_FACTOR = 28.0  # a denoiser's arena per byte of one float32 attention map over its latent
@@ -110,6 +114,7 @@ class MemoryPlan:
     needs: dict[str, tuple[str, ...]]  # request -> the stages it opens beyond the LLM
     fixed: int  # process overhead, the LLM, its embedding table and KV pool
     kv_pool: int
+    native: bool  # the native core decodes: a second LLM session and its library
     resident: tuple[str, ...]
     per_use: tuple[str, ...]
     peaks: dict[str, int] = field(default_factory=dict)
@@ -124,6 +129,7 @@ class MemoryPlan:
             "requests": list(self.requests),
             "fixed": self.fixed,
             "kv_pool": self.kv_pool,
+            "native": self.native,
             "resident": list(self.resident),
             "per_use": list(self.per_use),
             "peaks": dict(self.peaks),
@@ -134,6 +140,7 @@ class MemoryPlan:
             "needs": {r: list(v) for r, v in self.needs.items()},
             "constants": {
                 "runtime_overhead": RUNTIME_OVERHEAD,
+                "native_overhead": NATIVE_OVERHEAD,
                 "session_overhead": SESSION_OVERHEAD,
                 "weight_factor": WEIGHT_FACTOR,
                 "arena_floor": ARENA_FLOOR,
@@ -233,12 +240,27 @@ def servable(manifest: Manifest) -> list[str]:
     return out
 
 
+def native_decoding(backend: str = "auto", providers: Sequence[str] = ("CPUExecutionProvider",)) -> bool:
+    """Whether ``LlmRuntime(backend=...)`` opens the native core beside its own session: ``native``;
+    ``auto`` (``OMNIFORGE_LLM_BACKEND`` decides when set) where libomniforge is found and the
+    build runs on the CPU provider only; never for ``python``."""
+    from omniforge.runtime.native import check_backend, find_library
+
+    backend = check_backend(backend)
+    if backend == "auto":
+        backend = check_backend(os.environ.get("OMNIFORGE_LLM_BACKEND") or "auto")
+    if backend != "auto":
+        return backend == "native"
+    return tuple(providers) == ("CPUExecutionProvider",) and find_library() is not None
+
+
 def plan_memory(
     manifest: Manifest,
     budget: int | None = None,
     requests: Sequence[str] = (ANY,),
     num_slots: int = 1,
     max_context: int | None = None,
+    native: bool = False,
 ) -> MemoryPlan:
     """The plan for ``requests`` (``any``: every type the build serves) under ``budget``.
 
@@ -254,6 +276,8 @@ def plan_memory(
     stages = {s: stage_memory(manifest, s, num_slots) for s in (*ALWAYS, *used)}
     kv = kv_pool_bytes(manifest, num_slots, max_context)
     fixed = RUNTIME_OVERHEAD + kv + sum(stages[s].total for s in ALWAYS)
+    if native:
+        fixed += NATIVE_OVERHEAD + stages["llm"].total
 
     def peaks(kept: set[str]) -> dict[str, int]:
         return {r: fixed + sum(stages[s].total for s in kept | set(needs[r])) for r in wanted}
@@ -280,6 +304,7 @@ def plan_memory(
         needs=needs,
         fixed=fixed,
         kv_pool=kv,
+        native=native,
         resident=(*ALWAYS, *(s for s in used if s in kept)),
         per_use=tuple(s for s in used if s not in kept),
         peaks=peaks(kept),
@@ -309,7 +334,8 @@ def planned(pipe: Any, budget: int | str, num_slots: int) -> MemoryPlan:
     """The plan for every request type ``pipe``'s build serves under ``budget``, with ``pipe.run``
     made to close the plan's per-use stages once no request is in flight (one ``ConfigError`` when
     nothing fits). Resident stages open on first use and stay open, as without a budget."""
-    plan = plan_memory(pipe.build.manifest, parse_memory(budget), (ANY,), num_slots)
+    native = native_decoding("auto", pipe.build.session.providers)
+    plan = plan_memory(pipe.build.manifest, parse_memory(budget), (ANY,), num_slots, native=native)
     if not plan.per_use:
         return plan
     run, build, state = pipe.run, pipe.build, _Inflight()
