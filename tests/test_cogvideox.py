@@ -112,13 +112,15 @@ def test_scheduler_refuses_what_it_does_not_implement() -> None:
         make_cogvideox_scheduler("ddim", cfg).set_timesteps(1001)
 
 
-def _model_folder(root: Path, **decoder: object) -> Path:
-    """A NExT-GPT folder of the tiny default's LLM and video output projector, and a CogVideoX decoder."""
+@pytest.fixture(scope="module")
+def tiny_default(tmp_path_factory) -> Path:
     from omniforge.model.tiny import create_default
 
-    base = root / "default"
-    if not base.exists():
-        create_default(base)
+    return create_default(tmp_path_factory.mktemp("tiny") / "default")
+
+
+def _model_folder(root: Path, base: Path, **decoder: object) -> Path:
+    """A NExT-GPT folder of the tiny default's LLM and video output projector, and a CogVideoX decoder."""
     folder = root / "model"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir()
@@ -139,12 +141,12 @@ def _model_folder(root: Path, **decoder: object) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cog_builds(tmp_path_factory, quick_quant) -> dict[str, Path]:
+def cog_builds(tmp_path_factory, quick_quant, tiny_default) -> dict[str, Path]:
     """``omniforge build`` of the model folder at fp32 and int8, on one cache."""
     from omniforge.build import BuildOptions, build
 
     root = tmp_path_factory.mktemp("cogvideox")
-    model = _model_folder(root)
+    model = _model_folder(root, tiny_default)
     out = {"model": model}
     for precision in ("fp32", "int8"):
         opts = BuildOptions(precision=precision, cache=root / "cache", quantize=quick_quant)
@@ -173,11 +175,11 @@ def test_export_parity_at_two_shapes(cog_builds) -> None:
         assert max(p["max_abs"] for p in checks) <= 1e-4
 
 
-def test_sincos_transformer_exports(tmp_path: Path) -> None:
+def test_sincos_transformer_exports(tmp_path: Path, tiny_default: Path) -> None:
     """CogVideoX-2b's layout: sin-cos positions instead of rotary tables."""
     from omniforge.export.exporter import ExportOptions, export_pipeline
 
-    model = _model_folder(tmp_path, rotary=False)
+    model = _model_folder(tmp_path, tiny_default, rotary=False)
     _, reports = export_pipeline(
         model, tmp_path / "b", ExportOptions(stages=["video_unet"]), log=lambda _m: None
     )
@@ -249,11 +251,11 @@ def test_build_runs_to_frames(cog_builds, precision: str, tmp_path: Path) -> Non
         )
 
 
-def test_projector_mismatch_is_refused(tmp_path: Path) -> None:
+def test_projector_mismatch_is_refused(tmp_path: Path, tiny_default: Path) -> None:
     from omniforge.pipeline.describe import describe
     from omniforge.pipeline.model_config import load_model_config
 
-    model = _model_folder(tmp_path, text_dim=48)
+    model = _model_folder(tmp_path, tiny_default, text_dim=48)
     with pytest.raises(
         ConfigError, match="77 x 32 conditioning but the CogVideoX transformer takes 77 x 48"
     ) as info:
@@ -276,3 +278,29 @@ def test_runtime_needs_no_torch(cog_builds, tmp_path: Path) -> None:
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"frames {(LATENT[0] - 1) * 4 + 1}" in res.stdout
+
+
+@pytest.mark.parametrize(
+    "part,edit,words",
+    [
+        ("transformer", {"patch_size_t": 2}, "CogVideoX 1.5"),
+        ("transformer", {"in_channels": 8}, "image-to-video"),
+        ("transformer", {"sample_height": 7}, "multiple of its patch_size"),
+        ("transformer", {"sample_frames": "49"}, "'sample_frames' must be a positive integer"),
+        ("vae", {"_class_name": "AutoencoderKL"}, "AutoencoderKLCogVideoX VAE"),
+        ("scheduler", {"_class_name": "DDIMScheduler"}, "scheduler must be one of"),
+    ],
+)
+def test_unsupported_folders_are_refused(
+    tmp_path: Path, tiny_default: Path, part: str, edit: dict, words: str
+) -> None:
+    from omniforge.pipeline.describe import describe
+    from omniforge.pipeline.model_config import load_model_config
+
+    model = _model_folder(tmp_path, tiny_default)
+    name = "scheduler_config.json" if part == "scheduler" else "config.json"
+    f = model / "video_decoder" / part / name
+    f.write_text(json.dumps({**json.loads(f.read_text()), **edit}))
+    with pytest.raises(ConfigError, match=words) as info:
+        describe(load_model_config(model))
+    assert "\n" not in str(info.value)

@@ -29,6 +29,15 @@ def _read(path: Path) -> dict:
     return read_json(path)
 
 
+def _int(d: dict, key: str, default: int, where: str) -> int:
+    v = d.get(key, default)
+    if isinstance(v, float) and v.is_integer():  # diffusers writes some sizes as floats
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 1 << 20:
+        raise ConfigError(f"the CogVideoX {where} config's '{key}' must be a positive integer, got {v!r}")
+    return v
+
+
 def is_cogvideox(folder: Path) -> bool:
     """Whether a decoder folder holds a CogVideoX transformer (``transformer/config.json``)."""
     f = Path(folder) / "transformer" / "config.json"
@@ -76,37 +85,43 @@ def geometry(folder: Path) -> CogVideoXGeometry:
         raise ConfigError(
             "CogVideoX 1.5 transformers (patch_size_t, ofs_embed_dim) are not supported as video decoders"
         )
-    lat_c, tr_in = int(v.get("latent_channels", 16)), int(t.get("in_channels", 16))
+    lat_c, tr_in = _int(v, "latent_channels", 16, "VAE"), _int(t, "in_channels", 16, "transformer")
     if tr_in != lat_c:
         raise ConfigError(
             f"the CogVideoX transformer takes {tr_in} channels but the VAE's latents have {lat_c} "
             "(image-to-video transformers are not supported as video decoders)"
         )
-    if int(t.get("out_channels") or tr_in) != lat_c:
+    out = tr_in if t.get("out_channels") is None else _int(t, "out_channels", tr_in, "transformer")
+    if out != lat_c:
         raise ConfigError(
             f"the CogVideoX transformer's out_channels ({t.get('out_channels')}) must equal the VAE's latent_channels ({lat_c})"
         )
-    ratio = int(t.get("temporal_compression_ratio", 4))
-    if int(v.get("temporal_compression_ratio", 4)) != ratio:
+    ratio = _int(t, "temporal_compression_ratio", 4, "transformer")
+    if _int(v, "temporal_compression_ratio", 4, "VAE") != ratio:
         raise ConfigError(
             f"the CogVideoX transformer's temporal_compression_ratio ({ratio}) differs from its VAE's "
             f"({v.get('temporal_compression_ratio', 4)})"
         )
-    p = int(t.get("patch_size", 2))
-    h, w = int(t.get("sample_height", 60)), int(t.get("sample_width", 90))
+    p = _int(t, "patch_size", 2, "transformer")
+    h, w = _int(t, "sample_height", 60, "transformer"), _int(t, "sample_width", 90, "transformer")
     if h % p or w % p:
         raise ConfigError(f"the CogVideoX latent size {h}x{w} must be a multiple of its patch_size {p}")
+    blocks = v.get("block_out_channels", (128, 256, 256, 512))
+    if not isinstance(blocks, (list, tuple)) or not 1 <= len(blocks) <= 8:
+        raise ConfigError(
+            f"the CogVideoX VAE config's 'block_out_channels' must list 1 to 8 sizes, got {blocks!r}"
+        )
     return CogVideoXGeometry(
-        latent_frames=(int(t.get("sample_frames", 49)) - 1) // ratio + 1,
+        latent_frames=(_int(t, "sample_frames", 49, "transformer") - 1) // ratio + 1,
         latent_channels=lat_c,
         height=h,
         width=w,
-        text_length=int(t.get("max_text_seq_length", 226)),
-        text_dim=int(t.get("text_embed_dim", 4096)),
+        text_length=_int(t, "max_text_seq_length", 226, "transformer"),
+        text_dim=_int(t, "text_embed_dim", 4096, "transformer"),
         patch_size=p,
         temporal_ratio=ratio,
-        spatial_scale=2 ** (len(v.get("block_out_channels", (128, 256, 256, 512))) - 1),
-        out_channels=int(v.get("out_channels", 3)),
+        spatial_scale=2 ** (len(blocks) - 1),
+        out_channels=_int(v, "out_channels", 3, "VAE"),
     )
 
 
