@@ -158,6 +158,11 @@ def copy_runtime_files(cfg: ModelConfig, spec: PipelineSpec, build: Path) -> dic
                 "window_s": cfg.audio_frontend.window_s,
             }
             _write_json(build, "audio_frontend", fe, files)
+        elif encoder_kind(cfg.encoders["audio"]) == "clap":
+            from omniforge.pipeline.clap_folder import read_clap_folder
+
+            clap = read_clap_folder(cfg.encoders["audio"]).frontend.to_config()
+            _write_json(build, "audio_frontend", clap, files)
         elif is_imagebind(cfg.encoders["audio"]):
             _write_json(build, "audio_frontend", imagebind_audio_frontend(cfg.encoders["audio"]), files)
         else:

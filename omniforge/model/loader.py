@@ -65,6 +65,10 @@ def load_component(cfg: ModelConfig, component: str, adapter: str | None = None)
             from omniforge.model.audio_encoders import load_whisper_encoder
 
             return load_whisper_encoder(cfg.encoders[parts[1]], cfg.audio_frontend)
+        if encoder_kind(cfg.encoders[parts[1]]) == "clap":
+            from omniforge.model.clap_encoder import load_clap_encoder
+
+            return load_clap_encoder(cfg.encoders[parts[1]])
         if is_imagebind(cfg.encoders[parts[1]]):
             from omniforge.model.imagebind import load_imagebind
 

@@ -185,8 +185,11 @@ def input_projector_name(cfg: ModelConfig, modality: str) -> str:
 
 
 def encoder_kind(path: Path) -> str:
-    """``imagebind``, ``whisper``, ``blip-2`` or ``clip`` (a CLIP vision folder), from its config."""
+    """``imagebind``, ``whisper``, ``blip-2``, ``clap`` or ``clip`` (a CLIP vision folder), from its
+    config."""
     t = read_json(path / "config.json").get("model_type")
+    if t in ("clap", "clap_audio_model"):
+        return "clap"
     return t if t in ("imagebind", "whisper", "blip-2") else "clip"
 
 
@@ -220,6 +223,17 @@ def encoder_stage(modality: str, path: Path, cfg: ModelConfig) -> tuple[StageSpe
         enc_dim, batch_max = int(c["d_model"]), 8
         x = TensorSpec("input_features", F32, ("batch", int(c["num_mel_bins"]), frames))
         out = ("batch", positions // fe.pool, enc_dim)
+    elif encoder_kind(path) == "clap":  # CLAP's audio tower + projection: one pooled embedding
+        from omniforge.pipeline.clap_folder import read_clap_folder
+
+        if modality != "audio":
+            raise ConfigError(f"a CLAP audio tower encodes audio, not {modality}")
+        clap = read_clap_folder(path)
+        fe, enc_dim, batch_max = clap.frontend, clap.projection_dim, 8
+        x = TensorSpec(
+            "input_features", F32, ("batch", fe.channels, fe.frames, fe.n_mels), "uniform", -80.0, 0.0
+        )
+        out = ("batch", enc_dim)
     elif c.get("model_type") == "blip-2":  # vision tower + Q-Former: query states per image
         if modality != "image":
             raise ConfigError(f"a BLIP-2 Q-Former encodes images, not {modality}")
@@ -256,7 +270,7 @@ def encoder_stage(modality: str, path: Path, cfg: ModelConfig) -> tuple[StageSpe
         StageKind.ENCODER,
         f"encoders.{modality}",
         (x,),
-        (TensorSpec("embeds", F32, out),),  # a pooled embedding, or tokens (Whisper, Q-Former)
+        (TensorSpec("embeds", F32, out),),  # a pooled embedding (CLIP, ImageBind, CLAP), or tokens
         (Dim("batch", 1, 1, batch_max),),
         tolerance=TIGHT,
         modality=modality,

@@ -264,6 +264,13 @@ class Pipeline:
             return self._project(
                 self._run("audio_encoder", {"input_features": x[None]})["embeds"][0], "audio"
             )
+        if cfg.get("kind") == "clap":  # one pooled embedding of the clip
+            from omniforge.runtime import clap_media as CL
+
+            clap = CL.ClapFrontEnd.from_config(cfg)
+            samples, sr = M.load_wav(audio, max_seconds=clap.read_seconds)
+            x = CL.features(M.resample(samples, sr, clap.sample_rate), clap)
+            return self._project(self._run("audio_encoder", {"input_features": x[None]})["embeds"], "audio")
         fe = M.AudioFrontEnd.from_config(cfg)
         samples, sr = M.load_wav(audio, max_seconds=fe.read_seconds)
         feats = M.audio_features(samples, sr, fe)
