@@ -187,15 +187,14 @@ def test_sincos_transformer_exports(tmp_path: Path, tiny_default: Path) -> None:
     assert max(p.max_abs for p in reports[0].parity) <= 1e-4
 
 
-def test_runtime_frames_equal_diffusers_pipeline(cog_builds) -> None:
-    """The runtime's frames equal ``CogVideoXPipeline``'s fed the same embeddings and latents."""
-    from diffusers import (
-        AutoencoderKLCogVideoX,
-        CogVideoXDDIMScheduler,
-        CogVideoXPipeline,
-        CogVideoXTransformer3DModel,
-    )
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm"])
+def test_runtime_frames_equal_diffusers_pipeline(cog_builds, scheduler: str) -> None:
+    """The runtime's frames equal ``CogVideoXPipeline``'s fed the same embeddings and latents (the
+    DPM scheduler's injected noise drawn from the same torch generator as diffusers')."""
+    import diffusers
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXPipeline, CogVideoXTransformer3DModel
 
+    from omniforge.runtime import cogvideox
     from omniforge.runtime.pipeline import DiffusionConfig, Pipeline
 
     folder = cog_builds["model"] / "video_decoder"
@@ -203,15 +202,20 @@ def test_runtime_frames_equal_diffusers_pipeline(cog_builds) -> None:
     rng = np.random.default_rng(5)
     cond = rng.standard_normal((1, TEXT_LENGTH, TEXT_DIM)).astype(np.float32)
     latents = pipe.initial_latents("video", seed=11)
-    cfg = DiffusionConfig(steps=4, guidance_scale=6.0, scheduler="ddim")
-    ours = pipe.decode_video(cond, cfg, latents)
+    cfg = DiffusionConfig(steps=4, guidance_scale=6.0, scheduler=scheduler)
+    g_ours = torch.Generator().manual_seed(7)
+    ours = cogvideox.decode_video(
+        pipe, cond, cfg, latents, noise=lambda s: torch.randn(s, generator=g_ours).numpy()
+    )
+    cls = {"ddim": "CogVideoXDDIMScheduler", "dpm": "CogVideoXDPMScheduler"}[scheduler]
     ref_pipe = CogVideoXPipeline(
         tokenizer=None,
         text_encoder=None,
         vae=AutoencoderKLCogVideoX.from_pretrained(folder / "vae"),
         transformer=CogVideoXTransformer3DModel.from_pretrained(folder / "transformer"),
-        scheduler=CogVideoXDDIMScheduler.from_pretrained(folder / "scheduler"),
+        scheduler=getattr(diffusers, cls).from_pretrained(folder / "scheduler"),
     )
+    ref_pipe.set_progress_bar_config(disable=True)
     frames, _, h, w = LATENT
     ref = ref_pipe(
         prompt_embeds=torch.from_numpy(cond),
@@ -222,11 +226,14 @@ def test_runtime_frames_equal_diffusers_pipeline(cog_builds) -> None:
         height=h * 4,
         width=w * 4,
         num_frames=(frames - 1) * 4 + 1,
+        generator=torch.Generator().manual_seed(7),
         output_type="np",
     ).frames[0]
     assert ours.shape == ref.shape == ((frames - 1) * 4 + 1, h * 4, w * 4, 3)
     assert float(np.abs(ours - ref).max()) <= 1e-3
     assert float(ref.std()) > 0.01  # the frames carry signal, not a constant
+    if scheduler == "ddim":  # the deterministic scheduler: Pipeline.decode_video gives the same frames
+        np.testing.assert_array_equal(pipe.decode_video(cond, cfg, latents), ours)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])

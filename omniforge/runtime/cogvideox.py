@@ -270,15 +270,22 @@ def check_steps(pipe: Pipeline, cfg: DiffusionConfig) -> None:
 
 
 def denoise(
-    pipe: Pipeline, cond: np.ndarray, cfg: DiffusionConfig, latents: np.ndarray | None = None
+    pipe: Pipeline,
+    cond: np.ndarray,
+    cfg: DiffusionConfig,
+    latents: np.ndarray | None = None,
+    noise: Noise | None = None,
 ) -> np.ndarray:
-    """CogVideoXPipeline's loop: latents (1, F, C, h, w) after ``cfg.steps`` guided steps."""
-    sched = make_cogvideox_scheduler(cfg.scheduler, pipe.build.json("video_scheduler"), seed=cfg.seed)
+    """CogVideoXPipeline's loop: latents (1, F, C, h, w) after ``cfg.steps`` guided steps. ``noise``
+    draws the DPM scheduler's injected normals (default: numpy seeded by ``cfg.seed``)."""
+    sched = make_cogvideox_scheduler(
+        cfg.scheduler, pipe.build.json("video_scheduler"), noise=noise, seed=cfg.seed
+    )
     sched.set_timesteps(cfg.steps)
-    noise = (
+    start = (
         pipe.initial_latents("video", cfg.seed) if latents is None else pipe.check_latents("video", latents)
     )
-    x = (noise * np.float32(sched.init_noise_sigma)).astype(np.float32)
+    x = (start * np.float32(sched.init_noise_sigma)).astype(np.float32)
     guided = cfg.guidance_scale > 1.0
     context = np.concatenate([pipe.unconditional("video", cond), cond]) if guided else cond
     for i, t in enumerate(sched.timesteps):
@@ -294,9 +301,13 @@ def denoise(
 
 
 def decode_video(
-    pipe: Pipeline, cond: np.ndarray, cfg: DiffusionConfig, latents: np.ndarray | None = None
+    pipe: Pipeline,
+    cond: np.ndarray,
+    cfg: DiffusionConfig,
+    latents: np.ndarray | None = None,
+    noise: Noise | None = None,
 ) -> np.ndarray:
     """Guided denoising, then the causal VAE: frames (F, H, W, 3) in [0, 1]."""
-    x = denoise(pipe, cond, cfg, latents)
+    x = denoise(pipe, cond, cfg, latents, noise)
     video = pipe._vae("video", np.ascontiguousarray(x.transpose(0, 2, 1, 3, 4)))  # (1, 3, F, H, W)
     return np.clip(video[0] / 2 + 0.5, 0, 1).transpose(1, 2, 3, 0)
