@@ -172,3 +172,39 @@ def test_user_llama_folder_same_greedy_tokens(library: Path, tmp_path: Path, pre
     for prompt in ("hello there", [3, 4, 5, 6]):
         cfg = GenerationConfig(max_new_tokens=64, stop_token_ids=())
         _same(py.generate(prompt, cfg), nat.generate(prompt, cfg))
+
+
+def test_context_limit_threads_and_refusals_as_the_python_loop(library: Path, default_build: Path) -> None:
+    import threading
+
+    from omniforge.errors import ContextLengthError
+    from omniforge.runtime.llm import LlmRuntime
+    from omniforge.runtime.sampling import GenerationConfig
+
+    short = LlmRuntime(default_build, num_slots=1, max_context=40, prefix_cache_entries=0, backend="native")
+    r = short.generate(
+        "Describe the image.", GenerationConfig(max_new_tokens=200, stop_token_ids=()), adapter="none"
+    )
+    assert r.finish_reason == "length" and r.prompt_tokens + r.new_tokens == 41
+    with pytest.raises(ContextLengthError, match="the context holds 40"):
+        short.generate(list(range(2, 45)), adapter="none")
+
+    py, nat = _pair(default_build)
+    cfg = GenerationConfig(max_new_tokens=12, temperature=0.8, seed=4)
+    serial = [py.generate(p, cfg, adapter="none").token_ids for p in PROMPTS]
+    results, errors = [], []
+
+    def work(k: int) -> None:
+        try:
+            for _ in range(3):
+                results.append((k, nat.generate(PROMPTS[k], cfg, adapter="none").token_ids))
+        except Exception as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 3 * len(PROMPTS)
+    assert all(ids == serial[k] for k, ids in results)

@@ -391,6 +391,67 @@ void LlmImpl::step(int64_t slot, const std::vector<float>& rows, int64_t s, std:
 
 namespace {
 
+// One request's one-token step, bound once (as the Python runtime's decode buffers): a decode
+// step then only writes the new row and the lengths in place, with no binding or allocation per
+// token. `logits` must already hold vocab_size floats (the prefill step sized it); it stays bound.
+class DecodeBinding {
+  public:
+    DecodeBinding(LlmImpl& llm, int64_t slot, std::vector<float>& logits)
+        : llm_(llm), slot_(slot), io_(llm.session), row_(size_t(llm.g.hidden_size)), hidden_(size_t(llm.g.hidden_size)) {
+        const LlmGeometry& g = llm.g;
+        values_.reserve(5 + llm.contract.inplace.size());
+        int64_t rows_shape[] = {1, 1, g.hidden_size};
+        int64_t one[] = {1};
+        int64_t logits_shape[] = {1, 1, g.vocab_size};
+        bind_input(llm.embeds, Ort::Value::CreateTensor<float>(llm.cpu, row_.data(), row_.size(), rows_shape, 3));
+        bind_input(llm.seqlens, Ort::Value::CreateTensor<int32_t>(llm.cpu, &seqlens_k_, 1, one, 1));
+        bind_input(llm.total, Ort::Value::CreateTensor<int32_t>(llm.cpu, &total_len_, 1, nullptr, 0));
+        values_.push_back(Ort::Value::CreateTensor<float>(llm.cpu, logits.data(), logits.size(), logits_shape, 3));
+        io_.BindOutput(llm.logits.c_str(), values_.back());
+        values_.push_back(Ort::Value::CreateTensor<float>(llm.cpu, hidden_.data(), hidden_.size(), rows_shape, 3));
+        io_.BindOutput(llm.hidden.c_str(), values_.back());
+        const size_t per_slot = size_t(g.num_kv_heads) * llm.max_context * g.head_dim;
+        int64_t kv_shape[] = {1, g.num_kv_heads, llm.max_context, g.head_dim};
+        for (size_t i = 0; i < llm.contract.inplace.size(); ++i) {
+            float* base = llm.kv[i].data() + size_t(slot) * per_slot;
+            values_.push_back(Ort::Value::CreateTensor<float>(llm.cpu, base, per_slot, kv_shape, 4));
+            io_.BindInput(llm.contract.inplace[i].first.c_str(), values_.back());
+            io_.BindOutput(llm.contract.inplace[i].second.c_str(), values_.back());
+        }
+    }
+
+    // Feeds one row (hidden_size floats) to the slot; the logits land in the bound vector.
+    void run(const std::vector<float>& row) {
+        const int64_t after = llm_.lengths[slot_] + 1;
+        if (after > llm_.max_context)
+            fail(OF_ERR_CONTEXT_LENGTH, "the sequence would reach " + std::to_string(after) + " tokens; the context holds " +
+                                            std::to_string(llm_.max_context));
+        std::copy(row.begin(), row.end(), row_.begin());
+        seqlens_k_ = static_cast<int32_t>(after - 1);
+        total_len_ = static_cast<int32_t>(after);
+        try {
+            llm_.session.Run(Ort::RunOptions{nullptr}, io_);
+        } catch (const Ort::Exception& e) {
+            std::string why = e.what();
+            fail(OF_ERR_ENGINE, "the LLM step failed: " + why.substr(0, why.find('\n')).substr(0, 300));
+        }
+        llm_.lengths[slot_] = after;
+    }
+
+  private:
+    void bind_input(const std::string& name, Ort::Value value) {
+        values_.push_back(std::move(value));
+        io_.BindInput(name.c_str(), values_.back());
+    }
+
+    LlmImpl& llm_;
+    int64_t slot_;
+    Ort::IoBinding io_;
+    std::vector<float> row_, hidden_;
+    int32_t seqlens_k_ = 0, total_len_ = 0;
+    std::vector<Ort::Value> values_;  // the bound tensors (views of the buffers above and the pool)
+};
+
 // A KV slot of the pool held for one request, released (and reset) when it goes out of scope.
 struct SlotLease {
     LlmImpl& llm;
@@ -474,6 +535,7 @@ GenerateOutput generate(LlmImpl& llm, const std::vector<int32_t>& prompt, const 
     }
     std::vector<float> logits;
     llm.step(lease.slot, llm.embed(prompt), static_cast<int64_t>(n), logits);
+    std::optional<DecodeBinding> decode;  // bound at the first decode step
     std::chrono::steady_clock::time_point t_decode{};
     while (true) {
         const int32_t token = sampler.select(logits.data(), logits.size(), p.sampling, rng, history);
@@ -495,7 +557,8 @@ GenerateOutput generate(LlmImpl& llm, const std::vector<int32_t>& prompt, const 
         if (p.callback && p.callback(p.user_data, token, delta.data(), delta.size()) != 0 && !out.finish)
             out.finish = OF_FINISH_CANCELLED;
         if (out.finish) break;
-        llm.step(lease.slot, llm.embed({token}), 1, logits);
+        if (!decode) decode.emplace(llm, lease.slot, logits);
+        decode->run(llm.embed({token}));
     }
     out.decode_s = seconds_since(t_decode);
     if (text) {

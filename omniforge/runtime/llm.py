@@ -638,7 +638,11 @@ class LlmRuntime:
         adapter the rows were generated with."""
         fed = list(ids[:-1]) if predicting else list(ids)
         full = np.concatenate([rows, self.embed_ids(fed)]) if fed else rows
-        self.check_fits(len(full), f"{len(rows)} rows followed by {len(fed)} tokens")
+        if len(full) > self.pool.max_context:  # nothing is generated after them: they may fill it
+            raise ContextLengthError(
+                f"{len(rows)} rows followed by {len(fed)} tokens is {len(full)} tokens fed to the LLM; "
+                f"the context holds {self.pool.max_context}"
+            )
         slot = self.allocate_slots(1)
         try:  # at least the rows whose hidden states are read are computed anew
             reused = self.prefix_cache.reuse(
