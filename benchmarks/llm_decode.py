@@ -1,13 +1,16 @@
 """Decode speed of a 150M-parameter LLaMA-shaped model, side by side in one run.
 
 usage: python benchmarks/llm_decode.py [--work /tmp/omniforge-bench] [--runs 5] [--threads 2]
+       [--native-library build/native/libomniforge.so]
 
 Builds the reference model (hidden 1024, 8 layers, 16 heads, 4 KV heads, ffn 2816, vocab 32000,
 seeded) as a local HF folder, exports it with omniforge, builds ONNX Runtime GenAI's fp32 model of
 the same folder when onnxruntime-genai is installed, and measures batch-1 decoding (prompt 32,
 64 new tokens, median of ``--runs``; each runtime in its own process, run in interleaved rounds)
 for: transformers eager, a plain ONNX Runtime loop over the
-canonical export (present fed back as past), ONNX Runtime GenAI, and omniforge's runtime. Also
+canonical export (present fed back as past), ONNX Runtime GenAI, and omniforge's runtime with its
+Python decode loop and, where libomniforge is built (``--native-library``, or where
+``LlmRuntime`` finds it), with the native core's loop (``backend="native"``). Also
 measured: the fp32 memory-bandwidth bound, per-token latency at context 2048 vs 64, and the
 time to first token of a second conversation turn over a 512-token prefix.
 Results go to benchmarks/results/llm_decode.{json,md}.
@@ -130,7 +133,7 @@ def bench_plain_ort(build: Path, threads: int) -> Callable[[], tuple[float, floa
     return lambda: gen(NEW)
 
 
-def single_runtime(build: Path, threads: int, max_context: int):
+def single_runtime(build: Path, threads: int, max_context: int, backend: str = "python"):
     """An omniforge LLM runtime with one cache slot and no prefix cache."""
     from omniforge.runtime.engine import SessionConfig
     from omniforge.runtime.llm import LlmRuntime
@@ -141,13 +144,14 @@ def single_runtime(build: Path, threads: int, max_context: int):
         prefix_cache_entries=0,
         max_context=max_context,
         session=SessionConfig(threads=threads),
+        backend=backend,
     )
 
 
-def bench_omniforge(build: Path, threads: int) -> Callable[[], tuple[float, float]]:
+def bench_omniforge(build: Path, threads: int, backend: str = "python") -> Callable[[], tuple[float, float]]:
     from omniforge.runtime.sampling import GenerationConfig
 
-    rt = single_runtime(build, threads, PROMPT + NEW + 8)
+    rt = single_runtime(build, threads, PROMPT + NEW + 8, backend)
     cfg = GenerationConfig(max_new_tokens=NEW, stop_token_ids=())
     ids = prompt_ids(PROMPT)
     rt.generate(ids, GenerationConfig(max_new_tokens=4, stop_token_ids=()))
@@ -200,18 +204,24 @@ def bench_genai(path: Path) -> Callable[[], tuple[float, float]]:
     return genai_greedy(model, ids, NEW)
 
 
-def paired_int4(build4: Path, genai4: Path, threads: int, rounds: int = 25) -> dict:
-    """omniforge vs GenAI INT4 decode in one process, alternating generation by generation; the
-    per-round ratios cancel the slow drift of a shared machine. Also the bare decode step of the
-    omniforge graph in a loop (the same binding, no sampling), which splits graph from loop."""
+def paired_int4(
+    build4: Path, genai4: Path, threads: int, rounds: int = 25, with_native: bool = False
+) -> dict:
+    """omniforge (Python loop, and native loop ``with_native``) vs GenAI INT4 decode in one
+    process, alternating generation by generation; the per-round ratios cancel the slow drift of a
+    shared machine. Also the bare decode step of the omniforge graph in a loop (the same binding,
+    no sampling), which splits graph from loop."""
     from omniforge.runtime.kv_cache import SlotRange
     from omniforge.runtime.sampling import GenerationConfig
 
     genai = bench_genai(genai4)
     rt = single_runtime(build4, threads, PROMPT + NEW + 8)
+    native = single_runtime(build4, threads, PROMPT + NEW + 8, "native") if with_native else None
     cfg = GenerationConfig(max_new_tokens=NEW, stop_token_ids=())
     ids = prompt_ids(PROMPT)
     rt.generate(ids, cfg)
+    if native is not None:
+        assert native.generate(ids, cfg).token_ids == rt.generate(ids, cfg).token_ids
 
     def bare() -> float:
         slot = rt.pool.allocate(1)
@@ -224,14 +234,16 @@ def paired_int4(build4: Path, genai4: Path, threads: int, rounds: int = 25) -> d
         rt.pool.release(slot)
         return (time.perf_counter() - t0) / (NEW - 1)
 
-    g_ms, o_ms, b_ms = [], [], []
+    g_ms, o_ms, b_ms, n_ms = [], [], [], []
     for _ in range(rounds):
         ttft, total = genai()
         g_ms.append((total - ttft) / (NEW - 1) * 1000)
         o_ms.append(rt.generate(ids, cfg).decode_s / (NEW - 1) * 1000)
         b_ms.append(bare() * 1000)
+        if native is not None:
+            n_ms.append(native.generate(ids, cfg).decode_s / (NEW - 1) * 1000)
     ratios = np.array(g_ms) / np.array(o_ms)
-    return {
+    out = {
         "rounds": rounds,
         "genai_ms_per_token": median(g_ms),
         "omniforge_ms_per_token": median(o_ms),
@@ -240,6 +252,15 @@ def paired_int4(build4: Path, genai4: Path, threads: int, rounds: int = 25) -> d
         "ratio_p25": float(np.percentile(ratios, 25)),
         "ratio_p75": float(np.percentile(ratios, 75)),
     }
+    if n_ms:
+        native_ratios = np.array(g_ms) / np.array(n_ms)
+        out |= {
+            "native_ms_per_token": median(n_ms),
+            "native_ratio_median": float(np.median(native_ratios)),
+            "native_ratio_p25": float(np.percentile(native_ratios, 25)),
+            "native_ratio_p75": float(np.percentile(native_ratios, 75)),
+        }
+    return out
 
 
 def context_scaling(build: Path, threads: int, long_ctx: int = 2048, steps: int = 32) -> dict:
@@ -286,6 +307,8 @@ RUNNERS = {
     "omniforge-fp32": lambda a, w: bench_omniforge(w / "build-150m", a.threads),
     "genai-int4": lambda a, w: bench_genai(w / "genai-int4"),
     "omniforge-int4": lambda a, w: bench_omniforge(w / "build-150m-int4", a.threads),
+    "native-fp32": lambda a, w: bench_omniforge(w / "build-150m", a.threads, "native"),
+    "native-int4": lambda a, w: bench_omniforge(w / "build-150m-int4", a.threads, "native"),
 }
 
 
@@ -335,9 +358,19 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-int4", action="store_true", help="skip the INT4 builds")
+    ap.add_argument(
+        "--native-library", help="libomniforge for the native-loop rows (default: where LlmRuntime finds it)"
+    )
     ap.add_argument("--worker", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.native_library:
+        os.environ["OMNIFORGE_NATIVE_LIBRARY"] = str(
+            Path(args.native_library).resolve()
+        )  # workers inherit it
+    from omniforge.runtime.native import find_library
+
+    native = find_library() is not None
     if args.worker:
         worker_main(args)
         return
@@ -371,6 +404,8 @@ def main() -> None:
     if build_genai(folder, work / "genai-fp32", args.threads) is not None:
         kinds["ONNX Runtime GenAI fp32"] = "genai-fp32"
     kinds["omniforge fp32"] = "omniforge-fp32"
+    if native:
+        kinds["omniforge fp32, native loop"] = "native-fp32"
     if not args.no_int4:
         build4 = work / "build-150m-int4"
         if not (build4 / "manifest.json").is_file():
@@ -380,6 +415,8 @@ def main() -> None:
         if build_genai(folder, work / "genai-int4", args.threads, precision="int4") is not None:
             kinds["ONNX Runtime GenAI int4"] = "genai-int4"
         kinds["omniforge int4"] = "omniforge-int4"
+        if native:
+            kinds["omniforge int4, native loop"] = "native-int4"
     genai = "ONNX Runtime GenAI fp32" in kinds
     # every runtime in its own process (no thread pools competing across runtimes), run in
     # interleaved rounds so drift on a shared machine hits all of them alike
@@ -459,7 +496,9 @@ def main() -> None:
         md.append(line + ".")
         if "ONNX Runtime GenAI int4" in rows:
             print("paired INT4 rounds in one process ...", file=sys.stderr)
-            pair = paired_int4(work / "build-150m-int4", work / "genai-int4", args.threads)
+            pair = paired_int4(
+                work / "build-150m-int4", work / "genai-int4", args.threads, with_native=native
+            )
             data["int4_paired"] = pair
             md.append(
                 f"- INT4 paired in one process ({pair['rounds']} alternating rounds): omniforge / GenAI speed "
@@ -467,6 +506,12 @@ def main() -> None:
                 f"per token {pair['omniforge_ms_per_token']:.2f} vs {pair['genai_ms_per_token']:.2f} ms; "
                 f"omniforge's bare decode step in a loop: {pair['omniforge_bare_step_ms']:.2f} ms."
             )
+            if "native_ratio_median" in pair:
+                md.append(
+                    f"- INT4 paired, the native loop (same rounds, same tokens): omniforge native / GenAI speed "
+                    f"**{pair['native_ratio_median']:.2f}x** (p25-p75 {pair['native_ratio_p25']:.2f}-"
+                    f"{pair['native_ratio_p75']:.2f}); per token {pair['native_ms_per_token']:.2f} ms."
+                )
         sizes = json.loads((work / "build-150m-int4" / "quantize.json").read_text())
         llm_q = next(r for r in sizes if r["stage"] == "llm")
         emb_q = next(r for r in sizes if r["stage"] == "token_embedding")
