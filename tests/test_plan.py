@@ -236,6 +236,17 @@ def test_run_refuses_a_budget_nothing_fits(default_build, tmp_path):
     assert res.returncode == 1 and res.stderr.count("\n") == 1 and "fits no plan" in res.stderr
 
 
+def test_run_with_a_budget_writes_the_image_and_reports_as_without(default_build, tmp_path):
+    manifest = load_manifest(default_build)
+    budget = plan_memory(manifest, None, ["text-to-image"], native=native_decoding()).peak + MiB
+    args = ["--prompt", "a harbour", "--force", "image", "--steps", "2", "--max-new-tokens", "4"]
+    res = cli("run", str(default_build), *args, "--memory-budget", f"{budget}", "--out", str(tmp_path / "a"))
+    assert res.returncode == 0, res.stderr
+    plain = cli("run", str(default_build), *args, "--out", str(tmp_path / "b"))
+    assert res.stdout == plain.stdout  # the same text
+    assert (tmp_path / "a" / "image_0.png").read_bytes() == (tmp_path / "b" / "image_0.png").read_bytes()
+
+
 # ---- prediction against measured peak RSS ----------------------------------------------------
 
 CHILD = r"""

@@ -52,7 +52,7 @@ REQUESTS: dict[str, tuple[str, ...]] = {
     "text": (),
     "image-in-text-out": ("image_encoder", "{image}_input_projector"),
     "audio-in-text-out": ("audio_encoder", "{audio}_input_projector"),
-    "video-in-text-out": ("image_encoder", "{video}_input_projector"),
+    "video-in-text-out": ("image_encoder", "{image}_input_projector"),  # frames, as images are
     "text-to-image": ("image_output_projector", "image_unet", "image_vae_decoder"),
     "text-to-video": ("video_output_projector", "video_unet", "video_vae_decoder"),
     "text-to-audio": ("audio_output_projector", "audio_unet", "audio_vae_decoder", "vocoder"),
