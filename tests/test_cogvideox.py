@@ -103,6 +103,7 @@ def test_scheduler_refuses_what_it_does_not_implement() -> None:
         ("ddim", {**cfg, "trained_betas": [0.1] * 1000}, "trained_betas"),
         ("ddim", {**cfg, "_class_name": "DDIMScheduler"}, "not a CogVideoX scheduler"),
         ("euler", cfg, "ddim or dpm"),
+        ("dpm", {**cfg, "prediction_type": "epsilon"}, "zero terminal SNR"),
     ]
     for name, bad, words in cases:
         with pytest.raises(ConfigError, match=words) as info:

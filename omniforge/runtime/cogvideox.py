@@ -103,6 +103,10 @@ class CogVideoXSchedulerConfig:
             raise ConfigError(
                 "the CogVideoX scheduler's alphas_cumprod table must decrease strictly within [0, 1)"
             )
+        if cfg.prediction_type == "epsilon" and t.min() == 0:
+            raise ConfigError(
+                "epsilon prediction cannot run over a zero terminal SNR (rescale_betas_zero_snr)"
+            )
         return cfg
 
     def table(self) -> np.ndarray:
