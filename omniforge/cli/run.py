@@ -27,6 +27,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", help="input image file")
     p.add_argument("--audio", help="input WAV file")
     p.add_argument("--video", help="input video: a folder of frames, a GIF, or an MP4 (with imageio)")
+    p.add_argument(
+        "--video-audio",
+        metavar="WAV",
+        help="the --video's sound track (a WAV file), encoded by the audio encoder beside the frames",
+    )
     p.add_argument("--out", default="outputs", help="folder for generated media (default: outputs)")
     p.add_argument(
         "--force",
@@ -110,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         image=args.image,
         audio=args.audio,
         video=args.video,
+        video_audio=args.video_audio,
         generation=gen,
         diffusion=diffusion,
         force=args.force,

@@ -167,6 +167,8 @@ def copy_runtime_files(cfg: ModelConfig, spec: PipelineSpec, build: Path) -> dic
             _write_json(build, "audio_frontend", imagebind_audio_frontend(cfg.encoders["audio"]), files)
         else:
             _write_json(build, "audio_frontend", asdict(cfg.audio_frontend), files)
+    if cfg.video_audio is not None and {"image_encoder", "audio_encoder"} <= names:
+        _write_json(build, "video_audio", cfg.video_audio.to_config(), files)
     if cfg.protocol is not None and "llm" in names:
         _write_json(build, "protocol", cfg.protocol.to_dict(), files)
     for modality, src in cfg.uncond.items():

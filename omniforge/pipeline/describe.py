@@ -103,16 +103,20 @@ def describe(cfg: ModelConfig) -> PipelineSpec:
     assert g is not None
     edges: list[Edge] = []
     tokens_out = 16
+    rows: dict[str, int] = {}  # projector rows per item of each encoder
     for modality, path in cfg.encoders.items():
         stage, _ = encoder_stage(modality, path, cfg)
         stages.append(stage)
         out = stage.outputs[0].shape
-        tokens_out = max(tokens_out, int(out[1]) if len(out) == 3 else 1)
+        rows[modality] = int(out[1]) if len(out) == 3 else 1
+        tokens_out = max(tokens_out, rows[modality])
         proj = input_projector_name(cfg, modality)
         edges.append(Edge(f"{stage.name}.embeds", f"{proj}.features", via="stack media tokens"))
         if modality == "image":
             frames = "ImageBind's 15 two-frame clips" if is_imagebind(path) else f"{cfg.video_frames} frames"
             edges.append(Edge(f"{stage.name}.embeds", f"{proj}.features", via=f"video: mean over {frames}"))
+    if cfg.video_audio is not None:
+        cfg.video_audio.check_rows(rows["image"], rows["audio"])
     projectors = {m: f for m, f in cfg.input_projectors.items()}
     if cfg.input_projector is not None:
         projectors[""] = cfg.input_projector

@@ -30,6 +30,7 @@ from typing import Any
 
 from omniforge.errors import ConfigError, ModelNotFoundError
 from omniforge.pipeline.protocol import PromptProtocol
+from omniforge.runtime.video_audio import VideoAudio
 
 FORMAT = "omniforge-nextgpt"
 FORMAT_VERSION = 1
@@ -75,6 +76,7 @@ class ModelConfig:
     placeholders: dict[str, str] = field(default_factory=dict)
     protocol: PromptProtocol | None = None  # a conversation protocol (NExT-GPT's); None: placeholders
     uncond: dict[str, Path] = field(default_factory=dict)  # modality -> unconditional embedding (.npy)
+    video_audio: VideoAudio | None = None  # how a video's sound track joins its frames; None: concat
 
     @property
     def is_llm_only(self) -> bool:
@@ -199,7 +201,19 @@ def _from_nextgpt(root: Path, d: dict[str, Any]) -> ModelConfig:
         placeholders=dict(d.get("placeholders", {})),
         protocol=PromptProtocol.from_dict(d["protocol"]) if d.get("protocol") is not None else None,
         uncond=mods("uncond"),
+        video_audio=_video_audio(d, encoders),
     )
+
+
+def _video_audio(d: dict[str, Any], encoders: dict[str, Path]) -> VideoAudio | None:
+    if d.get("video_audio") is None:
+        return None
+    if not {"image", "audio"} <= set(encoders):
+        raise ConfigError(
+            "nextgpt.json 'video_audio' needs an image encoder (for the frames) and an audio encoder "
+            "(for the sound track)"
+        )
+    return VideoAudio.from_config(d["video_audio"])
 
 
 DEFAULT_VERSION = 4  # of the embedded tiny default: bump when its architecture or seeds change

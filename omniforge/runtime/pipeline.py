@@ -214,11 +214,21 @@ class Pipeline:
             return resize_normalize(pic, cfg)
         return M.preprocess_image(pic, M.ImagePreprocessing.from_config(cfg))
 
-    def encode_video(self, video: str | Path) -> np.ndarray:
+    def encode_video(self, video: str | Path, track: str | Path | None = None) -> np.ndarray:
         """Frames sampled from ``video``, each preprocessed as it is decoded (one full-size frame in
         memory at a time), through the image encoder and mean-pooled. ImageBind: its clips (2-frame
-        clips at spread start times, 3 spatial crops each), their embeddings averaged."""
+        clips at spread start times, 3 spatial crops each), their embeddings averaged. ``track``: the
+        video's sound (a WAV file) through the audio encoder, fused with the frames' rows as the
+        build's ``video_audio`` config says (``runtime.video_audio``)."""
         self._need("image_encoder", "video input")
+        if track is not None:
+            from omniforge.runtime.video_audio import VideoAudio
+
+            self._need("audio_encoder", "a video's sound track")
+            files = self.build.manifest.files
+            cfg = self.build.json("video_audio") if "video_audio" in files else {}
+            fusion = VideoAudio.from_config(cfg, ManifestError)
+            return fusion.fuse(self.encode_video(video), self.encode_audio(track))
         cfg = self.build.json("image_preprocessor")
         if cfg.get("kind") == "imagebind":
             from omniforge.runtime import imagebind_media as IB
@@ -518,6 +528,7 @@ class Pipeline:
         on_text: Callable[[str], None] | None = None,
         latents: Mapping[str, np.ndarray] | None = None,
         adapter: str | None = AUTO,
+        video_audio: str | Path | None = None,
     ) -> PipelineResult:
         """Generate text for ``prompt`` (+ media) and every medium whose signal tokens appear.
 
@@ -528,9 +539,12 @@ class Pipeline:
         noise: floats of ``latent_shape(modality)``, unit variance (scaled by the scheduler's initial
         sigma, as in diffusers); ``initial_latents(modality, seed)`` gives a seed's own.
         A generated waveform that is silent is reported in ``result.warnings``.
+        ``video_audio``: the video's sound track (a WAV file), encoded beside its frames.
         """
         generation, diffusion, force = self._options(generation, diffusion, force, on_text)
         given = self._latents(latents)
+        if video_audio is not None and video is None:
+            raise InputError("a video's sound track was given without a video")
         asked = [m for m, x in (("image", image), ("audio", audio), ("video", video)) if x is not None]
         adapter_name = self.llm.resolve_adapter(adapter, [*asked, *sorted(force)])
         for modality in sorted(force):
@@ -544,7 +558,7 @@ class Pipeline:
         for modality, item, enc in (
             ("image", image, self.encode_image),
             ("audio", audio, self.encode_audio),
-            ("video", video, self.encode_video),
+            ("video", video, lambda v: self.encode_video(v, video_audio)),
         ):
             if item is None:
                 continue
