@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 TEXT_LENGTH, TEXT_DIM = 77, 32  # the tiny default's video output projector gives 77 x 32
-LATENT = (3, 4, 8, 8)  # latent frames, channels, rows, columns: 9 frames of 32 x 32 pixels
+LATENT = (5, 4, 8, 8)  # latent frames, channels, rows, columns: 17 frames of 32 x 32 pixels
+# five latent frames: the VAE decodes them in two batches (3 + 2, as 13 = 3 + 2 + 2 + ...), its
+# causal convolution caches carried from the first to the second
 
 
 def write_cogvideox(
@@ -40,7 +42,7 @@ def write_cogvideox(
         use_rotary_positional_embeddings=rotary,
     )
     vae = AutoencoderKLCogVideoX(
-        block_out_channels=(16, 16, 16),
+        block_out_channels=(8, 8, 8),
         down_block_types=("CogVideoXDownBlock3D",) * 3,
         up_block_types=("CogVideoXUpBlock3D",) * 3,
         latent_channels=channels,
