@@ -7,9 +7,6 @@ build and on a user's Llama folder built at fp32 and int4; requests the native c
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -157,21 +154,69 @@ def _user_llama(tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def streamed_builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A user's Llama folder written by the streaming build at fp32 and int4: LLM graphs whose
+    weights lie in external-data files."""
+    from omniforge.build import BuildOptions, build
+
+    tmp = tmp_path_factory.mktemp("native-streamed")
+    folder = _user_llama(tmp)
+    out = {}
+    for precision in ("fp32", "int4"):
+        opts = BuildOptions(precision=precision, cache=tmp / "cache", llm_stream="always")
+        build(folder, tmp / precision, opts, log=lambda _m: None)
+        out[precision] = tmp / precision
+    return out
+
+
 @pytest.mark.parametrize("precision", ["fp32", "int4"])
-def test_user_llama_folder_same_greedy_tokens(library: Path, tmp_path: Path, precision: str) -> None:
+def test_user_llama_folder_with_external_data_same_greedy_tokens(
+    library: Path, streamed_builds: dict[str, Path], precision: str
+) -> None:
+    from omniforge.pipeline.contracts import Role
+    from omniforge.pipeline.manifest import load_manifest
     from omniforge.runtime.sampling import GenerationConfig
 
-    out = tmp_path / f"build-{precision}"
-    r = subprocess.run(
-        [sys.executable, "-m", "omniforge", "build", str(_user_llama(tmp_path)), "--out", str(out),
-         "--precision", precision, "--cache", str(tmp_path / "cache")],
-        capture_output=True, text=True, env={**os.environ, "OMNIFORGE_HOME": str(tmp_path / "home")},
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    py, nat = _pair(out)
+    build = streamed_builds[precision]
+    assert load_manifest(build).variant("llm", Role.ORT_INPLACE_LLM).data_files  # weights outside the graph
+    py, nat = _pair(build)
     for prompt in ("hello there", [3, 4, 5, 6]):
         cfg = GenerationConfig(max_new_tokens=64, stop_token_ids=())
         _same(py.generate(prompt, cfg), nat.generate(prompt, cfg))
+
+
+def test_external_data_is_verified_and_must_be_listed(
+    library: Path, streamed_builds: dict[str, Path], tmp_path: Path
+) -> None:
+    """The native core's own checks (the Python runtime opens it without hashing again): a flipped
+    byte in an external-data file, and a graph reading a file its variant does not list."""
+    import json
+    import shutil
+
+    from omniforge.errors import ManifestError
+    from omniforge.pipeline.contracts import Role
+    from omniforge.pipeline.manifest import load_manifest
+    from omniforge.runtime.native import NativeLlm
+
+    flipped = tmp_path / "flipped"
+    shutil.copytree(streamed_builds["fp32"], flipped)
+    data = flipped / load_manifest(flipped).variant("llm", Role.ORT_INPLACE_LLM).data_files[0]
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    data.write_bytes(bytes(raw))
+    with pytest.raises(ManifestError, match="does not match its SHA-256"):
+        NativeLlm(flipped, 1, 64)
+
+    unlisted = tmp_path / "unlisted"
+    shutil.copytree(streamed_builds["fp32"], unlisted)
+    manifest = json.loads((unlisted / "manifest.json").read_text())
+    for stage in manifest["stages"].values():
+        for v in stage.get("variants", []):
+            v["data_files"] = []
+    (unlisted / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match="reads external data .* that the manifest does not list for it"):
+        NativeLlm(unlisted, 1, 64)
 
 
 def test_context_limit_threads_and_refusals_as_the_python_loop(library: Path, default_build: Path) -> None:

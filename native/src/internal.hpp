@@ -91,6 +91,10 @@ void check_relative(const std::string& rel);
 std::string checked_path(const std::string& root_real, const std::string& folder, const std::string& rel);
 // Every artifact's size and (unless sizes_only) SHA-256.
 void verify_artifacts(const std::string& folder, const Manifest& m, bool sizes_only);
+// One artifact's size and SHA-256, read in chunks (for files too large to hold, such as external data).
+void verify_artifact(const std::string& folder, const Manifest& m, const std::string& rel);
+// Build-relative paths of the external-data files the serialized graph at rel reads (external_data.cpp).
+std::vector<std::string> external_data_refs(const std::vector<char>& graph, const std::string& rel);
 // An artifact's bytes, hashed as read: what is returned is what the manifest vouches for.
 std::vector<char> read_verified(const std::string& folder, const Manifest& m, const std::string& rel);
 std::string sha256_hex(const void* data, size_t n);
@@ -113,6 +117,7 @@ struct BuildImpl {
     std::string folder;
     Manifest manifest;
     int32_t threads = 0;
+    bool verified = false;  // every artifact's SHA-256 was checked at open
     std::shared_ptr<OrtLibrary> ort;
     ~BuildImpl();
 };

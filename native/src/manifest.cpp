@@ -374,25 +374,39 @@ std::string sha256_hex(const void* data, size_t n) {
     return d.hex();
 }
 
+namespace {
+
+void verify_one(const std::string& root, const std::string& folder, const std::string& rel, const Artifact& a, bool sizes_only,
+                std::vector<char>& buf) {
+    std::string p = checked_path(root, folder, rel);
+    struct stat st {};
+    if (::stat(p.c_str(), &st) != 0 || static_cast<uint64_t>(st.st_size) != a.size) mismatch(rel);
+    if (sizes_only) return;
+    File f(p);
+    if (!f.f) fail(OF_ERR_MANIFEST, "artifact " + shown(rel) + " cannot be opened");
+    Digest d;
+    uint64_t total = 0;
+    size_t got;
+    while ((got = std::fread(buf.data(), 1, buf.size(), f.f)) > 0) {
+        d.update(buf.data(), got);
+        total += got;
+    }
+    if (total != a.size || d.hex() != a.sha256) mismatch(rel);
+}
+
+}  // namespace
+
 void verify_artifacts(const std::string& folder, const Manifest& m, bool sizes_only) {
     const std::string root = real_folder(folder);
     std::vector<char> buf(1 << 20);
-    for (const auto& [rel, a] : m.artifacts) {
-        std::string p = checked_path(root, folder, rel);
-        struct stat st {};
-        if (::stat(p.c_str(), &st) != 0 || static_cast<uint64_t>(st.st_size) != a.size) mismatch(rel);
-        if (sizes_only) continue;
-        File f(p);
-        if (!f.f) fail(OF_ERR_MANIFEST, "artifact " + shown(rel) + " cannot be opened");
-        Digest d;
-        uint64_t total = 0;
-        size_t got;
-        while ((got = std::fread(buf.data(), 1, buf.size(), f.f)) > 0) {
-            d.update(buf.data(), got);
-            total += got;
-        }
-        if (total != a.size || d.hex() != a.sha256) mismatch(rel);
-    }
+    for (const auto& [rel, a] : m.artifacts) verify_one(root, folder, rel, a, sizes_only, buf);
+}
+
+void verify_artifact(const std::string& folder, const Manifest& m, const std::string& rel) {
+    auto it = m.artifacts.find(rel);
+    if (it == m.artifacts.end()) fail(OF_ERR_MANIFEST, shown(rel) + " is not among the build's artifacts");
+    std::vector<char> buf(1 << 20);
+    verify_one(real_folder(folder), folder, rel, it->second, false, buf);
 }
 
 std::vector<char> read_verified(const std::string& folder, const Manifest& m, const std::string& rel) {

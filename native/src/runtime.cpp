@@ -134,10 +134,21 @@ void check_graph_io(Ort::Session& session, const Contract& c, const std::string&
 }
 
 // A variant's graph, verified as it is read.
+// Its external-data files must be among the variant's listed ones, and were verified (at open, or
+// here when the open skipped the hashes): ONNX Runtime reads them from the graph's folder.
 std::vector<char> read_graph(const BuildImpl& b, const Variant& v) {
-    if (!v.data_files.empty())
-        fail(OF_ERR_UNSUPPORTED, "graph '" + v.file + "' keeps its weights in external data files, which libomniforge does not read yet");
-    return read_verified(b.folder, b.manifest, v.file);
+    std::vector<char> data = read_verified(b.folder, b.manifest, v.file);
+    std::vector<std::string> unlisted;
+    for (const std::string& ref : external_data_refs(data, v.file))
+        if (std::find(v.data_files.begin(), v.data_files.end(), ref) == v.data_files.end()) unlisted.push_back(ref);
+    if (!unlisted.empty()) {
+        std::string list;
+        for (const std::string& u : unlisted) list += (list.empty() ? "'" : ", '") + u + "'";
+        fail(OF_ERR_MANIFEST, "graph '" + v.file + "' reads external data [" + list + "] that the manifest does not list for it");
+    }
+    if (!b.verified)
+        for (const std::string& f : v.data_files) verify_artifact(b.folder, b.manifest, f);
+    return data;
 }
 
 Ort::Session open_session(const BuildImpl& b, const Variant& v, const std::vector<char>& data, bool spin) {
@@ -148,6 +159,11 @@ Ort::Session open_session(const BuildImpl& b, const Variant& v, const std::vecto
     opts.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
     opts.SetLogSeverityLevel(3);
     if (!spin) opts.AddConfigEntry("session.force_spinning_stop", "1");
+    if (!v.data_files.empty()) {  // a graph from bytes finds its external data through this folder
+        size_t slash = v.file.rfind('/');
+        std::string dir = b.folder + (slash == std::string::npos ? "" : "/" + v.file.substr(0, slash));
+        opts.AddConfigEntry("session.model_external_initializers_file_folder_path", dir.c_str());
+    }
     try {
         return Ort::Session(*b.ort->env, data.data(), data.size(), opts);
     } catch (const Ort::Exception& e) {
@@ -167,6 +183,7 @@ std::unique_ptr<BuildImpl> open_build(const std::string& folder, const of_build_
     while (b->folder.size() > 1 && b->folder.back() == '/') b->folder.pop_back();
     b->manifest = read_manifest(b->folder);
     verify_artifacts(b->folder, b->manifest, options.skip_verify != 0);
+    b->verified = options.skip_verify == 0;
     if (options.threads < 0 || options.threads > 1024)
         fail(OF_ERR_INVALID_ARGUMENT, "threads must lie in [0, 1024], got " + std::to_string(options.threads));
     b->threads = options.threads;
