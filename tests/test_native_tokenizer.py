@@ -5,14 +5,19 @@ byte-level BPE, a Vicuna/Llama SentencePiece BPE with byte fallback as ``omnifor
 converts it (with NExT-GPT's 38 added tokens, lstrip/rstrip), and the same model in the newer Llama
 form (a Metaspace pre-tokenizer). Strings mix Unicode from many scripts and planes, emoji, combining
 marks, whitespace runs, digits, contractions, added tokens and long inputs; ids must be identical,
-and decoding (with and without special tokens) must give the library's text. Unsupported tokenizer
-features are refused at load with one sentence."""
+and decoding (with and without special tokens) must give the library's text. A fourth tokenizer has
+Qwen2's form (NFC, the Split regex, byte-level BPE, ChatML special tokens and omniforge's signal
+tokens), its merges learnt across the regex's boundaries so that every split shows in the ids; the
+strings also carry text that is not in NFC (decomposed accents, Hangul jamo, marks out of canonical
+order, singletons and composition exclusions) and each branch of Qwen's regex. Unsupported
+tokenizer features are refused at load with one sentence."""
 
 from __future__ import annotations
 
 import ctypes
 import json
 import random
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -125,11 +130,55 @@ def tokenizer_files(tmp_path_factory: pytest.TempPathFactory, default_model: Pat
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
     (root / "llama-metaspace").mkdir()
     tok.save(str(root / "llama-metaspace" / "tokenizer.json"))
+    (root / "qwen").mkdir()
+    _qwen_tokenizer(signal_tokens()).save(str(root / "qwen" / "tokenizer.json"))
     return {
         "default": default_model / "llm" / "tokenizer.json",
         "vicuna": root / "vicuna" / "tokenizer.json",
         "llama-metaspace": root / "llama-metaspace" / "tokenizer.json",
+        "qwen": root / "qwen" / "tokenizer.json",
     }
+
+
+def _qwen_tokenizer(signals: list[str]):
+    """Qwen2's tokenizer.json form (as tests/test_qwen.py writes it): the NFC normalizer, the Split
+    regex (Isolated) then ByteLevel without its regex, the ByteLevel post-processor and decoder,
+    <|endoftext|>/<|im_start|>/<|im_end|> special and the signal tokens added (normalized). Its BPE is
+    learnt on whole strings (no pre-tokenizer), so merges run across the regex's boundaries and a
+    split in the wrong place changes the ids."""
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+
+    from tests.test_qwen import CORPUS, QWEN_SPLIT, SPECIAL
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    rng = random.Random(7)
+    corpus = CORPUS + _strings(rng, _words(), [], 1500)
+    trainer = trainers.BpeTrainer(
+        vocab_size=3000, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus, trainer)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_tokens([AddedToken(t, normalized=True) for t in signals])
+    return tok
 
 
 def _convert_like_the_importer(src: Path, dst: Path, added: dict[str, int]) -> None:
@@ -222,6 +271,7 @@ SPACES = [
 ]
 PUNCT = list(".,;:!?'\"()[]{}<>-_=+*/\\|@#$%^&~`") + ["...", "--", "\u2014", "\u00bf", "\u201c", "\u201d"]
 CONTRACTIONS = ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "'LL", "'x"]
+CONTRACTIONS += ["'T", "'Re", "'rE", "'VE", "'M", "'lL", "'D", "'\u017f", "'\u017ft", "'ss", "\u2019s", "'"]
 EMOJI = [
     "\U0001f600",
     "\U0001f44d\U0001f3fd",
@@ -230,6 +280,26 @@ EMOJI = [
     "\U0001f1ef\U0001f1f5",
 ]
 COMBINING = ["e\u0301", "n\u0303", "\u0915\u094d\u0937", "a\u0308\u0304", "\u05e9\u05c1"]
+# marks of many combining classes (1, 7, 9, 10-26, 103, 129-132, 202-240), U+1DF6, U+07FD and U+0898
+# among them: classes newer than the Unicode 9.0 of tokenizers' normalizer, in which they are 0
+MARKS = [chr(c) for c in (*range(0x300, 0x370), 0x334, 0x93C, 0x94D, *range(0x5B0, 0x5C3), 0xE38, 0xE48)]
+MARKS += [chr(c) for c in (0xF71, 0xF72, 0xF74, 0x1DCE, 0x31B, 0x302A, 0x302E, 0x1DF6, 0x7FD, 0x898, 0x1D165)]
+# singletons, composition exclusions, non-starter decompositions, U+11938 (decomposed only after 9.0)
+ODD = [
+    "\u2126",
+    "\u212b",
+    "\u0958",
+    "\u0340",
+    "\u0344",
+    "\u0f73",
+    "\u2adc",
+    "\U0001d15e",
+    "\u1f71",
+    "\U00011938",
+]
+ODD += ["\U00011935\U00011930", "\u0b47\u0b3e", "\u0cc6\u0cc2\u0cd5", "\u1025\u102e", "\u0e4d\u0e32"]
+DECOMPOSABLE = [chr(c) for c in range(0x110000) if unicodedata.decomposition(chr(c))[:1] not in ("", "<")]
+NEWLINES = ["\n", "\n\n\n", "\r\n", "\r\n\r\n", " \n", "  \n\t ", "\n ", "\r", "\t\n\n  ", "\u2028\n"]
 
 
 def _char(rng: random.Random) -> str:
@@ -254,6 +324,28 @@ def _strings(rng: random.Random, words: list[str], added: list[str], n: int) -> 
     return out + ["", " ", "  ", "\n", "a", "'s", "\ufffd", "\u2581", "\u2581\u2581x", "<0x41>"]
 
 
+def _unnormalized(rng: random.Random) -> str:
+    """Text NFC changes (or must leave alone): decomposed characters, marks out of canonical order,
+    Hangul jamo (LV, LVT, a syllable then a trailing jamo, lone jamo), singletons and exclusions."""
+    kind = rng.random()
+    if kind < 0.3:
+        base = rng.choice("aeiouAEIOUnNcCsSzZ\u03b1\u03b5\u03c9\u0438\u0415\u05e9\u0915 ")
+        return base + "".join(rng.choice(MARKS) for _ in range(rng.randint(1, 4)))
+    if kind < 0.55:
+        ch = rng.choice(DECOMPOSABLE)
+        return unicodedata.normalize("NFD", ch) if rng.random() < 0.7 else ch
+    if kind < 0.8:
+        jamo = [chr(rng.randint(0x1100, 0x1112)), chr(rng.randint(0x1161, 0x1175))]
+        if rng.random() < 0.5:
+            jamo.append(chr(rng.randint(0x11A8, 0x11C2)))
+        if rng.random() < 0.2:
+            jamo = [chr(0xAC00 + 28 * rng.randrange(399)), chr(rng.randint(0x11A7, 0x11C3))]
+        if rng.random() < 0.2:
+            rng.shuffle(jamo)
+        return "".join(jamo)
+    return rng.choice(ODD)
+
+
 def _string(rng: random.Random, words: list[str], added: list[str]) -> str:
     parts = []
     for _ in range(rng.randint(1, 12)):
@@ -271,7 +363,13 @@ def _string(rng: random.Random, words: list[str], added: list[str]) -> str:
         elif kind < 0.76:
             parts.append(rng.choice(CONTRACTIONS))
         elif kind < 0.8:
-            parts.append(rng.choice(EMOJI + COMBINING))
+            r = rng.random()
+            if r < 0.3:
+                parts.append(rng.choice(EMOJI + COMBINING))
+            elif r < 0.8:
+                parts.append(_unnormalized(rng))
+            else:
+                parts.append(rng.choice(NEWLINES) * rng.randint(1, 3))
         elif kind < 0.92 and added:
             t = rng.choice(added)
             parts.append(rng.choice(["", " ", "  ", "\n"]) + t + rng.choice(["", " ", "  ", "\t"]))
@@ -287,7 +385,7 @@ def _words() -> list[str]:
     return sorted(set(text.split()))[:3000] or ["hello", "world"]
 
 
-@pytest.mark.parametrize("kind", ["default", "vicuna", "llama-metaspace"])
+@pytest.mark.parametrize("kind", ["default", "vicuna", "llama-metaspace", "qwen"])
 def test_ids_and_text_equal_the_tokenizers_library(
     lib: ctypes.CDLL, tokenizer_files: dict[str, Path], kind: str
 ) -> None:
@@ -328,6 +426,36 @@ def test_ids_and_text_equal_the_tokenizers_library(
         native.close()
 
 
+QWEN_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+GPT4_SPLIT = (  # cl100k's: digits in threes, a pattern the native core does not match
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _split(regex: str, **fields) -> dict:
+    split = {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
+    return {
+        "type": "Sequence",
+        "pretokenizers": [
+            {**split, **fields},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        ],
+    }
+
+
+def test_qwen_pattern_is_the_one_its_files_carry(tokenizer_files: dict[str, Path]) -> None:
+    from tests.test_qwen import QWEN_SPLIT as written
+
+    assert written == QWEN_SPLIT
+    d = json.loads(tokenizer_files["qwen"].read_text())
+    assert d["pre_tokenizer"]["pretokenizers"][0]["pattern"] == {"Regex": QWEN_SPLIT}
+    assert d["normalizer"] == {"type": "NFC"}
+
+
 def _refused(lib: ctypes.CDLL, path: Path) -> tuple[str, str]:
     t = NativeTokenizer(lib, path)
     t.close()
@@ -339,6 +467,40 @@ def _refused(lib: ctypes.CDLL, path: Path) -> tuple[str, str]:
     [
         (lambda d: d["model"].update(type="Unigram"), "OF_ERR_UNSUPPORTED", "Unigram model"),
         (lambda d: d.update(normalizer={"type": "NFKC"}), "OF_ERR_UNSUPPORTED", "the normalizer 'NFKC'"),
+        (lambda d: d.update(normalizer={"type": "NFD"}), "OF_ERR_UNSUPPORTED", "the normalizer 'NFD'"),
+        (lambda d: d.update(normalizer={"type": "NFKD"}), "OF_ERR_UNSUPPORTED", "the normalizer 'NFKD'"),
+        (
+            lambda d: d.update(
+                normalizer={"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "Lowercase"}]}
+            ),
+            "OF_ERR_UNSUPPORTED",
+            "the normalizer 'Lowercase'",
+        ),
+        (
+            lambda d: d.update(pre_tokenizer=_split(GPT4_SPLIT)),
+            "OF_ERR_UNSUPPORTED",
+            "a Split pre-tokenizer whose pattern is not Qwen2's regex",
+        ),
+        (
+            lambda d: d.update(pre_tokenizer=_split(QWEN_SPLIT[:-4])),
+            "OF_ERR_UNSUPPORTED",
+            "a Split pre-tokenizer whose pattern is not Qwen2's regex",
+        ),
+        (
+            lambda d: d.update(pre_tokenizer=_split(QWEN_SPLIT, pattern={"String": " "})),
+            "OF_ERR_UNSUPPORTED",
+            "a Split pre-tokenizer whose pattern is not Qwen2's regex",
+        ),
+        (
+            lambda d: d.update(pre_tokenizer=_split(QWEN_SPLIT, behavior="Removed")),
+            "OF_ERR_UNSUPPORTED",
+            "a Split pre-tokenizer with behavior 'Removed'",
+        ),
+        (
+            lambda d: d.update(pre_tokenizer=_split(QWEN_SPLIT, invert=True)),
+            "OF_ERR_UNSUPPORTED",
+            "a Split pre-tokenizer with behavior 'Isolated' inverted",
+        ),
         (
             lambda d: d.update(pre_tokenizer={"type": "Whitespace"}),
             "OF_ERR_UNSUPPORTED",

@@ -124,6 +124,50 @@ bool is_letter(uint32_t cp) { return in(unicode::kLetter, cp); }
 bool is_number(uint32_t cp) { return in(unicode::kNumber, cp); }
 bool is_space(uint32_t cp) { return in(unicode::kSpace, cp); }  // \s, and Rust's char::is_whitespace
 
+// ---- NFC (Unicode's canonical decomposition, ordering and composition) ----
+
+constexpr uint32_t kSBase = 0xAC00, kLBase = 0x1100, kVBase = 0x1161, kTBase = 0x11A7;
+constexpr uint32_t kLCount = 19, kVCount = 21, kTCount = 28, kNCount = kVCount * kTCount, kSCount = kLCount * kNCount;
+
+uint8_t combining_class(uint32_t cp) {
+    const auto* b = std::begin(unicode::kCombiningClass);
+    const auto* e = std::end(unicode::kCombiningClass);
+    const auto* it = std::upper_bound(b, e, cp, [](uint32_t v, const unicode::ClassRange& r) { return v < r.lo; });
+    return it != b && cp <= (it - 1)->hi ? (it - 1)->ccc : 0;
+}
+
+void decompose(uint32_t cp, std::vector<uint32_t>& out) {
+    if (cp >= kSBase && cp < kSBase + kSCount) {
+        const uint32_t s = cp - kSBase;
+        out.push_back(kLBase + s / kNCount);
+        out.push_back(kVBase + (s % kNCount) / kTCount);
+        if (s % kTCount) out.push_back(kTBase + s % kTCount);
+        return;
+    }
+    const auto* b = std::begin(unicode::kDecomposition);
+    const auto* e = std::end(unicode::kDecomposition);
+    const auto* it = std::lower_bound(b, e, cp, [](const unicode::Decomposition& d, uint32_t v) { return d.cp < v; });
+    if (it == e || it->cp != cp) {
+        out.push_back(cp);
+        return;
+    }
+    out.insert(out.end(), unicode::kDecompositionData + it->offset, unicode::kDecompositionData + it->offset + it->length);
+}
+
+// The primary composite of (a, b), or 0.
+uint32_t compose_pair(uint32_t a, uint32_t b) {
+    if (a >= kLBase && a < kLBase + kLCount && b >= kVBase && b < kVBase + kVCount)
+        return kSBase + ((a - kLBase) * kVCount + (b - kVBase)) * kTCount;
+    if (a >= kSBase && a < kSBase + kSCount && (a - kSBase) % kTCount == 0 && b > kTBase && b < kTBase + kTCount)
+        return a + (b - kTBase);
+    const auto* bgn = std::begin(unicode::kComposition);
+    const auto* e = std::end(unicode::kComposition);
+    const auto* it = std::lower_bound(bgn, e, std::make_pair(a, b), [](const unicode::Composition& c, const std::pair<uint32_t, uint32_t>& v) {
+        return c.first != v.first ? c.first < v.first : c.second < v.second;
+    });
+    return it != e && it->first == a && it->second == b ? it->composite : 0;
+}
+
 struct Chars {  // code points with their byte offsets (offsets.back() == text size)
     std::vector<uint32_t> cps;
     std::vector<size_t> offsets;
@@ -138,6 +182,51 @@ struct Chars {  // code points with their byte offsets (offsets.back() == text s
         offsets.push_back(s.size());
     }
 };
+
+std::string nfc(const std::string& s) {
+    bool ascii = true;  // ASCII text is its own NFC
+    for (char ch : s) ascii = ascii && static_cast<unsigned char>(ch) < 0x80;
+    if (ascii) return s;
+    std::vector<uint32_t> d;
+    for (uint32_t cp : Chars(s).cps) decompose(cp, d);
+    // canonical ordering: each run of non-starters sorted (stably) by combining class
+    for (size_t i = 0; i < d.size();) {
+        if (!combining_class(d[i])) {
+            ++i;
+            continue;
+        }
+        size_t j = i;
+        while (j < d.size() && combining_class(d[j])) ++j;
+        std::stable_sort(d.begin() + std::ptrdiff_t(i), d.begin() + std::ptrdiff_t(j),
+                         [](uint32_t a, uint32_t b) { return combining_class(a) < combining_class(b); });
+        i = j;
+    }
+    // canonical composition: a character joins the last starter unless blocked
+    std::vector<uint32_t> out;
+    out.reserve(d.size());
+    size_t starter = SIZE_MAX;
+    int last_class = -1;  // of the last character kept after the starter; 0: none since it
+    for (uint32_t cp : d) {
+        const int cls = combining_class(cp);
+        if (starter != SIZE_MAX && (last_class == 0 || last_class < cls)) {
+            if (uint32_t c = compose_pair(out[starter], cp)) {
+                out[starter] = c;
+                continue;
+            }
+        }
+        if (cls == 0) {
+            starter = out.size();
+            last_class = 0;
+        } else {
+            last_class = cls;
+        }
+        out.push_back(cp);
+    }
+    std::string r;
+    r.reserve(s.size());
+    for (uint32_t cp : out) append_utf8(r, cp);
+    return r;
+}
 
 }  // namespace
 
@@ -164,12 +253,12 @@ namespace {
 }
 
 struct NormStep {
-    enum Kind { Prepend, Replace } kind;
+    enum Kind { Prepend, Replace, NFC } kind;
     std::string a, b;  // Prepend: a; Replace: a -> b
 };
 
 struct PreTok {
-    enum Kind { ByteLevel, Metaspace } kind;
+    enum Kind { ByteLevel, Metaspace, QwenSplit } kind;
     bool add_prefix_space = false, use_regex = true;             // ByteLevel
     std::string replacement;                                      // Metaspace
     enum Scheme { Always, First, Never } scheme = Always;         // Metaspace
@@ -303,6 +392,88 @@ std::vector<std::pair<size_t, size_t>> gpt2_split(const std::string& s) {
     return out;
 }
 
+
+std::string normalize(const std::vector<NormStep>& steps, std::string text) {
+    for (const NormStep& s : steps) {
+        if (s.kind == NormStep::Prepend) {
+            if (!text.empty()) text = s.a + text;
+        } else if (s.kind == NormStep::Replace) {
+            text = replace_all(text, s.a, s.b);
+        } else {
+            text = nfc(text);
+        }
+    }
+    return text;
+}
+
+// Qwen2's pre-tokenizer pattern (a Split, behaviour Isolated), matched as oniguruma matches it:
+// (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
+const char kQwenPattern[] =
+    R"re((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)re";
+
+// The ASCII character ('\'' or a lowercase letter) that (?i:x) lets cp stand for, or 0.
+char contraction_fold(uint32_t cp) {
+    const auto* b = std::begin(unicode::kContractionFold);
+    const auto* e = std::end(unicode::kContractionFold);
+    const auto* it = std::lower_bound(b, e, cp, [](const unicode::Fold& f, uint32_t v) { return f.cp < v; });
+    return it != e && it->cp == cp ? it->letter : 0;
+}
+
+std::vector<std::pair<size_t, size_t>> qwen_split(const std::string& s) {
+    Chars c(s);
+    const size_t n = c.cps.size();
+    std::vector<std::pair<size_t, size_t>> out;  // byte ranges
+    auto newline = [](uint32_t cp) { return cp == '\r' || cp == '\n'; };
+    auto other = [&](uint32_t cp) { return !is_space(cp) && !is_letter(cp) && !is_number(cp); };
+    auto fold = [&](size_t k) { return k < n ? contraction_fold(c.cps[k]) : 0; };
+    size_t i = 0;
+    while (i < n) {
+        size_t end = i;  // in chars
+        const uint32_t x = c.cps[i];
+        // (?i:'s|'t|'re|'ve|'m|'ll|'d)
+        if (fold(i) == '\'') {
+            const char y = fold(i + 1), z = fold(i + 2);
+            if (y == 's' || y == 't' || y == 'm' || y == 'd') end = i + 2;
+            else if ((y == 'r' && z == 'e') || (y == 'v' && z == 'e') || (y == 'l' && z == 'l')) end = i + 3;
+        }
+        // [^\r\n\p{L}\p{N}]?\p{L}+
+        if (end == i) {
+            size_t j = i;
+            if (!newline(x) && !is_letter(x) && !is_number(x) && j + 1 < n && is_letter(c.cps[j + 1])) ++j;
+            if (is_letter(c.cps[j])) {
+                while (j < n && is_letter(c.cps[j])) ++j;
+                end = j;
+            }
+        }
+        // \p{N}
+        if (end == i && is_number(x)) end = i + 1;
+        //  ?[^\s\p{L}\p{N}]+[\r\n]*
+        if (end == i) {
+            size_t j = i;
+            if (x == ' ' && j + 1 < n && other(c.cps[j + 1])) ++j;
+            if (other(c.cps[j])) {
+                while (j < n && other(c.cps[j])) ++j;
+                while (j < n && newline(c.cps[j])) ++j;
+                end = j;
+            }
+        }
+        if (end == i && is_space(x)) {
+            size_t j = i;  // the whitespace run
+            while (j < n && is_space(c.cps[j])) ++j;
+            size_t last_newline = SIZE_MAX;
+            for (size_t k = i; k < j; ++k)
+                if (newline(c.cps[k])) last_newline = k;
+            if (last_newline != SIZE_MAX) end = last_newline + 1;  // \s*[\r\n]+
+            else if (j == n || j - 1 == i) end = j;                  // \s+(?!\S), else \s+
+            else end = j - 1;
+        }
+        if (end == i) end = i + 1;  // no alternative matches (cannot happen: every character is one of the classes)
+        out.emplace_back(c.offsets[i], c.offsets[end]);
+        i = end;
+    }
+    return out;
+}
+
 const std::vector<std::string>& byte_chars() {  // GPT-2's bytes_to_unicode, as UTF-8 strings
     static const std::vector<std::string> table = [] {
         std::vector<std::string> t(256);
@@ -368,6 +539,8 @@ void parse_normalizer(const json& n, Tokenizer::Impl& t) {
     const std::string type = token_string(n["type"], t.name, "a normalizer's type");
     if (type == "Sequence") {
         for (const json& s : n.value("normalizers", json::array())) parse_normalizer(s, t);
+    } else if (type == "NFC") {
+        t.normalizer.push_back({NormStep::NFC, "", ""});
     } else if (type == "Prepend") {
         t.normalizer.push_back({NormStep::Prepend, token_string(n.value("prepend", json()), t.name, "Prepend's prepend"), ""});
     } else if (type == "Replace") {
@@ -392,6 +565,15 @@ void parse_pre_tokenizer(const json& p, Tokenizer::Impl& t) {
         pt.kind = PreTok::ByteLevel;
         pt.add_prefix_space = p.value("add_prefix_space", false);
         pt.use_regex = p.value("use_regex", true);
+    } else if (type == "Split") {
+        const json& pat = p.value("pattern", json());
+        const std::string behavior = p.value("behavior", std::string());
+        if (!pat.is_object() || !pat.contains("Regex") || !pat["Regex"].is_string() || pat["Regex"].get<std::string>() != kQwenPattern)
+            unsupported(t.name, "a Split pre-tokenizer whose pattern is not Qwen2's regex (other patterns are not matched)");
+        if (behavior != "Isolated" || p.value("invert", false))
+            unsupported(t.name, "a Split pre-tokenizer with behavior '" + behavior + "'" + (p.value("invert", false) ? " inverted" : "") +
+                                    " (only Isolated, not inverted, is read)");
+        pt.kind = PreTok::QwenSplit;
     } else if (type == "Metaspace") {
         pt.kind = PreTok::Metaspace;
         pt.replacement = token_string(p.value("replacement", json("\xE2\x96\x81")), t.name, "Metaspace's replacement");
@@ -575,9 +757,7 @@ std::unique_ptr<Tokenizer> Tokenizer::from_json(const std::string& text, const s
     for (size_t i = 0; i < t->added.size(); ++i) {
         Added& a = t->added[i];
         if (a.normalized) {
-            std::string n = a.content;  // matched in normalized text: its normalized form
-            for (const NormStep& s : t->normalizer)
-                n = s.kind == NormStep::Prepend ? (n.empty() ? n : s.a + n) : replace_all(n, s.a, s.b);
+            const std::string n = normalize(t->normalizer, a.content);  // matched in normalized text: its normalized form
             t->normalized_matcher.add(n, t->normalized_index.size());
             t->normalized_index.push_back(i);
         } else {
@@ -744,13 +924,7 @@ std::vector<int32_t> Tokenizer::encode(const std::string& text, bool add_special
     pieces = t.split_added(pieces, t.raw_matcher, t.raw_index);
     for (Piece& p : pieces) {
         if (p.token >= 0) continue;
-        for (const NormStep& s : t.normalizer) {
-            if (s.kind == NormStep::Prepend) {
-                if (!p.text.empty()) p.text = s.a + p.text;
-            } else {
-                p.text = replace_all(p.text, s.a, s.b);
-            }
-        }
+        p.text = normalize(t.normalizer, std::move(p.text));
     }
     pieces = t.split_added(pieces, t.normalized_matcher, t.normalized_index);
     for (const PreTok& pt : t.pre) {
@@ -760,7 +934,9 @@ std::vector<int32_t> Tokenizer::encode(const std::string& text, bool add_special
                 next.push_back(std::move(p));
                 continue;
             }
-            if (pt.kind == PreTok::ByteLevel) {
+            if (pt.kind == PreTok::QwenSplit) {
+                for (auto [a, b] : qwen_split(p.text)) next.push_back({p.text.substr(a, b - a), -1, p.at_start && a == 0});
+            } else if (pt.kind == PreTok::ByteLevel) {
                 std::string s = p.text;
                 if (pt.add_prefix_space && (s.empty() || s[0] != ' ')) s = " " + s;
                 std::vector<std::pair<size_t, size_t>> parts;
