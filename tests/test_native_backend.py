@@ -93,7 +93,6 @@ def test_stream_and_cancellation(library: Path, default_build: Path) -> None:
 
 
 def test_requests_the_native_core_does_not_run_stay_on_python(library: Path, default_build: Path) -> None:
-    from omniforge.runtime.llm import Chat
     from omniforge.runtime.sampling import GenerationConfig
 
     py, nat = _pair(default_build)
@@ -107,9 +106,25 @@ def test_requests_the_native_core_does_not_run_stay_on_python(library: Path, def
     np.testing.assert_array_equal(
         py.generate(emb, cfg, adapter="none").token_ids, nat.generate(emb, cfg, adapter="none").token_ids
     )
-    chat = Chat(nat, cfg, adapter="none")  # turns reuse the prefix cache of the Python loop
-    chat.send("Hello")
-    assert chat.send("Again").reused_prefix_tokens > 0
+
+
+def test_chat_turns_reuse_the_native_prefix_cache(library: Path, default_build: Path) -> None:
+    from omniforge.runtime.llm import Chat, LlmRuntime
+    from omniforge.runtime.sampling import GenerationConfig
+
+    py, nat = _pair(default_build)
+    cfg = GenerationConfig(max_new_tokens=24)
+    chats = [Chat(rt, cfg, adapter="none") for rt in (py, nat)]
+    turns = ["Describe a harbour at dawn", "And at night?", "Which one is calmer?"]
+    for k, turn in enumerate(turns):
+        a, b = (c.send(turn) for c in chats)
+        _same(a, b)
+        if k:  # the earlier turns' KV is copied, in whole blocks, by both loops alike
+            assert b.reused_prefix_tokens == a.reused_prefix_tokens > 0
+    off = LlmRuntime(default_build, prefix_cache_entries=0, backend="native")
+    chat = Chat(off, cfg, adapter="none")
+    chat.send(turns[0])
+    assert chat.send(turns[1]).reused_prefix_tokens == 0
 
 
 def test_auto_picks_the_library_and_a_missing_one_is_one_sentence(

@@ -99,6 +99,15 @@ OF_API of_status of_llm_open(of_build* build, int32_t num_slots, int32_t max_con
 OF_API void of_llm_close(of_llm* llm); /* NULL is ignored */
 OF_API const char* of_llm_last_error(const of_llm* llm); /* "" when none; never NULL */
 
+/* The prefix cache (off by default): the KV of up to `entries` finished requests stays in their
+   slots, so a later request whose prompt starts with the tokens one of them fed (its prompt and
+   generated tokens but the last), in whole blocks of block_size tokens and leaving at least one
+   token to run, copies that part instead of computing it, as the Python runtime's PrefixCache
+   (a conversation's next turn reuses the earlier turns). entries must be below the pool's slot
+   count (0: off); an entry keeps its slot until a request needs it (least recently used first).
+   Changing block_size drops the entries. of_generation_reused_tokens says what a request reused. */
+OF_API of_status of_llm_set_prefix_cache(of_llm* llm, int32_t entries, int32_t block_size);
+
 /* How the LLM looks token embeddings up: "table_fp32" or "table_int8" (the token_embedding
    graph's table read into memory), or "session" (the graph run by ONNX Runtime). */
 OF_API const char* of_llm_embedding_form(const of_llm* llm);
@@ -169,6 +178,7 @@ OF_API const int32_t* of_generation_tokens(const of_generation* g, size_t* n); /
 OF_API const char* of_generation_text(const of_generation* g, size_t* len);
 OF_API of_finish_reason of_generation_finish_reason(const of_generation* g);
 OF_API size_t of_generation_prompt_tokens(const of_generation* g);
+OF_API size_t of_generation_reused_tokens(const of_generation* g); /* from the prefix cache */
 OF_API double of_generation_ttft_s(const of_generation* g);   /* request start to the first token */
 OF_API double of_generation_decode_s(const of_generation* g); /* the tokens after the first */
 OF_API void of_generation_free(of_generation* g);              /* NULL is ignored */

@@ -187,6 +187,11 @@ const char* of_llm_last_error(const of_llm* llm) {
     return llm->errors.read();
 }
 
+of_status of_llm_set_prefix_cache(of_llm* llm, int32_t entries, int32_t block_size) {
+    if (!llm) return OF_ERR_INVALID_ARGUMENT;
+    return guarded(llm->errors.mine(), [&] { omniforge::set_prefix_cache(*llm->impl, entries, block_size); });
+}
+
 const char* of_llm_embedding_form(const of_llm* llm) {
     if (!llm || !llm->impl) return "";
     return omniforge::embedding_form(*llm->impl);
@@ -300,6 +305,7 @@ const char* of_generation_text(const of_generation* g, size_t* len) {
 
 of_finish_reason of_generation_finish_reason(const of_generation* g) { return g ? g->out.finish : OF_FINISH_NONE; }
 size_t of_generation_prompt_tokens(const of_generation* g) { return g ? g->out.prompt_tokens : 0; }
+size_t of_generation_reused_tokens(const of_generation* g) { return g ? g->out.reused_tokens : 0; }
 double of_generation_ttft_s(const of_generation* g) { return g ? g->out.ttft_s : 0.0; }
 double of_generation_decode_s(const of_generation* g) { return g ? g->out.decode_s : 0.0; }
 void of_generation_free(of_generation* g) { delete g; }

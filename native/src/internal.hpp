@@ -192,10 +192,14 @@ struct GenerateOutput {
     std::string text;  // the visible text (special, stop, signal and placeholder tokens left out)
     of_finish_reason finish = OF_FINISH_NONE;
     size_t prompt_tokens = 0;
+    size_t reused_tokens = 0;  // prompt tokens whose KV came from the prefix cache
     double ttft_s = 0.0, decode_s = 0.0;
 };
 
 GenerateOutput generate(LlmImpl& llm, const std::vector<int32_t>& prompt, const GenerateParams& params);
+// Keep the KV of up to `entries` finished requests (0: off) for prompts that start with them, in
+// whole blocks of `block_size` tokens (as the Python runtime's PrefixCache); entries < slots.
+void set_prefix_cache(LlmImpl& llm, int32_t entries, int32_t block_size);
 // The prompt text as the Python runtime's TextTokenizer.encode makes it (BOS rule included).
 std::vector<int32_t> encode_prompt(LlmImpl& llm, const std::string& text);
 // Greedy decode; returns the generated ids.

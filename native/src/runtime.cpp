@@ -10,6 +10,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <list>
 #include <cmath>
 #include <cstdlib>
 #include <chrono>
@@ -202,9 +204,17 @@ struct LlmImpl {
     std::string embeds, seqlens, total, logits, hidden;
     std::vector<std::vector<float>> kv;  // per in-place pair (layer-major, key then value): (slots, kvh, C, hd)
     std::vector<int64_t> lengths;       // valid tokens per slot
-    std::vector<bool> busy;
-    std::mutex slots_lock;  // guards busy, and lengths at the start and end of a request
+    std::vector<bool> busy;             // a request runs in the slot, or the prefix cache holds it
+    std::mutex slots_lock;  // guards busy, the prefix cache, and lengths at the start and end of a request
     std::condition_variable slot_free;
+    // the prefix cache: finished requests' slots, least recently used first, with the tokens fed
+    struct CachedPrefix {
+        int64_t slot;
+        std::vector<int32_t> tokens;
+    };
+    std::list<CachedPrefix> cached;
+    std::atomic<int32_t> cache_entries{0};  // read without the lock to skip the work when off
+    int32_t cache_block = 16;
     Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
 
     // token embeddings: the served variant's table, else a session over it
@@ -473,11 +483,17 @@ class DecodeBinding {
 struct SlotLease {
     LlmImpl& llm;
     int64_t slot = -1;
+    bool adopted = false;  // the prefix cache keeps the slot: it is not freed at the end
     SlotLease(LlmImpl& l, int32_t wait_ms) : llm(l) {
         std::unique_lock<std::mutex> lock(llm.slots_lock);
         auto free_slot = [&] {
             for (int64_t i = 0; i < llm.num_slots; ++i)
                 if (!llm.busy[size_t(i)]) return slot = i, true;
+            if (!llm.cached.empty()) {  // the least recently used cached prefix gives its slot up
+                slot = llm.cached.front().slot;
+                llm.cached.pop_front();
+                return true;
+            }
             return false;
         };
         bool got = free_slot();
@@ -493,7 +509,59 @@ struct SlotLease {
         llm.busy[size_t(slot)] = true;
         llm.lengths[size_t(slot)] = 0;
     }
+
+    // Copies the longest cached prefix of `prompt` (whole blocks, leaving at least one token to
+    // run) into this slot; returns its length. Under the lock: the source cannot be evicted meanwhile.
+    size_t reuse(const std::vector<int32_t>& prompt) {
+        std::lock_guard<std::mutex> lock(llm.slots_lock);
+        const size_t block = size_t(llm.cache_block);
+        const size_t limit = llm.cache_entries > 0 ? (prompt.size() - 1) / block : 0;
+        auto best = llm.cached.end();
+        size_t best_n = 0;
+        for (auto it = llm.cached.begin(); it != llm.cached.end(); ++it) {
+            size_t n = 0;
+            while (n < limit && (n + 1) * block <= it->tokens.size() &&
+                   std::equal(prompt.begin() + long(n * block), prompt.begin() + long((n + 1) * block), it->tokens.begin() + long(n * block)))
+                ++n;
+            if (n > best_n) best = it, best_n = n;
+        }
+        if (best_n == 0) return 0;
+        const size_t length = best_n * block;
+        const LlmGeometry& g = llm.g;
+        const size_t per_head = size_t(llm.max_context) * g.head_dim, per_slot = size_t(g.num_kv_heads) * per_head;
+        for (auto& buffer : llm.kv) {
+            const float* src = buffer.data() + size_t(best->slot) * per_slot;
+            float* dst = buffer.data() + size_t(slot) * per_slot;
+            for (int64_t h = 0; h < g.num_kv_heads; ++h)
+                std::copy(src + h * per_head, src + h * per_head + length * g.head_dim, dst + h * per_head);
+        }
+        llm.cached.splice(llm.cached.end(), llm.cached, best);  // most recently used
+        llm.lengths[size_t(slot)] = int64_t(length);
+        return length;
+    }
+
+    // Hands the slot, whose cache holds `fed`, to the prefix cache (when it is on and `fed` has a
+    // whole block), evicting the least recently used entry beyond its size.
+    void adopt(std::vector<int32_t> fed) {
+        {
+            std::lock_guard<std::mutex> lock(llm.slots_lock);
+            if (llm.cache_entries == 0 || fed.size() < size_t(llm.cache_block) ||
+                llm.lengths[size_t(slot)] != int64_t(fed.size()))
+                return;
+            llm.cached.push_back({slot, std::move(fed)});
+            adopted = true;
+            while (llm.cached.size() > size_t(llm.cache_entries)) {
+                const int64_t old = llm.cached.front().slot;
+                llm.cached.pop_front();
+                llm.busy[size_t(old)] = false;
+                llm.lengths[size_t(old)] = 0;
+            }
+        }
+        llm.slot_free.notify_one();
+    }
+
     ~SlotLease() {
+        if (adopted) return;
         {
             std::lock_guard<std::mutex> lock(llm.slots_lock);
             llm.busy[size_t(slot)] = false;
@@ -551,7 +619,9 @@ GenerateOutput generate(LlmImpl& llm, const std::vector<int32_t>& prompt, const 
         text.emplace(*llm.tokenizer->tok, std::move(hidden), p.stop_strings);
     }
     std::vector<float> logits;
-    llm.step(lease.slot, llm.embed(prompt), static_cast<int64_t>(n), logits);
+    out.reused_tokens = lease.reuse(prompt);
+    const std::vector<int32_t> rest(prompt.begin() + long(out.reused_tokens), prompt.end());
+    llm.step(lease.slot, llm.embed(rest), static_cast<int64_t>(rest.size()), logits);
     std::optional<DecodeBinding> decode;  // bound at the first decode step
     std::chrono::steady_clock::time_point t_decode{};
     while (true) {
@@ -578,6 +648,11 @@ GenerateOutput generate(LlmImpl& llm, const std::vector<int32_t>& prompt, const 
         decode->run(llm.embed({token}));
     }
     out.decode_s = seconds_since(t_decode);
+    if (llm.cache_entries > 0) {  // the tokens fed: the prompt and every generated token but the last
+        std::vector<int32_t> fed(prompt);
+        fed.insert(fed.end(), out.tokens.begin(), out.tokens.end() - 1);
+        lease.adopt(std::move(fed));
+    }
     if (text) {
         if (!live_text) {  // computed once, at the end
             text->finish(out.tokens);
@@ -585,6 +660,26 @@ GenerateOutput generate(LlmImpl& llm, const std::vector<int32_t>& prompt, const 
         out.text = text->text();
     }
     return out;
+}
+
+void set_prefix_cache(LlmImpl& llm, int32_t entries, int32_t block_size) {
+    if (entries < 0 || entries >= llm.num_slots)
+        fail(OF_ERR_INVALID_ARGUMENT, "the prefix cache must keep fewer entries than the pool's " + std::to_string(llm.num_slots) +
+                                          " slots (0: off), got " + std::to_string(entries));
+    if (block_size < 1 || block_size > 4096) fail(OF_ERR_INVALID_ARGUMENT, "block_size must lie in [1, 4096], got " + std::to_string(block_size));
+    {
+        std::lock_guard<std::mutex> lock(llm.slots_lock);
+        const bool drop_all = block_size != llm.cache_block;  // entries keyed by other blocks
+        llm.cache_entries = entries;
+        llm.cache_block = block_size;
+        while (!llm.cached.empty() && (drop_all || llm.cached.size() > size_t(entries))) {
+            const int64_t old = llm.cached.front().slot;
+            llm.cached.pop_front();
+            llm.busy[size_t(old)] = false;
+            llm.lengths[size_t(old)] = 0;
+        }
+    }
+    llm.slot_free.notify_all();
 }
 
 std::vector<int32_t> generate_greedy(LlmImpl& llm, const int32_t* ids, size_t n, int32_t max_new_tokens, int32_t eos_id) {

@@ -217,6 +217,48 @@ int main() {
         CHECK(std::string(of_status_name(OF_ERR_BUSY)) == "OF_ERR_BUSY");
     }
 
+    // ---- the prefix cache: a second turn copies the first turn's KV in whole blocks ----
+    {
+        st = of_llm_set_prefix_cache(llm, 2, 8);  // as many entries as slots
+        expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(llm), "fewer entries", "a prefix cache as large as the pool");
+        st = of_llm_set_prefix_cache(llm, 1, 0);
+        expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(llm), "block_size", "a zero block size");
+        CHECK(of_llm_set_prefix_cache(nullptr, 1, 8) == OF_ERR_INVALID_ARGUMENT);
+        of_generate_options go;
+        of_generate_options_init(&go);
+        go.max_new_tokens = 12;
+        go.n_stop_token_ids = 0;
+        std::vector<int32_t> turn1{1, 5, 9, 3, 7, 2, 4, 6, 8, 10, 12};
+        auto run = [&](const std::vector<int32_t>& ids, size_t* reused) {
+            of_generation* g = nullptr;
+            CHECK(of_llm_generate(llm, ids.data(), ids.size(), &go, &g) == OF_OK && g);
+            size_t n = 0;
+            const int32_t* t = of_generation_tokens(g, &n);
+            std::vector<int32_t> tokens(t, t + n);
+            *reused = of_generation_reused_tokens(g);
+            of_generation_free(g);
+            return tokens;
+        };
+        size_t reused = 0;
+        const std::vector<int32_t> cold = run(turn1, &reused);  // cache off: nothing kept
+        CHECK(reused == 0);
+        CHECK(of_llm_set_prefix_cache(llm, 1, 8) == OF_OK);
+        std::vector<int32_t> first = run(turn1, &reused);
+        CHECK(reused == 0 && first == cold);
+        std::vector<int32_t> turn2(turn1);  // the first turn as fed (the last token is not), then more
+        turn2.insert(turn2.end(), first.begin(), first.end() - 1);
+        turn2.insert(turn2.end(), {11, 13, 15});
+        of_llm_set_prefix_cache(llm, 0, 8);
+        const std::vector<int32_t> fresh = run(turn2, &reused);
+        CHECK(reused == 0);
+        of_llm_set_prefix_cache(llm, 1, 8);
+        run(turn1, &reused);
+        const std::vector<int32_t> second = run(turn2, &reused);
+        CHECK(reused == 16 && second == fresh);  // 11 + 11 tokens fed in turn 1: two whole blocks of 8
+        CHECK(run(turn1, &reused) == cold);      // a prefix of the entry, shorter than a block past it
+        CHECK(of_llm_set_prefix_cache(llm, 0, 8) == OF_OK);  // off again: the slots are free
+    }
+
     // ---- text and the tokenizer through the C API ----
     {
         of_generation* g = nullptr;

@@ -342,6 +342,8 @@ class LlmRuntime:
                 self.pool.max_context,
                 self.build.session.threads,
                 needs_tokenizer=self.tokenizer is not None,
+                prefix_cache_entries=self.prefix_cache.max_entries,
+                block_size=self.prefix_cache.block_size,
             )
         except OmniforgeError:
             if backend == "native":
@@ -599,11 +601,9 @@ class LlmRuntime:
         config: GenerationConfig,
         on_text: Callable[[int, str], None] | None = None,
         adapters: Sequence[str | None] | None = None,
-        native: bool = True,
     ) -> list[GenerationResult]:
         """Generate from prepared rows; ``adapters``: each sequence's resolved adapter (None: the
-        base model; the argument None: the base model for all). ``native``: False keeps the
-        request on the Python loop (its prefix cache) even when the native core could run it."""
+        base model; the argument None: the base model for all)."""
         config = _config(config)
         if not isinstance(rows, (list, tuple)) or not isinstance(ids, (list, tuple)) or len(rows) != len(ids):
             raise InputError("rows and ids must be two lists of the same length, one entry per sequence")
@@ -614,7 +614,7 @@ class LlmRuntime:
         adapters = list(adapters) if adapters is not None else [None] * len(rows)
         if len(adapters) != len(rows):
             raise InputError(f"{len(adapters)} adapters given for {len(rows)} sequences")
-        if native and self._native_runs(rows, ids, adapters):
+        if self._native_runs(rows, ids, adapters):
             return [self._generate_native(rows[0], ids[0], config, on_text)]
         gen = self._run(rows, ids, config, stream=on_text is not None, adapters=adapters)
         try:
@@ -681,6 +681,7 @@ class LlmRuntime:
         cb = (lambda _t, d: on_text(0, d) if d else None) if on_text else None
         out = self.native.generate(list(ids), config, cb, self.slot_wait_s)
         s = _Seq(rows, list(ids), np.random.default_rng(0), generated=out.token_ids, text=out.text)
+        s.reused = out.reused_tokens
         if config.collect_signal_hidden and any(t in self.signal_ids for t in out.token_ids):
             self._native_signal_hidden(s, out.finish_reason)
         return self._result(s, out.finish_reason, out.decode_s, ttft=out.ttft_s)
@@ -1022,8 +1023,7 @@ class Chat:
         rows = new_rows if self.rows is None else np.concatenate([self.rows, new_rows])
         ids = self.ids + new_ids
         cb = (lambda _i, d: on_text(d)) if on_text else None
-        # the Python loop: its prefix cache reuses the earlier turns (the native core has none yet)
-        result = self.runtime.generate_rows([rows], [ids], self.config, cb, [self.adapter], native=False)[0]
+        result = self.runtime.generate_rows([rows], [ids], self.config, cb, [self.adapter])[0]
         self.rows = np.concatenate([rows, self.runtime.embed_ids(result.token_ids)])
         self.ids = ids + result.token_ids
         return result

@@ -114,6 +114,7 @@ def load_library(path: Path) -> ctypes.CDLL:
             "of_llm_close": (None, [p]),
             "of_llm_last_error": (ctypes.c_char_p, [p]),
             "of_llm_embedding_form": (ctypes.c_char_p, [p]),
+            "of_llm_set_prefix_cache": (i32, [p, i32, i32]),
             "of_generate_options_init": (None, [ctypes.POINTER(_GenerateOptions)]),
             "of_llm_generate": (
                 i32,
@@ -122,6 +123,7 @@ def load_library(path: Path) -> ctypes.CDLL:
             "of_generation_tokens": (ctypes.POINTER(i32), [p, ctypes.POINTER(sz)]),
             "of_generation_text": (ctypes.c_void_p, [p, ctypes.POINTER(sz)]),  # may hold NUL bytes
             "of_generation_finish_reason": (i32, [p]),
+            "of_generation_reused_tokens": (sz, [p]),
             "of_generation_ttft_s": (ctypes.c_double, [p]),
             "of_generation_decode_s": (ctypes.c_double, [p]),
             "of_generation_free": (None, [p]),
@@ -149,6 +151,7 @@ class NativeResult:
     finish_reason: str
     ttft_s: float
     decode_s: float
+    reused_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 class NativeLlm:
@@ -163,9 +166,12 @@ class NativeLlm:
         threads: int = 0,
         library: Path | None = None,
         needs_tokenizer: bool = False,
+        prefix_cache_entries: int = 0,
+        block_size: int = 16,
     ) -> None:
         """``needs_tokenizer``: refuse a build whose tokenizer the library cannot read (its text
-        would be empty where the Python runtime's is not)."""
+        would be empty where the Python runtime's is not). ``prefix_cache_entries``: finished
+        requests whose KV later prompts may reuse, in blocks of ``block_size`` tokens."""
         path = library or find_library()
         if path is None:
             raise EngineError(
@@ -199,6 +205,10 @@ class NativeLlm:
             raise _ERRORS.get(status, EngineError)(f"the native core cannot open the LLM: {message}")
         lib.of_build_close(build)  # the LLM keeps what it needs of the build
         self._llm = llm
+        if lib.of_llm_set_prefix_cache(llm, int(prefix_cache_entries), int(block_size)) != 0:
+            message = lib.of_llm_last_error(llm).decode(errors="replace")
+            self.close()
+            raise ConfigError(f"the native core refused the prefix cache: {message}")
         self.embedding_form = lib.of_llm_embedding_form(llm).decode()
 
     def close(self) -> None:
@@ -272,6 +282,7 @@ class NativeLlm:
                 finish_reason=FINISH.get(lib.of_generation_finish_reason(out), ""),
                 ttft_s=lib.of_generation_ttft_s(out),
                 decode_s=lib.of_generation_decode_s(out),
+                reused_tokens=int(lib.of_generation_reused_tokens(out)),
             )
         finally:
             lib.of_generation_free(out)
