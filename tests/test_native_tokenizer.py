@@ -447,6 +447,47 @@ def _split(regex: str, **fields) -> dict:
     }
 
 
+def test_a_qwen_tokenizer_written_by_transformers(
+    lib: ctypes.CDLL, tokenizer_files: dict[str, Path], tmp_path: Path
+) -> None:
+    """Qwen2TokenizerFast's own tokenizer.json (from vocab.json and merges.txt, as a Qwen folder
+    without tokenizer.json gets one): its template and decoder settings differ from the library's
+    defaults; ids and text must still be the library's."""
+    from tokenizers import Tokenizer
+    from transformers import Qwen2TokenizerFast
+
+    model = json.loads(tokenizer_files["qwen"].read_text())["model"]
+    (tmp_path / "vocab.json").write_text(json.dumps(model["vocab"]))
+    merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    hf = Qwen2TokenizerFast(
+        vocab_file=str(tmp_path / "vocab.json"),
+        merges_file=str(tmp_path / "merges.txt"),
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+    hf.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    hf.save_pretrained(str(tmp_path / "hf"))
+    path = tmp_path / "hf" / "tokenizer.json"
+    assert json.loads(path.read_text())["pre_tokenizer"]["pretokenizers"][0]["pattern"] == {
+        "Regex": QWEN_SPLIT
+    }
+    ref = Tokenizer.from_file(str(path))
+    native = NativeTokenizer(lib, path)
+    assert native.status == 0, native.error
+    try:
+        added = [t.content for t in ref.get_added_tokens_decoder().values()]
+        strings = _strings(random.Random(17), _words(), added, 1500)
+        for s, e in zip(strings, ref.encode_batch(strings), strict=True):
+            got = native.encode(s)
+            assert got == e.ids, f"{s!r}: native {got} != tokenizers {e.ids}"
+            assert native.decode(got, True) == ref.decode(e.ids, skip_special_tokens=True), s
+    finally:
+        native.close()
+
+
 def test_qwen_pattern_is_the_one_its_files_carry(tokenizer_files: dict[str, Path]) -> None:
     from tests.test_qwen import QWEN_SPLIT as written
 

@@ -1,6 +1,7 @@
 // tokenizer.json read in C++ for the tokenizers omniforge builds carry: byte-level BPE (the
-// embedded default's, GPT-2 style) and SentencePiece-style BPE with byte fallback (Llama/Vicuna, as
-// `omniforge import nextgpt` writes it), with added and special tokens. Encoding and decoding give
+// embedded default's, GPT-2 style; Qwen2/2.5/3's, with NFC and Qwen2's Split regex) and
+// SentencePiece-style BPE with byte fallback (Llama/Vicuna, as `omniforge import nextgpt` writes
+// it), with added and special tokens. Encoding and decoding give
 // what the `tokenizers` library gives for the same file; anything else is refused at load with one
 // sentence.
 #pragma once
