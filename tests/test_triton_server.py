@@ -174,7 +174,9 @@ def test_streamed_generation_equals_local_greedy_tokens(server, default_build):
     local = LlmRuntime(default_build).generate("A dog runs", GenerationConfig(max_new_tokens=12))
     assert ids == local.token_ids
     assert text == local.text
-    assert responses > 2  # streamed: pieces, then the final response
+    # streamed: pieces, then the final response (pieces that queue up while one is being sent
+    # leave together, so how many depends on timing)
+    assert responses >= 2
 
 
 def test_a_request_chooses_its_lora_adapter(server, default_build):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -191,13 +192,9 @@ class LlmModel(_BuildModel):
                 tensors = _inputs(r)
                 prompt = R.prompt(tensors)
                 config = R.generation_config(tensors)
+                stream = _ResponseStream(sender, self._response)
                 self.service.submit(
-                    prompt,
-                    config,
-                    self._sender(sender),
-                    self._finisher(sender),
-                    self._cancelled(sender),
-                    adapter=R.adapter(tensors),
+                    prompt, config, stream.piece, stream.finish, stream.cancelled, adapter=R.adapter(tensors)
                 )
             except Exception as exc:
                 sender.send(
@@ -215,28 +212,6 @@ class LlmModel(_BuildModel):
                 pb_utils.Tensor("finish_reason", np.array([finish.encode()], dtype=object)),
             ]
         )
-
-    def _sender(self, sender: Any):
-        return lambda delta: sender.send(self._response(delta, [], ""))
-
-    def _finisher(self, sender: Any):
-        from omniforge.serving.text_service import Cancelled
-
-        def done(result, error) -> None:
-            final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-            if isinstance(error, Cancelled):
-                sender.send(flags=final)
-            elif error is not None:
-                sender.send(pb_utils.InferenceResponse(error=_error(error)), flags=final)
-            else:
-                sender.send(self._response("", result.token_ids, result.finish_reason), flags=final)
-
-        return done
-
-    @staticmethod
-    def _cancelled(sender: Any):
-        """Whether the client cancelled the request or went away."""
-        return lambda: bool(sender.is_cancelled())
 
     def finalize(self) -> None:
         if hasattr(self, "service"):
@@ -363,3 +338,64 @@ class BuildModel(_BuildModel):
             except Exception as exc:
                 out.append(pb_utils.InferenceResponse(error=_error(exc)))
         return out
+
+
+_FINAL = object()
+
+
+class _ResponseStream:
+    """One streamed request's responses, sent from a thread of its own: the decode loop hands a
+    piece over and goes on, never waiting for the backend's IPC (a send, a cancellation query)
+    between steps; pieces that queue up meanwhile leave as one response. The final response
+    follows every piece."""
+
+    def __init__(self, sender: Any, response: Any) -> None:
+        self.sender, self.response = sender, response
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._cancelled = bool(sender.is_cancelled())  # the client cancelled or went away
+        threading.Thread(target=self._run, name="omniforge-llm-responses", daemon=True).start()
+
+    def piece(self, delta: str) -> None:
+        self._queue.put(delta)
+
+    def finish(self, result: Any, error: BaseException | None) -> None:
+        self._queue.put((_FINAL, result, error))
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def _send(self, *args: Any, final: bool = False, **kwargs: Any) -> None:
+        """Send; after a piece, ask whether the client is still there (never after the final
+        response: the sender is gone then)."""
+        try:
+            self.sender.send(*args, **kwargs)
+            if not final and not self._cancelled and self.sender.is_cancelled():
+                self._cancelled = True
+        except Exception:  # the client is gone: the request is stopped at its next piece
+            self._cancelled = True
+
+    def _run(self) -> None:
+        from omniforge.serving.text_service import Cancelled
+
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        while True:
+            items = [self._queue.get()]
+            while not isinstance(items[-1], tuple):  # gather what queued up meanwhile
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            end = items.pop() if isinstance(items[-1], tuple) else None
+            text = "".join(items)
+            if text:
+                self._send(self.response(text, [], ""))
+            if end is None:
+                continue
+            _, result, error = end
+            if isinstance(error, Cancelled):
+                self._send(flags=final, final=True)
+            elif error is not None:
+                self._send(pb_utils.InferenceResponse(error=_error(error)), flags=final, final=True)
+            else:
+                self._send(self.response("", result.token_ids, result.finish_reason), flags=final, final=True)
+            return
