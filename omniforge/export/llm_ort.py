@@ -7,9 +7,11 @@ buffer, so a decode step writes only the new token's K/V), ``SkipSimplifiedLayer
 for the residual + RMSNorm, packed QKV and no shape/mask plumbing: ~10 nodes a layer instead of
 hundreds. ORT's transformer optimizer produces no GroupQueryAttention from traced graphs, and
 ONNX Runtime GenAI's builder writes its own model format, so the graph is built here directly
-from the HF weights. Qwen2's q/k/v biases are one ``Add`` after the packed QKV; Qwen3's per-head
-RMSNorm of q and k splits the packed QKV, normalizes q and k over the head dimension
-(``SimplifiedLayerNormalization``) and concatenates them back before the attention.
+from the HF weights. A linear layer's bias (Qwen2's q/k/v, LLaMA's ``attention_bias`` on q/k/v/o
+and ``mlp_bias`` on gate/up/down) is one FP32 ``Add`` after its product, so it stays float when
+the weights become INT4/INT8 ``MatMulNBits`` codes; Qwen3's per-head RMSNorm of q and k splits the
+packed QKV, normalizes q and k over the head dimension (``SimplifiedLayerNormalization``) and
+concatenates them back before the attention.
 
 The graph's I/O names, in-place pairs and calibration taps come from its ``Contract``
 (``omniforge.pipeline.contracts.llm_inplace_contract``), recorded in the manifest with the file.
@@ -46,20 +48,27 @@ class LlamaShape:
     num_kv_heads: int
     head_dim: int
     eps: float
-    attention_bias: bool
+    qkv_bias: bool = False  # Qwen2, LLaMA's attention_bias
+    o_bias: bool = False  # LLaMA's attention_bias
+    mlp_bias: bool = False  # LLaMA's mlp_bias: gate, up and down
     qk_norm: bool = False  # Qwen3: RMSNorm of each q and k head before rotary
 
     @classmethod
-    def of(cls, c: Any, attention_bias: bool, qk_norm: bool = False) -> LlamaShape:
+    def of(cls, c: Any, weights: LlamaWeights) -> LlamaShape:
+        """The shape of HF config ``c``; which biases and norms there are is read off the first
+        layer's tensors (configs spell them differently: Qwen2 has q/k/v biases without a flag)."""
         nh = c.num_attention_heads
+        first = "model.layers.0."
         return cls(
             c.num_hidden_layers,
             nh,
             c.num_key_value_heads,
             getattr(c, "head_dim", None) or c.hidden_size // nh,
             float(c.rms_norm_eps),
-            attention_bias,
-            qk_norm,
+            qkv_bias=f"{first}self_attn.q_proj.bias" in weights,
+            o_bias=f"{first}self_attn.o_proj.bias" in weights,
+            mlp_bias=f"{first}mlp.gate_proj.bias" in weights,
+            qk_norm=f"{first}self_attn.q_norm.weight" in weights,
         )
 
 
@@ -70,6 +79,8 @@ class LlamaWeights(Protocol):
     def tensor(self, name: str) -> np.ndarray: ...
 
     def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def __contains__(self, name: str) -> bool: ...
 
 
 class GraphSink(Protocol):
@@ -135,10 +146,7 @@ def build_llama_gqa(
     a low-rank branch each, its A/B optional graph inputs (see ``omniforge.export.lora``)."""
     weights = TorchWeights(model)
     sink = InMemory(weights)
-    attn = model.model.layers[0].self_attn
-    shape = LlamaShape.of(
-        model.config, getattr(attn.q_proj, "bias", None) is not None, hasattr(attn, "q_norm")
-    )
+    shape = LlamaShape.of(model.config, weights)
     tables = rotary_tables(model.model.rotary_emb, max_context, shape.head_dim)
     nodes = llama_gqa_nodes(weights, shape, tables, contract, sink, lora_slots=lora_slots)
     return llama_gqa_model(nodes, sink.initializers, contract, opset, lora_slots)
@@ -184,12 +192,19 @@ def llama_gqa_nodes(
     io = contract.slots
     lora_slots = lora_slots or {}
 
-    def linear(tap_name: str, parts: list[str], x: str, y: str, slot: str) -> list[onnx.NodeProto]:
-        if slot not in lora_slots:
-            return sink.linear(tap_name, parts, x, y)
-        return sink.linear(tap_name, parts, x, f"{y}.base") + _lora_branch(
-            slot, lora_slots[slot], x, f"{y}.base", y, sink.add
-        )
+    def linear(tap_name: str, parts: list[str], x: str, y: str, bias: bool) -> list[onnx.NodeProto]:
+        """``y = x @ W`` (+ the low-rank branch of the slot named ``y``, ``layers.{i}.{group}``)
+        (+ the parts' HF biases, concatenated, where ``bias``)."""
+        z = f"{y}.nobias" if bias else y
+        if y in lora_slots:
+            nodes = sink.linear(tap_name, parts, x, f"{z}.base")
+            nodes += _lora_branch(y, lora_slots[y], x, f"{z}.base", z, sink.add)
+        else:
+            nodes = sink.linear(tap_name, parts, x, z)
+        if bias:
+            b = np.concatenate([weights.tensor(n.removesuffix("weight") + "bias") for n in parts])
+            nodes.append(helper.make_node("Add", [z, sink.add(f"{y}.bias", b)], [y]))
+        return nodes
 
     embeds, seqlens, total = io[Slot.EMBEDS], io[Slot.SEQLENS], io[Slot.TOTAL]
 
@@ -232,12 +247,8 @@ def llama_gqa_nodes(
             )
             residual = f"{p}.res1"
         attn = [f"{hf}self_attn.{k}_proj.weight" for k in "qkv"]
-        nodes += linear(tap(i, "qkv_weight"), attn, norm1, f"{p}.qkv", f"{p}.qkv")
+        nodes += linear(tap(i, "qkv_weight"), attn, norm1, f"{p}.qkv", shape.qkv_bias)
         last = f"{p}.qkv"
-        if shape.attention_bias:
-            b = np.concatenate([weights.tensor(f"{hf}self_attn.{k}_proj.bias") for k in "qkv"])
-            nodes.append(helper.make_node("Add", [last, init(f"{p}.qkv.bias", b)], [f"{p}.qkv_b"]))
-            last = f"{p}.qkv_b"
         if fused_rotary and not shape.qk_norm:
             qkv_in, rot = [last, "", ""], ["cos_cache", "sin_cache"]
         else:
@@ -273,7 +284,8 @@ def llama_gqa_nodes(
                 scale=float(hd**-0.5),
             )
         )
-        nodes += linear(tap(i, "o_weight"), [f"{hf}self_attn.o_proj.weight"], f"{p}.attn", f"{p}.o", f"{p}.o")
+        o_proj = [f"{hf}self_attn.o_proj.weight"]
+        nodes += linear(tap(i, "o_weight"), o_proj, f"{p}.attn", f"{p}.o", shape.o_bias)
         g_post = init(tap(i, "mlp_norm_weight"), weights.tensor(hf + "post_attention_layernorm.weight"))
         nodes.append(
             helper.make_node(
@@ -286,14 +298,14 @@ def llama_gqa_nodes(
         )
         residual = f"{p}.res2"
         mlp = f"{hf}mlp."
-        nodes += linear(tap(i, "gate_weight"), [mlp + "gate_proj.weight"], norm2, f"{p}.gate", f"{p}.gate")
-        nodes += linear(tap(i, "up_weight"), [mlp + "up_proj.weight"], norm2, f"{p}.up", f"{p}.up")
+        nodes += linear(tap(i, "gate_weight"), [mlp + "gate_proj.weight"], norm2, f"{p}.gate", shape.mlp_bias)
+        nodes += linear(tap(i, "up_weight"), [mlp + "up_proj.weight"], norm2, f"{p}.up", shape.mlp_bias)
         nodes += [
             helper.make_node("Sigmoid", [f"{p}.gate"], [f"{p}.gate_sig"]),
             helper.make_node("Mul", [f"{p}.gate", f"{p}.gate_sig"], [f"{p}.silu"]),
             helper.make_node("Mul", [f"{p}.silu", f"{p}.up"], [act]),
         ]
-        nodes += linear(tap(i, "down_weight"), [mlp + "down_proj.weight"], act, f"{p}.down", f"{p}.down")
+        nodes += linear(tap(i, "down_weight"), [mlp + "down_proj.weight"], act, f"{p}.down", shape.mlp_bias)
         x = f"{p}.down"
         if on_layer is not None:
             on_layer(i)

@@ -1,4 +1,4 @@
-"""The LLM stage written layer by layer from an HF LLaMA or Qwen2 folder's safetensors shards.
+"""The LLM stage written layer by layer from an HF LLaMA, Qwen2 or Qwen3 folder's safetensors shards.
 
 The non-streaming export loads the whole LLM into PyTorch in FP32 and traces it (28 GB for a 7B
 model). This writer never holds more than a few tensors: each weight is read from its shard when
@@ -227,7 +227,7 @@ class LoraAdapter:
 
 
 class LlamaFolder:
-    """An HF LLaMA folder's weights by HF name, one tensor at a time (``llm_ort.LlamaWeights``),
+    """An HF LLaMA/Qwen folder's weights by HF name, one tensor at a time (``llm_ort.LlamaWeights``),
     with a LoRA adapter merged in where given; a tied LM head reads the embedding table."""
 
     EMBED = "model.embed_tokens.weight"
@@ -238,8 +238,6 @@ class LlamaFolder:
         self.config = json.loads((self.folder / "config.json").read_text())
         self.reader = SafetensorsReader(self.folder)
         self.adapter = LoraAdapter(adapter) if adapter is not None else None
-        if self.config.get("mlp_bias"):
-            raise ConfigError("the streaming build writes LLaMAs without MLP biases (mlp_bias is true)")
         self.tied = self.HEAD not in self.reader or bool(self.config.get("tie_word_embeddings"))
 
     def _name(self, name: str) -> str:
@@ -476,11 +474,7 @@ def write_llm_graph(
 
     t0 = time.perf_counter()
     conf = weights.hf_config()
-    shape = LlamaShape.of(
-        conf,
-        "model.layers.0.self_attn.q_proj.bias" in weights,
-        "model.layers.0.self_attn.q_norm.weight" in weights,
-    )
+    shape = LlamaShape.of(conf, weights)
     with torch.device("cpu"):
         tables = rotary_tables(LlamaRotaryEmbedding(config=conf), max_context, shape.head_dim)
     data = ExternalData(Path(f"{path}.data"))
@@ -524,8 +518,6 @@ def embedding_graph(table: np.ndarray, spec) -> onnx.ModelProto:
 # ---- the build ----------------------------------------------------------------------------------
 
 STREAM_PRECISIONS = ("fp32", "int8", "int4")
-# the backbones the streamed graph's check reproduces (Qwen3's per-head q/k norms it does not)
-STREAM_BACKBONES = ("llama", "qwen2")
 # the non-streaming build's peak memory in multiples of the LLM's FP32 weights (the PyTorch model,
 # the traced graph, parity sessions, then quantization of the FP32 graphs): 4.9x measured for a
 # 1.1B LLaMA's export + INT4 build (20.2 GiB; tests/test_llm_stream.py's slow test)
@@ -594,7 +586,7 @@ def stream_llm_build_into(
     threads: int = 2,
     log: Callable[[str], None] = print,
 ):
-    """The LLM stages of ``model`` (an HF LLaMA folder, or a NExT-GPT folder's LLM with its merged
+    """The LLM stages of ``model`` (an HF LLM folder, or a NExT-GPT folder's LLM with its merged
     adapter) written from the shards into the build folder ``build``: the token embedding (FP32,
     plus its INT8 form when quantized) and the in-place LLM graph the runtime serves, FP32 or
     ``MatMulNBits`` INT4/INT8 (``weight_only``: a ``WeightOnlyConfig``, RTN), each checked against
@@ -628,7 +620,7 @@ def stream_llm_build_into(
         collect_artifacts,
         write_manifest,
     )
-    from omniforge.pipeline.model_config import llm_backbone, load_model_config
+    from omniforge.pipeline.model_config import load_model_config
 
     if precision not in STREAM_PRECISIONS:
         raise ConfigError(f"the streaming LLM build writes {', '.join(STREAM_PRECISIONS)}, not '{precision}'")
@@ -639,11 +631,6 @@ def stream_llm_build_into(
     g = llm_spec.llm
     assert g is not None
     adapter = cfg.adapters[cfg.merge_adapter] if cfg.merge_adapter else None
-    if llm_backbone(cfg.llm) not in STREAM_BACKBONES:
-        raise ConfigError(
-            f"the streaming LLM build writes model_type {', '.join(STREAM_BACKBONES)} "
-            f"(not '{llm_backbone(cfg.llm)}'): use llm_stream='never' for this LLM"
-        )
     weights = LlamaFolder(cfg.llm, adapter)
     quantized = precision != "fp32"
     wcfg = weight_only or WeightOnlyConfig(bits=4 if precision == "int4" else 8)
@@ -768,11 +755,7 @@ def stream_llm_build_into(
     # -- checks against the layer-by-layer reference ----------------------------------------------
     t0 = time.perf_counter()
     conf = weights.hf_config()
-    shape = LlamaShape.of(
-        conf,
-        "model.layers.0.self_attn.q_proj.bias" in weights,
-        "model.layers.0.self_attn.q_norm.weight" in weights,
-    )
+    shape = LlamaShape.of(conf, weights)
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     tables = rotary_tables(LlamaRotaryEmbedding(config=conf), g.max_context, shape.head_dim)

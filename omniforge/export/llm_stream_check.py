@@ -1,8 +1,9 @@
 """Checks of a streamed LLM graph against a layer-by-layer numpy reference (no PyTorch model).
 
 ``LayerwiseReference`` runs LLaMA's forward (RMSNorm, rotary, grouped-query causal attention,
-SwiGLU) over whole sequences, one weight at a time read from the shards, so it needs no more
-memory than the writer. Two weight sets can go through in the same sweep: the FP32 weights, and
+SwiGLU; the linear layers' biases and Qwen3's per-head q/k norms where the weights have them)
+over whole sequences, one weight at a time read from the shards, so it needs no more memory than
+the writer. Two weight sets can go through in the same sweep: the FP32 weights, and
 the weights the graph holds (the same ``MatMulNBits`` codes, dequantized) — the first gives the
 quantized graph's accuracy, the second its parity (same function, same weights).
 """
@@ -68,7 +69,19 @@ class LayerwiseReference:
         self.peak_rss = max(self.peak_rss, peak_rss_bytes())
         return [np.concatenate(o, axis=-1) if len(o) > 1 else o[0] for o in out]
 
-    def _attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, bounds) -> np.ndarray:
+    def _proj(self, groups: list[_Group], xs: list[np.ndarray], name: str, bias: bool) -> list[np.ndarray]:
+        """``_linear`` of the one weight ``name``, plus its HF bias where ``bias`` (FP32 in both
+        weight sets: the graph keeps biases float)."""
+        ys = self._linear(groups, xs, [name])
+        if not bias:
+            return ys
+        b = self.w.tensor(name.removesuffix("weight") + "bias")
+        return [y + b for y in ys]
+
+    def _attention(
+        self, q: np.ndarray, k: np.ndarray, v: np.ndarray, bounds, qk_norm: tuple | None
+    ) -> np.ndarray:
+        """Causal attention of each sequence in ``bounds``; ``qk_norm``: Qwen3's (q, k) head-norm gammas."""
         s = self.shape
         nh, kvh, hd = s.num_heads, s.num_kv_heads, s.head_dim
         out = np.empty((len(q), nh * hd), np.float32)
@@ -76,8 +89,10 @@ class LayerwiseReference:
             t = b - a
             cos = np.concatenate([self.cos[:t], self.cos[:t]], axis=-1)[:, None]  # (T, 1, hd)
             sin = np.concatenate([self.sin[:t], self.sin[:t]], axis=-1)[:, None]
-            qs = _rope(q[a:b].reshape(t, nh, hd), cos, sin)
-            ks = _rope(k[a:b].reshape(t, kvh, hd), cos, sin)
+            qs, ks = q[a:b].reshape(t, nh, hd), k[a:b].reshape(t, kvh, hd)
+            if qk_norm is not None:  # Qwen3: RMSNorm of each head before rotary
+                qs, ks = _rms(qs, qk_norm[0], s.eps), _rms(ks, qk_norm[1], s.eps)
+            qs, ks = _rope(qs, cos, sin), _rope(ks, cos, sin)
             vs = v[a:b].reshape(t, kvh, hd)
             rep = nh // kvh
             ks, vs = np.repeat(ks, rep, axis=1), np.repeat(vs, rep, axis=1)  # head j reads kv head j // rep
@@ -102,24 +117,20 @@ class LayerwiseReference:
             hf = f"model.layers.{i}."
             g_in = self.w.tensor(hf + "input_layernorm.weight")
             xs = [_rms(g.h, g_in, eps) for g in groups]
-            q = self._linear(groups, xs, [hf + "self_attn.q_proj.weight"])
-            k = self._linear(groups, xs, [hf + "self_attn.k_proj.weight"])
-            v = self._linear(groups, xs, [hf + "self_attn.v_proj.weight"])
-            if s.attention_bias:
-                for x, kind in ((q, "q"), (k, "k"), (v, "v")):
-                    b = self.w.tensor(f"{hf}self_attn.{kind}_proj.bias")
-                    for arr in x:
-                        arr += b
-            att = [self._attention(q[j], k[j], v[j], g.bounds) for j, g in enumerate(groups)]
-            o = self._linear(groups, att, [hf + "self_attn.o_proj.weight"])
+            q, k, v = (self._proj(groups, xs, f"{hf}self_attn.{n}_proj.weight", s.qkv_bias) for n in "qkv")
+            norms = (
+                tuple(self.w.tensor(f"{hf}self_attn.{n}_norm.weight") for n in "qk") if s.qk_norm else None
+            )
+            att = [self._attention(q[j], k[j], v[j], g.bounds, norms) for j, g in enumerate(groups)]
+            o = self._proj(groups, att, hf + "self_attn.o_proj.weight", s.o_bias)
             for g, oj in zip(groups, o, strict=True):
                 g.h = g.h + oj
             g_post = self.w.tensor(hf + "post_attention_layernorm.weight")
             xs = [_rms(g.h, g_post, eps) for g in groups]
-            gate = self._linear(groups, xs, [hf + "mlp.gate_proj.weight"])
-            up = self._linear(groups, xs, [hf + "mlp.up_proj.weight"])
+            gate = self._proj(groups, xs, hf + "mlp.gate_proj.weight", s.mlp_bias)
+            up = self._proj(groups, xs, hf + "mlp.up_proj.weight", s.mlp_bias)
             act = [gt / (1 + np.exp(-gt)) * u for gt, u in zip(gate, up, strict=True)]
-            down = self._linear(groups, act, [hf + "mlp.down_proj.weight"])
+            down = self._proj(groups, act, hf + "mlp.down_proj.weight", s.mlp_bias)
             for g, dj in zip(groups, down, strict=True):
                 g.h = g.h + dj
         g_f = self.w.tensor("model.norm.weight")
