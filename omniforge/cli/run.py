@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from omniforge.runtime.pipeline import Pipeline
     from omniforge.runtime.tokenizer import SignalEvent
 
 
@@ -24,6 +25,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("build", help="build folder (from `omniforge export`)")
     p.add_argument("--prompt", "-p", required=True, help="prompt text")
+    p.add_argument(
+        "--chat-template",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="send the prompt as one user message through the build's chat template (default: when "
+        "the build has one and no conversation protocol); --no-chat-template sends it raw",
+    )
+    p.add_argument("--system", help="a system message before the prompt (with the chat template)")
     p.add_argument("--image", help="input image file")
     p.add_argument("--audio", help="input WAV file")
     p.add_argument("--video", help="input video: a folder of frames, a GIF, or an MP4 (with imageio)")
@@ -111,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     result = pipe.run(
-        args.prompt,
+        chat_prompt(pipe, args),
         image=args.image,
         audio=args.audio,
         video=args.video,
@@ -137,6 +146,31 @@ def run(args: argparse.Namespace) -> int:
     timings = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in result.timings.items() if k != "total")
     print(f"[stages: {timings}; total {result.timings['total'] * 1000:.0f} ms]", file=sys.stderr)
     return 0
+
+
+def chat_prompt(pipe: Pipeline, args: argparse.Namespace) -> str:
+    """``--prompt`` as the LLM reads it: raw, or one user message (after ``--system``) rendered by
+    the build's chat template, with the placeholder of each medium given in that message."""
+    from omniforge.errors import ConfigError
+    from omniforge.runtime.chat_template import use_chat_template
+
+    llm = pipe.llm
+    has_template = llm.tokenizer is not None and llm.tokenizer.has_chat_template
+    if not use_chat_template(args.chat_template, has_template, llm.protocol is not None):
+        if args.system is not None:
+            raise ConfigError("--system needs the chat template, and this run sends the prompt raw")
+        return args.prompt
+    if llm.protocol is not None:
+        raise ConfigError(
+            "this build's conversation protocol lays out the prompt itself: drop --chat-template"
+        )
+    text = args.prompt
+    for modality in ("image", "audio", "video"):  # as Pipeline.run places them in a raw prompt
+        tag = pipe.build.pipeline.placeholders.get(modality, f"<{modality}>")
+        if getattr(args, modality) is not None and tag not in text:
+            text = f"{tag} {text}"
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    return llm.apply_chat_template([*system, {"role": "user", "content": text}])
 
 
 def modality_lines(signals: list[SignalEvent], written: list[Path]) -> list[str]:

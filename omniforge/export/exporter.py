@@ -133,7 +133,13 @@ def copy_runtime_files(cfg: ModelConfig, spec: PipelineSpec, build: Path) -> dic
     files: dict[str, str] = {}
     names = set(spec.stage_names)
     if names & {"llm", "token_embedding"}:
-        for f in ("tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json"):
+        for f in (
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "chat_template.jinja",  # newer transformers save the chat template here, not in the config
+            "config.json",
+            "generation_config.json",
+        ):
             if (cfg.llm / f).is_file():
                 role = {"config.json": "llm_config"}.get(f, f.split(".")[0])
                 _copy(cfg.llm / f, build, f"llm/{f}", files, role)

@@ -123,8 +123,9 @@ class Build:
         if self._tokenizer is None:
             files = self.manifest.files  # read through the verifying reader, not reopened by path
             cfg = self.read(files["tokenizer_config"]) if "tokenizer_config" in files else None
+            template = self.read(files["chat_template"]) if "chat_template" in files else None
             self.file("tokenizer")  # a clear error for a build without one
-            self._tokenizer = TextTokenizer(self.read(files["tokenizer"]), cfg)
+            self._tokenizer = TextTokenizer(self.read(files["tokenizer"]), cfg, template)
         return self._tokenizer
 
 

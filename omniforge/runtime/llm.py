@@ -15,9 +15,10 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -35,6 +36,7 @@ from omniforge.pipeline.protocol import MediaPart, PromptProtocol
 from omniforge.pipeline.spec import LlmGeometry
 from omniforge.runtime.adapters import AUTO, AdapterSet
 from omniforge.runtime.build import Build
+from omniforge.runtime.chat_template import NO_TEMPLATE, ChatPrompt, use_chat_template
 from omniforge.runtime.engine import GraphSource, SessionConfig, check_graph_io, open_session
 from omniforge.runtime.kv_cache import KVCachePool, PrefixCache, SlotRange
 from omniforge.runtime.native import NativeLlm, check_backend, find_library
@@ -546,6 +548,17 @@ class LlmRuntime:
             raise InputError(f"{modality} embeddings contain NaN or Inf")
         return arr
 
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+    ) -> ChatPrompt:
+        """``messages`` (``{"role", "content"}`` dicts) rendered by the build's chat template, as
+        transformers' ``apply_chat_template(..., tokenize=False)`` renders them; ``generate`` and
+        ``stream`` take the result as the prompt and add no special tokens to it."""
+        template = self.tokenizer.chat_template if self.tokenizer is not None else None
+        if template is None:
+            raise ConfigError(NO_TEMPLATE)
+        return template.render(messages, add_generation_prompt)
+
     # ---- generation ---------------------------------------------------------------------------
     def generate(
         self,
@@ -999,17 +1012,42 @@ def _groups(keys: Sequence[str | None]) -> list[tuple[int, int, str]]:
 
 
 class Chat:
-    """A conversation: each turn's prompt extends the previous turns, so the prefix cache reuses them."""
+    """A conversation. With a chat template, each turn renders the whole conversation (the messages
+    so far, the new user message, the generation prompt) and generates from it; the reply is kept
+    as the assistant's message. Without one, each turn's text is appended raw to the previous
+    turns' rows and replies. Either way the previous turns are a prefix the prefix cache reuses.
+
+    ``template``: True (the build's chat template; an error when it has none), False (raw text),
+    or None (the template when the build has one and no conversation protocol: a NExT-GPT build's
+    protocol lays out its own prompts). ``system``: a system message opening the conversation
+    (with a template only). Media fill the placeholders of the conversation in order, across turns.
+    """
 
     def __init__(
-        self, runtime: LlmRuntime, config: GenerationConfig | None = None, adapter: str | None = AUTO
+        self,
+        runtime: LlmRuntime,
+        config: GenerationConfig | None = None,
+        adapter: str | None = AUTO,
+        template: bool | None = None,
+        system: str | None = None,
     ) -> None:
         self.runtime = runtime
         self.config = config or GenerationConfig()
         self.adapter = adapter  # one adapter for the whole conversation, resolved at the first turn
         self._resolved = False
-        self.rows: np.ndarray | None = None
+        has_template = runtime.tokenizer is not None and runtime.tokenizer.has_chat_template
+        self.template = use_chat_template(template, has_template, runtime.protocol is not None)
+        if system is not None and not isinstance(system, str):
+            raise InputError(f"a system message must be text, got {type(system).__name__}")
+        if system is not None and not self.template:
+            raise ConfigError("a system message needs a chat template, and this chat sends raw text")
+        self.messages: list[dict[str, str]] = (
+            [] if system is None else [{"role": "system", "content": system}]
+        )
+        self.rows: np.ndarray | None = None  # raw chats: the conversation's rows and ids so far
         self.ids: list[int] = []
+        self._media: dict[str, list[np.ndarray]] = {}  # templated chats: each modality's items so far
+        self._unfilled: set[str] = set()  # modalities with a placeholder an earlier turn left empty
 
     def send(
         self, text: str, media: Media | None = None, on_text: Callable[[str], None] | None = None
@@ -1019,11 +1057,44 @@ class Chat:
                 self.adapter, list(media) if isinstance(media, dict) else ()
             )
             self._resolved = True
-        new_rows, new_ids = self.runtime.prepare(text, media)
-        rows = new_rows if self.rows is None else np.concatenate([self.rows, new_rows])
-        ids = self.ids + new_ids
+        if not isinstance(text, str):
+            raise InputError(f"a chat message must be text, got {type(text).__name__}")
         cb = (lambda _i, d: on_text(d)) if on_text else None
-        result = self.runtime.generate_rows([rows], [ids], self.config, cb, [self.adapter])[0]
-        self.rows = np.concatenate([rows, self.runtime.embed_ids(result.token_ids)])
-        self.ids = ids + result.token_ids
+        if not self.template:
+            new_rows, new_ids = self.runtime.prepare(text, media)
+            rows = new_rows if self.rows is None else np.concatenate([self.rows, new_rows])
+            ids = self.ids + new_ids
+            result = self.runtime.generate_rows([rows], [ids], self.config, cb, [self.adapter])[0]
+            self.rows = np.concatenate([rows, self.runtime.embed_ids(result.token_ids)])
+            self.ids = ids + result.token_ids
+        else:
+            messages = [*self.messages, {"role": "user", "content": text}]
+            prompt = self.runtime.apply_chat_template(messages)
+            all_media = self._with(media)
+            rows, ids = self.runtime.prepare(prompt, all_media)
+            result = self.runtime.generate_rows([rows], [ids], self.config, cb, [self.adapter])[0]
+            self.messages = [*messages, {"role": "assistant", "content": result.text}]
+            self._media = all_media or {}
+            held = [self.runtime.placeholder_ids[t] for t in ids if t in self.runtime.placeholder_ids]
+            for m in set(held):  # placeholders past the media given stay tokens
+                if held.count(m) > len(self._media.get(m, ())):
+                    self._unfilled.add(m)
         return result
+
+    def _with(self, media: Media | None) -> Media | None:
+        """The conversation's media with this turn's appended: the rendered conversation holds
+        every turn's placeholders, filled in order."""
+        if media is None:
+            return self._media or None
+        if not isinstance(media, dict):
+            raise InputError(f"media must map a modality to a list of embeddings, got {type(media).__name__}")
+        late = sorted(self._unfilled & set(media))
+        if late:
+            raise InputError(
+                f"an earlier turn left an empty {late[0]} placeholder, which this turn's {late[0]} would "
+                "fill: give each turn as many media items as placeholders"
+            )
+        out = {m: list(v) for m, v in self._media.items()}
+        for m, v in media.items():
+            out.setdefault(m, []).extend(v if isinstance(v, (list, tuple)) else [v])
+        return out

@@ -10,6 +10,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from omniforge.errors import ContextLengthError, InputError, ManifestError
+from omniforge.runtime.chat_template import CHAT_TEMPLATE_FILE, ChatPrompt, ChatTemplate, token_text
 
 
 @dataclass(frozen=True)
@@ -23,10 +24,18 @@ class SignalEvent:
 
 
 class TextTokenizer:
-    """Encode prompts, decode generations, and name the special tokens of the build."""
+    """Encode prompts, decode generations, name the special tokens of the build, and hold its chat
+    template (``omniforge.runtime.chat_template``)."""
 
-    def __init__(self, tokenizer_json: Path | bytes, config_json: Path | bytes | None = None) -> None:
-        """From files, or from bytes already read and verified (a build's ``Build.read``)."""
+    def __init__(
+        self,
+        tokenizer_json: Path | bytes,
+        config_json: Path | bytes | None = None,
+        chat_template_jinja: Path | bytes | None = None,
+    ) -> None:
+        """From files, or from bytes already read and verified (a build's ``Build.read``).
+        ``chat_template_jinja``: a ``chat_template.jinja`` beside the config (a path that does not
+        exist: none), which wins over the config's ``chat_template``."""
         name = tokenizer_json.name if isinstance(tokenizer_json, Path) else "tokenizer.json"
         try:
             data = tokenizer_json.read_bytes() if isinstance(tokenizer_json, Path) else tokenizer_json
@@ -42,12 +51,27 @@ class TextTokenizer:
             raise ManifestError(f"cannot read tokenizer config {cfg_name} ({type(exc).__name__})") from None
         if not isinstance(cfg, dict):
             raise ManifestError(f"tokenizer config {cfg_name} is not a JSON object")
-        self.eos_token = _token_str(cfg.get("eos_token"))
-        self.bos_token = _token_str(cfg.get("bos_token"))
+        self.eos_token = token_text(cfg.get("eos_token"))
+        self.bos_token = token_text(cfg.get("bos_token"))
         self.add_bos = bool(cfg.get("add_bos_token", False))
+        self.config = cfg
+        self.chat_template_text = _read_template(chat_template_jinja)
+        self._chat_template: ChatTemplate | None = None
         self.vocab_size = self.tok.get_vocab_size()
         # the most characters one token stands for: a text longer than a context's worth cannot fit
         self.max_token_chars = max((len(t) for t in self.tok.get_vocab(with_added_tokens=True)), default=1)
+
+    @property
+    def has_chat_template(self) -> bool:
+        """Whether the tokenizer comes with a chat template (``chat_template`` checks its form)."""
+        return self.chat_template_text is not None or self.config.get("chat_template") is not None
+
+    @property
+    def chat_template(self) -> ChatTemplate | None:
+        """The chat template (None: the tokenizer has none); ``ConfigError`` for a malformed one."""
+        if self._chat_template is None:
+            self._chat_template = ChatTemplate.from_config(self.config, self.chat_template_text)
+        return self._chat_template
 
     def token_id(self, token: str) -> int | None:
         return self.tok.token_to_id(token)
@@ -59,7 +83,10 @@ class TextTokenizer:
     def encode(self, text: str, max_tokens: int | None = None, special: bool = True) -> list[int]:
         """Token ids of ``text``, which must be valid Unicode; a text too long to fit ``max_tokens``
         however it is split is refused before it is tokenized. ``special=False``: no BOS or other
-        special tokens added (a protocol's text segments)."""
+        special tokens added (a protocol's text segments, and always a ``ChatPrompt``, which holds
+        the special tokens its template wrote)."""
+        if isinstance(text, ChatPrompt):
+            special = False
         if not isinstance(text, str):
             raise InputError(f"a prompt must be a string, got {type(text).__name__}")
         try:
@@ -95,7 +122,18 @@ class TextTokenizer:
         return [SignalEvent(signal_ids[t], self.token(t), i) for i, t in enumerate(ids) if t in signal_ids]
 
 
-def _token_str(v: object) -> str | None:
-    if isinstance(v, dict):  # {"content": "</s>", ...} in some tokenizer_config files
-        v = v.get("content")
-    return v if isinstance(v, str) else None
+def _read_template(source: Path | bytes | None) -> str | None:
+    """The text of a ``chat_template.jinja`` (None: not given, or a path with no file)."""
+    if isinstance(source, Path):
+        if not source.is_file():
+            return None
+        try:
+            source = source.read_bytes()
+        except OSError as exc:
+            raise ManifestError(f"cannot read {CHAT_TEMPLATE_FILE} ({type(exc).__name__})") from None
+    if source is None:
+        return None
+    try:
+        return source.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ManifestError(f"the chat template {CHAT_TEMPLATE_FILE} is not UTF-8 text") from None
