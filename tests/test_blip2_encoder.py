@@ -17,42 +17,10 @@ from tests.encoder_variants import export_with_encoder
 
 @pytest.fixture(scope="module")
 def blip2(tmp_path_factory):
-    from transformers import Blip2Config, Blip2Model, BlipImageProcessor
+    from omniforge.model.families import write_blip2
 
     folder = tmp_path_factory.mktemp("blip2") / "blip2"
-    torch.manual_seed(0)
-    cfg = Blip2Config(
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=28,
-            patch_size=14,
-        ),
-        qformer_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            encoder_hidden_size=32,
-            vocab_size=64,
-        ),
-        text_config=dict(
-            model_type="opt",
-            hidden_size=16,
-            ffn_dim=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            vocab_size=64,
-            word_embed_proj_dim=16,
-        ),
-        num_query_tokens=4,
-    )
-    model = Blip2Model(cfg).eval()
-    model.save_pretrained(folder, safe_serialization=True)
-    BlipImageProcessor(size={"height": 28, "width": 28}).save_pretrained(folder)
-    return folder, model
+    return folder, write_blip2(folder)
 
 
 def test_stage_equals_transformers_qformer_features(blip2):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from omniforge.model.families import clap_audio_config, write_clap
 from omniforge.runtime.clap_media import ClapFrontEnd, features, fusion_starts
 from tests.encoder_variants import export_with_encoder
 
@@ -71,75 +72,13 @@ def test_fusion_crops_are_the_middle_of_each_third():
     assert fusion_starts(202, 201) == [0, 1, 0]  # two possible starts: an empty third starts at 0
 
 
-def _audio_config(fusion: bool) -> dict:
-    return dict(
-        num_mel_bins=64,
-        spec_size=128,  # freq_ratio 2: the 201 frames are resized to 256, folded into 128 x 128
-        window_size=4,
-        depths=[1, 1],
-        num_attention_heads=[2, 4],
-        patch_embeds_hidden_size=16,
-        hidden_size=32,
-        projection_dim=24,
-        enable_fusion=fusion,
-        fusion_type="aff_2d" if fusion else None,
-    )
-
-
-def _seeded_norms(model: torch.nn.Module) -> None:
-    """Log-mel statistics in the tower's input BatchNorm (dB values around -50), so that real
-    features reach the tower at unit scale as in a trained checkpoint."""
-    g = torch.Generator().manual_seed(3)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            big = m is model.audio_model.audio_encoder.batch_norm
-            m.running_mean.copy_(torch.randn(n, generator=g) * 5 - (50 if big else 0))
-            m.running_var.copy_(torch.rand(n, generator=g) * (400 if big else 1) + (100 if big else 0.5))
-
-
-def _tiny_clap(folder, fusion: bool = True, full: bool = False):
-    """A seeded CLAP audio tower (``ClapAudioModelWithProjection``, or inside a ``ClapModel``)
-    and its feature extractor, written with the libraries' own save_pretrained."""
-    from transformers import (
-        ClapAudioConfig,
-        ClapAudioModelWithProjection,
-        ClapConfig,
-        ClapFeatureExtractor,
-        ClapModel,
-    )
-
-    torch.manual_seed(0)
-    if full:
-        text = dict(
-            vocab_size=64,
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=32,
-            max_position_embeddings=40,
-        )
-        model = ClapModel(ClapConfig(audio_config=_audio_config(fusion), text_config=text, projection_dim=24))
-    else:
-        model = ClapAudioModelWithProjection(ClapAudioConfig(**_audio_config(fusion)))
-    _seeded_norms(model)
-    model.eval().save_pretrained(folder, safe_serialization=True)
-    ClapFeatureExtractor(
-        max_length_s=WINDOW_S,
-        frequency_min=50,
-        frequency_max=14000,
-        truncation="fusion" if fusion else "rand_trunc",
-    ).save_pretrained(folder)
-    return model
-
-
 @pytest.mark.parametrize("fusion", [True, False])
 def test_stage_is_transformers_forward(tmp_path, fusion):
     from transformers import ClapAudioModelWithProjection
 
     from omniforge.model.clap_encoder import load_clap_encoder
 
-    model = _tiny_clap(tmp_path / "c", fusion)
+    model = write_clap(tmp_path / "c", fusion)
     stage = load_clap_encoder(tmp_path / "c")
     assert isinstance(model, ClapAudioModelWithProjection)
     x = torch.rand(3, 4 if fusion else 1, 201, 64) * -80
@@ -154,7 +93,7 @@ def test_stage_is_transformers_forward(tmp_path, fusion):
 def test_full_clap_model_folder_reads_its_audio_tower(tmp_path):
     from omniforge.model.clap_encoder import load_clap_encoder
 
-    model = _tiny_clap(tmp_path / "full", full=True)
+    model = write_clap(tmp_path / "full", full=True)
     x = torch.rand(2, 4, 201, 64) * -80
     longer = torch.ones(2, 1, dtype=torch.bool)
     with torch.no_grad():
@@ -179,12 +118,14 @@ def test_unsupported_options_are_refused_in_one_sentence(tmp_path, change, says)
 
     folder = tmp_path / "c"
     folder.mkdir()
-    cfg = {"model_type": "clap_audio_model", **_audio_config(True), **change}
+    cfg = {"model_type": "clap_audio_model", **clap_audio_config(True), **change}
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match=says) as err:
         read_clap_folder(folder)
     assert "\n" not in str(err.value)
-    (folder / "config.json").write_text(json.dumps({"model_type": "clap_audio_model", **_audio_config(True)}))
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "clap_audio_model", **clap_audio_config(True)})
+    )
     (folder / "preprocessor_config.json").write_text(json.dumps({"truncation": "random"}))
     with pytest.raises(ConfigError, match="truncation 'random'"):
         read_clap_folder(folder)
@@ -215,7 +156,7 @@ def clap_builds(default_model, tmp_path_factory):
             hf = {}
 
             def place(model):
-                hf["clap"] = _tiny_clap(model / "clap", fusion=fusion, full=not fusion)
+                hf["clap"] = write_clap(model / "clap", fusion=fusion, full=not fusion)
                 return "clap"
 
             build, proj, model = export_with_encoder(default_model, tmp, "audio", place, 24)

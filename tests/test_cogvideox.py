@@ -13,7 +13,10 @@ import pytest
 import torch
 
 from omniforge.errors import ConfigError
-from tests.cogvideox_tiny import LATENT, TEXT_DIM, TEXT_LENGTH, write_cogvideox
+from omniforge.model.families import COGVIDEOX_LATENT as LATENT
+from omniforge.model.families import write_cogvideox
+
+TEXT_LENGTH, TEXT_DIM = 77, 32  # the tiny default's video output projector gives 77 x 32
 
 SCHEDULER_CASES = [  # (class, options): CogVideoX-2b's and -5b's configs, then the other branches
     ("CogVideoXDDIMScheduler", {}),

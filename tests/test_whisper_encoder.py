@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from omniforge.model.families import write_whisper
 from omniforge.runtime.whisper_media import log_mel
 from tests.encoder_variants import export_with_encoder
 
@@ -31,35 +32,10 @@ def test_log_mel_matches_whisper_feature_extractor(n_mels, seconds):
     np.testing.assert_allclose(log_mel(x, n_mels, window_s=10), short.input_features[0], atol=1e-4)
 
 
-def _tiny_whisper(folder):
-    from transformers import WhisperConfig, WhisperModel
-
-    torch.manual_seed(0)
-    cfg = WhisperConfig(
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=1,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        num_mel_bins=80,
-        vocab_size=64,
-        max_target_positions=16,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        decoder_start_token_id=1,
-    )
-    model = WhisperModel(cfg).eval()
-    model.save_pretrained(folder, safe_serialization=True)
-    return model
-
-
 def test_encoder_stage_at_30s_is_transformers_forward(tmp_path):
     from omniforge.model.audio_encoders import WhisperEncoderStage
 
-    model = _tiny_whisper(tmp_path / "w")
+    model = write_whisper(tmp_path / "w")
     x = torch.randn(2, 80, 3000)
     with torch.no_grad():
         want = model.get_encoder()(x).last_hidden_state
@@ -76,7 +52,7 @@ def test_whisper_audio_encoder_end_to_end(default_model, tmp_path):
     made = {}
 
     def place(model):
-        made["whisper"] = _tiny_whisper(model / "whisper_encoder")
+        made["whisper"] = write_whisper(model / "whisper_encoder")
         return "whisper_encoder"
 
     build, proj, model = export_with_encoder(

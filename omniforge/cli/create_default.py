@@ -14,6 +14,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("folder", help="where to write the model folder (replaced if it exists)")
     p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    p.add_argument(
+        "--family",
+        action="append",
+        default=[],
+        metavar="NAME[,NAME]",
+        help="swap a part for a tiny member of another family, at most one per slot: "
+        "qwen2 or qwen3 (LLM), whisper or clap (audio encoder), blip2 (image encoder), "
+        "cogvideox (video decoder); repeatable",
+    )
     p.set_defaults(run=run)
 
 
@@ -21,11 +30,15 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from omniforge.errors import ConfigError
+    from omniforge.model.families import check_families
     from omniforge.model.tiny import TinyConfig, create_default
 
     target = Path(args.folder)
     if target.exists() and not (target / "nextgpt.json").is_file() and any(target.iterdir()):
         raise ConfigError(f"'{target}' exists and is not a model folder; refusing to replace it")
-    create_default(target, TinyConfig(seed=args.seed))
-    print(f"tiny NExT-GPT written to {target}")
+    names = [n.strip() for arg in args.family for n in arg.split(",") if n.strip()]
+    names = check_families(names)  # before anything is written
+    create_default(target, TinyConfig(seed=args.seed), names)
+    with_ = f" with {', '.join(names)}" if names else ""
+    print(f"tiny NExT-GPT{with_} written to {target}")
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -111,10 +112,10 @@ def seeded_lora(llm_folder: Path, out: Path, rank: int, targets: list[str], scal
     """A PEFT LoRA adapter of the LLM at ``llm_folder`` (``lora_alpha`` = 2 * ``rank``) with seeded
     A and B (B non-zero, so that it changes the model), both scaled by ``scale``, saved to ``out``."""
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    base = LlamaForCausalLM.from_pretrained(llm_folder)
+    base = AutoModelForCausalLM.from_pretrained(llm_folder)
     lcfg = LoraConfig(
         r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False, lora_dropout=0.0
     )
@@ -296,39 +297,50 @@ def _projectors(cfg: TinyConfig, root: Path) -> dict[str, str]:
     return out
 
 
-def create_default(folder: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
-    """Write the tiny NExT-GPT to ``folder`` (atomically) and return its path."""
+def create_default(folder: str | Path, cfg: TinyConfig = TinyConfig(), families: Sequence[str] = ()) -> Path:
+    """Write the tiny NExT-GPT to ``folder`` (atomically) and return its path. ``families`` swap
+    parts for other families' (``omniforge.model.families.FAMILIES``: Qwen LLMs, Whisper or CLAP
+    audio, a BLIP-2 image encoder, a CogVideoX video decoder), at most one per slot."""
+    from omniforge.model.families import FAMILIES, apply_families, check_families
+
+    names = check_families(families)
+    llm_swap = [n for n in names if FAMILIES[n].slot == "llm"]
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_folder(folder.parent, f".{folder.name}.")
     try:
-        _llm(cfg, tmp / "llm")
-        adapters = _lora(cfg, tmp / "llm", tmp)
-        _encoder(cfg, tmp / "image_encoder", 3, cfg.seed + 20)
-        _encoder(cfg, tmp / "audio_encoder", 1, cfg.seed + 21)
-        outputs = _projectors(cfg, tmp)
-        _visual_decoder(cfg, tmp / "image_decoder", video=False)
-        _visual_decoder(cfg, tmp / "video_decoder", video=True)
-        _audio_decoder(cfg, tmp / "audio_decoder")
         desc = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "name": "tiny-nextgpt",
+            "name": "-".join(["tiny-nextgpt", *names]),
             "default_version": DEFAULT_VERSION,
             "tiny_config": asdict(cfg),
+            **({"families": names} if names else {}),
             "llm": "llm",
             "max_context": cfg.max_context,
-            "adapters": adapters,
+            "adapters": {},
             "adapter_auto": {"video": "video", "audio": "audio", "image": "image", "text": "text"},
             "encoders": {"image": "image_encoder", "audio": "audio_encoder"},
             "audio_frontend": asdict(AudioFrontend(n_mels=cfg.image_size, num_frames=cfg.image_size)),
             "video_frames": cfg.video_frames,
             "input_projector": "input_projector",
-            "output_projectors": outputs,
+            "output_projectors": {},
             "decoders": {"image": "image_decoder", "video": "video_decoder", "audio": "audio_decoder"},
             "signal_tokens": SIGNAL_TOKENS,
             "placeholders": PLACEHOLDERS,
         }
+        if llm_swap:
+            apply_families(tmp, desc, cfg, llm_swap)
+        else:
+            _llm(cfg, tmp / "llm")
+        desc["adapters"] = _lora(cfg, tmp / "llm", tmp)
+        _encoder(cfg, tmp / "image_encoder", 3, cfg.seed + 20)
+        _encoder(cfg, tmp / "audio_encoder", 1, cfg.seed + 21)
+        desc["output_projectors"] = _projectors(cfg, tmp)
+        _visual_decoder(cfg, tmp / "image_decoder", video=False)
+        _visual_decoder(cfg, tmp / "video_decoder", video=True)
+        _audio_decoder(cfg, tmp / "audio_decoder")
+        apply_families(tmp, desc, cfg, [n for n in names if n not in llm_swap])
         (tmp / "nextgpt.json").write_text(json.dumps(desc, indent=2) + "\n")
         if folder.exists():
             shutil.rmtree(folder)

@@ -1,0 +1,171 @@
+"""``omniforge create-default --family``: each family swapped into the default model folder in its
+library's format, exported with parity and run end to end from the CLI."""
+
+import json
+import subprocess
+import sys
+import wave
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+FAMILY_STAGES = {  # the stages each folder's swapped parts need, and the text ones around them
+    "qwen2,clap,blip2,cogvideox": "token_embedding,llm,image_encoder,image_input_projector,audio_encoder,"
+    "audio_input_projector,video_output_projector,video_unet,video_vae_decoder",
+    "qwen3,whisper": "token_embedding,llm,audio_encoder,audio_input_projector",
+}
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "omniforge", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def write_wav(path, rate: int, seconds: float = 3.0) -> None:
+    x = (np.sin(np.arange(int(rate * seconds)) * 0.05) * 9000).astype(np.int16)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(x.tobytes())
+
+
+@pytest.fixture(scope="module")
+def family_builds(tmp_path_factory):
+    """{families: (model folder, build)} written and exported through the CLI."""
+    root = tmp_path_factory.mktemp("families")
+    out = {}
+    for i, (names, stages) in enumerate(FAMILY_STAGES.items()):
+        model, build = root / f"model{i}", root / f"build{i}"
+        proc = cli("create-default", str(model), "--family", names)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == f"tiny NExT-GPT with {names.replace(',', ', ')} written to {model}"
+        proc = cli("export", str(model), "--out", str(build), "--stages", stages)
+        assert proc.returncode == 0, proc.stderr
+        out[names] = model, build
+    return out
+
+
+def test_each_family_is_written_in_its_library_format(family_builds):
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        Blip2Model,
+        ClapAudioModelWithProjection,
+        WhisperModel,
+    )
+
+    from omniforge.model.tokenizer import PLACEHOLDERS, SIGNAL_TOKENS
+    from omniforge.pipeline.model_config import load_model_config
+    from omniforge.runtime.tokenizer import TextTokenizer
+
+    model, _ = family_builds["qwen2,clap,blip2,cogvideox"]
+    desc = json.loads((model / "nextgpt.json").read_text())
+    assert desc["families"] == ["qwen2", "clap", "blip2", "cogvideox"]
+    assert (
+        "input_projector" not in desc and not (model / "input_projector").exists()
+    )  # both encoders have their own
+    assert set(desc["input_projectors"]) == {"image", "audio"}
+    load_model_config(model)
+    llm = AutoModelForCausalLM.from_pretrained(model / "llm")
+    assert type(llm).__name__ == "Qwen2ForCausalLM" and llm.config.tie_word_embeddings
+    assert llm.model.layers[0].self_attn.q_proj.bias.abs().sum() > 0
+    assert type(ClapAudioModelWithProjection.from_pretrained(model / "audio_encoder")).__name__.startswith(
+        "Clap"
+    )
+    assert Blip2Model.from_pretrained(model / "image_encoder").config.num_query_tokens == 4
+    transformer = CogVideoXTransformer3DModel.from_pretrained(model / "video_decoder" / "transformer")
+    assert (transformer.config.max_text_seq_length, transformer.config.text_embed_dim) == (77, 32)
+    AutoencoderKLCogVideoX.from_pretrained(model / "video_decoder" / "vae")
+
+    # the Qwen tokenizer carries the signal tokens and placeholders as single tokens, read alike by
+    # transformers and by the runtime, and ChatML's template
+    theirs = AutoTokenizer.from_pretrained(model / "llm")
+    ours = TextTokenizer(model / "llm" / "tokenizer.json", model / "llm" / "tokenizer_config.json")
+    text = "Look at <image>, then [IMG0][IMG1] café 東京"
+    assert ours.encode(text) == theirs(text)["input_ids"]
+    for token in [*SIGNAL_TOKENS["image"], *SIGNAL_TOKENS["audio"], *PLACEHOLDERS.values()]:
+        assert ours.encode(token) == [theirs.convert_tokens_to_ids(token)]
+    chat = theirs.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert ours.eos_token == "<|im_end|>"
+
+    model, _ = family_builds["qwen3,whisper"]
+    llm = AutoModelForCausalLM.from_pretrained(model / "llm")
+    assert type(llm).__name__ == "Qwen3ForCausalLM" and not llm.config.tie_word_embeddings
+    assert type(WhisperModel.from_pretrained(model / "audio_encoder")).__name__ == "WhisperModel"
+    assert json.loads((model / "nextgpt.json").read_text())["audio_frontend"] == {"window_s": 2, "pool": 4}
+
+
+def test_exported_with_parity_and_the_base_llm_equals_transformers(family_builds):
+    from transformers import AutoModelForCausalLM
+
+    from omniforge.runtime.llm import LlmRuntime
+    from omniforge.runtime.sampling import GenerationConfig
+
+    for names, (model, build) in family_builds.items():
+        parity = json.loads((build / "parity.json").read_text())
+        assert {r["stage"] for r in parity} == set(FAMILY_STAGES[names].split(","))
+        assert all(r["passed"] for r in parity), names
+        hf = AutoModelForCausalLM.from_pretrained(model / "llm", torch_dtype=torch.float32).eval()
+        runtime = LlmRuntime(build)
+        prompt = "A dog runs across the harbour"
+        ids = runtime.tokenizer.encode(prompt)
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, min_new_tokens=16)
+        got = runtime.generate(prompt, GenerationConfig(max_new_tokens=16, stop_token_ids=()), adapter="none")
+        assert got.token_ids == want[0, len(ids) :].tolist(), names
+
+
+def test_a_request_through_every_swapped_stage_from_the_cli(family_builds, tmp_path):
+    from omniforge.runtime.pipeline import Pipeline
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 52, 3), dtype=np.uint8)).save(
+        tmp_path / "p.png"
+    )
+    write_wav(tmp_path / "a48.wav", 48000)
+    write_wav(tmp_path / "a16.wav", 16000)
+    _, build = family_builds["qwen2,clap,blip2,cogvideox"]
+    args = ["--image", str(tmp_path / "p.png"), "--audio", str(tmp_path / "a48.wav"), "--force", "video"]
+    proc = cli("run", str(build), "-p", "See <image>, hear <audio>; film it", *args, "--steps", "2",
+               "--max-new-tokens", "4", "--out", str(tmp_path / "out"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    for stage in (
+        "image_encoder",
+        "image_input_projector",
+        "audio_encoder",
+        "audio_input_projector",
+        "video_unet",
+    ):
+        assert f"{stage} " in proc.stderr  # the timings line
+    with Image.open(tmp_path / "out" / "video_0.gif") as gif:
+        assert gif.n_frames == 17 and gif.size == (32, 32)  # CogVideoX's (5 - 1) * 4 + 1 frames
+
+    _, build = family_builds["qwen3,whisper"]
+    proc = cli("run", str(build), "-p", "Hear <audio> and say", "--audio", str(tmp_path / "a16.wav"),
+               "--max-new-tokens", "4")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "audio_encoder " in proc.stderr
+    assert Pipeline(build).encode_audio(tmp_path / "a16.wav").shape == (
+        25,
+        64,
+    )  # 2 s: 100 positions pooled by 4
+
+
+@pytest.mark.parametrize(
+    "families, says",
+    [
+        (["clap,whisper"], "'clap' and 'whisper' both fill the audio encoder; choose one"),
+        (["qwen2", "blip2,qwen3"], "'qwen2' and 'qwen3' both fill the llm; choose one"),
+        (["gpt2"], "unknown family 'gpt2'; choose from qwen2, qwen3, whisper, clap, blip2, cogvideox"),
+    ],
+)
+def test_bad_families_are_refused_before_anything_is_written(tmp_path, families, says):
+    proc = cli("create-default", str(tmp_path / "m"), *[a for f in families for a in ("--family", f)])
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"omniforge: error: {says}"
+    assert list(tmp_path.iterdir()) == []
