@@ -150,3 +150,25 @@ def test_each_bias_in_the_in_place_graph_with_a_lora_branch(flag, tmp_path):
     with torch.no_grad():
         want = model(inputs_embeds=rows[None]).logits[0, -1].numpy()
     np.testing.assert_allclose(_last_logits(lora, stage, rows.numpy(), arrays), want, rtol=0, atol=1e-4)
+
+
+def test_awq_scaling_keeps_the_fp32_function_with_mlp_biases(biased):
+    """AWQ divides up_proj's output columns by down_proj's scale: its bias must be divided too."""
+    import onnx
+
+    from omniforge.calibration.awq import apply_awq
+    from omniforge.calibration.quantize import calibration_rows
+    from omniforge.calibration.tensors import inplace_prefill
+    from omniforge.pipeline.contracts import Role
+    from omniforge.pipeline.manifest import load_manifest
+    from omniforge.runtime.engine import open_session
+
+    _, build, _ = biased
+    inplace = load_manifest(build).stages["llm"].variant(Role.ORT_INPLACE_LLM)
+    graph = onnx.load(str(build / inplace.file))
+    rows = calibration_rows(build, count=2, length=16)
+    scaled = apply_awq(graph, inplace.contract, rows, 4, 32)
+    feeds = inplace_prefill(inplace.contract, rows[0])
+    logits = inplace.contract.slot("logits")
+    a, b = (open_session(m.SerializeToString(), "exact").run([logits], feeds)[0] for m in (graph, scaled))
+    assert np.abs(a - b).max() <= 1e-4

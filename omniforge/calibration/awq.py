@@ -5,7 +5,7 @@ For each group of linear layers fed by the same activation, a per-input-channel 
 layers quantized at the requested bit width, block size and symmetry, on activations captured
 through the graph's contract taps; the weights are multiplied by ``s`` and the producer of the
 activation is divided by it, so the FP32 function is unchanged: QKV and gate/up scale into the
-RMSNorm gammas, down_proj into up_proj's output columns. The o_proj and the LM head (whose
+RMSNorm gammas, down_proj into up_proj's output columns (and its bias, where there is one). The o_proj and the LM head (whose
 inputs have no foldable producer here) stay plain RTN.
 """
 
@@ -87,7 +87,21 @@ def apply_awq(
             if gamma_tap is not None:
                 gamma = layer_tap(contract, i, gamma_tap)
                 put(gamma, arr(gamma) / s)
-            else:  # the activation is silu(gate) * up: dividing up's output columns divides it
+            else:  # the activation is silu(gate) * up: dividing up's output columns (and bias) divides it
                 up = layer_tap(contract, i, up_tap)
                 put(up, arr(up) / s[None, :])
+                bias = bias_after(model_c.graph, up, inits)
+                if bias is not None:
+                    put(bias, arr(bias) / s)
     return model_c
+
+
+def bias_after(graph: onnx.GraphProto, weight: str, inits: dict[str, onnx.TensorProto]) -> str | None:
+    """The initializer added to the output of the MatMul reading ``weight`` (LLaMA's ``mlp_bias``), if any."""
+    outs = {n.output[0] for n in graph.node if n.op_type == "MatMul" and weight in n.input}
+    for n in graph.node:
+        if n.op_type == "Add" and outs.intersection(n.input):
+            other = [x for x in n.input if x not in outs]
+            if len(other) == 1 and other[0] in inits:
+                return other[0]
+    return None
