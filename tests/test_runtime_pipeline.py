@@ -1,6 +1,7 @@
 """The torch-free any-to-any pipeline: front ends, schedulers and decoders against their references."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -113,16 +114,15 @@ def test_corrupt_media_give_one_clear_error(tmp_path, loader, content, needle):
         loader(tmp_path / "missing.png")
 
 
-def test_mp4_without_a_decoder_says_what_to_install(tmp_path):
+def test_mp4_without_a_decoder_says_what_to_install(tmp_path, monkeypatch):
+    from omniforge.errors import MissingDependencyError
+    from omniforge.runtime import video as V
+
     f = tmp_path / "clip.mp4"
     f.write_bytes(b"\x00" * 32)
-    try:
-        import imageio  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("imageio is installed here")
-    with pytest.raises(InputError, match="imageio"):
+    monkeypatch.setattr(V.av, "_module", None)
+    monkeypatch.setitem(sys.modules, "av", None)  # as where PyAV is not installed
+    with pytest.raises(MissingDependencyError, match=r"pip install 'omniforge\[video\]'"):
         M.load_video_frames(f, 4)
 
 

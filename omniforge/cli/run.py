@@ -35,11 +35,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--system", help="a system message before the prompt (with the chat template)")
     p.add_argument("--image", help="input image file")
     p.add_argument("--audio", help="input WAV file")
-    p.add_argument("--video", help="input video: a folder of frames, a GIF, or an MP4 (with imageio)")
+    p.add_argument(
+        "--video",
+        help="input video: a folder of frames, a GIF, or an MP4/MOV/MKV/WebM/AVI file (with the "
+        "'video' extra: PyAV); a video file's sound track is encoded beside its frames when the build "
+        "has an audio encoder (a build without one encodes the frames alone)",
+    )
     p.add_argument(
         "--video-audio",
-        metavar="WAV",
-        help="the --video's sound track (a WAV file), encoded by the audio encoder beside the frames",
+        metavar="TRACK",
+        help="the --video's sound track, encoded by the audio encoder beside the frames: a WAV file, "
+        "or a video file's audio stream (it replaces the --video file's own track)",
     )
     p.add_argument("--out", default="outputs", help="folder for generated media (default: outputs)")
     p.add_argument(

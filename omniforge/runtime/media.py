@@ -1,4 +1,6 @@
 """Media front ends in numpy + Pillow + the stdlib: images, videos, WAV audio, log-mel features.
+Video files (MP4, MOV, MKV, WebM, AVI: their frames and sound track) are decoded with PyAV, an
+optional dependency imported on first use (``runtime.video``).
 
 Each reproduces the preprocessing the encoders were exported with (CLIP image preprocessing,
 an HTK log-mel spectrogram) and is checked against transformers' own implementations in the
@@ -29,6 +31,7 @@ from omniforge.errors import ConfigError, InputError
 from omniforge.pipeline.atomic import temp_file
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".webm", ".avi"}  # decoded with PyAV (``runtime.video``)
 
 # what a media file or a build's front-end config may ask for; beyond it, one error
 MAX_PIXELS = 64_000_000  # of an image or a video frame, as stored and as resized for the encoder
@@ -38,7 +41,7 @@ MAX_VIDEO_FRAMES = 256  # frames sampled from a video
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1_000, 384_000  # Hz: WAV files and the audio front end
 MAX_CHANNELS = 64
 MAX_AUDIO_SECONDS = 30.0  # ``load_wav`` reads at most this much from the start of a file by default
-MAX_AUDIO_SAMPLES = 1 << 24  # samples over all channels read from one file
+MAX_AUDIO_SAMPLES = 1 << 24  # samples over all channels read from one file (or a video's track)
 MAX_WAV_CHUNKS = 1024  # RIFF chunks walked to find 'fmt ' and 'data'
 MAX_FFT, MAX_MEL_BINS, MAX_MEL_FRAMES = 1 << 16, 1024, 100_000  # the audio front end's sizes
 MAX_MEL_WORK = 1 << 22  # num_frames x n_fft and n_mels x (n_fft // 2 + 1): the front end's largest arrays
@@ -335,7 +338,7 @@ def check_frame_count(num_frames: int) -> int:
 
 def iter_video_frames(path: str | os.PathLike[str], num_frames: int) -> Iterator[Image.Image]:
     """Uniformly sampled RGB frames, one at a time, from a folder of images, an animated GIF/WebP, or
-    an MP4 (imageio): only the sampled frames are decoded."""
+    a video file (``VIDEO_SUFFIXES``, with PyAV): only the sampled frames are converted and kept."""
     k = check_frame_count(num_frames)
     p, st = _stat(path, "video")
     if stat.S_ISDIR(st.st_mode):
@@ -348,9 +351,10 @@ def iter_video_frames(path: str | os.PathLike[str], num_frames: int) -> Iterator
         for i in sample_indices(len(files), k):
             yield load_image(files[i])
         return
-    if p.suffix.lower() in (".mp4", ".mov", ".mkv", ".avi", ".webm"):
-        _open_regular(p, "video").close()
-        yield from _video_file_frames(p, k)
+    if p.suffix.lower() in VIDEO_SUFFIXES:
+        from omniforge.runtime.video import iter_file_frames
+
+        yield from iter_file_frames(p, k)
         return
     with _open_regular(p, "video") as f:
         yield from _animated_frames(f, p.name, k)
@@ -370,32 +374,8 @@ def _animated_frames(f: BinaryIO, name: str, k: int) -> Iterator[Image.Image]:
 
 
 def load_video_frames(path: str | os.PathLike[str], num_frames: int) -> list[Image.Image]:
-    """Uniformly sampled RGB frames from a folder of images, an animated GIF/WebP, or an MP4 (imageio)."""
+    """Uniformly sampled RGB frames from a folder of images, an animated GIF/WebP, or a video file."""
     return list(iter_video_frames(path, num_frames))
-
-
-def imageio_for(p: Path):
-    """imageio's v3 API for reading the video ``p``, or one ``InputError`` naming what to install."""
-    try:
-        import imageio.v3 as iio
-    except ImportError:
-        raise InputError(
-            f"reading '{p.suffix}' video needs imageio with an ffmpeg backend (`pip install imageio imageio-ffmpeg`); "
-            "a folder of frames or a GIF works without it"
-        ) from None
-    return iio
-
-
-def _video_file_frames(p: Path, num_frames: int) -> list[Image.Image]:
-    iio = imageio_for(p)
-    try:
-        frames = iio.imread(p)
-    except Exception as exc:  # imageio raises backend-specific errors
-        raise InputError(f"'{p.name}' is not a readable video ({exc})") from None
-    if frames.ndim != 4 or frames.shape[0] < 1:
-        raise InputError(f"'{p.name}' holds no video frames")
-    check_image_size(frames.shape[2], frames.shape[1], p.name)
-    return [Image.fromarray(frames[i]).convert("RGB") for i in sample_indices(len(frames), num_frames)]
 
 
 WAVE_PCM, WAVE_FLOAT, WAVE_EXTENSIBLE = 1, 3, 0xFFFE
@@ -465,12 +445,7 @@ def load_wav(
 
     Only the first ``max_seconds`` (and at most ``MAX_AUDIO_SAMPLES`` samples over all channels)
     are read; the rest of a longer file is never loaded."""
-    if (
-        isinstance(max_seconds, bool)
-        or not isinstance(max_seconds, (int, float))
-        or not 0 < max_seconds < math.inf
-    ):
-        raise ConfigError(f"max_seconds must be a positive finite number, got {max_seconds!r}")
+    check_max_seconds(max_seconds)
     with _open_regular(path, "audio") as f:
         name = Path(path).name
         try:
@@ -478,12 +453,7 @@ def load_wav(
             tag, ch, sr, bits = _wav_format(fmt)
         except (ValueError, struct.error, OSError) as exc:
             raise InputError(f"'{name}' is not a readable PCM WAV file ({exc})") from None
-        if not MIN_SAMPLE_RATE <= sr <= MAX_SAMPLE_RATE:
-            raise InputError(
-                f"'{name}' has a sample rate of {sr} Hz; {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE} Hz are supported"
-            )
-        if ch > MAX_CHANNELS:
-            raise InputError(f"'{name}' has {ch} channels; at most {MAX_CHANNELS} are supported")
+        check_audio_format(name, sr, ch)
         decode = _DECODERS.get((tag, bits))
         if decode is None:
             kind = {WAVE_PCM: "PCM", WAVE_FLOAT: "float"}.get(tag, f"format {tag}")
@@ -497,11 +467,39 @@ def load_wav(
     raw = raw[: len(raw) // frame * frame]  # whole frames only
     if not raw:
         raise InputError(f"'{name}' holds no audio samples")
-    frames_x = decode(raw).reshape(-1, ch)
-    x = frames_x.mean(axis=1) if channel is None else frames_x[:, min(channel, ch - 1)]
+    return to_mono(decode(raw).reshape(-1, ch), channel, name), sr
+
+
+def check_max_seconds(max_seconds: float) -> float:
+    """``max_seconds`` if it is a positive finite number, else one ``ConfigError``."""
+    if (
+        isinstance(max_seconds, bool)
+        or not isinstance(max_seconds, (int, float))
+        or not 0 < max_seconds < math.inf
+    ):
+        raise ConfigError(f"max_seconds must be a positive finite number, got {max_seconds!r}")
+    return float(max_seconds)
+
+
+def check_audio_format(name: str, sr: int, channels: int) -> None:
+    """Refuse a recording whose rate lies outside [``MIN_SAMPLE_RATE``, ``MAX_SAMPLE_RATE``] or that
+    has more than ``MAX_CHANNELS`` channels."""
+    if not MIN_SAMPLE_RATE <= sr <= MAX_SAMPLE_RATE:
+        raise InputError(
+            f"'{name}' has a sample rate of {sr} Hz; {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE} Hz are supported"
+        )
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise InputError(f"'{name}' has {channels} channels; 1 to {MAX_CHANNELS} are supported")
+
+
+def to_mono(frames: np.ndarray, channel: int | None, name: str) -> np.ndarray:
+    """(samples, channels) -> float32 mono: ``channel`` alone (the last one if there are fewer), else
+    the mean of all channels. WAV files and video sound tracks share this rule."""
+    ch = frames.shape[1]
+    x = frames.mean(axis=1) if channel is None else frames[:, min(channel, ch - 1)]
     if not np.isfinite(x).all():
         raise InputError(f"'{name}' holds NaN or infinite samples")
-    return x.astype(np.float32), sr
+    return x.astype(np.float32)
 
 
 def check_sample_rate(sr: int, what: str) -> int:

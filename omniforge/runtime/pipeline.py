@@ -18,6 +18,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ from omniforge.runtime.schedulers import SCHEDULERS, make_scheduler
 from omniforge.runtime.tokenizer import SignalEvent
 
 MODALITIES = ("image", "video", "audio")
+ReadSound = Callable[[float, int | None], tuple[np.ndarray, int]]  # (max_seconds, channel) -> samples, rate
 
 
 IB_LONGEST_S = 3600.0  # ImageBind audio read per request (also bounded by media.MAX_AUDIO_SAMPLES)
@@ -218,17 +220,19 @@ class Pipeline:
         """Frames sampled from ``video``, each preprocessed as it is decoded (one full-size frame in
         memory at a time), through the image encoder and mean-pooled. ImageBind: its clips (2-frame
         clips at spread start times, 3 spatial crops each), their embeddings averaged. ``track``: the
-        video's sound (a WAV file) through the audio encoder, fused with the frames' rows as the
-        build's ``video_audio`` config says (``runtime.video_audio``)."""
+        video's sound (a WAV file, or a video file's audio stream: ``video`` itself for its own)
+        through the audio encoder, fused with the frames' rows as the build's ``video_audio``
+        config says (``runtime.video_audio``)."""
         self._need("image_encoder", "video input")
         if track is not None:
+            from omniforge.runtime.video import load_sound
             from omniforge.runtime.video_audio import VideoAudio
 
             self._need("audio_encoder", "a video's sound track")
             files = self.build.manifest.files
             cfg = self.build.json("video_audio") if "video_audio" in files else {}
             fusion = VideoAudio.from_config(cfg, ManifestError)
-            return fusion.fuse(self.encode_video(video), self.encode_audio(track))
+            return fusion.fuse(self.encode_video(video), self._encode_sound(partial(load_sound, track)))
         cfg = self.build.json("image_preprocessor")
         if cfg.get("kind") == "imagebind":
             from omniforge.runtime import imagebind_media as IB
@@ -246,8 +250,12 @@ class Pipeline:
         return self._project(_rows(emb.mean(axis=0, keepdims=True)))  # temporal mean pooling
 
     def encode_audio(self, audio: str | Path) -> np.ndarray:
-        """The audio encoder's embedding of ``audio``: only the seconds its front end uses are read.
-        ImageBind: fbank clips spread over the recording, their embeddings averaged."""
+        """The audio encoder's embedding of the WAV file ``audio``: only the seconds its front end
+        uses are read. ImageBind: fbank clips spread over the recording, their embeddings averaged."""
+        return self._encode_sound(partial(M.load_wav, audio))
+
+    def _encode_sound(self, read: ReadSound) -> np.ndarray:
+        """The audio encoder's embedding of the recording ``read`` gives (a WAV file, a video's track)."""
         self._need("audio_encoder", "audio input")
         cfg = self.build.json("audio_frontend")
         if cfg.get("kind") == "imagebind":
@@ -255,7 +263,7 @@ class Pipeline:
 
             # its clips are placed over the whole recording: read all of it (up to the sample
             # bound), first channel only, as ImageBind's torchaudio-based loader does
-            samples, sr = M.load_wav(audio, max_seconds=IB_LONGEST_S, channel=0)
+            samples, sr = read(IB_LONGEST_S, 0)
             x = IB.audio_clips(
                 samples,
                 sr,
@@ -269,7 +277,7 @@ class Pipeline:
             from omniforge.runtime.whisper_media import SAMPLE_RATE, log_mel
 
             window = _size(cfg, "window_s", 30)
-            samples, sr = M.load_wav(audio, max_seconds=window)
+            samples, sr = read(window, None)
             x = log_mel(M.resample(samples, sr, SAMPLE_RATE), _size(cfg, "n_mels", 256), window)
             return self._project(
                 self._run("audio_encoder", {"input_features": x[None]})["embeds"][0], "audio"
@@ -278,11 +286,11 @@ class Pipeline:
             from omniforge.runtime import clap_media as CL
 
             clap = CL.ClapFrontEnd.from_config(cfg)
-            samples, sr = M.load_wav(audio, max_seconds=clap.read_seconds)
+            samples, sr = read(clap.read_seconds, None)
             x = CL.features(M.resample(samples, sr, clap.sample_rate), clap)
             return self._project(self._run("audio_encoder", {"input_features": x[None]})["embeds"], "audio")
         fe = M.AudioFrontEnd.from_config(cfg)
-        samples, sr = M.load_wav(audio, max_seconds=fe.read_seconds)
+        samples, sr = read(fe.read_seconds, None)
         feats = M.audio_features(samples, sr, fe)
         return self._project(self._run("audio_encoder", {"log_mel": feats[None]})["embeds"], "audio")
 
@@ -539,12 +547,18 @@ class Pipeline:
         noise: floats of ``latent_shape(modality)``, unit variance (scaled by the scheduler's initial
         sigma, as in diffusers); ``initial_latents(modality, seed)`` gives a seed's own.
         A generated waveform that is silent is reported in ``result.warnings``.
-        ``video_audio``: the video's sound track (a WAV file), encoded beside its frames.
+        ``video_audio``: the video's sound track (a WAV file, or a video file's audio stream),
+        encoded beside its frames. Without it, a video file's own audio stream is its track when
+        the build has an audio encoder; a build without one encodes the frames alone.
         """
         generation, diffusion, force = self._options(generation, diffusion, force, on_text)
         given = self._latents(latents)
         if video_audio is not None and video is None:
             raise InputError("a video's sound track was given without a video")
+        if video is not None and video_audio is None and self.build.has_stage("audio_encoder"):
+            from omniforge.runtime.video import has_sound
+
+            video_audio = video if has_sound(video) else None
         asked = [m for m, x in (("image", image), ("audio", audio), ("video", video)) if x is not None]
         adapter_name = self.llm.resolve_adapter(adapter, [*asked, *sorted(force)])
         for modality in sorted(force):
