@@ -169,3 +169,26 @@ def test_bad_families_are_refused_before_anything_is_written(tmp_path, families,
     assert proc.returncode == 1
     assert proc.stderr.strip() == f"omniforge: error: {says}"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_pytorch_reference_of_bench_mirrors_a_blip2_and_qwen_model(family_builds, tmp_path):
+    """``omniforge bench``'s eager reference runs the family folder's own encoder and projector; a
+    folder without an image decoder gets a note instead."""
+    from omniforge.bench.reference import run_reference
+
+    model, _ = family_builds["qwen2,clap,blip2,cogvideox"]
+    ref = run_reference(model, steps=1, new_tokens=2, threads=1)
+    assert ref["total_ms"] > 0 and set(ref["stages_ms"]) >= {"image_encoder+input_projector", "llm"}
+    desc = json.loads((model / "nextgpt.json").read_text())
+    desc["decoders"].pop("image")
+    desc["output_projectors"].pop("image")
+    desc["signal_tokens"].pop("image")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for part in model.iterdir():
+        if part.name != "nextgpt.json":
+            (bare / part.name).symlink_to(part)
+    (bare / "nextgpt.json").write_text(json.dumps(desc))
+    assert run_reference(bare, steps=1, new_tokens=2, threads=1) == {
+        "skipped": "the reference mirrors a CLIP or BLIP-2 image encoder and a Stable Diffusion decoder"
+    }

@@ -1,6 +1,8 @@
 """The PyTorch eager reference of the end-to-end run ``omniforge bench`` times: the same weights
-through transformers (CLIP encoder, LLaMA ``generate``), the projectors, and diffusers'
-``StableDiffusionPipeline`` with the same conditioning and steps. Imports torch: runs in its own process.
+through transformers (a CLIP or BLIP-2 image encoder, the LLM's ``generate``), the projectors, and
+diffusers' ``StableDiffusionPipeline`` with the same conditioning and steps. Imports torch: runs in
+its own process. A model it cannot mirror (no image encoder or Stable Diffusion decoder, an
+ImageBind encoder) gets ``{"skipped": reason}``.
 """
 
 from __future__ import annotations
@@ -20,14 +22,24 @@ def run_reference(model: Path, steps: int, new_tokens: int, threads: int) -> dic
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import AutoTokenizer
 
+    from omniforge.export.exporter import blip_frontend
     from omniforge.model.loader import load_component
+    from omniforge.pipeline.describe import encoder_kind
     from omniforge.pipeline.model_config import load_model_config
+    from omniforge.runtime.image_frontends import resize_normalize
     from omniforge.runtime.media import preprocess_image
 
     torch.set_num_threads(threads)
     cfg = load_model_config(model)
+    kind = encoder_kind(cfg.encoders["image"]) if "image" in cfg.encoders else None
+    if kind not in ("clip", "blip-2") or "image" not in cfg.decoders or "image" not in cfg.output_projectors:
+        return {
+            "skipped": "the reference mirrors a CLIP or BLIP-2 image encoder and a Stable Diffusion decoder"
+        }
     enc = load_component(cfg, "encoders.image")
-    proj = load_component(cfg, "input_projector")
+    proj = load_component(
+        cfg, "input_projectors.image" if "image" in cfg.input_projectors else "input_projector"
+    )
     llm = load_component(cfg, "llm", cfg.merge_adapter)
     out_proj = load_component(cfg, "output_projectors.image")
     tok = AutoTokenizer.from_pretrained(cfg.llm)
@@ -43,15 +55,22 @@ def run_reference(model: Path, steps: int, new_tokens: int, threads: int) -> dic
         requires_safety_checker=False,
     )
     sd.set_progress_bar_config(disable=True)
-    pre = json.loads((cfg.encoders["image"] / "preprocessor_config.json").read_text())
+    picture = np.full((32, 32, 3), 127, np.uint8)
+    if kind == "blip-2":  # N query rows per image
+        pre = blip_frontend(cfg.encoders["image"])
+        encode = lambda x: enc(x)  # noqa: E731
+        pixels = lambda: resize_normalize(picture, pre)  # noqa: E731
+    else:  # one pooled row
+        pre = json.loads((cfg.encoders["image"] / "preprocessor_config.json").read_text())
+        encode = lambda x: enc(pixel_values=x).image_embeds[:, None]  # noqa: E731
+        pixels = lambda: preprocess_image(picture, pre)  # noqa: E731
     signal = [tok.convert_tokens_to_ids(t) for t in cfg.signal_tokens["image"]]
 
     def once() -> dict[str, float]:
         t: dict[str, float] = {}
         with torch.no_grad():
             t0 = time.perf_counter()
-            x = torch.from_numpy(preprocess_image(np.full((32, 32, 3), 127, np.uint8), pre))[None]
-            rows = proj(enc(pixel_values=x).image_embeds[:, None])[0]
+            rows = proj(encode(torch.from_numpy(pixels())[None]))[0]
             t["image_encoder+input_projector"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             ids = tok(f"<image> {PROMPT}", add_special_tokens=False, return_tensors="pt").input_ids

@@ -164,9 +164,13 @@ def run_builds(args: argparse.Namespace) -> int:
     model = manifests[0].source.get("model")
     if not args.no_reference and model and Path(model).is_dir():
         log("measuring the PyTorch eager reference ...")
-        data["reference"] = _child(
+        ref = _child(
             "omniforge.bench.reference", [model, str(args.steps), str(args.new_tokens), str(args.threads)]
         )
+        if "skipped" in ref:
+            log(f"no PyTorch eager reference: {ref['skipped']}")
+        else:
+            data["reference"] = ref
     out = Path(args.out)
     write_json(out / "bench.json", data)
     md = markdown(data)
