@@ -6,18 +6,13 @@ import pytest
 import torch
 
 from omniforge.errors import ConfigError, ModelNotFoundError
+from omniforge.model import families
 from omniforge.runtime.llm import LlmRuntime
 from omniforge.runtime.sampling import GenerationConfig
 from omniforge.runtime.tokenizer import TextTokenizer
 
 PROMPTS = ["Describe the image in one sentence.", "A dog runs"]
 SIGNALS = ["[IMG0]", "[IMG1]", "[AUD0]"]
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-# Qwen2's pre-tokenizer split (its tokenizer.json's), before the byte-level mapping
-QWEN_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-    r"\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 CORPUS = [
     "Describe the image in one sentence. A dog runs across the harbour at dawn.",
     "Generate the sound of rain falling on a tin roof, then a picture of 3 boats.",
@@ -26,22 +21,8 @@ CORPUS = [
 
 
 def byte_level_bpe():
-    """A small byte-level BPE in Qwen's form (NFC, regex split, byte-level, special and signal tokens)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(CORPUS, trainer)
+    """A small byte-level BPE in Qwen's form, with the signal tokens added as plain added tokens."""
+    tok = families.byte_level_bpe(CORPUS, 400)
     tok.add_tokens(SIGNALS)
     return tok
 
