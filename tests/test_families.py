@@ -192,3 +192,25 @@ def test_the_pytorch_reference_of_bench_mirrors_a_blip2_and_qwen_model(family_bu
     assert run_reference(bare, steps=1, new_tokens=2, threads=1) == {
         "skipped": "the reference mirrors a CLIP or BLIP-2 image encoder and a Stable Diffusion decoder"
     }
+
+
+def test_an_encoder_of_an_unsupported_family_is_refused_in_one_sentence(family_builds, tmp_path):
+    """Not loaded into CLIP's class with its weights freshly initialised: refused, naming the supported types."""
+    model, _ = family_builds["qwen3,whisper"]
+    other = tmp_path / "model"
+    other.mkdir()
+    for part in model.iterdir():
+        if part.name != "image_encoder":
+            (other / part.name).symlink_to(part)
+    (other / "image_encoder").mkdir()
+    config = json.loads((model / "image_encoder" / "config.json").read_text())
+    (other / "image_encoder" / "config.json").write_text(
+        json.dumps({**config, "model_type": "siglip_vision_model"})
+    )
+    proc = cli("export", str(other), "--out", str(tmp_path / "build"))
+    assert proc.returncode == 1 and not (tmp_path / "build").exists()
+    assert proc.stderr.strip() == (
+        f"omniforge: error: the encoder at {other / 'image_encoder'} is a 'siglip_vision_model' model; omniforge "
+        "encodes media with 'clip_vision_model', 'clip', 'imagebind', 'whisper', 'blip-2', 'clap', "
+        "'clap_audio_model' models"
+    )

@@ -188,13 +188,29 @@ def input_projector_name(cfg: ModelConfig, modality: str) -> str:
     return f"{m}_input_projector" if m in cfg.input_projectors else "input_projector"
 
 
+# encoder config ``model_type`` -> kind; any other type is refused (transformers would load it
+# into the wrong class with its unmatched weights freshly initialised)
+ENCODER_KINDS = {
+    "clip_vision_model": "clip",
+    "clip": "clip",
+    "imagebind": "imagebind",
+    "whisper": "whisper",
+    "blip-2": "blip-2",
+    "clap": "clap",
+    "clap_audio_model": "clap",
+}
+
+
 def encoder_kind(path: Path) -> str:
     """``imagebind``, ``whisper``, ``blip-2``, ``clap`` or ``clip`` (a CLIP vision folder), from its
-    config."""
+    config's ``model_type``; one sentence naming the supported types otherwise."""
     t = read_json(path / "config.json").get("model_type")
-    if t in ("clap", "clap_audio_model"):
-        return "clap"
-    return t if t in ("imagebind", "whisper", "blip-2") else "clip"
+    if t not in ENCODER_KINDS:
+        raise ConfigError(
+            f"the encoder at {path} is a '{t}' model; omniforge encodes media with "
+            f"{', '.join(repr(k) for k in ENCODER_KINDS)} models"
+        )
+    return ENCODER_KINDS[t]
 
 
 def is_imagebind(path: Path) -> bool:
