@@ -214,3 +214,34 @@ def test_an_encoder_of_an_unsupported_family_is_refused_in_one_sentence(family_b
         "encodes media with 'clip_vision_model', 'clip', 'imagebind', 'whisper', 'blip-2', 'clap', "
         "'clap_audio_model' models"
     )
+
+
+def test_int8_builds_of_the_swapped_encoders_with_accuracy_reports(family_builds, tmp_path, quick_quant):
+    """Each family's encoder quantized to INT8 with its accuracy in the report, and the INT8 build's
+    rows close to the FP32 build's."""
+    from omniforge.calibration.quantize import quantize_build
+    from omniforge.runtime.pipeline import Pipeline
+
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 52, 3), dtype=np.uint8)).save(
+        tmp_path / "p.png"
+    )
+    write_wav(tmp_path / "a48.wav", 48000, 1.5)
+    write_wav(tmp_path / "a16.wav", 16000, 1.5)
+    media = {
+        "qwen2,clap,blip2,cogvideox": {"image": "p.png", "audio": "a48.wav"},
+        "qwen3,whisper": {"audio": "a16.wav"},
+    }
+    for names, (_, build) in family_builds.items():
+        stages = FAMILY_STAGES[names].split(",")
+        keep = {
+            s: "fp32" for s in stages if s.startswith("video_")
+        }  # CogVideoX's INT8 is tests/test_cogvideox.py's
+        out = tmp_path / f"int8-{len(stages)}"
+        quantize_build(build, out, "int8", log=lambda _m: None, options=quick_quant, overrides=keep)
+        report = {r["stage"]: r for r in json.loads((out / "quantize.json").read_text())}
+        for modality, file in media[names].items():
+            assert report[f"{modality}_encoder"]["precision"] == "int8"
+            assert report[f"{modality}_encoder"]["metrics"]["cosine_min"] > 0.999  # measured 0.9998-1.0
+            a, b = (getattr(Pipeline(x), f"encode_{modality}")(tmp_path / file) for x in (build, out))
+            cosine = float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))
+            assert a.shape == b.shape and cosine > 0.99, (names, modality, cosine)
