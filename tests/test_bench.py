@@ -92,7 +92,10 @@ def test_report_functions_on_synthetic_data():
         "reference": {"total_ms": 15.0, "stages_ms": {"x": 15.0}},
     }
     md = markdown(data)
-    assert "| a | 5 | 3.00x |" in md
+    assert "| a | image + prompt in, text + image out | 5 | 3.00x |" in md
+    other = json.loads(json.dumps(data))  # another request: no ratio against the image reference
+    other["builds"][0]["e2e"]["request"] = "audio + prompt in, text out"
+    assert "| a | audio + prompt in, text out | 5 | - |" in markdown(other)
     slower = json.loads(json.dumps(data))
     slower["builds"][0]["stages"][0]["latency_ms"]["p50"] = 3.0
     assert "+100.0%" in compare_runs(data, slower)

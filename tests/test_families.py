@@ -245,3 +245,18 @@ def test_int8_builds_of_the_swapped_encoders_with_accuracy_reports(family_builds
             a, b = (getattr(Pipeline(x), f"encode_{modality}")(tmp_path / file) for x in (build, out))
             cosine = float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))
             assert a.shape == b.shape and cosine > 0.99, (names, modality, cosine)
+
+
+def test_bench_runs_a_build_without_image_stages(family_builds, tmp_path):
+    """``omniforge bench`` of the Whisper + Qwen3 build: its end-to-end request is the audio one."""
+    _, build = family_builds["qwen3,whisper"]
+    proc = cli(
+        "bench", str(build), "--runs", "1", "--steps", "1", "--new-tokens", "2", "--out", str(tmp_path)
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert "reference" not in data  # the eager reference runs the image request only
+    (b,) = data["builds"]
+    assert b["e2e"]["request"] == "audio + prompt in, text out"
+    assert set(b["e2e"]["stages_ms"]) >= {"audio_encoder", "audio_input_projector", "llm"}
+    assert b["llm"]["ttft_ms_prompt16_plus_audio"] > 0

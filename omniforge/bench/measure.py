@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import resource
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -66,6 +67,33 @@ def stage_call(build, name: str, context: int = 32) -> Callable[[], object]:
     return lambda: session.run(None, feeds)
 
 
+IMAGE_REQUEST = "image + prompt in, text + image out"  # the request the PyTorch reference mirrors
+
+
+def bench_media(build, folder: Path) -> dict[str, object]:
+    """A sample input for each medium the build encodes (image before audio): a grey 32 x 32
+    image; a 1 s 440 Hz tone at 16 kHz written to ``folder`` (the audio front ends resample it)."""
+    import wave
+
+    media: dict[str, object] = {}
+    if "image_encoder" in build.manifest.stages:
+        media["image"] = np.full((32, 32, 3), 127, np.uint8)
+    if "audio_encoder" in build.manifest.stages:
+        tone = (0.3 * 32767 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)).astype(np.int16)
+        with wave.open(str(folder / "tone.wav"), "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(16000)
+            w.writeframes(tone.tobytes())
+        media["audio"] = folder / "tone.wav"
+    return media
+
+
+def e2e_request(media_in: list[str], media_out: list[str]) -> str:
+    """``image + prompt in, text + image out`` and its kin, for the report."""
+    return f"{' + '.join([*media_in, 'prompt'])} in, {' + '.join(['text', *media_out])} out"
+
+
 def bench_build(path: Path, name: str, threads: int, runs: int, steps: int, new_tokens: int) -> dict:
     import onnx
 
@@ -98,12 +126,18 @@ def bench_build(path: Path, name: str, threads: int, runs: int, steps: int, new_
         llm[f"ttft_ms_prompt{n}"] = float(
             np.median([rt.generate(ids, GenerationConfig(max_new_tokens=1)).ttft_s for _ in range(3)]) * 1000
         )
-    image_rows = pipe.encode_image(np.full((32, 32, 3), 127, np.uint8))
-    media_prompt = np.concatenate([image_rows, rt.embed_ids(np.resize(vocab, 16))])
-    llm["ttft_ms_prompt16_plus_image"] = float(
-        np.median([rt.generate(media_prompt, GenerationConfig(max_new_tokens=1)).ttft_s for _ in range(3)])
-        * 1000
-    )
+    scratch = tempfile.TemporaryDirectory()
+    media_in = bench_media(b, Path(scratch.name))
+    if media_in:  # the first medium the build encodes: its rows ahead of a 16-token prompt
+        modality, sample = next(iter(media_in.items()))
+        rows = getattr(pipe, f"encode_{modality}")(sample)
+        media_prompt = np.concatenate([rows, rt.embed_ids(np.resize(vocab, 16))])
+        llm[f"ttft_ms_prompt16_plus_{modality}"] = float(
+            np.median(
+                [rt.generate(media_prompt, GenerationConfig(max_new_tokens=1)).ttft_s for _ in range(3)]
+            )
+            * 1000
+        )
     single = [rt.generate(np.resize(vocab, 16).tolist(), cfg) for _ in range(3)]
     tps = float(np.median([r.decode_tokens_per_s for r in single]))
     llm["tokens_per_s_batch1"] = tps
@@ -126,18 +160,22 @@ def bench_build(path: Path, name: str, threads: int, runs: int, steps: int, new_
     llm["weight_bytes_per_token"] = weights
     out["llm"] = llm
     totals, stage_ms = [], []
+    media_out = [m for m in ("image", "video", "audio") if f"{m}_output_projector" in b.manifest.stages][:1]
+    request = e2e_request(list(media_in)[:1], media_out)
     for i in range(3):
         r = pipe.run(
             PROMPT,
-            image=np.full((32, 32, 3), 127, np.uint8),
+            **{m: v for m, v in list(media_in.items())[:1]},
             generation=GenerationConfig(max_new_tokens=new_tokens),
             diffusion=DiffusionConfig(steps=steps, seed=i),
-            force=["image"],
+            force=media_out,
         )
         totals.append(r.timings["total"] * 1000)
         stage_ms.append({k: v * 1000 for k, v in r.timings.items() if k != "total"})
+    scratch.cleanup()
     mid = int(np.argsort(totals)[1])
     out["e2e"] = {
+        "request": request,
         "total_ms": float(np.median(totals)),
         "stages_ms": stage_ms[mid],
         "steps": steps,

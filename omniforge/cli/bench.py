@@ -128,6 +128,7 @@ def run_server(args: argparse.Namespace) -> int:
 
 
 def run_builds(args: argparse.Namespace) -> int:
+    from omniforge.bench.measure import IMAGE_REQUEST
     from omniforge.bench.report import compare_runs, markdown, plots, write_json
     from omniforge.pipeline.manifest import load_manifest
 
@@ -162,7 +163,10 @@ def run_builds(args: argparse.Namespace) -> int:
             )
         )
     model = manifests[0].source.get("model")
-    if not args.no_reference and model and Path(model).is_dir():
+    mirrored = any(
+        b["e2e"].get("request") == IMAGE_REQUEST for b in data["builds"]
+    )  # what the reference runs
+    if not args.no_reference and mirrored and model and Path(model).is_dir():
         log("measuring the PyTorch eager reference ...")
         ref = _child(
             "omniforge.bench.reference", [model, str(args.steps), str(args.new_tokens), str(args.threads)]
