@@ -254,7 +254,7 @@ class GenerationResult:
 class _Seq:
     rows: np.ndarray  # (T, H) prompt rows
     history: list[int]  # token ids seen (prompt text ids + generated) for the repetition penalty
-    rng: np.random.Generator
+    rng: np.random.Generator | None = None  # None: the native loop samples (its results only are kept)
     generated: list[int] = field(default_factory=list)
     fed: list[np.ndarray] = field(default_factory=list)  # embedding rows of generated tokens fed back
     text: str = ""
@@ -693,7 +693,7 @@ class LlmRuntime:
         self.check_fits(len(rows))
         cb = (lambda _t, d: on_text(0, d) if d else None) if on_text else None
         out = self.native.generate(list(ids), config, cb, self.slot_wait_s)
-        s = _Seq(rows, list(ids), np.random.default_rng(0), generated=out.token_ids, text=out.text)
+        s = _Seq(rows, list(ids), generated=out.token_ids, text=out.text)
         s.reused = out.reused_tokens
         if config.collect_signal_hidden and any(t in self.signal_ids for t in out.token_ids):
             self._native_signal_hidden(s, out.finish_reason)
