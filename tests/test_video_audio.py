@@ -335,6 +335,12 @@ def test_cli_reads_a_video_files_track_and_refuses_a_garbled_one(default_build, 
         "omniforge: error: 'garbled.mp4' has a sound track that cannot be decoded "
         "(Invalid data found when processing input)"
     )
+    frames_only = subprocess.run(
+        [*base, "--video", str(clips.garbled), "--video-audio", "none"], capture_output=True, text=True
+    )
+    assert frames_only.returncode == 0, frames_only.stderr  # its track is not read at all
+    silent = subprocess.run([*base, "--video", str(clips.silent)], capture_output=True, text=True)
+    assert frames_only.stderr.split(" prompt tokens")[0] == silent.stderr.split(" prompt tokens")[0]
 
 
 def test_video_files_without_pyav_say_what_to_install(clips, monkeypatch):

@@ -45,7 +45,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--video-audio",
         metavar="TRACK",
         help="the --video's sound track, encoded by the audio encoder beside the frames: a WAV file, "
-        "or a video file's audio stream (it replaces the --video file's own track)",
+        "or a video file's audio stream (it replaces the --video file's own track); 'none': the "
+        "frames alone",
     )
     p.add_argument("--out", default="outputs", help="folder for generated media (default: outputs)")
     p.add_argument(
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         image=args.image,
         audio=args.audio,
         video=args.video,
-        video_audio=args.video_audio,
+        video_audio=False if args.video_audio == "none" else args.video_audio,
         generation=gen,
         diffusion=diffusion,
         force=args.force,

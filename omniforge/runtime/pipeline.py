@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -536,7 +537,7 @@ class Pipeline:
         on_text: Callable[[str], None] | None = None,
         latents: Mapping[str, np.ndarray] | None = None,
         adapter: str | None = AUTO,
-        video_audio: str | Path | None = None,
+        video_audio: str | Path | Literal[False] | None = None,
     ) -> PipelineResult:
         """Generate text for ``prompt`` (+ media) and every medium whose signal tokens appear.
 
@@ -549,13 +550,17 @@ class Pipeline:
         A generated waveform that is silent is reported in ``result.warnings``.
         ``video_audio``: the video's sound track (a WAV file, or a video file's audio stream),
         encoded beside its frames. Without it, a video file's own audio stream is its track when
-        the build has an audio encoder; a build without one encodes the frames alone.
+        the build has an audio encoder; a build without one encodes the frames alone, as does
+        ``video_audio=False``.
         """
         generation, diffusion, force = self._options(generation, diffusion, force, on_text)
         given = self._latents(latents)
-        if video_audio is not None and video is None:
+        own_track = video_audio is None
+        if video_audio is False:  # the frames alone, whatever sound the video file has
+            video_audio = None
+        elif video_audio is not None and video is None:
             raise InputError("a video's sound track was given without a video")
-        if video is not None and video_audio is None and self.build.has_stage("audio_encoder"):
+        if video is not None and own_track and self.build.has_stage("audio_encoder"):
             from omniforge.runtime.video import has_sound
 
             video_audio = video if has_sound(video) else None
