@@ -15,9 +15,9 @@ LLM graph, and every constant 2-D MatMul weight ``W`` (K, N), the LM head includ
   asymmetric ones are unsigned with a zero point per block or column (not a TensorRT form:
   TensorRT quantization has no zero points);
 - ``fp16`` (the default): W4A16 / W8A16, the form of NVIDIA's weight-only path
-  (``fp16_activations``): FP16 activations, weights left float and scales; every norm whole and the
-  softmax in FP32; FP32 inputs and outputs; so a strongly typed TensorRT build takes its precisions
-  from the graph.
+  (``fp16_activations``, the FP16 stage pass): FP16 activations, weights left float and scales;
+  every norm up to its normalised output and the softmax in FP32; FP32 inputs and outputs; so a
+  strongly typed TensorRT build takes its precisions from the graph.
 
 Raising the opset (``upgrade_opset``) only changes the reduce operators for these graphs (``axes``
 moves from an attribute to an input, opset 18). Codes come from ``codes``, as for ``MatMulNBits``:
@@ -182,80 +182,13 @@ def dequantize_linear_form(
 
 
 def fp16_activations(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with FP16 activations, weights and scales, and every norm whole in FP32.
+    """``model`` with FP16 activations, weights and scales, and every norm in FP32 up to its
+    normalised output: the FP16 stage pass (``passes.precision.to_fp16_keep_norms``), so a norm
+    reads its FP16 input once, computes in FP32 with no FP16 tensor between its operators and hands
+    FP16 to the next layer. Inputs and outputs stay FP32."""
+    from omniforge.passes.precision import to_fp16_keep_norms
 
-    ONNX Runtime's FP16 converter (as ``passes.precision.to_fp16_keep_norms`` calls it) blocks the
-    norms' ``Pow``/``ReduceMean``/``Sqrt`` one by one and stores every tensor between them in FP16, so
-    an RMSNorm's ``x**2`` overflows for ``|x| > 256`` and its variance is rounded to FP16. Here the
-    converter blocks those operators and every node of every norm (``engines.profiles.norm_groups``,
-    the norms the weakly typed TensorRT build pins), then the FP32 -> FP16 -> FP32 round trips it
-    leaves between blocked nodes are removed, so a norm reads its FP16 input once, computes in FP32
-    and hands FP16 to the next layer. Inputs and outputs stay FP32."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    from omniforge.engines.profiles import norm_groups
-    from omniforge.passes.precision import FP32_OPS
-
-    blocked = {name for group in norm_groups(model) for name in group}
-    blocked |= {n.name for n in model.graph.node if n.op_type in FP32_OPS and n.name}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
-    blocked |= {  # constants only FP32 nodes read (a norm's exponent and epsilon) stay FP32 too
-        n.name
-        for n in model.graph.node
-        if n.op_type == "Constant"
-        and n.name
-        and all(r.name in blocked for r in readers.get(n.output[0], [None]) if r)
-    }
-    inferred = onnx.shape_inference.infer_shapes(model)  # the converter places Casts by value types
-    converted = convert_float_to_float16(
-        inferred, keep_io_types=True, op_block_list=FP32_OPS, node_block_list=sorted(blocked)
-    )
-    # the converter declares every float tensor FP16, also initializers it keeps FP32 for blocked
-    # nodes (an optimized graph's norm constants): its value types are dropped and inferred anew
-    del converted.graph.value_info[:]
-    return onnx.shape_inference.infer_shapes(_without_round_trips(_sorted(converted)))
-
-
-def _without_round_trips(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Drop ``Cast(FP32 -> FP16) -> Cast(-> FP32)`` pairs (``passes.precision.drop_cast_round_trips``)
-    over the tensors shape inference types FP32."""
-    from omniforge.passes.precision import drop_cast_round_trips
-
-    types = _element_types(onnx.shape_inference.infer_shapes(model))
-    drop_cast_round_trips(model.graph, lambda name: types.get(name) == TensorProto.FLOAT)
-    return model
-
-
-def _element_types(model: onnx.ModelProto) -> dict[str, int]:
-    g = model.graph
-    types = {t.name: t.data_type for t in g.initializer}
-    for vi in (*g.input, *g.output, *g.value_info):
-        if vi.type.HasField("tensor_type"):
-            types[vi.name] = vi.type.tensor_type.elem_type
-    return types
-
-
-def _sorted(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with its nodes in topological order, otherwise as they were (the FP16 converter
-    appends the Casts of graph inputs after their readers, which ONNX's checker refuses)."""
-    available = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
-    pending = list(model.graph.node)
-    ordered: list[onnx.NodeProto] = []
-    while pending:
-        ready = [n for n in pending if all(i in available for i in n.input)]
-        if not ready:
-            raise ExportError("the FP16 weight-only graph has a cycle or an input nothing produces")
-        for n in ready:
-            available.update(n.output)
-        ordered += ready
-        ready_ids = {id(n) for n in ready}
-        pending = [n for n in pending if id(n) not in ready_ids]
-    del model.graph.node[:]
-    model.graph.node.extend(ordered)
-    return model
+    return to_fp16_keep_norms(model)
 
 
 def unquantized_weights(model: onnx.ModelProto) -> list[str]:

@@ -1,9 +1,13 @@
 """Precision guard: convert a graph to FP16 while norms and their reductions stay in FP32.
 
-LayerNorm/RMSNorm in FP16 overflow in the variance (a known TensorRT issue), so those ops and
-the reductions of decomposed norms are blocked from conversion; Casts at their borders are
-inserted by ONNX Runtime's float16 converter. A float constant beyond the FP16 range (an attention
-mask's ``finfo(float32).min``) is not clamped: the nodes it reaches stay FP32 (``CARRIERS``).
+LayerNorm/RMSNorm in FP16 overflow in the variance (a known TensorRT issue), so the fused norm ops,
+the reductions, the softmax and every decomposed norm from its centring or square through the
+reduction to its normalised output (``engines.profiles.norm_groups``) are blocked from conversion.
+A decomposed norm so computes in FP32 whole: it reads its FP16 input through one Cast and hands its
+normalised output on through one Cast, with no FP16 tensor between its operators (``x**2``
+overflows FP16 for ``|x| > 256``); its affine (gamma, beta), applied to a value of magnitude about 1,
+is FP16 like the layers around it. A float constant beyond the FP16 range (an attention mask's
+``finfo(float32).min``) is not clamped: the nodes it reaches stay FP32 (``CARRIERS``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from omniforge.errors import ExportError
 
+# blocked wherever they are; the elementwise operators of a decomposed norm (Pow, Sqrt, Reciprocal,
+# Div, ...) are blocked as part of the norm (``norm_groups``), not alone: one of them alone in FP32
+# would still hand its result on in FP16
 FP32_OPS = [
     "LayerNormalization",
     "RMSNormalization",
@@ -29,9 +36,6 @@ FP32_OPS = [
     "GroupNormalization",
     "InstanceNormalization",
     "ReduceMean",
-    "Pow",
-    "Sqrt",
-    "Reciprocal",
     "Softmax",
 ]
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
@@ -67,10 +71,15 @@ CARRIERS = frozenset(
 def to_fp16_keep_norms(model: onnx.ModelProto) -> onnx.ModelProto:
     """An FP16 copy of ``model`` whose norms compute in FP32; inputs and outputs stay FP32.
 
-    A float constant beyond the FP16 range, which the converter would clamp to +-65504 (an attention
-    mask's ``finfo.min``: a fully masked row's scores then collapse onto FP16's spacing of 32), stays
-    FP32 with its readers and what they feed through ``CARRIERS``; the nodes come out in topological
-    order (the converter appends its Casts after their readers)."""
+    Every norm is blocked (fused, or decomposed up to its normalised output: ``_normalisations``),
+    with the constants only blocked nodes read (a norm's exponent and epsilon); the FP32 -> FP16 ->
+    FP32 round trips the converter leaves between blocked nodes are removed, so a norm reads its
+    FP16 input once, computes in FP32 and hands FP16 on. A float constant beyond the FP16 range, which the
+    converter would clamp to +-65504 (an attention mask's ``finfo.min``: a fully masked row's scores
+    then collapse onto FP16's spacing of 32), stays FP32 with its readers and what they feed through
+    ``CARRIERS``. The nodes come out in topological order (the converter appends its Casts after
+    their readers) and the value types are inferred anew (the converter declares FP16 also the
+    initializers it keeps FP32 for blocked nodes)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     # its INFO line lists every initializer shared by FP32 and FP16 nodes (the norms' weights, which
@@ -78,15 +87,85 @@ def to_fp16_keep_norms(model: onnx.ModelProto) -> onnx.ModelProto:
     logging.getLogger("onnxruntime.transformers.float16").setLevel(logging.WARNING)
     inferred = onnx.shape_inference.infer_shapes(model)  # the converter places Casts by value types
     _constants_as_tensors(inferred.graph)
-    kept = _beyond_fp16_nodes(inferred.graph)
+    _name_nodes(inferred.graph)  # the converter blocks nodes by name
+    blocked = set(_beyond_fp16_nodes(inferred.graph))
+    blocked |= _normalisations(inferred)
+    blocked |= {n.name for n in inferred.graph.node if n.op_type in FP32_OPS}
+    blocked |= _constants_read_only_by(inferred.graph, blocked)
     converted = convert_float_to_float16(
-        inferred, keep_io_types=True, op_block_list=FP32_OPS, node_block_list=kept
+        inferred, keep_io_types=True, op_block_list=FP32_OPS, node_block_list=sorted(blocked)
     )
-    _without_round_trips(
-        converted.graph, {o for n in converted.graph.node if n.name in kept for o in n.output}
-    )
-    _sort(converted.graph)
-    return converted
+    del converted.graph.value_info[:]
+    _sort(converted.graph)  # shape inference types a node's inputs only when they come first
+    types = _element_types(onnx.shape_inference.infer_shapes(converted))
+    drop_cast_round_trips(converted.graph, lambda name: types.get(name) == TensorProto.FLOAT)
+    return onnx.shape_inference.infer_shapes(converted)
+
+
+def _normalisations(model: onnx.ModelProto) -> set[str]:
+    """The nodes of every norm of ``model`` (``engines.profiles.norm_groups``) up to its normalised
+    output: a decomposed norm's affine (the gamma ``Mul``, beta ``Add`` and a Cast between them,
+    downstream of the ``Mul``/``Div`` that normalises the squared tensor) is left out. Blocked with
+    it, the affine would make ONNX Runtime's LayerNormFusion (which takes the Cast in front of the
+    norm into the fused node) write a ``LayerNormalization`` of an FP16 input and FP32 weights, a
+    type error at session creation."""
+    from omniforge.engines.profiles import norm_groups
+
+    nodes = {n.name: n for n in model.graph.node}
+    kept: set[str] = set()
+    for group in norm_groups(model):
+        members = [nodes[name] for name in group]
+        kept.update(group)
+        square = next(
+            (n for n in members if n.op_type == "Pow" or (n.op_type == "Mul" and n.input[0] == n.input[1])),
+            None,
+        )
+        if square is None:  # a fused norm
+            continue
+        normaliser = next(
+            n
+            for n in members
+            if n is not square and n.op_type in ("Mul", "Div") and square.input[0] in n.input
+        )
+        tensors, affine = set(normaliser.output), set()
+        for n in members:  # norm_groups lists the affine in order, after the normaliser
+            if n is not normaliser and tensors.intersection(n.input):
+                affine.add(n.name)
+                tensors.update(n.output)
+        kept -= affine
+    return kept
+
+
+def _name_nodes(graph: onnx.GraphProto) -> None:
+    """Give every unnamed node of ``graph`` a name of its own."""
+    taken = {n.name for n in graph.node}
+    for n in graph.node:
+        if not n.name:
+            n.name = next(f"{n.op_type}_fp32_{j}" for j in count() if f"{n.op_type}_fp32_{j}" not in taken)
+            taken.add(n.name)
+
+
+def _constants_read_only_by(graph: onnx.GraphProto, blocked: set[str]) -> set[str]:
+    """The Constant nodes whose every reader is in ``blocked``."""
+    readers: dict[str, list[str]] = defaultdict(list)
+    for n in graph.node:
+        for i in _reads(n):
+            readers[i].append(n.name)
+    return {
+        n.name
+        for n in graph.node
+        if n.op_type == "Constant" and readers[n.output[0]] and set(readers[n.output[0]]) <= blocked
+    }
+
+
+def _element_types(model: onnx.ModelProto) -> dict[str, int]:
+    """The element type of every typed tensor of ``model``'s main graph."""
+    g = model.graph
+    types = {t.name: t.data_type for t in g.initializer}
+    for vi in (*g.input, *g.output, *g.value_info):
+        if vi.type.HasField("tensor_type"):
+            types[vi.name] = vi.type.tensor_type.elem_type
+    return types
 
 
 def _constants_as_tensors(graph: onnx.GraphProto) -> None:
@@ -110,8 +189,7 @@ def _beyond(t: TensorProto) -> bool:
 
 def _beyond_fp16_nodes(graph: onnx.GraphProto) -> list[str]:
     """Names of the nodes that keep constants beyond FP16 in FP32: the Constants themselves, their
-    readers and what those feed through ``CARRIERS`` (up to an op of ``FP32_OPS``); unnamed ones get
-    a name."""
+    readers and what those feed through ``CARRIERS`` (up to an op of ``FP32_OPS``)."""
     readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     for n in graph.node:
         for i in n.input:
@@ -129,18 +207,7 @@ def _beyond_fp16_nodes(graph: onnx.GraphProto) -> list[str]:
         keep.append(n)
         if n.op_type not in FP32_OPS:
             queue += [r for o in n.output for r in readers[o] if r.op_type in CARRIERS]
-    taken = {n.name for n in graph.node}
-    for n in keep:
-        if not n.name:  # the converter blocks nodes by name
-            n.name = next(f"{n.op_type}_fp32_{j}" for j in count() if f"{n.op_type}_fp32_{j}" not in taken)
-            taken.add(n.name)
     return [n.name for n in keep]
-
-
-def _without_round_trips(graph: onnx.GraphProto, fp32: set[str]) -> None:
-    """Readers of ``Cast(FP32 -> FP16) -> Cast(-> FP32)`` of a tensor of ``fp32`` read that tensor
-    itself (the converter casts between two FP32 nodes through FP16, where such a value overflows)."""
-    drop_cast_round_trips(graph, fp32.__contains__)
 
 
 def drop_cast_round_trips(graph: onnx.GraphProto, is_fp32: Callable[[str], bool]) -> None:

@@ -156,3 +156,117 @@ def test_quiet_under_a_callers_info_logging(caplog: pytest.LogCaptureFixture) ->
         out = to_fp16_keep_norms(m)
     assert not [r for r in caplog.records if r.name.startswith("onnxruntime")], caplog.text[:500]
     ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def rmsnorm(h: str, out: str) -> list[onnx.NodeProto]:
+    """LLaMA's RMSNorm as the canonical LLM graph traces it: a Cast to FP32, ``x * 1/sqrt(mean(x**2)
+    + eps)``, a Cast back and the gamma."""
+    mk = helper.make_node
+    return [
+        mk("Cast", [h], ["hf"], to=TensorProto.FLOAT),
+        mk("Constant", [], ["two"], value=numpy_helper.from_array(np.array(2.0, np.float32))),
+        mk("Pow", ["hf", "two"], ["sq"]),
+        mk("ReduceMean", ["sq"], ["var"], axes=[-1], keepdims=1),
+        mk("Constant", [], ["eps"], value=numpy_helper.from_array(np.array(1e-6, np.float32))),
+        mk("Add", ["var", "eps"], ["ve"]),
+        mk("Sqrt", ["ve"], ["std"]),
+        mk("Constant", [], ["one"], value=numpy_helper.from_array(np.array(1.0, np.float32))),
+        mk("Div", ["one", "std"], ["inv"]),
+        mk("Mul", ["hf", "inv"], ["n"]),
+        mk("Cast", ["n"], ["nc"], to=TensorProto.FLOAT),
+        mk("Mul", ["gamma", "nc"], [out]),
+    ]
+
+
+def layernorm(h: str, out: str) -> list[onnx.NodeProto]:
+    """LayerNorm decomposed: ``(x - mean) / sqrt(mean((x - mean)**2) + eps) * gamma + beta``."""
+    mk = helper.make_node
+    return [
+        mk("ReduceMean", [h], ["mu"], axes=[-1], keepdims=1),
+        mk("Sub", [h, "mu"], ["d"]),
+        mk("Pow", ["d", "two"], ["sq"]),
+        mk("ReduceMean", ["sq"], ["var"], axes=[-1], keepdims=1),
+        mk("Add", ["var", "eps"], ["ve"]),
+        mk("Sqrt", ["ve"], ["std"]),
+        mk("Div", ["d", "std"], ["n"]),
+        mk("Mul", ["n", "gamma"], ["g"]),
+        mk("Add", ["g", "beta"], [out]),
+    ]
+
+
+def norm_between_layers(norm) -> onnx.ModelProto:
+    """``norm(x + b) @ W``: the residual Add hands the norm an FP16 input, the MatMul reads its output."""
+    nodes = [
+        helper.make_node("Add", ["x", "b"], ["h"]),
+        *norm("h", "y_norm"),
+        helper.make_node("MatMul", ["y_norm", "W"], ["y"]),
+    ]
+    inits = {"b": w(16), "gamma": w(16) + 1, "W": w(16, 8)}
+    if norm is layernorm:
+        inits |= {"two": np.array(2.0, np.float32), "eps": np.array(1e-5, np.float32), "beta": w(16)}
+    for k, n in enumerate(nodes):
+        n.name = f"{n.op_type}_{k}"  # norm_groups names the norm's nodes
+    return model(nodes, [("x", [4, 16])], ["y"], inits)
+
+
+NORMS = {"RMSNorm": rmsnorm, "LayerNorm": layernorm}
+
+
+@pytest.mark.parametrize("name", NORMS)
+def test_a_decomposed_norm_computes_in_fp32_whole(name):
+    """Hidden states of magnitude 1000: ``x**2`` (1e6) is far beyond FP16. Blocked one operator at a
+    time, the norm stored it in FP16 between the Pow and the ReduceMean (inf, so a zero output); blocked
+    whole up to its normalised output ``n`` it reads FP16 once, computes in FP32 and writes FP16 once.
+    Its affine (gamma, beta) is FP16."""
+    from omniforge.engines.profiles import norm_groups
+    from omniforge.passes.precision import _element_types
+
+    m = norm_between_layers(NORMS[name])
+    group = set(norm_groups(m)[0])
+    after, affine = {"n"}, set()
+    for n in m.graph.node:
+        if n.name in group and after.intersection(n.input):
+            after.update(n.output)
+            affine.add(n.name)
+    assert affine < group and {"Pow", "ReduceMean", "Sqrt", "Div"} <= {
+        n.op_type for n in m.graph.node if n.name in group - affine
+    }
+    half = to_fp16_keep_norms(m)
+    onnx.checker.check_model(half, full_check=True)
+    types = _element_types(half)
+    assert types["W"] == TensorProto.FLOAT16 and types["h"] == TensorProto.FLOAT16  # the layers around: FP16
+    norm = [n for n in half.graph.node if n.name in group - affine]
+    assert len(norm) == len(group - affine)
+    assert {types[t] for n in norm for t in (*n.input, *n.output)} == {TensorProto.FLOAT}
+    produced = {o for n in norm for o in n.output}
+    casts = [n for n in half.graph.node if n.op_type == "Cast" and n.name not in group]
+    cast_in = [c for c in casts if any(c.output[0] in n.input for n in norm)]
+    cast_out = [c for c in casts if c.input[0] in produced]
+    assert [types[c.input[0]] for c in cast_in] == [TensorProto.FLOAT16]  # one Cast in ...
+    assert [types[c.output[0]] for c in cast_out] == [TensorProto.FLOAT16]  # ... one Cast out
+    assert {types[t] for n in half.graph.node if n.name in affine for t in n.output} == {TensorProto.FLOAT16}
+    f = feeds(m)
+    f["x"] *= 1000 / np.abs(f["x"]).max()
+    ref, out = run(m, f), run(half, f)
+    assert np.abs(ref).max() > 1  # the norm's output is O(1) whatever its input's magnitude
+    np.testing.assert_allclose(out, ref, rtol=0, atol=5e-3 * np.abs(ref).max())  # FP16 MatMul rounding
+
+
+def test_a_lone_pow_stays_fp16():
+    """A square that feeds no reduction (GELU's tanh form cubes, this one squares) is no norm: it is
+    converted like any elementwise operator, with no Casts around it."""
+    from omniforge.passes.precision import _element_types
+
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h"]),
+        helper.make_node("Pow", ["h", "two"], ["sq"], name="square"),
+        helper.make_node("Add", ["h", "sq"], ["y"]),
+    ]
+    m = model(nodes, [("x", [4, 6])], ["y"], {"W": w(6, 8), "two": np.array(2.0, np.float32)})
+    half = to_fp16_keep_norms(m)
+    types = _element_types(half)
+    square = next(n for n in half.graph.node if n.name == "square")
+    assert {types[t] for t in (*square.input, *square.output)} == {TensorProto.FLOAT16}
+    assert [n.op_type for n in half.graph.node].count("Cast") == 2  # the graph's input and output only
+    f = feeds(m)
+    np.testing.assert_allclose(run(half, f), run(m, f), rtol=1e-2, atol=1e-2)
