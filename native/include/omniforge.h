@@ -215,17 +215,84 @@ OF_API of_status of_tokenizer_decode(of_tokenizer* tokenizer, const int32_t* ids
 OF_API of_status of_tokenizer_token_to_id(of_tokenizer* tokenizer, const char* token, int32_t* id);
 OF_API size_t of_tokenizer_vocab_size(const of_tokenizer* tokenizer); /* with the added tokens */
 
+/* ---- the diffusion decoders ------------------------------------------------------------------ */
+
+typedef struct of_decoder of_decoder; /* one modality's UNet, VAE decoder (and vocoder) and scheduler */
+typedef struct of_media of_media;     /* a decoded image, video or waveform */
+
+typedef struct of_decoder_options {
+    size_t struct_size;      /* sizeof(of_decoder_options): set by of_decoder_options_init */
+    int32_t steps;           /* denoising steps, >= 1 and at most what the build's scheduler config
+                                allows (999 for DDIM over 1000 training timesteps, steps_offset 1);
+                                default 20 */
+    double guidance_scale;   /* in [0, 1000]; above 1: classifier-free guidance; default 7.5 */
+    const char* scheduler;   /* "ddim" (default; NULL too), "euler" or "dpm" (DPM-Solver++ 2M) */
+    uint64_t seed;           /* the initial noise when no latents are given (not numpy's draws) */
+} of_decoder_options;
+
+/* Defaults: struct_size set, 20 steps, guidance 7.5, "ddim", seed 0 (the Python runtime's
+   DiffusionConfig). */
+OF_API void of_decoder_options_init(of_decoder_options* options);
+
+/* The decoder of "image", "video" or "audio": its UNet ({modality}_unet), VAE decoder
+   ({modality}_vae_decoder) and, for audio, the vocoder, each the stage's served variant in a
+   session made as the LLM's; the scheduler, VAE and vocoder configs and the unconditional
+   embedding ({modality}_uncond, when the build has one) are read and checked here. A build
+   without the stages is OF_ERR_UNSUPPORTED, as is a CogVideoX video decoder (the Python runtime
+   runs it). Errors go to the build's handle. The decoder keeps what it needs of the build: the two
+   handles may be closed in either order. */
+OF_API of_status of_decoder_open(of_build* build, const char* modality, of_decoder** decoder);
+OF_API void of_decoder_close(of_decoder* decoder);                    /* NULL is ignored */
+OF_API const char* of_decoder_last_error(const of_decoder* decoder);  /* "" when none; never NULL */
+OF_API const char* of_decoder_modality(const of_decoder* decoder);    /* "image", "video", "audio" */
+
+/* The shape of the initial latents (batch 1, e.g. 1 4 16 16 for images) and of the conditioning
+   (batch 1, e.g. 1 77 32; AudioLDM's class labels 1 16). *rank receives the rank; shape NULL with
+   capacity 0 is a size query; a capacity below the rank is OF_ERR_INVALID_ARGUMENT. */
+OF_API of_status of_decoder_latent_shape(of_decoder* decoder, int64_t* shape, size_t capacity, size_t* rank);
+OF_API of_status of_decoder_conditioning_shape(of_decoder* decoder, int64_t* shape, size_t capacity, size_t* rank);
+
+/* Decode one medium from its conditioning (n_cond floats: the output projector's output, in the
+   conditioning shape), as the Python runtime's decode_image / decode_video / decode_audio:
+   the scheduler's timesteps, the noise scaled by its initial sigma, per step the UNet on the
+   unconditional and conditional inputs batched as 2 (guidance_scale > 1) mixed as
+   uncond + guidance_scale * (cond - uncond), the scheduler step, then the VAE decoder on
+   latents / scaling_factor (and the vocoder on its mel). uncond: n_cond floats, or NULL for the
+   build's unconditional embedding (zeros when it has none). initial_latents: n_latents floats in
+   the latent shape (the Python runtime's `latents=`; the result then equals its result), or NULL
+   with n_latents 0 for noise drawn from options->seed (numpy's PCG64 stream for the seed, turned
+   into normal values by Box-Muller, so not the values numpy.random.default_rng(seed)
+   .standard_normal draws). options may be NULL (the defaults). On OF_OK *result holds the
+   medium (free it with of_media_free). Calls on one decoder may come from any number of threads;
+   each run has its own scheduler state and buffers. */
+OF_API of_status of_decoder_run(of_decoder* decoder, const float* cond, size_t n_cond, const float* uncond,
+                                const float* initial_latents, size_t n_latents, const of_decoder_options* options,
+                                of_media** result);
+
+/* The medium's float32 values, row-major: an image (height, width, channels) and a video
+   (frames, height, width, channels) in [0, 1] (what the Python runtime returns before writing PNG
+   or GIF), a waveform (samples,) as the vocoder gives it. */
+OF_API const float* of_media_data(const of_media* media, size_t* n);
+OF_API const int64_t* of_media_shape(const of_media* media, size_t* rank);
+OF_API const char* of_media_kind(const of_media* media);       /* "image", "video", "audio" */
+OF_API int32_t of_media_sample_rate(const of_media* media);    /* audio: the vocoder's rate; else 0 */
+OF_API double of_media_denoise_s(const of_media* media);       /* the denoising loop */
+OF_API double of_media_decode_s(const of_media* media);        /* the VAE decoder (and vocoder) */
+OF_API void of_media_free(of_media* media);                    /* NULL is ignored */
+
 #ifdef __cplusplus
 } /* extern "C" */
 
 inline const char* of_last_error(const of_build* h) { return of_build_last_error(h); }
 inline const char* of_last_error(const of_llm* h) { return of_llm_last_error(h); }
 inline const char* of_last_error(const of_tokenizer* h) { return of_tokenizer_last_error(h); }
+inline const char* of_last_error(const of_decoder* h) { return of_decoder_last_error(h); }
 #elif defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L
 #define of_last_error(h)                                                                       \
     _Generic((h), of_build*: of_build_last_error, const of_build*: of_build_last_error,        \
              of_llm*: of_llm_last_error, const of_llm*: of_llm_last_error,                      \
-             of_tokenizer*: of_tokenizer_last_error, const of_tokenizer*: of_tokenizer_last_error)(h)
+             of_tokenizer*: of_tokenizer_last_error, const of_tokenizer*: of_tokenizer_last_error,  \
+             of_decoder*: of_decoder_last_error, const of_decoder*: of_decoder_last_error)(h)
 #endif
 
 #endif /* OMNIFORGE_H */

@@ -431,3 +431,120 @@ size_t of_tokenizer_vocab_size(const of_tokenizer* tokenizer) {
 }
 
 }  // extern "C"
+
+// ---- the diffusion decoders ----------------------------------------------------------------------
+
+struct of_decoder {
+    Errors errors;
+    std::shared_ptr<omniforge::DecoderImpl> impl;
+};
+
+struct of_media {
+    omniforge::MediaOut out;
+};
+
+namespace {
+
+void shape_out(const std::vector<int64_t>& s, int64_t* shape, size_t capacity, size_t* rank) {
+    if (!rank) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "rank is a null pointer");
+    *rank = s.size();
+    if (!shape && capacity == 0) return;
+    if (!shape) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "shape is a null pointer");
+    if (capacity < s.size())
+        omniforge::fail(OF_ERR_INVALID_ARGUMENT, "shape holds " + std::to_string(capacity) + " sizes; the rank is " + std::to_string(s.size()));
+    std::copy(s.begin(), s.end(), shape);
+}
+
+}  // namespace
+
+extern "C" {
+
+void of_decoder_options_init(of_decoder_options* o) {
+    if (!o) return;
+    *o = of_decoder_options{};
+    o->struct_size = sizeof(of_decoder_options);
+    o->steps = 20;
+    o->guidance_scale = 7.5;
+    o->scheduler = "ddim";
+    o->seed = 0;
+}
+
+of_status of_decoder_open(of_build* build, const char* modality, of_decoder** decoder) {
+    if (!build) return OF_ERR_INVALID_ARGUMENT;
+    return guarded(build->errors.mine(), [&] {
+        if (!decoder) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "the decoder handle's address is a null pointer");
+        *decoder = nullptr;
+        if (!build->impl) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "this build handle failed to open and cannot be used");
+        if (!modality) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "the modality is a null pointer");
+        auto h = std::make_unique<of_decoder>();
+        h->impl = omniforge::open_decoder(build->impl, modality);
+        *decoder = h.release();
+    });
+}
+
+void of_decoder_close(of_decoder* decoder) { delete decoder; }
+
+const char* of_decoder_last_error(const of_decoder* decoder) {
+    if (!decoder) return "the decoder handle is a null pointer";
+    return decoder->errors.read();
+}
+
+const char* of_decoder_modality(const of_decoder* decoder) {
+    return decoder && decoder->impl ? omniforge::decoder_modality(*decoder->impl).c_str() : "";
+}
+
+of_status of_decoder_latent_shape(of_decoder* decoder, int64_t* shape, size_t capacity, size_t* rank) {
+    if (!decoder) return OF_ERR_INVALID_ARGUMENT;
+    return guarded(decoder->errors.mine(), [&] { shape_out(omniforge::decoder_latent_shape(*decoder->impl), shape, capacity, rank); });
+}
+
+of_status of_decoder_conditioning_shape(of_decoder* decoder, int64_t* shape, size_t capacity, size_t* rank) {
+    if (!decoder) return OF_ERR_INVALID_ARGUMENT;
+    return guarded(decoder->errors.mine(),
+                   [&] { shape_out(omniforge::decoder_conditioning_shape(*decoder->impl), shape, capacity, rank); });
+}
+
+of_status of_decoder_run(of_decoder* decoder, const float* cond, size_t n_cond, const float* uncond, const float* initial_latents,
+                         size_t n_latents, const of_decoder_options* options, of_media** result) {
+    if (!decoder) return OF_ERR_INVALID_ARGUMENT;
+    return guarded(decoder->errors.mine(), [&] {
+        using omniforge::fail;
+        if (!result) fail(OF_ERR_INVALID_ARGUMENT, "the result's address is a null pointer");
+        *result = nullptr;
+        of_decoder_options o;
+        of_decoder_options_init(&o);
+        if (options) {
+            if (options->struct_size != sizeof(of_decoder_options))
+                fail(OF_ERR_INVALID_ARGUMENT, "the decoder options were not set up with of_decoder_options_init (struct_size is " +
+                                                  std::to_string(options->struct_size) + ", this library's is " +
+                                                  std::to_string(sizeof(of_decoder_options)) + ")");
+            o = *options;
+        }
+        omniforge::DecodeParams p;
+        p.steps = o.steps;
+        p.guidance_scale = o.guidance_scale;
+        p.scheduler = o.scheduler ? o.scheduler : "ddim";
+        p.seed = o.seed;
+        auto m = std::make_unique<of_media>();
+        m->out = omniforge::decode(*decoder->impl, cond, n_cond, uncond, initial_latents, n_latents, p);
+        *result = m.release();
+    });
+}
+
+const float* of_media_data(const of_media* media, size_t* n) {
+    if (n) *n = media ? media->out.data.size() : 0;
+    return media ? media->out.data.data() : nullptr;
+}
+
+const int64_t* of_media_shape(const of_media* media, size_t* rank) {
+    if (rank) *rank = media ? media->out.shape.size() : 0;
+    return media ? media->out.shape.data() : nullptr;
+}
+
+const char* of_media_kind(const of_media* media) { return media ? media->out.kind.c_str() : ""; }
+int32_t of_media_sample_rate(const of_media* media) { return media ? media->out.sample_rate : 0; }
+double of_media_denoise_s(const of_media* media) { return media ? media->out.denoise_s : 0.0; }
+double of_media_decode_s(const of_media* media) { return media ? media->out.decode_s : 0.0; }
+void of_media_free(of_media* media) { delete media; }
+
+}  // extern "C"

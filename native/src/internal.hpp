@@ -206,4 +206,33 @@ std::vector<int32_t> encode_prompt(LlmImpl& llm, const std::string& text);
 std::vector<int32_t> generate_greedy(LlmImpl& llm, const int32_t* ids, size_t n, int32_t max_new_tokens,
                                      int32_t eos_id);
 
+// ---- the diffusion decoders (decoder.cpp) -----------------------------------------------------
+
+struct DecoderImpl;  // one modality's UNet, VAE decoder (and vocoder), scheduler config, shapes
+
+struct DecodeParams {
+    int32_t steps = 20;
+    double guidance_scale = 7.5;  // > 1: classifier-free guidance
+    std::string scheduler = "ddim";
+    uint64_t seed = 0;            // the noise when no initial latents are given
+};
+
+struct MediaOut {
+    std::string kind;            // image | video | audio
+    std::vector<float> data;     // image (H, W, C) and video (F, H, W, C) in [0, 1]; audio (samples,)
+    std::vector<int64_t> shape;
+    int32_t sample_rate = 0;     // audio: the vocoder's rate
+    double denoise_s = 0.0, decode_s = 0.0;
+};
+
+std::shared_ptr<DecoderImpl> open_decoder(std::shared_ptr<BuildImpl> build, const std::string& modality);
+const std::string& decoder_modality(const DecoderImpl& d);
+const std::vector<int64_t>& decoder_latent_shape(const DecoderImpl& d);        // batch 1
+const std::vector<int64_t>& decoder_conditioning_shape(const DecoderImpl& d);  // batch 1
+// The Python runtime's decode_<modality>(cond, DiffusionConfig, latents): denoising with
+// classifier-free guidance, then the VAE decoder (and the vocoder). uncond: null for the build's
+// unconditional embedding or zeros; latents: null for seeded noise (not numpy's draws).
+MediaOut decode(DecoderImpl& d, const float* cond, size_t n_cond, const float* uncond, const float* latents, size_t n_latents,
+                const DecodeParams& p);
+
 }  // namespace omniforge

@@ -20,6 +20,7 @@
 #include <thread>
 
 #include "internal.hpp"
+#include "ort_session.hpp"
 #include "tokenizer.hpp"
 
 namespace omniforge {
@@ -102,6 +103,8 @@ std::string shape_text(const std::vector<int64_t>& s) {
     return out + "]";
 }
 
+}  // namespace
+
 // The graph's inputs and outputs are the contract's: names in order, dtypes, ranks, static sizes
 // (check_graph_io in Python).
 void check_graph_io(Ort::Session& session, const Contract& c, const std::string& what, const std::string& file) {
@@ -174,8 +177,6 @@ Ort::Session open_session(const BuildImpl& b, const Variant& v, const std::vecto
         fail(OF_ERR_ENGINE, "ONNX Runtime could not load '" + v.file + "': " + why.substr(0, 300));
     }
 }
-
-}  // namespace
 
 BuildImpl::~BuildImpl() = default;
 

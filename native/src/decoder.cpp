@@ -1,0 +1,571 @@
+// The diffusion decoders: one modality's UNet denoised with classifier-free guidance under a C++
+// scheduler, then its VAE decoder (and, for audio, the vocoder), as the Python runtime's
+// Pipeline._denoise / decode_image / decode_video / decode_audio compute them.
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+
+#include "internal.hpp"
+#include "ort_session.hpp"
+#include "schedulers.hpp"
+
+namespace omniforge {
+
+using json = nlohmann::json;
+
+namespace {
+
+constexpr double kMaxGuidance = 1000.0;       // MAX_GUIDANCE: beyond it the guided noise overflows float32
+constexpr int64_t kMaxVideoFrames = 256;      // media.MAX_VIDEO_FRAMES
+constexpr double kMinVaeScale = 1e-6, kMaxVaeScale = 1e6;
+constexpr int64_t kMinSampleRate = 1000, kMaxSampleRate = 384000;
+constexpr int64_t kMaxUpsample = 1024, kMaxMelBins = 1024;
+constexpr uint64_t kMaxManifestBytes = 64ull << 20;
+
+std::string shape_str(const std::vector<int64_t>& s) {
+    std::string out = "(";
+    for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+    return out + (s.size() == 1 ? ",)" : ")");
+}
+
+std::string number(double x) {
+    if (std::isnan(x)) return "nan";
+    if (std::isinf(x)) return x > 0 ? "inf" : "-inf";
+    return json(x).dump();
+}
+
+size_t product(const std::vector<int64_t>& s) {
+    size_t n = 1;
+    for (int64_t d : s) n *= size_t(d);
+    return n;
+}
+
+// A config file of the build (its manifest's files[role]), verified as read and parsed.
+json read_config(const BuildImpl& b, const std::string& role) {
+    auto it = b.manifest.files.find(role);
+    if (it == b.manifest.files.end()) fail(OF_ERR_MANIFEST, "this build has no '" + role + "' file");
+    std::vector<char> data = read_verified(b.folder, b.manifest, it->second);
+    json d = json::parse(data.begin(), data.end(), nullptr, /*allow_exceptions=*/false);
+    if (d.is_discarded()) fail(OF_ERR_MANIFEST, "'" + it->second + "' is not valid JSON");
+    return d;
+}
+
+std::string py_shown(const json& v) {
+    if (v.is_boolean()) return v.get<bool>() ? "True" : "False";
+    if (v.is_null()) return "None";
+    std::string r = v.is_string() ? "'" + v.get<std::string>() + "'" : v.dump();
+    return r.size() <= 60 ? r : r.substr(0, 40) + "... (" + std::to_string(r.size()) + " characters)";
+}
+
+// media.config_int
+int64_t config_int(const json& cfg, const std::string& key, int64_t lo, int64_t hi, const std::string& what, const json& def) {
+    auto it = cfg.find(key);
+    json v = it == cfg.end() ? def : *it;
+    if (v.is_number_float() && std::isfinite(v.get<double>()) && v.get<double>() == std::floor(v.get<double>()) &&
+        std::fabs(v.get<double>()) < 9.2e18)
+        v = static_cast<int64_t>(v.get<double>());
+    bool ok = v.is_number_integer() && !(v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(INT64_MAX));
+    if (ok) ok = lo <= v.get<int64_t>() && v.get<int64_t>() <= hi;
+    if (!ok)
+        fail(OF_ERR_MANIFEST, "the " + what + " config's '" + key + "' must be an integer in [" + std::to_string(lo) + ", " +
+                                  std::to_string(hi) + "], got " + py_shown(v));
+    return v.get<int64_t>();
+}
+
+void size_list(const json& cfg, const std::string& key, const std::string& what, int64_t hi) {
+    const json& v = cfg[key];
+    if (!v.is_array() || v.empty() || v.size() > 64)
+        fail(OF_ERR_MANIFEST, "the " + what + " config's '" + key + "' must be a list of 1 to 64 integers, got " + py_shown(v));
+    for (const json& x : v) config_int(json{{key, x}}, key, 1, hi, what, json());
+}
+
+// media.vae_scaling
+float vae_scaling(const json& cfg) {
+    const std::string what = "VAE";
+    if (!cfg.is_object()) fail(OF_ERR_MANIFEST, "the VAE config must be an object, got " + std::string(cfg.type_name()));
+    if (cfg.contains("block_out_channels")) size_list(cfg, "block_out_channels", what, 1 << 16);
+    for (const char* key : {"shift_factor", "latents_mean", "latents_std"}) {
+        auto it = cfg.find(key);
+        if (it == cfg.end() || it->is_null()) continue;
+        const bool zero = (it->is_number() && it->get<double>() == 0.0) || (it->is_boolean() && !it->get<bool>());
+        if (!zero)
+            fail(OF_ERR_MANIFEST, std::string("the VAE config's '") + key +
+                                      "' is not supported (the runtime decodes latents / scaling_factor)");
+    }
+    auto it = cfg.find("scaling_factor");
+    const json v = it == cfg.end() ? json(0.18215) : *it;
+    if (!v.is_number() || !(kMinVaeScale <= v.get<double>() && v.get<double>() <= kMaxVaeScale))
+        fail(OF_ERR_MANIFEST, "the VAE config's 'scaling_factor' must be a number in [1e-06, 1e+06], got " + py_shown(v));
+    return static_cast<float>(v.get<double>());  // np.float32(scale)
+}
+
+// media.check_vocoder_config: the sampling rate
+int32_t vocoder_rate(const json& cfg) {
+    const std::string what = "vocoder";
+    if (!cfg.is_object()) fail(OF_ERR_MANIFEST, "the vocoder config must be an object, got " + std::string(cfg.type_name()));
+    if (cfg.contains("upsample_rates")) size_list(cfg, "upsample_rates", what, kMaxUpsample);
+    if (cfg.contains("model_in_dim")) config_int(cfg, "model_in_dim", 1, kMaxMelBins, what, json());
+    return static_cast<int32_t>(config_int(cfg, "sampling_rate", kMinSampleRate, kMaxSampleRate, what, json(16000)));
+}
+
+// What the C++ manifest reader does not keep of a pipeline stage: its dims (name -> min, opt,
+// max), its component and its tensors' named sizes. Read again from manifest.json, and checked
+// to describe the tensors the build was opened with.
+struct StageDims {
+    std::string component;
+    std::map<std::string, int64_t> opt;
+    std::vector<std::vector<std::string>> input_dims;  // per input: "" for a static size, else the dim's name
+};
+
+StageDims stage_dims(const BuildImpl& b, const std::string& stage) {
+    const std::string path = b.folder + "/manifest.json";
+    struct stat st {};
+    if (::stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode) || uint64_t(st.st_size) > kMaxManifestBytes)
+        fail(OF_ERR_MANIFEST, "manifest.json of '" + b.folder + "' can no longer be read");
+    std::ifstream f(path, std::ios::binary);
+    std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    json d = json::parse(text, nullptr, /*allow_exceptions=*/false);
+    const StageSpec& spec = b.manifest.spec(stage);
+    const std::string changed = "manifest.json changed after the build was opened (stage '" + stage + "')";
+    if (d.is_discarded() || !d.is_object() || !d.contains("pipeline") || !d["pipeline"].is_object() ||
+        !d["pipeline"].contains("stages") || !d["pipeline"]["stages"].is_array())
+        fail(OF_ERR_MANIFEST, changed);
+    for (const json& s : d["pipeline"]["stages"]) {
+        if (!s.is_object() || !s.contains("name") || s["name"] != stage) continue;
+        StageDims out;
+        if (s.contains("component") && s["component"].is_string()) out.component = s["component"].get<std::string>();
+        if (s.contains("dims")) {
+            if (!s["dims"].is_array()) fail(OF_ERR_MANIFEST, "manifest is malformed: pipeline stage '" + stage + "'.dims must be a list");
+            for (const json& dim : s["dims"]) {
+                if (!dim.is_object() || !dim.contains("name") || !dim["name"].is_string() || !dim.contains("opt") ||
+                    !dim["opt"].is_number_integer() || dim["opt"].get<int64_t>() < 1 || dim["opt"].get<int64_t>() > (int64_t(1) << 40))
+                    fail(OF_ERR_MANIFEST, "manifest is malformed: a dim of pipeline stage '" + stage + "' has no name or no positive 'opt'");
+                out.opt[dim["name"].get<std::string>()] = dim["opt"].get<int64_t>();
+            }
+        }
+        const json& inputs = s.contains("inputs") ? s["inputs"] : json();
+        if (!inputs.is_array() || inputs.size() != spec.io.inputs.size()) fail(OF_ERR_MANIFEST, changed);
+        for (size_t i = 0; i < inputs.size(); ++i) {
+            const json& t = inputs[i];
+            const TensorSpec& want = spec.io.inputs[i];
+            if (!t.is_object() || !t.contains("name") || t["name"] != want.name || !t.contains("shape") || !t["shape"].is_array() ||
+                t["shape"].size() != want.shape.size())
+                fail(OF_ERR_MANIFEST, changed);
+            std::vector<std::string> names;
+            for (size_t k = 0; k < want.shape.size(); ++k) {
+                const json& x = t["shape"][k];
+                if (x.is_string() && want.shape[k] < 0) names.push_back(x.get<std::string>());
+                else if (x.is_number_integer() && x.get<int64_t>() == want.shape[k]) names.emplace_back();
+                else fail(OF_ERR_MANIFEST, changed);
+            }
+            out.input_dims.push_back(std::move(names));
+        }
+        return out;
+    }
+    fail(OF_ERR_MANIFEST, changed);
+}
+
+// TensorSpec.concrete_shape(sizes) for input i of a stage.
+std::vector<int64_t> concrete(const StageSpec& spec, const StageDims& dims, size_t i, const std::map<std::string, int64_t>& sizes) {
+    std::vector<int64_t> out;
+    const TensorSpec& t = spec.io.inputs[i];
+    for (size_t k = 0; k < t.shape.size(); ++k) {
+        const std::string& name = dims.input_dims[i][k];
+        if (name.empty()) {
+            out.push_back(t.shape[k]);
+            continue;
+        }
+        auto it = sizes.find(name);
+        if (it == sizes.end())
+            fail(OF_ERR_MANIFEST, "stage '" + spec.name + "' input '" + t.name + "' has the dim '" + name + "', which its dims do not describe");
+        out.push_back(it->second);
+    }
+    return out;
+}
+
+// A .npy file's values as float32 (numpy's format 1.0-3.0; C order; float16/32/64).
+std::vector<float> read_npy(const std::vector<char>& data, const std::string& what, size_t want, std::string& why) {
+    auto refuse = [&](const std::string& reason) -> std::vector<float> {
+        why = "the " + what + " is not a numpy array (" + reason + ")";
+        return {};
+    };
+    if (data.size() < 10 || std::memcmp(data.data(), "\x93NUMPY", 6) != 0) return refuse("no .npy magic string");
+    const unsigned major = static_cast<unsigned char>(data[6]);
+    size_t header_len = 0, start = 0;
+    if (major == 1) {
+        header_len = size_t(static_cast<unsigned char>(data[8])) | size_t(static_cast<unsigned char>(data[9])) << 8;
+        start = 10;
+    } else if (major == 2 || major == 3) {
+        if (data.size() < 12) return refuse("a truncated header");
+        for (int k = 0; k < 4; ++k) header_len |= size_t(static_cast<unsigned char>(data[8 + k])) << (8 * k);
+        start = 12;
+    } else {
+        return refuse("format version " + std::to_string(major) + " is not one numpy writes");
+    }
+    if (header_len > data.size() - start) return refuse("a truncated header");
+    const std::string header(data.data() + start, header_len);
+    const size_t body = start + header_len;
+    auto value_of = [&](const std::string& key) -> std::string {
+        size_t at = header.find("'" + key + "'");
+        if (at == std::string::npos) return "";
+        at = header.find(':', at);
+        if (at == std::string::npos) return "";
+        size_t s = header.find_first_not_of(' ', at + 1);
+        if (s == std::string::npos) return "";
+        if (header[s] == '(') {
+            size_t e = header.find(')', s);
+            return e == std::string::npos ? "" : header.substr(s, e - s + 1);
+        }
+        if (header[s] == '\'') {
+            size_t e = header.find('\'', s + 1);
+            return e == std::string::npos ? "" : header.substr(s + 1, e - s - 1);
+        }
+        size_t e = header.find_first_of(",}", s);
+        return e == std::string::npos ? "" : header.substr(s, e - s);
+    };
+    const std::string descr = value_of("descr"), order = value_of("fortran_order"), shape_text = value_of("shape");
+    if (descr.size() < 3 || shape_text.empty() || (order != "False" && order != "True")) return refuse("an unreadable header");
+    size_t count = 1;
+    for (size_t k = 1; k + 1 < shape_text.size();) {
+        size_t e = shape_text.find_first_of(",)", k);
+        std::string part = shape_text.substr(k, e - k);
+        part.erase(0, part.find_first_not_of(' '));
+        if (!part.empty()) {
+            if (part.find_first_not_of("0123456789") != std::string::npos || part.size() > 12) return refuse("an unreadable shape");
+            count *= size_t(std::stoull(part));
+        }
+        if (e == std::string::npos) break;
+        k = e + 1;
+    }
+    const char endian = descr[0], kind = descr[1];
+    const int width = std::atoi(descr.c_str() + 2);
+    static const std::map<std::string, std::string> kNames = {
+        {"f2", "float16"}, {"f4", "float32"}, {"f8", "float64"}, {"i1", "int8"}, {"i2", "int16"}, {"i4", "int32"},
+        {"i8", "int64"},   {"u1", "uint8"},   {"u2", "uint16"},  {"u4", "uint32"}, {"u8", "uint64"}, {"b1", "bool"}};
+    auto name = kNames.find(descr.substr(1));
+    const std::string dtype = name == kNames.end() ? descr : name->second;
+    const bool is_float = kind == 'f' && (width == 2 || width == 4 || width == 8) && (endian == '<' || endian == '=' || endian == '>');
+    if (count != want || !is_float) {
+        why = "the " + what + " has " + std::to_string(count) + " values of " + dtype + "; the conditioning has " +
+              std::to_string(want) + " finite floats";
+        return {};
+    }
+    if (order == "True" && count > 1) {
+        why = "the " + what + " is stored in Fortran order; omniforge writes C order";
+        return {};
+    }
+    if (data.size() - body != count * size_t(width)) return refuse("its data is not " + std::to_string(count) + " values of " + dtype);
+    std::vector<float> out(count);
+    std::vector<unsigned char> bytes(data.begin() + long(body), data.end());
+    if (endian == '>')  // big-endian: numpy reads it as kind 'f' too
+        for (size_t i = 0; i < count; ++i) std::reverse(bytes.begin() + long(i * size_t(width)), bytes.begin() + long((i + 1) * size_t(width)));
+    const unsigned char* p = bytes.data();
+    for (size_t i = 0; i < count; ++i) {
+        if (width == 4) {
+            std::memcpy(&out[i], p + 4 * i, 4);
+        } else if (width == 8) {
+            double v;
+            std::memcpy(&v, p + 8 * i, 8);
+            out[i] = static_cast<float>(v);
+        } else {
+            const uint16_t h = uint16_t(p[2 * i] | p[2 * i + 1] << 8);
+            const int e = (h >> 10) & 31, m = h & 1023;
+            float v = e == 0 ? std::ldexp(float(m), -24) : e == 31 ? (m ? NAN : INFINITY) : std::ldexp(float(m | 1024), e - 25);
+            out[i] = (h & 0x8000) ? -v : v;
+        }
+    }
+    return out;
+}
+
+bool all_finite(const float* p, size_t n) {
+    for (size_t i = 0; i < n; ++i)
+        if (!std::isfinite(p[i])) return false;
+    return true;
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+}
+
+// A stage's session with the names the decoder binds.
+struct StageSession {
+    std::string name, file;
+    Ort::Session session{nullptr};
+    std::vector<std::string> inputs, outputs;
+};
+
+StageSession open_stage(const std::shared_ptr<BuildImpl>& b, const std::string& name) {
+    StageSession s;
+    s.name = name;
+    const Variant& v = b->manifest.served(name);
+    const Contract& c = b->manifest.contract(name, v);
+    for (const TensorSpec& t : c.inputs) {
+        if (t.dtype != "float32")
+            fail(OF_ERR_UNSUPPORTED, "stage '" + name + "' input '" + t.name + "' is " + t.dtype + "; the native decoders feed float32");
+        s.inputs.push_back(t.name);
+    }
+    for (const TensorSpec& t : c.outputs) s.outputs.push_back(t.name);
+    if (s.outputs.empty()) fail(OF_ERR_MANIFEST, "stage '" + name + "' declares no output");
+    s.file = v.file;
+    s.session = open_session(*b, v, read_graph(*b, v), /*spin=*/false);
+    check_graph_io(s.session, c, "stage '" + name + "'", v.file);
+    return s;
+}
+
+// Runs a stage on float32 inputs; returns its first output (or `output`) with its shape.
+std::vector<float> run_stage(StageSession& s, const std::vector<std::pair<const float*, std::vector<int64_t>>>& feeds,
+                             std::vector<int64_t>& out_shape, const std::string& output = "") {
+    Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+    std::vector<Ort::Value> values;
+    std::vector<const char*> names;
+    for (size_t i = 0; i < feeds.size(); ++i) {
+        const auto& [data, shape] = feeds[i];
+        values.push_back(Ort::Value::CreateTensor<float>(cpu, const_cast<float*>(data), product(shape), shape.data(), shape.size()));
+        names.push_back(s.inputs[i].c_str());
+    }
+    const char* out_name = output.empty() ? s.outputs[0].c_str() : output.c_str();
+    std::vector<Ort::Value> out;
+    try {
+        out = s.session.Run(Ort::RunOptions{nullptr}, names.data(), values.data(), values.size(), &out_name, 1);
+    } catch (const Ort::Exception& e) {
+        std::string why = e.what();
+        fail(OF_ERR_ENGINE, "stage '" + s.name + "' failed: " + why.substr(0, why.find('\n')).substr(0, 300));
+    }
+    auto info = out[0].GetTensorTypeAndShapeInfo();
+    if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+        fail(OF_ERR_ENGINE, "stage '" + s.name + "' output '" + out_name + "' is not float32");
+    out_shape = info.GetShape();
+    const float* p = out[0].GetTensorData<float>();
+    return std::vector<float>(p, p + info.GetElementCount());
+}
+
+}  // namespace
+
+struct DecoderImpl {
+    std::shared_ptr<BuildImpl> build;
+    std::string modality;
+    StageSession unet, vae, vocoder;
+    std::vector<int64_t> latent_shape, cond_shape;  // batch 1
+    size_t latent_size = 0, cond_size = 0;
+    std::vector<float> uncond;  // the build's unconditional embedding; empty: zeros
+    SchedulerConfig sched;
+    std::vector<float> table;
+    int64_t top[3] = {0, 0, 0};  // max steps per scheduler kind
+    float vae_scale = 0.18215f;
+    int32_t sample_rate = 0;
+};
+
+std::shared_ptr<DecoderImpl> open_decoder(std::shared_ptr<BuildImpl> build, const std::string& modality) {
+    if (modality != "image" && modality != "video" && modality != "audio") {
+        std::string m = modality.substr(0, 60);
+        for (char& ch : m)
+            if (static_cast<unsigned char>(ch) < 0x20) ch = '?';
+        fail(OF_ERR_INVALID_ARGUMENT, "unknown modality '" + m + "' (the decoders generate image, video or audio)");
+    }
+    auto d = std::make_shared<DecoderImpl>();
+    d->modality = modality;
+    const Manifest& m = build->manifest;
+    const std::string unet = modality + "_unet", vae = modality + "_vae_decoder";
+    std::vector<std::string> needed{unet, vae};
+    if (modality == "audio") needed.push_back("vocoder");
+    for (const std::string& s : needed)
+        if (!m.stages.count(s) || !m.pipeline.count(s))
+            fail(OF_ERR_UNSUPPORTED, "this build cannot generate '" + modality + "': it has no '" + s + "' stage");
+    const StageSpec& spec = m.spec(unet);
+    const StageDims dims = stage_dims(*build, unet);
+    const std::string suffix = ".transformer";
+    if (dims.component.size() >= suffix.size() &&
+        dims.component.compare(dims.component.size() - suffix.size(), suffix.size(), suffix) == 0)
+        fail(OF_ERR_UNSUPPORTED, "the native core decodes UNet decoders; CogVideoX runs in the Python runtime");
+
+    // the configs, checked before any work (Pipeline.check_steps)
+    d->sched = SchedulerConfig::from_json(read_config(*build, modality + "_scheduler"));
+    d->table = d->sched.table();
+    for (SchedulerKind k : {SchedulerKind::ddim, SchedulerKind::euler, SchedulerKind::dpm}) d->top[int(k)] = max_steps(k, d->sched);
+    d->vae_scale = vae_scaling(read_config(*build, modality + "_vae"));
+    if (modality == "audio") d->sample_rate = m.files.count("vocoder") ? vocoder_rate(read_config(*build, "vocoder")) : 16000;
+
+    // the UNet: sample, timestep and the conditioning, leading with the batch dim; noise_pred out
+    const auto& in = spec.io.inputs;
+    if (in.size() != 3 || in[0].name != "sample" || in[1].name != "timestep")
+        fail(OF_ERR_UNSUPPORTED, "stage '" + unet + "' does not take (sample, timestep, conditioning) as a UNet does");
+    for (size_t i = 0; i < 3; ++i)
+        if (dims.input_dims[i].empty() || dims.input_dims[i][0] != "batch")
+            fail(OF_ERR_UNSUPPORTED, "stage '" + unet + "' input '" + in[i].name + "' does not lead with the 'batch' dim");
+    if (in[1].shape.size() != 1) fail(OF_ERR_UNSUPPORTED, "stage '" + unet + "' input 'timestep' is not one value per batch item");
+    std::map<std::string, int64_t> sizes = dims.opt;
+    sizes["batch"] = 1;
+    if (modality == "video") {
+        auto it = dims.opt.find("frames");
+        if (it == dims.opt.end()) fail(OF_ERR_MANIFEST, "stage 'video_unet' has no 'frames' dim");
+        if (it->second < 1 || it->second > kMaxVideoFrames)
+            fail(OF_ERR_MANIFEST, "the number of video frames must lie in [1, " + std::to_string(kMaxVideoFrames) + "], got " +
+                                      std::to_string(it->second));
+    }
+    d->latent_shape = concrete(spec, dims, 0, sizes);
+    d->cond_shape = concrete(spec, dims, 2, sizes);
+    d->latent_size = product(d->latent_shape);
+    d->cond_size = product(d->cond_shape);
+    if (modality == "video" && d->latent_shape.size() != 5)
+        fail(OF_ERR_UNSUPPORTED, "stage 'video_unet' takes latents of rank " + std::to_string(d->latent_shape.size()) +
+                                     "; the video decoder reads (batch, channels, frames, height, width)");
+
+    d->unet = open_stage(build, unet);
+    if (std::find(d->unet.outputs.begin(), d->unet.outputs.end(), "noise_pred") == d->unet.outputs.end())
+        fail(OF_ERR_UNSUPPORTED, "stage '" + unet + "' has no output 'noise_pred'");
+    d->vae = open_stage(build, vae);
+    if (d->vae.inputs.size() != 1) fail(OF_ERR_UNSUPPORTED, "stage '" + vae + "' does not take one latent tensor");
+    if (modality == "audio") {
+        d->vocoder = open_stage(build, "vocoder");
+        if (d->vocoder.inputs.size() != 1) fail(OF_ERR_UNSUPPORTED, "stage 'vocoder' does not take one mel tensor");
+    }
+
+    // the guidance's unconditional input: the build's empty-prompt embedding, else zeros
+    const std::string role = modality + "_uncond";
+    if (auto it = m.files.find(role); it != m.files.end()) {
+        std::string why;
+        const std::string what = modality + " unconditional embedding";
+        d->uncond = read_npy(read_verified(build->folder, m, it->second), what, d->cond_size, why);
+        if (why.empty() && !all_finite(d->uncond.data(), d->uncond.size()))
+            why = "the " + what + " has " + std::to_string(d->cond_size) + " values of float32; the conditioning has " +
+                  std::to_string(d->cond_size) + " finite floats";
+        if (!why.empty()) fail(OF_ERR_MANIFEST, why);
+    }
+    d->build = std::move(build);
+    return d;
+}
+
+const std::string& decoder_modality(const DecoderImpl& d) { return d.modality; }
+const std::vector<int64_t>& decoder_latent_shape(const DecoderImpl& d) { return d.latent_shape; }
+const std::vector<int64_t>& decoder_conditioning_shape(const DecoderImpl& d) { return d.cond_shape; }
+
+MediaOut decode(DecoderImpl& d, const float* cond, size_t n_cond, const float* uncond, const float* latents, size_t n_latents,
+                const DecodeParams& p) {
+    const std::string& mod = d.modality;
+    // DiffusionConfig's checks, then the scheduler's step range
+    if (p.steps < 1) fail(OF_ERR_INVALID_ARGUMENT, "steps must be >= 1, got " + std::to_string(p.steps));
+    const double g = p.guidance_scale;
+    if (!std::isfinite(g) || !(0 <= g && g <= kMaxGuidance))
+        fail(OF_ERR_INVALID_ARGUMENT, "guidance scale must be >= 0 and finite, at most 1000, got " + number(g));
+    const SchedulerKind kind = scheduler_kind(p.scheduler);
+    Scheduler sched(kind, d.sched, d.table, d.top[int(kind)]);
+    sched.set_timesteps(p.steps);
+    if (!cond) fail(OF_ERR_INVALID_ARGUMENT, "the conditioning is a null pointer");
+    if (n_cond != d.cond_size)
+        fail(OF_ERR_INPUT, "the " + mod + " conditioning must hold " + std::to_string(d.cond_size) + " floats (shape " +
+                               shape_str(d.cond_shape) + "), got " + std::to_string(n_cond));
+    if (!all_finite(cond, n_cond)) fail(OF_ERR_INPUT, "the " + mod + " conditioning holds NaN or infinite values");
+    if (uncond && !all_finite(uncond, n_cond)) fail(OF_ERR_INPUT, "the " + mod + " unconditional input holds NaN or infinite values");
+    const size_t L = d.latent_size;
+    std::vector<float> x(L);
+    if (latents) {
+        if (n_latents != L)
+            fail(OF_ERR_INPUT, mod + " latents must have shape " + shape_str(d.latent_shape) + " (" + std::to_string(L) + " floats), got " +
+                                   std::to_string(n_latents) + " floats");
+        if (!all_finite(latents, L)) fail(OF_ERR_INPUT, mod + " latents hold NaN or infinite values");
+        std::copy(latents, latents + L, x.begin());
+    } else {
+        if (n_latents != 0) fail(OF_ERR_INVALID_ARGUMENT, "n_latents is " + std::to_string(n_latents) + " but the latents are a null pointer");
+        // seeded unit-variance noise: numpy's bit generator (default_rng(seed)), Box-Muller pairs
+        Rng rng(p.seed);
+        for (size_t i = 0; i < L; i += 2) {
+            const double u1 = 1.0 - rng.next_double(), u2 = rng.next_double();  // u1 in (0, 1]
+            const double r = std::sqrt(-2.0 * std::log(u1)), a = 6.283185307179586 * u2;
+            x[i] = static_cast<float>(r * std::cos(a));
+            if (i + 1 < L) x[i + 1] = static_cast<float>(r * std::sin(a));
+        }
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    const float sigma0 = static_cast<float>(sched.init_noise_sigma());
+    for (float& v : x) v = v * sigma0;
+
+    const bool guided = g > 1.0;
+    const size_t B = guided ? 2 : 1, C = d.cond_size;
+    std::vector<float> context(B * C);
+    if (guided) {
+        if (uncond) std::copy(uncond, uncond + C, context.begin());
+        else if (!d.uncond.empty()) std::copy(d.uncond.begin(), d.uncond.end(), context.begin());
+        // else zeros
+        std::copy(cond, cond + C, context.begin() + long(C));
+    } else {
+        std::copy(cond, cond + C, context.begin());
+    }
+    std::vector<int64_t> x_shape = d.latent_shape, c_shape = d.cond_shape;
+    x_shape[0] = c_shape[0] = int64_t(B);
+    const std::vector<int64_t> t_shape{int64_t(B)};
+    std::vector<float> x_in(B * L), ts(B);
+    const float gs = static_cast<float>(g);
+    const std::vector<double>& steps = sched.timesteps();
+    for (size_t i = 0; i < steps.size(); ++i) {
+        sched.scale_model_input(x.data(), x_in.data(), L, i);
+        if (guided) std::copy(x_in.begin(), x_in.begin() + long(L), x_in.begin() + long(L));
+        std::fill(ts.begin(), ts.end(), static_cast<float>(steps[i]));
+        std::vector<int64_t> eps_shape;
+        std::vector<float> eps = run_stage(d.unet, {{x_in.data(), x_shape}, {ts.data(), t_shape}, {context.data(), c_shape}}, eps_shape,
+                                           "noise_pred");
+        if (eps.size() != B * L) fail(OF_ERR_ENGINE, "stage '" + d.unet.name + "' gave " + shape_str(eps_shape) + " for latents of " + shape_str(x_shape));
+        if (guided)
+            for (size_t k = 0; k < L; ++k) eps[k] = eps[k] + gs * (eps[L + k] - eps[k]);
+        sched.step(eps.data(), i, x.data(), L);
+    }
+    MediaOut out;
+    out.kind = mod;
+    out.denoise_s = seconds_since(t0);
+    const auto t1 = std::chrono::steady_clock::now();
+
+    // the VAE decoder: latents / scaling_factor
+    std::vector<int64_t> vae_in_shape = d.latent_shape;
+    std::vector<float> z(L);
+    if (mod == "video") {  // (1, C, F, h, w) -> (F, C, h, w): the frames as a batch
+        const int64_t ch = d.latent_shape[1], fr = d.latent_shape[2], hw = d.latent_shape[3] * d.latent_shape[4];
+        for (int64_t c = 0; c < ch; ++c)
+            for (int64_t f = 0; f < fr; ++f)
+                for (int64_t k = 0; k < hw; ++k) z[size_t((f * ch + c) * hw + k)] = x[size_t((c * fr + f) * hw + k)] / d.vae_scale;
+        vae_in_shape = {fr, ch, d.latent_shape[3], d.latent_shape[4]};
+    } else {
+        for (size_t k = 0; k < L; ++k) z[k] = x[k] / d.vae_scale;
+    }
+    std::vector<int64_t> vs;
+    std::vector<float> decoded = run_stage(d.vae, {{z.data(), vae_in_shape}}, vs);
+    if (mod == "audio") {  // (1, C, T, M)[:, 0] -> the vocoder's mel (1, T, M) -> waveform[0]
+        if (vs.size() != 4 || vs[0] < 1 || vs[1] < 1)
+            fail(OF_ERR_ENGINE, "stage '" + d.vae.name + "' gave " + shape_str(vs) + "; the vocoder reads (batch, 1, frames, mels)");
+        std::vector<float> mel;
+        const size_t plane = size_t(vs[2] * vs[3]);
+        for (int64_t b = 0; b < vs[0]; ++b)
+            mel.insert(mel.end(), decoded.begin() + long(size_t(b) * size_t(vs[1]) * plane),
+                       decoded.begin() + long(size_t(b) * size_t(vs[1]) * plane + plane));
+        std::vector<int64_t> ws;
+        std::vector<float> wav = run_stage(d.vocoder, {{mel.data(), {vs[0], vs[2], vs[3]}}}, ws,
+                                           std::find(d.vocoder.outputs.begin(), d.vocoder.outputs.end(), "waveform") != d.vocoder.outputs.end()
+                                               ? "waveform"
+                                               : "");
+        if (ws.size() != 2 || ws[0] < 1) fail(OF_ERR_ENGINE, "stage 'vocoder' gave " + shape_str(ws) + "; a waveform is (batch, samples)");
+        out.data.assign(wav.begin(), wav.begin() + long(ws[1]));
+        out.shape = {ws[1]};
+        out.sample_rate = d.sample_rate;
+    } else {  // clip(x / 2 + 0.5, 0, 1), channels last: image (H, W, C), video (F, H, W, C)
+        if (vs.size() != 4 || vs[0] < 1)
+            fail(OF_ERR_ENGINE, "stage '" + d.vae.name + "' gave " + shape_str(vs) + "; images are (batch, channels, height, width)");
+        const int64_t n = mod == "image" ? 1 : vs[0], ch = vs[1], hw = vs[2] * vs[3];
+        out.data.resize(size_t(n * ch * hw));
+        for (int64_t f = 0; f < n; ++f)
+            for (int64_t c = 0; c < ch; ++c)
+                for (int64_t k = 0; k < hw; ++k) {
+                    const float v = decoded[size_t((f * ch + c) * hw + k)] / 2.0f + 0.5f;
+                    out.data[size_t((f * hw + k) * ch + c)] = std::min(std::max(v, 0.0f), 1.0f);
+                }
+        out.shape = {vs[2], vs[3], ch};
+        if (mod == "video") out.shape.insert(out.shape.begin(), n);
+    }
+    out.decode_s = seconds_since(t1);
+    return out;
+}
+
+}  // namespace omniforge
