@@ -71,6 +71,174 @@ static of_status open_copy(const fs::path& src, const fs::path& tmp, const char*
     return st;
 }
 
+// ---- the diffusion decoders ----
+
+// A decode's values and shape, or the status it failed with.
+struct Decoded {
+    of_status status = OF_OK;
+    std::vector<float> data;
+    std::vector<int64_t> shape;
+    std::string kind;
+    int32_t rate = 0;
+};
+
+static Decoded decode(of_decoder* d, const std::vector<float>& cond, const float* latents, size_t n_latents,
+                      const of_decoder_options* o) {
+    Decoded r;
+    of_media* m = nullptr;
+    r.status = of_decoder_run(d, cond.data(), cond.size(), nullptr, latents, n_latents, o, &m);
+    if (r.status == OF_OK) {
+        size_t n = 0, rank = 0;
+        const float* p = of_media_data(m, &n);
+        const int64_t* s = of_media_shape(m, &rank);
+        r.data.assign(p, p + n);
+        r.shape.assign(s, s + rank);
+        r.kind = of_media_kind(m);
+        r.rate = of_media_sample_rate(m);
+        CHECK(of_media_denoise_s(m) > 0 && of_media_decode_s(m) > 0);
+    } else {
+        CHECK(m == nullptr);
+    }
+    of_media_free(m);
+    return r;
+}
+
+static size_t product(const std::vector<int64_t>& s) {
+    size_t n = 1;
+    for (int64_t d : s) n *= size_t(d);
+    return n;
+}
+
+static std::vector<int64_t> shape_of(of_decoder* d, bool latent) {
+    int64_t buf[16];
+    size_t rank = 0;
+    CHECK((latent ? of_decoder_latent_shape(d, nullptr, 0, &rank) : of_decoder_conditioning_shape(d, nullptr, 0, &rank)) == OF_OK);
+    CHECK(rank >= 2 && rank <= 16);
+    CHECK((latent ? of_decoder_latent_shape(d, buf, 16, &rank) : of_decoder_conditioning_shape(d, buf, 16, &rank)) == OF_OK);
+    return std::vector<int64_t>(buf, buf + rank);
+}
+
+static void check_decoders(const char* build_path) {
+    of_decoder_options o;
+    of_decoder_options_init(&o);
+    CHECK(o.struct_size == sizeof o && o.steps == 20 && o.guidance_scale == 7.5 && std::string(o.scheduler) == "ddim" && o.seed == 0);
+    CHECK(of_decoder_open(nullptr, "image", nullptr) == OF_ERR_INVALID_ARGUMENT);
+    CHECK(std::strlen(of_decoder_last_error(nullptr)) > 0 && std::string(of_decoder_modality(nullptr)).empty());
+    of_decoder_close(nullptr);
+    of_media_free(nullptr);
+    size_t n0 = 1;
+    CHECK(of_media_data(nullptr, &n0) == nullptr && n0 == 0);
+    of_build* b = nullptr;
+    CHECK(of_build_open(build_path, nullptr, &b) == OF_OK);
+    of_decoder* d = nullptr;
+    of_status st = of_decoder_open(b, "image", nullptr);
+    expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(b), "null pointer", "a null decoder address");
+    st = of_decoder_open(b, nullptr, &d);
+    expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(b), "null pointer", "a null modality");
+    st = of_decoder_open(b, "text", &d);
+    expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(b), "unknown modality 'text'", "a modality without a decoder");
+    CHECK(d == nullptr);
+
+    // the image decoder: shapes, a run from given latents, seeded runs, refusals
+    st = of_decoder_open(b, "image", &d);
+    if (st != OF_OK) {
+        std::fprintf(stderr, "the image decoder did not open: %s %s\n", of_status_name(st), of_last_error(b));
+        ++failures;
+        of_build_close(b);
+        return;
+    }
+    CHECK(std::string(of_decoder_modality(d)) == "image");
+    const std::vector<int64_t> ls = shape_of(d, true), cs = shape_of(d, false);
+    CHECK(ls.size() == 4 && ls[0] == 1 && cs[0] == 1);
+    int64_t small[2];
+    size_t rank = 0;
+    st = of_decoder_latent_shape(d, small, 2, &rank);
+    expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(d), "the rank is 4", "a shape buffer too small");
+    std::vector<float> cond(product(cs)), lat(product(ls));
+    for (size_t i = 0; i < cond.size(); ++i) cond[i] = float(std::sin(0.37 * double(i)));
+    for (size_t i = 0; i < lat.size(); ++i) lat[i] = float(std::cos(0.91 * double(i)) * 1.3);
+    o.steps = 2;
+    Decoded img = decode(d, cond, lat.data(), lat.size(), &o);
+    CHECK(img.status == OF_OK && img.kind == "image" && img.rate == 0);
+    CHECK(img.shape.size() == 3 && img.shape[2] == 3 && img.data.size() == product(img.shape));
+    bool in_range = true;
+    for (float v : img.data) in_range = in_range && v >= 0.0f && v <= 1.0f;
+    CHECK(in_range);
+    CHECK(decode(d, cond, lat.data(), lat.size(), &o).data == img.data);  // a run's state is its own
+    o.seed = 7;
+    Decoded s7 = decode(d, cond, nullptr, 0, &o), s7b = decode(d, cond, nullptr, 0, &o);
+    o.seed = 8;
+    Decoded s8 = decode(d, cond, nullptr, 0, &o);
+    CHECK(s7.status == OF_OK && s7.data == s7b.data && s8.status == OF_OK && s8.data != s7.data);
+    for (const char* name : {"euler", "dpm"}) {
+        o.scheduler = name;
+        Decoded r = decode(d, cond, lat.data(), lat.size(), &o);
+        CHECK(r.status == OF_OK && r.shape == img.shape);
+    }
+    o.scheduler = "ddim";
+    o.guidance_scale = 1.0;  // no guidance: the conditional input alone
+    CHECK(decode(d, cond, lat.data(), lat.size(), &o).status == OF_OK);
+
+    auto refused = [&](const std::function<void(of_decoder_options&, std::vector<float>&, size_t&)>& edit, of_status want,
+                       const char* part, const char* what) {
+        of_decoder_options bad;
+        of_decoder_options_init(&bad);
+        bad.steps = 2;
+        std::vector<float> c = cond;
+        size_t nl = lat.size();
+        edit(bad, c, nl);
+        of_media* m = reinterpret_cast<of_media*>(&bad);  // must be reset to NULL
+        of_status s = of_decoder_run(d, c.data(), c.size(), nullptr, lat.data(), nl, &bad, &m);
+        expect_refusal(s, want, of_last_error(d), part, what);
+        CHECK(m == nullptr);
+    };
+    using Opt = of_decoder_options;
+    using Vec = std::vector<float>;
+    refused([](Opt& x, Vec&, size_t&) { x.struct_size = 1; }, OF_ERR_INVALID_ARGUMENT, "of_decoder_options_init", "decoder options not initialised");
+    refused([](Opt& x, Vec&, size_t&) { x.steps = 0; }, OF_ERR_INVALID_ARGUMENT, "steps must be >= 1, got 0", "zero steps");
+    refused([](Opt& x, Vec&, size_t&) { x.steps = 100000; }, OF_ERR_INVALID_ARGUMENT, "steps must lie in [1, ", "too many steps");
+    refused([](Opt& x, Vec&, size_t&) { x.scheduler = "heun"; }, OF_ERR_INVALID_ARGUMENT, "unknown scheduler 'heun' (choose from ddim, euler, dpm)", "an unknown scheduler");
+    refused([](Opt& x, Vec&, size_t&) { x.guidance_scale = -1; }, OF_ERR_INVALID_ARGUMENT, "guidance scale must be >= 0", "a negative guidance scale");
+    refused([](Opt& x, Vec&, size_t&) { x.guidance_scale = NAN; }, OF_ERR_INVALID_ARGUMENT, "got nan", "a NaN guidance scale");
+    refused([](Opt&, Vec& c, size_t&) { c.pop_back(); }, OF_ERR_INPUT, "conditioning must hold", "a conditioning too short");
+    refused([](Opt&, Vec& c, size_t&) { c[3] = NAN; }, OF_ERR_INPUT, "NaN or infinite", "a NaN in the conditioning");
+    refused([](Opt&, Vec&, size_t& nl) { nl -= 1; }, OF_ERR_INPUT, "latents must have shape", "latents of the wrong size");
+    of_media* m = nullptr;
+    st = of_decoder_run(d, cond.data(), cond.size(), nullptr, nullptr, 5, &o, &m);
+    expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(d), "null pointer", "a latent count without latents");
+    st = of_decoder_run(d, nullptr, cond.size(), nullptr, nullptr, 0, &o, &m);
+    expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(d), "null pointer", "a null conditioning");
+    st = of_decoder_run(d, cond.data(), cond.size(), nullptr, nullptr, 0, &o, nullptr);
+    expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(d), "null pointer", "a null media address");
+    // the decoder outlives its build handle, and works after refusals
+    of_build_close(b);
+    CHECK(decode(d, cond, lat.data(), lat.size(), &o).status == OF_OK);
+    CHECK(std::string(of_last_error(d)).empty());
+    of_decoder_close(d);
+
+    // video frames and an audio waveform
+    CHECK(of_build_open(build_path, nullptr, &b) == OF_OK);
+    for (const char* modality : {"video", "audio"}) {
+        d = nullptr;
+        st = of_decoder_open(b, modality, &d);
+        if (st != OF_OK) {
+            std::fprintf(stderr, "the %s decoder did not open: %s %s\n", modality, of_status_name(st), of_last_error(b));
+            ++failures;
+            continue;
+        }
+        std::vector<float> c(product(shape_of(d, false)), 0.25f);
+        of_decoder_options_init(&o);
+        o.steps = 2;
+        o.scheduler = "dpm";
+        Decoded r = decode(d, c, nullptr, 0, &o);
+        CHECK(r.status == OF_OK && r.kind == modality);
+        if (std::string(modality) == "video") CHECK(r.shape.size() == 4 && r.shape[3] == 3);
+        else CHECK(r.shape.size() == 1 && r.shape[0] > 0 && r.rate >= 1000);
+        of_decoder_close(d);
+    }
+    of_build_close(b);
+}
+
 int main() {
     const char* build_path = std::getenv("OMNIFORGE_TEST_BUILD");
     if (!build_path || !std::getenv("OMNIFORGE_ORT_LIBRARY")) {
@@ -345,6 +513,8 @@ int main() {
     CHECK(n == 7);  // 10 + 7 > 16
     of_llm_close(llm);
     of_build_close(b);
+
+    check_decoders(build_path);
 
     // ---- damaged builds ----
     std::string msg;

@@ -1,6 +1,7 @@
 // One loaded build shared by many threads: every thread runs several requests (greedy and seeded
 // sampling) through one of_llm, each request with its own KV slot, and each result must equal the
 // same request run alone. A thread's bad requests get their own errors while the others run.
+// Then one image decoder shared the same way: every thread's decodes equal the serial ones.
 //   omniforge_threads BUILD [THREADS] [ROUNDS]
 #include <atomic>
 #include <cstdio>
@@ -40,6 +41,26 @@ std::vector<int32_t> run(of_llm* llm, const Request& r, int32_t wait_ms, of_stat
         out.assign(t, t + n);
     }
     of_generation_free(g);
+    return out;
+}
+
+// One image decode (2 steps, seeded noise); empty on failure.
+std::vector<float> decode(of_decoder* d, const std::vector<float>& cond, int i, of_status* status) {
+    of_decoder_options o;
+    of_decoder_options_init(&o);
+    o.steps = 2;
+    o.seed = uint64_t(500 + i);
+    static const char* const names[] = {"ddim", "euler", "dpm"};
+    o.scheduler = names[i % 3];
+    of_media* m = nullptr;
+    *status = of_decoder_run(d, cond.data(), cond.size(), nullptr, nullptr, 0, &o, &m);
+    std::vector<float> out;
+    if (*status == OF_OK) {
+        size_t n = 0;
+        const float* p = of_media_data(m, &n);
+        out.assign(p, p + n);
+    }
+    of_media_free(m);
     return out;
 }
 
@@ -124,6 +145,50 @@ int main(int argc, char** argv) {
         run(llm, requests[0], 0, &s);
         if (s != OF_OK) ++failures;
         of_llm_close(llm);
+    }
+    // one image decoder, many threads: each run has its own scheduler state and buffers
+    of_decoder* dec = nullptr;
+    st = of_decoder_open(build, "image", &dec);
+    if (st == OF_OK) {
+        int64_t shape[16];
+        size_t rank = 0;
+        size_t n_cond = 1;
+        if (of_decoder_conditioning_shape(dec, shape, 16, &rank) != OF_OK) return 1;
+        for (size_t k = 0; k < rank; ++k) n_cond *= size_t(shape[k]);
+        std::vector<float> cond(n_cond);
+        for (size_t k = 0; k < n_cond; ++k) cond[k] = float(k % 17) / 17.0f - 0.5f;
+        std::vector<std::vector<float>> serial;
+        for (int i = 0; i < threads; ++i) {
+            serial.push_back(decode(dec, cond, i, &st));
+            if (st != OF_OK) {
+                std::fprintf(stderr, "serial decode failed: %s\n", of_last_error(dec));
+                return 1;
+            }
+        }
+        std::atomic<int> mismatches{0}, errors{0};
+        std::vector<std::thread> pool;
+        for (int t = 0; t < threads; ++t) {
+            pool.emplace_back([&, t] {
+                of_status s = OF_OK;
+                const int i = (t * 5 + 3) % threads;
+                if (decode(dec, cond, i, &s) != serial[size_t(i)]) ++mismatches;
+                if (s != OF_OK) ++errors;
+                if (t == 0) {  // a bad run: its error is this thread's
+                    of_media* m = nullptr;
+                    s = of_decoder_run(dec, cond.data(), cond.size() - 1, nullptr, nullptr, 0, nullptr, &m);
+                    if (s != OF_ERR_INPUT || std::string(of_last_error(dec)).find("conditioning must hold") == std::string::npos) ++errors;
+                } else if (std::string(of_last_error(dec)) != "") {
+                    ++errors;
+                }
+            });
+        }
+        for (std::thread& th : pool) th.join();
+        std::printf("%d threads x 1 image decode: %d mismatches, %d errors\n", threads, mismatches.load(), errors.load());
+        failures += mismatches + errors;
+        of_decoder_close(dec);
+    } else if (st != OF_ERR_UNSUPPORTED) {  // a build without an image decoder has nothing to share
+        std::fprintf(stderr, "%s: %s\n", of_status_name(st), of_last_error(build));
+        return 1;
     }
     of_build_close(build);
     if (failures) return 1;
