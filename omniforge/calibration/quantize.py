@@ -34,8 +34,9 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import onnx
@@ -68,12 +69,16 @@ from omniforge.pipeline.manifest import (
 from omniforge.pipeline.precision import QUANTIZED_PRECISIONS, STAGE_PRECISIONS, Precision, weight_bits
 from omniforge.pipeline.spec import StageKind, StageSpec
 
+if TYPE_CHECKING:
+    from omniforge.calibration.awq import LayerScale
+
 INT8_MODES = ("auto", "static", "dynamic")
 # the version of the quantized graphs' forms, part of every quantization cache key: raise it when a
 # form changes, so cached stages made in the old form are not reused (2: float biases in static
 # QDQ graphs; TensorRT's weight-only LLM form with positive scales, per-channel INT8, INT4 blocks
-# of 64/128, FP16 activations)
-FORM_VERSION = 2
+# of 64/128, FP16 activations; 3: FP16 graphs with decomposed norms FP32 up to their normalised
+# output; the AWQ scales in TensorRT's weight-only form)
+FORM_VERSION = 3
 CONV_KINDS = {StageKind.DECODER, StageKind.VAE, StageKind.VOCODER}  # UNets, VAE decoders, vocoder
 STAGE_METRICS = ("cosine_min", "snr_db_min", "max_abs_err")  # what _stage_metrics measures
 LLM_METRICS = ("top1_agreement", "kl_divergence", "logits_cosine")  # what _llm_metrics measures
@@ -284,16 +289,31 @@ class WeightOnlyLlm:
         if inplace is None or inplace.contract is None:
             raise ConfigError(f"stage '{name}' has no in-place LLM graph to quantize; export the build again")
         wcfg = ctx.opts.weights(precision)
+        if wcfg.method != "rtn" and not ctx.llm_rows:
+            raise ConfigError(f"{wcfg.method.upper()} needs LLM calibration rows")
         src = ctx.build / inplace.file
         rel = f"stages/{name}.{precision}.ort.onnx"
-        onnx.save_model(
-            self._graph(onnx.load(str(src)), inplace.contract, wcfg, ctx.llm_rows), str(out / rel)
-        )
+        fp32 = onnx.load(str(src))
+        awq = None  # AWQ's scales, searched once for both forms
+        if wcfg.method == "awq":
+            from omniforge.calibration.awq import search_scales
+
+            awq = search_scales(
+                fp32, inplace.contract, ctx.llm_rows, wcfg.bits, wcfg.block_size, wcfg.symmetric
+            )
+        onnx.save_model(self._graph(fp32, inplace.contract, wcfg, ctx.llm_rows, awq), str(out / rel))
         metrics = _llm_metrics(src, out / rel, spec, inplace.contract)
         qsb = sb.with_variant(replace(inplace, file=rel, precision=precision, data_files=()))
         note = "the embedding table is INT8 in token_embedding"
         if ctx.opts.standard_form:
-            std_rel, form = self._standard_form(ctx, name, precision, out, wcfg)
+            scale_canonical = None
+            if awq is not None:
+                from omniforge.calibration.awq import fold_into_canonical
+
+                scale_canonical = partial(
+                    fold_into_canonical, inplace=fp32, contract=inplace.contract, scales=awq
+                )
+            std_rel, form = self._standard_form(ctx, name, precision, out, wcfg, scale_canonical)
             qsb = qsb.with_variant(Variant(Role.WEIGHT_ONLY_DQ, std_rel, precision))
             metrics["qdq_cosine_min"] = _stage_metrics(ctx.build / sb.file, out / std_rel, spec)["cosine_min"]
             note += f"; {std_rel}: {form} for TensorRT"
@@ -308,16 +328,17 @@ class WeightOnlyLlm:
 
     @staticmethod
     def _graph(
-        fp32: onnx.ModelProto, contract: Contract, wcfg: WeightOnlyConfig, rows: list[np.ndarray] | None
+        fp32: onnx.ModelProto,
+        contract: Contract,
+        wcfg: WeightOnlyConfig,
+        rows: list[np.ndarray] | None,
+        awq: list[LayerScale] | None = None,
     ) -> onnx.ModelProto:
-        """The ``MatMulNBits`` form of the in-place graph by ``wcfg.method``."""
-        if wcfg.method != "rtn" and not rows:
-            raise ConfigError(f"{wcfg.method.upper()} needs LLM calibration rows")
-        if wcfg.method == "awq":
-            from omniforge.calibration.awq import apply_awq
+        """The ``MatMulNBits`` form of the in-place graph by ``wcfg.method`` (``awq``: the scales)."""
+        if awq is not None:
+            from omniforge.calibration.awq import fold_scales
 
-            scaled = apply_awq(fp32, contract, rows, wcfg.bits, wcfg.block_size, wcfg.symmetric)
-            return quantize_weights(scaled, wcfg)
+            return quantize_weights(fold_scales(fp32, contract, awq), wcfg)
         q = quantize_weights(fp32, wcfg)
         if wcfg.method == "gptq":
             from omniforge.calibration.gptq import apply_gptq
@@ -327,12 +348,19 @@ class WeightOnlyLlm:
 
     @staticmethod
     def _standard_form(
-        ctx: QuantizeContext, name: str, precision: Precision, out: Path, wcfg: WeightOnlyConfig
+        ctx: QuantizeContext,
+        name: str,
+        precision: Precision,
+        out: Path,
+        wcfg: WeightOnlyConfig,
+        scale_canonical: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None,
     ) -> tuple[str, str]:
         """Write TensorRT's weight-only form of the canonical graph: (its path, what it is).
 
         Always symmetric (TensorRT quantization has no zero points), whatever ``MatMulNBits`` got;
-        INT4 blocks of ``tensorrt_block_size(wcfg.block_size)`` rows, INT8 per output channel."""
+        INT4 blocks of ``tensorrt_block_size(wcfg.block_size)`` rows, INT8 per output channel;
+        ``scale_canonical`` (AWQ) folds the scales ``MatMulNBits``' weights got into the canonical
+        graph first, so both forms quantize the same scaled weights."""
         from omniforge.calibration.standard_form import (
             WEIGHT_ONLY_OPSET,
             dequantize_linear_form,
@@ -342,6 +370,8 @@ class WeightOnlyLlm:
 
         std_rel = f"stages/{name}.{precision}.qdq.onnx"
         canonical = onnx.load(str(ctx.build / ctx.manifest.stages[name].file))
+        if scale_canonical is not None:
+            canonical = scale_canonical(canonical)
         codes = "gptq" if wcfg.method == "gptq" else "rtn"
         block = tensorrt_block_size(wcfg.block_size)
         std = dequantize_linear_form(
@@ -349,9 +379,10 @@ class WeightOnlyLlm:
         )
         onnx.save_model(std, str(out / std_rel))
         layout = f"INT4 blocks of {block}" if wcfg.bits == 4 else "per-channel INT8"
+        scaled = "AWQ-scaled weights, " if scale_canonical is not None else ""
         form = (
             f"W{wcfg.bits}A16 DequantizeLinear (opset {WEIGHT_ONLY_OPSET[wcfg.bits]}, {layout}, "
-            f"{codes.upper()} symmetric codes, positive FP16 scales)"
+            f"{scaled}{codes.upper()} symmetric codes, positive FP16 scales)"
         )
         kept = unquantized_weights(std)
         if kept:
