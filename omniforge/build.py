@@ -22,7 +22,12 @@ from omniforge import __version__
 from omniforge.build_cache import cached, clean_stale, discard_entry, entry_lock, folder_digest
 from omniforge.calibration.metrics import meets_budgets
 from omniforge.calibration.quantize import QuantizeOptions, StageQuantization, budgets_for
-from omniforge.engines.profiles import DEFAULT_TRT_VERSION, require_buildable, trt_version_tuple
+from omniforge.engines.profiles import (
+    DEFAULT_TRT_VERSION,
+    OPSET_21_SINCE,
+    require_buildable,
+    trt_version_tuple,
+)
 from omniforge.errors import ConfigError, ManifestError
 from omniforge.export.opsets import DEFAULT_OPSET, check_opset
 from omniforge.pipeline.atomic import atomic_folder
@@ -37,7 +42,8 @@ from omniforge.pipeline.manifest import (
     write_manifest,
 )
 from omniforge.pipeline.model_config import omniforge_home
-from omniforge.pipeline.precision import BUILD_PRECISIONS, QUANTIZED_PRECISIONS
+from omniforge.pipeline.precision import BUILD_PRECISIONS, QUANTIZED_PRECISIONS, Precision
+from omniforge.pipeline.spec import StageKind
 
 BACKENDS = ("onnxruntime", "tensorrt")
 LLM_STREAM = ("auto", "always", "never")
@@ -122,18 +128,21 @@ def build(
     model: Path, out: Path, opts: BuildOptions, log: Callable[[str], None] = print
 ) -> tuple[Manifest, list[dict]]:
     """Build ``model`` into ``out``; returns the manifest and the summary rows."""
+    targets = [opts.trt_version] if opts.emit_trtexec else []  # the TensorRT versions built for
     if opts.backend == "tensorrt":
         from omniforge.engines.tensorrt import require_tensorrt, trt
 
         require_tensorrt()
         require_buildable(opts.llm_precision, trt.__version__)  # before any export, as build_engine would
+        targets.append(trt.__version__)
+    auto = auto_candidates(targets)
     if opts.merge_adapters:
         check_merge_adapters(model, opts.merge_adapters)
     root = cache_root(opts)
     for folder, name in ((root, None), (root / "stages", None), (out.parent, out.name)):
         clean_stale(folder, name, log)  # what killed builds left behind
     for attempt in (1, 2):
-        final = _steps(model, root, opts, log)
+        final = _steps(model, root, opts, log, auto)
         try:
             m = load_manifest(final, verify=True)  # the one read of the cached files before they are copied
             break
@@ -146,8 +155,31 @@ def build(
         return _assemble(final, m, out, opts, log)
 
 
-def _steps(model: Path, root: Path, opts: BuildOptions, log: Callable[[str], None]) -> Path:
-    """The cache entry of the last step, every step made or reused in turn."""
+def auto_candidates(trt_versions: list[str]) -> tuple[tuple[str, ...], str]:
+    """The quantized builds the auto plan chooses each stage's precision from, for a build for
+    TensorRT ``trt_versions`` (none: ONNX Runtime only), and one line saying what a version left
+    out ("" when none did): before 10.6 TensorRT cannot build the INT4 LLM
+    (``profiles.require_buildable``), so the LLM is chosen from int8 weight-only and fp32."""
+    old = [v for v in trt_versions if trt_version_tuple(v) < OPSET_21_SINCE]
+    if not old:
+        return tuple(QUANTIZED_PRECISIONS), ""
+    since = ".".join(map(str, OPSET_21_SINCE))
+    return tuple(p for p in QUANTIZED_PRECISIONS if p != Precision.INT4), (
+        f"auto: the LLM is chosen from int8 weight-only and fp32 (an FP16 engine in TensorRT {old[0]}), "
+        f"not int4: TensorRT {old[0]} cannot build its INT4 weight-only form (ONNX opset 21; TensorRT "
+        f"{since} and later)"
+    )
+
+
+def _steps(
+    model: Path,
+    root: Path,
+    opts: BuildOptions,
+    log: Callable[[str], None],
+    auto: tuple[tuple[str, ...], str] = (tuple(QUANTIZED_PRECISIONS), ""),
+) -> Path:
+    """The cache entry of the last step, every step made or reused in turn (``auto``: what
+    ``auto_candidates`` says for the build's TensorRT versions)."""
     model_key = folder_digest(model, root / "file-hashes.json")
     if _streams(model, opts):  # a large LLM-only folder: the streaming build replaces every step
         if opts.merge_adapters:
@@ -166,9 +198,20 @@ def _steps(model: Path, root: Path, opts: BuildOptions, log: Callable[[str], Non
     final = optimized
     qopts = opts.quantize_options()
     if opts.precision == "auto":
-        variants = {p: _quantized(root, optimized, opt_key, p, qopts, {}, log) for p in QUANTIZED_PRECISIONS}
-        auto_key = _key("auto", opt_key, json.dumps(AUTO_BUDGETS), *(v.name for v in variants.values()))
-        final = cached(root, f"auto-{auto_key}", lambda p: assemble_auto(optimized, variants, p, log), log)
+        precisions, note = auto
+        if note:
+            log(note)
+        variants = {p: _quantized(root, optimized, opt_key, p, qopts, {}, log) for p in precisions}
+        auto_key = _key(
+            "auto",
+            opt_key,
+            json.dumps(AUTO_BUDGETS),
+            *(v.name for v in variants.values()),
+            *([note] if note else []),
+        )
+        final = cached(
+            root, f"auto-{auto_key}", lambda p: assemble_auto(optimized, variants, p, log, note), log
+        )
     elif opts.precision in QUANTIZED_PRECISIONS or opts.stage_precision:
         final = _quantized(root, optimized, opt_key, opts.precision, qopts, opts.stage_precision, log)
     if opts.merge_adapters:
@@ -322,8 +365,11 @@ def _quantized(
     )
 
 
-def assemble_auto(fp32: Path, quantized: dict[str, Path], out: Path, log: Callable[[str], None]) -> None:
-    """Per stage, the fastest precision whose measured accuracy meets the stage's budget."""
+def assemble_auto(
+    fp32: Path, quantized: dict[str, Path], out: Path, log: Callable[[str], None], llm_note: str = ""
+) -> None:
+    """Per stage, the fastest precision whose measured accuracy meets the stage's budget;
+    ``llm_note`` (why a precision was left out for the LLM) ends the LLM's report note."""
     from omniforge.runtime.build import Build
 
     base = load_manifest(fp32)
@@ -359,6 +405,8 @@ def assemble_auto(fp32: Path, quantized: dict[str, Path], out: Path, log: Callab
                     shutil.copyfile(qpath / rel, out / rel)
             stages[name] = replace(qsb, precision=choice)
         plan[name] = choice
+        if llm_note and base.pipeline.stage(name).kind is StageKind.LLM:
+            row = {**row, "note": "; ".join(filter(None, [row.get("note", ""), llm_note]))}
         rows.append(row)
         log(f"auto: {name} -> {choice}")
     (out / "quantize.json").write_text(json.dumps(rows, indent=2) + "\n")
