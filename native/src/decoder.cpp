@@ -239,6 +239,7 @@ std::vector<float> read_npy(const std::vector<char>& data, const std::string& wh
         if (!part.empty()) {
             if (part.find_first_not_of("0123456789") != std::string::npos || part.size() > 12) return refuse("an unreadable shape");
             count *= size_t(std::stoull(part));
+            if (count > (size_t(1) << 40)) return refuse("a shape beyond any conditioning");
         }
         if (e == std::string::npos) break;
         k = e + 1;
@@ -410,6 +411,13 @@ std::shared_ptr<DecoderImpl> open_decoder(std::shared_ptr<BuildImpl> build, cons
     }
     d->latent_shape = concrete(spec, dims, 0, sizes);
     d->cond_shape = concrete(spec, dims, 2, sizes);
+    for (const auto* shape : {&d->latent_shape, &d->cond_shape}) {
+        double n = 1;
+        for (int64_t x : *shape) n *= double(x);
+        if (n > double(int64_t(1) << 31))
+            fail(OF_ERR_MANIFEST, "stage '" + unet + "' describes latents or a conditioning of " + shape_str(*shape) +
+                                      ", beyond the 2^31 values the native decoders hold");
+    }
     d->latent_size = product(d->latent_shape);
     d->cond_size = product(d->cond_shape);
     if (modality == "video" && d->latent_shape.size() != 5)
