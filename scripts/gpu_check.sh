@@ -23,11 +23,18 @@
 #   GPU_CHECK_CPU_BENCH=1        afterwards, the CPU benchmarks in dependency order (outside the 10 min)
 #   RESULTS=benchmarks/results   where gpu_check.json / gpu_check.md are written
 #   TRTEXEC=/path/to/trtexec     default: trtexec on PATH, else /usr/src/tensorrt/bin/trtexec
+#   PYTHON=/path/to/python       default: python3 on PATH, else python (the one with omniforge's
+#                                dependencies and a CUDA build of torch)
+# TensorRT and Polygraphy come from PyPI when missing: a host that cannot reach it needs both
+# installed first (TensorRT's wheels are about a gigabyte). omniforge runs from this checkout
+# (python -m omniforge in its root), installed or not.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work="${1:-/tmp/omniforge-gpu-check}"
 results="${RESULTS:-benchmarks/results}"
 trt_range="${TRT_RANGE:->=10.12,<12}"
+py="${PYTHON:-$(command -v python3 || command -v python || true)}"
+[ -n "$py" ] || { echo "gpu_check: no python3 or python on PATH (set PYTHON)" >&2; exit 1; }
 mkdir -p "$work" "$results"
 work="$(cd "$work" && pwd)"
 export OMNIFORGE_HOME="$work/home" # a cache of its own: the export runs once, every build reuses it
@@ -73,7 +80,7 @@ cuda_major="$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: \([0-9][0-9]*\)
 echo "GPU: $gpu (driver's CUDA ${cuda_major:-unknown})"
 
 trt_in_range() { # prints the installed version; exit 0 when it is within TRT_RANGE
-  python - "$trt_range" <<'PY'
+  "$py" - "$trt_range" <<'PY'
 import sys
 
 try:
@@ -96,23 +103,29 @@ if ! installed="$(trt_in_range)"; then
     exit 1
   fi
   echo "== installing tensorrt-cu${cuda_major}${trt_range} (found: $installed)"
-  pip install --quiet "tensorrt-cu${cuda_major}${trt_range}" "polygraphy>=0.49"
+  "$py" -m pip install --quiet "tensorrt-cu${cuda_major}${trt_range}" "polygraphy>=0.49" || {
+    echo "gpu_check: pip could not install tensorrt-cu${cuda_major}${trt_range} (no route to PyPI?); install TensorRT and Polygraphy first" >&2
+    exit 1
+  }
   installed="$(trt_in_range)" || {
     echo "gpu_check: TensorRT $installed is still not within '$trt_range'" >&2
     exit 1
   }
 fi
-if ! python -c "import polygraphy" 2>/dev/null; then
+if ! "$py" -c "import polygraphy" 2>/dev/null; then
   [ "${GPU_CHECK_NO_INSTALL:-0}" = 1 ] && { echo "gpu_check: Polygraphy is not installed" >&2; exit 1; }
-  pip install --quiet "polygraphy>=0.49"
+  "$py" -m pip install --quiet "polygraphy>=0.49" || {
+    echo "gpu_check: pip could not install Polygraphy (no route to PyPI?); install it first" >&2
+    exit 1
+  }
 fi
-command -v omniforge >/dev/null || {
-  echo "gpu_check: omniforge is not installed here (pip install -e \".[export,gpu]\")" >&2
+"$py" -c "import omniforge, torch, transformers" || {
+  echo "gpu_check: $py cannot import omniforge and its export dependencies (pip install -e \".[export,gpu]\")" >&2
   exit 1
 }
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" ||
+"$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" ||
   echo "gpu_check: this torch has no CUDA; eager latency will be missing and the check will not pass" >&2
-trt_mm="$(python -c "import tensorrt as t; print('.'.join(t.__version__.split('.')[:2]))")"
+trt_mm="$("$py" -c "import tensorrt as t; print('.'.join(t.__version__.split('.')[:2]))")"
 echo "TensorRT $installed"
 trtexec="${TRTEXEC:-$(command -v trtexec || true)}"
 if [ -z "$trtexec" ] && [ -x /usr/src/tensorrt/bin/trtexec ]; then trtexec=/usr/src/tensorrt/bin/trtexec; fi
@@ -120,11 +133,11 @@ if [ -z "$trtexec" ] && [ -x /usr/src/tensorrt/bin/trtexec ]; then trtexec=/usr/
 # ---- 2. builds, in dependency order ------------------------------------------------------------
 # shellcheck disable=SC2317  # called through `bash -c` (exported), so under `timeout`
 trt_build() { # trt_build PRECISION: engines for this TensorRT, and the trtexec script for it
-  omniforge build --out "$work/trt-$1" --backend tensorrt --precision "$1" --emit-trtexec --trt-version "$trt_mm"
+  "$py" -m omniforge build --out "$work/trt-$1" --backend tensorrt --precision "$1" --emit-trtexec --trt-version "$trt_mm"
 }
 export -f trt_build
-export work trt_mm
-step build-ort-fp32 300 omniforge build --out "$work/ort-fp32"
+export work trt_mm py
+step build-ort-fp32 300 "$py" -m omniforge build --out "$work/ort-fp32"
 t0=$SECONDS
 timeout 420 bash -c 'trt_build fp16' >"$work/build-trt-fp16.log" 2>&1 & # no calibration: runs beside int8
 fp16_pid=$!
@@ -152,7 +165,7 @@ fi
 
 # ---- 4 and 5. comparisons, latency, the result -------------------------------------------------
 rc=0
-timeout 600 python - "$work" "$results" "$steps" "$gpu" "$((SECONDS - start))" <<'PY' || rc=$?
+timeout 600 "$py" - "$work" "$results" "$steps" "$gpu" "$((SECONDS - start))" <<'PY' || rc=$?
 """Comparisons and timings of the builds above; writes gpu_check.json / .md and exits non-zero
 unless every step ran and passed."""
 
@@ -218,6 +231,7 @@ major_minor = tuple(int(x) for x in trt.__version__.split(".")[:2])
 rules = "11" if major_minor >= (11, 0) else "10.12"
 fp32 = work / "ort-fp32"
 builds = {p: work / f"trt-{p}" for p in PRECISIONS if (work / f"trt-{p}" / "manifest.json").is_file()}
+report["problems"] += [f"build trt-{p}: no build was written" for p in PRECISIONS if p not in builds]
 
 # check-trt: the graphs each build handed TensorRT, against this version's rules
 for p, b in builds.items():
@@ -420,14 +434,19 @@ md = [
     "",
     "## Latency at the opt shapes (ms, median of 50; PyTorch eager on the same GPU)",
     "",
-    "| stage | eager fp32 | eager autocast fp16 | "
-    + " | ".join(f"TensorRT {p} (x eager)" for p in builds)
+    "| "
+    + " | ".join(["stage", "eager fp32", "eager autocast fp16", *(f"TensorRT {p} (x eager)" for p in builds)])
     + " |",
     "|---|---:|---:|" + "---:|" * len(builds),
     *[
-        f"| {r['stage']} | {fmt(r.get('eager_fp32_ms'))} | {fmt(r.get('eager_autocast_fp16_ms'))} | "
+        "| "
         + " | ".join(
-            f"{fmt(r.get(f'trt_{p}_ms'))} ({fmt(r.get(f'trt_{p}_speedup_vs_eager'), '.2f')}x)" for p in builds
+            [
+                r["stage"],
+                fmt(r.get("eager_fp32_ms")),
+                fmt(r.get("eager_autocast_fp16_ms")),
+                *(f"{fmt(r.get(f'trt_{p}_ms'))} ({fmt(r.get(f'trt_{p}_speedup_vs_eager'), '.2f')}x)" for p in builds),
+            ]
         )
         + " |"
         for r in report["latency"]
@@ -445,7 +464,7 @@ echo "gpu_check: result in $results/gpu_check.md ($((SECONDS - start)) s; builds
 
 # ---- 6. optional: the CPU benchmarks, graph_passes.py after the decode benchmark it reads -----------
 if [ "${GPU_CHECK_CPU_BENCH:-0}" = 1 ]; then
-  python benchmarks/llm_decode.py --work "$work/bench" --runs 5
-  python benchmarks/graph_passes.py --work "$work/bench"
+  "$py" benchmarks/llm_decode.py --work "$work/bench" --runs 5
+  "$py" benchmarks/graph_passes.py --work "$work/bench"
 fi
 exit "$rc"
