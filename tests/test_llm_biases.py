@@ -13,7 +13,7 @@ import torch
 from omniforge.runtime.llm import LlmRuntime
 from omniforge.runtime.sampling import GenerationConfig
 from tests.test_llm_stream import _in_memory, _save, _streamed
-from tests.test_qwen import PROMPTS, write_llm
+from tests.test_qwen import PROMPTS, assert_greedy_equals_transformers, assert_llm_parity, write_llm
 
 QUIET = lambda _m: None  # noqa: E731
 
@@ -37,24 +37,12 @@ def biased(tmp_path_factory):
 
 
 def test_export_meets_parity(biased):
-    _, build, _ = biased
-    llm = {r["stage"]: r for r in json.loads((build / "parity.json").read_text())}["llm"]
-    assert llm["passed"] and len(llm["parity"]) >= 4  # canonical and in-place graphs, >= 2 shapes each
+    assert_llm_parity(biased[1])
 
 
 def test_greedy_equals_transformers_generate_for_64_tokens(biased):
     _, build, hf = biased
-    rt = LlmRuntime(build, num_slots=2)
-    eos = hf.config.eos_token_id
-    for prompt in PROMPTS:
-        ids = rt.tokenizer.encode(prompt)
-        with torch.no_grad():
-            out = hf.generate(
-                torch.tensor([ids]), max_new_tokens=64, do_sample=False, eos_token_id=eos, pad_token_id=eos
-            )
-        ref = out[0, len(ids) :].tolist()
-        assert rt.generate(prompt, GenerationConfig(max_new_tokens=64)).token_ids == ref
-        assert len(ref) == 64 or ref[-1] == eos
+    assert_greedy_equals_transformers(build, hf)
 
 
 def test_streamed_builds_generate_the_exports_tokens(biased, tmp_path):

@@ -95,14 +95,13 @@ def qwen(request, tmp_path_factory):
     return folder, root / "build", hf
 
 
-def test_export_meets_parity(qwen):
-    _, build, _ = qwen
+def assert_llm_parity(build) -> None:
     llm = {r["stage"]: r for r in json.loads((build / "parity.json").read_text())}["llm"]
     assert llm["passed"] and len(llm["parity"]) >= 4  # canonical and in-place graphs, >= 2 shapes each
 
 
-def test_greedy_equals_transformers_generate_for_64_tokens(qwen):
-    _, build, hf = qwen
+def assert_greedy_equals_transformers(build, hf) -> None:
+    """64 greedy tokens of each of ``PROMPTS`` equal transformers' ``generate``."""
     rt = LlmRuntime(build, num_slots=2)
     eos = hf.config.eos_token_id
     for prompt in PROMPTS:
@@ -114,6 +113,15 @@ def test_greedy_equals_transformers_generate_for_64_tokens(qwen):
         ref = out[0, len(ids) :].tolist()
         assert rt.generate(prompt, GenerationConfig(max_new_tokens=64)).token_ids == ref
         assert len(ref) == 64 or ref[-1] == eos
+
+
+def test_export_meets_parity(qwen):
+    assert_llm_parity(qwen[1])
+
+
+def test_greedy_equals_transformers_generate_for_64_tokens(qwen):
+    _, build, hf = qwen
+    assert_greedy_equals_transformers(build, hf)
 
 
 def test_int4_weight_only_build_runs_close_to_fp32(qwen, tmp_path, quick_quant):

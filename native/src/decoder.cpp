@@ -66,16 +66,12 @@ std::string py_shown(const json& v) {
 // media.config_int
 int64_t config_int(const json& cfg, const std::string& key, int64_t lo, int64_t hi, const std::string& what, const json& def) {
     auto it = cfg.find(key);
-    json v = it == cfg.end() ? def : *it;
-    if (v.is_number_float() && std::isfinite(v.get<double>()) && v.get<double>() == std::floor(v.get<double>()) &&
-        std::fabs(v.get<double>()) < 9.2e18)
-        v = static_cast<int64_t>(v.get<double>());
-    bool ok = v.is_number_integer() && !(v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(INT64_MAX));
-    if (ok) ok = lo <= v.get<int64_t>() && v.get<int64_t>() <= hi;
-    if (!ok)
+    const json& v = it == cfg.end() ? def : *it;
+    int64_t out = 0;
+    if (!int_in_range(v, lo, hi, &out))
         fail(OF_ERR_MANIFEST, "the " + what + " config's '" + key + "' must be an integer in [" + std::to_string(lo) + ", " +
                                   std::to_string(hi) + "], got " + py_shown(v));
-    return v.get<int64_t>();
+    return out;
 }
 
 void size_list(const json& cfg, const std::string& key, const std::string& what, int64_t hi) {

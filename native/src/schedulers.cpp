@@ -9,6 +9,15 @@ namespace omniforge {
 
 using json = nlohmann::json;
 
+bool int_in_range(json v, int64_t lo, int64_t hi, int64_t* out) {
+    if (v.is_number_float() && std::isfinite(v.get<double>()) && v.get<double>() == std::floor(v.get<double>()) &&
+        std::fabs(v.get<double>()) < 9.2e18)
+        v = static_cast<int64_t>(v.get<double>());
+    if (!v.is_number_integer() || (v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(INT64_MAX))) return false;
+    *out = v.get<int64_t>();
+    return lo <= *out && *out <= hi;
+}
+
 namespace {
 
 [[noreturn]] void bad(const std::string& message) { fail(OF_ERR_MANIFEST, message); }
@@ -82,16 +91,12 @@ bool is_number(const json& v) { return v.is_number(); }  // nlohmann keeps boole
 
 int64_t get_int(const json& d, const char* key, int64_t def, int64_t lo, int64_t hi) {
     const json dj = def;
-    json v = get(d, key, dj);
-    if (v.is_number_float() && std::isfinite(v.get<double>()) && v.get<double>() == std::floor(v.get<double>()) &&
-        std::fabs(v.get<double>()) < 9.2e18)
-        v = static_cast<int64_t>(v.get<double>());
-    bool ok = v.is_number_integer() && !(v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(INT64_MAX));
-    if (ok) ok = lo <= v.get<int64_t>() && v.get<int64_t>() <= hi;
-    if (!ok)
+    const json& v = get(d, key, dj);
+    int64_t out = 0;
+    if (!int_in_range(v, lo, hi, &out))
         bad(std::string("the scheduler config's '") + key + "' must be an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) +
             "], got " + shown(v));
-    return v.get<int64_t>();
+    return out;
 }
 
 double get_float(const json& d, const char* key, double def) {
