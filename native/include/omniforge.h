@@ -108,6 +108,12 @@ OF_API const char* of_llm_last_error(const of_llm* llm); /* "" when none; never 
    Changing block_size drops the entries. of_generation_reused_tokens says what a request reused. */
 OF_API of_status of_llm_set_prefix_cache(of_llm* llm, int32_t entries, int32_t block_size);
 
+/* The modality ("image", ...) the token id asks for when it is one of the build's signal tokens,
+   else NULL (also for a NULL handle, or a build whose tokenizer cannot be read). Owned by the LLM
+   (valid until of_llm_close). A streaming callback can use it on its token_id to see signal
+   events as they are generated. */
+OF_API const char* of_llm_signal_modality(const of_llm* llm, int32_t token_id);
+
 /* How the LLM looks token embeddings up: "table_fp32" or "table_int8" (the token_embedding
    graph's table read into memory), or "session" (the graph run by ONNX Runtime). */
 OF_API const char* of_llm_embedding_form(const of_llm* llm);
@@ -182,6 +188,18 @@ OF_API size_t of_generation_reused_tokens(const of_generation* g); /* from the p
 OF_API double of_generation_ttft_s(const of_generation* g);   /* request start to the first token */
 OF_API double of_generation_decode_s(const of_generation* g); /* the tokens after the first */
 OF_API void of_generation_free(of_generation* g);              /* NULL is ignored */
+
+/* The signal tokens the request generated ([IMG0], [VID3], [AUD1], ...: the manifest's
+   pipeline.signal_tokens, which the text leaves out), in order, as the Python runtime's
+   GenerationResult.signals: event i's modality ("image", "video", "audio": the manifest's key),
+   the token as the tokenizer spells it, its id, and its index among of_generation_tokens. Any
+   output pointer may be NULL; the strings are NUL-terminated and owned by the generation (valid
+   until of_generation_free). An index at or beyond the count, or g NULL, is
+   OF_ERR_INVALID_ARGUMENT. A build whose tokenizer cannot be read reports none. The hidden states
+   of these tokens (what the output projectors read) are not computed here. */
+OF_API size_t of_generation_signal_count(const of_generation* g); /* 0 for NULL */
+OF_API of_status of_generation_signal(const of_generation* g, size_t i, const char** modality, const char** token,
+                                      int32_t* token_id, size_t* index);
 
 /* "stop", "stop_string", "length", "cancelled" ("" for OF_FINISH_NONE): the Python runtime's words. */
 OF_API const char* of_finish_reason_name(of_finish_reason reason);

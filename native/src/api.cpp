@@ -192,6 +192,11 @@ of_status of_llm_set_prefix_cache(of_llm* llm, int32_t entries, int32_t block_si
     return guarded(llm->errors.mine(), [&] { omniforge::set_prefix_cache(*llm->impl, entries, block_size); });
 }
 
+const char* of_llm_signal_modality(const of_llm* llm, int32_t token_id) {
+    if (!llm || !llm->impl) return nullptr;
+    return omniforge::signal_modality(*llm->impl, token_id);
+}
+
 const char* of_llm_embedding_form(const of_llm* llm) {
     if (!llm || !llm->impl) return "";
     return omniforge::embedding_form(*llm->impl);
@@ -309,6 +314,19 @@ size_t of_generation_reused_tokens(const of_generation* g) { return g ? g->out.r
 double of_generation_ttft_s(const of_generation* g) { return g ? g->out.ttft_s : 0.0; }
 double of_generation_decode_s(const of_generation* g) { return g ? g->out.decode_s : 0.0; }
 void of_generation_free(of_generation* g) { delete g; }
+
+size_t of_generation_signal_count(const of_generation* g) { return g ? g->out.signals.size() : 0; }
+
+of_status of_generation_signal(const of_generation* g, size_t i, const char** modality, const char** token, int32_t* token_id,
+                               size_t* index) {
+    if (!g || i >= g->out.signals.size()) return OF_ERR_INVALID_ARGUMENT;
+    const omniforge::SignalEvent& e = g->out.signals[i];
+    if (modality) *modality = e.modality.c_str();
+    if (token) *token = e.token.c_str();
+    if (token_id) *token_id = e.token_id;
+    if (index) *index = e.index;
+    return OF_OK;
+}
 
 const char* of_finish_reason_name(of_finish_reason reason) {
     switch (reason) {

@@ -175,6 +175,9 @@ void close_llm(LlmImpl* llm);
 const char* embedding_form(const LlmImpl& llm);  // "table_fp32", "table_int8" or "session"
 const BuildTokenizer* llm_tokenizer(const LlmImpl& llm);  // null when the build's cannot be read
 of_status llm_tokenizer_error(const LlmImpl& llm, std::string* why);     // why not (OF_OK: it can)
+// The modality a signal token asks for ("image", ...), or null when the id is not a signal token
+// (or the build's tokenizer cannot be read). The string lives as long as the LLM.
+const char* signal_modality(const LlmImpl& llm, int32_t token_id);
 
 struct GenerateParams {
     int32_t max_new_tokens = 64;
@@ -187,8 +190,17 @@ struct GenerateParams {
     int32_t slot_wait_ms = 0;  // 0: fail at once when no KV slot is free; < 0: wait for one
 };
 
+// A generated signal token, as the Python runtime's SignalEvent: the modality it asks for, the
+// token as the tokenizer spells it, its id, and its index among the generated tokens.
+struct SignalEvent {
+    std::string modality, token;
+    int32_t token_id = 0;
+    size_t index = 0;
+};
+
 struct GenerateOutput {
     std::vector<int32_t> tokens;
+    std::vector<SignalEvent> signals;  // the signal tokens among `tokens`, in order
     std::string text;  // the visible text (special, stop, signal and placeholder tokens left out)
     of_finish_reason finish = OF_FINISH_NONE;
     size_t prompt_tokens = 0;

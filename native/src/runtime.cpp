@@ -230,6 +230,9 @@ struct LlmImpl {
     of_status tokenizer_status = OF_OK;
     std::string tokenizer_error;
     std::vector<int32_t> hidden_ids;  // signal and placeholder tokens: never part of the visible text
+    // signal token id -> (modality, the token as the tokenizer spells it), from the manifest's
+    // pipeline.signal_tokens, as LlmRuntime.signal_ids
+    std::map<int32_t, std::pair<std::string, std::string>> signal_ids;
 
     std::vector<float> embed(const std::vector<int32_t>& ids);
     // Runs rows (S, H) for `slot`; fills last-position logits (V).
@@ -324,6 +327,19 @@ LlmImpl* open_llm(std::shared_ptr<BuildImpl> build, int32_t num_slots, int32_t m
         llm->tokenizer_status = e.status;
         llm->tokenizer_error = e.what();
     }
+    if (llm->tokenizer) {
+        // tokens the tokenizer does not know are no signal tokens (as the Python runtime). The
+        // manifest's modalities are read in key order, not file order: a token listed under two
+        // modalities would make the two runtimes disagree, so it is refused
+        for (const auto& [modality, token] : m.signal_tokens) {
+            const auto id = llm->tokenizer->tok->token_to_id(token);
+            if (!id) continue;
+            auto [it, fresh] = llm->signal_ids.try_emplace(*id, modality, llm->tokenizer->tok->id_to_token(*id).value_or(token));
+            if (!fresh && it->second.first != modality)
+                fail(OF_ERR_MANIFEST, "the signal token '" + token + "' is listed for both '" + it->second.first + "' and '" + modality +
+                                          "' in the manifest's pipeline.signal_tokens");
+        }
+    }
     llm->build = std::move(build);
     return llm.release();
 }
@@ -335,6 +351,11 @@ const BuildTokenizer* llm_tokenizer(const LlmImpl& llm) { return llm.tokenizer ?
 of_status llm_tokenizer_error(const LlmImpl& llm, std::string* why) {
     if (why) *why = llm.tokenizer_error;
     return llm.tokenizer_status;
+}
+
+const char* signal_modality(const LlmImpl& llm, int32_t token_id) {
+    auto it = llm.signal_ids.find(token_id);
+    return it == llm.signal_ids.end() ? nullptr : it->second.first.c_str();
 }
 
 std::vector<int32_t> encode_prompt(LlmImpl& llm, const std::string& text) {
@@ -654,6 +675,9 @@ GenerateOutput generate(LlmImpl& llm, const std::vector<int32_t>& prompt, const 
         fed.insert(fed.end(), out.tokens.begin(), out.tokens.end() - 1);
         lease.adopt(std::move(fed));
     }
+    for (size_t i = 0; i < out.tokens.size(); ++i)  // as TextTokenizer.signal_events
+        if (auto it = llm.signal_ids.find(out.tokens[i]); it != llm.signal_ids.end())
+            out.signals.push_back({it->second.first, it->second.second, out.tokens[i], i});
     if (text) {
         if (!live_text) {  // computed once, at the end
             text->finish(out.tokens);

@@ -239,6 +239,105 @@ static void check_decoders(const char* build_path) {
     of_build_close(b);
 }
 
+// ---- signal events ----
+
+struct SignalSeen {
+    const of_llm* llm;
+    std::vector<std::pair<std::string, int32_t>> events;  // (modality, token id) seen while streaming
+};
+
+static int on_signal_token(void* user, int32_t token_id, const char*, size_t) {
+    auto* seen = static_cast<SignalSeen*>(user);
+    if (const char* m = of_llm_signal_modality(seen->llm, token_id)) seen->events.emplace_back(m, token_id);
+    return 0;
+}
+
+// The signal events of a sampled request (the default model generates some for this seed): each
+// names a generated token of the build's signal tokens, at its index; the streamed view agrees; a
+// token listed under two modalities is refused at of_llm_open.
+static void check_signals(const fs::path& src, const fs::path& tmp) {
+    CHECK(of_generation_signal_count(nullptr) == 0);
+    CHECK(of_generation_signal(nullptr, 0, nullptr, nullptr, nullptr, nullptr) == OF_ERR_INVALID_ARGUMENT);
+    CHECK(of_llm_signal_modality(nullptr, 0) == nullptr);
+    of_build* b = nullptr;
+    CHECK(of_build_open(src.c_str(), nullptr, &b) == OF_OK);
+    of_llm* llm = nullptr;
+    CHECK(of_llm_open(b, 1, 0, &llm) == OF_OK);
+    of_tokenizer* tok = nullptr;
+    CHECK(of_build_tokenizer(b, &tok) == OF_OK);
+    of_build_close(b);
+    if (!llm || !tok) {
+        of_llm_close(llm);
+        of_tokenizer_close(tok);
+        return;
+    }
+    int32_t img0 = -1;
+    CHECK(of_tokenizer_token_to_id(tok, "[IMG0]", &img0) == OF_OK);
+    CHECK(of_llm_signal_modality(llm, img0) != nullptr && std::string(of_llm_signal_modality(llm, img0)) == "image");
+    CHECK(of_llm_signal_modality(llm, 1) == nullptr && of_llm_signal_modality(llm, -1) == nullptr);
+
+    of_generate_options o;
+    of_generate_options_init(&o);
+    o.max_new_tokens = 48;
+    o.temperature = 0.9;
+    o.top_k = 40;
+    o.top_p = 0.9;
+    o.seed = 11;
+    SignalSeen seen{llm, {}};
+    o.on_token = on_signal_token;
+    o.user_data = &seen;
+    const int32_t prompt[] = {1, 5, 9, 3, 7};
+    of_generation* g = nullptr;
+    CHECK(of_llm_generate(llm, prompt, 5, &o, &g) == OF_OK);
+    size_t n = 0;
+    const int32_t* ids = of_generation_tokens(g, &n);
+    const size_t count = of_generation_signal_count(g);
+    CHECK(count > 0 && count == seen.events.size());
+    size_t signals_in_tokens = 0;
+    for (size_t k = 0; k < n; ++k) signals_in_tokens += of_llm_signal_modality(llm, ids[k]) != nullptr;
+    CHECK(signals_in_tokens == count);
+    size_t last = 0;
+    for (size_t i = 0; i < count; ++i) {
+        const char* modality = nullptr;
+        const char* token = nullptr;
+        int32_t id = -1;
+        size_t index = n;
+        CHECK(of_generation_signal(g, i, &modality, &token, &id, &index) == OF_OK);
+        CHECK(modality && token && index < n && ids[index] == id && (i == 0 || index > last));
+        if (!modality || !token || index >= n) continue;
+        last = index;
+        const std::string m = modality;
+        CHECK(m == "image" || m == "video" || m == "audio");
+        CHECK(m == of_llm_signal_modality(llm, id) && seen.events[i] == std::make_pair(m, id));
+        int32_t back = -1;
+        CHECK(of_tokenizer_token_to_id(tok, token, &back) == OF_OK && back == id);
+        CHECK(token[0] == '[' && std::strlen(token) >= 6);
+        CHECK(of_generation_signal(g, i, nullptr, nullptr, nullptr, nullptr) == OF_OK);
+    }
+    CHECK(of_generation_signal(g, count, nullptr, nullptr, nullptr, nullptr) == OF_ERR_INVALID_ARGUMENT);
+    of_generation_free(g);
+    of_tokenizer_close(tok);
+    of_llm_close(llm);
+
+    // a token listed for two modalities: the runtimes would disagree on it
+    const fs::path dst = tmp / "signal-twice";
+    fs::remove_all(dst);
+    fs::copy(src, dst, fs::copy_options::recursive);
+    std::string s = read_text(dst / "manifest.json");
+    replace_once(s, "\"[AUD0]\"", "\"[IMG0]\", \"[AUD0]\"");
+    write_text(dst / "manifest.json", s);
+    of_build_options bo;
+    of_build_options_init(&bo);
+    bo.skip_verify = 1;
+    CHECK(of_build_open(dst.c_str(), &bo, &b) == OF_OK);
+    of_llm* twice = nullptr;
+    of_status st = of_llm_open(b, 1, 0, &twice);
+    expect_refusal(st, OF_ERR_MANIFEST, of_last_error(b), "'[IMG0]' is listed for both", "a signal token under two modalities");
+    CHECK(twice == nullptr);
+    of_build_close(b);
+    fs::remove_all(dst);
+}
+
 int main() {
     const char* build_path = std::getenv("OMNIFORGE_TEST_BUILD");
     if (!build_path || !std::getenv("OMNIFORGE_ORT_LIBRARY")) {
@@ -624,6 +723,8 @@ int main() {
     st = of_build_open(build_path, &bad_lib, &b);
     expect_refusal(st, OF_ERR_ENGINE, of_last_error(b), "OrtGetApiBase", "a library that is not ONNX Runtime");
     of_build_close(b);
+
+    check_signals(src, tmp);
 
     fs::remove_all(tmp);
     if (failures) {

@@ -15,7 +15,7 @@ import ctypes
 import os
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from omniforge.errors import (
@@ -28,6 +28,7 @@ from omniforge.errors import (
     OmniforgeError,
 )
 from omniforge.runtime.sampling import GenerationConfig
+from omniforge.runtime.tokenizer import SignalEvent
 
 ENV = "OMNIFORGE_NATIVE_LIBRARY"
 _NAMES = ("libomniforge.so", "libomniforge.dylib")
@@ -127,6 +128,19 @@ def load_library(path: Path) -> ctypes.CDLL:
             "of_generation_ttft_s": (ctypes.c_double, [p]),
             "of_generation_decode_s": (ctypes.c_double, [p]),
             "of_generation_free": (None, [p]),
+            "of_generation_signal_count": (sz, [p]),
+            "of_generation_signal": (
+                i32,
+                [
+                    p,
+                    sz,
+                    ctypes.POINTER(ctypes.c_char_p),
+                    ctypes.POINTER(ctypes.c_char_p),
+                    ctypes.POINTER(i32),
+                    ctypes.POINTER(sz),
+                ],
+            ),
+            "of_llm_signal_modality": (ctypes.c_char_p, [p, i32]),
         }
         for name, (restype, argtypes) in sigs.items():
             try:
@@ -152,6 +166,7 @@ class NativeResult:
     ttft_s: float
     decode_s: float
     reused_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    signals: list[SignalEvent] = field(default_factory=list)  # the signal tokens generated, in order
 
 
 class NativeLlm:
@@ -283,12 +298,27 @@ class NativeLlm:
                 ttft_s=lib.of_generation_ttft_s(out),
                 decode_s=lib.of_generation_decode_s(out),
                 reused_tokens=int(lib.of_generation_reused_tokens(out)),
+                signals=_signals(lib, out),
             )
         finally:
             lib.of_generation_free(out)
         if raised:
             raise raised[0]
         return result
+
+
+def _signals(lib: ctypes.CDLL, out: ctypes.c_void_p) -> list[SignalEvent]:
+    events = []
+    modality, token = ctypes.c_char_p(), ctypes.c_char_p()
+    index = ctypes.c_size_t()
+    for i in range(lib.of_generation_signal_count(out)):
+        status = lib.of_generation_signal(
+            out, i, ctypes.byref(modality), ctypes.byref(token), None, ctypes.byref(index)
+        )
+        if status != 0:
+            raise EngineError(f"the native core has no signal event {i} of its result")
+        events.append(SignalEvent(modality.value.decode(), token.value.decode(), int(index.value)))
+    return events
 
 
 BACKENDS = ("auto", "native", "python")
