@@ -17,13 +17,7 @@ from tests.test_native import (  # noqa: F401  (fixtures)
     native_cache,
     ort_headers,
 )
-
-CONFIGS = [
-    {"max_new_tokens": 64},
-    {"max_new_tokens": 48, "temperature": 0.9, "top_k": 40, "top_p": 0.9, "seed": 11},
-    {"max_new_tokens": 48, "temperature": 0.7, "repetition_penalty": 1.3, "seed": 5},
-]
-PROMPTS = ["A dog runs in the park", "Show me a picture of a cat", "make a sound", [1, 5, 9, 3, 7]]
+from tests.test_native_backend import CONFIGS, PROMPTS  # the requests both backends are compared on
 
 
 @pytest.fixture

@@ -697,7 +697,7 @@ class LlmRuntime:
         s.reused = out.reused_tokens
         if config.collect_signal_hidden and any(t in self.signal_ids for t in out.token_ids):
             self._native_signal_hidden(s, out.finish_reason)
-        return self._result(s, out.finish_reason, out.decode_s, ttft=out.ttft_s)
+        return self._result(s, out.finish_reason, out.decode_s, ttft=out.ttft_s, signals=out.signals)
 
     def _native_signal_hidden(self, s: _Seq, finish: str) -> None:
         """The hidden states the Python loop records for the generated signal tokens: those that
@@ -880,7 +880,14 @@ class LlmRuntime:
             self._record_signal(s, fed_token, hidden, cfg)
             yield from self._accept(k, s, logits, cfg, stop_ids)
 
-    def _result(self, s: _Seq, finish: str, decode_s: float, ttft: float | None = None) -> GenerationResult:
+    def _result(
+        self,
+        s: _Seq,
+        finish: str,
+        decode_s: float,
+        ttft: float | None = None,
+        signals: list[SignalEvent] | None = None,
+    ) -> GenerationResult:
         return GenerationResult(
             text=s.text,
             token_ids=list(s.generated),
@@ -890,7 +897,9 @@ class LlmRuntime:
             ttft_s=s.ttft if ttft is None else ttft,
             decode_s=decode_s,
             signal_hidden={m: np.stack(v) for m, v in s.signal_rows.items()},
-            signals=self.tokenizer.signal_events(s.generated, self.signal_ids) if self.tokenizer else [],
+            signals=signals
+            if signals is not None
+            else (self.tokenizer.signal_events(s.generated, self.signal_ids) if self.tokenizer else []),
             adapter=s.adapter,
         )
 
