@@ -311,8 +311,10 @@ def export_pipeline(
     out: str | Path,
     options: ExportOptions | None = None,
     log: Callable[[str], None] = print,
+    parity_points: int | None = None,
 ) -> tuple[Manifest, list[StageReport]]:
-    """Export every (selected) stage of ``model_path`` into the build folder ``out``."""
+    """Export every (selected) stage of ``model_path`` into the build folder ``out``;
+    ``parity_points``: check each stage at only the first N of its parity shapes (real-size stages)."""
     options = options or ExportOptions()
     check_opset(options.opset)
     cfg = load_model_config(model_path)
@@ -322,7 +324,7 @@ def export_pipeline(
     if out.exists() and not (out / "manifest.json").is_file() and any(out.iterdir()):
         raise ExportError(f"'{out}' exists and is not a build folder; refusing to replace it")
     with atomic_folder(out) as tmp:
-        manifest, reports = _export_into(cfg, spec, adapter, tmp, options, log)
+        manifest, reports = _export_into(cfg, spec, adapter, tmp, options, log, parity_points)
     return manifest, reports
 
 
@@ -333,6 +335,7 @@ def _export_into(
     build: Path,
     options: ExportOptions,
     log: Callable[[str], None],
+    parity_points: int | None = None,
 ) -> tuple[Manifest, list[StageReport]]:
     (build / "stages").mkdir(parents=True)
     adapter_files: dict[str, str] = {}
@@ -383,7 +386,11 @@ def _export_into(
             sb = sb.with_variant(inplace)
         if options.parity:
             report.parity = check_stage(
-                stage, str(build / rel), reference_module(stage, module), options.threads
+                stage,
+                str(build / rel),
+                reference_module(stage, module),
+                options.threads,
+                parity_points,
             )
             if inplace is not None:
                 report.parity += check_llm_inplace(

@@ -37,14 +37,20 @@ def compare(ref: np.ndarray, got: np.ndarray, atol: float, rtol: float) -> tuple
 
 
 def check_stage(
-    stage: StageSpec, onnx_path: str, reference: nn.Module, threads: int = 2, seed: int = 0
+    stage: StageSpec,
+    onnx_path: str,
+    reference: nn.Module,
+    threads: int = 2,
+    points: int | None = None,
+    seed: int = 0,
 ) -> list[ParityResult]:
-    """Run ``stage`` in ONNX Runtime (CPU) and in PyTorch at each of its check points."""
+    """Run ``stage`` in ONNX Runtime (CPU) and in PyTorch at each of its check points (the first
+    ``points`` of them when given)."""
     from omniforge.runtime.engine import SessionConfig, open_session
 
     sess = open_session(onnx_path, "measurement", SessionConfig(threads=threads))
     results = []
-    for i, point in enumerate(stage.parity_points()):
+    for i, point in enumerate(stage.parity_points()[:points]):
         feeds = stage.sample_inputs(point, seed=seed + i)
         with torch.no_grad():
             ref = reference(*[torch.from_numpy(feeds[n]) for n in stage.input_names])

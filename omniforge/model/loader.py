@@ -76,7 +76,7 @@ def load_component(cfg: ModelConfig, component: str, adapter: str | None = None)
         from transformers import CLIPVisionModelWithProjection
 
         return CLIPVisionModelWithProjection.from_pretrained(
-            cfg.encoders[parts[1]], use_safetensors=True
+            cfg.encoders[parts[1]], use_safetensors=True, torch_dtype=torch.float32
         ).eval()
     if parts[0] == "input_projector":
         assert cfg.input_projector is not None
@@ -95,7 +95,9 @@ def load_component(cfg: ModelConfig, component: str, adapter: str | None = None)
         if parts[2] == "vocoder":
             from transformers import SpeechT5HifiGan
 
-            return SpeechT5HifiGan.from_pretrained(folder, use_safetensors=True).eval()
+            return SpeechT5HifiGan.from_pretrained(
+                folder, use_safetensors=True, torch_dtype=torch.float32
+            ).eval()  # FP32 from FP16/BF16 files too, like every stage
         if parts[2] == "vae":
             from diffusers import AutoencoderKL, AutoencoderKLCogVideoX
 
