@@ -21,7 +21,12 @@ from pathlib import Path
 from omniforge import __version__
 from omniforge.build_cache import cached, clean_stale, discard_entry, entry_lock, folder_digest
 from omniforge.calibration.metrics import meets_budgets
-from omniforge.calibration.quantize import QuantizeOptions, StageQuantization, budgets_for
+from omniforge.calibration.quantize import (
+    QuantizeOptions,
+    StageQuantization,
+    budgets_for,
+    calibration_fingerprint,
+)
 from omniforge.engines.profiles import (
     DEFAULT_TRT_VERSION,
     OPSET_21_SINCE,
@@ -64,8 +69,8 @@ class BuildOptions:
     quantize: QuantizeOptions | None = None  # default: QuantizeOptions(), static INT8 everywhere for TensorRT
     opset: int = DEFAULT_OPSET
     trt_version: str = DEFAULT_TRT_VERSION  # of the device the emitted trtexec lines are for
-    # an LLM-only folder's LLM written from its shards layer by layer (omniforge.export.llm_stream):
-    # "auto" when its FP32 export would not fit in the memory available, "always" or "never"
+    # the LLM stages written from the LLM's shards layer by layer (omniforge.export.llm_stream), the
+    # other stages exported as ever: "auto" when its FP32 export would not fit in memory, "always" or "never"
     llm_stream: str = "auto"
     merge_adapters: tuple[str, ...] = ()  # LoRA adapters given an LLM variant of their own, merged
 
@@ -181,20 +186,16 @@ def _steps(
     """The cache entry of the last step, every step made or reused in turn (``auto``: what
     ``auto_candidates`` says for the build's TensorRT versions)."""
     model_key = folder_digest(model, root / "file-hashes.json")
-    if _streams(model, opts):  # a large LLM-only folder: the streaming build replaces every step
+    if _streams(model, opts):  # the streaming build writes the LLM stages; the others export as below
         if opts.merge_adapters:
             raise ConfigError(
                 "merged adapter variants are made from the traced export; this LLM is built by "
                 "streaming its shards (its adapters are switched at run time)"
             )
-        return _streamed(model, root, model_key, opts, log)
-    export_opts = opts.export_options()
-    export_key = _key(
-        "export", __version__, model_key, json.dumps(export_opts, sort_keys=True), tool_versions()
-    )
-    exported = cached(root, f"export-{export_key}", lambda p: _export(model, p, export_opts, log), log)
-    opt_key = _key("optimize", export_key)
-    optimized = cached(root, f"optimize-{opt_key}", lambda p: _optimize(exported, p, log), log)
+        streamed = _streamed(model, root, model_key, opts, log)
+        others = _other_stages(model)
+        return _with_other_stages(model, root, model_key, streamed, others, opts, log) if others else streamed
+    optimized, opt_key = _optimized(model, root, model_key, opts.export_options(), log)
     final = optimized
     qopts = opts.quantize_options()
     if opts.precision == "auto":
@@ -219,6 +220,18 @@ def _steps(
         merge_key = _key("merge", __version__, src.name, *opts.merge_adapters)  # src's name keys its options
         final = cached(root, f"merged-{merge_key}", lambda p: merged_variants(model, src, p, opts, log), log)
     return final
+
+
+def _optimized(
+    model: Path, root: Path, model_key: str, export_opts: dict, log: Callable[[str], None]
+) -> tuple[Path, str]:
+    """The export and optimize steps' cache entries made or reused: (optimized entry, its key)."""
+    export_key = _key(
+        "export", __version__, model_key, json.dumps(export_opts, sort_keys=True), tool_versions()
+    )
+    exported = cached(root, f"export-{export_key}", lambda p: _export(model, p, export_opts, log), log)
+    opt_key = _key("optimize", export_key)
+    return cached(root, f"optimize-{opt_key}", lambda p: _optimize(exported, p, log), log), opt_key
 
 
 # ---- LLM variants with a LoRA adapter merged in ----------------------------------------------------
@@ -286,22 +299,183 @@ def merged_variants(
 # ---- the streaming LLM build (omniforge.export.llm_stream) ---------------------------------------
 
 
+LLM_STAGES = ("token_embedding", "llm")  # the stages the streaming LLM build writes
+
+
 def _streams(model: Path, opts: BuildOptions) -> bool:
-    """Whether ``model``'s build is the streaming LLM build: an LLM-only folder whose FP32 export
+    """Whether ``model``'s LLM stages are written by the streaming LLM build: its LLM's FP32 export
     would not fit in the memory available (``llm_stream="auto"``), or ``"always"``."""
     if opts.llm_stream == "never":
         return False
+    if opts.llm_stream == "always":
+        return True
+    from omniforge.export.llm_stream import fits_in_memory
     from omniforge.pipeline.model_config import load_model_config
 
-    cfg = load_model_config(model)
-    llm_only = cfg.is_llm_only
-    if opts.llm_stream == "always" and not llm_only:
-        raise ConfigError("the streaming LLM build takes an LLM-only folder; this model has other stages")
-    if not llm_only:
-        return False
-    from omniforge.export.llm_stream import fits_in_memory
+    return not fits_in_memory(load_model_config(model).llm)
 
-    return opts.llm_stream == "always" or not fits_in_memory(cfg.llm)
+
+def _other_stages(model: Path) -> list[str]:
+    """The stages of ``model``'s pipeline the streaming LLM build does not write (none: LLM-only)."""
+    from omniforge.pipeline.describe import describe
+    from omniforge.pipeline.model_config import load_model_config
+
+    return [n for n in describe(load_model_config(model)).stage_names if n not in LLM_STAGES]
+
+
+def _with_other_stages(
+    model: Path,
+    root: Path,
+    model_key: str,
+    streamed: Path,
+    others: list[str],
+    opts: BuildOptions,
+    log: Callable[[str], None],
+) -> Path:
+    """A NExT-GPT folder's build around its ``streamed`` LLM stages: the ``others`` (encoders,
+    projectors, decoders) exported, optimized and quantized as a normal build does, then both
+    joined into one build. Whatever runs the whole pipeline (the calibration capture of static
+    INT8, the end-to-end accuracy) runs the other stages joined with the streamed LLM at the
+    build's precision, as the LLM is never held in FP32 here."""
+    fp32, key = _optimized(model, root, model_key, {**opts.export_options(), "stages": others}, log)
+    if opts.precision == "fp32":
+        key = _key("joined", __version__, fp32.name, streamed.name)
+        return cached(root, f"joined-{key}", lambda p: join_builds(model, [fp32, streamed], p), log)
+    qopts = opts.quantize_options()
+    src = fp32
+    if opts.precision != "fp16":
+        key = _key("calibrated", __version__, fp32.name, streamed.name, qopts.key(opts.precision))
+        src = cached(
+            root, f"calibrated-{key}", lambda p: _with_calibration(model, fp32, streamed, p, qopts, log), log
+        )
+    rest = _quantized(root, src, key, opts.precision, replace(qopts, end_to_end=False), {}, log)
+    key = _key("joined", __version__, rest.name, streamed.name, str(qopts.end_to_end))
+    return cached(
+        root, f"joined-{key}", lambda p: _joined_quantized(model, rest, streamed, fp32, p, qopts, log), log
+    )
+
+
+def _with_calibration(
+    model: Path, src: Path, streamed: Path, dst: Path, qopts: QuantizeOptions, log: Callable[[str], None]
+) -> None:
+    """``src`` (stages without the LLM) plus, in ``calibration/``, the capture ``quantize_build``
+    would make of it, made by running ``src`` joined with the ``streamed`` LLM stages."""
+    from omniforge.calibration import capture as calib
+
+    shutil.copytree(src, dst)
+    joined = dst.parent / "joined"  # beside the entry in its temporary folder, removed with it
+    join_builds(model, [src, streamed], joined, link=True)
+    salt = calibration_fingerprint(load_manifest(src, verify=False))
+    calib.capture(joined, dst / "calibration", qopts.inputs(), salt, log=log)
+    shutil.rmtree(joined)
+
+
+def _joined_quantized(
+    model: Path,
+    rest: Path,
+    streamed: Path,
+    fp32: Path,
+    dst: Path,
+    qopts: QuantizeOptions,
+    log: Callable[[str], None],
+) -> None:
+    """``rest`` (the other stages quantized) joined with the ``streamed`` LLM stages, with the
+    end-to-end accuracy against ``fp32`` (the other stages in FP32) joined with the same LLM."""
+    join_builds(model, [rest, streamed], dst)
+    if not qopts.end_to_end:
+        return
+    from omniforge.calibration.end_to_end import end_to_end_accuracy, end_to_end_table
+    from omniforge.pipeline.manifest import atomic_write_text
+
+    reference = dst.parent / "reference"  # beside the entry in its temporary folder, removed with it
+    join_builds(model, [fp32, streamed], reference, link=True)
+    e2e = end_to_end_accuracy(reference, dst, steps=qopts.inputs().steps)
+    shutil.rmtree(reference)
+    log(
+        "end to end vs FP32 (the same streamed LLM): "
+        + ", ".join(f"{k} {v:.3g}" for k, v in e2e["worst"].items())
+    )
+    atomic_write_text(dst / "accuracy_e2e.json", json.dumps(e2e, indent=2) + "\n")
+    title = "End to end vs FP32 other stages with the same streamed LLM (same prompts and seeds, held out)"
+    md = (dst / "quantize.md").read_text()
+    atomic_write_text(dst / "quantize.md", f"{md}\n## {title}\n\n{end_to_end_table(e2e)}\n")
+    m = load_manifest(dst, verify=False)
+    known = {k: a for k, a in m.artifacts.items() if k != "quantize.md"}
+    artifacts = _add_artifacts(dst, known, ["quantize.md", "accuracy_e2e.json"])
+    files = {**m.files, "accuracy_e2e": "accuracy_e2e.json"}
+    write_manifest(dst, Manifest(m.pipeline, m.stages, artifacts, files, m.source, m.tools))
+
+
+def join_builds(model: Path, parts: list[Path], out: Path, link: bool = False) -> None:
+    """One build of ``parts``, builds of disjoint stages of ``model``: every file copied (``link``:
+    hard-linked; every file rewritten here is replaced, never written through), the manifest
+    listing the whole pipeline's stages in its order, the parity and quantization reports joined
+    (a stage of a part without one "kept FP32", as in a build whose plan keeps it), ``files``,
+    ``source`` and ``tools`` merged (one precision plan over every stage)."""
+    import os
+
+    from omniforge.pipeline.describe import describe
+    from omniforge.pipeline.manifest import atomic_write_text
+    from omniforge.pipeline.model_config import load_model_config
+
+    spec = describe(load_model_config(model))
+    order = {n: i for i, n in enumerate(spec.stage_names)}
+    ms = [load_manifest(p, verify=False) for p in parts]
+    names = [n for m in ms for n in m.stages]
+    assert sorted(names) == sorted(order), f"the parts' stages {names} are not the pipeline's {list(order)}"
+
+    def place(src: str, dst: str) -> None:  # the parts share only the reports rewritten below
+        Path(dst).unlink(missing_ok=True)
+        (os.link if link else shutil.copy2)(src, dst)
+
+    for p in parts:
+        shutil.copytree(p, out, dirs_exist_ok=True, copy_function=place)
+    stages = {n: sb for m in ms for n, sb in m.stages.items()}
+    stages = {n: stages[n] for n in spec.stage_names}
+    files: dict[str, str] = {}
+    source: dict = {}
+    tools: dict[str, str] = {}
+    known: dict[str, Artifact] = {}
+    for m in reversed(ms):  # where parts disagree (the model's kind, the precision asked), the first wins
+        files, source, tools = {**files, **m.files}, {**source, **m.source}, {**tools, **m.tools}
+        known = {**known, **m.artifacts}
+    rewritten = ["parity.json", "parity.md"]
+    parity = sorted(
+        (r for p in parts for r in json.loads((p / "parity.json").read_text())),
+        key=lambda r: order[r["stage"]],
+    )
+    table = [(p / "parity.md").read_text().splitlines() for p in parts]
+    rows = sorted((row for t in table for row in t[2:]), key=lambda row: order[row.split("|")[1].strip()])
+    for rel, text in (
+        ("parity.json", json.dumps(parity, indent=2)),
+        ("parity.md", "\n".join(table[0][:2] + rows)),
+    ):
+        (out / rel).unlink()
+        atomic_write_text(out / rel, text + "\n")
+    if any((p / "quantize.json").is_file() for p in parts):
+        from omniforge.calibration.quantize import quantize_table
+
+        reports = {
+            r["stage"]: StageQuantization(**r)
+            for p in parts
+            if (p / "quantize.json").is_file()
+            for r in json.loads((p / "quantize.json").read_text())
+        }
+        quant = [reports.get(n) or StageQuantization(n, "fp32", "kept FP32", 0, 0) for n in spec.stage_names]
+        for rel, text in (
+            ("quantize.json", json.dumps([asdict(r) for r in quant], indent=2)),
+            ("quantize.md", quantize_table(quant)),
+        ):
+            (out / rel).unlink(missing_ok=True)
+            atomic_write_text(out / rel, text + "\n")
+        rewritten += ["quantize.json", "quantize.md"]
+        files["quantize_report"] = "quantize.json"
+    if "precision_plan" in source:
+        source["precision_plan"] = {n: sb.precision for n, sb in stages.items()}
+    for rel in rewritten:
+        known.pop(rel, None)
+    (out / "manifest.json").unlink()
+    write_manifest(out, Manifest(spec, stages, _add_artifacts(out, known, rewritten), files, source, tools))
 
 
 def _streamed(

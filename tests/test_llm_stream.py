@@ -353,7 +353,7 @@ def test_cli_build_streams_a_folder_too_large_for_the_memory_available(
     assert "was not written" in note and "GiB was available" in note
 
 
-def test_streaming_refusals_are_one_sentence(default_model, bf16_llama, tmp_path):
+def test_streaming_refusals_are_one_sentence(bf16_llama, tmp_path):
     from omniforge.build import BuildOptions, build
     from omniforge.calibration.weight_only import WeightOnlyConfig
 
@@ -361,10 +361,6 @@ def test_streaming_refusals_are_one_sentence(default_model, bf16_llama, tmp_path
         stream_llm_build(bf16_llama, tmp_path / "a", "int4", WeightOnlyConfig(method="awq"), log=QUIET)
     with pytest.raises(ConfigError, match="not 'auto'"):
         stream_llm_build(bf16_llama, tmp_path / "a", "auto", log=QUIET)
-    with pytest.raises(ConfigError, match="LLM-only folder"):
-        build(
-            default_model, tmp_path / "b", BuildOptions(llm_stream="always", cache=tmp_path / "c"), log=QUIET
-        )
     for bad in (dict(precision="auto"), dict(backend="tensorrt"), dict(stage_precision={"llm": "int8"})):
         opts = BuildOptions(llm_stream="always", cache=tmp_path / "c", **bad)
         with pytest.raises(Exception, match="streaming LLM build writes|tensorrt|TensorRT"):

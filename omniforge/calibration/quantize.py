@@ -546,6 +546,13 @@ def _needs_calibration(manifest: Manifest, plan: dict[str, str], opts: QuantizeO
     return False
 
 
+def calibration_fingerprint(manifest: Manifest) -> str:
+    """What a build's calibration capture is keyed and salted with: its artifacts' digests."""
+    return hashlib.sha256(
+        "".join(sorted(a.sha256 for a in manifest.artifacts.values())).encode()
+    ).hexdigest()[:16]
+
+
 def quantize_build(
     build: str | Path,
     out: str | Path,
@@ -580,9 +587,7 @@ def quantize_build(
         shutil.copytree(build, tmp, dirs_exist_ok=True)
         calib_dir = None
         if _needs_calibration(manifest, plan, opts):
-            fingerprint = hashlib.sha256(
-                "".join(sorted(a.sha256 for a in manifest.artifacts.values())).encode()
-            ).hexdigest()[:16]
+            fingerprint = calibration_fingerprint(manifest)
             where = (stage_cache / f"calibration-{fingerprint}") if stage_cache else tmp / "calibration"
             for earlier in (build / "calibration", out / "calibration"):  # a capture made before
                 if not (where / "calibration.json").is_file() and (earlier / "calibration.json").is_file():

@@ -61,6 +61,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="also write an LLM variant with this LoRA adapter merged in, used for its requests "
         "(repeatable; the other adapters stay switched at run time)",
     )
+    p.add_argument(
+        "--llm-stream",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="write the LLM stages from its safetensors shards layer by layer instead of loading the whole "
+        "model (the other stages export as usual); auto: when its FP32 export would not fit in the memory "
+        "available (see docs/real-size.md)",
+    )
     p.add_argument("--cache", help="cache folder (default: $OMNIFORGE_HOME/build-cache)")
     p.add_argument(
         "--opset",
@@ -91,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         quantize_options(args, "int4" if args.precision in ("int4", "auto") else "int8"),
         args.opset,
         args.trt_version,
+        llm_stream=args.llm_stream,
         merge_adapters=tuple(args.merge_adapter),
     )
     _, rows = build(exportable_model(args.model), out, opts, log=log)
