@@ -4,7 +4,6 @@ against the peak RSS of real requests on the default build."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -13,12 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from omniforge.bench.peak import measure_requests
 from omniforge.errors import ConfigError
 from omniforge.pipeline.contracts import Role
 from omniforge.pipeline.manifest import Artifact, Manifest, StageBuild, Variant, load_manifest
 from omniforge.pipeline.spec import Dim, LlmGeometry, PipelineSpec, StageKind, StageSpec, TensorSpec
 from omniforge.runtime.native import find_library
 from omniforge.runtime.plan import (
+    KiB,
     MiB,
     kv_pool_bytes,
     native_decoding,
@@ -46,8 +47,9 @@ GEOMETRY = LlmGeometry(
 )
 
 
-def hand_manifest(weights: dict[str, int]) -> Manifest:
-    """A text + image-in + audio-in + text-to-image pipeline whose served graphs have ``weights``."""
+def hand_manifest(weights: dict[str, int], embedded: bool = False) -> Manifest:
+    """A text + image-in + audio-in + text-to-image pipeline whose served graphs have ``weights``:
+    in an external data file beside a 64 KiB graph (``embedded``: in the graph file itself)."""
     llm_dims = (
         BATCH,
         Dim("seq", 1, 8, 128),
@@ -74,8 +76,14 @@ def hand_manifest(weights: dict[str, int]) -> Manifest:
     stages, artifacts = {}, {}
     for s in specs:
         path = f"stages/{s.name}.onnx"
-        stages[s.name] = StageBuild((Variant(Role.CANONICAL, path),))
-        artifacts[path] = Artifact(path, "0" * 64, weights[s.name])
+        if embedded or s.name == "token_embedding":
+            stages[s.name] = StageBuild((Variant(Role.CANONICAL, path),))
+            artifacts[path] = Artifact(path, "0" * 64, weights[s.name])
+            continue
+        data = f"{path}.data"
+        stages[s.name] = StageBuild((Variant(Role.CANONICAL, path, "fp32", (data,)),))
+        artifacts[path] = Artifact(path, "0" * 64, 64 * KiB)
+        artifacts[data] = Artifact(data, "0" * 64, weights[s.name] - 64 * KiB)
     return Manifest(pipeline, stages, artifacts)
 
 
@@ -101,7 +109,8 @@ def test_the_model_sums_its_parts(manifest):
     plan = plan_memory(manifest, None, REQUESTS)
     cost = {s: stage_memory(manifest, s).total for s in WEIGHTS}
     assert plan.kv_pool == kv_pool_bytes(manifest) == 2 * 4 * 1 * 2 * 128 * 16 * 4
-    assert plan.fixed == plan.peaks["text"] - sum(cost[s] for s in plan.per_use + plan.resident[2:])
+    rise = max(stage_memory(manifest, s).opening for s in WEIGHTS)  # the embedding table's copy
+    assert plan.fixed == plan.peaks["text"] - sum(cost[s] for s in plan.per_use + plan.resident[2:]) - rise
     # no budget: everything resident, so every request's peak is the whole pipeline's
     assert set(plan.resident) == set(WEIGHTS) and plan.per_use == ()
     assert len(set(plan.peaks.values())) == 1
@@ -113,6 +122,22 @@ def test_the_model_sums_its_parts(manifest):
         plan_memory(manifest, None, ["text"], num_slots=4).fixed - plan_memory(manifest, None, ["text"]).fixed
     )
     assert llm_arena > 0 and more == 3 * plan.kv_pool + llm_arena
+
+
+def test_opening_a_large_embedded_graph_raises_the_peak_for_a_moment(manifest):
+    """A graph file read whole is held several times over while its session opens (read, parsed,
+    loaded), before its arena exists: the peak is the settled sum plus the largest such rise."""
+    embedded = hand_manifest(WEIGHTS, embedded=True)
+    plan, before = (
+        plan_memory(embedded, None, ["text-to-image"]),
+        plan_memory(manifest, None, ["text-to-image"]),
+    )
+    unet = stage_memory(embedded, "image_unet")
+    assert unet.session == stage_memory(manifest, "image_unet").session  # the same once settled
+    assert unet.opening == unet.load - unet.total > 0
+    rise, rise_before = (max(stage_memory(m, s).opening for s in WEIGHTS) for m in (embedded, manifest))
+    assert rise == unet.opening > rise_before  # the largest graph rises the most
+    assert plan.peak - rise == before.peak - rise_before  # the same settled sum
 
 
 def test_a_tight_budget_keeps_the_llm_and_the_most_needed_stages(manifest):
@@ -127,8 +152,9 @@ def test_a_tight_budget_keeps_the_llm_and_the_most_needed_stages(manifest):
     assert all(p <= budget for p in plan.peaks.values())
     for s in plan.per_use:  # greedy to the end: no per-use stage could also have stayed resident
         kept = set(plan.resident) | {s}
+        rise = stage_memory(manifest, "token_embedding").opening  # its table's copy; the graphs' is none
         worst = max(
-            plan.fixed + sum(cost[x] for x in (kept - {"token_embedding", "llm"}) | set(plan.needs[r]))
+            plan.fixed + sum(cost[x] for x in (kept - {"token_embedding", "llm"}) | set(plan.needs[r])) + rise
             for r in plan.requests
         )
         assert worst > budget
@@ -238,7 +264,8 @@ def test_run_refuses_a_budget_nothing_fits(default_build, tmp_path):
 
 def test_run_with_a_budget_writes_the_image_and_reports_as_without(default_build, tmp_path):
     manifest = load_manifest(default_build)
-    budget = plan_memory(manifest, None, ["text-to-image"], native=native_decoding()).peak + MiB
+    native = native_decoding()
+    budget = max(plan_memory(manifest, None, [r], native=native).peak for r in servable(manifest)) + MiB
     args = ["--prompt", "a harbour", "--force", "image", "--steps", "2", "--max-new-tokens", "4"]
     res = cli("run", str(default_build), *args, "--memory-budget", f"{budget}", "--out", str(tmp_path / "a"))
     assert res.returncode == 0, res.stderr
@@ -249,43 +276,9 @@ def test_run_with_a_budget_writes_the_image_and_reports_as_without(default_build
 
 # ---- prediction against measured peak RSS ----------------------------------------------------
 
-CHILD = r"""
-import json, sys
-def status():
-    got = {}
-    for line in open("/proc/self/status"):
-        key, value = line.split(":", 1)
-        if key in ("VmRSS", "VmHWM"):
-            got[key] = int(value.split()[0]) * 1024
-    return got
-import numpy, onnx, onnxruntime
-from omniforge.runtime.pipeline import DiffusionConfig, Pipeline
-from omniforge.runtime.sampling import GenerationConfig
-build, request, budget, media = sys.argv[1], sys.argv[2], sys.argv[3] or None, json.loads(sys.argv[4])
-base = status()["VmRSS"]  # the interpreter with the runtime imported, before the build is opened
-pipe = Pipeline(build, num_slots=1, memory_budget=budget)
-made = []
-for one in request.split(","):  # one request after another
-    force = {"text-to-image": ["image"], "text-to-video": ["video"], "text-to-audio": ["audio"]}.get(one, [])
-    r = pipe.run("hello there", generation=GenerationConfig(max_new_tokens=16),
-                 diffusion=DiffusionConfig(steps=4), force=force, adapter="none", **media)
-    made += [m for m, x in (("image", r.images), ("video", r.videos), ("audio", r.audios)) if x]
-print(json.dumps({"base": base, "peak": status()["VmHWM"], "rss": status()["VmRSS"], "made": made,
-                  "loaded": pipe.build.loaded(), "backend": pipe.llm.backend}))
-"""
-
 
 def measure(build: Path, request: str, budget: str = "", backend: str = "auto", **media: str) -> dict:
-    env = {**os.environ, "OMNIFORGE_LLM_BACKEND": backend}
-    res = subprocess.run(
-        [sys.executable, "-c", CHILD, str(build), request, budget, json.dumps(media)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
-    return json.loads(res.stdout.splitlines()[-1])
+    return measure_requests(build, request, budget, backend, **media)
 
 
 @pytest.fixture(scope="module")
@@ -343,7 +336,8 @@ def test_run_follows_the_plan_per_use_stages_close_after_each_request(default_bu
     assert set(got["loaded"]) <= set(plan.resident)  # per-use stages were closed
     measured = got["peak"] - got["base"]
     assert abs(plan.peak - measured) <= 0.15 * measured, (plan.peak / MiB, measured / MiB)
-    assert got["rss"] - got["base"] < plan.fixed + 8 * MiB  # the denoisers' memory left the process
+    # the denoisers' sessions (about 37 MiB together) left the process; heap fragments stay
+    assert got["rss"] - got["base"] < plan.fixed + 12 * MiB
     # no budget: as before, every stage a request opened stays open
     image = set(request_stages(manifest, "text-to-image"))
     assert image <= set(measure(default_build, "text-to-image", backend="python")["loaded"])

@@ -9,6 +9,7 @@ import torch
 from omniforge.errors import CachePoolExhaustedError, ConfigError, ContextLengthError, InputError
 from omniforge.model.loader import load_llm
 from omniforge.pipeline.model_config import load_model_config
+from omniforge.runtime import llm as llm_module
 from omniforge.runtime.kv_cache import SlotRange
 from omniforge.runtime.llm import Chat, LlmRuntime
 from omniforge.runtime.sampling import GenerationConfig, apply_repetition_penalty, select_token
@@ -116,6 +117,21 @@ def test_decode_writes_only_the_new_tokens_kv_in_place(runtime):
         assert [a.ctypes.data for a in (*pool.keys, *pool.values)] == addresses
     finally:
         pool.release(slots)
+
+
+def test_a_long_prompt_prefilled_in_chunks_equals_one_run(runtime, hf, monkeypatch):
+    """A prompt longer than the prefill chunk runs in chunks, each attending to the rows before it
+    (bounding the attention arena): the same greedy tokens as one whole-prompt run and transformers."""
+    prompt = PROMPTS[2]
+    whole = runtime.generate(prompt, GenerationConfig(max_new_tokens=16))
+    monkeypatch.setattr(llm_module, "PREFILL_CHUNK", 3)
+    chunked = runtime.generate(prompt, GenerationConfig(max_new_tokens=16))
+    assert len(runtime.tokenizer.encode(prompt)) > 3 * 3
+    assert (
+        chunked.token_ids
+        == whole.token_ids
+        == hf_greedy(hf, runtime.tokenizer.encode(prompt), 16, runtime.tokenizer.eos_id)
+    )
 
 
 def test_prefix_reuse_skips_the_shared_prefix_and_keeps_results(default_build):

@@ -8,9 +8,11 @@ sees them, so a caller gets one clear ``InputError`` instead of a backend traceb
 
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -133,10 +135,32 @@ def open_session(
         src = model if isinstance(model, bytes) else str(model)
         label = "in-memory graph" if isinstance(model, bytes) else Path(model).name
     try:
-        return ort.InferenceSession(src, opts, providers=list(cfg.providers))
+        session = ort.InferenceSession(src, opts, providers=list(cfg.providers))
     except Exception as exc:  # ORT raises several exception types for unreadable models
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EngineError(f"cannot load engine '{label}': {first}") from None
+    # ORT's Python session keeps the serialized model for a provider fallback omniforge never asks
+    # for: a second copy of an embedded graph's weights for the session's lifetime
+    if isinstance(src, bytes) and getattr(session, "_model_bytes", None) is not None:
+        session._model_bytes = None
+    return_freed_memory()  # the load's transient copies (parsed proto, unpacked weights)
+    return session
+
+
+def return_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere nothing),
+    so that freed memory leaves the process's RSS instead of waiting for reuse."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            _TRIM = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM: Any = None
 
 
 class Engine:

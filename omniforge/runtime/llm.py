@@ -91,6 +91,9 @@ class LlmEngine:
         return StepBinding(self, pool, slots)
 
 
+PREFILL_CHUNK = 512  # prompt rows per prefill run: bounds the attention arena of a long prompt
+
+
 class StepBinding:
     """An I/O binding whose past and present caches are the same pool memory."""
 
@@ -168,6 +171,11 @@ class StepBinding:
             raise ContextLengthError(
                 f"the sequence would reach {int(new.max())} tokens; the context holds {self.pool.max_context}"
             )
+        if s > PREFILL_CHUNK:  # a long prompt in chunks, each attending to the rows before it
+            parts = [
+                self.step(embeds[:, i : i + PREFILL_CHUNK], trusted=True) for i in range(0, s, PREFILL_CHUNK)
+            ]
+            return parts[-1][0], np.concatenate([h for _, h in parts], axis=1)
         n = self.names
         if s == 1:
             buf = self._decode_buffers()

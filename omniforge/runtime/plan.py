@@ -4,10 +4,12 @@ and which stages to keep resident and which to open per request so that a budget
 The model (``docs/plan.md`` has its assumptions and the figures it was checked against):
 
 - a stage's session holds ``WEIGHT_FACTOR`` x its served graph's bytes (graph plus external
-  data, as listed in the manifest) plus ``SESSION_OVERHEAD``;
+  data, as listed in the manifest; ``PACKED_WEIGHT_FACTOR`` for the LLM's weight-only INT4/INT8
+  graphs), ``NODE_BYTES`` per node, plus ``SESSION_OVERHEAD``; while it opens, ``LOAD_FACTOR`` x
+  its graph file's own bytes stand in for one copy of them (read, parsed, loaded);
 - a stage's first run adds its arena: ``ARENA_FLOOR`` plus ``ACTIVATION_FACTOR`` x the bytes of
   its inputs and outputs at the sizes the runtime runs it (the spec's opt sizes; batch 2 for a
-  guided denoiser; for the LLM, a prefill of the whole context), plus, for a denoiser,
+  guided denoiser; for the LLM, its served graph's tensors at a prefill of the whole context), plus, for a denoiser,
   ``ATTENTION_FACTOR`` x the bytes of one attention map over its latent's positions (batch x
   frames x (h x w)^2 float32); the arena is kept until the session closes;
 - the LLM is always resident: its session, the token-embedding table (its bytes) and the KV pool
@@ -17,13 +19,13 @@ The model (``docs/plan.md`` has its assumptions and the figures it was checked a
   pays ``NATIVE_OVERHEAD`` and a second LLM session with its arena, opened at start.
 
 A request's peak is the fixed part plus every resident stage and every stage the request uses
-(resident stages count whether or not this request uses them: a service has run them before).
+(resident stages count whether or not this request uses them: a service has run them before),
+plus the largest rise of opening one of them.
 Torch-free: ``omniforge run`` follows the plan.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import math
 import os
@@ -36,17 +38,24 @@ from typing import Any
 from omniforge.errors import ConfigError
 from omniforge.pipeline.manifest import Manifest
 from omniforge.pipeline.spec import StageKind
+from omniforge.runtime.engine import return_freed_memory
+from omniforge.runtime.llm import PREFILL_CHUNK
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
 # Measured on the default build (ONNX Runtime 1.32, CPU provider, glibc malloc; docs/plan.md).
-RUNTIME_OVERHEAD = 13 * MiB + 512 * KiB  # the opened build (its schema checker) and ONNX Runtime, once
+RUNTIME_OVERHEAD = 15 * MiB + 512 * KiB  # the opened build (its schema checker) and ONNX Runtime, once
 NATIVE_OVERHEAD = 23 * MiB  # libomniforge with the ONNX Runtime library it loads, when it decodes
-SESSION_OVERHEAD = 1 * MiB  # one InferenceSession beyond its weights
-WEIGHT_FACTOR = 3.8  # resident bytes per byte of served graph after load (copy + load transient kept)
+SESSION_OVERHEAD = 144 * KiB  # one InferenceSession beyond its weights and nodes
+WEIGHT_FACTOR = 1.0  # resident bytes per byte of served graph, once the load's transient copies are freed
+PACKED_WEIGHT_FACTOR = 1.4  # the LLM's weight-only INT4/INT8 (MatMulNBits): its packed copy beside the codes
+PACKED_PRECISIONS = ("int4", "int8")
+NODE_BYTES = 4 * KiB + 512  # per node of the served graph: its kernel and the buffers it keeps
 ARENA_FLOOR = 256 * KiB  # a session's first run: its arena's first chunk
-ACTIVATION_FACTOR = 4.0  # arena bytes per byte of the stage's inputs and outputs at run sizes
-ATTENTION_FACTOR = 28.0  # a denoiser's arena per byte of one float32 attention map over its latent
+ACTIVATION_FACTOR = 6.0  # arena bytes per byte of the stage's inputs and outputs at run sizes
+ATTENTION_FACTOR = 36.0  # a denoiser's arena per byte of one float32 attention map over its latent
+LLM_ATTENTION_FACTOR = 1.0  # the LLM's arena per byte of one prefill chunk's attention map
+LOAD_FACTOR = 2.7  # bytes held per byte of a graph file while its session opens (read, parsed, loaded)
 
 REQUESTS: dict[str, tuple[str, ...]] = {
     "text": (),
@@ -99,10 +108,16 @@ class StageMemory:
     weights: int
     session: int
     activation: int
+    load: int = 0  # held for a moment while the session opens (before its arena exists)
 
     @property
     def total(self) -> int:
         return self.session + self.activation
+
+    @property
+    def opening(self) -> int:
+        """How far opening this stage rises above its settled memory (0: not at all)."""
+        return max(0, self.load - self.total)
 
 
 @dataclass(frozen=True)
@@ -135,7 +150,12 @@ class MemoryPlan:
             "per_use": list(self.per_use),
             "peaks": dict(self.peaks),
             "stages": {
-                s.name: {"weights": s.weights, "session": s.session, "activation": s.activation}
+                s.name: {
+                    "weights": s.weights,
+                    "session": s.session,
+                    "activation": s.activation,
+                    "load": s.load,
+                }
                 for s in self.stages.values()
             },
             "needs": {r: list(v) for r, v in self.needs.items()},
@@ -144,9 +164,14 @@ class MemoryPlan:
                 "native_overhead": NATIVE_OVERHEAD,
                 "session_overhead": SESSION_OVERHEAD,
                 "weight_factor": WEIGHT_FACTOR,
+                "packed_weight_factor": PACKED_WEIGHT_FACTOR,
+                "node_bytes": NODE_BYTES,
                 "arena_floor": ARENA_FLOOR,
                 "activation_factor": ACTIVATION_FACTOR,
                 "attention_factor": ATTENTION_FACTOR,
+                "llm_attention_factor": LLM_ATTENTION_FACTOR,
+                "load_factor": LOAD_FACTOR,
+                "prefill_chunk": PREFILL_CHUNK,
             },
         }
 
@@ -161,10 +186,16 @@ def _io_bytes(manifest: Manifest, stage: str, num_slots: int) -> int:
     """Bytes of the stage's inputs and outputs at the sizes the runtime runs it."""
     spec = manifest.pipeline.stage(stage)
     sizes = spec.resolve("opt")
-    if spec.kind is StageKind.LLM:  # a prefill of the whole context, one sequence per slot
+    if spec.kind is StageKind.LLM:  # the served graph's own tensors at a prefill of the whole context
         ctx = spec.dim("total").max
-        sizes.update({"batch": num_slots, "seq": ctx, "past": 0, "total": ctx})
-        tensors = [t for t in (*spec.inputs, *spec.outputs) if not t.name.startswith(("past", "present"))]
+        contract = manifest.stage_build(stage).runtime_variant().contract
+        if contract is not None:
+            bound = {n for pair in contract.inplace for n in (pair.input, pair.output)}
+            tensors = [t for t in (*contract.inputs, *contract.outputs) if t.name not in bound]
+        else:
+            tensors = [t for t in (*spec.inputs, *spec.outputs) if not t.name.startswith(("past", "present"))]
+        seq = min(ctx, PREFILL_CHUNK)  # LlmRuntime prefills a long prompt in chunks
+        sizes.update({"batch": num_slots, "seq": seq, "past": ctx - seq, "total": ctx, "cache_len": ctx})
     else:
         if spec.kind not in (StageKind.DECODER, StageKind.VAE) and "batch" in sizes:
             sizes["batch"] = 1  # one item per request; denoisers and VAEs at their opt batch
@@ -178,10 +209,14 @@ def _io_bytes(manifest: Manifest, stage: str, num_slots: int) -> int:
     return total
 
 
-def _attention_bytes(manifest: Manifest, stage: str) -> int:
-    """A denoiser's float32 attention map over its latent's positions: (batch x frames) x (h x w)^2,
-    from its first input (``sample``: (batch, C, [frames,] h, w)) at the spec's opt sizes."""
+def _attention_bytes(manifest: Manifest, stage: str, num_slots: int = 1) -> int:
+    """One float32 attention map: a denoiser's over its latent's positions, (batch x frames) x
+    (h x w)^2, from its first input (``sample``: (batch, C, [frames,] h, w)) at the spec's opt
+    sizes; the LLM's at the last chunk of a whole-context prefill, slots x heads x chunk x context."""
     spec = manifest.pipeline.stage(stage)
+    if spec.kind is StageKind.LLM and spec.llm is not None:
+        ctx = spec.dim("total").max
+        return num_slots * spec.llm.num_heads * min(ctx, PREFILL_CHUNK) * ctx * 4
     if spec.kind is not StageKind.DECODER:
         return 0
     shape = spec.inputs[0].concrete_shape(spec.resolve("opt"))
@@ -199,10 +234,25 @@ def stage_memory(manifest: Manifest, stage: str, num_slots: int = 1) -> StageMem
     """The modelled memory of one stage's session and arena."""
     w = served_bytes(manifest, stage)
     if stage == "token_embedding":  # read into a numpy table by the LLM runtime, no session
-        return StageMemory(stage, w, w, 0)
+        return StageMemory(stage, w, w, 0, 2 * w)
+    sb = manifest.stage_build(stage)
+    v = sb.runtime_variant()
+    embedded = manifest.artifacts[v.file].size  # the graph file itself, read whole and parsed
+    packed = (
+        sb.runtime_variant().precision in PACKED_PRECISIONS
+        and manifest.pipeline.stage(stage).kind is StageKind.LLM
+    )
+    session = (
+        int((PACKED_WEIGHT_FACTOR if packed else WEIGHT_FACTOR) * w)
+        + NODE_BYTES * sb.nodes
+        + SESSION_OVERHEAD
+    )
     act = ARENA_FLOOR + int(ACTIVATION_FACTOR * _io_bytes(manifest, stage, num_slots))
-    act += int(ATTENTION_FACTOR * _attention_bytes(manifest, stage))
-    return StageMemory(stage, w, int(WEIGHT_FACTOR * w) + SESSION_OVERHEAD, act)
+    llm = manifest.pipeline.stage(stage).kind is StageKind.LLM
+    act += int(
+        (LLM_ATTENTION_FACTOR if llm else ATTENTION_FACTOR) * _attention_bytes(manifest, stage, num_slots)
+    )
+    return StageMemory(stage, w, session, act, session + int((LOAD_FACTOR - 1) * embedded))
 
 
 def kv_pool_bytes(manifest: Manifest, num_slots: int = 1, max_context: int | None = None) -> int:
@@ -280,8 +330,13 @@ def plan_memory(
     if native:
         fixed += NATIVE_OVERHEAD + stages["llm"].total
 
-    def peaks(kept: set[str]) -> dict[str, int]:
-        return {r: fixed + sum(stages[s].total for s in kept | set(needs[r])) for r in wanted}
+    def peaks(kept: set[str]) -> dict[str, int]:  # settled, or while its costliest stage opens
+        out = {}
+        for r in wanted:
+            opened = kept | set(needs[r])
+            settled = fixed + sum(stages[s].total for s in opened)
+            out[r] = settled + max(stages[s].opening for s in (*ALWAYS, *opened))
+        return out
 
     if budget is None:
         kept = set(used)
@@ -321,22 +376,6 @@ def _requests(manifest: Manifest, requests: Iterable[str]) -> list[str]:
             if x not in out:
                 out.append(x)
     return out
-
-
-def return_freed_memory() -> None:
-    """Hand the heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere nothing),
-    so that a closed session's memory leaves the process's RSS instead of waiting for reuse."""
-    global _TRIM
-    if _TRIM is None:
-        try:
-            _TRIM = ctypes.CDLL(None).malloc_trim
-        except (OSError, AttributeError):  # not glibc
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
-
-
-_TRIM: Any = None
 
 
 class _Inflight:
