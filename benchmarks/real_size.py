@@ -143,6 +143,7 @@ def _tokenizer(folder: Path, pieces: int = 1000) -> None:
         byte_fallback=True,
         split_digits=True,
         normalization_rule_name="identity",
+        remove_extra_whitespaces=False,  # as LLaMA's tokenizer.model: no whitespace-collapsing regex
         add_dummy_prefix=True,
         unk_id=0,
         bos_id=1,
