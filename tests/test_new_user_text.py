@@ -66,12 +66,12 @@ def test_export_of_the_default_is_quiet_and_verbose_shows_more(readme_export, tm
     assert "creating the embedded tiny NExT-GPT" in quiet.stderr
     assert "| vocoder |" in quiet.stdout and "build written to" in quiet.stdout
     home = model.parent
-    stages = ("--stages", "token_embedding,llm")
+    stages = ("--stages", "token_embedding,image_encoder")  # two quick stages: the flags, not the LLM
     few = omniforge("export", "--out", str(tmp_path / "q"), *stages, home=home)
     loud = omniforge("-v", "export", "--out", str(tmp_path / "v"), *stages, home=home)
     after = omniforge("export", "--out", str(tmp_path / "w"), *stages, "--verbose", home=home)
     assert len(chatter(loud)) > len(chatter(few)) and len(chatter(after)) > len(chatter(few))
-    assert "[2/2] llm:" in loud.stderr and "[2/2] llm:" not in few.stderr
+    assert "[2/2] image_encoder:" in loud.stderr and "[2/2] image_encoder:" not in few.stderr
 
 
 def test_build_is_quiet_and_verbose_lets_library_logs_through(llama_folder, tmp_path):
