@@ -231,7 +231,9 @@ def _optimized(
     )
     exported = cached(root, f"export-{export_key}", lambda p: _export(model, p, export_opts, log), log)
     opt_key = _key("optimize", export_key)
-    return cached(root, f"optimize-{opt_key}", lambda p: _optimize(exported, p, log), log), opt_key
+    return cached(
+        root, f"optimize-{opt_key}", lambda p: _optimize(exported, p, log, root / "stages"), log
+    ), opt_key
 
 
 # ---- LLM variants with a LoRA adapter merged in ----------------------------------------------------
@@ -509,10 +511,10 @@ def _export(model: Path, out: Path, options: dict, log: Callable[[str], None]) -
     export_pipeline(model, out, ExportOptions(**options), log=log)
 
 
-def _optimize(exported: Path, out: Path, log: Callable[[str], None]) -> None:
+def _optimize(exported: Path, out: Path, log: Callable[[str], None], stage_cache: Path) -> None:
     from omniforge.passes.build import optimize_build
 
-    optimize_build(exported, out, log=log)
+    optimize_build(exported, out, log=log, stage_cache=stage_cache)
 
 
 def _quantized(

@@ -15,20 +15,18 @@ from omniforge.pipeline.manifest import load_manifest
 from omniforge.runtime.pipeline import DiffusionConfig, Pipeline
 from omniforge.runtime.sampling import GenerationConfig
 
-QUIET = lambda _m: None  # noqa: E731
-
 
 @pytest.fixture(scope="module")
 def builds(default_builds, tmp_path_factory, quick_quant):
     """The default model's normal fp32 build, and its builds with the LLM streamed at fp32 and int4
-    (on the normal builds' cache: the int4 build reuses the stages quantized as before)."""
+    (on the normal builds' cache), with their log lines."""
     normal, cache, _ = default_builds
     model = Path(load_manifest(normal["fp32"]).source["model"])
     root = tmp_path_factory.mktemp("nextgpt-stream")
-    out = {"normal": normal["fp32"]}
+    out = {"normal": normal["fp32"], "log": []}
     for precision in ("fp32", "int4"):
         opts = BuildOptions(precision=precision, llm_stream="always", cache=cache, quantize=quick_quant)
-        build(model, root / precision, opts, log=QUIET)
+        build(model, root / precision, opts, log=out["log"].append)
         out[precision] = root / precision
     return out
 
@@ -54,6 +52,9 @@ def test_streamed_fp32_build_runs_as_the_normal_build(builds):
         if name not in ("token_embedding", "llm"):
             assert streamed.stages[name] == sb
             assert all(streamed.artifacts[f].sha256 == normal.artifacts[f].sha256 for f in sb.files())
+    # the other stages' graphs equal the normal build's, so each one's optimization was reused
+    reused = [line for line in builds["log"] if line.endswith("nodes (cached)")]
+    assert len(reused) == len(normal.stages) - 2
     inplace = streamed.variant("llm", Role.ORT_INPLACE_LLM)
     canonical = streamed.variant("llm", Role.CANONICAL)
     assert canonical.file == inplace.file  # no traced FP32 graph, as the manifest says

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -13,7 +14,7 @@ import onnx
 import onnxruntime as ort
 
 from omniforge.errors import ConfigError
-from omniforge.passes.base import scaled_error
+from omniforge.passes.base import PassReport, scaled_error
 from omniforge.passes.lower_ort import lower_for_onnxruntime
 from omniforge.passes.manager import StageOptimization, default_passes, optimize_stage
 from omniforge.pipeline.atomic import atomic_folder
@@ -35,13 +36,38 @@ def _nodes(path: Path) -> int:
     return len(onnx.load(str(path), load_external_data=False).graph.node)
 
 
+def _stage_key(manifest: Manifest, name: str, lower: bool) -> str | None:
+    """A stage's optimization key: its graph's digest, its description and the tools' versions
+    (None for a graph with external data, which is not cached)."""
+    from omniforge import __version__
+
+    sb = manifest.stages[name]
+    if sb.data_files:
+        return None
+    spec = json.dumps(manifest.pipeline.stage(name).to_dict(), sort_keys=True)
+    text = "\n".join(
+        [manifest.artifacts[sb.file].sha256, spec, str(lower), __version__, ort.__version__, onnx.__version__]
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _from_summary(d: dict) -> StageOptimization:
+    passes = [PassReport(p["name"], p["fired"], list(p["notes"])) for p in d["passes"]]
+    return StageOptimization(
+        d["stage"], d["nodes_before"], d["nodes_after"], passes, d["max_abs_err"], d["passed"]
+    )
+
+
 def optimize_build(
     build: str | Path,
     out: str | Path | None = None,
     lower: bool = True,
     log: Callable[[str], None] = print,
+    stage_cache: Path | None = None,
 ) -> tuple[Manifest, list[StageOptimization]]:
-    """Optimise every stage of ``build`` into ``out`` (default: replace ``build`` atomically)."""
+    """Optimise every stage of ``build`` into ``out`` (default: replace ``build`` atomically).
+    ``stage_cache``: a folder keeping each stage's result by its graph's digest, so that a stage
+    optimized before (in any build) is copied instead of optimized again."""
     build = Path(build)
     manifest = load_manifest(build, verify=True)
     if (build / REPORT).is_file():
@@ -57,6 +83,19 @@ def optimize_build(
             t0 = time.perf_counter()
             spec = manifest.pipeline.stage(name)
             path = tmp / sb.file
+            key = _stage_key(manifest, name, lower) if stage_cache is not None else None
+            entry = stage_cache / f"optimize-{key}" if stage_cache is not None and key else None
+            if entry is not None and (entry / "result.json").is_file():
+                shutil.copyfile(entry / "graph.onnx", path)
+                res = _from_summary(json.loads((entry / "result.json").read_text()))
+                if (entry / "graph.ort.onnx").is_file():
+                    rel = f"stages/{name}.ort.onnx"
+                    shutil.copyfile(entry / "graph.ort.onnx", tmp / rel)
+                    sb = sb.with_variant(Variant(Role.ORT, rel, sb.precision))
+                stages[name] = replace(sb, nodes=_nodes(path))
+                results.append(res)
+                log(f"[{i}/{n}] {name}: {res.nodes_before} -> {res.nodes_after} nodes (cached)")
+                continue
             proto = onnx.load(str(path))
             new, res = optimize_stage(proto, spec, default_passes("onnx"))
             if res.passed:
@@ -77,6 +116,8 @@ def optimize_build(
                     res.passes[-1].notes.append(f"ORT lowering dropped: error {err:.1e}")
             stages[name] = replace(sb, nodes=_nodes(path))
             results.append(res)
+            if entry is not None:
+                _keep(entry, path, sb, tmp, res)
             status = "ok" if res.passed else "kept original (parity failed)"
             log(
                 f"[{i}/{n}] {name}: {res.nodes_before} -> {res.nodes_after} nodes, error {res.max_abs_err:.1e}, "
@@ -96,6 +137,16 @@ def optimize_build(
         )
         write_manifest(tmp, new_manifest)
     return new_manifest, results
+
+
+def _keep(entry: Path, path: Path, sb, build: Path, res: StageOptimization) -> None:
+    """One stage's optimized graphs and result into the stage cache, whole or not at all."""
+    with atomic_folder(entry) as part:
+        shutil.copyfile(path, part / "graph.onnx")
+        ort_variant = sb.variant(Role.ORT)
+        if ort_variant is not None:
+            shutil.copyfile(build / ort_variant.file, part / "graph.ort.onnx")
+        (part / "result.json").write_text(json.dumps(res.summary()) + "\n")
 
 
 def optimize_table(results: list[StageOptimization]) -> str:
