@@ -81,10 +81,11 @@ def imported(release, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def built(imported, tmp_path_factory):
+def built(imported, tmp_path_factory, default_builds):
     root = tmp_path_factory.mktemp("built")
-    out = root / "build"  # its own cache: never the user's $OMNIFORGE_HOME
-    proc = omniforge("build", str(imported.folder), "--out", str(out), "--cache", str(root / "cache"))
+    out = root / "build"
+    cache = default_builds[1]  # never the user's $OMNIFORGE_HOME; its decoders were optimized there
+    proc = omniforge("build", str(imported.folder), "--out", str(out), "--cache", str(cache))
     assert proc.returncode == 0, proc.stderr
     return out
 
