@@ -119,6 +119,8 @@ def save_model(model: onnx.ModelProto, path: Path, nbytes: int | None = None) ->
         all_tensors_to_one_file=True,
         location=f"{path.name}.data" if big else None,
     )
+    if big:  # onnx creates the data file owner-only; give it the graph's mode (the umask's)
+        shutil.copymode(path, path.with_name(f"{path.name}.data"))
 
 
 def _copy(src: Path, build: Path, rel: str, files: dict[str, str], role: str) -> None:
