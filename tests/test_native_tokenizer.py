@@ -131,6 +131,15 @@ def tokenizer_files(tmp_path_factory: pytest.TempPathFactory, default_model: Pat
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
     (root / "llama-metaspace").mkdir()
     tok.save(str(root / "llama-metaspace" / "tokenizer.json"))
+    # a SentencePiece model that removes extra whitespace: transformers writes two regex Replaces first
+    d = json.loads((root / "vicuna" / "tokenizer.json").read_text())
+    spaces = [
+        {"type": "Replace", "pattern": {"Regex": "^ +| +$"}, "content": ""},
+        {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "},
+    ]
+    d["normalizer"] = {"type": "Sequence", "normalizers": [*spaces, *d["normalizer"]["normalizers"]]}
+    (root / "sentencepiece-spaces").mkdir()
+    (root / "sentencepiece-spaces" / "tokenizer.json").write_text(json.dumps(d))
     (root / "qwen").mkdir()
     _qwen_tokenizer(signal_tokens()).save(str(root / "qwen" / "tokenizer.json"))
     return {
@@ -138,6 +147,7 @@ def tokenizer_files(tmp_path_factory: pytest.TempPathFactory, default_model: Pat
         "vicuna": root / "vicuna" / "tokenizer.json",
         "llama-metaspace": root / "llama-metaspace" / "tokenizer.json",
         "qwen": root / "qwen" / "tokenizer.json",
+        "sentencepiece-spaces": root / "sentencepiece-spaces" / "tokenizer.json",
     }
 
 
@@ -387,7 +397,7 @@ def _words() -> list[str]:
     return sorted(set(text.split()))[:3000] or ["hello", "world"]
 
 
-@pytest.mark.parametrize("kind", ["default", "vicuna", "llama-metaspace", "qwen"])
+@pytest.mark.parametrize("kind", ["default", "vicuna", "llama-metaspace", "qwen", "sentencepiece-spaces"])
 def test_ids_and_text_equal_the_tokenizers_library(
     lib: ctypes.CDLL, tokenizer_files: dict[str, Path], kind: str
 ) -> None:
@@ -511,6 +521,11 @@ def _refused(lib: ctypes.CDLL, path: Path) -> tuple[str, str]:
             ),
             "OF_ERR_UNSUPPORTED",
             "the normalizer 'Lowercase'",
+        ),
+        (
+            lambda d: d.update(normalizer={"type": "Replace", "pattern": {"Regex": " +"}, "content": " "}),
+            "OF_ERR_UNSUPPORTED",
+            "a Replace normalizer with a regex pattern other than SentencePiece's whitespace rules",
         ),
         (
             lambda d: d.update(pre_tokenizer=_split(GPT4_SPLIT)),

@@ -253,9 +253,43 @@ namespace {
 }
 
 struct NormStep {
-    enum Kind { Prepend, Replace, NFC } kind;
+    // TrimSpaces / CollapseSpaces: the regex Replaces transformers writes for a SentencePiece model
+    // that removes extra whitespace ("^ +| +$" -> "", " {2,}" -> " "; oniguruma's ^ and $ match at lines)
+    enum Kind { Prepend, Replace, NFC, TrimSpaces, CollapseSpaces } kind;
     std::string a, b;  // Prepend: a; Replace: a -> b
 };
+
+const char kTrimSpaces[] = "^ +| +$";
+const char kCollapseSpaces[] = " {2,}";
+
+std::string trim_line_spaces(const std::string& text) {
+    std::string out;
+    out.reserve(text.size());
+    size_t start = 0;
+    while (start <= text.size()) {
+        size_t end = text.find('\n', start);
+        const bool last = end == std::string::npos;
+        if (last) end = text.size();
+        size_t a = start, b = end;
+        while (a < b && text[a] == ' ') ++a;
+        while (b > a && text[b - 1] == ' ') --b;
+        out.append(text, a, b - a);
+        if (last) break;
+        out += '\n';
+        start = end + 1;
+    }
+    return out;
+}
+
+std::string collapse_spaces(const std::string& text) {
+    std::string out;
+    out.reserve(text.size());
+    for (size_t i = 0; i < text.size(); ++i) {
+        if (text[i] == ' ' && !out.empty() && out.back() == ' ' && i > 0 && text[i - 1] == ' ') continue;
+        out += text[i];
+    }
+    return out;
+}
 
 struct PreTok {
     enum Kind { ByteLevel, Metaspace, QwenSplit } kind;
@@ -399,6 +433,10 @@ std::string normalize(const std::vector<NormStep>& steps, std::string text) {
             if (!text.empty()) text = s.a + text;
         } else if (s.kind == NormStep::Replace) {
             text = replace_all(text, s.a, s.b);
+        } else if (s.kind == NormStep::TrimSpaces) {
+            text = trim_line_spaces(text);
+        } else if (s.kind == NormStep::CollapseSpaces) {
+            text = collapse_spaces(text);
         } else {
             text = nfc(text);
         }
@@ -545,9 +583,20 @@ void parse_normalizer(const json& n, Tokenizer::Impl& t) {
         t.normalizer.push_back({NormStep::Prepend, token_string(n.value("prepend", json()), t.name, "Prepend's prepend"), ""});
     } else if (type == "Replace") {
         const json& pat = n.value("pattern", json());
-        if (!pat.is_object() || !pat.contains("String")) unsupported(t.name, "a Replace normalizer with a regex pattern");
-        t.normalizer.push_back({NormStep::Replace, token_string(pat["String"], t.name, "Replace's pattern"),
-                                token_string(n.value("content", json()), t.name, "Replace's content")});
+        const std::string content = token_string(n.value("content", json()), t.name, "Replace's content");
+        if (pat.is_object() && pat.contains("Regex") && pat["Regex"].is_string()) {
+            const std::string re = pat["Regex"].get<std::string>();
+            if (re == kTrimSpaces && content.empty()) {
+                t.normalizer.push_back({NormStep::TrimSpaces, "", ""});
+            } else if (re == kCollapseSpaces && content == " ") {
+                t.normalizer.push_back({NormStep::CollapseSpaces, "", ""});
+            } else {
+                unsupported(t.name, "a Replace normalizer with a regex pattern other than SentencePiece's whitespace rules");
+            }
+            return;
+        }
+        if (!pat.is_object() || !pat.contains("String")) unsupported(t.name, "a Replace normalizer without a pattern");
+        t.normalizer.push_back({NormStep::Replace, token_string(pat["String"], t.name, "Replace's pattern"), content});
     } else {
         unsupported(t.name, "the normalizer '" + type + "'");
     }
