@@ -130,11 +130,16 @@ def test_chat_turns_reuse_the_native_prefix_cache(library: Path, default_build: 
 def test_auto_picks_the_library_and_a_missing_one_is_one_sentence(
     library: Path, default_build: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    import omniforge.runtime.llm as llm_module
     from omniforge.errors import ConfigError, EngineError
     from omniforge.runtime.llm import LlmRuntime
 
     monkeypatch.delenv("OMNIFORGE_LLM_BACKEND", raising=False)
     assert LlmRuntime(default_build).backend == "native"
+    with monkeypatch.context() as m:  # a second LLM session (the native core's) would take over half
+        m.setattr(llm_module, "available_memory", lambda: 1 << 20)  # the memory available
+        assert LlmRuntime(default_build).backend == "python"
+        assert LlmRuntime(default_build, backend="native").backend == "native"  # asked for: held twice
     monkeypatch.setenv("OMNIFORGE_LLM_BACKEND", "python")
     assert LlmRuntime(default_build).backend == "python"
     assert LlmRuntime(default_build, backend="native").backend == "native"  # explicit wins

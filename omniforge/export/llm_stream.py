@@ -31,6 +31,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from omniforge.errors import ConfigError, ExportError, ModelNotFoundError
+from omniforge.runtime.engine import available_memory
 
 # safetensors dtype -> (numpy dtype of the stored bytes, converter to float32)
 _DTYPES: dict[str, np.dtype] = {"BF16": np.dtype("<u2"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
@@ -522,17 +523,6 @@ STREAM_PRECISIONS = ("fp32", "int8", "int4")
 # the traced graph, parity sessions, then quantization of the FP32 graphs): 4.9x measured for a
 # 1.1B LLaMA's export + INT4 build (20.2 GiB; tests/test_llm_stream.py's slow test)
 NON_STREAMING_FACTOR = 5.0
-
-
-def available_memory() -> int:
-    """Bytes the kernel reports available (``MemAvailable``), or the physical memory."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def fp32_bytes(folder: Path) -> int:

@@ -163,6 +163,18 @@ def return_freed_memory() -> None:
 _TRIM: Any = None
 
 
+def available_memory() -> int:
+    """Bytes the kernel reports available (``MemAvailable``), or the physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 class Engine:
     """A loaded stage: validate inputs against the ``StageSpec``, run, return named outputs."""
 

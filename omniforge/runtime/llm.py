@@ -37,7 +37,13 @@ from omniforge.pipeline.spec import LlmGeometry
 from omniforge.runtime.adapters import AUTO, AdapterSet
 from omniforge.runtime.build import Build
 from omniforge.runtime.chat_template import NO_TEMPLATE, ChatPrompt, use_chat_template
-from omniforge.runtime.engine import GraphSource, SessionConfig, check_graph_io, open_session
+from omniforge.runtime.engine import (
+    GraphSource,
+    SessionConfig,
+    available_memory,
+    check_graph_io,
+    open_session,
+)
 from omniforge.runtime.kv_cache import KVCachePool, PrefixCache, SlotRange
 from omniforge.runtime.native import NativeLlm, check_backend, find_library
 from omniforge.runtime.sampling import GenerationConfig, select_token
@@ -339,7 +345,7 @@ class LlmRuntime:
         if backend == "python":
             return None
         cpu_only = tuple(self.build.session.providers) == ("CPUExecutionProvider",)
-        if backend == "auto" and (not cpu_only or find_library() is None):
+        if backend == "auto" and (not cpu_only or find_library() is None or not self._room_for_native()):
             return None
         if not cpu_only:
             raise ConfigError(
@@ -359,6 +365,15 @@ class LlmRuntime:
             if backend == "native":
                 raise
             return None  # auto: a build the library refuses runs on the Python loop
+
+    def _room_for_native(self) -> bool:
+        """Whether the native core's own LLM session (beside this runtime's, ~1.4x the graph for
+        MatMulNBits) would take at most half the memory available now: ``auto`` stays on the
+        Python loop otherwise, so a model near the machine's size is not held twice."""
+        m = self.build.manifest
+        v = m.stage_build("llm").runtime_variant()
+        size = sum(m.artifacts[p].size for p in (v.file, *v.data_files))
+        return 1.4 * size <= available_memory() / 2
 
     def engine_key(self, adapter: str | None) -> str:
         """Which engine runs a sequence with ``adapter``: its merged variant's (the adapter's
