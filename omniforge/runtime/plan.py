@@ -43,7 +43,8 @@ from omniforge.runtime.llm import PREFILL_CHUNK
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
-# Measured on the default build (ONNX Runtime 1.32, CPU provider, glibc malloc; docs/plan.md).
+# Measured on the default build and on 150M and 7B LLM builds (ONNX Runtime 1.32, CPU provider, glibc
+# malloc; docs/plan.md).
 RUNTIME_OVERHEAD = 15 * MiB + 512 * KiB  # the opened build (its schema checker) and ONNX Runtime, once
 NATIVE_OVERHEAD = 23 * MiB  # libomniforge with the ONNX Runtime library it loads, when it decodes
 SESSION_OVERHEAD = 144 * KiB  # one InferenceSession beyond its weights and nodes
