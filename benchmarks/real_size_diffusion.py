@@ -714,7 +714,8 @@ def report(data: dict) -> str:
         f"Seeded random weights, FP16 safetensors, {'in the released shapes' if s['size'] == 'real' else 'small configs'}. Machine: "
         f"{cpu.get('model') or data['machine'].get('cpu', '?')}, {s['threads']} threads everywhere; {has}. "
         f"UNets per denoising step at batch 2 (classifier-free guidance), VAE decoders and vocoder per call "
-        f"at batch 1; median of {s['runs']} {'interleaved rounds' if not s['sequential'] else 'runs, one variant at a time'}.",
+        f"at batch 1; median of {s['runs']} runs per variant, in rounds interleaved with the other variants "
+        "(side by side) or one variant at a time (alone).",
         "",
         f"Model folder written in {data['model']['write']['seconds']:.0f}s, peak RSS "
         f"{data['model']['write']['peak_rss_bytes'] / GIB:.2f} GiB (each network built in FP32, saved FP16).",
@@ -771,18 +772,21 @@ def report(data: dict) -> str:
         "",
         "## Latency",
         "",
-        "| stage | variant | median (ms) | spread | vs PyTorch eager | worker peak RSS (GiB) |",
-        "|---|---|---:|---:|---:|---:|",
+        "| stage | variant | median (ms) | spread | vs PyTorch eager | worker peak RSS (GiB) | timed |",
+        "|---|---|---:|---:|---:|---:|---|",
     ]
     for stage, r in data["stages"].items():
         for v, t in r.get("latency", {}).items():
             if "failed" in t:
-                lines.append(f"| {stage} | {NAMES[v]} | failed: {t['failed']} | | | |")
+                lines.append(f"| {stage} | {NAMES[v]} | failed: {t['failed']} | | | | |")
                 continue
             vs = f"{t['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in t else ""
-            alone = " (alone: it died beside the others)" if "among_the_others" in t else ""
+            timed = "side by side" if t.get("side_by_side") else "alone"
+            if "among_the_others" in t:
+                timed = "alone (it died beside the others)"
             lines.append(
-                f"| {stage} | {NAMES[v]}{alone} | {t['median_ms']:.1f} | {t['spread']:.0%} | {vs} | {t['peak_rss_bytes'] / GIB:.2f} |"
+                f"| {stage} | {NAMES[v]} | {t['median_ms']:.1f} | {t['spread']:.0%} | {vs} | "
+                f"{t['peak_rss_bytes'] / GIB:.2f} | {timed} |"
             )
     lines += ["", "## What `--precision auto` would serve (by these measurements)", ""]
     for stage, r in data["stages"].items():
