@@ -89,3 +89,14 @@ def default_builds(default_model, tmp_path_factory, quick_quant):
         times[precision] = time.perf_counter() - t0
         out[precision] = root / precision
     return out, cache, times
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``slow`` tests (real-size checks) run only when ``-m`` selects them."""
+    expr = config.getoption("markexpr") or ""
+    if "slow" in expr and "not slow" not in expr:
+        return
+    skip = pytest.mark.skip(reason="a real-size check: run with -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

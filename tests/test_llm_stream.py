@@ -391,14 +391,10 @@ def _child(code: str) -> dict:
 
 
 @pytest.mark.slow
-def test_1b_llama_streams_to_int4_with_the_non_streaming_builds_tokens(request, tmp_path_factory):
+def test_1b_llama_streams_to_int4_with_the_non_streaming_builds_tokens(tmp_path_factory):
     """A 1B-class seeded LLaMA (BF16 shards, written shard by shard by the benchmark's writer)
     streamed to INT4 generates the non-streaming INT4 build's greedy tokens; each build runs in its
     own process and its peak RSS is recorded in ``benchmarks/results/real_size_1b_test.json``."""
-    if "slow" not in (request.config.getoption("markexpr") or "") or "not slow" in request.config.getoption(
-        "markexpr"
-    ):
-        pytest.skip("real-size check: run with -m slow")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from real_size import write_seeded_llama
 

@@ -154,6 +154,7 @@ def png_bytes() -> bytes:
 
 # ---- tests ----------------------------------------------------------------------------------------
 def test_ready_models_and_metrics(server):
+    import urllib.error
     import urllib.request
 
     assert server.get("/v2/health/ready")[0] == 200
@@ -161,8 +162,15 @@ def test_ready_models_and_metrics(server):
     for name in ("llm", "any2any", "omniforge_build", "image_encoder_py"):
         assert states[name][0] == "READY", states[name]
     assert states["image_unet_onnx"][0] == ""  # in the repository, not loaded
-    with urllib.request.urlopen(server.metrics_url, timeout=5) as r:
-        assert b"nv_inference_request_success" in r.read()
+    for attempt in range(20):  # the metrics endpoint may open a moment after the server is ready
+        try:
+            with urllib.request.urlopen(server.metrics_url, timeout=5) as r:
+                assert b"nv_inference_request_success" in r.read()
+            break
+        except urllib.error.URLError:
+            if attempt == 19:
+                raise
+            time.sleep(0.5)
     assert server.options.host == "127.0.0.1"
 
 
