@@ -611,6 +611,11 @@ def cpu_flags() -> dict:
     }
 
 
+def cpu_features(cpu: dict) -> str:
+    """The instruction sets ``cpu_flags`` found, as one line for a report."""
+    return ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in cpu.get("has", {}).items())
+
+
 def versions() -> dict:
     out = {}
     for pkg in ("onnxruntime", "onnxruntime-genai", "llama-cpp-python", "numpy", "torch", "transformers"):
@@ -696,7 +701,7 @@ def main() -> None:
             if bound:
                 r["fraction_of_int4_bound"] = r["decode_tok_s"] / bound
     cpu = data["cpu"]
-    has = ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in cpu.get("has", {}).items())
+    has = cpu_features(cpu)
     lines = [
         f"# Real size ({args.size}): INT4 build and decode, omniforge vs ONNX Runtime GenAI vs llama.cpp",
         "",

@@ -48,7 +48,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 from _common import machine, median, spread, write_results  # noqa: E402
-from real_size import cpu_flags, run_measured, versions  # noqa: E402
+from real_size import cpu_features, cpu_flags, run_measured, versions  # noqa: E402
 
 GIB = 2**30
 COMPLETE = ".complete"
@@ -707,7 +707,7 @@ def auto_choice(stage: dict) -> tuple[str, str]:
 def report(data: dict) -> str:
     s = data["settings"]
     cpu = data["cpu"]
-    has = ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in cpu.get("has", {}).items())
+    has = cpu_features(cpu)
     lines = [
         f"# Real-size diffusion stages ({s['size']}): export, quantization and latency",
         "",
