@@ -101,3 +101,36 @@ def test_bad_model_folders_give_clear_errors(tmp_path, default_model):
     (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ModelNotFoundError, match="'bert' model"):
         load_model_config(bert)
+
+
+def test_audio_latent_width_comes_from_the_vocoders_mel_bins(default_model, tmp_path):
+    """AudioLDM's released UNet config gives ``sample_size: 128``, the latent frames alone; the
+    latent's width is the vocoder's mel bins over the VAE scale (128 x 16 for 64 mel bins)."""
+    import shutil
+
+    from omniforge.errors import ConfigError
+
+    folder = shutil.copytree(default_model, tmp_path / "m")
+    unet_cfg = folder / "audio_decoder" / "unet" / "config.json"
+    voc_cfg = folder / "audio_decoder" / "vocoder" / "config.json"
+    base = describe(load_model_config(folder))
+    frames, width = base.stage("audio_unet").inputs[0].shape[2:]
+    n_mel = json.loads(voc_cfg.read_text())["model_in_dim"]
+    scale = n_mel // width
+    assert base.stage("vocoder").inputs[0].shape[2] == n_mel
+    assert base.stage("audio_vae_decoder").outputs[0].shape[2:] == (frames * scale, n_mel)
+
+    c = json.loads(unet_cfg.read_text())
+    unet_cfg.write_text(json.dumps({**c, "sample_size": 2 * frames}))  # the released form: frames only
+    spec = describe(load_model_config(folder))
+    assert spec.stage("audio_unet").inputs[0].shape[2:] == (2 * frames, width)
+    assert spec.stage("audio_vae_decoder").outputs[0].shape[2:] == (2 * frames * scale, n_mel)
+
+    unet_cfg.write_text(json.dumps({**c, "sample_size": [frames, width + 1]}))
+    with pytest.raises(ConfigError, match="vocoder model_in_dim"):
+        describe(load_model_config(folder))
+    unet_cfg.write_text(json.dumps(c))
+    v = json.loads(voc_cfg.read_text())
+    voc_cfg.write_text(json.dumps({**v, "model_in_dim": n_mel + 1}))
+    with pytest.raises(ConfigError, match="multiple of the VAE scale"):
+        describe(load_model_config(folder))

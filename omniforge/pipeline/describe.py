@@ -313,8 +313,16 @@ def decoder_stages(modality: str, path, cfg: ModelConfig) -> list[StageSpec]:
     if int(vae["latent_channels"]) != lat_c:
         raise_mismatch(f"{modality} UNet in_channels", lat_c, "VAE latent_channels", vae["latent_channels"])
     size = unet["sample_size"]
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
     scale = _vae_scale(vae)
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    if modality == "audio":  # AudioLDM's latent is (frames, mel bins / VAE scale), whatever its config says
+        n_mel = int(read_json(path / "vocoder" / "config.json")["model_in_dim"])
+        if n_mel % scale:
+            raise_mismatch("vocoder model_in_dim", n_mel, "a multiple of the VAE scale", scale)
+        if isinstance(size, int):  # the released config gives the frames alone (128 for 5.12 s)
+            w = n_mel // scale
+        elif w * scale != n_mel:
+            raise_mismatch("audio UNet sample_size mel bins x VAE scale", w * scale, "vocoder model_in_dim", n_mel)
     t = TensorSpec("timestep", F32, ("batch",), fill="uniform", low=0, high=999)
     dims: tuple[Dim, ...] = (CFG_BATCH,)
     if modality == "video":  # ZeroScope: a 3D UNet over (batch, C, frames, h, w)
@@ -358,7 +366,7 @@ def decoder_stages(modality: str, path, cfg: ModelConfig) -> list[StageSpec]:
     )
     if modality == "audio":
         voc = read_json(path / "vocoder" / "config.json")
-        n_mel, hop = int(voc["model_in_dim"]), 1
+        hop = 1
         for r in voc["upsample_rates"]:
             hop *= int(r)
         frames = h * scale
