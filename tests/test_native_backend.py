@@ -72,6 +72,60 @@ def test_default_build_same_requests_same_results(library: Path, default_build: 
     _same(py.generate("A dog", stop, adapter="none"), nat.generate("A dog", stop, adapter="none"))
 
 
+def _with_protocol(build: Path, dest: Path, signal_position: str) -> Path:
+    """A copy of ``build`` carrying a protocol whose signal tokens read ``signal_position``."""
+    import json
+    import shutil
+
+    from omniforge.pipeline.manifest import collect_artifacts, load_manifest, write_manifest
+    from omniforge.pipeline.protocol import PromptProtocol
+
+    out = Path(shutil.copytree(build, dest))
+    (out / "protocol.json").write_text(json.dumps(PromptProtocol(signal_position=signal_position).to_dict()))
+    m = load_manifest(out, verify=False)
+    m.files["protocol"] = "protocol.json"
+    m.artifacts.update(collect_artifacts(out, ["protocol.json"]))
+    write_manifest(out, m)
+    return out
+
+
+@pytest.mark.parametrize("position", ["predicting", "at_token"])
+def test_signal_hidden_states_come_from_the_native_loop(
+    library: Path, default_build: Path, tmp_path: Path, position: str
+) -> None:
+    """The native core keeps the hidden state each signal token hands on (the row that predicted
+    it, or the row at it, as the build's protocol says), equal to the Python loop's, including a
+    signal token generated last (fed once more only under 'at_token', when the context has room);
+    a runtime whose requests all run natively never opens the Python loop's LLM session."""
+    from omniforge.runtime.llm import LlmRuntime
+    from omniforge.runtime.sampling import GenerationConfig
+
+    build = _with_protocol(default_build, tmp_path / "b", position)
+    py, nat = _pair(build)
+    assert nat.signal_position == position
+    cfg = GenerationConfig(max_new_tokens=48)
+    found = None
+    for prompt in PROMPTS:
+        a = py.generate(prompt, cfg, adapter="none")
+        _same(a, nat.generate(prompt, cfg, adapter="none"))
+        if a.signals and found is None:
+            found = (prompt, a)
+    assert found is not None
+    prompt, a = found
+    k = a.signals[0].index  # end on a signal token: max_new_tokens, then a full context
+    last = GenerationConfig(max_new_tokens=k + 1)
+    _same(py.generate(prompt, last, adapter="none"), nat.generate(prompt, last, adapter="none"))
+    n = a.prompt_tokens
+    for ctx in (n + k + 1, n + k):  # feeding the signal token fills the context / no room for it
+        p2 = LlmRuntime(build, max_context=ctx, backend="python")
+        n2 = LlmRuntime(build, max_context=ctx, backend="native")
+        x, y = p2.generate(prompt, last, adapter="none"), n2.generate(prompt, last, adapter="none")
+        assert x.token_ids[-1] == a.token_ids[k]
+        _same(x, y)
+        assert n2._engines == {}
+    assert nat._engines == {} and py._engines  # the native runtime never opened its own session
+
+
 def test_stream_and_cancellation(library: Path, default_build: Path) -> None:
     from omniforge.runtime.sampling import GenerationConfig
 

@@ -33,7 +33,7 @@ extern "C" {
 #endif
 
 #define OMNIFORGE_VERSION_MAJOR 0
-#define OMNIFORGE_VERSION_MINOR 1
+#define OMNIFORGE_VERSION_MINOR 2
 
 typedef enum of_status {
     OF_OK = 0,
@@ -156,6 +156,9 @@ typedef struct of_generate_options {
     void* user_data;            /* passed to on_token */
     int32_t slot_wait_ms;       /* when every KV slot is in use: 0 (default) fail at once with
                                    OF_ERR_BUSY, > 0 wait up to that long, -1 wait until one is free */
+    int32_t collect_signal_hidden; /* nonzero: keep the final hidden state each generated signal
+                                   token hands to its output projector (of_generation_signal_hidden);
+                                   0 (default): not kept */
 } of_generate_options;
 
 /* Defaults: struct_size set, max_new_tokens 64, greedy, top_k 0, top_p 1, penalty 1, seed 0,
@@ -195,11 +198,19 @@ OF_API void of_generation_free(of_generation* g);              /* NULL is ignore
    the token as the tokenizer spells it, its id, and its index among of_generation_tokens. Any
    output pointer may be NULL; the strings are NUL-terminated and owned by the generation (valid
    until of_generation_free). An index at or beyond the count, or g NULL, is
-   OF_ERR_INVALID_ARGUMENT. A build whose tokenizer cannot be read reports none. The hidden states
-   of these tokens (what the output projectors read) are not computed here. */
+   OF_ERR_INVALID_ARGUMENT. A build whose tokenizer cannot be read reports none. */
 OF_API size_t of_generation_signal_count(const of_generation* g); /* 0 for NULL */
 OF_API of_status of_generation_signal(const of_generation* g, size_t i, const char** modality, const char** token,
                                       int32_t* token_id, size_t* index);
+
+/* The final hidden state (*n = hidden_size floats, owned by the generation) that signal event i
+   hands to its modality's output projector, when the request set collect_signal_hidden: the row
+   that predicted the token when the build's protocol says signal_position "predicting"
+   (NExT-GPT's generation), else the row computed at the token. A signal token generated last
+   under "at_token" is fed once more for it, unless it was a stop token or the context is full:
+   then, and when the request did not collect, *data is NULL and *n 0. An index at or beyond the
+   count is OF_ERR_INVALID_ARGUMENT. */
+OF_API of_status of_generation_signal_hidden(const of_generation* g, size_t i, const float** data, size_t* n);
 
 /* "stop", "stop_string", "length", "cancelled" ("" for OF_FINISH_NONE): the Python runtime's words. */
 OF_API const char* of_finish_reason_name(of_finish_reason reason);

@@ -237,6 +237,7 @@ void of_generate_options_init(of_generate_options* o) {
     o->on_token = nullptr;
     o->user_data = nullptr;
     o->slot_wait_ms = 0;
+    o->collect_signal_hidden = 0;
 }
 
 }  // extern "C"
@@ -277,6 +278,7 @@ omniforge::GenerateParams params_of(const of_generate_options* options) {
     p.user_data = o.user_data;
     if (o.slot_wait_ms < -1) fail(OF_ERR_INVALID_ARGUMENT, "slot_wait_ms must be >= -1, got " + std::to_string(o.slot_wait_ms));
     p.slot_wait_ms = o.slot_wait_ms;
+    p.collect_signal_hidden = o.collect_signal_hidden != 0;
     return p;
 }
 
@@ -325,6 +327,14 @@ of_status of_generation_signal(const of_generation* g, size_t i, const char** mo
     if (token) *token = e.token.c_str();
     if (token_id) *token_id = e.token_id;
     if (index) *index = e.index;
+    return OF_OK;
+}
+
+of_status of_generation_signal_hidden(const of_generation* g, size_t i, const float** data, size_t* n) {
+    if (!g || !data || !n || i >= g->out.signals.size()) return OF_ERR_INVALID_ARGUMENT;
+    const bool has = i < g->out.signal_hidden.size() && !g->out.signal_hidden[i].empty();
+    *data = has ? g->out.signal_hidden[i].data() : nullptr;
+    *n = has ? g->out.signal_hidden[i].size() : 0;
     return OF_OK;
 }
 

@@ -188,6 +188,7 @@ struct GenerateParams {
     of_token_callback callback = nullptr;
     void* user_data = nullptr;
     int32_t slot_wait_ms = 0;  // 0: fail at once when no KV slot is free; < 0: wait for one
+    bool collect_signal_hidden = false;  // keep the hidden state each signal token hands on
 };
 
 // A generated signal token, as the Python runtime's SignalEvent: the modality it asks for, the
@@ -201,6 +202,10 @@ struct SignalEvent {
 struct GenerateOutput {
     std::vector<int32_t> tokens;
     std::vector<SignalEvent> signals;  // the signal tokens among `tokens`, in order
+    // per signal event (when collected): the final hidden state the build's protocol reads for it
+    // (the row that predicted it, or the row computed at it); empty when there is none (a signal
+    // token generated last under 'at_token', with no room or a stop after it)
+    std::vector<std::vector<float>> signal_hidden;
     std::string text;  // the visible text (special, stop, signal and placeholder tokens left out)
     of_finish_reason finish = OF_FINISH_NONE;
     size_t prompt_tokens = 0;

@@ -17,7 +17,10 @@
 #include <chrono>
 #include <cstring>
 #include <mutex>
+#include <optional>
 #include <thread>
+
+#include <nlohmann/json.hpp>
 
 #include "internal.hpp"
 #include "ort_session.hpp"
@@ -233,11 +236,37 @@ struct LlmImpl {
     // signal token id -> (modality, the token as the tokenizer spells it), from the manifest's
     // pipeline.signal_tokens, as LlmRuntime.signal_ids
     std::map<int32_t, std::pair<std::string, std::string>> signal_ids;
+    // which hidden state a signal token hands on: the one that predicted it (the protocol's
+    // 'predicting', NExT-GPT's generation) or the one computed at it ('at_token', the default
+    // without a protocol), as LlmRuntime.signal_position
+    bool signal_predicting = false;
 
     std::vector<float> embed(const std::vector<int32_t>& ids);
-    // Runs rows (S, H) for `slot`; fills last-position logits (V).
-    void step(int64_t slot, const std::vector<float>& rows, int64_t s, std::vector<float>& logits_out);
+    // Runs rows (S, H) for `slot`; fills last-position logits (V) and, when given, the last
+    // row's final hidden state (H).
+    void step(int64_t slot, const std::vector<float>& rows, int64_t s, std::vector<float>& logits_out,
+              std::vector<float>* last_hidden = nullptr);
 };
+
+namespace {
+
+using json = nlohmann::json;
+
+// The protocol's signal_position ("predicting" or "at_token"); "at_token" without a protocol.
+bool reads_predicting(const BuildImpl& b) {
+    auto it = b.manifest.files.find("protocol");
+    if (it == b.manifest.files.end()) return false;
+    std::vector<char> data = read_verified(b.folder, b.manifest, it->second);
+    json d = json::parse(data.begin(), data.end(), nullptr, /*allow_exceptions=*/false);
+    if (d.is_discarded() || !d.is_object()) fail(OF_ERR_MANIFEST, it->second + " is not a JSON object");
+    auto pos = d.find("signal_position");
+    if (pos == d.end()) return true;  // the protocol's default
+    if (!pos->is_string() || (*pos != "predicting" && *pos != "at_token"))
+        fail(OF_ERR_MANIFEST, it->second + ": signal_position must be \"predicting\" or \"at_token\"");
+    return *pos == "predicting";
+}
+
+}  // namespace
 
 LlmImpl* open_llm(std::shared_ptr<BuildImpl> build, int32_t num_slots, int32_t max_context) {
     auto llm = std::make_unique<LlmImpl>();
@@ -340,6 +369,7 @@ LlmImpl* open_llm(std::shared_ptr<BuildImpl> build, int32_t num_slots, int32_t m
                                           "' in the manifest's pipeline.signal_tokens");
         }
     }
+    llm->signal_predicting = reads_predicting(*build);
     llm->build = std::move(build);
     return llm.release();
 }
@@ -401,7 +431,8 @@ std::vector<float> LlmImpl::embed(const std::vector<int32_t>& ids) {
     return rows;
 }
 
-void LlmImpl::step(int64_t slot, const std::vector<float>& rows, int64_t s, std::vector<float>& logits_out) {
+void LlmImpl::step(int64_t slot, const std::vector<float>& rows, int64_t s, std::vector<float>& logits_out,
+                   std::vector<float>* last_hidden) {
     const int64_t before = lengths[slot], after = before + s;
     if (after > max_context)
         fail(OF_ERR_CONTEXT_LENGTH, "the sequence would reach " + std::to_string(after) + " tokens; the context holds " + std::to_string(max_context));
@@ -436,6 +467,7 @@ void LlmImpl::step(int64_t slot, const std::vector<float>& rows, int64_t s, std:
         fail(OF_ERR_ENGINE, "the LLM step failed: " + why.substr(0, why.find('\n')).substr(0, 300));
     }
     lengths[slot] = after;
+    if (last_hidden) last_hidden->assign(hidden_buf.end() - g.hidden_size, hidden_buf.end());
 }
 
 namespace {
@@ -486,6 +518,9 @@ class DecodeBinding {
         }
         llm_.lengths[slot_] = after;
     }
+
+    // The final hidden state of the row the last run fed.
+    const std::vector<float>& hidden() const { return hidden_; }
 
   private:
     void bind_input(const std::string& name, Ort::Value value) {
@@ -643,12 +678,17 @@ GenerateOutput generate(LlmImpl& llm, const std::vector<int32_t>& prompt, const 
     std::vector<float> logits;
     out.reused_tokens = lease.reuse(prompt);
     const std::vector<int32_t> rest(prompt.begin() + long(out.reused_tokens), prompt.end());
-    llm.step(lease.slot, llm.embed(rest), static_cast<int64_t>(rest.size()), logits);
+    // the hidden states signal tokens hand on, by generated index (as the Python loop records them)
+    const bool collect = p.collect_signal_hidden && !llm.signal_ids.empty();
+    std::vector<float> predicting;  // the final hidden state of the row fed last
+    std::map<size_t, std::vector<float>> kept;
+    llm.step(lease.slot, llm.embed(rest), static_cast<int64_t>(rest.size()), logits, collect ? &predicting : nullptr);
     std::optional<DecodeBinding> decode;  // bound at the first decode step
     std::chrono::steady_clock::time_point t_decode{};
     while (true) {
         const int32_t token = sampler.select(logits.data(), logits.size(), p.sampling, rng, history);
         out.tokens.push_back(token);
+        if (collect && llm.signal_predicting && llm.signal_ids.count(token)) kept[out.tokens.size() - 1] = predicting;
         if (p.sampling.repetition_penalty != 1.0) history.push_back(token);
         if (out.tokens.size() == 1) {
             out.ttft_s = seconds_since(t0);
@@ -668,16 +708,33 @@ GenerateOutput generate(LlmImpl& llm, const std::vector<int32_t>& prompt, const 
         if (out.finish) break;
         if (!decode) decode.emplace(llm, lease.slot, logits);
         decode->run(llm.embed({token}));
+        if (collect && llm.signal_predicting) predicting = decode->hidden();
+        else if (collect && llm.signal_ids.count(token)) kept[out.tokens.size() - 1] = decode->hidden();
     }
     out.decode_s = seconds_since(t_decode);
-    if (llm.cache_entries > 0) {  // the tokens fed: the prompt and every generated token but the last
+    // 'at_token': a signal token generated last is fed once more for its hidden state, when it
+    // did not stop the request and the context has room (its logits are not used)
+    size_t fed_generated = out.tokens.size() - 1;
+    if (collect && !llm.signal_predicting && llm.signal_ids.count(out.tokens.back()) && out.finish != OF_FINISH_STOP &&
+        out.finish != OF_FINISH_CANCELLED && static_cast<int64_t>(n + out.tokens.size()) <= ctx) {
+        if (!decode) decode.emplace(llm, lease.slot, logits);
+        decode->run(llm.embed({out.tokens.back()}));
+        kept[out.tokens.size() - 1] = decode->hidden();
+        fed_generated = out.tokens.size();
+    }
+    if (llm.cache_entries > 0) {  // the tokens fed: the prompt and the generated tokens fed back
         std::vector<int32_t> fed(prompt);
-        fed.insert(fed.end(), out.tokens.begin(), out.tokens.end() - 1);
+        fed.insert(fed.end(), out.tokens.begin(), out.tokens.begin() + long(fed_generated));
         lease.adopt(std::move(fed));
     }
     for (size_t i = 0; i < out.tokens.size(); ++i)  // as TextTokenizer.signal_events
-        if (auto it = llm.signal_ids.find(out.tokens[i]); it != llm.signal_ids.end())
+        if (auto it = llm.signal_ids.find(out.tokens[i]); it != llm.signal_ids.end()) {
             out.signals.push_back({it->second.first, it->second.second, out.tokens[i], i});
+            if (collect) {
+                auto h = kept.find(i);
+                out.signal_hidden.push_back(h == kept.end() ? std::vector<float>{} : std::move(h->second));
+            }
+        }
     if (text) {
         if (!live_text) {  // computed once, at the end
             text->finish(out.tokens);

@@ -313,8 +313,39 @@ static void check_signals(const fs::path& src, const fs::path& tmp) {
         CHECK(of_tokenizer_token_to_id(tok, token, &back) == OF_OK && back == id);
         CHECK(token[0] == '[' && std::strlen(token) >= 6);
         CHECK(of_generation_signal(g, i, nullptr, nullptr, nullptr, nullptr) == OF_OK);
+        const float* row = nullptr;
+        size_t width = 1;
+        CHECK(of_generation_signal_hidden(g, i, &row, &width) == OF_OK && !row && width == 0);  // not collected
     }
     CHECK(of_generation_signal(g, count, nullptr, nullptr, nullptr, nullptr) == OF_ERR_INVALID_ARGUMENT);
+    of_generation_free(g);
+
+    // the same request collecting the hidden states: one finite row of hidden_size per event (the
+    // default build has no protocol: 'at_token'; a signal token generated last may have none)
+    int32_t hidden_size = 0;
+    of_build* b2 = nullptr;
+    CHECK(of_build_open(src.c_str(), nullptr, &b2) == OF_OK);
+    CHECK(of_build_llm_geometry(b2, nullptr, &hidden_size, nullptr, nullptr) == OF_OK);
+    of_build_close(b2);
+    o.collect_signal_hidden = 1;
+    seen.events.clear();
+    CHECK(of_llm_generate(llm, prompt, 5, &o, &g) == OF_OK);
+    CHECK(of_generation_signal_count(g) == count);
+    for (size_t i = 0; i < count; ++i) {
+        const float* row = nullptr;
+        size_t width = 0;
+        size_t index = 0;
+        CHECK(of_generation_signal(g, i, nullptr, nullptr, nullptr, &index) == OF_OK);
+        CHECK(of_generation_signal_hidden(g, i, &row, &width) == OF_OK);
+        CHECK(index + 1 == n || (row && width == size_t(hidden_size)));
+        for (size_t k = 0; row && k < width; ++k) CHECK(std::isfinite(row[k]));
+    }
+    const float* row = nullptr;
+    size_t width = 0;
+    CHECK(of_generation_signal_hidden(g, count, &row, &width) == OF_ERR_INVALID_ARGUMENT);
+    CHECK(of_generation_signal_hidden(g, 0, nullptr, &width) == OF_ERR_INVALID_ARGUMENT);
+    CHECK(of_generation_signal_hidden(g, 0, &row, nullptr) == OF_ERR_INVALID_ARGUMENT);
+    CHECK(of_generation_signal_hidden(nullptr, 0, &row, &width) == OF_ERR_INVALID_ARGUMENT);
     of_generation_free(g);
     of_tokenizer_close(tok);
     of_llm_close(llm);

@@ -303,7 +303,6 @@ class LlmRuntime:
         assert stage.llm is not None
         self.geometry = stage.llm
         self.slot_wait_s = slot_wait_s  # how long a request waits for a free cache slot before failing
-        self.engine = LlmEngine.of_build(self.build)
         # a numpy lookup in the decode loop; the stage's engine only for forms the table cannot read
         self.table = EmbeddingTable.from_onnx(
             self.build.graph(self.build.manifest.stage_build("token_embedding").served()).data
@@ -332,13 +331,17 @@ class LlmRuntime:
         self.signal_position = self.protocol.signal_position if self.protocol else "at_token"
         self.adapters = AdapterSet.of_build(self.build)
         self.merged_adapters = sorted(self.build.manifest.stage_build("llm").merged())
-        self._engines: dict[str, LlmEngine] = {"": self.engine}
+        # the Python loop's sessions, opened on first use: a runtime whose requests all run on
+        # the native core never holds the LLM's weights twice
+        self._engines: dict[str, LlmEngine] = {}
         self._engines_lock = threading.Lock()
         backend = check_backend(backend)
         if backend == "auto":
             backend = check_backend(os.environ.get("OMNIFORGE_LLM_BACKEND") or "auto")
         self.native = self._open_native(backend)
         self.backend = "native" if self.native is not None else "python"
+        if self.native is None:
+            self.engine_for("")  # opened now: a graph ONNX Runtime refuses fails here, not mid-request
 
     def _open_native(self, backend: str) -> NativeLlm | None:
         """The native core's LLM for ``backend`` (None: the Python loop)."""
@@ -380,11 +383,16 @@ class LlmRuntime:
         name) where the build has one, else the base graph's ("")."""
         return adapter if adapter is not None and adapter in self.merged_adapters else ""
 
+    @property
+    def engine(self) -> LlmEngine:
+        """The base model's engine (opened on first use)."""
+        return self.engine_for("")
+
     def engine_for(self, key: str) -> LlmEngine:
         """The engine of ``engine_key``, opened on first use."""
         with self._engines_lock:
             if key not in self._engines:
-                self._engines[key] = LlmEngine.of_build(self.build, adapter=key)
+                self._engines[key] = LlmEngine.of_build(self.build, adapter=key or None)
             return self._engines[key]
 
     def bind_for(self, adapters: Sequence[str | None], slots: SlotRange) -> StepBinding:
@@ -709,39 +717,18 @@ class LlmRuntime:
         config: GenerationConfig,
         on_text: Callable[[int, str], None] | None = None,
     ) -> GenerationResult:
-        """One request on the native loop, as ``_run`` would return it. Signal tokens' hidden states
-        come from one teacher-forced pass over the finished sequence (the native core returns
-        tokens and text only)."""
+        """One request on the native loop, as ``_run`` would return it, signal tokens' hidden
+        states included (the native core keeps the rows the protocol reads)."""
         assert self.native is not None
         self.check_fits(len(rows))
         cb = (lambda _t, d: on_text(0, d) if d else None) if on_text else None
         out = self.native.generate(list(ids), config, cb, self.slot_wait_s)
         s = _Seq(rows, list(ids), generated=out.token_ids, text=out.text)
         s.reused = out.reused_tokens
-        if config.collect_signal_hidden and any(t in self.signal_ids for t in out.token_ids):
-            self._native_signal_hidden(s, out.finish_reason)
+        for event, hidden in zip(out.signals, out.signal_hidden, strict=False):
+            if hidden is not None:
+                s.signal_rows.setdefault(event.modality, []).append(hidden)
         return self._result(s, out.finish_reason, out.decode_s, ttft=out.ttft_s, signals=out.signals)
-
-    def _native_signal_hidden(self, s: _Seq, finish: str) -> None:
-        """The hidden states the Python loop records for the generated signal tokens: those that
-        predicted them, or those computed at them (the last token only when it was fed)."""
-        gen = s.generated
-        if self.signal_position == "predicting":
-            hidden, tokens = self.hidden_after(s.rows, gen, predicting=True), gen
-        else:
-            fed = list(gen[:-1])
-            if (
-                gen[-1] in self.signal_ids
-                and finish != "stop"
-                and len(s.rows) + len(gen) < self.pool.max_context
-            ):
-                fed.append(gen[-1])
-            if not fed:
-                return
-            hidden, tokens = self.hidden_after(s.rows, fed), fed
-        for t, h in zip(tokens, hidden, strict=True):
-            if t in self.signal_ids:
-                s.signal_rows.setdefault(self.signal_ids[t], []).append(np.array(h, np.float32))
 
     def _stream_native(self, rows: np.ndarray, ids: Sequence[int], config: GenerationConfig) -> Iterator[str]:
         """Yield the native loop's text pieces as they come (it runs on a worker thread; closing

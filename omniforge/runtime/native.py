@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from omniforge.errors import (
     CachePoolExhaustedError,
     ConfigError,
@@ -73,6 +75,7 @@ class _GenerateOptions(ctypes.Structure):
         ("on_token", _TOKEN_CB),
         ("user_data", ctypes.c_void_p),
         ("slot_wait_ms", ctypes.c_int32),
+        ("collect_signal_hidden", ctypes.c_int32),
     ]
 
 
@@ -140,12 +143,21 @@ def load_library(path: Path) -> ctypes.CDLL:
                     ctypes.POINTER(sz),
                 ],
             ),
+            "of_generation_signal_hidden": (
+                i32,
+                [p, sz, ctypes.POINTER(ctypes.POINTER(ctypes.c_float)), ctypes.POINTER(sz)],
+            ),
             "of_llm_signal_modality": (ctypes.c_char_p, [p, i32]),
         }
         for name, (restype, argtypes) in sigs.items():
             try:
                 fn = getattr(lib, name)
             except AttributeError:
+                if hasattr(lib, "of_build_open"):
+                    raise EngineError(
+                        f"{path} is an older libomniforge than this package (it has no {name}): "
+                        "rebuild it as docs/native.md says"
+                    ) from None
                 raise EngineError(f"{path} is not libomniforge (it has no {name})") from None
             fn.restype, fn.argtypes = restype, argtypes
         _LOADED[path] = lib
@@ -167,6 +179,8 @@ class NativeResult:
     decode_s: float
     reused_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     signals: list[SignalEvent] = field(default_factory=list)  # the signal tokens generated, in order
+    # per signal event, the hidden state it hands on (None: none), when collected
+    signal_hidden: list[np.ndarray | None] = field(default_factory=list)
 
 
 class NativeLlm:
@@ -266,6 +280,7 @@ class NativeLlm:
             keep.append(strings)
             opts.stop_strings, opts.n_stop_strings = strings, len(config.stop_strings)
         opts.slot_wait_ms = -1 if slot_wait_s == float("inf") else int(round(slot_wait_s * 1000))
+        opts.collect_signal_hidden = int(bool(config.collect_signal_hidden))
         raised: list[BaseException] = []
         if on_token is not None:
 
@@ -299,6 +314,7 @@ class NativeLlm:
                 decode_s=lib.of_generation_decode_s(out),
                 reused_tokens=int(lib.of_generation_reused_tokens(out)),
                 signals=_signals(lib, out),
+                signal_hidden=_signal_hidden(lib, out) if config.collect_signal_hidden else [],
             )
         finally:
             lib.of_generation_free(out)
@@ -319,6 +335,16 @@ def _signals(lib: ctypes.CDLL, out: ctypes.c_void_p) -> list[SignalEvent]:
             raise EngineError(f"the native core has no signal event {i} of its result")
         events.append(SignalEvent(modality.value.decode(), token.value.decode(), int(index.value)))
     return events
+
+
+def _signal_hidden(lib: ctypes.CDLL, out: ctypes.c_void_p) -> list[np.ndarray | None]:
+    rows: list[np.ndarray | None] = []
+    data, n = ctypes.POINTER(ctypes.c_float)(), ctypes.c_size_t()
+    for i in range(lib.of_generation_signal_count(out)):
+        if lib.of_generation_signal_hidden(out, i, ctypes.byref(data), ctypes.byref(n)) != 0:
+            raise EngineError(f"the native core has no signal event {i} of its result")
+        rows.append(np.ctypeslib.as_array(data, (n.value,)).copy() if n.value else None)
+    return rows
 
 
 BACKENDS = ("auto", "native", "python")

@@ -16,7 +16,9 @@ The model (``docs/plan.md`` has its assumptions and the figures it was checked a
   (``2 x layers x slots x kv_heads x context x head_dim`` float32);
 - the process pays ``RUNTIME_OVERHEAD`` once (the verified build, ONNX Runtime's environment);
   where the native core decodes (``LlmRuntime``'s ``auto`` backend finds libomniforge), it also
-  pays ``NATIVE_OVERHEAD`` and a second LLM session with its arena, opened at start.
+  pays ``NATIVE_OVERHEAD`` and the native core's LLM session with its arena, opened at start; the
+  Python loop's LLM session then opens only for requests the native core does not run (media in,
+  teacher-forced signal tokens, adapters), so a plan of ``text`` requests alone leaves it out.
 
 A request's peak is the fixed part plus every resident stage and every stage the request uses
 (resident stages count whether or not this request uses them: a service has run them before),
@@ -46,6 +48,9 @@ KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 # Measured on the default build and on 150M and 7B LLM builds (ONNX Runtime 1.32, CPU provider, glibc
 # malloc; docs/plan.md).
 RUNTIME_OVERHEAD = 15 * MiB + 512 * KiB  # the opened build (its schema checker) and ONNX Runtime, once
+# the part of it that is ONNX Runtime's Python environment, paid with the first Python session: a
+# runtime whose text requests all run on the native core opens none (measured on the default build)
+ORT_ENV_OVERHEAD = 9 * MiB
 NATIVE_OVERHEAD = 23 * MiB  # libomniforge with the ONNX Runtime library it loads, when it decodes
 SESSION_OVERHEAD = 144 * KiB  # one InferenceSession beyond its weights and nodes
 WEIGHT_FACTOR = 1.0  # resident bytes per byte of served graph, once the load's transient copies are freed
@@ -162,6 +167,7 @@ class MemoryPlan:
             "needs": {r: list(v) for r, v in self.needs.items()},
             "constants": {
                 "runtime_overhead": RUNTIME_OVERHEAD,
+                "ort_env_overhead": ORT_ENV_OVERHEAD,
                 "native_overhead": NATIVE_OVERHEAD,
                 "session_overhead": SESSION_OVERHEAD,
                 "weight_factor": WEIGHT_FACTOR,
@@ -313,13 +319,17 @@ def plan_memory(
     num_slots: int = 1,
     max_context: int | None = None,
     native: bool = False,
+    python_loop: bool | None = None,
 ) -> MemoryPlan:
     """The plan for ``requests`` (``any``: every type the build serves) under ``budget``.
 
     Without a budget every stage stays resident (the runtime's default). With one, the LLM stays
     resident and stages are added greedily, those most requests need first (smaller first on a
     tie), while every request's peak still fits; the rest are opened per request. A budget that
-    not even the LLM alone fits is one ``ConfigError`` naming the smallest budget that would."""
+    not even the LLM alone fits is one ``ConfigError`` naming the smallest budget that would.
+    ``python_loop``: whether the Python loop's LLM session opens beside the native core's (None:
+    unless every request is ``text``, which runs natively on the base model; a request with a LoRA
+    adapter takes the Python loop too, so pass True for one)."""
     if "llm" not in manifest.stages or "token_embedding" not in manifest.stages:
         raise ConfigError("this build has no LLM stage to plan around")
     wanted = _requests(manifest, requests)
@@ -327,7 +337,11 @@ def plan_memory(
     used = sorted({s for v in needs.values() for s in v})
     stages = {s: stage_memory(manifest, s, num_slots) for s in (*ALWAYS, *used)}
     kv = kv_pool_bytes(manifest, num_slots, max_context)
-    fixed = RUNTIME_OVERHEAD + kv + sum(stages[s].total for s in ALWAYS)
+    if python_loop is None:
+        python_loop = not native or any(r != "text" for r in wanted)
+    python_llm = python_loop or not native
+    runtime = RUNTIME_OVERHEAD if python_llm else RUNTIME_OVERHEAD - ORT_ENV_OVERHEAD
+    fixed = runtime + kv + sum(stages[s].total for s in ALWAYS if s != "llm" or python_llm)
     if native:
         fixed += NATIVE_OVERHEAD + stages["llm"].total
 
