@@ -322,7 +322,9 @@ def decoder_stages(modality: str, path, cfg: ModelConfig) -> list[StageSpec]:
         if isinstance(size, int):  # the released config gives the frames alone (128 for 5.12 s)
             w = n_mel // scale
         elif w * scale != n_mel:
-            raise_mismatch("audio UNet sample_size mel bins x VAE scale", w * scale, "vocoder model_in_dim", n_mel)
+            raise_mismatch(
+                "audio UNet sample_size mel bins x VAE scale", w * scale, "vocoder model_in_dim", n_mel
+            )
     t = TensorSpec("timestep", F32, ("batch",), fill="uniform", low=0, high=999)
     dims: tuple[Dim, ...] = (CFG_BATCH,)
     if modality == "video":  # ZeroScope: a 3D UNet over (batch, C, frames, h, w)
