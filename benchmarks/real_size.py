@@ -2,7 +2,7 @@
 
 usage: python benchmarks/real_size.py [--size 7b|1b|tiny] [--work DIR] [--runs 3] [--threads 2]
                                       [--prompt 128] [--new 64] [--sequential] [--skip genai,llamacpp]
-                                      [--llama-cpp-src DIR]
+                                      [--llama-cpp-src DIR] [--reuse-builds]
 
 Writes a LLaMA folder with seeded random weights in the released shapes (``7b``: Vicuna-7B,
 hidden 4096, 32 layers, 32 heads, ffn 11008, vocab 32000 + NExT-GPT's 38 added tokens; ``1b``:
@@ -25,6 +25,11 @@ token and decode tokens/s, every runtime in its own worker process, in interleav
 INT4 bandwidth bound is omniforge's INT4 weight bytes read per token over a measured read
 bandwidth. The CPU's flags (``lscpu``) and every version are recorded. Results:
 ``benchmarks/results/real_size.{json,md}`` for ``7b``, ``real_size-<size>.{json,md}`` otherwise.
+
+Each finished build's record (time, peak RSS, size) is kept beside it as ``<peer>-build.json``;
+``--reuse-builds`` takes a peer's earlier build and record instead of building it again, so a
+build that needs other conditions (GenAI's builder holds the FP32 model in memory: at 7B it needs
+swap) can be made in its own run and decoded side by side with the others later.
 """
 
 from __future__ import annotations
@@ -641,6 +646,9 @@ def main() -> None:
     ap.add_argument("--sequential", action="store_true", help="one runtime resident at a time")
     ap.add_argument("--skip", default="", help="comma-separated peers to leave out: genai, llamacpp")
     ap.add_argument("--llama-cpp-src", help="llama-cpp-python's extracted sdist (for convert_hf_to_gguf.py)")
+    ap.add_argument(
+        "--reuse-builds", action="store_true", help="take each peer's earlier build where one is kept"
+    )
     ap.add_argument("--worker", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
     ap.add_argument("--worker-path", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -656,20 +664,34 @@ def main() -> None:
     folder = write_seeded_llama(work / "llama", shape)
     write_s = time.perf_counter() - t0
     print(f"model folder: {folder} ({write_s:.0f}s)", file=sys.stderr)
+    makers = {
+        "omniforge": ("omniforge streaming INT4", lambda: build_omniforge(folder, work, args.threads)),
+        "genai": ("ONNX Runtime GenAI INT4", lambda: build_genai(folder, work, args.threads)),
+        "llamacpp": (
+            "llama.cpp Q4_0",
+            lambda: build_llama_cpp(folder, work, args.threads, llama_cpp_src(args.llama_cpp_src)),
+        ),
+    }
     builds = {}
-    print("omniforge streaming INT4 build ...", file=sys.stderr)
-    builds["omniforge"] = build_omniforge(folder, work, args.threads)
-    if "genai" not in skip:
-        print("ONNX Runtime GenAI INT4 build ...", file=sys.stderr)
-        builds["genai"] = build_genai(folder, work, args.threads)
-    if "llamacpp" not in skip:
-        print("llama.cpp Q4_0 build ...", file=sys.stderr)
-        builds["llamacpp"] = build_llama_cpp(folder, work, args.threads, llama_cpp_src(args.llama_cpp_src))
+    for peer, (what, make) in makers.items():
+        if peer in skip:
+            continue
+        record = work / f"{peer}-build.json"
+        if args.reuse_builds and record.is_file():
+            earlier = json.loads(record.read_text())
+            if Path(earlier.get("path", "/nonexistent")).exists():
+                print(f"{what} build: reusing {earlier['path']}", file=sys.stderr)
+                builds[peer] = {**earlier, "reused": True}
+                continue
+        print(f"{what} build ...", file=sys.stderr)
+        builds[peer] = make()
+        if "path" in builds[peer]:
+            record.write_text(json.dumps(builds[peer], indent=2) + "\n")
     paths = {k: b["path"] for k, b in builds.items() if "path" in b}
     print(f"decoding ({', '.join(paths)}) ...", file=sys.stderr)
     results = decode(paths, args) if paths else {}
     bw = read_bandwidth(args.threads)
-    o = builds["omniforge"]
+    o = builds.get("omniforge", {})
     bound = bw / o["llm_weight_bytes"] if "llm_weight_bytes" in o else None
     params = sum(int(np.prod(s)) for _, s in _tensor_names(shape))
     data = {
@@ -721,7 +743,7 @@ def main() -> None:
             lines.append(f"| {NAMES[k]} | {b.get('skipped') or b.get('failed')} | | | | | | |")
             continue
         lines.append(
-            f"| {NAMES[k]} | {b['seconds']:.0f} | {b['peak_rss_bytes'] / GIB:.2f} | {b['size_bytes'] / GIB:.2f} | "
+            f"| {NAMES[k]}{' (built in an earlier run)' if b.get('reused') else ''} | {b['seconds']:.0f} | {b['peak_rss_bytes'] / GIB:.2f} | {b['size_bytes'] / GIB:.2f} | "
             f"{r.get('ttft_ms', float('nan')):.0f} | {r.get('decode_tok_s', float('nan')):.2f} | "
             f"{r.get('spread', float('nan')):.0%} | {r.get('worker_peak_rss_bytes', 0) / GIB:.2f} |"
         )
