@@ -1,13 +1,18 @@
 """Shared fixtures, made once per test session: the tiny default model, its fp32 export, and its
 ``omniforge build`` at fp32, int8 and auto with the quick quantization options. Tests only read
-them; a test that changes a build copies it first."""
+them; a test that changes a build copies it first. Under pytest-xdist (the README's ``-n 2``) the
+workers share them: the first to need one makes it, the others wait for it."""
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,6 +27,28 @@ os.environ.setdefault("OMNIFORGE_LLM_BACKEND", "python")
 QUIET_ENV = ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE", "TRANSFORMERS_VERBOSITY")
 
 
+def shared(
+    tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], dict]
+) -> tuple[Path, dict]:
+    """``make(folder)`` run once per test session, also across pytest-xdist workers (they share the
+    session's base folder; a lock lets one make it while the others wait). Returns the folder and
+    what ``make`` returned (JSON)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the controller's folder, above each worker's own
+    folder, done = base / name, base / f"{name}.json"
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not done.exists():
+                shutil.rmtree(folder, ignore_errors=True)
+                folder.mkdir()
+                done.write_text(json.dumps(make(folder)))
+            return folder, json.loads(done.read_text())
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def readme_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, subprocess.CompletedProcess]:
     """README's first command as a new user runs it: ``omniforge export --out DIR`` with a fresh
@@ -29,18 +56,17 @@ def readme_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path,
     folder, the build and the console output (for the quiet-output test)."""
     from omniforge.pipeline.model_config import DEFAULT_VERSION
 
-    root = tmp_path_factory.mktemp("readme")
-    env = {**os.environ, "OMNIFORGE_HOME": str(root / "home")}
-    for k in QUIET_ENV:
-        env.pop(k, None)  # the CLI must quieten the libraries itself
-    res = subprocess.run(
-        [sys.executable, "-m", "omniforge", "export", "--out", str(root / "default")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=1200,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    def make(root: Path) -> dict:
+        env = {**os.environ, "OMNIFORGE_HOME": str(root / "home")}
+        for k in QUIET_ENV:
+            env.pop(k, None)  # the CLI must quieten the libraries itself
+        args = [sys.executable, "-m", "omniforge", "export", "--out", str(root / "default")]
+        res = subprocess.run(args, capture_output=True, text=True, env=env, timeout=1200)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return {"args": args, "returncode": res.returncode, "stdout": res.stdout, "stderr": res.stderr}
+
+    root, r = shared(tmp_path_factory, "readme", make)
+    res = subprocess.CompletedProcess(r["args"], r["returncode"], r["stdout"], r["stderr"])
     return root / "home" / f"tiny-nextgpt-v{DEFAULT_VERSION}", root / "default", res
 
 
@@ -74,21 +100,25 @@ def default_builds(default_model, tmp_path_factory, quick_quant):
     check-trt tests share them."""
     from omniforge.build import BuildOptions, build
 
-    root = tmp_path_factory.mktemp("builds")
-    cache = root / "cache"
-    out = {}
-    times = {}
-    for precision in ("fp32", "int8", "auto"):
-        t0 = time.perf_counter()
-        build(
-            default_model,
-            root / precision,
-            BuildOptions(precision=precision, cache=cache, emit_trtexec=True, quantize=quick_quant),
-            log=lambda _m: None,
-        )
-        times[precision] = time.perf_counter() - t0
-        out[precision] = root / precision
-    return out, cache, times
+    precisions = ("fp32", "int8", "auto")
+
+    def make(root: Path) -> dict:
+        times = {}
+        for precision in precisions:
+            t0 = time.perf_counter()
+            build(
+                default_model,
+                root / precision,
+                BuildOptions(
+                    precision=precision, cache=root / "cache", emit_trtexec=True, quantize=quick_quant
+                ),
+                log=lambda _m: None,
+            )
+            times[precision] = time.perf_counter() - t0
+        return times
+
+    root, times = shared(tmp_path_factory, "builds", make)
+    return {p: root / p for p in precisions}, root / "cache", times
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -389,7 +389,13 @@ def test_killed_server_fails_the_request_and_a_restart_serves_again(install, def
         s.wait()
         client = grpcclient.InferenceServerClient(s.grpc_url)
         got: queue.Queue = queue.Queue()
-        client.start_stream(callback=lambda result, error: got.put((result, error)))
+
+        def on_response(result, error) -> None:
+            if got.empty() and error is None:  # the first piece: kill the server at once, from the
+                os.killpg(s.process.pid, signal.SIGKILL)  # stream's thread (a busy machine is no race)
+            got.put((result, error))
+
+        client.start_stream(callback=on_response)
         client.async_stream_infer(
             "llm",
             [
@@ -399,8 +405,7 @@ def test_killed_server_fails_the_request_and_a_restart_serves_again(install, def
         )
         first, error = got.get(timeout=60)
         assert error is None and not first.as_numpy("finish_reason")[0]  # mid-generation
-        os.killpg(s.process.pid, signal.SIGKILL)  # the server and its model processes
-        s.process.wait()
+        s.process.wait()  # killed with its model processes
         while True:  # responses already on their way, then the error
             result, error = got.get(timeout=60)
             if error is not None:
