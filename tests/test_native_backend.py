@@ -146,20 +146,54 @@ def test_stream_and_cancellation(library: Path, default_build: Path) -> None:
     assert len({tuple(r.token_ids) for r in got}) == 1  # no slot was lost
 
 
-def test_requests_the_native_core_does_not_run_stay_on_python(library: Path, default_build: Path) -> None:
+def test_media_rows_run_natively_and_adapters_stay_on_python(
+    library: Path, default_build: Path, tmp_path: Path
+) -> None:
+    """Prompts with media rows spliced in, and ready embeddings, run on the native core
+    (``of_llm_generate_embeddings``) with the Python loop's results; a conversation whose turns
+    carry an image reuses the earlier turns' KV natively as the Python loop does (the cache matches
+    rows); a LoRA adapter stays on the Python loop. Bad rows are refused in one sentence."""
+    from omniforge.errors import InputError
     from omniforge.runtime.sampling import GenerationConfig
 
     py, nat = _pair(default_build)
     cfg = GenerationConfig(max_new_tokens=24)
+    rows, ids = nat.prepare("A dog runs")
+    assert not nat._native_runs([rows], [ids], ["text"]) and nat._native_runs([rows], [ids], [None])
+    emb = rows + 0.01  # ready embeddings, not the tokens' own rows
+    _same(py.generate(emb, cfg, adapter="none"), nat.generate(emb, cfg, adapter="none"))
+    h = nat.geometry.hidden_size
+    image = np.random.default_rng(3).normal(0, 0.05, (2, h)).astype(np.float32)  # projected rows
+    prompt = "Look at <image> and describe it"
+    placeholder = py.build.pipeline.placeholders["image"]
+    prompt = prompt.replace("<image>", placeholder)
+    sampled = GenerationConfig(max_new_tokens=24, temperature=0.8, top_k=20, repetition_penalty=1.2, seed=4)
+    for c in (cfg, sampled):
+        x = py.generate(prompt, c, media={"image": [image]}, adapter="none")
+        y = nat.generate(prompt, c, media={"image": [image]}, adapter="none")
+        _same(x, y)
+        assert x.prompt_tokens == len(py.tokenizer.encode(prompt)) + 1  # two rows for one placeholder
+    assert nat._engines == {}  # no Python session was needed
+    # a conversation over the same image: the second turn's prefix (text and media rows) is reused
+    first = nat.prepare(prompt, {"image": [image]})
+    long = (np.concatenate([first[0], first[0], first[0]]), first[1] * 3)
+    for rt in (py, nat):
+        rt.generate_rows([long[0]], [long[1]], cfg, adapters=[None])
+    more = (np.concatenate([long[0], rows]), long[1] + ids)
+    x, y = (rt.generate_rows([more[0]], [more[1]], cfg, adapters=[None])[0] for rt in (py, nat))
+    _same(x, y)
+    assert y.reused_prefix_tokens == x.reused_prefix_tokens > 0
+    assert nat._engines == {}
     # the default model's adapters: the native core runs the base model only
     a, b = py.generate("A dog runs", cfg), nat.generate("A dog runs", cfg)
     assert a.adapter == b.adapter == "text" and a.token_ids == b.token_ids
-    rows, ids = nat.prepare("A dog runs")
-    emb = rows + 0.01  # ready embeddings, not the tokens' own rows
-    assert not nat._native_runs([emb], [ids], [None]) and nat._native_runs([rows], [ids], [None])
-    np.testing.assert_array_equal(
-        py.generate(emb, cfg, adapter="none").token_ids, nat.generate(emb, cfg, adapter="none").token_ids
-    )
+    assert nat._engines  # the Python loop's session, opened for it
+    bad = emb.copy()
+    bad[1, 2] = np.nan
+    with pytest.raises(InputError, match="the prompt rows contain NaN or Inf"):
+        nat.native.generate_rows(bad, [], cfg)
+    with pytest.raises(InputError, match="token ids must lie in"):
+        nat.native.generate_rows(emb, [10**6], cfg)
 
 
 def test_chat_turns_reuse_the_native_prefix_cache(library: Path, default_build: Path) -> None:

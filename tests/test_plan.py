@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (the native fixtures are imported from tests/test_native.py by name)
 """The memory plan: its policy on a hand-built manifest, its refusals, the CLI, and its prediction
 against the peak RSS of real requests on the default build."""
 
@@ -28,6 +29,11 @@ from omniforge.runtime.plan import (
     request_stages,
     servable,
     stage_memory,
+)
+from tests.test_native import (  # noqa: F401  (fixtures)
+    native_build,
+    native_cache,
+    ort_headers,
 )
 
 # ---- a hand-built manifest: stage sizes chosen here, no graphs needed -----------------------
@@ -301,17 +307,20 @@ def media(tmp_path_factory) -> dict[str, str]:
 CASES = (
     [(r, "python") for r in ("text", "image-in-text-out", "audio-in-text-out")]
     + [(r, "python") for r in ("text-to-image", "text-to-video", "text-to-audio")]
-    + [("text", "native"), ("text-to-image", "native")]
+    + [("text", "native"), ("image-in-text-out", "native"), ("text-to-image", "native")]
 )
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS is read from /proc")
 @pytest.mark.parametrize(("request_type", "backend"), CASES)
-def test_prediction_within_15_percent_of_measured_peak(default_build, media, request_type, backend):
+def test_prediction_within_15_percent_of_measured_peak(
+    default_build, media, request_type, backend, request, monkeypatch
+):
     """A fresh process opens the build and serves one request; its peak RSS above the interpreter's
     (runtime imported, build not yet opened) against the plan's peak for that request alone."""
-    if backend == "native" and find_library() is None:
-        pytest.skip("libomniforge is not built here (tests/test_native.py builds it)")
+    if backend == "native":  # the library tests/test_native.py builds
+        lib = request.getfixturevalue("native_build") / "libomniforge.so"
+        monkeypatch.setenv("OMNIFORGE_NATIVE_LIBRARY", str(lib))
     got = measure(default_build, request_type, backend=backend, **media.get(request_type, {}))
     assert got["backend"] == backend
     assert got["made"] == ([request_type.removeprefix("text-to-")] if "-to-" in request_type else [])

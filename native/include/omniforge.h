@@ -181,6 +181,17 @@ OF_API of_status of_llm_generate(of_llm* llm, const int32_t* prompt_ids, size_t 
 OF_API of_status of_llm_generate_text(of_llm* llm, const char* prompt, size_t prompt_len,
                                       const of_generate_options* options, of_generation** result);
 
+/* As of_llm_generate, from n_rows prompt rows (n_rows x hidden_size floats, row-major): the
+   embeddings the LLM is fed, e.g. token embeddings with an encoder's projected media rows spliced
+   in where the prompt's placeholders were (as the Python runtime's LlmRuntime.prepare lays them
+   out). history_ids (n_history ids, may be NULL when 0) are the prompt's token ids the repetition
+   penalty counts as seen. Rows with NaN or Inf, or history ids outside the vocabulary, are
+   OF_ERR_INPUT. The prefix cache matches rows, not ids: a later turn whose rows start with an
+   earlier request's reuses its KV whether those rows came from tokens or media. */
+OF_API of_status of_llm_generate_embeddings(of_llm* llm, const float* rows, size_t n_rows, const int32_t* history_ids,
+                                            size_t n_history, const of_generate_options* options,
+                                            of_generation** result);
+
 OF_API const int32_t* of_generation_tokens(const of_generation* g, size_t* n); /* generated ids */
 /* The visible text, NUL-terminated UTF-8 (special, stop, signal and placeholder tokens left out;
    cut before a stop string); "" when the build has no tokenizer. len may be NULL. */

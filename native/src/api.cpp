@@ -300,6 +300,29 @@ of_status of_llm_generate(of_llm* llm, const int32_t* prompt_ids, size_t n_promp
     });
 }
 
+of_status of_llm_generate_embeddings(of_llm* llm, const float* rows, size_t n_rows, const int32_t* history_ids, size_t n_history,
+                                     const of_generate_options* options, of_generation** result) {
+    if (!llm) return OF_ERR_INVALID_ARGUMENT;
+    return guarded(llm->errors.mine(), [&] {
+        using omniforge::fail;
+        if (!result) fail(OF_ERR_INVALID_ARGUMENT, "the result's address is a null pointer");
+        *result = nullptr;
+        if (!rows && n_rows) fail(OF_ERR_INVALID_ARGUMENT, "rows is a null pointer");
+        if (!history_ids && n_history) fail(OF_ERR_INVALID_ARGUMENT, "history_ids is a null pointer");
+        int32_t hidden = 0, max_context = 0;
+        omniforge::llm_geometry(*llm->impl, &hidden, &max_context);
+        if (n_rows >= size_t(max_context))
+            fail(OF_ERR_CONTEXT_LENGTH, "the prompt is " + std::to_string(n_rows) + " rows fed to the LLM; the context holds " +
+                                            std::to_string(max_context) + ", leaving no room for a new token");
+        if (n_history > (size_t(1) << 24)) fail(OF_ERR_INVALID_ARGUMENT, "n_history is implausibly large");
+        omniforge::GenerateParams p = params_of(options);
+        auto g = std::make_unique<of_generation>();
+        g->out = omniforge::generate_rows(*llm->impl, std::vector<float>(rows, rows + n_rows * size_t(hidden)), n_rows,
+                                          std::vector<int32_t>(history_ids, history_ids + n_history), p);
+        *result = g.release();
+    });
+}
+
 const int32_t* of_generation_tokens(const of_generation* g, size_t* n) {
     if (n) *n = g ? g->out.tokens.size() : 0;
     return g ? g->out.tokens.data() : nullptr;

@@ -4,6 +4,7 @@
 
 #include <condition_variable>
 #include <cstdint>
+#include <chrono>
 #include <map>
 #include <memory>
 #include <stdexcept>
@@ -171,6 +172,8 @@ struct BuildTokenizer;  // a build's tokenizer with its BOS/EOS settings
 struct LlmImpl;
 // The caller owns the result and frees it with close_llm.
 LlmImpl* open_llm(std::shared_ptr<BuildImpl> build, int32_t num_slots, int32_t max_context);
+// The LLM's row width (hidden_size) and the context its pool holds.
+void llm_geometry(const LlmImpl& llm, int32_t* hidden_size, int32_t* max_context);
 void close_llm(LlmImpl* llm);
 const char* embedding_form(const LlmImpl& llm);  // "table_fp32", "table_int8" or "session"
 const BuildTokenizer* llm_tokenizer(const LlmImpl& llm);  // null when the build's cannot be read
@@ -214,6 +217,12 @@ struct GenerateOutput {
 };
 
 GenerateOutput generate(LlmImpl& llm, const std::vector<int32_t>& prompt, const GenerateParams& params);
+// The same from `n` prompt rows (n x hidden_size floats: token embeddings with media rows spliced
+// in, as LlmRuntime.prepare makes them); `history`: the prompt's token ids for the repetition
+// penalty. The prefix cache matches rows, so token and media prompts reuse alike.
+GenerateOutput generate_rows(LlmImpl& llm, const std::vector<float>& rows, size_t n, const std::vector<int32_t>& history,
+                             const GenerateParams& params,
+                             std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now());
 // Keep the KV of up to `entries` finished requests (0: off) for prompts that start with them, in
 // whole blocks of `block_size` tokens (as the Python runtime's PrefixCache); entries < slots.
 void set_prefix_cache(LlmImpl& llm, int32_t entries, int32_t block_size);

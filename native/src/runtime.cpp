@@ -211,10 +211,11 @@ struct LlmImpl {
     std::vector<bool> busy;             // a request runs in the slot, or the prefix cache holds it
     std::mutex slots_lock;  // guards busy, the prefix cache, and lengths at the start and end of a request
     std::condition_variable slot_free;
-    // the prefix cache: finished requests' slots, least recently used first, with the tokens fed
+    // the prefix cache: finished requests' slots, least recently used first, with the chained
+    // digests of each whole block of the rows they fed (token and media rows are matched alike)
     struct CachedPrefix {
         int64_t slot;
-        std::vector<int32_t> tokens;
+        std::vector<std::string> blocks;
     };
     std::list<CachedPrefix> cached;
     std::atomic<int32_t> cache_entries{0};  // read without the lock to skip the work when off
@@ -376,6 +377,11 @@ LlmImpl* open_llm(std::shared_ptr<BuildImpl> build, int32_t num_slots, int32_t m
 
 void close_llm(LlmImpl* llm) { delete llm; }
 
+void llm_geometry(const LlmImpl& llm, int32_t* hidden_size, int32_t* max_context) {
+    *hidden_size = static_cast<int32_t>(llm.g.hidden_size);
+    *max_context = static_cast<int32_t>(llm.max_context);
+}
+
 const BuildTokenizer* llm_tokenizer(const LlmImpl& llm) { return llm.tokenizer ? &*llm.tokenizer : nullptr; }
 
 of_status llm_tokenizer_error(const LlmImpl& llm, std::string* why) {
@@ -536,6 +542,22 @@ class DecodeBinding {
     std::vector<Ort::Value> values_;  // the bound tensors (views of the buffers above and the pool)
 };
 
+// Chained SHA-256 digests of each whole block of `block` rows among the first `n` rows (`width`
+// floats each): equal digests mean equal prefixes, as the Python runtime's block_hashes.
+std::vector<std::string> block_digests(const std::vector<float>& rows, size_t n, size_t block, size_t width) {
+    std::vector<std::string> out;
+    std::string chain;
+    std::vector<unsigned char> buf;
+    for (size_t b = 0; b + 1 <= n / block; ++b) {
+        const auto* p = reinterpret_cast<const unsigned char*>(rows.data() + b * block * width);
+        buf.assign(chain.begin(), chain.end());
+        buf.insert(buf.end(), p, p + block * width * sizeof(float));
+        chain = sha256_hex(buf.data(), buf.size());
+        out.push_back(chain);
+    }
+    return out;
+}
+
 // A KV slot of the pool held for one request, released (and reset) when it goes out of scope.
 struct SlotLease {
     LlmImpl& llm;
@@ -567,20 +589,21 @@ struct SlotLease {
         llm.lengths[size_t(slot)] = 0;
     }
 
-    // Copies the longest cached prefix of `prompt` (whole blocks, leaving at least one token to
-    // run) into this slot; returns its length. Under the lock: the source cannot be evicted meanwhile.
-    size_t reuse(const std::vector<int32_t>& prompt) {
-        std::lock_guard<std::mutex> lock(llm.slots_lock);
+    // Copies the longest cached prefix of the prompt (whole blocks of its rows, leaving at least
+    // one row to run) into this slot; returns its length. Under the lock: the source cannot be
+    // evicted meanwhile.
+    size_t reuse(const std::vector<float>& rows, size_t n) {
         const size_t block = size_t(llm.cache_block);
-        const size_t limit = llm.cache_entries > 0 ? (prompt.size() - 1) / block : 0;
+        const size_t limit = llm.cache_entries > 0 ? (n - 1) / block : 0;
+        if (limit == 0) return 0;
+        const std::vector<std::string> wanted = block_digests(rows, limit * block, block, size_t(llm.g.hidden_size));
+        std::lock_guard<std::mutex> lock(llm.slots_lock);
         auto best = llm.cached.end();
         size_t best_n = 0;
         for (auto it = llm.cached.begin(); it != llm.cached.end(); ++it) {
-            size_t n = 0;
-            while (n < limit && (n + 1) * block <= it->tokens.size() &&
-                   std::equal(prompt.begin() + long(n * block), prompt.begin() + long((n + 1) * block), it->tokens.begin() + long(n * block)))
-                ++n;
-            if (n > best_n) best = it, best_n = n;
+            size_t k = 0;
+            while (k < wanted.size() && k < it->blocks.size() && wanted[k] == it->blocks[k]) ++k;
+            if (k > best_n) best = it, best_n = k;
         }
         if (best_n == 0) return 0;
         const size_t length = best_n * block;
@@ -597,15 +620,16 @@ struct SlotLease {
         return length;
     }
 
-    // Hands the slot, whose cache holds `fed`, to the prefix cache (when it is on and `fed` has a
-    // whole block), evicting the least recently used entry beyond its size.
-    void adopt(std::vector<int32_t> fed) {
+    // Hands the slot, whose cache holds the `n` rows `fed`, to the prefix cache (when it is on and
+    // `fed` has a whole block), evicting the least recently used entry beyond its size.
+    void adopt(const std::vector<float>& fed, size_t n) {
+        const size_t block = size_t(llm.cache_block);
+        if (llm.cache_entries == 0 || n < block) return;
+        std::vector<std::string> blocks = block_digests(fed, n, block, size_t(llm.g.hidden_size));
         {
             std::lock_guard<std::mutex> lock(llm.slots_lock);
-            if (llm.cache_entries == 0 || fed.size() < size_t(llm.cache_block) ||
-                llm.lengths[size_t(slot)] != int64_t(fed.size()))
-                return;
-            llm.cached.push_back({slot, std::move(fed)});
+            if (llm.cache_entries == 0 || size_t(llm.cache_block) != block || llm.lengths[size_t(slot)] != int64_t(n)) return;
+            llm.cached.push_back({slot, std::move(blocks)});
             adopted = true;
             while (llm.cached.size() > size_t(llm.cache_entries)) {
                 const int64_t old = llm.cached.front().slot;
@@ -638,9 +662,26 @@ double seconds_since(std::chrono::steady_clock::time_point t) {
 
 GenerateOutput generate(LlmImpl& llm, const std::vector<int32_t>& prompt, const GenerateParams& p) {
     const auto t0 = std::chrono::steady_clock::now();
+    const int64_t vocab = llm.g.vocab_size;
+    if (prompt.empty()) fail(OF_ERR_INPUT, "the prompt is empty");
+    if (prompt.size() >= static_cast<uint64_t>(llm.max_context))
+        fail(OF_ERR_CONTEXT_LENGTH, "the prompt is " + std::to_string(prompt.size()) + " tokens fed to the LLM; the context holds " +
+                                        std::to_string(llm.max_context) + ", leaving no room for a new token");
+    auto lo_hi = std::minmax_element(prompt.begin(), prompt.end());
+    if (*lo_hi.first < 0 || *lo_hi.second >= vocab)
+        fail(OF_ERR_INPUT, "token ids must lie in [0, " + std::to_string(vocab) + "), got [" + std::to_string(*lo_hi.first) + ", " +
+                               std::to_string(*lo_hi.second) + "]");
+    return generate_rows(llm, llm.embed(prompt), prompt.size(), prompt, p, t0);
+}
+
+GenerateOutput generate_rows(LlmImpl& llm, const std::vector<float>& rows, size_t n, const std::vector<int32_t>& prompt,
+                             const GenerateParams& p, std::chrono::steady_clock::time_point t0) {
     const int64_t ctx = llm.max_context, vocab = llm.g.vocab_size;
-    const size_t n = prompt.size();
+    const size_t width = size_t(llm.g.hidden_size);
     if (n == 0) fail(OF_ERR_INPUT, "the prompt is empty");
+    if (rows.size() != n * width)
+        fail(OF_ERR_INVALID_ARGUMENT, "the prompt rows hold " + std::to_string(rows.size()) + " floats, not " + std::to_string(n) + " x " +
+                                          std::to_string(width));
     if (p.max_new_tokens < 1) fail(OF_ERR_INVALID_ARGUMENT, "max_new_tokens must be >= 1, got " + std::to_string(p.max_new_tokens));
     check_sampling(p.sampling);
     for (int32_t id : p.stop_ids)
@@ -650,12 +691,13 @@ GenerateOutput generate(LlmImpl& llm, const std::vector<int32_t>& prompt, const 
     if (!p.stop_strings.empty() && !llm.tokenizer)
         fail(llm.tokenizer_status, "stop strings need the build's tokenizer: " + llm.tokenizer_error);
     if (n >= static_cast<uint64_t>(ctx))
-        fail(OF_ERR_CONTEXT_LENGTH, "the prompt is " + std::to_string(n) + " tokens fed to the LLM; the context holds " + std::to_string(ctx) +
+        fail(OF_ERR_CONTEXT_LENGTH, "the prompt is " + std::to_string(n) + " rows fed to the LLM; the context holds " + std::to_string(ctx) +
                                         ", leaving no room for a new token");
-    auto lo_hi = std::minmax_element(prompt.begin(), prompt.end());
-    if (*lo_hi.first < 0 || *lo_hi.second >= vocab)
-        fail(OF_ERR_INPUT, "token ids must lie in [0, " + std::to_string(vocab) + "), got [" + std::to_string(*lo_hi.first) + ", " +
-                               std::to_string(*lo_hi.second) + "]");
+    for (int32_t id : prompt)  // the repetition penalty's history
+        if (id < 0 || id >= vocab)
+            fail(OF_ERR_INPUT, "token ids must lie in [0, " + std::to_string(vocab) + "), got " + std::to_string(id));
+    for (float x : rows)
+        if (!std::isfinite(x)) fail(OF_ERR_INPUT, "the prompt rows contain NaN or Inf");
     std::vector<int32_t> stop_ids = p.stop_ids;
     if (p.default_stop && llm.tokenizer && llm.tokenizer->eos) stop_ids.assign(1, *llm.tokenizer->eos);  // the model's EOS
     auto is_stop = [&](int32_t t) { return std::find(stop_ids.begin(), stop_ids.end(), t) != stop_ids.end(); };
@@ -676,13 +718,16 @@ GenerateOutput generate(LlmImpl& llm, const std::vector<int32_t>& prompt, const 
         text.emplace(*llm.tokenizer->tok, std::move(hidden), p.stop_strings);
     }
     std::vector<float> logits;
-    out.reused_tokens = lease.reuse(prompt);
-    const std::vector<int32_t> rest(prompt.begin() + long(out.reused_tokens), prompt.end());
+    out.reused_tokens = lease.reuse(rows, n);
+    const std::vector<float> rest(rows.begin() + long(out.reused_tokens * width), rows.end());
+    // the rows fed, kept for the prefix cache: the prompt's, then each generated token fed back
+    std::vector<float> fed;
+    if (llm.cache_entries > 0) fed = rows;
     // the hidden states signal tokens hand on, by generated index (as the Python loop records them)
     const bool collect = p.collect_signal_hidden && !llm.signal_ids.empty();
     std::vector<float> predicting;  // the final hidden state of the row fed last
     std::map<size_t, std::vector<float>> kept;
-    llm.step(lease.slot, llm.embed(rest), static_cast<int64_t>(rest.size()), logits, collect ? &predicting : nullptr);
+    llm.step(lease.slot, rest, static_cast<int64_t>(n - out.reused_tokens), logits, collect ? &predicting : nullptr);
     std::optional<DecodeBinding> decode;  // bound at the first decode step
     std::chrono::steady_clock::time_point t_decode{};
     while (true) {
@@ -707,7 +752,9 @@ GenerateOutput generate(LlmImpl& llm, const std::vector<int32_t>& prompt, const 
             out.finish = OF_FINISH_CANCELLED;
         if (out.finish) break;
         if (!decode) decode.emplace(llm, lease.slot, logits);
-        decode->run(llm.embed({token}));
+        const std::vector<float> row = llm.embed({token});
+        decode->run(row);
+        if (llm.cache_entries > 0) fed.insert(fed.end(), row.begin(), row.end());
         if (collect && llm.signal_predicting) predicting = decode->hidden();
         else if (collect && llm.signal_ids.count(token)) kept[out.tokens.size() - 1] = decode->hidden();
     }
@@ -718,15 +765,13 @@ GenerateOutput generate(LlmImpl& llm, const std::vector<int32_t>& prompt, const 
     if (collect && !llm.signal_predicting && llm.signal_ids.count(out.tokens.back()) && out.finish != OF_FINISH_STOP &&
         out.finish != OF_FINISH_CANCELLED && static_cast<int64_t>(n + out.tokens.size()) <= ctx) {
         if (!decode) decode.emplace(llm, lease.slot, logits);
-        decode->run(llm.embed({out.tokens.back()}));
+        const std::vector<float> row = llm.embed({out.tokens.back()});
+        decode->run(row);
+        if (llm.cache_entries > 0) fed.insert(fed.end(), row.begin(), row.end());
         kept[out.tokens.size() - 1] = decode->hidden();
         fed_generated = out.tokens.size();
     }
-    if (llm.cache_entries > 0) {  // the tokens fed: the prompt and the generated tokens fed back
-        std::vector<int32_t> fed(prompt);
-        fed.insert(fed.end(), out.tokens.begin(), out.tokens.begin() + long(fed_generated));
-        lease.adopt(std::move(fed));
-    }
+    if (llm.cache_entries > 0) lease.adopt(fed, n + fed_generated);  // the prompt and the tokens fed back
     for (size_t i = 0; i < out.tokens.size(); ++i)  // as TextTokenizer.signal_events
         if (auto it = llm.signal_ids.find(out.tokens[i]); it != llm.signal_ids.end()) {
             out.signals.push_back({it->second.first, it->second.second, out.tokens[i], i});

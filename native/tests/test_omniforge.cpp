@@ -369,6 +369,66 @@ static void check_signals(const fs::path& src, const fs::path& tmp) {
     fs::remove_all(dst);
 }
 
+// Prompts given as rows (of_llm_generate_embeddings): refusals, a run, and the prefix cache
+// matching rows (the same rows again reuse whole blocks and give the same tokens).
+static void check_embeddings(const fs::path& src) {
+    of_build* b = nullptr;
+    CHECK(of_build_open(src.c_str(), nullptr, &b) == OF_OK);
+    int32_t hidden = 0, vocab = 0, ctx = 0;
+    CHECK(of_build_llm_geometry(b, nullptr, &hidden, &vocab, &ctx) == OF_OK);
+    of_llm* llm = nullptr;
+    CHECK(of_llm_open(b, 2, 0, &llm) == OF_OK);
+    of_build_close(b);
+    if (!llm || hidden <= 0) {
+        of_llm_close(llm);
+        return;
+    }
+    const size_t n = 40;
+    std::vector<float> rows(n * size_t(hidden));
+    uint32_t state = 7;
+    for (float& x : rows) {  // small seeded values, as projected media rows are
+        state = state * 1664525u + 1013904223u;
+        x = (float(state >> 8) / float(1u << 24) - 0.5f) * 0.1f;
+    }
+    const int32_t history[] = {1, 5, 9};
+    of_generate_options o;
+    of_generate_options_init(&o);
+    o.max_new_tokens = 8;
+    o.n_stop_token_ids = 0;
+    of_generation* g = nullptr;
+    CHECK(of_llm_generate_embeddings(nullptr, rows.data(), n, history, 3, &o, &g) == OF_ERR_INVALID_ARGUMENT);
+    CHECK(of_llm_generate_embeddings(llm, nullptr, n, history, 3, &o, &g) == OF_ERR_INVALID_ARGUMENT && !g);
+    CHECK(of_llm_generate_embeddings(llm, rows.data(), n, nullptr, 3, &o, &g) == OF_ERR_INVALID_ARGUMENT);
+    CHECK(of_llm_generate_embeddings(llm, rows.data(), n, history, 3, &o, nullptr) == OF_ERR_INVALID_ARGUMENT);
+    CHECK(of_llm_generate_embeddings(llm, rows.data(), 0, history, 3, &o, &g) == OF_ERR_INPUT);
+    CHECK(of_llm_generate_embeddings(llm, rows.data(), size_t(ctx), history, 3, &o, &g) == OF_ERR_CONTEXT_LENGTH);
+    const int32_t out_of_vocab[] = {vocab};
+    CHECK(of_llm_generate_embeddings(llm, rows.data(), n, out_of_vocab, 1, &o, &g) == OF_ERR_INPUT);
+    std::vector<float> nan_rows(rows);
+    nan_rows[5] = std::nanf("");
+    CHECK(of_llm_generate_embeddings(llm, nan_rows.data(), n, history, 3, &o, &g) == OF_ERR_INPUT);
+    CHECK(std::string(of_llm_last_error(llm)).find("NaN") != std::string::npos);
+
+    CHECK(of_llm_set_prefix_cache(llm, 1, 16) == OF_OK);
+    std::vector<int32_t> first;
+    for (int round = 0; round < 2; ++round) {
+        CHECK(of_llm_generate_embeddings(llm, rows.data(), n, history, 3, &o, &g) == OF_OK);
+        size_t k = 0;
+        const int32_t* ids = of_generation_tokens(g, &k);
+        CHECK(k == 8 && of_generation_prompt_tokens(g) == n);
+        std::vector<int32_t> got(ids, ids + k);
+        if (round == 0) {
+            first = got;
+            CHECK(of_generation_reused_tokens(g) == 0);
+        } else {
+            CHECK(got == first && of_generation_reused_tokens(g) == 32);  // two whole blocks of the 40 rows
+        }
+        of_generation_free(g);
+        g = nullptr;
+    }
+    of_llm_close(llm);
+}
+
 int main() {
     const char* build_path = std::getenv("OMNIFORGE_TEST_BUILD");
     if (!build_path || !std::getenv("OMNIFORGE_ORT_LIBRARY")) {
@@ -756,6 +816,7 @@ int main() {
     of_build_close(b);
 
     check_signals(src, tmp);
+    check_embeddings(src);
 
     fs::remove_all(tmp);
     if (failures) {

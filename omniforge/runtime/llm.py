@@ -702,13 +702,16 @@ class LlmRuntime:
         self, rows: Sequence[np.ndarray], ids: Sequence[Sequence[int]], adapters: Sequence[str | None]
     ) -> bool:
         """Whether the native core runs this request as the Python loop would: one sequence on the
-        base model whose rows are exactly its tokens' embeddings (no media, no ready embeddings)."""
+        base model (its rows: token embeddings, media rows spliced in, or ready embeddings)."""
         if self.native is None or len(rows) != 1 or adapters[0] is not None:
             return False
-        r, i = rows[0], ids[0]
-        if not isinstance(r, np.ndarray) or r.ndim != 2 or len(r) != len(i) or not len(i):
-            return False
-        return bool(np.array_equal(r, self.embed_ids(i)))
+        r = rows[0]
+        return (
+            isinstance(r, np.ndarray)
+            and r.ndim == 2
+            and r.shape[1] == self.geometry.hidden_size
+            and len(r) > 0
+        )
 
     def _generate_native(
         self,
@@ -722,7 +725,7 @@ class LlmRuntime:
         assert self.native is not None
         self.check_fits(len(rows))
         cb = (lambda _t, d: on_text(0, d) if d else None) if on_text else None
-        out = self.native.generate(list(ids), config, cb, self.slot_wait_s)
+        out = self.native.generate_rows(rows, list(ids), config, cb, self.slot_wait_s)
         s = _Seq(rows, list(ids), generated=out.token_ids, text=out.text)
         s.reused = out.reused_tokens
         for event, hidden in zip(out.signals, out.signal_hidden, strict=False):

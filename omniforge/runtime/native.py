@@ -124,6 +124,18 @@ def load_library(path: Path) -> ctypes.CDLL:
                 i32,
                 [p, ctypes.POINTER(i32), sz, ctypes.POINTER(_GenerateOptions), ctypes.POINTER(p)],
             ),
+            "of_llm_generate_embeddings": (
+                i32,
+                [
+                    p,
+                    ctypes.POINTER(ctypes.c_float),
+                    sz,
+                    ctypes.POINTER(i32),
+                    sz,
+                    ctypes.POINTER(_GenerateOptions),
+                    ctypes.POINTER(p),
+                ],
+            ),
             "of_generation_tokens": (ctypes.POINTER(i32), [p, ctypes.POINTER(sz)]),
             "of_generation_text": (ctypes.c_void_p, [p, ctypes.POINTER(sz)]),  # may hold NUL bytes
             "of_generation_finish_reason": (i32, [p]),
@@ -261,6 +273,45 @@ class NativeLlm:
         """Generate from token ids as ``config`` says; ``on_token(token_id, text)`` is called per
         token with the visible text it adds. An exception raised by ``on_token`` cancels the
         request and is raised here once its slot is free."""
+        prompt = (ctypes.c_int32 * len(ids))(*ids)
+        return self._call(
+            lambda opts, out: self.lib.of_llm_generate(self._llm, prompt, len(ids), opts, out),
+            config,
+            on_token,
+            slot_wait_s,
+        )
+
+    def generate_rows(
+        self,
+        rows: np.ndarray,
+        history: Sequence[int],
+        config: GenerationConfig,
+        on_token: Callable[[int, str], None] | None = None,
+        slot_wait_s: float = 0.0,
+    ) -> NativeResult:
+        """As ``generate``, from (T, hidden_size) float32 prompt rows (token embeddings with media
+        rows spliced in); ``history``: the prompt's token ids the repetition penalty counts."""
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        if rows.ndim != 2:
+            raise InputError(f"prompt rows must be a (T, H) array, got shape {rows.shape}")
+        ptr = rows.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        hist = (ctypes.c_int32 * max(1, len(history)))(*history)
+        return self._call(
+            lambda opts, out: self.lib.of_llm_generate_embeddings(
+                self._llm, ptr, len(rows), hist, len(history), opts, out
+            ),
+            config,
+            on_token,
+            slot_wait_s,
+        )
+
+    def _call(
+        self,
+        run: Callable[[object, object], int],
+        config: GenerationConfig,
+        on_token: Callable[[int, str], None] | None,
+        slot_wait_s: float,
+    ) -> NativeResult:
         lib = self.lib
         opts = _GenerateOptions()
         lib.of_generate_options_init(ctypes.byref(opts))
@@ -295,9 +346,8 @@ class NativeLlm:
             cb = _TOKEN_CB(call)
             keep.append(cb)
             opts.on_token = cb
-        prompt = (ctypes.c_int32 * len(ids))(*ids)
         out = ctypes.c_void_p()
-        status = lib.of_llm_generate(self._llm, prompt, len(ids), ctypes.byref(opts), ctypes.byref(out))
+        status = run(ctypes.byref(opts), ctypes.byref(out))
         if status != 0:
             message = lib.of_llm_last_error(self._llm).decode(errors="replace")
             raise _ERRORS.get(status, EngineError)(message)

@@ -17,8 +17,8 @@ The model (``docs/plan.md`` has its assumptions and the figures it was checked a
 - the process pays ``RUNTIME_OVERHEAD`` once (the verified build, ONNX Runtime's environment);
   where the native core decodes (``LlmRuntime``'s ``auto`` backend finds libomniforge), it also
   pays ``NATIVE_OVERHEAD`` and the native core's LLM session with its arena, opened at start; the
-  Python loop's LLM session then opens only for requests the native core does not run (media in,
-  teacher-forced signal tokens, adapters), so a plan of ``text`` requests alone leaves it out.
+  Python loop's LLM session then opens only for requests the native core does not run
+  (teacher-forced signal tokens, adapters), so a plan without media out leaves it out.
 
 A request's peak is the fixed part plus every resident stage and every stage the request uses
 (resident stages count whether or not this request uses them: a service has run them before),
@@ -328,8 +328,9 @@ def plan_memory(
     tie), while every request's peak still fits; the rest are opened per request. A budget that
     not even the LLM alone fits is one ``ConfigError`` naming the smallest budget that would.
     ``python_loop``: whether the Python loop's LLM session opens beside the native core's (None:
-    unless every request is ``text``, which runs natively on the base model; a request with a LoRA
-    adapter takes the Python loop too, so pass True for one)."""
+    when a request makes media, whose missing signal tokens are teacher-forced in Python; text and
+    media-in requests run natively on the base model, but one with a LoRA adapter takes the Python
+    loop too, so pass True for one)."""
     if "llm" not in manifest.stages or "token_embedding" not in manifest.stages:
         raise ConfigError("this build has no LLM stage to plan around")
     wanted = _requests(manifest, requests)
@@ -338,9 +339,10 @@ def plan_memory(
     stages = {s: stage_memory(manifest, s, num_slots) for s in (*ALWAYS, *used)}
     kv = kv_pool_bytes(manifest, num_slots, max_context)
     if python_loop is None:
-        python_loop = not native or any(r != "text" for r in wanted)
+        python_loop = not native or any(r.startswith("text-to-") for r in wanted)
     python_llm = python_loop or not native
-    runtime = RUNTIME_OVERHEAD if python_llm else RUNTIME_OVERHEAD - ORT_ENV_OVERHEAD
+    python_sessions = python_llm or any(set(needs[r]) - set(ALWAYS) for r in wanted)  # encoders, decoders
+    runtime = RUNTIME_OVERHEAD if python_sessions else RUNTIME_OVERHEAD - ORT_ENV_OVERHEAD
     fixed = runtime + kv + sum(stages[s].total for s in ALWAYS if s != "llm" or python_llm)
     if native:
         fixed += NATIVE_OVERHEAD + stages["llm"].total
