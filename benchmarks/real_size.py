@@ -451,6 +451,7 @@ def runner_omniforge(path: str, threads: int, prompt: int, new: int):
         assert r.new_tokens == new
         return r.ttft_s, time.perf_counter() - t0
 
+    once.info = {"backend": rt.backend}  # the decode loop LlmRuntime's auto rule chose
     return once
 
 
@@ -517,7 +518,9 @@ class Worker:
         cmd += ["--prompt", str(args.prompt), "--new", str(args.new)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
-        if self.proc.stdout.readline().strip() != "ready":
+        first = self.proc.stdout.readline().strip()
+        self.info = json.loads(first[len("ready") :] or "{}") if first.startswith("ready") else {}
+        if not first.startswith("ready"):
             code = self.proc.wait()
             why = {-4: " (illegal instruction: a build for another CPU)", -9: " (killed: out of memory?)"}
             raise RuntimeError(f"the {kind} worker exited with {code}{why.get(code, '')}")
@@ -538,7 +541,7 @@ class Worker:
 
 def worker_main(args: argparse.Namespace) -> None:
     fn = RUNNERS[args.worker](args.worker_path, args.threads, args.prompt, args.new)
-    print("ready", flush=True)
+    print("ready", json.dumps(getattr(fn, "info", {})), flush=True)
     for line in sys.stdin:
         if line.strip() != "run":
             break
@@ -548,6 +551,7 @@ def worker_main(args: argparse.Namespace) -> None:
 def decode(paths: dict[str, str], args: argparse.Namespace) -> dict:
     samples: dict[str, list[tuple[float, float]]] = {k: [] for k in paths}
     rss: dict[str, int] = {}
+    info: dict[str, dict] = {}  # what a worker reports of itself (omniforge: its decode loop)
     failed: dict[str, str] = {}
 
     def start(kind: str, path: str) -> Worker | None:
@@ -565,6 +569,7 @@ def decode(paths: dict[str, str], args: argparse.Namespace) -> dict:
                 continue
             for _ in range(args.runs):
                 samples[kind].append(w.run())
+            info[kind] = w.info
             rss[kind] = w.close()
     else:
         started = {k: start(k, p) for k, p in paths.items()}
@@ -575,6 +580,7 @@ def decode(paths: dict[str, str], args: argparse.Namespace) -> dict:
                 time.sleep(0.5)
                 w.run()  # warm again after the others ran
                 samples[kind].append(w.run())
+        info.update({k: w.info for k, w in workers.items()})
         rss = {k: w.close() for k, w in workers.items()}
     out: dict[str, dict] = {k: {"failed": why} for k, why in failed.items()}
     for kind, s in samples.items():
@@ -585,6 +591,7 @@ def decode(paths: dict[str, str], args: argparse.Namespace) -> dict:
             "decode_tok_s": median(dec),
             "spread": spread([b - a for a, b in s]),
             "worker_peak_rss_bytes": rss[kind],
+            **info.get(kind, {}),
         }
     return out
 
@@ -748,6 +755,9 @@ def main() -> None:
             f"{r.get('spread', float('nan')):.0%} | {r.get('worker_peak_rss_bytes', 0) / GIB:.2f} |"
         )
     lines.append("")
+    for k, b in builds.items():
+        if b.get("note"):
+            lines.append(f"- {NAMES[k]} build: {b['note']}.")
     if bound:
         lines.append(
             f"- INT4 bandwidth bound: omniforge's {o['llm_weight_bytes'] / GIB:.2f} GiB of INT4 weights read per token "
@@ -762,7 +772,8 @@ def main() -> None:
             if "fraction_of_int4_bound" in r
             else ""
         )
-        lines.append(f"- {NAMES[k]}: {r['decode_tok_s']:.2f} tok/s, {frac}{extra}.")
+        loop = f" ({r['backend']} decode loop)" if "backend" in r else ""
+        lines.append(f"- {NAMES[k]}{loop}: {r['decode_tok_s']:.2f} tok/s, {frac}{extra}.")
     if "stream_report" in o:
         s = o["stream_report"]
         lines.append(
