@@ -17,7 +17,7 @@ from _common import machine, write_results  # noqa: E402
 
 from omniforge.bench.peak import measure_requests  # noqa: E402
 from omniforge.pipeline.manifest import load_manifest  # noqa: E402
-from omniforge.runtime.plan import MiB, plan_memory, servable, served_bytes  # noqa: E402
+from omniforge.runtime.plan import MiB, plan_memory, servable  # noqa: E402
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     rows = []
     for build in args.builds:
         manifest = load_manifest(build)
-        llm_bytes = served_bytes(manifest, "llm")
+        llm_bytes = manifest.served_bytes("llm")
         for request in args.request or servable(manifest):
             for backend in args.backend or ["python"]:
                 got = measure_requests(

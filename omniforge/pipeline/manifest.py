@@ -198,6 +198,11 @@ class Manifest:
             raise StageError(f"this build has no stage '{name}' (it has: {', '.join(self.stages)})")
         return self.stages[name]
 
+    def served_bytes(self, name: str) -> int:
+        """The bytes of the graph the runtime serves for stage ``name``, external data included."""
+        v = self.stage_build(name).runtime_variant()
+        return sum(self.artifacts[p].size for p in (v.file, *v.data_files))
+
     def variant(self, name: str, role: Role) -> Variant:
         """The stage's variant of ``role``; ``StageError`` when it has none."""
         return self.stage_build(name).require(role, name)

@@ -373,10 +373,7 @@ class LlmRuntime:
         """Whether the native core's own LLM session (beside this runtime's, ~1.4x the graph for
         MatMulNBits) would take at most half the memory available now: ``auto`` stays on the
         Python loop otherwise, so a model near the machine's size is not held twice."""
-        m = self.build.manifest
-        v = m.stage_build("llm").runtime_variant()
-        size = sum(m.artifacts[p].size for p in (v.file, *v.data_files))
-        return 1.4 * size <= available_memory() / 2
+        return 1.4 * self.build.manifest.served_bytes("llm") <= available_memory() / 2
 
     def engine_key(self, adapter: str | None) -> str:
         """Which engine runs a sequence with ``adapter``: its merged variant's (the adapter's

@@ -183,12 +183,6 @@ class MemoryPlan:
         }
 
 
-def served_bytes(manifest: Manifest, stage: str) -> int:
-    """The bytes of the graph the runtime serves for ``stage``, external data included."""
-    v = manifest.stage_build(stage).runtime_variant()
-    return sum(manifest.artifacts[p].size for p in (v.file, *v.data_files))
-
-
 def _io_bytes(manifest: Manifest, stage: str, num_slots: int) -> int:
     """Bytes of the stage's inputs and outputs at the sizes the runtime runs it."""
     spec = manifest.pipeline.stage(stage)
@@ -239,7 +233,7 @@ def _itemsize(dtype: str) -> int:
 
 def stage_memory(manifest: Manifest, stage: str, num_slots: int = 1) -> StageMemory:
     """The modelled memory of one stage's session and arena."""
-    w = served_bytes(manifest, stage)
+    w = manifest.served_bytes(stage)
     if stage == "token_embedding":  # read into a numpy table by the LLM runtime, no session
         return StageMemory(stage, w, w, 0, 2 * w)
     sb = manifest.stage_build(stage)
