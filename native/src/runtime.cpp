@@ -199,6 +199,26 @@ std::unique_ptr<BuildImpl> open_build(const std::string& folder, const of_build_
 
 // ---- the LLM --------------------------------------------------------------------------------
 
+// A zero-filled float buffer whose pages cost memory only once written, as numpy.zeros: calloc
+// maps fresh zero pages for large sizes, where a value-initialised vector writes every page. A KV
+// pool then grows in memory as its slots fill, not all at once when the LLM opens.
+class ZeroBuffer {
+  public:
+    explicit ZeroBuffer(size_t n) : p_(static_cast<float*>(std::calloc(n ? n : 1, sizeof(float)))) {
+        if (!p_) throw std::bad_alloc();
+    }
+    ~ZeroBuffer() { std::free(p_); }
+    ZeroBuffer(ZeroBuffer&& o) noexcept : p_(o.p_) { o.p_ = nullptr; }
+    ZeroBuffer(const ZeroBuffer&) = delete;
+    ZeroBuffer& operator=(const ZeroBuffer&) = delete;
+    ZeroBuffer& operator=(ZeroBuffer&&) = delete;
+    float* data() { return p_; }
+    const float* data() const { return p_; }
+
+  private:
+    float* p_;
+};
+
 struct LlmImpl {
     std::shared_ptr<BuildImpl> build;  // keeps the build (and ORT) alive while the LLM is open
     LlmGeometry g;
@@ -206,7 +226,7 @@ struct LlmImpl {
     Ort::Session session{nullptr};
     Contract contract;
     std::string embeds, seqlens, total, logits, hidden;
-    std::vector<std::vector<float>> kv;  // per in-place pair (layer-major, key then value): (slots, kvh, C, hd)
+    std::vector<ZeroBuffer> kv;  // per in-place pair (layer-major, key then value): (slots, kvh, C, hd)
     std::vector<int64_t> lengths;       // valid tokens per slot
     std::vector<bool> busy;             // a request runs in the slot, or the prefix cache holds it
     std::mutex slots_lock;  // guards busy, the prefix cache, and lengths at the start and end of a request
@@ -327,7 +347,8 @@ LlmImpl* open_llm(std::shared_ptr<BuildImpl> build, int32_t num_slots, int32_t m
     check_graph_io(llm->session, c, "the in-place LLM contract", v.file);
 
     const size_t per = size_t(num_slots) * g.num_kv_heads * llm->max_context * g.head_dim;
-    llm->kv.assign(c.inplace.size(), std::vector<float>(per, 0.0f));
+    llm->kv.reserve(c.inplace.size());
+    for (size_t i = 0; i < c.inplace.size(); ++i) llm->kv.emplace_back(per);
     llm->lengths.assign(num_slots, 0);
     llm->busy.assign(num_slots, false);
 
