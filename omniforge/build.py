@@ -746,7 +746,8 @@ def summary_rows(build: Path, m: Manifest) -> list[dict]:
         quant = {r["stage"]: r for r in json.loads((build / "quantize.json").read_text())}
     rows = []
     for name, sb in m.stages.items():
-        engine = (sb.variant(Role.TENSORRT) or sb.runtime_variant()).file
+        v = sb.variant(Role.TENSORRT) or sb.runtime_variant()
+        engine = v.file
         acc = quant.get(name, {}).get("metrics") or {}
         accuracy = (
             ", ".join(f"{k} {v:.4g}" for k, v in acc.items())
@@ -757,7 +758,7 @@ def summary_rows(build: Path, m: Manifest) -> list[dict]:
             {
                 "stage": name,
                 "precision": sb.precision,
-                "size_kib": round((build / engine).stat().st_size / 1024),
+                "size_kib": round(sum((build / f).stat().st_size for f in (v.file, *v.data_files)) / 1024),
                 "accuracy": accuracy,
                 "engine": engine,
             }

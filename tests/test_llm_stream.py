@@ -318,6 +318,11 @@ def test_build_streams_llm_only_folders_and_reports_peak_rss(bf16_llama, tmp_pat
     assert any(line.startswith("streamed LLM build:") and "peak RSS" in line for line in logs)
     assert m.source["llm_stream"]["peak_rss_bytes"] > 0 and m.source["precision"] == "int4"
     assert [r["precision"] for r in rows] == ["int8", "int4"]
+    for r in rows:  # the summary's sizes count the external data the graphs serve
+        v = m.stage_build(r["stage"]).runtime_variant()
+        assert r["size_kib"] == round(m.served_bytes(r["stage"]) / 1024) and (
+            r["stage"] != "llm" or v.data_files
+        )
     assert LlmRuntime(tmp_path / "b", num_slots=1).generate(PROMPTS[0]).new_tokens > 0
     logs.clear()
     build(bf16_llama, tmp_path / "b2", opts, log=logs.append)  # the streamed entry is cached
