@@ -370,9 +370,10 @@ class LlmRuntime:
             return None  # auto: a build the library refuses runs on the Python loop
 
     def _room_for_native(self) -> bool:
-        """Whether the native core's own LLM session (beside this runtime's, ~1.4x the graph for
-        MatMulNBits) would take at most half the memory available now: ``auto`` stays on the
-        Python loop otherwise, so a model near the machine's size is not held twice."""
+        """Whether the native core's own LLM session (~1.4x the graph for MatMulNBits) would take at
+        most half the memory available now: ``auto`` stays on the Python loop otherwise, so a model
+        near the machine's size is not held twice once a request needs the Python loop's session
+        (adapters, batches, teacher-forced signal tokens)."""
         return 1.4 * self.build.manifest.served_bytes("llm") <= available_memory() / 2
 
     def engine_key(self, adapter: str | None) -> str:
