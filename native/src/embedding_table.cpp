@@ -81,31 +81,31 @@ bool read_tensor(Reader r, std::string& name, Tensor& t) {
     return r.ok;
 }
 
-// The tensor's values as floats (FP32 or INT8 tensors with `count` elements); false otherwise.
+// The tensor's values (FP32 into floats, INT8 into int8 codes, `count` elements); false otherwise.
 bool values(const Tensor& t, size_t count, std::vector<float>& out) {
-    if (t.external) return false;
+    if (t.external || t.type != kFloat) return false;
     out.resize(count);
-    if (t.type == kFloat) {
-        if (t.has_raw) {
-            if (size_t(t.raw.end - t.raw.p) != count * 4) return false;
-            if (count) std::memcpy(out.data(), t.raw.p, count * 4);  // little-endian, as ONNX stores it
-        } else {
-            if (t.floats.size() != count) return false;
-            out = t.floats;
-        }
-        return true;
+    if (t.has_raw) {
+        if (size_t(t.raw.end - t.raw.p) != count * 4) return false;
+        if (count) std::memcpy(out.data(), t.raw.p, count * 4);  // little-endian, as ONNX stores it
+    } else {
+        if (t.floats.size() != count) return false;
+        out = t.floats;
     }
-    if (t.type == kInt8) {
-        if (t.has_raw) {
-            if (size_t(t.raw.end - t.raw.p) != count) return false;
-            for (size_t i = 0; i < count; ++i) out[i] = float(static_cast<int8_t>(t.raw.p[i]));
-        } else {
-            if (t.ints.size() != count) return false;
-            for (size_t i = 0; i < count; ++i) out[i] = float(static_cast<int8_t>(t.ints[i]));
-        }
-        return true;
+    return true;
+}
+
+bool values(const Tensor& t, size_t count, std::vector<int8_t>& out) {
+    if (t.external || t.type != kInt8) return false;
+    out.resize(count);
+    if (t.has_raw) {
+        if (size_t(t.raw.end - t.raw.p) != count) return false;
+        if (count) std::memcpy(out.data(), t.raw.p, count);
+    } else {
+        if (t.ints.size() != count) return false;
+        for (size_t i = 0; i < count; ++i) out[i] = static_cast<int8_t>(t.ints[i]);
     }
-    return false;
+    return true;
 }
 
 }  // namespace
@@ -149,6 +149,7 @@ bool read_embedding_table(const std::vector<char>& graph, int64_t vocab, int64_t
         const Tensor& t = inits[nodes[0].inputs[0]];
         if (t.type != kFloat || !shaped(t, {vocab, hidden})) return false;
         table.scale.clear();
+        table.codes.clear();
         return values(t, rows, table.rows);
     }
     if (nodes.size() == 4 && nodes[0].op == "Gather" && nodes[1].op == "Cast" && nodes[2].op == "Gather" &&
@@ -158,7 +159,8 @@ bool read_embedding_table(const std::vector<char>& graph, int64_t vocab, int64_t
         if (q.type != kInt8 || !shaped(q, {vocab, hidden}) || s.type != kFloat ||
             !(shaped(s, {vocab, 1}) || shaped(s, {vocab})))
             return false;
-        return values(q, rows, table.rows) && values(s, size_t(vocab), table.scale);
+        table.rows.clear();
+        return values(q, rows, table.codes) && values(s, size_t(vocab), table.scale);
     }
     return false;
 }

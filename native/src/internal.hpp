@@ -103,8 +103,9 @@ std::string sha256_hex(const void* data, size_t n);
 // The token-embedding table: rows (V, H) as floats (INT8 codes stored as their float values) and,
 // for the INT8 form, one scale per row: a row is rows[id] * scale[id], in float32.
 struct EmbeddingTable {
-    std::vector<float> rows;
-    std::vector<float> scale;  // empty: FP32 table
+    std::vector<float> rows;    // the FP32 table (empty for the INT8 form)
+    std::vector<int8_t> codes;  // the INT8 form's codes, one byte per value as the graph stores them
+    std::vector<float> scale;   // the INT8 form's per-row scale; empty: FP32 table
 };
 // The table of a serialized token-embedding graph of one of the two forms omniforge writes;
 // false for any other form (the caller runs the graph as a session).

@@ -433,13 +433,14 @@ std::vector<float> LlmImpl::embed(const std::vector<int32_t>& ids) {
         const size_t h = size_t(g.hidden_size);
         std::vector<float> rows(size_t(n) * h);
         for (int64_t i = 0; i < n; ++i) {
-            const float* src = table.rows.data() + size_t(ids[i]) * h;
             float* dst = rows.data() + size_t(i) * h;
             if (table.scale.empty()) {
+                const float* src = table.rows.data() + size_t(ids[i]) * h;
                 std::copy(src, src + h, dst);
-            } else {
+            } else {  // as the graph: Cast(int8 -> float) then Mul by the row's scale
+                const int8_t* src = table.codes.data() + size_t(ids[i]) * h;
                 const float s = table.scale[size_t(ids[i])];
-                for (size_t k = 0; k < h; ++k) dst[k] = src[k] * s;
+                for (size_t k = 0; k < h; ++k) dst[k] = float(src[k]) * s;
             }
         }
         return rows;
