@@ -615,11 +615,13 @@ struct SlotLease {
     // one row to run) into this slot; returns its length. Under the lock: the source cannot be
     // evicted meanwhile.
     size_t reuse(const std::vector<float>& rows, size_t n) {
-        const size_t block = size_t(llm.cache_block);
+        const size_t block = cache_block();
         const size_t limit = llm.cache_entries > 0 ? (n - 1) / block : 0;
         if (limit == 0) return 0;
+        // digested outside the lock; a block size changed meanwhile drops the entries, so none match
         const std::vector<std::string> wanted = block_digests(rows, limit * block, block, size_t(llm.g.hidden_size));
         std::lock_guard<std::mutex> lock(llm.slots_lock);
+        if (size_t(llm.cache_block) != block) return 0;
         auto best = llm.cached.end();
         size_t best_n = 0;
         for (auto it = llm.cached.begin(); it != llm.cached.end(); ++it) {
@@ -645,8 +647,8 @@ struct SlotLease {
     // Hands the slot, whose cache holds the `n` rows `fed`, to the prefix cache (when it is on and
     // `fed` has a whole block), evicting the least recently used entry beyond its size.
     void adopt(const std::vector<float>& fed, size_t n) {
-        const size_t block = size_t(llm.cache_block);
-        if (llm.cache_entries == 0 || n < block) return;
+        const size_t block = cache_block();
+        if (llm.cache_entries == 0 || n < block || fed.size() != n * size_t(llm.g.hidden_size)) return;
         std::vector<std::string> blocks = block_digests(fed, n, block, size_t(llm.g.hidden_size));
         {
             std::lock_guard<std::mutex> lock(llm.slots_lock);
@@ -661,6 +663,11 @@ struct SlotLease {
             }
         }
         llm.slot_free.notify_one();
+    }
+
+    size_t cache_block() {
+        std::lock_guard<std::mutex> lock(llm.slots_lock);
+        return size_t(llm.cache_block);
     }
 
     ~SlotLease() {
@@ -743,8 +750,9 @@ GenerateOutput generate_rows(LlmImpl& llm, const std::vector<float>& rows, size_
     out.reused_tokens = lease.reuse(rows, n);
     const std::vector<float> rest(rows.begin() + long(out.reused_tokens * width), rows.end());
     // the rows fed, kept for the prefix cache: the prompt's, then each generated token fed back
+    const bool caching = llm.cache_entries > 0;  // read once: set_prefix_cache may run meanwhile
     std::vector<float> fed;
-    if (llm.cache_entries > 0) fed = rows;
+    if (caching) fed = rows;
     // the hidden states signal tokens hand on, by generated index (as the Python loop records them)
     const bool collect = p.collect_signal_hidden && !llm.signal_ids.empty();
     std::vector<float> predicting;  // the final hidden state of the row fed last
@@ -776,7 +784,7 @@ GenerateOutput generate_rows(LlmImpl& llm, const std::vector<float>& rows, size_
         if (!decode) decode.emplace(llm, lease.slot, logits);
         const std::vector<float> row = llm.embed({token});
         decode->run(row);
-        if (llm.cache_entries > 0) fed.insert(fed.end(), row.begin(), row.end());
+        if (caching) fed.insert(fed.end(), row.begin(), row.end());
         if (collect && llm.signal_predicting) predicting = decode->hidden();
         else if (collect && llm.signal_ids.count(token)) kept[out.tokens.size() - 1] = decode->hidden();
     }
@@ -789,11 +797,11 @@ GenerateOutput generate_rows(LlmImpl& llm, const std::vector<float>& rows, size_
         if (!decode) decode.emplace(llm, lease.slot, logits);
         const std::vector<float> row = llm.embed({out.tokens.back()});
         decode->run(row);
-        if (llm.cache_entries > 0) fed.insert(fed.end(), row.begin(), row.end());
+        if (caching) fed.insert(fed.end(), row.begin(), row.end());
         kept[out.tokens.size() - 1] = decode->hidden();
         fed_generated = out.tokens.size();
     }
-    if (llm.cache_entries > 0) lease.adopt(fed, n + fed_generated);  // the prompt and the tokens fed back
+    if (caching) lease.adopt(fed, n + fed_generated);  // the prompt and the tokens fed back
     for (size_t i = 0; i < out.tokens.size(); ++i)  // as TextTokenizer.signal_events
         if (auto it = llm.signal_ids.find(out.tokens[i]); it != llm.signal_ids.end()) {
             out.signals.push_back({it->second.first, it->second.second, out.tokens[i], i});
