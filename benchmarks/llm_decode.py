@@ -281,16 +281,18 @@ def context_scaling(build: Path, threads: int, long_ctx: int = 2048, steps: int 
 def prefix_reuse(build: Path, threads: int, prefix: int = 512) -> dict:
     """Time to first token of turn 1 vs turn 2 of a conversation over a 512-token media prefix."""
     from omniforge.runtime.engine import SessionConfig
-    from omniforge.runtime.llm import Chat, LlmRuntime
+    from omniforge.runtime.llm import LlmRuntime
     from omniforge.runtime.sampling import GenerationConfig
 
     rt = LlmRuntime(build, num_slots=3, prefix_cache_entries=2, session=SessionConfig(threads=threads))
     h = rt.geometry.hidden_size
     media = np.random.default_rng(2).standard_normal((prefix - 16, h)).astype(np.float32) * 0.02
     system = rt.embed_ids(prompt_ids(16, seed=3))
-    chat = Chat(rt, GenerationConfig(max_new_tokens=8, stop_token_ids=()))
-    t1 = chat.send(np.concatenate([system, media]))
-    t2 = chat.send(prompt_ids(12, seed=4))
+    cfg = GenerationConfig(max_new_tokens=8, stop_token_ids=())
+    turn1 = np.concatenate([system, media])  # a conversation's rows: turn 1, its reply, turn 2
+    t1 = rt.generate_rows([turn1], [[]], cfg, adapters=[None])[0]
+    turn2 = np.concatenate([turn1, rt.embed_ids(t1.token_ids), rt.embed_ids(prompt_ids(12, seed=4))])
+    t2 = rt.generate_rows([turn2], [[]], cfg, adapters=[None])[0]
     return {
         "prefix_tokens": prefix,
         "turn1_ttft_ms": t1.ttft_s * 1000,
