@@ -12,7 +12,8 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,17 @@ os.environ.setdefault("OMNIFORGE_LLM_BACKEND", "python")
 QUIET_ENV = ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE", "TRANSFORMERS_VERBOSITY")
 
 
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path``, across processes (pytest-xdist workers, parallel runs)."""
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def shared(
     tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], dict]
 ) -> tuple[Path, dict]:
@@ -37,16 +49,12 @@ def shared(
     if os.environ.get("PYTEST_XDIST_WORKER"):
         base = base.parent  # the controller's folder, above each worker's own
     folder, done = base / name, base / f"{name}.json"
-    with open(base / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if not done.exists():
-                shutil.rmtree(folder, ignore_errors=True)
-                folder.mkdir()
-                done.write_text(json.dumps(make(folder)))
-            return folder, json.loads(done.read_text())
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with locked(base / f"{name}.lock"):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            done.write_text(json.dumps(make(folder)))
+        return folder, json.loads(done.read_text())
 
 
 @pytest.fixture(scope="session")

@@ -9,15 +9,15 @@ fetched once into the same cache.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import shutil
 import subprocess
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import locked as _locked  # parallel test processes share the cached build
 
 # the native core runs the base LLM: switchable LoRA adapters are bound by the Python runtime only
 BASE = "none"
@@ -40,17 +40,6 @@ def _sources_key(kind: str) -> str:
     for p in files:
         h.update(str(p.relative_to(ROOT)).encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()[:16]
-
-
-@contextmanager
-def _locked(path: Path):
-    """An exclusive lock on ``path`` (parallel test processes share the cached build)."""
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:

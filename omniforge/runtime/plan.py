@@ -333,8 +333,8 @@ def plan_memory(
     stages = {s: stage_memory(manifest, s, num_slots) for s in (*ALWAYS, *used)}
     kv = kv_pool_bytes(manifest, num_slots, max_context)
     if python_loop is None:
-        python_loop = not native or any(r.startswith("text-to-") for r in wanted)
-    python_llm = python_loop or not native
+        python_loop = any(r.startswith("text-to-") for r in wanted)
+    python_llm = not native or python_loop
     python_sessions = python_llm or any(set(needs[r]) - set(ALWAYS) for r in wanted)  # encoders, decoders
     runtime = RUNTIME_OVERHEAD if python_sessions else RUNTIME_OVERHEAD - ORT_ENV_OVERHEAD
     fixed = runtime + kv + sum(stages[s].total for s in ALWAYS if s != "llm" or python_llm)
