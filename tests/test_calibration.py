@@ -100,6 +100,50 @@ def test_calibration_methods_choose_different_ranges(captured, default_build, tm
         assert all(ranges[method][k] <= ranges["minmax"][k] + 1e-5 for k in keys), method
 
 
+def test_static_calibration_takes_only_the_quantized_layers_tensors(captured, default_build, tmp_path):
+    """The image UNet's attention score MatMuls (two activations) stay FP32, so their tensors are
+    not calibrated; the QDQ graph is the one ONNX Runtime's own calibration of every MatMul gives."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    from omniforge.calibration.fallback import _Quantizer, _Reader, weight_layers
+
+    src = default_build / load_manifest(default_build).stages["image_unet"].file
+    cal, _ = calib.load(captured, "image_unet")
+    ops = ("Conv", "MatMul", "Gemm")
+    ours = _Quantizer(src, Int8Config(mode="static", op_types=ops), cal, tmp_path)
+    ours(tmp_path / "ours.onnx")
+    layers = weight_layers(src, ops)
+    model = onnx.load(str(src))
+    scores = [n for n in model.graph.node if n.op_type == "MatMul" and n.name not in layers]
+    assert scores  # the graph has activation-by-activation MatMuls
+    calibrated = set(load_tensors_data(tmp_path / "ranges.json").data)
+    assert calibrated and not calibrated & {t for n in scores for t in n.output}
+    quantize_static(
+        str(src),
+        str(tmp_path / "theirs.onnx"),
+        _Reader(cal),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=list(ops),
+        nodes_to_quantize=layers,
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
+    )
+
+    def qdq(path):
+        q = onnx.load(str(path))
+        inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+        return {n.input[0]: inits[n.input[1]] for n in q.graph.node if n.op_type == "QuantizeLinear"}
+
+    a, b = qdq(tmp_path / "ours.onnx"), qdq(tmp_path / "theirs.onnx")
+    assert a.keys() == b.keys() and a
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-6, err_msg=name)
+
+
 def _ln_linear_graph(outlier: float) -> tuple[onnx.ModelProto, list[dict]]:
     """x -> LayerNorm(gamma with an outlier channel) -> MatMul, and x -> Add (a residual reader)."""
     rng = np.random.default_rng(0)

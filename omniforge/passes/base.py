@@ -39,6 +39,34 @@ def new_const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
+LARGE_TENSOR_BYTES = 1 << 20  # initializers whose bytes shape inference never reads
+
+
+def infer_shapes(model: onnx.ModelProto, lift: bool | None = None) -> onnx.ModelProto:
+    """``onnx.shape_inference.infer_shapes``, also for a model above protobuf's 2 GB: inference
+    serialises the model, so the large initializers' bytes (which it types by their dims and never
+    reads) are lifted out for the call and put back in both models. ``lift``: whatever the size."""
+    if not (model.ByteSize() >= onnx.checker.MAXIMUM_PROTOBUF if lift is None else lift):
+        return onnx.shape_inference.infer_shapes(model)
+    lifted = {}
+    for t in model.graph.initializer:
+        if t.HasField("raw_data") and len(t.raw_data) > LARGE_TENSOR_BYTES:
+            lifted[t.name] = t.raw_data
+            t.ClearField("raw_data")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    finally:
+        _put_back(model, lifted)
+    _put_back(inferred, lifted)
+    return inferred
+
+
+def _put_back(model: onnx.ModelProto, raw: dict[str, bytes]) -> None:
+    for t in model.graph.initializer:
+        if t.name in raw:
+            t.raw_data = raw[t.name]
+
+
 def run_onnx(model: onnx.ModelProto | ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
     from omniforge.runtime.engine import open_session

@@ -23,6 +23,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from omniforge.errors import ExportError
+from omniforge.passes.base import infer_shapes
 
 # blocked wherever they are; the elementwise operators of a decomposed norm (Pow, Sqrt, Reciprocal,
 # Div, ...) are blocked as part of the norm (``norm_groups``), not alone: one of them alone in FP32
@@ -85,7 +86,7 @@ def to_fp16_keep_norms(model: onnx.ModelProto) -> onnx.ModelProto:
     # its INFO line lists every initializer shared by FP32 and FP16 nodes (the norms' weights, which
     # this pass keeps FP32 on purpose): thousands of lines when a caller's logging is at INFO
     logging.getLogger("onnxruntime.transformers.float16").setLevel(logging.WARNING)
-    inferred = onnx.shape_inference.infer_shapes(model)  # the converter places Casts by value types
+    inferred = infer_shapes(model)  # the converter places Casts by value types
     _constants_as_tensors(inferred.graph)
     _name_nodes(inferred.graph)  # the converter blocks nodes by name
     blocked = set(_beyond_fp16_nodes(inferred.graph))
@@ -93,13 +94,17 @@ def to_fp16_keep_norms(model: onnx.ModelProto) -> onnx.ModelProto:
     blocked |= {n.name for n in inferred.graph.node if n.op_type in FP32_OPS}
     blocked |= _constants_read_only_by(inferred.graph, blocked)
     converted = convert_float_to_float16(
-        inferred, keep_io_types=True, op_block_list=FP32_OPS, node_block_list=sorted(blocked)
+        inferred,
+        keep_io_types=True,
+        op_block_list=FP32_OPS,
+        node_block_list=sorted(blocked),
+        disable_shape_infer=True,  # inferred above, also beyond 2 GB
     )
     del converted.graph.value_info[:]
     _sort(converted.graph)  # shape inference types a node's inputs only when they come first
-    types = _element_types(onnx.shape_inference.infer_shapes(converted))
+    types = _element_types(infer_shapes(converted))
     drop_cast_round_trips(converted.graph, lambda name: types.get(name) == TensorProto.FLOAT)
-    return onnx.shape_inference.infer_shapes(converted)
+    return infer_shapes(converted)
 
 
 def _normalisations(model: onnx.ModelProto) -> set[str]:

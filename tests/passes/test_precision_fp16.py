@@ -270,3 +270,29 @@ def test_a_lone_pow_stays_fp16():
     assert [n.op_type for n in half.graph.node].count("Cast") == 2  # the graph's input and output only
     f = feeds(m)
     np.testing.assert_allclose(run(half, f), run(m, f), rtol=1e-2, atol=1e-2)
+
+
+def test_shape_inference_with_the_large_weights_lifted_out():
+    """``infer_shapes`` of a model above 2 GB types its values without its large weights' bytes:
+    the same value types and shapes as onnx's own inference, and the weights back in both models."""
+    from omniforge.passes.base import LARGE_TENSOR_BYTES, infer_shapes
+
+    big = w(1024, 512)
+    assert big.nbytes > LARGE_TENSOR_BYTES
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h"]),
+        helper.make_node("Reshape", ["h", "shape"], ["r"]),
+        helper.make_node("MatMul", ["r", "W2"], ["y"]),
+    ]
+    m = model(
+        nodes, [("x", [4, 1024])], ["y"], {"W": big, "shape": np.array([8, 256], np.int64), "W2": w(256, 3)}
+    )
+    ours, theirs = infer_shapes(m, lift=True), onnx.shape_inference.infer_shapes(m)
+    assert [v.SerializeToString() for v in ours.graph.value_info] == [
+        v.SerializeToString() for v in theirs.graph.value_info
+    ]
+    assert {v.name for v in ours.graph.value_info} >= {"h", "r"}
+    for g in (m, ours):
+        weights = {t.name: numpy_helper.to_array(t) for t in g.graph.initializer}
+        np.testing.assert_array_equal(weights["W"], big)
+    np.testing.assert_array_equal(run(ours, feeds(ours)), run(m, feeds(m)))
