@@ -33,7 +33,7 @@ extern "C" {
 #endif
 
 #define OMNIFORGE_VERSION_MAJOR 0
-#define OMNIFORGE_VERSION_MINOR 2
+#define OMNIFORGE_VERSION_MINOR 3
 
 typedef enum of_status {
     OF_OK = 0,
@@ -192,6 +192,32 @@ OF_API of_status of_llm_generate_embeddings(of_llm* llm, const float* rows, size
                                             size_t n_history, const of_generate_options* options,
                                             of_generation** result);
 
+/* The token embeddings of n ids (what the LLM is fed for them, as the build's token_embedding
+   stage computes them): n x hidden_size floats written to rows, n_floats must be exactly that.
+   With of_encoder_run's rows spliced in, they make of_llm_generate_embeddings' prompt. Ids outside
+   the vocabulary are OF_ERR_INPUT. */
+OF_API of_status of_llm_embed_tokens(of_llm* llm, const int32_t* ids, size_t n, float* rows, size_t n_floats);
+
+/* One medium's projected rows for a prompt: n_rows x hidden_size floats (of_encoder_run's). */
+typedef struct of_media_rows {
+    const char* modality; /* "image", "video" or "audio" */
+    const float* rows;
+    size_t n_rows;
+} of_media_rows;
+
+/* A text prompt (prompt_len bytes of UTF-8) with media, laid out as the Python runtime's
+   Pipeline.run lays it out, then generated as of_llm_generate_embeddings: by the build's
+   conversation protocol when it has one (NExT-GPT's: "### Human:" and BOS per text segment, each
+   medium's rows wrapped in <Img> ... </Img> in the order given, then the prompt and
+   "### Assistant:"; the protocol's stop strings when options give none), else the rows spliced in
+   at the prompt's placeholders ("<image>", ...: the build's), items of one modality in order, with
+   a placeholder put in front of the text for a modality it lacks. n_media may be 0 (text alone,
+   laid out the same way). A modality the build takes no placeholder for, more items than
+   placeholders, NaN rows or a prompt with its media beyond the context are refused as the Python
+   runtime refuses them. */
+OF_API of_status of_llm_generate_media(of_llm* llm, const char* prompt, size_t prompt_len, const of_media_rows* media,
+                                       size_t n_media, const of_generate_options* options, of_generation** result);
+
 OF_API const int32_t* of_generation_tokens(const of_generation* g, size_t* n); /* generated ids */
 /* The visible text, NUL-terminated UTF-8 (special, stop, signal and placeholder tokens left out;
    cut before a stop string); "" when the build has no tokenizer. len may be NULL. */
@@ -255,6 +281,40 @@ OF_API of_status of_tokenizer_decode(of_tokenizer* tokenizer, const int32_t* ids
 OF_API of_status of_tokenizer_token_to_id(of_tokenizer* tokenizer, const char* token, int32_t* id);
 OF_API size_t of_tokenizer_vocab_size(const of_tokenizer* tokenizer); /* with the added tokens */
 
+/* ---- media in: the encoders and input projectors --------------------------------------------- */
+
+typedef struct of_encoder of_encoder; /* one modality's encoder and its input projector */
+
+/* The encoder of "image", "video" (the image encoder, over a video's frames or clips) or "audio":
+   stage image_encoder or audio_encoder, and the input projector its embeddings go through
+   ({image|audio}_input_projector when the build has one, else input_projector), each the stage's
+   served variant. The front ends stay with the caller: the encoder takes what the Python runtime's
+   front end makes of a medium (resized, normalised pixels; ImageBind's 2-frame clips or fbank
+   clips; log-mel features), in the shape of_encoder_input_shape gives. A build without the stage is
+   OF_ERR_UNSUPPORTED. Errors go to the build's handle; the two handles may be closed in either
+   order. */
+OF_API of_status of_encoder_open(of_build* build, const char* modality, of_encoder** encoder);
+OF_API void of_encoder_close(of_encoder* encoder);                    /* NULL is ignored */
+OF_API const char* of_encoder_last_error(const of_encoder* encoder);  /* "" when none; never NULL */
+/* The encoder input's name: "pixel_values", "fbank", "input_features" or "log_mel"; "" for NULL. */
+OF_API const char* of_encoder_input_name(const of_encoder* encoder);
+/* The shape of one item of the encoder's input (batch 1), e.g. 1 3 224 224 for CLIP's pixels,
+   1 3 2 224 224 for ImageBind's image clip, 1 1 128 204 for its fbank. Size query as
+   of_decoder_latent_shape. */
+OF_API of_status of_encoder_input_shape(of_encoder* encoder, int64_t* shape, size_t capacity, size_t* rank);
+/* The LLM rows one medium becomes: *n_rows rows (1 for a pooled embedding such as CLIP's or
+   ImageBind's, the encoder's tokens for BLIP-2 or Whisper) of *width floats (the LLM's hidden
+   size). */
+OF_API of_status of_encoder_rows(of_encoder* encoder, size_t* n_rows, size_t* width);
+/* The LLM rows of one medium, as the Python runtime's encode_image / encode_video / encode_audio:
+   the encoder on `batch` items (n_input = batch x the item's size: one image; a video's frames or
+   ImageBind's clips; an audio's fbank clips), its embeddings averaged over the batch, then the input
+   projector. rows receives n_rows x width floats (n_floats must be exactly that), to splice into a
+   prompt at the medium's placeholder for of_llm_generate_embeddings. NaN or Inf input, or a size
+   that does not match, is OF_ERR_INPUT. Calls on one encoder may come from any number of threads. */
+OF_API of_status of_encoder_run(of_encoder* encoder, const float* input, size_t n_input, int64_t batch, float* rows,
+                                size_t n_floats);
+
 /* ---- the diffusion decoders ------------------------------------------------------------------ */
 
 typedef struct of_decoder of_decoder; /* one modality's UNet, VAE decoder (and vocoder) and scheduler */
@@ -309,6 +369,19 @@ OF_API of_status of_decoder_run(of_decoder* decoder, const float* cond, size_t n
                                 const float* initial_latents, size_t n_latents, const of_decoder_options* options,
                                 of_media** result);
 
+/* The decoder's conditioning from the hidden states its modality's signal tokens handed on
+   (n_hidden floats: the tokens' of_generation_signal_hidden rows in order, n_signal x hidden as
+   of_decoder_conditioning_input says), through its output projector ({modality}_output_projector),
+   as the Python runtime's Pipeline.conditioning. A projector that also reads the signal tokens'
+   input embeddings (NExT-GPT's) takes them from llm, which may be NULL otherwise. cond receives
+   n_cond floats (the conditioning shape's size), ready for of_decoder_run. A build without the
+   projector is OF_ERR_UNSUPPORTED. */
+OF_API of_status of_decoder_conditioning(of_decoder* decoder, of_llm* llm, const float* hidden, size_t n_hidden, float* cond,
+                                         size_t n_cond);
+/* The output projector's input: *n_signal signal tokens' hidden states of *hidden floats each
+   (0 and 0 when the build has no projector for the decoder's modality). */
+OF_API of_status of_decoder_conditioning_input(of_decoder* decoder, size_t* n_signal, size_t* hidden);
+
 /* The medium's float32 values, row-major: an image (height, width, channels) and a video
    (frames, height, width, channels) in [0, 1] (what the Python runtime returns before writing PNG
    or GIF), a waveform (samples,) as the vocoder gives it. */
@@ -327,12 +400,14 @@ inline const char* of_last_error(const of_build* h) { return of_build_last_error
 inline const char* of_last_error(const of_llm* h) { return of_llm_last_error(h); }
 inline const char* of_last_error(const of_tokenizer* h) { return of_tokenizer_last_error(h); }
 inline const char* of_last_error(const of_decoder* h) { return of_decoder_last_error(h); }
+inline const char* of_last_error(const of_encoder* h) { return of_encoder_last_error(h); }
 #elif defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L
 #define of_last_error(h)                                                                       \
     _Generic((h), of_build*: of_build_last_error, const of_build*: of_build_last_error,        \
              of_llm*: of_llm_last_error, const of_llm*: of_llm_last_error,                      \
              of_tokenizer*: of_tokenizer_last_error, const of_tokenizer*: of_tokenizer_last_error,  \
-             of_decoder*: of_decoder_last_error, const of_decoder*: of_decoder_last_error)(h)
+             of_decoder*: of_decoder_last_error, const of_decoder*: of_decoder_last_error,      \
+             of_encoder*: of_encoder_last_error, const of_encoder*: of_encoder_last_error)(h)
 #endif
 
 #endif /* OMNIFORGE_H */

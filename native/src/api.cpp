@@ -7,6 +7,7 @@
 #include <mutex>
 #include <new>
 #include <thread>
+#include <tuple>
 #include <unordered_map>
 
 #include "internal.hpp"
@@ -323,6 +324,48 @@ of_status of_llm_generate_embeddings(of_llm* llm, const float* rows, size_t n_ro
     });
 }
 
+of_status of_llm_generate_media(of_llm* llm, const char* prompt, size_t prompt_len, const of_media_rows* media, size_t n_media,
+                                const of_generate_options* options, of_generation** result) {
+    if (!llm) return OF_ERR_INVALID_ARGUMENT;
+    return guarded(llm->errors.mine(), [&] {
+        using omniforge::fail;
+        if (!result) fail(OF_ERR_INVALID_ARGUMENT, "the result's address is a null pointer");
+        *result = nullptr;
+        if (!prompt && prompt_len) fail(OF_ERR_INVALID_ARGUMENT, "the prompt is a null pointer");
+        if (!media && n_media) fail(OF_ERR_INVALID_ARGUMENT, "media is a null pointer");
+        if (n_media > 1024) fail(OF_ERR_INVALID_ARGUMENT, "at most 1024 media items, got " + std::to_string(n_media));
+        std::vector<omniforge::MediaItem> items;
+        for (size_t i = 0; i < n_media; ++i) {
+            if (!media[i].modality) fail(OF_ERR_INVALID_ARGUMENT, "media item " + std::to_string(i) + "'s modality is a null pointer");
+            items.push_back({media[i].modality, media[i].rows, media[i].n_rows});
+        }
+        omniforge::GenerateParams p = params_of(options);
+        omniforge::PreparedPrompt prepared =
+            omniforge::prepare_prompt(*llm->impl, std::string(prompt ? prompt : "", prompt_len), items);
+        if (p.stop_strings.empty()) p.stop_strings = prepared.stop_strings;  // Pipeline.run: the protocol's
+        auto g = std::make_unique<of_generation>();
+        g->out = omniforge::generate_rows(*llm->impl, prepared.rows, prepared.n, prepared.ids, p);
+        *result = g.release();
+    });
+}
+
+of_status of_llm_embed_tokens(of_llm* llm, const int32_t* ids, size_t n, float* rows, size_t n_floats) {
+    if (!llm) return OF_ERR_INVALID_ARGUMENT;
+    return guarded(llm->errors.mine(), [&] {
+        using omniforge::fail;
+        if (!ids && n) fail(OF_ERR_INVALID_ARGUMENT, "ids is a null pointer");
+        if (!rows && n) fail(OF_ERR_INVALID_ARGUMENT, "rows is a null pointer");
+        int32_t hidden = 0, max_context = 0;
+        omniforge::llm_geometry(*llm->impl, &hidden, &max_context);
+        if (n > (size_t(1) << 24)) fail(OF_ERR_INVALID_ARGUMENT, "n is implausibly large");
+        if (n_floats != n * size_t(hidden))
+            fail(OF_ERR_INVALID_ARGUMENT, "rows must hold " + std::to_string(n * size_t(hidden)) + " floats (" + std::to_string(n) + " x " +
+                                              std::to_string(hidden) + "), got " + std::to_string(n_floats));
+        const std::vector<float> out = omniforge::embed_tokens(*llm->impl, std::vector<int32_t>(ids, ids + n));
+        std::copy(out.begin(), out.end(), rows);
+    });
+}
+
 const int32_t* of_generation_tokens(const of_generation* g, size_t* n) {
     if (n) *n = g ? g->out.tokens.size() : 0;
     return g ? g->out.tokens.data() : nullptr;
@@ -490,6 +533,11 @@ struct of_decoder {
     std::shared_ptr<omniforge::DecoderImpl> impl;
 };
 
+struct of_encoder {
+    Errors errors;
+    std::shared_ptr<omniforge::EncoderImpl> impl;
+};
+
 struct of_media {
     omniforge::MediaOut out;
 };
@@ -580,6 +628,67 @@ of_status of_decoder_run(of_decoder* decoder, const float* cond, size_t n_cond, 
         m->out = omniforge::decode(*decoder->impl, cond, n_cond, uncond, initial_latents, n_latents, p);
         *result = m.release();
     });
+}
+
+of_status of_decoder_conditioning(of_decoder* decoder, of_llm* llm, const float* hidden, size_t n_hidden, float* cond,
+                                  size_t n_cond) {
+    if (!decoder) return OF_ERR_INVALID_ARGUMENT;
+    return guarded(decoder->errors.mine(), [&] {
+        if (llm && !llm->impl) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "this LLM handle failed to open and cannot be used");
+        omniforge::conditioning(*decoder->impl, llm ? llm->impl : nullptr, hidden, n_hidden, cond, n_cond);
+    });
+}
+
+of_status of_decoder_conditioning_input(of_decoder* decoder, size_t* n_signal, size_t* hidden) {
+    if (!decoder) return OF_ERR_INVALID_ARGUMENT;
+    return guarded(decoder->errors.mine(), [&] {
+        if (!n_signal || !hidden) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "n_signal or hidden is a null pointer");
+        std::tie(*n_signal, *hidden) = omniforge::conditioning_input(*decoder->impl);
+    });
+}
+
+// ---- media in ----------------------------------------------------------------------------------
+
+of_status of_encoder_open(of_build* build, const char* modality, of_encoder** encoder) {
+    if (!build) return OF_ERR_INVALID_ARGUMENT;
+    return guarded(build->errors.mine(), [&] {
+        if (!encoder) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "the encoder handle's address is a null pointer");
+        *encoder = nullptr;
+        if (!build->impl) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "this build handle failed to open and cannot be used");
+        if (!modality) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "the modality is a null pointer");
+        auto h = std::make_unique<of_encoder>();
+        h->impl = omniforge::open_encoder(build->impl, modality);
+        *encoder = h.release();
+    });
+}
+
+void of_encoder_close(of_encoder* encoder) { delete encoder; }
+
+const char* of_encoder_last_error(const of_encoder* encoder) {
+    if (!encoder) return "the encoder handle is a null pointer";
+    return encoder->errors.read();
+}
+
+const char* of_encoder_input_name(const of_encoder* encoder) {
+    return encoder && encoder->impl ? omniforge::encoder_input_name(*encoder->impl).c_str() : "";
+}
+
+of_status of_encoder_input_shape(of_encoder* encoder, int64_t* shape, size_t capacity, size_t* rank) {
+    if (!encoder) return OF_ERR_INVALID_ARGUMENT;
+    return guarded(encoder->errors.mine(), [&] { shape_out(omniforge::encoder_input_shape(*encoder->impl), shape, capacity, rank); });
+}
+
+of_status of_encoder_rows(of_encoder* encoder, size_t* n_rows, size_t* width) {
+    if (!encoder) return OF_ERR_INVALID_ARGUMENT;
+    return guarded(encoder->errors.mine(), [&] {
+        if (!n_rows || !width) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "n_rows or width is a null pointer");
+        omniforge::encoder_rows(*encoder->impl, n_rows, width);
+    });
+}
+
+of_status of_encoder_run(of_encoder* encoder, const float* input, size_t n_input, int64_t batch, float* rows, size_t n_floats) {
+    if (!encoder) return OF_ERR_INVALID_ARGUMENT;
+    return guarded(encoder->errors.mine(), [&] { omniforge::encode(*encoder->impl, input, n_input, batch, rows, n_floats); });
 }
 
 const float* of_media_data(const of_media* media, size_t* n) {

@@ -1,19 +1,17 @@
 // The diffusion decoders: one modality's UNet denoised with classifier-free guidance under a C++
 // scheduler, then its VAE decoder (and, for audio, the vocoder), as the Python runtime's
 // Pipeline._denoise / decode_image / decode_video / decode_audio compute them.
-#include <sys/stat.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstring>
-#include <fstream>
 
 #include <nlohmann/json.hpp>
 
 #include "internal.hpp"
-#include "ort_session.hpp"
 #include "schedulers.hpp"
+#include "stage_session.hpp"
 
 namespace omniforge {
 
@@ -26,24 +24,11 @@ constexpr int64_t kMaxVideoFrames = 256;      // media.MAX_VIDEO_FRAMES
 constexpr double kMinVaeScale = 1e-6, kMaxVaeScale = 1e6;
 constexpr int64_t kMinSampleRate = 1000, kMaxSampleRate = 384000;
 constexpr int64_t kMaxUpsample = 1024, kMaxMelBins = 1024;
-constexpr uint64_t kMaxManifestBytes = 64ull << 20;
-
-std::string shape_str(const std::vector<int64_t>& s) {
-    std::string out = "(";
-    for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-    return out + (s.size() == 1 ? ",)" : ")");
-}
 
 std::string number(double x) {
     if (std::isnan(x)) return "nan";
     if (std::isinf(x)) return x > 0 ? "inf" : "-inf";
     return json(x).dump();
-}
-
-size_t product(const std::vector<int64_t>& s) {
-    size_t n = 1;
-    for (int64_t d : s) n *= size_t(d);
-    return n;
 }
 
 // A config file of the build (its manifest's files[role]), verified as read and parsed.
@@ -108,81 +93,6 @@ int32_t vocoder_rate(const json& cfg) {
     if (cfg.contains("upsample_rates")) size_list(cfg, "upsample_rates", what, kMaxUpsample);
     if (cfg.contains("model_in_dim")) config_int(cfg, "model_in_dim", 1, kMaxMelBins, what, json());
     return static_cast<int32_t>(config_int(cfg, "sampling_rate", kMinSampleRate, kMaxSampleRate, what, json(16000)));
-}
-
-// What the C++ manifest reader does not keep of a pipeline stage: its dims (name -> min, opt,
-// max), its component and its tensors' named sizes. Read again from manifest.json, and checked
-// to describe the tensors the build was opened with.
-struct StageDims {
-    std::string component;
-    std::map<std::string, int64_t> opt;
-    std::vector<std::vector<std::string>> input_dims;  // per input: "" for a static size, else the dim's name
-};
-
-StageDims stage_dims(const BuildImpl& b, const std::string& stage) {
-    const std::string path = b.folder + "/manifest.json";
-    struct stat st {};
-    if (::stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode) || uint64_t(st.st_size) > kMaxManifestBytes)
-        fail(OF_ERR_MANIFEST, "manifest.json of '" + b.folder + "' can no longer be read");
-    std::ifstream f(path, std::ios::binary);
-    std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-    json d = json::parse(text, nullptr, /*allow_exceptions=*/false);
-    const StageSpec& spec = b.manifest.spec(stage);
-    const std::string changed = "manifest.json changed after the build was opened (stage '" + stage + "')";
-    if (d.is_discarded() || !d.is_object() || !d.contains("pipeline") || !d["pipeline"].is_object() ||
-        !d["pipeline"].contains("stages") || !d["pipeline"]["stages"].is_array())
-        fail(OF_ERR_MANIFEST, changed);
-    for (const json& s : d["pipeline"]["stages"]) {
-        if (!s.is_object() || !s.contains("name") || s["name"] != stage) continue;
-        StageDims out;
-        if (s.contains("component") && s["component"].is_string()) out.component = s["component"].get<std::string>();
-        if (s.contains("dims")) {
-            if (!s["dims"].is_array()) fail(OF_ERR_MANIFEST, "manifest is malformed: pipeline stage '" + stage + "'.dims must be a list");
-            for (const json& dim : s["dims"]) {
-                if (!dim.is_object() || !dim.contains("name") || !dim["name"].is_string() || !dim.contains("opt") ||
-                    !dim["opt"].is_number_integer() || dim["opt"].get<int64_t>() < 1 || dim["opt"].get<int64_t>() > (int64_t(1) << 40))
-                    fail(OF_ERR_MANIFEST, "manifest is malformed: a dim of pipeline stage '" + stage + "' has no name or no positive 'opt'");
-                out.opt[dim["name"].get<std::string>()] = dim["opt"].get<int64_t>();
-            }
-        }
-        const json& inputs = s.contains("inputs") ? s["inputs"] : json();
-        if (!inputs.is_array() || inputs.size() != spec.io.inputs.size()) fail(OF_ERR_MANIFEST, changed);
-        for (size_t i = 0; i < inputs.size(); ++i) {
-            const json& t = inputs[i];
-            const TensorSpec& want = spec.io.inputs[i];
-            if (!t.is_object() || !t.contains("name") || t["name"] != want.name || !t.contains("shape") || !t["shape"].is_array() ||
-                t["shape"].size() != want.shape.size())
-                fail(OF_ERR_MANIFEST, changed);
-            std::vector<std::string> names;
-            for (size_t k = 0; k < want.shape.size(); ++k) {
-                const json& x = t["shape"][k];
-                if (x.is_string() && want.shape[k] < 0) names.push_back(x.get<std::string>());
-                else if (x.is_number_integer() && x.get<int64_t>() == want.shape[k]) names.emplace_back();
-                else fail(OF_ERR_MANIFEST, changed);
-            }
-            out.input_dims.push_back(std::move(names));
-        }
-        return out;
-    }
-    fail(OF_ERR_MANIFEST, changed);
-}
-
-// TensorSpec.concrete_shape(sizes) for input i of a stage.
-std::vector<int64_t> concrete(const StageSpec& spec, const StageDims& dims, size_t i, const std::map<std::string, int64_t>& sizes) {
-    std::vector<int64_t> out;
-    const TensorSpec& t = spec.io.inputs[i];
-    for (size_t k = 0; k < t.shape.size(); ++k) {
-        const std::string& name = dims.input_dims[i][k];
-        if (name.empty()) {
-            out.push_back(t.shape[k]);
-            continue;
-        }
-        auto it = sizes.find(name);
-        if (it == sizes.end())
-            fail(OF_ERR_MANIFEST, "stage '" + spec.name + "' input '" + t.name + "' has the dim '" + name + "', which its dims do not describe");
-        out.push_back(it->second);
-    }
-    return out;
 }
 
 // A .npy file's values as float32 (numpy's format 1.0-3.0; C order; float16/32/64).
@@ -280,66 +190,8 @@ std::vector<float> read_npy(const std::vector<char>& data, const std::string& wh
     return out;
 }
 
-bool all_finite(const float* p, size_t n) {
-    for (size_t i = 0; i < n; ++i)
-        if (!std::isfinite(p[i])) return false;
-    return true;
-}
-
 double seconds_since(std::chrono::steady_clock::time_point t) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
-}
-
-// A stage's session with the names the decoder binds.
-struct StageSession {
-    std::string name, file;
-    Ort::Session session{nullptr};
-    std::vector<std::string> inputs, outputs;
-};
-
-StageSession open_stage(const std::shared_ptr<BuildImpl>& b, const std::string& name) {
-    StageSession s;
-    s.name = name;
-    const Variant& v = b->manifest.served(name);
-    const Contract& c = b->manifest.contract(name, v);
-    for (const TensorSpec& t : c.inputs) {
-        if (t.dtype != "float32")
-            fail(OF_ERR_UNSUPPORTED, "stage '" + name + "' input '" + t.name + "' is " + t.dtype + "; the native decoders feed float32");
-        s.inputs.push_back(t.name);
-    }
-    for (const TensorSpec& t : c.outputs) s.outputs.push_back(t.name);
-    if (s.outputs.empty()) fail(OF_ERR_MANIFEST, "stage '" + name + "' declares no output");
-    s.file = v.file;
-    s.session = open_session(*b, v, read_graph(*b, v), /*spin=*/false);
-    check_graph_io(s.session, c, "stage '" + name + "'", v.file);
-    return s;
-}
-
-// Runs a stage on float32 inputs; returns its first output (or `output`) with its shape.
-std::vector<float> run_stage(StageSession& s, const std::vector<std::pair<const float*, std::vector<int64_t>>>& feeds,
-                             std::vector<int64_t>& out_shape, const std::string& output = "") {
-    Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
-    std::vector<Ort::Value> values;
-    std::vector<const char*> names;
-    for (size_t i = 0; i < feeds.size(); ++i) {
-        const auto& [data, shape] = feeds[i];
-        values.push_back(Ort::Value::CreateTensor<float>(cpu, const_cast<float*>(data), product(shape), shape.data(), shape.size()));
-        names.push_back(s.inputs[i].c_str());
-    }
-    const char* out_name = output.empty() ? s.outputs[0].c_str() : output.c_str();
-    std::vector<Ort::Value> out;
-    try {
-        out = s.session.Run(Ort::RunOptions{nullptr}, names.data(), values.data(), values.size(), &out_name, 1);
-    } catch (const Ort::Exception& e) {
-        std::string why = e.what();
-        fail(OF_ERR_ENGINE, "stage '" + s.name + "' failed: " + why.substr(0, why.find('\n')).substr(0, 300));
-    }
-    auto info = out[0].GetTensorTypeAndShapeInfo();
-    if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
-        fail(OF_ERR_ENGINE, "stage '" + s.name + "' output '" + out_name + "' is not float32");
-    out_shape = info.GetShape();
-    const float* p = out[0].GetTensorData<float>();
-    return std::vector<float>(p, p + info.GetElementCount());
 }
 
 }  // namespace
@@ -348,6 +200,9 @@ struct DecoderImpl {
     std::shared_ptr<BuildImpl> build;
     std::string modality;
     StageSession unet, vae, vocoder;
+    StageSession projector;     // {modality}_output_projector; empty name: the build has none
+    size_t n_signal = 0, hidden = 0;  // its input: (1, n_signal, hidden) signal hidden states
+    bool projector_embeds = false;    // it also reads the signal tokens' input embeddings (NExT-GPT's)
     std::vector<int64_t> latent_shape, cond_shape;  // batch 1
     size_t latent_size = 0, cond_size = 0;
     std::vector<float> uncond;  // the build's unconditional embedding; empty: zeros
@@ -430,6 +285,25 @@ std::shared_ptr<DecoderImpl> open_decoder(std::shared_ptr<BuildImpl> build, cons
         if (d->vocoder.inputs.size() != 1) fail(OF_ERR_UNSUPPORTED, "stage 'vocoder' does not take one mel tensor");
     }
 
+    // the output projector, when the build has one: signal hidden states (and NExT-GPT's signal
+    // token embeddings) -> the conditioning
+    const std::string proj = modality + "_output_projector";
+    if (m.stages.count(proj) && m.pipeline.count(proj)) {
+        const auto& pin = m.spec(proj).io.inputs;
+        const auto& pout = m.spec(proj).io.outputs;
+        const bool ok = (pin.size() == 1 || pin.size() == 2) && !pout.empty() &&
+                        std::all_of(pin.begin(), pin.end(), [&](const TensorSpec& t) {
+                            return t.shape.size() == 3 && t.shape[1] > 0 && t.shape[2] > 0 && t.shape[1] == pin[0].shape[1] &&
+                                   t.shape[2] == pin[0].shape[2];
+                        });
+        if (!ok)
+            fail(OF_ERR_UNSUPPORTED, "stage '" + proj + "' does not take (batch, signal tokens, hidden) hidden states");
+        d->n_signal = size_t(pin[0].shape[1]);
+        d->hidden = size_t(pin[0].shape[2]);
+        d->projector_embeds = pin.size() == 2;
+        d->projector = open_stage(build, proj);
+    }
+
     // the guidance's unconditional input: the build's empty-prompt embedding, else zeros
     const std::string role = modality + "_uncond";
     if (auto it = m.files.find(role); it != m.files.end()) {
@@ -448,6 +322,47 @@ std::shared_ptr<DecoderImpl> open_decoder(std::shared_ptr<BuildImpl> build, cons
 const std::string& decoder_modality(const DecoderImpl& d) { return d.modality; }
 const std::vector<int64_t>& decoder_latent_shape(const DecoderImpl& d) { return d.latent_shape; }
 const std::vector<int64_t>& decoder_conditioning_shape(const DecoderImpl& d) { return d.cond_shape; }
+
+std::pair<size_t, size_t> conditioning_input(const DecoderImpl& d) { return {d.n_signal, d.hidden}; }
+
+void conditioning(DecoderImpl& d, LlmImpl* llm, const float* hidden, size_t n_hidden, float* cond, size_t n_cond) {
+    const std::string& mod = d.modality;
+    if (d.projector.name.empty()) fail(OF_ERR_UNSUPPORTED, "this build has no '" + mod + "_output_projector' stage");
+    if (!hidden) fail(OF_ERR_INVALID_ARGUMENT, "the signal hidden states are a null pointer");
+    if (!cond) fail(OF_ERR_INVALID_ARGUMENT, "the conditioning buffer is a null pointer");
+    if (n_cond != d.cond_size)
+        fail(OF_ERR_INVALID_ARGUMENT, "the conditioning buffer must hold " + std::to_string(d.cond_size) + " floats (shape " +
+                                          shape_str(d.cond_shape) + "), got " + std::to_string(n_cond));
+    const size_t want = d.n_signal * d.hidden;
+    if (n_hidden != want)
+        fail(OF_ERR_INPUT, "the " + mod + " output projector takes " + std::to_string(d.n_signal) + " signal hidden states of " +
+                               std::to_string(d.hidden) + " floats (" + std::to_string(want) + "), got " + std::to_string(n_hidden) + " floats");
+    if (!all_finite(hidden, n_hidden)) fail(OF_ERR_INPUT, "the " + mod + " signal hidden states hold NaN or infinite values");
+    const std::vector<int64_t> shape{1, int64_t(d.n_signal), int64_t(d.hidden)};
+    std::vector<float> embeds;
+    std::vector<std::pair<const float*, std::vector<int64_t>>> feeds{{hidden, shape}};
+    if (d.projector_embeds) {  // Pipeline.conditioning: the signal tokens' input embeddings too
+        if (!llm)
+            fail(OF_ERR_INVALID_ARGUMENT, "the " + mod + " output projector also reads the signal tokens' input embeddings: pass the LLM handle");
+        const std::vector<int32_t> ids = signal_token_ids(*llm, mod);
+        if (ids.size() != d.n_signal)
+            fail(OF_ERR_MANIFEST, "the build lists " + std::to_string(ids.size()) + " " + mod + " signal tokens; its output projector reads " +
+                                      std::to_string(d.n_signal));
+        int32_t h = 0, ctx = 0;
+        llm_geometry(*llm, &h, &ctx);
+        if (size_t(h) != d.hidden)
+            fail(OF_ERR_INVALID_ARGUMENT, "the LLM's rows are " + std::to_string(h) + " wide; the " + mod + " output projector reads " +
+                                              std::to_string(d.hidden));
+        embeds = embed_tokens(*llm, ids);
+        feeds.push_back({embeds.data(), shape});
+    }
+    std::vector<int64_t> out_shape;
+    std::vector<float> out = run_stage(d.projector, feeds, out_shape);
+    if (out.size() != d.cond_size)
+        fail(OF_ERR_ENGINE, "stage '" + d.projector.name + "' gave " + shape_str(out_shape) + "; the " + mod + " UNet reads a conditioning of " +
+                                shape_str(d.cond_shape));
+    std::copy(out.begin(), out.end(), cond);
+}
 
 MediaOut decode(DecoderImpl& d, const float* cond, size_t n_cond, const float* uncond, const float* latents, size_t n_latents,
                 const DecodeParams& p) {

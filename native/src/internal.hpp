@@ -9,6 +9,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "omniforge.h"
@@ -183,6 +184,32 @@ of_status llm_tokenizer_error(const LlmImpl& llm, std::string* why);     // why 
 // (or the build's tokenizer cannot be read). The string lives as long as the LLM.
 const char* signal_modality(const LlmImpl& llm, int32_t token_id);
 
+// The build's conversation protocol (protocol.json; PromptProtocol): how a prompt with media is
+// laid out, where generation stops, which hidden state a signal token hands on.
+constexpr size_t kMaxProtocolText = 256;  // characters of one template string
+struct Protocol {
+    std::string user_prefix = "### Human: ", assistant_prefix = "\n### Assistant:", media_open = "<Img>", media_close = "</Img>";
+    bool bos_per_text_segment = true;
+    std::vector<std::string> stop_strings{"###"};
+    bool predicting = true;  // signal_position "predicting" (else "at_token")
+};
+
+// One medium's projected rows (n_rows x hidden_size floats) for a prompt.
+struct MediaItem {
+    std::string modality;
+    const float* rows = nullptr;
+    size_t n_rows = 0;
+};
+
+// A prompt's rows (n x hidden_size floats), the token ids among them, and the protocol's stop
+// strings (empty without a protocol).
+struct PreparedPrompt {
+    std::vector<float> rows;
+    size_t n = 0;
+    std::vector<int32_t> ids;
+    std::vector<std::string> stop_strings;
+};
+
 struct GenerateParams {
     int32_t max_new_tokens = 64;
     SamplingConfig sampling;
@@ -224,6 +251,17 @@ GenerateOutput generate(LlmImpl& llm, const std::vector<int32_t>& prompt, const 
 GenerateOutput generate_rows(LlmImpl& llm, const std::vector<float>& rows, size_t n, const std::vector<int32_t>& history,
                              const GenerateParams& params,
                              std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now());
+// The token embeddings of `ids` (ids.size() x hidden_size floats); ids outside the vocabulary
+// are OF_ERR_INPUT.
+std::vector<float> embed_tokens(LlmImpl& llm, const std::vector<int32_t>& ids);
+// The ids of `modality`'s signal tokens in the manifest's order (LlmRuntime's signal ids):
+// OF_ERR_INPUT when the build has none, or its tokenizer lacks one.
+std::vector<int32_t> signal_token_ids(const LlmImpl& llm, const std::string& modality);
+// A text prompt with media rows as Pipeline.run lays it out: by the build's protocol (NExT-GPT's:
+// BOS per text segment, each item wrapped in <Img>...</Img>, LlmRuntime.prepare_protocol), else
+// the rows spliced in at the placeholders (a missing placeholder put in front of the text, as
+// Pipeline.run does; LlmRuntime.prepare). Checked against the context before any row is computed.
+PreparedPrompt prepare_prompt(LlmImpl& llm, std::string text, const std::vector<MediaItem>& items);
 // Keep the KV of up to `entries` finished requests (0: off) for prompts that start with them, in
 // whole blocks of `block_size` tokens (as the Python runtime's PrefixCache); entries < slots.
 void set_prefix_cache(LlmImpl& llm, int32_t entries, int32_t block_size);
@@ -232,6 +270,19 @@ std::vector<int32_t> encode_prompt(LlmImpl& llm, const std::string& text);
 // Greedy decode; returns the generated ids.
 std::vector<int32_t> generate_greedy(LlmImpl& llm, const int32_t* ids, size_t n, int32_t max_new_tokens,
                                      int32_t eos_id);
+
+// ---- the encoders and input projectors (encoder.cpp) -------------------------------------------
+
+struct EncoderImpl;  // one modality's encoder and the input projector its embeddings go through
+
+std::shared_ptr<EncoderImpl> open_encoder(std::shared_ptr<BuildImpl> build, const std::string& modality);
+const std::string& encoder_modality(const EncoderImpl& e);
+const std::string& encoder_input_name(const EncoderImpl& e);
+const std::vector<int64_t>& encoder_input_shape(const EncoderImpl& e);  // one item (batch 1)
+void encoder_rows(const EncoderImpl& e, size_t* n_rows, size_t* width);  // rows per medium, hidden size
+// The LLM rows of one medium from `batch` items of the encoder's input: the encoder, the mean of
+// its embeddings over the batch, the input projector; writes n_rows x width floats to rows.
+void encode(EncoderImpl& e, const float* input, size_t n_input, int64_t batch, float* rows, size_t n_rows);
 
 // ---- the diffusion decoders (decoder.cpp) -----------------------------------------------------
 
@@ -259,6 +310,11 @@ const std::vector<int64_t>& decoder_conditioning_shape(const DecoderImpl& d);  /
 // The Python runtime's decode_<modality>(cond, DiffusionConfig, latents): denoising with
 // classifier-free guidance, then the VAE decoder (and the vocoder). uncond: null for the build's
 // unconditional embedding or zeros; latents: null for seeded noise (not numpy's draws).
+// Pipeline.conditioning: the output projector on the signal tokens' hidden states (and, for a
+// projector that reads them, their input embeddings from `llm`); writes n_cond floats.
+void conditioning(DecoderImpl& d, LlmImpl* llm, const float* hidden, size_t n_hidden, float* cond, size_t n_cond);
+// The output projector's (signal tokens, hidden width); (0, 0) when the build has none.
+std::pair<size_t, size_t> conditioning_input(const DecoderImpl& d);
 MediaOut decode(DecoderImpl& d, const float* cond, size_t n_cond, const float* uncond, const float* latents, size_t n_latents,
                 const DecodeParams& p);
 

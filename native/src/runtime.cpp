@@ -261,6 +261,7 @@ struct LlmImpl {
     // 'predicting', NExT-GPT's generation) or the one computed at it ('at_token', the default
     // without a protocol), as LlmRuntime.signal_position
     bool signal_predicting = false;
+    std::optional<Protocol> protocol;  // the build's conversation protocol (protocol.json), if any
 
     std::vector<float> embed(const std::vector<int32_t>& ids);
     // Runs rows (S, H) for `slot`; fills last-position logits (V) and, when given, the last
@@ -273,18 +274,51 @@ namespace {
 
 using json = nlohmann::json;
 
-// The protocol's signal_position ("predicting" or "at_token"); "at_token" without a protocol.
-bool reads_predicting(const BuildImpl& b) {
+// The build's protocol.json as PromptProtocol.from_dict reads it (its defaults: NExT-GPT's).
+std::optional<Protocol> read_protocol(const BuildImpl& b) {
     auto it = b.manifest.files.find("protocol");
-    if (it == b.manifest.files.end()) return false;
-    std::vector<char> data = read_verified(b.folder, b.manifest, it->second);
+    if (it == b.manifest.files.end()) return std::nullopt;
+    const std::string& rel = it->second;
+    std::vector<char> data = read_verified(b.folder, b.manifest, rel);
     json d = json::parse(data.begin(), data.end(), nullptr, /*allow_exceptions=*/false);
-    if (d.is_discarded() || !d.is_object()) fail(OF_ERR_MANIFEST, it->second + " is not a JSON object");
-    auto pos = d.find("signal_position");
-    if (pos == d.end()) return true;  // the protocol's default
-    if (!pos->is_string() || (*pos != "predicting" && *pos != "at_token"))
-        fail(OF_ERR_MANIFEST, it->second + ": signal_position must be \"predicting\" or \"at_token\"");
-    return *pos == "predicting";
+    if (d.is_discarded() || !d.is_object()) fail(OF_ERR_MANIFEST, rel + " is not a JSON object");
+    static const std::vector<std::string> kKnown = {"user_prefix",          "assistant_prefix", "media_open",      "media_close",
+                                                    "bos_per_text_segment", "stop_strings",     "signal_position", "style"};
+    for (const auto& [key, value] : d.items())
+        if (std::find(kKnown.begin(), kKnown.end(), key) == kKnown.end()) fail(OF_ERR_MANIFEST, rel + ": protocol has unknown key '" + key + "'");
+    Protocol p;
+    auto text = [&](const char* key, std::string& out) {
+        auto v = d.find(key);
+        if (v == d.end()) return;
+        if (!v->is_string() || v->get<std::string>().size() > 4 * kMaxProtocolText ||
+            v->get<std::string>().find('\0') != std::string::npos)
+            fail(OF_ERR_MANIFEST, rel + ": protocol " + key + " must be text of at most 256 characters");
+        out = v->get<std::string>();
+    };
+    text("user_prefix", p.user_prefix);
+    text("assistant_prefix", p.assistant_prefix);
+    text("media_open", p.media_open);
+    text("media_close", p.media_close);
+    std::string style, position = "predicting";
+    text("style", style);
+    text("signal_position", position);
+    if (position != "predicting" && position != "at_token")
+        fail(OF_ERR_MANIFEST, rel + ": signal_position must be \"predicting\" or \"at_token\"");
+    p.predicting = position == "predicting";
+    if (auto v = d.find("bos_per_text_segment"); v != d.end()) {
+        if (!v->is_boolean()) fail(OF_ERR_MANIFEST, rel + ": protocol bos_per_text_segment must be true or false");
+        p.bos_per_text_segment = v->get<bool>();
+    }
+    if (auto v = d.find("stop_strings"); v != d.end()) {
+        if (!v->is_array()) fail(OF_ERR_MANIFEST, rel + ": protocol stop_strings must be a list of non-empty strings");
+        p.stop_strings.clear();
+        for (const json& s : *v) {
+            if (!s.is_string() || s.get<std::string>().empty() || s.get<std::string>().size() > 4 * kMaxProtocolText)
+                fail(OF_ERR_MANIFEST, rel + ": protocol stop_strings must be a list of non-empty strings");
+            p.stop_strings.push_back(s.get<std::string>());
+        }
+    }
+    return p;
 }
 
 }  // namespace
@@ -391,7 +425,8 @@ LlmImpl* open_llm(std::shared_ptr<BuildImpl> build, int32_t num_slots, int32_t m
                                           "' in the manifest's pipeline.signal_tokens");
         }
     }
-    llm->signal_predicting = reads_predicting(*build);
+    llm->protocol = read_protocol(*build);
+    llm->signal_predicting = llm->protocol && llm->protocol->predicting;  // 'at_token' without a protocol
     llm->build = std::move(build);
     return llm.release();
 }
@@ -420,6 +455,153 @@ std::vector<int32_t> encode_prompt(LlmImpl& llm, const std::string& text) {
     std::vector<int32_t> ids = encode_text(*llm.tokenizer, text, llm.max_context, /*special=*/true);
     if (ids.empty()) fail(OF_ERR_INPUT, "the prompt is empty");
     return ids;
+}
+
+namespace {
+
+// LlmRuntime.check_fits
+void check_fits(const LlmImpl& llm, size_t tokens, const std::string& what) {
+    if (tokens >= size_t(llm.max_context))
+        fail(OF_ERR_CONTEXT_LENGTH, what + " is " + std::to_string(tokens) + " tokens fed to the LLM; the context holds " +
+                                        std::to_string(llm.max_context) + ", leaving no room for a new token");
+}
+
+// LlmRuntime._media_rows
+void check_media_rows(const LlmImpl& llm, const MediaItem& item) {
+    const std::string& m = item.modality;
+    if (!item.rows || item.n_rows == 0)
+        fail(OF_ERR_INPUT, m + " embeddings must have shape (n, " + std::to_string(llm.g.hidden_size) + ") with n >= 1, got " +
+                               (item.rows ? "0 rows" : "a null pointer"));
+    if (item.n_rows > size_t(llm.max_context))
+        fail(OF_ERR_CONTEXT_LENGTH, m + " embeddings have " + std::to_string(item.n_rows) + " rows; the context holds " +
+                                        std::to_string(llm.max_context));
+    const size_t n = item.n_rows * size_t(llm.g.hidden_size);
+    for (size_t i = 0; i < n; ++i)
+        if (!std::isfinite(item.rows[i])) fail(OF_ERR_INPUT, m + " embeddings contain NaN or Inf");
+}
+
+void append_rows(std::vector<float>& out, const MediaItem& item, int64_t hidden) {
+    out.insert(out.end(), item.rows, item.rows + item.n_rows * size_t(hidden));
+}
+
+}  // namespace
+
+PreparedPrompt prepare_prompt(LlmImpl& llm, std::string text, const std::vector<MediaItem>& items) {
+    if (!llm.tokenizer) fail(llm.tokenizer_status, llm.tokenizer_error);
+    const BuildTokenizer& tok = *llm.tokenizer;
+    const Manifest& m = llm.build->manifest;
+    const int64_t h = llm.g.hidden_size;
+    for (const MediaItem& item : items) {
+        if (item.modality != "image" && item.modality != "video" && item.modality != "audio")
+            fail(OF_ERR_INPUT, "unknown modality '" + item.modality.substr(0, 60) + "' (media are image, video or audio)");
+        check_media_rows(llm, item);
+    }
+    PreparedPrompt out;
+    if (llm.protocol) {  // LlmRuntime.prepare_protocol over PromptProtocol.layout
+        const Protocol& p = *llm.protocol;
+        out.stop_strings = p.stop_strings;
+        struct Part {
+            std::string text;
+            bool bos = false;
+            const MediaItem* item = nullptr;
+        };
+        std::vector<Part> parts;
+        auto rstrip = [](std::string s) {
+            while (!s.empty() && std::isspace(static_cast<unsigned char>(s.back()))) s.pop_back();
+            return s;
+        };
+        auto lstrip = [](const std::string& s) {
+            size_t i = 0;
+            while (i < s.size() && std::isspace(static_cast<unsigned char>(s[i]))) ++i;
+            return s.substr(i);
+        };
+        if (items.empty()) {
+            parts.push_back({p.user_prefix + text + p.assistant_prefix, true});
+        } else {
+            parts.push_back({rstrip(p.user_prefix), true});
+            for (const MediaItem& item : items) {
+                parts.push_back({p.media_open, false});
+                parts.push_back({"", false, &item});
+                parts.push_back({p.media_close, false});
+            }
+            parts.push_back({lstrip(text) + p.assistant_prefix, p.bos_per_text_segment});
+        }
+        std::vector<std::vector<int32_t>> ids(parts.size());
+        size_t total = 0;
+        for (size_t i = 0; i < parts.size(); ++i) {
+            if (parts[i].item) {
+                total += parts[i].item->n_rows;
+                continue;
+            }
+            if (parts[i].bos && tok.bos) ids[i].push_back(*tok.bos);
+            std::vector<int32_t> t = encode_text(tok, parts[i].text, llm.max_context, /*special=*/false);
+            ids[i].insert(ids[i].end(), t.begin(), t.end());
+            total += ids[i].size();
+        }
+        check_fits(llm, total, items.empty() ? "the prompt" : "the prompt with its media");
+        for (size_t i = 0; i < parts.size(); ++i) {
+            if (parts[i].item) {
+                append_rows(out.rows, *parts[i].item, h);
+            } else if (!ids[i].empty()) {
+                std::vector<float> r = llm.embed(ids[i]);
+                out.rows.insert(out.rows.end(), r.begin(), r.end());
+                out.ids.insert(out.ids.end(), ids[i].begin(), ids[i].end());
+            }
+        }
+        out.n = total;
+        if (total == 0) fail(OF_ERR_INPUT, "the prompt is empty");
+        return out;
+    }
+    // Pipeline.run without a protocol: a medium whose placeholder the text lacks gets it in front
+    // (image, audio, video in that order); LlmRuntime.prepare then splices the rows in at the
+    // placeholders, items of a modality in order
+    std::map<std::string, std::string> tags;
+    for (const auto& [modality, token] : m.placeholders) tags[modality] = token;
+    for (const char* modality : {"image", "audio", "video"}) {
+        const bool given = std::any_of(items.begin(), items.end(), [&](const MediaItem& i) { return i.modality == modality; });
+        if (!given) continue;
+        auto it = tags.find(modality);
+        if (it == tags.end()) {
+            std::string known;
+            for (const auto& [k, v] : tags) known += (known.empty() ? "'" : ", '") + k + "'";
+            fail(OF_ERR_INPUT, "unknown modality '" + std::string(modality) + "' (this build takes: [" + known + "])");
+        }
+        if (text.find(it->second) == std::string::npos) text = it->second + " " + text;
+    }
+    out.ids = encode_text(tok, text, llm.max_context, /*special=*/true);
+    if (out.ids.empty()) fail(OF_ERR_INPUT, "the prompt is empty");
+    check_fits(llm, out.ids.size(), "the prompt");
+    std::map<int32_t, std::string> placeholder_ids;
+    for (const auto& [modality, token] : m.placeholders)
+        if (auto id = tok.tok->token_to_id(token)) placeholder_ids[*id] = modality;
+    std::map<std::string, std::vector<const MediaItem*>> queues;
+    for (const MediaItem& item : items) queues[item.modality].push_back(&item);
+    std::vector<std::pair<size_t, const MediaItem*>> plan;
+    size_t fed = out.ids.size();
+    for (size_t pos = 0; pos < out.ids.size(); ++pos) {
+        auto pm = placeholder_ids.find(out.ids[pos]);
+        if (pm == placeholder_ids.end()) continue;
+        auto& q = queues[pm->second];
+        if (q.empty()) continue;
+        plan.emplace_back(pos, q.front());
+        fed += q.front()->n_rows - 1;
+        q.erase(q.begin());
+    }
+    std::string left;
+    for (const auto& [modality, q] : queues)
+        if (!q.empty()) left += (left.empty() ? "'" : ", '") + modality + "': " + std::to_string(q.size());
+    if (!left.empty()) fail(OF_ERR_INPUT, "the prompt has fewer placeholders than media items: {" + left + "} left without a placeholder");
+    if (!plan.empty()) check_fits(llm, fed, "the prompt with its media");
+    const std::vector<float> rows = llm.embed(out.ids);
+    size_t start = 0;
+    for (const auto& [pos, item] : plan) {
+        out.rows.insert(out.rows.end(), rows.begin() + long(start * size_t(h)), rows.begin() + long(pos * size_t(h)));
+        append_rows(out.rows, *item, h);
+        start = pos + 1;
+    }
+    out.rows.insert(out.rows.end(), rows.begin() + long(start * size_t(h)), rows.end());
+    out.n = fed;
+    return out;
 }
 
 const char* embedding_form(const LlmImpl& llm) {
@@ -688,6 +870,27 @@ double seconds_since(std::chrono::steady_clock::time_point t) {
 }
 
 }  // namespace
+
+std::vector<float> embed_tokens(LlmImpl& llm, const std::vector<int32_t>& ids) {
+    const int64_t vocab = llm.g.vocab_size;
+    for (int32_t id : ids)
+        if (id < 0 || id >= vocab)
+            fail(OF_ERR_INPUT, "token ids must lie in [0, " + std::to_string(vocab) + "), got " + std::to_string(id));
+    return ids.empty() ? std::vector<float>() : llm.embed(ids);
+}
+
+std::vector<int32_t> signal_token_ids(const LlmImpl& llm, const std::string& modality) {
+    std::vector<int32_t> ids;
+    bool known = llm.tokenizer.has_value();
+    for (const auto& [m, token] : llm.build->manifest.signal_tokens) {
+        if (m != modality || !known) continue;
+        const auto id = llm.tokenizer->tok->token_to_id(token);
+        if (id) ids.push_back(*id);
+        else known = false;
+    }
+    if (!known || ids.empty()) fail(OF_ERR_INPUT, "this build has no signal tokens for '" + modality + "'");
+    return ids;
+}
 
 GenerateOutput generate(LlmImpl& llm, const std::vector<int32_t>& prompt, const GenerateParams& p) {
     const auto t0 = std::chrono::steady_clock::now();

@@ -1,5 +1,6 @@
 // Tests of libomniforge through its C API. Needs OMNIFORGE_TEST_BUILD (an omniforge build folder)
 // and OMNIFORGE_ORT_LIBRARY (ONNX Runtime's library or the onnxruntime Python package's folder).
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -237,6 +238,82 @@ static void check_decoders(const char* build_path) {
         of_decoder_close(d);
     }
     of_build_close(b);
+}
+
+// ---- media in, and the conditioning out ----
+
+static void check_media(const char* build_path) {
+    CHECK(of_encoder_open(nullptr, "image", nullptr) == OF_ERR_INVALID_ARGUMENT);
+    CHECK(std::strlen(of_encoder_last_error(nullptr)) > 0 && std::string(of_encoder_input_name(nullptr)).empty());
+    of_encoder_close(nullptr);
+    of_build* b = nullptr;
+    CHECK(of_build_open(build_path, nullptr, &b) == OF_OK);
+    of_encoder* e = nullptr;
+    of_status st = of_encoder_open(b, "smell", &e);
+    expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(b), "unknown modality 'smell'", "an encoder of no modality");
+    st = of_encoder_open(b, nullptr, &e);
+    expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(b), "null pointer", "a null encoder modality");
+    for (const char* modality : {"image", "video", "audio"}) {
+        st = of_encoder_open(b, modality, &e);
+        if (st != OF_OK) {
+            std::fprintf(stderr, "the %s encoder did not open: %s %s\n", modality, of_status_name(st), of_last_error(b));
+            ++failures;
+            continue;
+        }
+        size_t rank = 0, rows = 0, width = 0;
+        CHECK(of_encoder_input_shape(e, nullptr, 0, &rank) == OF_OK && rank >= 2);
+        std::vector<int64_t> shape(rank);
+        CHECK(of_encoder_input_shape(e, shape.data(), shape.size(), &rank) == OF_OK && shape[0] == 1);
+        CHECK(of_encoder_rows(e, &rows, &width) == OF_OK && rows >= 1 && width >= 1);
+        CHECK(of_encoder_rows(e, nullptr, &width) == OF_ERR_INVALID_ARGUMENT);
+        const int64_t batch = std::string(modality) == "video" ? 3 : 1;
+        std::vector<float> x(product(shape) * size_t(batch), 0.25f), out(rows * width, -1.0f);
+        CHECK(of_encoder_run(e, x.data(), x.size(), batch, out.data(), out.size()) == OF_OK);
+        CHECK(std::all_of(out.begin(), out.end(), [](float v) { return std::isfinite(v) && v != -1.0f; }));
+        st = of_encoder_run(e, x.data(), x.size() - 1, batch, out.data(), out.size());
+        expect_refusal(st, OF_ERR_INPUT, of_last_error(e), "must hold", "encoder input of the wrong size");
+        x[0] = NAN;
+        st = of_encoder_run(e, x.data(), x.size(), batch, out.data(), out.size());
+        expect_refusal(st, OF_ERR_INPUT, of_last_error(e), "NaN", "encoder input with NaN");
+        x[0] = 0.25f;
+        st = of_encoder_run(e, x.data(), x.size(), batch, out.data(), out.size() + 1);
+        expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(e), "rows buffer must hold", "encoder rows buffer too big");
+        st = of_encoder_run(e, x.data(), x.size(), 0, out.data(), out.size());
+        expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(e), "batch must be in", "encoder batch 0");
+        CHECK(of_encoder_run(e, nullptr, x.size(), batch, out.data(), out.size()) == OF_ERR_INVALID_ARGUMENT);
+        CHECK(of_encoder_run(e, x.data(), x.size(), batch, nullptr, out.size()) == OF_ERR_INVALID_ARGUMENT);
+        of_encoder_close(e);
+    }
+
+    // token embeddings, then the image decoder's conditioning from hidden states
+    of_llm* llm = nullptr;
+    CHECK(of_llm_open(b, 1, 0, &llm) == OF_OK);
+    int32_t layers = 0, hidden = 0, vocab = 0, ctx = 0;
+    CHECK(of_build_llm_geometry(b, &layers, &hidden, &vocab, &ctx) == OF_OK);
+    std::vector<int32_t> ids{1, 2, 3};
+    std::vector<float> rows(ids.size() * size_t(hidden));
+    CHECK(of_llm_embed_tokens(llm, ids.data(), ids.size(), rows.data(), rows.size()) == OF_OK);
+    ids[1] = vocab;
+    st = of_llm_embed_tokens(llm, ids.data(), ids.size(), rows.data(), rows.size());
+    expect_refusal(st, OF_ERR_INPUT, of_last_error(llm), "token ids must lie in", "an embedded id past the vocabulary");
+    st = of_llm_embed_tokens(llm, ids.data(), ids.size(), rows.data(), rows.size() - 1);
+    expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(llm), "rows must hold", "an embedding buffer too small");
+    of_decoder* d = nullptr;
+    CHECK(of_decoder_open(b, "image", &d) == OF_OK);
+    of_build_close(b);  // the handles keep what they need
+    size_t n_signal = 0, width = 0;
+    CHECK(of_decoder_conditioning_input(d, &n_signal, &width) == OF_OK && n_signal >= 1 && width == size_t(hidden));
+    std::vector<float> h(n_signal * width, 0.5f), cond(product(shape_of(d, false)));
+    CHECK(of_decoder_conditioning(d, llm, h.data(), h.size(), cond.data(), cond.size()) == OF_OK);
+    CHECK(of_decoder_conditioning(d, nullptr, h.data(), h.size(), cond.data(), cond.size()) == OF_OK);
+    st = of_decoder_conditioning(d, nullptr, h.data(), h.size() - 1, cond.data(), cond.size());
+    expect_refusal(st, OF_ERR_INPUT, of_last_error(d), "signal hidden states of", "hidden states of the wrong size");
+    st = of_decoder_conditioning(d, nullptr, h.data(), h.size(), cond.data(), cond.size() - 1);
+    expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(d), "conditioning buffer must hold", "a conditioning buffer too small");
+    CHECK(of_decoder_conditioning(d, nullptr, nullptr, h.size(), cond.data(), cond.size()) == OF_ERR_INVALID_ARGUMENT);
+    CHECK(of_decoder_conditioning_input(d, nullptr, &width) == OF_ERR_INVALID_ARGUMENT);
+    of_decoder_close(d);
+    of_llm_close(llm);
 }
 
 // ---- signal events ----
@@ -705,6 +782,7 @@ int main() {
     of_build_close(b);
 
     check_decoders(build_path);
+    check_media(build_path);
 
     // ---- damaged builds ----
     std::string msg;
