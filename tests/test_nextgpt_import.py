@@ -22,6 +22,7 @@ from omniforge.pipeline.manifest import load_manifest
 from tests.release_format.delta import make_delta, make_malicious_pickle, reference_textfc
 from tests.release_format.imagebind import make_imagebind_pth, reference_audio, reference_vision
 from tests.release_format.vicuna import make_vicuna
+from tests.test_native import native_build, native_cache, ort_headers, ort_library  # noqa: F401  (fixtures)
 
 HEADS = 4  # of the fabricated ImageBind trunks (ImageBind-huge: 16 / 12)
 ALPHA = 32.0  # NExT-GPT's released LoRA alpha, the importer's default
@@ -382,6 +383,78 @@ def test_imagebind_audio_reads_the_first_channel_of_the_whole_recording(built, t
         w.setframerate(16000)
         w.writeframes(left[: 16000 * 30].tobytes())
     assert np.abs(pipe.encode_audio(short) - mono).max() > 1e-6  # the last 10 s do count
+
+
+def test_native_encoders_and_conditioning_equal_the_python_runtime(release, built, native_build, ort_library):  # noqa: F811
+    """The C API on the imported build: ImageBind's image clip, its video clips and audio clips
+    (averaged over the batch) through the encoders and llama_proj, and the TextFcLayer conditioning,
+    which also reads the signal tokens' input embeddings from the LLM."""
+    import ctypes
+
+    from omniforge.runtime import imagebind_media as IB
+    from omniforge.runtime import media as M
+    from omniforge.runtime.pipeline import IB_LONGEST_S, Pipeline
+    from omniforge.runtime.video import read_picked_frames
+    from tests.test_native_media import Native
+
+    pipe = Pipeline(built)
+    native = Native(native_build, built, ort_library)
+    try:
+        pic = np.asarray(Image.open(release.root / "bird.png").convert("RGB"))
+        status, rows = native.encode(native.open("encoder", "image"), IB.image_clip(pic)[None])
+        assert status == 0, rows
+        np.testing.assert_allclose(rows, pipe.encode_image(release.root / "bird.png"), rtol=0, atol=1e-5)
+
+        at, frames = read_picked_frames(release.root / "clip.gif", IB.video_frame_indices)
+        clips = IB.clips_from_frames([[np.asarray(frames[int(i)]) for i in row] for row in at])
+        assert clips.shape[0] == 15  # 5 times x 3 crops
+        status, rows = native.encode(native.open("encoder", "video"), clips)
+        assert status == 0, rows
+        np.testing.assert_allclose(rows, pipe.encode_video(release.root / "clip.gif"), rtol=0, atol=1e-5)
+
+        samples, sr = M.load_wav(release.root / "chirp.wav", IB_LONGEST_S, 0)
+        fbank = IB.audio_clips(samples, sr)
+        assert fbank.shape[0] == 3
+        status, rows = native.encode(native.open("encoder", "audio"), fbank)
+        assert status == 0, rows
+        np.testing.assert_allclose(rows, pipe.encode_audio(release.root / "chirp.wav"), rtol=0, atol=1e-5)
+
+        llm, dec = native.llm(), native.open("decoder", "image")
+        n, width = ctypes.c_size_t(), ctypes.c_size_t()
+        assert native.lib.of_decoder_conditioning_input(dec, ctypes.byref(n), ctypes.byref(width)) == 0
+        hidden = np.random.default_rng(2).standard_normal((n.value, width.value)).astype(np.float32)
+        want = pipe.conditioning("image", hidden)
+        status, why = native.conditioning(dec, None, hidden, want.size)
+        assert status == 1 and why.endswith("reads the signal tokens' input embeddings: pass the LLM handle")
+        status, cond = native.conditioning(dec, llm, hidden, want.size)
+        assert status == 0, cond
+        np.testing.assert_allclose(cond, want.reshape(-1), rtol=0, atol=1e-5)
+    finally:
+        native.close()
+
+    # NExT-GPT's protocol: the prompt laid out around the media, its stop strings
+    from dataclasses import replace
+
+    from omniforge.runtime.native import NativeLlm
+    from omniforge.runtime.sampling import GenerationConfig
+    from tests.test_native_media import generate_media
+
+    image, sound = pipe.encode_image(release.root / "bird.png"), pipe.encode_audio(release.root / "chirp.wav")
+    nat = NativeLlm(built, 1, 0, threads=1, library=native_build / "libomniforge.so", needs_tokenizer=True)
+    try:
+        for media in ([("image", image)], [("audio", sound), ("image", image)], []):
+            rows, ids = pipe.llm.prepare_protocol(PROMPT, media)
+            for cfg in (
+                GenerationConfig(max_new_tokens=12),
+                GenerationConfig(max_new_tokens=12, temperature=0.9, seed=1),
+            ):
+                py_cfg = replace(cfg, stop_strings=pipe.llm.protocol.stop_strings)
+                want = pipe.llm.generate_rows([rows], [ids], py_cfg, adapters=[None])[0]
+                status, got = generate_media(nat, PROMPT, media, cfg)
+                assert status == 0, got
+                assert (got.token_ids, got.text) == (want.token_ids, want.text), media
+    finally:
+        nat.close()
 
 
 def test_keep_lora_switches_the_delta_adapter_at_run_time(release, tmp_path):
