@@ -1,13 +1,16 @@
-"""Real size, diffusion half: NExT-GPT's decoders (Stable Diffusion 1.5, AudioLDM) exported and timed.
+"""Real size, media half: NExT-GPT's encoders (ImageBind-huge) and decoders (Stable Diffusion 1.5,
+AudioLDM) exported and timed.
 
 usage: python benchmarks/real_size_diffusion.py [--size real|tiny] [--work DIR] [--runs 3] [--threads 2]
                                                 [--stages a,b] [--variants a,b] [--sequential]
 
-Writes a NExT-GPT model folder whose decoders have the released shapes with seeded random weights
-saved as FP16 safetensors (``real``: Stable Diffusion 1.5's UNet2DConditionModel and AutoencoderKL,
-AudioLDM's (audioldm-s-full-v2) UNet, VAE and SpeechT5HifiGan vocoder; ``tiny``: small configs, a
-check that runs in seconds) and every other part the tiny default's. Then, one decoder stage at a
-time, each step in its own process with its wall time and peak RSS (``wait4``):
+Writes a NExT-GPT model folder whose encoders and decoders have the released shapes with seeded
+random weights saved as FP16 safetensors (``real``: ImageBind-huge's vision and audio encoders in
+ImageBind's key names, as ``omniforge import nextgpt`` writes them, with a 1024-wide input projector;
+Stable Diffusion 1.5's UNet2DConditionModel and AutoencoderKL, AudioLDM's (audioldm-s-full-v2) UNet,
+VAE and SpeechT5HifiGan vocoder; ``tiny``: small configs, a check that runs in seconds) and every
+other part the tiny default's. Then, one stage at a time, each step in its own process with its wall
+time and peak RSS (``wait4``):
 
 - ``omniforge`` export of that stage alone (``export_pipeline(..., ExportOptions(stages=[stage]),
   parity_points=1)``: the exporter's parity check at the stage's first check shape, under its
@@ -20,15 +23,17 @@ time, each step in its own process with its wall time and peak RSS (``wait4``):
   calibrated on the stage's seeded inputs (a one-stage build has no pipeline to capture from), and
   FP16 with norms kept FP32.
 
-Latency: the UNets per denoising step at batch 2 (classifier-free guidance; Stable Diffusion at
-64 x 64 latents, AudioLDM at 8 x 128 x 16 latents, 5.12 s of audio), the VAE decoders and the
-vocoder per call at batch 1, for ONNX Runtime FP32 / INT8 static / INT8 dynamic / FP16 and PyTorch
+Latency: the encoders per call at batch 1 (an image as ImageBind's 2-frame clip of 224 x 224; 128 x
+204 fbank frames of audio), the UNets per denoising step at batch 2 (classifier-free guidance; Stable
+Diffusion at 64 x 64 latents, AudioLDM at 8 x 128 x 16 latents, 5.12 s of audio), the VAE decoders
+and the vocoder per call at batch 1, for ONNX Runtime FP32 / INT8 static / INT8 dynamic / FP16 and PyTorch
 eager FP32 (the same module the export traced, ``torch.inference_mode``), each in its own worker
 process with the same threads, median of ``--runs`` interleaved rounds; each worker's peak RSS; then
 one profiled run per worker (ONNX Runtime's profiler, ``torch.profiler``): per-op totals.
 ZeroScope's UNet3DConditionModel (zeroscope_v2_576w) is sized from its config, and left out when
 it cannot fit. Results: ``benchmarks/results/real_size_diffusion.{json,md}`` (``tiny``:
-``real_size_diffusion-tiny``).
+``real_size_diffusion-tiny``); a run of some ``--stages`` keeps the other stages' earlier results,
+each stage with the date and CPU it was measured on.
 """
 
 from __future__ import annotations
@@ -189,7 +194,28 @@ TINY = {
         normalize_before=False,
     ),
 }
-STAGES = ("audio_unet", "audio_vae_decoder", "vocoder", "image_unet", "image_vae_decoder")
+# ImageBind-huge is omniforge.model.imagebind.IMAGEBIND_HUGE; the tiny check's:
+TINY_IMAGEBIND = dict(
+    vision_width=32,
+    vision_layers=1,
+    vision_heads=4,
+    audio_width=32,
+    audio_layers=1,
+    audio_heads=4,
+    embed_dim=32,
+    image_size=28,
+    n_mels=32,
+    audio_frames=36,
+)
+STAGES = (
+    "image_encoder",
+    "audio_encoder",
+    "audio_unet",
+    "audio_vae_decoder",
+    "vocoder",
+    "image_unet",
+    "image_vae_decoder",
+)
 VARIANTS = ("ort_fp32", "ort_int8_static", "ort_int8_dynamic", "ort_fp16", "torch_fp32")
 QUANTIZED = {
     "ort_int8_static": ("int8", "static"),
@@ -266,10 +292,61 @@ def write_decoders(root: Path, size: str, seed: int = 0) -> dict[str, int]:
     return params
 
 
+def _imagebind_state(module, prefixes) -> dict:
+    """``module``'s tensors in FP16 under ImageBind's own key names."""
+    import torch
+
+    out = {}
+    for key, value in module.state_dict().items():
+        theirs, ours = next(pair for pair in prefixes if key.startswith(pair[1]))
+        out[theirs + key[len(ours) :]] = value.to(torch.float16)
+    return out
+
+
+def write_encoders(root: Path, size: str, seed: int = 0) -> dict[str, int]:
+    """Replace the folder's image and audio encoders with one seeded ImageBind folder of ``size``
+    (``imagebind/``, as the NExT-GPT importer writes it) and the input projector with one as wide as
+    its embedding; parameters per encoder."""
+    import torch
+
+    from omniforge.model.imagebind import (
+        IMAGEBIND_HUGE,
+        ImageBindAudio,
+        ImageBindConfig,
+        ImageBindVision,
+        save_imagebind,
+    )
+    from omniforge.model.projectors import InputProjector, InputProjectorConfig, save_module
+
+    cfg = IMAGEBIND_HUGE if size == "real" else ImageBindConfig(**TINY_IMAGEBIND)
+    desc = json.loads((root / "nextgpt.json").read_text())
+    state, params = {}, {}
+    for i, (part, cls) in enumerate((("image_encoder", ImageBindVision), ("audio_encoder", ImageBindAudio))):
+        torch.manual_seed(seed + 2000 + i)
+        module = cls(cfg)
+        params[part] = sum(p.numel() for p in module.parameters())
+        state.update(_imagebind_state(module, cls.PREFIXES))
+        del module
+        gc.collect()
+    save_imagebind(state, cfg, root / "imagebind")
+    del state
+    for old in set(desc["encoders"].values()):
+        shutil.rmtree(root / old, ignore_errors=True)
+    desc["encoders"] = {"image": "imagebind", "audio": "imagebind"}
+    desc.pop("audio_frontend", None)  # ImageBind's own fbank front end
+    proj_dir = root / desc["input_projector"]
+    hidden = json.loads((proj_dir / "config.json").read_text())["out_dim"]
+    shutil.rmtree(proj_dir)
+    torch.manual_seed(seed + 2002)
+    save_module(InputProjector(InputProjectorConfig(in_dim=cfg.embed_dim, out_dim=hidden)), proj_dir)
+    (root / "nextgpt.json").write_text(json.dumps(desc, indent=2) + "\n")
+    return params
+
+
 def write_model(folder: Path, size: str, base: Path | None) -> dict:
     """The model folder: the tiny default's parts (written by ``create_default``, with output
     projectors as wide as the real decoders' conditioning; ``tiny``: a copy of ``base`` or the
-    default) and the decoders of ``size``. Reused when complete."""
+    default) and the encoders and decoders of ``size``. Reused when complete."""
     from omniforge.model.tiny import TinyConfig, create_default, ensure_default
 
     info_path = folder / COMPLETE
@@ -281,7 +358,7 @@ def write_model(folder: Path, size: str, base: Path | None) -> dict:
         create_default(folder, TinyConfig(cond_dim=768, audio_cond_dim=512))
     else:
         shutil.copytree(base or ensure_default(), folder)
-    params = write_decoders(folder, size)
+    params = {**write_encoders(folder, size), **write_decoders(folder, size)}
     info = {"parameters": params, "seconds": round(time.perf_counter() - t0, 1)}
     info_path.write_text(json.dumps(info))
     return info
@@ -357,26 +434,13 @@ def phase_quantize(args: argparse.Namespace) -> None:
     build, out = Path(args.build), Path(args.out)
     precision, mode = QUANTIZED[args.variant]
     manifest = load_manifest(build, verify=True)
-    patched = False
-    if mode == "static" and manifest.stages[args.stage].data_files:
-        # ONNX Runtime's calibrator saves its augmented copy of the graph as one protobuf unless
-        # told otherwise, which fails above 2 GB
-        import onnxruntime.quantization.calibrate as calibrate
-
-        original = calibrate.create_calibrator
-
-        def create_calibrator(*a, **k):
-            return original(*a, **{**k, "use_external_data_format": True})
-
-        calibrate.create_calibrator = create_calibrator
-        patched = True
     opts = QuantizeOptions(int8_mode=mode or "auto", max_fp32_layers=0, end_to_end=False)
     ctx = QuantizeContext(build, manifest, opts, None, None, lambda m: print(m, flush=True))
     shutil.rmtree(out, ignore_errors=True)
     (out / "stages").mkdir(parents=True)
     kind = manifest.pipeline.stage(args.stage).kind
     sb, report = select_quantizer(kind, precision).quantize(ctx, args.stage, Precision(precision), out)
-    result = {"file": sb.served().file, "report": asdict(report), "calibrator_external_data": patched}
+    result = {"file": sb.served().file, "report": asdict(report)}
     (out / "result.json").write_text(json.dumps(result, indent=2))
 
 
@@ -680,17 +744,19 @@ def measure(stage: str, paths: dict[str, str], args: argparse.Namespace, work: P
 # ---- report ------------------------------------------------------------------------------------------
 
 
-def auto_choice(stage: dict) -> tuple[str, str]:
-    """What ``--precision auto`` would serve: the fastest of FP32 / INT8 (static for these stages)
-    / FP16 whose cosine to FP32 meets the auto plan's budget, by this run's measurements."""
+def auto_choice(name: str, stage: dict) -> tuple[str, str]:
+    """What ``--precision auto`` would serve: the fastest of FP32 / INT8 / FP16 whose cosine to FP32
+    meets the auto plan's budget, by this run's measurements. INT8 in the mode ``auto`` quantizes
+    the stage with (``_int8_mode``): static for the convolutional stages, dynamic for the encoders."""
     from omniforge.build import AUTO_BUDGETS
 
     budget = AUTO_BUDGETS["cosine_min"]
+    int8 = "ort_int8_dynamic" if name.endswith("_encoder") else "ort_int8_static"
     lat = stage.get("latency", {})
     if "median_ms" not in lat.get("ort_fp32", {}):
         return "", "not measured"
     best, why = "ort_fp32", []
-    for v in ("ort_int8_static", "ort_fp16"):
+    for v in (int8, "ort_fp16"):
         q = stage.get("quantize", {}).get(v, {})
         cos = q.get("report", {}).get("metrics", {}).get("cosine_min")
         t = lat.get(v, {}).get("median_ms")
@@ -709,12 +775,12 @@ def report(data: dict) -> str:
     cpu = data["cpu"]
     has = cpu_features(cpu)
     lines = [
-        f"# Real-size diffusion stages ({s['size']}): export, quantization and latency",
+        f"# Real-size encoder and diffusion stages ({s['size']}): export, quantization and latency",
         "",
         f"Seeded random weights, FP16 safetensors, {'in the released shapes' if s['size'] == 'real' else 'small configs'}. Machine: "
         f"{cpu.get('model') or data['machine'].get('cpu', '?')}, {s['threads']} threads everywhere; {has}. "
-        f"UNets per denoising step at batch 2 (classifier-free guidance), VAE decoders and vocoder per call "
-        f"at batch 1; median of {s['runs']} runs per variant, in rounds interleaved with the other variants "
+        f"Encoders per call at batch 1, UNets per denoising step at batch 2 (classifier-free guidance), VAE "
+        f"decoders and vocoder per call at batch 1; median of {s['runs']} runs per variant, in rounds interleaved with the other variants "
         "(side by side) or one variant at a time (alone).",
         "",
         f"Model folder written in {data['model']['write']['seconds']:.0f}s, peak RSS "
@@ -790,7 +856,7 @@ def report(data: dict) -> str:
             )
     lines += ["", "## What `--precision auto` would serve (by these measurements)", ""]
     for stage, r in data["stages"].items():
-        best, why = auto_choice(r)
+        best, why = auto_choice(stage, r)
         if best:
             lines.append(f"- {stage}: **{NAMES[best]}** ({why or 'no quantized variant measured'}).")
     lines += ["", "## Profiles: top ops per run (ms)", ""]
@@ -800,16 +866,39 @@ def report(data: dict) -> str:
                 ops = ", ".join(f"{k} {ms:.0f}" for k, ms in list(t["profile_ms"].items())[:8])
                 lines.append(f"- {stage}, {NAMES[v]}: {ops}")
     lines += ["", f"- {data['zeroscope']['note']}."]
+    measured = {k: r["measured"] for k, r in data["stages"].items() if "measured" in r}
+    if len({(m["date"], m["cpu"]) for m in measured.values()}) > 1:
+        lines += ["", "## Where each stage was measured", ""]
+        lines += [f"- {k}: {m['date']}, {m['cpu']}" for k, m in measured.items()]
     return "\n".join(lines)
 
 
 PARTS = {
+    "image_encoder": "image_encoder",
+    "audio_encoder": "audio_encoder",
     "image_unet": "image_unet",
     "image_vae_decoder": "image_vae",
     "audio_unet": "audio_unet",
     "audio_vae_decoder": "audio_vae",
     "vocoder": "vocoder",
 }
+
+
+def earlier_results(path: Path, running: list[str]) -> tuple[dict[str, dict], list[dict]]:
+    """The stages of an earlier run's results at ``path`` that this run does not measure again, and
+    the settings of the runs that made them."""
+    if not path.is_file():
+        return {}, []
+    old = json.loads(path.read_text())
+    cpu = old.get("cpu", {})
+    where = {
+        "date": old.get("date", "an earlier run"),
+        "cpu": f"{cpu.get('model', '?')}; {cpu_features(cpu)}",
+    }
+    settings = old.get("settings", {})
+    runs = settings.get("invocations") or [{k: v for k, v in settings.items() if k != "invocations"}]
+    stages = {k: {"measured": where, **v} for k, v in old.get("stages", {}).items() if k not in running}
+    return stages, runs
 
 
 def main() -> None:
@@ -869,6 +958,7 @@ def main() -> None:
     if "has" in cpu:  # FP16 arithmetic, beside the flags the LLM benchmark records
         cpu["has"]["avx512_fp16"] = "avx512_fp16" in cpu["flags"]
     data = {
+        "date": time.strftime("%Y-%m-%d"),
         "machine": machine(),
         "cpu": cpu,
         "versions": {**versions(), **{p: md.version(p) for p in ("diffusers", "onnx")}},
@@ -885,8 +975,16 @@ def main() -> None:
         "stages": stages,
     }
     name = "real_size_diffusion" if args.size == "real" else "real_size_diffusion-tiny"
-    for stage in args.stages:
-        stages[stage] = run_stage(stage, args, work)
+    kept, runs = earlier_results(_common.RESULTS / f"{name}.json", args.stages)
+    stages.update(kept)
+    data["settings"]["invocations"] = [*runs, dict(data["settings"])] if kept else [dict(data["settings"])]
+    where = f"{cpu.get('model') or data['machine'].get('cpu', '?')}; {cpu_features(cpu)}"
+    for stage in STAGES:  # the report's order
+        if stage in args.stages:
+            stages[stage] = {"measured": {"date": time.strftime("%Y-%m-%d"), "cpu": where}}
+            stages[stage].update(run_stage(stage, args, work))
+        elif stage in stages:
+            stages[stage] = stages.pop(stage)
         if not args.keep:  # free the disk before the next stage
             shutil.rmtree(work / "builds", ignore_errors=True)
             shutil.rmtree(work / "quant", ignore_errors=True)
