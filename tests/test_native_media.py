@@ -55,6 +55,9 @@ def media_library(native: Path) -> ctypes.CDLL:
         "of_decoder_conditioning_input": (i32, [P, SIZE, SIZE]),
         "of_decoder_options_init": (None, [ctypes.POINTER(_DecoderOptions)]),
         "of_decoder_run": (i32, [P, F, size, F, F, size, ctypes.POINTER(_DecoderOptions), ctypes.POINTER(P)]),
+        "of_llm_signal_hidden": (i32, [P, P, ctypes.c_char_p, F, size]),
+        "of_generation_tokens": (I32, [P, SIZE]),
+        "of_generation_free": (None, [P]),
         "of_media_data": (F, [P, SIZE]),
         "of_media_free": (None, [P]),
     }.items():
@@ -389,3 +392,76 @@ def test_a_prompt_with_media_is_laid_out_as_pipeline_run_does(
         assert status == 1 and why.startswith("the prompt with its media is ") and "leaving no room" in why
     finally:
         nat.close()
+
+
+def test_a_forced_image_composed_in_c_equals_pipeline_run(native: Native, pipe) -> None:
+    """Pipeline.run(..., force=["image"]) in C calls: the encoder, ``of_llm_generate_media`` with the
+    signal tokens' hidden states kept, ``of_llm_signal_hidden`` (the model generated no whole set of
+    image signal tokens, so they are teacher-forced after the reply, as the Python pipeline does),
+    the conditioning and the decoder: the same tokens and the same image."""
+    from omniforge.runtime.native import _GenerateOptions
+    from omniforge.runtime.pipeline import DiffusionConfig
+    from omniforge.runtime.sampling import GenerationConfig
+
+    pic, prompt = _picture(4), "Describe it and draw it"
+    gen, diff = GenerationConfig(max_new_tokens=16), DiffusionConfig(steps=3, seed=0)
+    want = pipe.run(prompt, image=pic, generation=gen, diffusion=diff, force=["image"], adapter=BASE)
+    assert pipe._generated_signal_rows(want.generation, "image") is None  # forced, not generated
+
+    enc, llm, dec = native.open("encoder", "image"), native.llm(), native.open("decoder", "image")
+    _, rows = native.encode(enc, pipe._image_pixels(pic, pipe.build.json("image_preprocessor"))[None])
+    lib = native.lib
+    fn = lib.of_llm_generate_media
+    fn.restype, fn.argtypes = (
+        ctypes.c_int32,
+        [P, ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(_MediaRows)],
+    )
+    fn.argtypes += [ctypes.c_size_t, ctypes.POINTER(_GenerateOptions), ctypes.POINTER(P)]
+    init = lib.of_generate_options_init
+    init.restype, init.argtypes = None, [ctypes.POINTER(_GenerateOptions)]
+    opts = _GenerateOptions()
+    init(ctypes.byref(opts))
+    opts.max_new_tokens, opts.collect_signal_hidden = gen.max_new_tokens, 1
+    item = (_MediaRows * 1)(_MediaRows(b"image", floats(rows), len(rows)))
+    g = P()
+    text = prompt.encode()
+    assert fn(llm, text, len(text), item, 1, ctypes.byref(opts), ctypes.byref(g)) == 0, lib.of_llm_last_error(
+        llm
+    )
+    try:
+        n = ctypes.c_size_t()
+        ids = lib.of_generation_tokens(g, ctypes.byref(n))
+        assert list(ids[: n.value]) == want.generation.token_ids
+        n_signal, width = ctypes.c_size_t(), ctypes.c_size_t()
+        assert lib.of_decoder_conditioning_input(dec, ctypes.byref(n_signal), ctypes.byref(width)) == 0
+        hidden = np.zeros((n_signal.value, width.value), np.float32)
+        status = lib.of_llm_signal_hidden(llm, g, b"image", floats(hidden), hidden.size)
+        assert status == 0, lib.of_llm_last_error(llm)
+        assert lib.of_llm_signal_hidden(llm, g, b"image", floats(hidden), hidden.size - 1) == 1
+        assert lib.of_llm_signal_hidden(llm, g, b"smell", floats(hidden), hidden.size) == 4
+        assert lib.of_llm_last_error(llm) == b"this build has no signal tokens for 'smell'"
+    finally:
+        lib.of_generation_free(g)
+    cond_size = int(np.prod(pipe.conditioning("image", hidden).shape))
+    status, cond = native.conditioning(dec, llm, hidden, cond_size)
+    assert status == 0, cond
+    latents = pipe.initial_latents("image", diff.seed)
+    dopts = _DecoderOptions()
+    lib.of_decoder_options_init(ctypes.byref(dopts))
+    dopts.steps = diff.steps
+    media = P()
+    status = lib.of_decoder_run(
+        dec,
+        floats(cond),
+        cond.size,
+        None,
+        floats(latents),
+        latents.size,
+        ctypes.byref(dopts),
+        ctypes.byref(media),
+    )
+    assert status == 0, lib.of_decoder_last_error(dec)
+    size = ctypes.c_size_t()
+    image = np.ctypeslib.as_array(lib.of_media_data(media, ctypes.byref(size)), (size.value,)).copy()
+    lib.of_media_free(media)
+    np.testing.assert_allclose(image.reshape(want.images[0].shape), want.images[0], rtol=0, atol=1e-4)

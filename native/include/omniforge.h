@@ -192,6 +192,17 @@ OF_API of_status of_llm_generate_embeddings(of_llm* llm, const float* rows, size
                                             size_t n_history, const of_generate_options* options,
                                             of_generation** result);
 
+/* The hidden states of `modality`'s whole set of signal tokens ([IMG0..3], ...: n_signal x
+   hidden_size floats into hidden, n_floats exactly that), what of_decoder_conditioning takes, for
+   a generation made with options.collect_signal_hidden: the rows it collected when it generated
+   the whole set in order (the first such run), else the set teacher-forced after the request's
+   prompt rows and its generated text (stop tokens left out, cut to fit the context), as the
+   Python runtime's Pipeline.run does for a modality forced with force=[...]. The forced pass takes
+   a KV slot (waiting for one) and keeps nothing. A modality the build has no signal tokens for is
+   OF_ERR_INPUT. */
+OF_API of_status of_llm_signal_hidden(of_llm* llm, const of_generation* g, const char* modality, float* hidden,
+                                      size_t n_floats);
+
 /* The token embeddings of n ids (what the LLM is fed for them, as the build's token_embedding
    stage computes them): n x hidden_size floats written to rows, n_floats must be exactly that.
    With of_encoder_run's rows spliced in, they make of_llm_generate_embeddings' prompt. Ids outside

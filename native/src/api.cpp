@@ -349,6 +349,21 @@ of_status of_llm_generate_media(of_llm* llm, const char* prompt, size_t prompt_l
     });
 }
 
+of_status of_llm_signal_hidden(of_llm* llm, const of_generation* g, const char* modality, float* hidden, size_t n_floats) {
+    if (!llm) return OF_ERR_INVALID_ARGUMENT;
+    return guarded(llm->errors.mine(), [&] {
+        using omniforge::fail;
+        if (!g) fail(OF_ERR_INVALID_ARGUMENT, "the generation is a null pointer");
+        if (!modality) fail(OF_ERR_INVALID_ARGUMENT, "the modality is a null pointer");
+        if (!hidden) fail(OF_ERR_INVALID_ARGUMENT, "the hidden-state buffer is a null pointer");
+        const std::vector<float> out = omniforge::signal_hidden(*llm->impl, g->out, modality, /*slot_wait_ms=*/-1);
+        if (n_floats != out.size())
+            fail(OF_ERR_INVALID_ARGUMENT, "the hidden-state buffer must hold " + std::to_string(out.size()) + " floats, got " +
+                                              std::to_string(n_floats));
+        std::copy(out.begin(), out.end(), hidden);
+    });
+}
+
 of_status of_llm_embed_tokens(of_llm* llm, const int32_t* ids, size_t n, float* rows, size_t n_floats) {
     if (!llm) return OF_ERR_INVALID_ARGUMENT;
     return guarded(llm->errors.mine(), [&] {

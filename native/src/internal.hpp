@@ -242,6 +242,9 @@ struct GenerateOutput {
     size_t prompt_tokens = 0;
     size_t reused_tokens = 0;  // prompt tokens whose KV came from the prefix cache
     double ttft_s = 0.0, decode_s = 0.0;
+    // kept when collect_signal_hidden is set, for signal_hidden's teacher-forced pass
+    std::vector<float> prompt_rows;
+    std::vector<int32_t> stop_ids;
 };
 
 GenerateOutput generate(LlmImpl& llm, const std::vector<int32_t>& prompt, const GenerateParams& params);
@@ -262,6 +265,15 @@ std::vector<int32_t> signal_token_ids(const LlmImpl& llm, const std::string& mod
 // the rows spliced in at the placeholders (a missing placeholder put in front of the text, as
 // Pipeline.run does; LlmRuntime.prepare). Checked against the context before any row is computed.
 PreparedPrompt prepare_prompt(LlmImpl& llm, std::string text, const std::vector<MediaItem>& items);
+// LlmRuntime.hidden_after: the final hidden states (ids.size() x hidden_size) of `ids` fed after
+// `n` rows (teacher forcing; a cached prefix is reused, nothing is kept), at the positions the
+// protocol reads ('predicting': the rows that predict each id).
+std::vector<float> hidden_after(LlmImpl& llm, const std::vector<float>& rows, size_t n, const std::vector<int32_t>& ids,
+                                int32_t slot_wait_ms);
+// The hidden states of `modality`'s full set of signal tokens for a generation: those it collected
+// when it generated the set in order, else teacher-forced after its prompt and generated text, as
+// Pipeline.run does for a forced modality.
+std::vector<float> signal_hidden(LlmImpl& llm, const GenerateOutput& g, const std::string& modality, int32_t slot_wait_ms);
 // Keep the KV of up to `entries` finished requests (0: off) for prompts that start with them, in
 // whole blocks of `block_size` tokens (as the Python runtime's PrefixCache); entries < slots.
 void set_prefix_cache(LlmImpl& llm, int32_t entries, int32_t block_size);

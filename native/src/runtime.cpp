@@ -937,6 +937,10 @@ GenerateOutput generate_rows(LlmImpl& llm, const std::vector<float>& rows, size_
     SlotLease lease(llm, p.slot_wait_ms);
     GenerateOutput out;
     out.prompt_tokens = n;
+    if (p.collect_signal_hidden) {  // for signal_hidden's teacher-forced pass
+        out.prompt_rows = rows;
+        out.stop_ids = stop_ids;
+    }
     Rng rng(p.sampling.seed);
     Sampler sampler;
     std::vector<int32_t> history;  // for the repetition penalty: the prompt's ids, then the generated
@@ -1020,6 +1024,71 @@ GenerateOutput generate_rows(LlmImpl& llm, const std::vector<float>& rows, size_
         out.text = text->text();
     }
     return out;
+}
+
+std::vector<float> hidden_after(LlmImpl& llm, const std::vector<float>& rows, size_t n, const std::vector<int32_t>& ids,
+                                int32_t slot_wait_ms) {
+    const size_t h = size_t(llm.g.hidden_size);
+    if (n == 0 || rows.size() != n * h) fail(OF_ERR_INVALID_ARGUMENT, "the rows must be n >= 1 rows of hidden_size floats");
+    if (ids.empty()) fail(OF_ERR_INVALID_ARGUMENT, "no token ids to feed after the rows");
+    const size_t fed = n + ids.size() - (llm.signal_predicting ? 1 : 0);
+    if (fed > size_t(llm.max_context))  // nothing is generated after them: they may fill it
+        fail(OF_ERR_CONTEXT_LENGTH, std::to_string(n) + " rows followed by " + std::to_string(fed - n) + " tokens is " + std::to_string(fed) +
+                                        " tokens fed to the LLM; the context holds " + std::to_string(llm.max_context));
+    for (int32_t id : ids)
+        if (id < 0 || id >= llm.g.vocab_size)
+            fail(OF_ERR_INPUT, "token ids must lie in [0, " + std::to_string(llm.g.vocab_size) + "), got " + std::to_string(id));
+    SlotLease lease(llm, slot_wait_ms);
+    // a cached prefix is reused; at least the rows whose hidden states are read are computed anew
+    const size_t reused = lease.reuse(rows, n);
+    const std::vector<float> rest(rows.begin() + long(reused * h), rows.end());
+    std::vector<float> logits, last, out;
+    llm.step(lease.slot, rest, static_cast<int64_t>(n - reused), logits, &last);
+    if (llm.signal_predicting) out = last;  // the row that predicts the first token
+    DecodeBinding decode(llm, lease.slot, logits);
+    for (size_t i = 0; i + (llm.signal_predicting ? 1 : 0) < ids.size(); ++i) {
+        decode.run(llm.embed({ids[i]}));
+        const std::vector<float> hs = decode.hidden();
+        out.insert(out.end(), hs.begin(), hs.end());
+    }
+    return out;
+}
+
+std::vector<float> signal_hidden(LlmImpl& llm, const GenerateOutput& g, const std::string& modality, int32_t slot_wait_ms) {
+    const std::vector<int32_t> ids = signal_token_ids(llm, modality);
+    const size_t n = ids.size(), h = size_t(llm.g.hidden_size);
+    // Pipeline._generated_signal_rows: the first complete, in-order run the LLM generated
+    std::vector<size_t> at;
+    std::vector<const std::vector<float>*> rows;
+    for (size_t e = 0; e < g.signals.size(); ++e) {
+        if (g.signals[e].modality != modality) continue;
+        at.push_back(g.signals[e].index);
+        if (e < g.signal_hidden.size() && !g.signal_hidden[e].empty()) rows.push_back(&g.signal_hidden[e]);
+    }
+    for (size_t k = 0; k < at.size(); ++k) {
+        const size_t i = at[k];
+        if (i + n <= g.tokens.size() && std::equal(ids.begin(), ids.end(), g.tokens.begin() + long(i)) && k + n <= rows.size()) {
+            std::vector<float> out;
+            for (size_t j = k; j < k + n; ++j) out.insert(out.end(), rows[j]->begin(), rows[j]->end());
+            return out;
+        }
+    }
+    // else Pipeline.run's forced modality: teacher-forced after the prompt and the generated text
+    // (stop tokens left out, cut to what fits)
+    if (g.prompt_rows.empty())
+        fail(OF_ERR_INVALID_ARGUMENT, "this generation was made without collect_signal_hidden, so its prompt rows were not kept");
+    const size_t n_prompt = g.prompt_rows.size() / h;
+    std::vector<int32_t> text;
+    for (int32_t t : g.tokens)
+        if (std::find(g.stop_ids.begin(), g.stop_ids.end(), t) == g.stop_ids.end()) text.push_back(t);
+    const int64_t room = std::max<int64_t>(0, llm.max_context - 1 - int64_t(n_prompt) - int64_t(n));
+    if (int64_t(text.size()) > room) text.resize(size_t(room));
+    std::vector<float> fed = g.prompt_rows;
+    if (!text.empty()) {
+        const std::vector<float> more = llm.embed(text);
+        fed.insert(fed.end(), more.begin(), more.end());
+    }
+    return hidden_after(llm, fed, n_prompt + text.size(), ids, slot_wait_ms);
 }
 
 void set_prefix_cache(LlmImpl& llm, int32_t entries, int32_t block_size) {
