@@ -300,6 +300,8 @@ static void check_media(const char* build_path) {
     expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(llm), "rows must hold", "an embedding buffer too small");
     of_decoder* d = nullptr;
     CHECK(of_decoder_open(b, "image", &d) == OF_OK);
+    of_build* b2 = nullptr;
+    CHECK(of_build_open(build_path, nullptr, &b2) == OF_OK);
     of_build_close(b);  // the handles keep what they need
     size_t n_signal = 0, width = 0;
     CHECK(of_decoder_conditioning_input(d, &n_signal, &width) == OF_OK && n_signal >= 1 && width == size_t(hidden));
@@ -312,6 +314,52 @@ static void check_media(const char* build_path) {
     expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(d), "conditioning buffer must hold", "a conditioning buffer too small");
     CHECK(of_decoder_conditioning(d, nullptr, nullptr, h.size(), cond.data(), cond.size()) == OF_ERR_INVALID_ARGUMENT);
     CHECK(of_decoder_conditioning_input(d, nullptr, &width) == OF_ERR_INVALID_ARGUMENT);
+
+    // a prompt with an image, then the image's signal-token hidden states (teacher-forced)
+    of_encoder* ie = nullptr;
+    CHECK(of_encoder_open(b2, "image", &ie) == OF_OK);
+    size_t rank = 0, rows_n = 0, w = 0;
+    CHECK(of_encoder_input_shape(ie, nullptr, 0, &rank) == OF_OK);
+    std::vector<int64_t> shape(rank);
+    CHECK(of_encoder_input_shape(ie, shape.data(), rank, &rank) == OF_OK && of_encoder_rows(ie, &rows_n, &w) == OF_OK);
+    std::vector<float> px(product(shape), 0.1f), img_rows(rows_n * w);
+    CHECK(of_encoder_run(ie, px.data(), px.size(), 1, img_rows.data(), img_rows.size()) == OF_OK);
+    of_media_rows item{"image", img_rows.data(), rows_n};
+    of_generate_options go;
+    of_generate_options_init(&go);
+    go.max_new_tokens = 6;
+    go.collect_signal_hidden = 1;
+    const char* prompt = "describe it";
+    of_generation* g = nullptr;
+    st = of_llm_generate_media(llm, prompt, std::strlen(prompt), &item, 1, &go, &g);
+    CHECK(st == OF_OK && g && of_generation_prompt_tokens(g) > rows_n);
+    std::vector<float> sh(n_signal * width);
+    CHECK(of_llm_signal_hidden(llm, g, "image", sh.data(), sh.size()) == OF_OK);
+    CHECK(std::all_of(sh.begin(), sh.end(), [](float v) { return std::isfinite(v); }));
+    CHECK(of_decoder_conditioning(d, llm, sh.data(), sh.size(), cond.data(), cond.size()) == OF_OK);
+    st = of_llm_signal_hidden(llm, g, "image", sh.data(), sh.size() + 1);
+    expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(llm), "buffer must hold", "a hidden-state buffer too big");
+    st = of_llm_signal_hidden(llm, g, "smell", sh.data(), sh.size());
+    expect_refusal(st, OF_ERR_INPUT, of_last_error(llm), "no signal tokens for 'smell'", "signal hidden states of no modality");
+    of_generation_free(g);
+    g = nullptr;
+    go.collect_signal_hidden = 0;
+    CHECK(of_llm_generate_media(llm, prompt, std::strlen(prompt), &item, 1, &go, &g) == OF_OK);
+    st = of_llm_signal_hidden(llm, g, "image", sh.data(), sh.size());
+    expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(llm), "without collect_signal_hidden", "forced hidden states, prompt not kept");
+    of_generation_free(g);
+    g = nullptr;
+    img_rows[1] = NAN;
+    st = of_llm_generate_media(llm, prompt, std::strlen(prompt), &item, 1, &go, &g);
+    expect_refusal(st, OF_ERR_INPUT, of_last_error(llm), "contain NaN", "media rows with NaN");
+    of_media_rows smell{"smell", img_rows.data(), rows_n};
+    st = of_llm_generate_media(llm, prompt, std::strlen(prompt), &smell, 1, &go, &g);
+    expect_refusal(st, OF_ERR_INPUT, of_last_error(llm), "unknown modality 'smell'", "media of no modality");
+    st = of_llm_generate_media(llm, prompt, std::strlen(prompt), nullptr, 1, &go, &g);
+    expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(llm), "null pointer", "null media");
+    CHECK(g == nullptr);
+    of_encoder_close(ie);
+    of_build_close(b2);
     of_decoder_close(d);
     of_llm_close(llm);
 }
