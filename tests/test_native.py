@@ -335,6 +335,59 @@ def test_cpp_example_serves_cancels_and_reports_timing(
         assert "decode_tok_s=" in line
 
 
+def test_cpp_any_to_any_example_writes_the_image_and_wav(
+    native_build: Path, default_build: Path, ort_library: str, tmp_path: Path
+) -> None:
+    """examples/cpp/any_to_any.cpp: an image in (the front end's output), the reply streamed (the
+    Python pipeline's text), and the forced image and audio written as PPM and WAV of the decoders'
+    sizes."""
+    import wave
+
+    import numpy as np
+
+    from omniforge.runtime.pipeline import DiffusionConfig, Pipeline
+    from omniforge.runtime.sampling import GenerationConfig
+
+    pipe = Pipeline(default_build)
+    pic = np.random.default_rng(4).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    pixels = tmp_path / "pixels.f32"
+    pipe._image_pixels(pic, pipe.build.json("image_preprocessor"))[None].astype(np.float32).tofile(pixels)
+    prompt = "Describe it and draw it"
+    want = pipe.run(
+        prompt,
+        image=pic,
+        generation=GenerationConfig(max_new_tokens=16),
+        diffusion=DiffusionConfig(steps=2),
+        force=["image", "audio"],
+        adapter=BASE,
+    )
+    cmd = [
+        str(native_build / "omniforge_example_any"),
+        str(default_build),
+        prompt,
+        "--image-input",
+        str(pixels),
+    ]
+    cmd += [
+        "--force",
+        "image,audio",
+        "--image-out",
+        str(tmp_path / "out.ppm"),
+        "--audio-out",
+        str(tmp_path / "out.wav"),
+    ]
+    cmd += ["--max", "16", "--steps", "2"]
+    r = _run(cmd, env=_env(default_build, ort_library))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout == want.text + "\n"
+    h, w, _ = want.images[0].shape
+    assert (tmp_path / "out.ppm").read_bytes().startswith(f"P6\n{w} {h}\n255\n".encode())
+    assert (tmp_path / "out.ppm").stat().st_size == len(f"P6\n{w} {h}\n255\n") + h * w * 3
+    with wave.open(str(tmp_path / "out.wav")) as f:
+        assert (f.getframerate(), f.getnframes()) == (want.sample_rate, len(want.audios[0]))
+    assert f"tokens={len(want.generation.token_ids)} finish=" in r.stderr
+
+
 @pytest.mark.parametrize(
     "disabled, package",
     [("nlohmann_json", "nlohmann-json3-dev"), ("OpenSSL", "libssl-dev")],
