@@ -303,10 +303,9 @@ class LlmRuntime:
         assert stage.llm is not None
         self.geometry = stage.llm
         self.slot_wait_s = slot_wait_s  # how long a request waits for a free cache slot before failing
-        # a numpy lookup in the decode loop; the stage's engine only for forms the table cannot read
-        self.table = EmbeddingTable.from_onnx(
-            self.build.graph(self.build.manifest.stage_build("token_embedding").served()).data
-        )
+        # a numpy lookup in the decode loop (read on first use: with the native loop the native
+        # core's table serves, held once); the stage's engine only for forms the table cannot read
+        self._table: EmbeddingTable | None | bool = False
         self.tokenizer = self.build.tokenizer() if "tokenizer" in self.build.manifest.files else None
         self.pool = KVCachePool(stage.llm, num_slots, max_context)
         self.prefix_cache = PrefixCache(self.pool, min(prefix_cache_entries, num_slots - 1), block_size)
@@ -415,9 +414,24 @@ class LlmRuntime:
         return self.adapters.arrays(tuple(names)) if self.adapters is not None else None
 
     # ---- inputs -------------------------------------------------------------------------------
+    @property
+    def table(self) -> EmbeddingTable | None:
+        """The token-embedding table, read on first use (None: a form only its session reads)."""
+        if self._table is False:
+            with self._engines_lock:
+                if self._table is False:
+                    self._table = EmbeddingTable.from_onnx(
+                        self.build.graph(self.build.manifest.stage_build("token_embedding").served()).data
+                    )
+        return self._table  # type: ignore[return-value]
+
     def embed_ids(self, ids: Sequence[int] | np.ndarray, trusted: bool = False) -> np.ndarray:
         """(S,) token ids -> (S, H) embedding rows; ``trusted``: ids the sampler chose, known to be
-        in range (the decode loop skips the checks)."""
+        in range (the decode loop skips the checks). With the native loop, the native core's
+        embeddings (the same values), so the table is not held twice."""
+        if self.native is not None:
+            arr = np.asarray(ids, dtype=np.int64) if trusted else self._token_array(ids)
+            return self.native.embed(arr, self.geometry.hidden_size)
         if trusted and self.table is not None:
             return self.table.lookup(np.asarray(ids, dtype=np.int64))
         arr = self._token_array(ids)

@@ -160,6 +160,10 @@ def load_library(path: Path) -> ctypes.CDLL:
                 [p, sz, ctypes.POINTER(ctypes.POINTER(ctypes.c_float)), ctypes.POINTER(sz)],
             ),
             "of_llm_signal_modality": (ctypes.c_char_p, [p, i32]),
+            "of_llm_embed_tokens": (
+                i32,
+                [p, ctypes.POINTER(i32), sz, ctypes.POINTER(ctypes.c_float), sz],
+            ),
         }
         for name, (restype, argtypes) in sigs.items():
             try:
@@ -251,6 +255,23 @@ class NativeLlm:
             self.close()
             raise ConfigError(f"the native core refused the prefix cache: {message}")
         self.embedding_form = lib.of_llm_embedding_form(llm).decode()
+
+    def embed(self, ids: np.ndarray, hidden_size: int) -> np.ndarray:
+        """(S,) in-vocabulary token ids -> (S, hidden_size) rows: the token embeddings the native
+        core feeds the LLM (its table, or the token_embedding session)."""
+        arr = np.ascontiguousarray(ids, dtype=np.int32)
+        rows = np.empty((len(arr), hidden_size), np.float32)
+        status = self.lib.of_llm_embed_tokens(
+            self._llm,
+            arr.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+            len(arr),
+            rows.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+            rows.size,
+        )
+        if status != 0:
+            message = self.lib.of_llm_last_error(self._llm).decode(errors="replace")
+            raise _ERRORS.get(status, EngineError)(message)
+        return rows
 
     def close(self) -> None:
         if self._llm:
