@@ -107,7 +107,7 @@ StageSession open_stage(const std::shared_ptr<BuildImpl>& b, const std::string& 
     const Contract& c = b->manifest.contract(name, v);
     for (const TensorSpec& t : c.inputs) {
         if (t.dtype != "float32")
-            fail(OF_ERR_UNSUPPORTED, "stage '" + name + "' input '" + t.name + "' is " + t.dtype + "; the native decoders feed float32");
+            fail(OF_ERR_UNSUPPORTED, "stage '" + name + "' input '" + t.name + "' is " + t.dtype + "; the native core feeds its stages float32");
         s.inputs.push_back(t.name);
     }
     for (const TensorSpec& t : c.outputs) s.outputs.push_back(t.name);
