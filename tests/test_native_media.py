@@ -120,6 +120,28 @@ class Native:
         )
         return status, cond if status == 0 else self.lib.of_decoder_last_error(dec).decode()
 
+    def decode(self, dec: P, cond: np.ndarray, latents: np.ndarray, steps: int) -> np.ndarray:
+        """``of_decoder_run`` from the given latents: the medium's floats."""
+        opts = _DecoderOptions()
+        self.lib.of_decoder_options_init(ctypes.byref(opts))
+        opts.steps = steps
+        media = P()
+        status = self.lib.of_decoder_run(
+            dec,
+            floats(cond),
+            cond.size,
+            None,
+            floats(latents),
+            latents.size,
+            ctypes.byref(opts),
+            ctypes.byref(media),
+        )
+        assert status == 0, self.lib.of_decoder_last_error(dec)
+        n = ctypes.c_size_t()
+        out = np.ctypeslib.as_array(self.lib.of_media_data(media, ctypes.byref(n)), (n.value,)).copy()
+        self.lib.of_media_free(media)
+        return out
+
     def close(self) -> None:
         for kind, h in reversed(self.handles):
             getattr(self.lib, f"of_{kind}_close")(h)
@@ -235,24 +257,7 @@ def test_media_in_and_out_composed_in_c_equal_the_python_pipeline(native: Native
     diff = DiffusionConfig(steps=3, seed=0)
     latents = pipe.initial_latents("image", diff.seed)
     want = pipe.decode_image(want_cond, diff, latents)
-    opts = _DecoderOptions()
-    native.lib.of_decoder_options_init(ctypes.byref(opts))
-    opts.steps = diff.steps
-    media = P()
-    status = native.lib.of_decoder_run(
-        dec,
-        floats(cond),
-        cond.size,
-        None,
-        floats(latents),
-        latents.size,
-        ctypes.byref(opts),
-        ctypes.byref(media),
-    )
-    assert status == 0, native.lib.of_decoder_last_error(dec)
-    n = ctypes.c_size_t()
-    image = np.ctypeslib.as_array(native.lib.of_media_data(media, ctypes.byref(n)), (n.value,)).copy()
-    native.lib.of_media_free(media)
+    image = native.decode(dec, cond, latents, diff.steps)
     np.testing.assert_allclose(image.reshape(want.shape), want, rtol=0, atol=1e-4)
 
 
@@ -445,23 +450,5 @@ def test_a_forced_image_composed_in_c_equals_pipeline_run(native: Native, pipe) 
     cond_size = int(np.prod(pipe.conditioning("image", hidden).shape))
     status, cond = native.conditioning(dec, llm, hidden, cond_size)
     assert status == 0, cond
-    latents = pipe.initial_latents("image", diff.seed)
-    dopts = _DecoderOptions()
-    lib.of_decoder_options_init(ctypes.byref(dopts))
-    dopts.steps = diff.steps
-    media = P()
-    status = lib.of_decoder_run(
-        dec,
-        floats(cond),
-        cond.size,
-        None,
-        floats(latents),
-        latents.size,
-        ctypes.byref(dopts),
-        ctypes.byref(media),
-    )
-    assert status == 0, lib.of_decoder_last_error(dec)
-    size = ctypes.c_size_t()
-    image = np.ctypeslib.as_array(lib.of_media_data(media, ctypes.byref(size)), (size.value,)).copy()
-    lib.of_media_free(media)
+    image = native.decode(dec, cond, pipe.initial_latents("image", diff.seed), diff.steps)
     np.testing.assert_allclose(image.reshape(want.images[0].shape), want.images[0], rtol=0, atol=1e-4)

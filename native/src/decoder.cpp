@@ -214,12 +214,7 @@ struct DecoderImpl {
 };
 
 std::shared_ptr<DecoderImpl> open_decoder(std::shared_ptr<BuildImpl> build, const std::string& modality) {
-    if (modality != "image" && modality != "video" && modality != "audio") {
-        std::string m = modality.substr(0, 60);
-        for (char& ch : m)
-            if (static_cast<unsigned char>(ch) < 0x20) ch = '?';
-        fail(OF_ERR_INVALID_ARGUMENT, "unknown modality '" + m + "' (the decoders generate image, video or audio)");
-    }
+    check_media_modality(modality, "the decoders generate");
     auto d = std::make_shared<DecoderImpl>();
     d->modality = modality;
     const Manifest& m = build->manifest;

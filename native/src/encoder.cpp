@@ -36,12 +36,7 @@ std::vector<int64_t> static_tail(const StageSpec& spec) {
 }  // namespace
 
 std::shared_ptr<EncoderImpl> open_encoder(std::shared_ptr<BuildImpl> build, const std::string& modality) {
-    if (modality != "image" && modality != "video" && modality != "audio") {
-        std::string m = modality.substr(0, 60);
-        for (char& ch : m)
-            if (static_cast<unsigned char>(ch) < 0x20) ch = '?';
-        fail(OF_ERR_INVALID_ARGUMENT, "unknown modality '" + m + "' (the encoders take image, video or audio)");
-    }
+    check_media_modality(modality, "the encoders take");
     const Manifest& m = build->manifest;
     const std::string base = modality == "video" ? "image" : modality;
     const std::string enc = base + "_encoder";

@@ -144,4 +144,12 @@ std::vector<float> run_stage(StageSession& s, const std::vector<std::pair<const 
     return std::vector<float>(p, p + info.GetElementCount());
 }
 
+void check_media_modality(const std::string& modality, const std::string& what) {
+    if (modality == "image" || modality == "video" || modality == "audio") return;
+    std::string m = modality.substr(0, 60);
+    for (char& ch : m)
+        if (static_cast<unsigned char>(ch) < 0x20) ch = '?';
+    fail(OF_ERR_INVALID_ARGUMENT, "unknown modality '" + m + "' (" + what + " image, video or audio)");
+}
+
 }  // namespace omniforge

@@ -17,6 +17,8 @@ namespace omniforge {
 std::string shape_str(const std::vector<int64_t>& s);  // as Python prints a tuple
 size_t product(const std::vector<int64_t>& s);
 bool all_finite(const float* p, size_t n);
+// OF_ERR_INVALID_ARGUMENT unless "image", "video" or "audio": "unknown modality 'x' (<what> image, ...)"
+void check_media_modality(const std::string& modality, const std::string& what);
 
 // What the C++ manifest reader does not keep of a pipeline stage: its dims (name -> opt), its
 // component and its inputs' named sizes. Read again from manifest.json, and checked to describe
