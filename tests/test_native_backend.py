@@ -124,6 +124,20 @@ def test_signal_hidden_states_come_from_the_native_loop(
         _same(x, y)
         assert n2._engines == {}
     assert nat._engines == {} and py._engines  # the native runtime never opened its own session
+    # teacher forcing (a forced modality's signal tokens after the reply) runs natively too, at the
+    # protocol's positions; another position takes the Python loop
+    rows, _ = nat.prepare(prompt)
+    ids = [t for t, m in nat.signal_ids.items() if m == "image"]
+    want = py.hidden_after(rows, ids, predicting=position == "predicting")
+    np.testing.assert_allclose(
+        nat.hidden_after(rows, ids, predicting=position == "predicting"), want, atol=1e-5, rtol=1e-5
+    )
+    assert nat._engines == {}
+    other = py.hidden_after(rows, ids, predicting=position != "predicting")
+    np.testing.assert_allclose(
+        nat.hidden_after(rows, ids, predicting=position != "predicting"), other, atol=1e-5, rtol=1e-5
+    )
+    assert nat._engines  # the Python loop's session, opened for it
 
 
 def test_stream_and_cancellation(library: Path, default_build: Path) -> None:

@@ -192,6 +192,14 @@ OF_API of_status of_llm_generate_embeddings(of_llm* llm, const float* rows, size
                                             size_t n_history, const of_generate_options* options,
                                             of_generation** result);
 
+/* Teacher forcing, as the Python runtime's LlmRuntime.hidden_after: the final hidden states of
+   the n_ids tokens fed after n_rows prompt rows (n_rows x hidden_size floats), n_ids x hidden_size
+   floats into hidden (n_floats exactly that), at the positions the build's protocol reads signal
+   tokens at ("predicting": the rows that predict each id; "at_token": the rows at them). A cached
+   prefix of the rows is reused; nothing is kept; it takes a KV slot, waiting for one. */
+OF_API of_status of_llm_hidden_after(of_llm* llm, const float* rows, size_t n_rows, const int32_t* ids, size_t n_ids,
+                                     float* hidden, size_t n_floats);
+
 /* The hidden states of `modality`'s whole set of signal tokens ([IMG0..3], ...: n_signal x
    hidden_size floats into hidden, n_floats exactly that), what of_decoder_conditioning takes, for
    a generation made with options.collect_signal_hidden: the rows it collected when it generated

@@ -3,6 +3,7 @@
 #include <onnxruntime/onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
 
+#include <cmath>
 #include <fstream>
 #include <mutex>
 #include <new>
@@ -346,6 +347,29 @@ of_status of_llm_generate_media(of_llm* llm, const char* prompt, size_t prompt_l
         auto g = std::make_unique<of_generation>();
         g->out = omniforge::generate_rows(*llm->impl, prepared.rows, prepared.n, prepared.ids, p);
         *result = g.release();
+    });
+}
+
+of_status of_llm_hidden_after(of_llm* llm, const float* rows, size_t n_rows, const int32_t* ids, size_t n_ids, float* hidden,
+                              size_t n_floats) {
+    if (!llm) return OF_ERR_INVALID_ARGUMENT;
+    return guarded(llm->errors.mine(), [&] {
+        using omniforge::fail;
+        if (!rows || !ids || !hidden) fail(OF_ERR_INVALID_ARGUMENT, "rows, ids or the hidden-state buffer is a null pointer");
+        int32_t width = 0, max_context = 0;
+        omniforge::llm_geometry(*llm->impl, &width, &max_context);
+        if (n_rows > size_t(max_context) || n_ids > size_t(max_context))
+            fail(OF_ERR_CONTEXT_LENGTH, std::to_string(n_rows) + " rows followed by " + std::to_string(n_ids) +
+                                            " tokens do not fit the context of " + std::to_string(max_context));
+        if (n_floats != n_ids * size_t(width))
+            fail(OF_ERR_INVALID_ARGUMENT, "the hidden-state buffer must hold " + std::to_string(n_ids * size_t(width)) + " floats, got " +
+                                              std::to_string(n_floats));
+        const std::vector<float> r(rows, rows + n_rows * size_t(width));
+        for (float x : r)
+            if (!std::isfinite(x)) fail(OF_ERR_INPUT, "the rows contain NaN or Inf");
+        const std::vector<float> out =
+            omniforge::hidden_after(*llm->impl, r, n_rows, std::vector<int32_t>(ids, ids + n_ids), /*slot_wait_ms=*/-1);
+        std::copy(out.begin(), out.end(), hidden);
     });
 }
 

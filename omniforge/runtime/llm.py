@@ -699,6 +699,9 @@ class LlmRuntime:
                 f"{len(rows)} rows followed by {len(fed)} tokens is {len(full)} tokens fed to the LLM; "
                 f"the context holds {self.pool.max_context}"
             )
+        native_positions = predicting == (self.signal_position == "predicting")
+        if self.native is not None and adapter is None and native_positions:
+            return self.native.hidden_after(rows, ids)  # the base model: no Python session needed
         slot = self.allocate_slots(1)
         try:  # at least the rows whose hidden states are read are computed anew
             reused = self.prefix_cache.reuse(

@@ -164,6 +164,18 @@ def load_library(path: Path) -> ctypes.CDLL:
                 i32,
                 [p, ctypes.POINTER(i32), sz, ctypes.POINTER(ctypes.c_float), sz],
             ),
+            "of_llm_hidden_after": (
+                i32,
+                [
+                    p,
+                    ctypes.POINTER(ctypes.c_float),
+                    sz,
+                    ctypes.POINTER(i32),
+                    sz,
+                    ctypes.POINTER(ctypes.c_float),
+                    sz,
+                ],
+            ),
         }
         for name, (restype, argtypes) in sigs.items():
             try:
@@ -272,6 +284,26 @@ class NativeLlm:
             message = self.lib.of_llm_last_error(self._llm).decode(errors="replace")
             raise _ERRORS.get(status, EngineError)(message)
         return rows
+
+    def hidden_after(self, rows: np.ndarray, ids: Sequence[int]) -> np.ndarray:
+        """(len(ids), H) final hidden states of ``ids`` fed after the (T, H) ``rows`` (teacher
+        forcing), at the positions the build's protocol reads signal tokens at."""
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        arr = np.ascontiguousarray(ids, dtype=np.int32)
+        out = np.empty((len(arr), rows.shape[1]), np.float32)
+        status = self.lib.of_llm_hidden_after(
+            self._llm,
+            rows.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+            len(rows),
+            arr.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+            len(arr),
+            out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+            out.size,
+        )
+        if status != 0:
+            message = self.lib.of_llm_last_error(self._llm).decode(errors="replace")
+            raise _ERRORS.get(status, EngineError)(message)
+        return out
 
     def close(self) -> None:
         if self._llm:

@@ -313,7 +313,7 @@ def plan_memory(
     num_slots: int = 1,
     max_context: int | None = None,
     native: bool = False,
-    python_loop: bool | None = None,
+    python_loop: bool = False,
 ) -> MemoryPlan:
     """The plan for ``requests`` (``any``: every type the build serves) under ``budget``.
 
@@ -321,10 +321,9 @@ def plan_memory(
     resident and stages are added greedily, those most requests need first (smaller first on a
     tie), while every request's peak still fits; the rest are opened per request. A budget that
     not even the LLM alone fits is one ``ConfigError`` naming the smallest budget that would.
-    ``python_loop``: whether the Python loop's LLM session opens beside the native core's (None:
-    when a request makes media, whose missing signal tokens are teacher-forced in Python; text and
-    media-in requests run natively on the base model, but one with a LoRA adapter takes the Python
-    loop too, so pass True for one)."""
+    ``python_loop``: whether the Python loop's LLM session opens beside the native core's: every
+    request on the base model runs natively (a media-out request's teacher-forced signal tokens
+    included), one with a LoRA adapter takes the Python loop, so pass True for one."""
     if "llm" not in manifest.stages or "token_embedding" not in manifest.stages:
         raise ConfigError("this build has no LLM stage to plan around")
     wanted = _requests(manifest, requests)
@@ -332,8 +331,6 @@ def plan_memory(
     used = sorted({s for v in needs.values() for s in v})
     stages = {s: stage_memory(manifest, s, num_slots) for s in (*ALWAYS, *used)}
     kv = kv_pool_bytes(manifest, num_slots, max_context)
-    if python_loop is None:
-        python_loop = any(r.startswith("text-to-") for r in wanted)
     python_llm = not native or python_loop
     python_sessions = python_llm or any(set(needs[r]) - set(ALWAYS) for r in wanted)  # encoders, decoders
     runtime = RUNTIME_OVERHEAD if python_sessions else RUNTIME_OVERHEAD - ORT_ENV_OVERHEAD
