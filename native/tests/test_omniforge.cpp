@@ -343,6 +343,17 @@ static void check_media(const char* build_path) {
     expect_refusal(st, OF_ERR_INPUT, of_last_error(llm), "no signal tokens for 'smell'", "signal hidden states of no modality");
     of_generation_free(g);
     g = nullptr;
+    // teacher forcing by hand: the image's rows then two tokens
+    std::vector<int32_t> two{1, 2};
+    std::vector<float> forced(2 * width);
+    CHECK(of_llm_hidden_after(llm, img_rows.data(), rows_n, two.data(), two.size(), forced.data(), forced.size()) == OF_OK);
+    CHECK(std::all_of(forced.begin(), forced.end(), [](float v) { return std::isfinite(v); }));
+    st = of_llm_hidden_after(llm, img_rows.data(), rows_n, two.data(), two.size(), forced.data(), forced.size() - 1);
+    expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(llm), "buffer must hold", "a forced-hidden buffer too small");
+    two[1] = vocab;
+    st = of_llm_hidden_after(llm, img_rows.data(), rows_n, two.data(), two.size(), forced.data(), forced.size());
+    expect_refusal(st, OF_ERR_INPUT, of_last_error(llm), "token ids must lie in", "a forced id past the vocabulary");
+    CHECK(of_llm_hidden_after(llm, nullptr, rows_n, two.data(), two.size(), forced.data(), forced.size()) == OF_ERR_INVALID_ARGUMENT);
     go.collect_signal_hidden = 0;
     CHECK(of_llm_generate_media(llm, prompt, std::strlen(prompt), &item, 1, &go, &g) == OF_OK);
     st = of_llm_signal_hidden(llm, g, "image", sh.data(), sh.size());
