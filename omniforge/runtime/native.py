@@ -273,16 +273,7 @@ class NativeLlm:
         core feeds the LLM (its table, or the token_embedding session)."""
         arr = np.ascontiguousarray(ids, dtype=np.int32)
         rows = np.empty((len(arr), hidden_size), np.float32)
-        status = self.lib.of_llm_embed_tokens(
-            self._llm,
-            arr.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
-            len(arr),
-            rows.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
-            rows.size,
-        )
-        if status != 0:
-            message = self.lib.of_llm_last_error(self._llm).decode(errors="replace")
-            raise _ERRORS.get(status, EngineError)(message)
+        self._check(self.lib.of_llm_embed_tokens(self._llm, _i32(arr), len(arr), _f32(rows), rows.size))
         return rows
 
     def hidden_after(self, rows: np.ndarray, ids: Sequence[int]) -> np.ndarray:
@@ -292,18 +283,16 @@ class NativeLlm:
         arr = np.ascontiguousarray(ids, dtype=np.int32)
         out = np.empty((len(arr), rows.shape[1]), np.float32)
         status = self.lib.of_llm_hidden_after(
-            self._llm,
-            rows.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
-            len(rows),
-            arr.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
-            len(arr),
-            out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
-            out.size,
+            self._llm, _f32(rows), len(rows), _i32(arr), len(arr), _f32(out), out.size
         )
+        self._check(status)
+        return out
+
+    def _check(self, status: int) -> None:
+        """A failed call's status as its error, with the LLM handle's sentence."""
         if status != 0:
             message = self.lib.of_llm_last_error(self._llm).decode(errors="replace")
             raise _ERRORS.get(status, EngineError)(message)
-        return out
 
     def close(self) -> None:
         if self._llm:
@@ -424,6 +413,14 @@ class NativeLlm:
         if raised:
             raise raised[0]
         return result
+
+
+def _f32(a: np.ndarray):
+    return a.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+
+
+def _i32(a: np.ndarray):
+    return a.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
 
 
 def _signals(lib: ctypes.CDLL, out: ctypes.c_void_p) -> list[SignalEvent]:
