@@ -113,8 +113,8 @@ def test_static_calibration_takes_only_the_quantized_layers_tensors(captured, de
     ops = ("Conv", "MatMul", "Gemm")
     ours = _Quantizer(src, Int8Config(mode="static", op_types=ops), cal, tmp_path)
     ours(tmp_path / "ours.onnx")
-    layers = weight_layers(src, ops)
     model = onnx.load(str(src))
+    layers = weight_layers(model, ops)
     scores = [n for n in model.graph.node if n.op_type == "MatMul" and n.name not in layers]
     assert scores  # the graph has activation-by-activation MatMuls
     calibrated = set(load_tensors_data(tmp_path / "ranges.json").data)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx.external_data_helper import uses_external_data
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -123,7 +124,9 @@ class _Quantizer:
     def __init__(self, src: Path, cfg: Int8Config, calibration: list[Feeds], work: Path) -> None:
         self.src, self.cfg, self.calibration = src, cfg, calibration
         self.cache = work / "ranges.json"
-        self.layers = weight_layers(src, cfg.op_types)
+        model = onnx.load(str(src), load_external_data=False)
+        self.layers = weight_layers(model, cfg.op_types)
+        self.external_data = any(uses_external_data(t) for t in model.graph.initializer)
 
     def __call__(self, dst: Path, include: list[str] | None = None, exclude: list[str] | None = None) -> None:
         if not (include or self.layers):  # nothing with a constant weight: an empty list would mean "all"
@@ -181,7 +184,7 @@ class _Quantizer:
             self.src,
             list(self.cfg.op_types),
             str(self.cache.with_name("augmented.onnx")),
-            use_external_data_format=has_external_data(self.src),
+            use_external_data_format=self.external_data,
             **options,
         )
         calibrator.augment_graph()
@@ -214,18 +217,10 @@ def _layers_only(method: str, layers: list[str]) -> type:
     return LayersOnly
 
 
-def has_external_data(path: Path) -> bool:
-    """Whether the ONNX file at ``path`` keeps any tensor in external data."""
-    from onnx.external_data_helper import uses_external_data
-
-    model = onnx.load(str(path), load_external_data=False)
-    return any(uses_external_data(t) for t in model.graph.initializer)
-
-
-def weight_layers(src: Path, op_types: tuple[str, ...]) -> list[str]:
+def weight_layers(model: onnx.ModelProto, op_types: tuple[str, ...]) -> list[str]:
     """Names of the nodes of ``op_types`` whose weight is a constant: the layers INT8 applies to
-    (an attention score MatMul of two activations stays FP32)."""
-    model = onnx.load(str(src), load_external_data=False)
+    (an attention score MatMul of two activations stays FP32). ``model`` may be loaded without its
+    external data."""
     consts = {t.name for t in model.graph.initializer}
     consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
     return [

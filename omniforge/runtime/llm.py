@@ -11,6 +11,7 @@ The decode loop is Python's or, where libomniforge is present, the native core's
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import threading
@@ -303,9 +304,6 @@ class LlmRuntime:
         assert stage.llm is not None
         self.geometry = stage.llm
         self.slot_wait_s = slot_wait_s  # how long a request waits for a free cache slot before failing
-        # a numpy lookup in the decode loop (read on first use: with the native loop the native
-        # core's table serves, held once); the stage's engine only for forms the table cannot read
-        self._table: EmbeddingTable | None | bool = False
         self.tokenizer = self.build.tokenizer() if "tokenizer" in self.build.manifest.files else None
         self.pool = KVCachePool(stage.llm, num_slots, max_context)
         self.prefix_cache = PrefixCache(self.pool, min(prefix_cache_entries, num_slots - 1), block_size)
@@ -414,16 +412,14 @@ class LlmRuntime:
         return self.adapters.arrays(tuple(names)) if self.adapters is not None else None
 
     # ---- inputs -------------------------------------------------------------------------------
-    @property
+    @functools.cached_property
     def table(self) -> EmbeddingTable | None:
-        """The token-embedding table, read on first use (None: a form only its session reads)."""
-        if self._table is False:
-            with self._engines_lock:
-                if self._table is False:
-                    self._table = EmbeddingTable.from_onnx(
-                        self.build.graph(self.build.manifest.stage_build("token_embedding").served()).data
-                    )
-        return self._table  # type: ignore[return-value]
+        """The token-embedding table for a numpy lookup in the decode loop, read on first use (with
+        the native loop the native core's table serves instead, so it is held once); None for a
+        form only the stage's session reads."""
+        return EmbeddingTable.from_onnx(
+            self.build.graph(self.build.manifest.stage_build("token_embedding").served()).data
+        )
 
     def embed_ids(self, ids: Sequence[int] | np.ndarray, trusted: bool = False) -> np.ndarray:
         """(S,) token ids -> (S, H) embedding rows; ``trusted``: ids the sampler chose, known to be
@@ -693,15 +689,19 @@ class LlmRuntime:
         ``ids[:-1]``), as NExT-GPT's generation reads its signal tokens. ``adapter``: the resolved
         adapter the rows were generated with."""
         fed = list(ids[:-1]) if predicting else list(ids)
-        full = np.concatenate([rows, self.embed_ids(fed)]) if fed else rows
-        if len(full) > self.pool.max_context:  # nothing is generated after them: they may fill it
+        if len(rows) + len(fed) > self.pool.max_context:  # nothing is generated after them: they may fill it
             raise ContextLengthError(
-                f"{len(rows)} rows followed by {len(fed)} tokens is {len(full)} tokens fed to the LLM; "
-                f"the context holds {self.pool.max_context}"
+                f"{len(rows)} rows followed by {len(fed)} tokens is {len(rows) + len(fed)} tokens fed to the "
+                f"LLM; the context holds {self.pool.max_context}"
             )
-        native_positions = predicting == (self.signal_position == "predicting")
-        if self.native is not None and adapter is None and native_positions:
+        if (
+            self.native is not None
+            and adapter is None
+            and predicting == (self.signal_position == "predicting")
+        ):
+            self._token_array(ids)  # checked as the Python path's embedding checks them
             return self.native.hidden_after(rows, ids)  # the base model: no Python session needed
+        full = np.concatenate([rows, self.embed_ids(fed)]) if fed else rows
         slot = self.allocate_slots(1)
         try:  # at least the rows whose hidden states are read are computed anew
             reused = self.prefix_cache.reuse(
