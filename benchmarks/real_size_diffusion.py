@@ -296,11 +296,9 @@ def _imagebind_state(module, prefixes) -> dict:
     """``module``'s tensors in FP16 under ImageBind's own key names."""
     import torch
 
-    out = {}
-    for key, value in module.state_dict().items():
-        theirs, ours = next(pair for pair in prefixes if key.startswith(pair[1]))
-        out[theirs + key[len(ours) :]] = value.to(torch.float16)
-    return out
+    from omniforge.model.imagebind import original_key
+
+    return {original_key(k, prefixes): v.to(torch.float16) for k, v in module.state_dict().items()}
 
 
 def write_encoders(root: Path, size: str, seed: int = 0) -> dict[str, int]:

@@ -297,7 +297,8 @@ def _renamed(state: Mapping[str, torch.Tensor], prefixes: Prefixes) -> dict[str,
     return out
 
 
-def _original(name: str, prefixes: Prefixes) -> str:
+def original_key(name: str, prefixes: Prefixes) -> str:
+    """ImageBind's key name of this module's tensor ``name``."""
     for theirs, ours in prefixes:
         if name.startswith(ours):
             return theirs + name[len(ours) :]
@@ -311,16 +312,16 @@ def _check_keys(cls: type[_Encoder], state: Mapping[str, torch.Tensor], cfg: Ima
     own = _renamed(state, cls.PREFIXES)
     for name, shape in expected.items():
         if name not in own:
-            raise ConfigError(f"the ImageBind state dict lacks '{_original(name, cls.PREFIXES)}'")
+            raise ConfigError(f"the ImageBind state dict lacks '{original_key(name, cls.PREFIXES)}'")
         if not isinstance(own[name], torch.Tensor) or tuple(own[name].shape) != shape:
             got = tuple(own[name].shape) if isinstance(own[name], torch.Tensor) else type(own[name]).__name__
             raise ConfigError(
-                f"ImageBind's '{_original(name, cls.PREFIXES)}' is {got}, the config implies {shape}"
+                f"ImageBind's '{original_key(name, cls.PREFIXES)}' is {got}, the config implies {shape}"
             )
     extra = sorted(set(own) - set(expected))
     if extra:
         raise ConfigError(
-            f"the ImageBind state dict has '{_original(extra[0], cls.PREFIXES)}', "
+            f"the ImageBind state dict has '{original_key(extra[0], cls.PREFIXES)}', "
             f"which this config's encoder does not have"
         )
     return own
