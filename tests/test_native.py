@@ -338,20 +338,21 @@ def test_cpp_example_serves_cancels_and_reports_timing(
 def test_cpp_any_to_any_example_writes_the_image_and_wav(
     native_build: Path, default_build: Path, ort_library: str, tmp_path: Path
 ) -> None:
-    """examples/cpp/any_to_any.cpp: an image in (the front end's output), the reply streamed (the
+    """examples/cpp/any_to_any.cpp: an image in (a PPM file's pixels), the reply streamed (the
     Python pipeline's text), and the forced image and audio written as PPM and WAV of the decoders'
     sizes."""
     import wave
 
     import numpy as np
+    from PIL import Image
 
     from omniforge.runtime.pipeline import DiffusionConfig, Pipeline
     from omniforge.runtime.sampling import GenerationConfig
 
     pipe = Pipeline(default_build)
     pic = np.random.default_rng(4).integers(0, 256, (40, 48, 3), dtype=np.uint8)
-    pixels = tmp_path / "pixels.f32"
-    pipe._image_pixels(pic, pipe.build.json("image_preprocessor"))[None].astype(np.float32).tofile(pixels)
+    ppm = tmp_path / "in.ppm"
+    Image.fromarray(pic).save(ppm, format="PPM")
     prompt = "Describe it and draw it"
     want = pipe.run(
         prompt,
@@ -365,8 +366,8 @@ def test_cpp_any_to_any_example_writes_the_image_and_wav(
         str(native_build / "omniforge_example_any"),
         str(default_build),
         prompt,
-        "--image-input",
-        str(pixels),
+        "--image",
+        str(ppm),
     ]
     cmd += [
         "--force",

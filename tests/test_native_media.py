@@ -29,6 +29,23 @@ I32 = ctypes.POINTER(ctypes.c_int32)
 SIZE = ctypes.POINTER(ctypes.c_size_t)
 
 
+class OfImage(ctypes.Structure):
+    _fields_ = [
+        ("pixels", ctypes.POINTER(ctypes.c_uint8)),
+        ("width", ctypes.c_int64),
+        ("height", ctypes.c_int64),
+        ("stride", ctypes.c_size_t),
+    ]
+
+
+def of_images(*arrays: np.ndarray):
+    """(H, W, 3) uint8 arrays as an ``of_image`` array (the arrays must outlive it)."""
+    u8 = ctypes.POINTER(ctypes.c_uint8)
+    return (OfImage * len(arrays))(
+        *[OfImage(a.ctypes.data_as(u8), a.shape[1], a.shape[0], a.strides[0]) for a in arrays]
+    )
+
+
 def media_library(native: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(native / "libomniforge.so"))
     i32, size = ctypes.c_int32, ctypes.c_size_t
@@ -44,6 +61,8 @@ def media_library(native: Path) -> ctypes.CDLL:
         "of_encoder_input_shape": (i32, [P, ctypes.POINTER(ctypes.c_int64), size, SIZE]),
         "of_encoder_rows": (i32, [P, SIZE, SIZE]),
         "of_encoder_run": (i32, [P, F, size, ctypes.c_int64, F, size]),
+        "of_encoder_image_input": (i32, [P, ctypes.POINTER(OfImage), F, size]),
+        "of_encoder_run_images": (i32, [P, ctypes.POINTER(OfImage), size, F, size]),
         "of_llm_open": (i32, [P, i32, i32, ctypes.POINTER(P)]),
         "of_llm_close": (None, [P]),
         "of_llm_last_error": (ctypes.c_char_p, [P]),
@@ -108,6 +127,14 @@ class Native:
         out = np.zeros((n.value, width.value), np.float32)
         x = np.ascontiguousarray(x, np.float32)
         status = self.lib.of_encoder_run(enc, floats(x), x.size, x.shape[0], floats(out), out.size)
+        return status, out if status == 0 else self.lib.of_encoder_last_error(enc).decode()
+
+    def encode_images(self, enc: P, *arrays: np.ndarray) -> tuple[int, np.ndarray | str]:
+        """``of_encoder_run_images`` on (H, W, 3) uint8 arrays: (status, rows or the sentence)."""
+        n, width = ctypes.c_size_t(), ctypes.c_size_t()
+        assert self.lib.of_encoder_rows(enc, ctypes.byref(n), ctypes.byref(width)) == 0
+        out = np.zeros((n.value, width.value), np.float32)
+        status = self.lib.of_encoder_run_images(enc, of_images(*arrays), len(arrays), floats(out), out.size)
         return status, out if status == 0 else self.lib.of_encoder_last_error(enc).decode()
 
     def conditioning(
@@ -204,6 +231,56 @@ def test_encoder_rows_equal_the_python_runtime(native: Native, pipe, tmp_path: P
     status, rows = native.encode(aud, feats)
     assert status == 0, rows
     np.testing.assert_allclose(rows, pipe.encode_audio(wav), rtol=0, atol=1e-5)
+
+
+def test_pixels_in_equal_the_python_runtime(native: Native, pipe) -> None:
+    """``of_encoder_image_input`` is the Python front end's output value for value, and
+    ``of_encoder_run_images`` gives ``encode_image``'s rows and the video path's mean over frames,
+    from pixels in rows with padding (a stride beyond width x 3)."""
+    from omniforge.runtime.pipeline import _rows
+
+    cfg = pipe.build.json("image_preprocessor")
+    enc = native.open("encoder", "image")
+    for w, h in [(48, 40), (40, 48), (32, 32), (300, 7), (13, 19)]:
+        wide = np.random.default_rng(w * h).integers(0, 256, (h, w + 3, 3), dtype=np.uint8)
+        pic = wide[:, :w]  # rows (w + 3) x 3 bytes apart
+        x = np.zeros(native.input_shape(enc)[1:], np.float32)
+        status = native.lib.of_encoder_image_input(enc, of_images(pic), floats(x), x.size)
+        assert status == 0, native.lib.of_encoder_last_error(enc)
+        np.testing.assert_array_equal(x, pipe._image_pixels(np.ascontiguousarray(pic), cfg))
+        status, rows = native.encode_images(enc, pic)
+        assert status == 0, rows
+        np.testing.assert_allclose(rows, pipe.encode_image(np.ascontiguousarray(pic)), rtol=0, atol=1e-5)
+
+    vid = native.open("encoder", "video")
+    frames = [_picture(s) for s in range(3)]
+    status, rows = native.encode_images(vid, *frames)
+    assert status == 0, rows
+    emb = pipe._run("image_encoder", {"pixel_values": np.stack([pipe._image_pixels(f, cfg) for f in frames])})
+    want = pipe._project(_rows(emb["embeds"].mean(axis=0, keepdims=True)))
+    np.testing.assert_allclose(rows, want, rtol=0, atol=1e-5)
+
+    # bad pixels: each a status and one sentence
+    lib, pic = native.lib, _picture()
+    x = np.zeros(native.input_shape(enc)[1:], np.float32)
+    assert native.encode_images(enc, pic, pic) == (1, "the image encoder takes one image per call, got 2")
+    status, why = native.encode_images(enc, np.zeros((2, 202, 3), np.uint8))
+    assert status == 4 and why == "image 'image' is 202x2, an aspect ratio beyond 100:1"
+    img = of_images(pic)
+    img[0].stride = 10
+    assert lib.of_encoder_image_input(enc, img, floats(x), x.size) == 1
+    assert "row stride 10 is below its 48 pixels x 3 bytes" in lib.of_encoder_last_error(enc).decode()
+    img = of_images(pic)
+    img[0].pixels = None
+    assert lib.of_encoder_image_input(enc, img, floats(x), x.size) == 1
+    img[0].width = 0
+    assert lib.of_encoder_image_input(enc, img, floats(x), x.size) == 4
+    assert lib.of_encoder_image_input(enc, None, floats(x), x.size) == 1
+    assert lib.of_encoder_image_input(enc, of_images(pic), floats(x), x.size - 1) == 1
+    assert lib.of_encoder_last_error(enc).decode().startswith("the input buffer must hold")
+    assert lib.of_encoder_run_images(enc, of_images(pic), 0, floats(x), x.size) == 1
+    status, why = native.encode_images(native.open("encoder", "audio"), pic)
+    assert status == 7 and why == "the audio encoder takes audio features, not pixels"
 
 
 def test_token_embeddings_and_conditioning_equal_the_python_runtime(native: Native, pipe) -> None:

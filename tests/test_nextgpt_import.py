@@ -401,16 +401,27 @@ def test_native_encoders_and_conditioning_equal_the_python_runtime(release, buil
     native = Native(native_build, built, ort_library)
     try:
         pic = np.asarray(Image.open(release.root / "bird.png").convert("RGB"))
-        status, rows = native.encode(native.open("encoder", "image"), IB.image_clip(pic)[None])
+        enc = native.open("encoder", "image")
+        status, rows = native.encode(enc, IB.image_clip(pic)[None])
         assert status == 0, rows
-        np.testing.assert_allclose(rows, pipe.encode_image(release.root / "bird.png"), rtol=0, atol=1e-5)
+        want = pipe.encode_image(release.root / "bird.png")
+        np.testing.assert_allclose(rows, want, rtol=0, atol=1e-5)
+        status, rows = native.encode_images(enc, pic)  # from pixels: ImageBind's image transform in C++
+        assert status == 0, rows
+        np.testing.assert_allclose(rows, want, rtol=0, atol=1e-5)
 
         at, frames = read_picked_frames(release.root / "clip.gif", IB.video_frame_indices)
         clips = IB.clips_from_frames([[np.asarray(frames[int(i)]) for i in row] for row in at])
         assert clips.shape[0] == 15  # 5 times x 3 crops
-        status, rows = native.encode(native.open("encoder", "video"), clips)
+        vid = native.open("encoder", "video")
+        status, rows = native.encode(vid, clips)
         assert status == 0, rows
-        np.testing.assert_allclose(rows, pipe.encode_video(release.root / "clip.gif"), rtol=0, atol=1e-5)
+        want = pipe.encode_video(release.root / "clip.gif")
+        np.testing.assert_allclose(rows, want, rtol=0, atol=1e-5)
+        picked = [np.ascontiguousarray(np.asarray(frames[int(i)])) for row in at for i in row]
+        status, rows = native.encode_images(vid, *picked)  # the picked frames' pixels, clip after clip
+        assert status == 0, rows
+        np.testing.assert_allclose(rows, want, rtol=0, atol=1e-5)
 
         samples, sr = M.load_wav(release.root / "chirp.wav", IB_LONGEST_S, 0)
         fbank = IB.audio_clips(samples, sr)

@@ -1,13 +1,13 @@
 // One any-to-any request on libomniforge: an image in, the reply's text streamed, and the image and
 // audio it asks for (or that --force asks for) written as PPM and WAV files.
 //
-//   any_to_any BUILD "PROMPT" [--image-input FILE] [--force image,audio] [--image-out FILE.ppm]
+//   any_to_any BUILD "PROMPT" [--image FILE.ppm] [--force image,audio] [--image-out FILE.ppm]
 //              [--audio-out FILE.wav] [--max N] [--steps N] [--seed S]
 //
-// --image-input: the image encoder's input as raw float32 (the front end's output for one image:
-// resized, normalised pixels, or ImageBind's 2-frame clip), in the shape of_encoder_input_shape
-// gives; a multiple of it is a batch whose embeddings are averaged. ONNX Runtime's library comes
-// from OMNIFORGE_ORT_LIBRARY.
+// --image: an RGB image as a binary PPM (P6, 8 bits; any image tool writes one, and a service
+// passes the pixels its own decoder gives), through the build's image front end, encoder and input
+// projector. ONNX Runtime's library comes from OMNIFORGE_ORT_LIBRARY.
+#include <cctype>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -39,15 +39,38 @@ struct Handle {
     ~Handle() { Close(p); }
 };
 
-std::vector<float> read_floats(const std::string& path) {
-    std::ifstream f(path, std::ios::binary | std::ios::ate);
+// A binary PPM (P6, maxval 255): its pixels, rows of width x 3 bytes.
+struct Picture {
+    int64_t width = 0, height = 0;
+    std::vector<uint8_t> rgb;
+};
+
+Picture read_ppm(const std::string& path) {
+    std::ifstream f(path, std::ios::binary);
     if (!f) throw Failure("cannot read " + path);
-    const std::streamsize n = f.tellg();
-    if (n <= 0 || n % 4) throw Failure(path + " does not hold float32 values");
-    std::vector<float> out(size_t(n) / 4);
-    f.seekg(0);
-    f.read(reinterpret_cast<char*>(out.data()), n);
-    return out;
+    auto field = [&]() -> std::string {  // the next header field, skipping whitespace and # comments
+        std::string tok;
+        for (int c = f.get(); c != EOF; c = f.get()) {
+            if (c == '#') {
+                while (c != EOF && c != '\n') c = f.get();
+            } else if (std::isspace(c)) {
+                if (!tok.empty()) return tok;
+            } else {
+                tok += char(c);
+            }
+        }
+        return tok;
+    };
+    Picture p;
+    const std::string magic = field(), w = field(), h = field(), maxval = field();
+    if (magic != "P6" || maxval != "255") throw Failure(path + " is not a binary 8-bit PPM (P6, maxval 255)");
+    p.width = std::atoll(w.c_str());
+    p.height = std::atoll(h.c_str());
+    if (p.width < 1 || p.height < 1 || p.width > 65535 || p.height > 65535) throw Failure(path + " has no usable size");
+    p.rgb.resize(size_t(p.width * p.height) * 3);
+    f.read(reinterpret_cast<char*>(p.rgb.data()), std::streamsize(p.rgb.size()));
+    if (f.gcount() != std::streamsize(p.rgb.size())) throw Failure(path + " is shorter than its " + w + "x" + h + " pixels");
+    return p;
 }
 
 // (H, W, 3) floats in [0, 1] as a binary PPM
@@ -87,19 +110,19 @@ int on_token(void*, int32_t, const char* text, size_t len) {
 int main(int argc, char** argv) {
     if (argc < 3) {
         std::fprintf(stderr,
-                     "usage: %s BUILD \"PROMPT\" [--image-input FILE] [--force image,audio] [--image-out FILE.ppm] "
+                     "usage: %s BUILD \"PROMPT\" [--image FILE.ppm] [--force image,audio] [--image-out FILE.ppm] "
                      "[--audio-out FILE.wav] [--max N] [--steps N] [--seed S]\n",
                      argv[0]);
         return 2;
     }
-    std::string image_input, force, out[2];
+    std::string image_in, force, out[2];
     of_generate_options go;
     of_generate_options_init(&go);
     of_decoder_options dopt;
     of_decoder_options_init(&dopt);
     for (int i = 3; i + 1 < argc; i += 2) {
         const std::string flag = argv[i];
-        if (flag == "--image-input") image_input = argv[i + 1];
+        if (flag == "--image") image_in = argv[i + 1];
         else if (flag == "--force") force = argv[i + 1];
         else if (flag == "--image-out") out[0] = argv[i + 1];
         else if (flag == "--audio-out") out[1] = argv[i + 1];
@@ -117,23 +140,18 @@ int main(int argc, char** argv) {
         Handle<of_llm, of_llm_close> llm;
         check(of_llm_open(build.p, 1, 0, &llm.p), of_last_error(build.p));
 
-        // media in: the encoder and its input projector turn the front end's output into LLM rows
+        // media in: the image front end, the encoder and its input projector turn pixels into LLM rows
         std::vector<float> image_rows;
         std::vector<of_media_rows> media;
-        if (!image_input.empty()) {
+        if (!image_in.empty()) {
+            const Picture pic = read_ppm(image_in);
             Handle<of_encoder, of_encoder_close> enc;
             check(of_encoder_open(build.p, "image", &enc.p), of_last_error(build.p));
-            int64_t shape[8];
-            size_t rank = 0, n_rows = 0, width = 0;
-            check(of_encoder_input_shape(enc.p, shape, 8, &rank), of_last_error(enc.p));
+            size_t n_rows = 0, width = 0;
             check(of_encoder_rows(enc.p, &n_rows, &width), of_last_error(enc.p));
-            size_t item = 1;
-            for (size_t k = 0; k < rank; ++k) item *= size_t(shape[k]);
-            const std::vector<float> x = read_floats(image_input);
-            if (x.size() % item) throw Failure(image_input + " is not a whole number of encoder inputs");
             image_rows.resize(n_rows * width);
-            check(of_encoder_run(enc.p, x.data(), x.size(), int64_t(x.size() / item), image_rows.data(), image_rows.size()),
-                  of_last_error(enc.p));
+            const of_image image{pic.rgb.data(), pic.width, pic.height, 0};
+            check(of_encoder_run_images(enc.p, &image, 1, image_rows.data(), image_rows.size()), of_last_error(enc.p));
             media.push_back({"image", image_rows.data(), n_rows});
         }
 

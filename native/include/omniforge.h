@@ -33,7 +33,7 @@ extern "C" {
 #endif
 
 #define OMNIFORGE_VERSION_MAJOR 0
-#define OMNIFORGE_VERSION_MINOR 3
+#define OMNIFORGE_VERSION_MINOR 4
 
 typedef enum of_status {
     OF_OK = 0,
@@ -333,6 +333,34 @@ OF_API of_status of_encoder_rows(of_encoder* encoder, size_t* n_rows, size_t* wi
    that does not match, is OF_ERR_INPUT. Calls on one encoder may come from any number of threads. */
 OF_API of_status of_encoder_run(of_encoder* encoder, const float* input, size_t n_input, int64_t batch, float* rows,
                                 size_t n_floats);
+
+/* An RGB image, 8 bits per channel, as an image or video decoder hands one over: `height` rows
+   `stride` bytes apart (0: width x 3), each of `width` pixels of R, G and B bytes. */
+typedef struct of_image {
+    const uint8_t* pixels;
+    int64_t width;
+    int64_t height;
+    size_t stride;
+} of_image;
+
+/* The build's image front end (its image_preprocessor config) on one image, as the Python runtime
+   prepares an image for the image encoder: CLIP's preprocessing (the shortest edge resized with the
+   configured Pillow filter, center crop, rescale, normalise), BLIP's (resized to the exact size) or
+   ImageBind's (a 2-frame clip of the image). Pillow's resampling is reproduced exactly, so the
+   result equals the Python runtime's. Writes one item of the encoder's input (n_floats: the size of
+   of_encoder_input_shape) to `input`. For "image" and "video" encoders ("audio" is
+   OF_ERR_UNSUPPORTED); an image without pixels, of more than 64,000,000 pixels or with sides
+   further apart than 100:1 is OF_ERR_INPUT. */
+OF_API of_status of_encoder_image_input(of_encoder* encoder, const of_image* image, float* input, size_t n_floats);
+
+/* The LLM rows of an image or a video from pixels: the image front end on each image, then
+   of_encoder_run. "image": one image (n_images 1). "video": the frames the caller picked, in order
+   (the Python runtime picks the video decoder's frame count, evenly spaced), each prepared as an
+   image and their embeddings averaged; for ImageBind builds, clips of frames_per_clip consecutive
+   frames (n_images a multiple of it, at most 64 clips), each clip's short side scaled (bilinear)
+   and cut into 3 crops, as ImageBind's video transform. */
+OF_API of_status of_encoder_run_images(of_encoder* encoder, const of_image* images, size_t n_images, float* rows,
+                                       size_t n_floats);
 
 /* ---- the diffusion decoders ------------------------------------------------------------------ */
 

@@ -11,6 +11,7 @@
 #include <tuple>
 #include <unordered_map>
 
+#include "image_frontend.hpp"
 #include "internal.hpp"
 #include "tokenizer.hpp"
 
@@ -728,6 +729,36 @@ of_status of_encoder_rows(of_encoder* encoder, size_t* n_rows, size_t* width) {
 of_status of_encoder_run(of_encoder* encoder, const float* input, size_t n_input, int64_t batch, float* rows, size_t n_floats) {
     if (!encoder) return OF_ERR_INVALID_ARGUMENT;
     return guarded(encoder->errors.mine(), [&] { omniforge::encode(*encoder->impl, input, n_input, batch, rows, n_floats); });
+}
+
+namespace {
+
+omniforge::RgbView rgb_view(const of_image& im) {
+    omniforge::RgbView v{im.pixels, im.width, im.height, im.stride};
+    if (v.stride == 0 && v.width > 0) v.stride = size_t(v.width) * 3;
+    return v;
+}
+
+}  // namespace
+
+of_status of_encoder_image_input(of_encoder* encoder, const of_image* image, float* input, size_t n_floats) {
+    if (!encoder) return OF_ERR_INVALID_ARGUMENT;
+    return guarded(encoder->errors.mine(), [&] {
+        if (!image) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "the image is a null pointer");
+        omniforge::image_input(*encoder->impl, rgb_view(*image), input, n_floats);
+    });
+}
+
+of_status of_encoder_run_images(of_encoder* encoder, const of_image* images, size_t n_images, float* rows, size_t n_floats) {
+    if (!encoder) return OF_ERR_INVALID_ARGUMENT;
+    return guarded(encoder->errors.mine(), [&] {
+        if (!images) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "the images are a null pointer");
+        if (n_images == 0 || n_images > 4096)
+            omniforge::fail(OF_ERR_INVALID_ARGUMENT, "n_images must be in [1, 4096], got " + std::to_string(n_images));
+        std::vector<omniforge::RgbView> views;
+        for (size_t i = 0; i < n_images; ++i) views.push_back(rgb_view(images[i]));
+        omniforge::encode_images(*encoder->impl, views.data(), views.size(), rows, n_floats);
+    });
 }
 
 const float* of_media_data(const of_media* media, size_t* n) {

@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "internal.hpp"
+#include "config_values.hpp"
 #include "schedulers.hpp"
 #include "stage_session.hpp"
 
@@ -24,47 +25,6 @@ constexpr int64_t kMaxVideoFrames = 256;      // media.MAX_VIDEO_FRAMES
 constexpr double kMinVaeScale = 1e-6, kMaxVaeScale = 1e6;
 constexpr int64_t kMinSampleRate = 1000, kMaxSampleRate = 384000;
 constexpr int64_t kMaxUpsample = 1024, kMaxMelBins = 1024;
-
-std::string number(double x) {
-    if (std::isnan(x)) return "nan";
-    if (std::isinf(x)) return x > 0 ? "inf" : "-inf";
-    return json(x).dump();
-}
-
-// A config file of the build (its manifest's files[role]), verified as read and parsed.
-json read_config(const BuildImpl& b, const std::string& role) {
-    auto it = b.manifest.files.find(role);
-    if (it == b.manifest.files.end()) fail(OF_ERR_MANIFEST, "this build has no '" + role + "' file");
-    std::vector<char> data = read_verified(b.folder, b.manifest, it->second);
-    json d = json::parse(data.begin(), data.end(), nullptr, /*allow_exceptions=*/false);
-    if (d.is_discarded()) fail(OF_ERR_MANIFEST, "'" + it->second + "' is not valid JSON");
-    return d;
-}
-
-std::string py_shown(const json& v) {
-    if (v.is_boolean()) return v.get<bool>() ? "True" : "False";
-    if (v.is_null()) return "None";
-    std::string r = v.is_string() ? "'" + v.get<std::string>() + "'" : v.dump();
-    return r.size() <= 60 ? r : r.substr(0, 40) + "... (" + std::to_string(r.size()) + " characters)";
-}
-
-// media.config_int
-int64_t config_int(const json& cfg, const std::string& key, int64_t lo, int64_t hi, const std::string& what, const json& def) {
-    auto it = cfg.find(key);
-    const json& v = it == cfg.end() ? def : *it;
-    int64_t out = 0;
-    if (!int_in_range(v, lo, hi, &out))
-        fail(OF_ERR_MANIFEST, "the " + what + " config's '" + key + "' must be an integer in [" + std::to_string(lo) + ", " +
-                                  std::to_string(hi) + "], got " + py_shown(v));
-    return out;
-}
-
-void size_list(const json& cfg, const std::string& key, const std::string& what, int64_t hi) {
-    const json& v = cfg[key];
-    if (!v.is_array() || v.empty() || v.size() > 64)
-        fail(OF_ERR_MANIFEST, "the " + what + " config's '" + key + "' must be a list of 1 to 64 integers, got " + py_shown(v));
-    for (const json& x : v) config_int(json{{key, x}}, key, 1, hi, what, json());
-}
 
 // media.vae_scaling
 float vae_scaling(const json& cfg) {

@@ -1,8 +1,12 @@
 // Media in: one modality's encoder and input projector, as the Python runtime's
 // Pipeline.encode_image / encode_video / encode_audio compute them from the front end's output
-// (the preprocessed pixels, clips or audio features: the front ends stay with the caller).
+// (the preprocessed pixels, clips or audio features), and, for images and video frames, from RGB
+// pixels through the build's image front end (image_frontend.cpp).
 #include <algorithm>
+#include <optional>
 
+#include "config_values.hpp"
+#include "image_frontend.hpp"
 #include "internal.hpp"
 #include "stage_session.hpp"
 
@@ -16,6 +20,11 @@ struct EncoderImpl {
     size_t item_size = 0;
     size_t tokens = 1;  // rows per medium: 1 for a pooled embedding, Q for (batch, Q, D) tokens
     size_t enc_dim = 0, width = 0;
+    // image and video: the build's image front end, or why it cannot be used (reported by the
+    // calls that take pixels, so that a build without one still encodes preprocessed input)
+    std::optional<ImageFrontEnd> image_fe;
+    of_status image_fe_status = OF_OK;
+    std::string image_fe_error;
 };
 
 namespace {
@@ -73,6 +82,14 @@ std::shared_ptr<EncoderImpl> open_encoder(std::shared_ptr<BuildImpl> build, cons
     if (pspec.io.outputs[0].shape[2] < 1) fail(OF_ERR_UNSUPPORTED, "stage '" + proj + "' gives rows of a dynamic width");
     e->width = size_t(pspec.io.outputs[0].shape[2]);
 
+    if (base == "image") {
+        try {
+            e->image_fe = ImageFrontEnd::from_config(read_config(*build, "image_preprocessor"));
+        } catch (const Error& err) {
+            e->image_fe_status = err.status;
+            e->image_fe_error = err.what();
+        }
+    }
     e->encoder = open_stage(build, enc);
     e->projector = open_stage(build, proj);
     e->build = std::move(build);
@@ -120,6 +137,47 @@ void encode(EncoderImpl& e, const float* input, size_t n_input, int64_t batch, f
         fail(OF_ERR_ENGINE, "stage '" + e.projector.name + "' gave " + shape_str(proj_shape) + " for " + std::to_string(e.tokens) +
                                 " row(s)");
     std::copy(out.begin(), out.end(), rows);
+}
+
+void image_fe_shape_check(const EncoderImpl& e, const std::vector<int64_t>& item) {
+    std::vector<int64_t> want(e.item_shape.begin() + 1, e.item_shape.end());
+    if (item != want)
+        fail(OF_ERR_UNSUPPORTED, "the build's image front end gives " + shape_str(item) + " per item; the " + e.modality +
+                                     " encoder takes " + shape_str(want));
+}
+
+const ImageFrontEnd& image_front_end(const EncoderImpl& e) {
+    if (e.modality == "audio") fail(OF_ERR_UNSUPPORTED, "the audio encoder takes audio features, not pixels");
+    if (!e.image_fe) fail(e.image_fe_status, "the build's image front end cannot be used: " + e.image_fe_error);
+    return *e.image_fe;
+}
+
+void image_input(EncoderImpl& e, const RgbView& image, float* input, size_t n_input) {
+    const ImageFrontEnd& fe = image_front_end(e);
+    if (!input) fail(OF_ERR_INVALID_ARGUMENT, "the input buffer is a null pointer");
+    std::vector<int64_t> shape;
+    const std::vector<float> x = image_item(fe, image, shape);
+    image_fe_shape_check(e, shape);
+    if (n_input != x.size())
+        fail(OF_ERR_INVALID_ARGUMENT, "the input buffer must hold " + std::to_string(x.size()) + " floats (one item, shape " +
+                                          shape_str(e.item_shape) + "), got " + std::to_string(n_input));
+    std::copy(x.begin(), x.end(), input);
+}
+
+void encode_images(EncoderImpl& e, const RgbView* images, size_t n, float* rows, size_t n_rows) {
+    const ImageFrontEnd& fe = image_front_end(e);
+    if (!images) fail(OF_ERR_INVALID_ARGUMENT, "the images are a null pointer");
+    if (e.modality == "image" && n != 1) fail(OF_ERR_INVALID_ARGUMENT, "the image encoder takes one image per call, got " + std::to_string(n));
+    std::vector<int64_t> shape;
+    std::vector<float> x;
+    if (e.modality == "image") {
+        x = image_item(fe, images[0], shape);
+        shape.insert(shape.begin(), 1);
+    } else {
+        x = video_items(fe, images, n, shape);
+    }
+    image_fe_shape_check(e, std::vector<int64_t>(shape.begin() + 1, shape.end()));
+    encode(e, x.data(), x.size(), shape[0], rows, n_rows);
 }
 
 }  // namespace omniforge

@@ -295,6 +295,11 @@ void encoder_rows(const EncoderImpl& e, size_t* n_rows, size_t* width);  // rows
 // The LLM rows of one medium from `batch` items of the encoder's input: the encoder, the mean of
 // its embeddings over the batch, the input projector; writes n_rows x width floats to rows.
 void encode(EncoderImpl& e, const float* input, size_t n_input, int64_t batch, float* rows, size_t n_rows);
+struct RgbView;  // image_frontend.hpp
+// The build's image front end on one RGB image: one item of the encoder's input (n_input floats).
+void image_input(EncoderImpl& e, const RgbView& image, float* input, size_t n_input);
+// The LLM rows of an image (n 1) or of a video's picked frames, from their pixels.
+void encode_images(EncoderImpl& e, const RgbView* images, size_t n, float* rows, size_t n_rows);
 
 // ---- the diffusion decoders (decoder.cpp) -----------------------------------------------------
 

@@ -10,6 +10,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "config_values.hpp"
 #include "internal.hpp"
 
 namespace omniforge {
@@ -421,6 +422,15 @@ std::vector<char> read_verified(const std::string& folder, const Manifest& m, co
     data.resize(got);
     if (sha256_hex(data.data(), data.size()) != it->second.sha256) mismatch(rel);
     return data;
+}
+
+json read_config(const BuildImpl& b, const std::string& role) {
+    auto it = b.manifest.files.find(role);
+    if (it == b.manifest.files.end()) fail(OF_ERR_MANIFEST, "this build has no '" + role + "' file");
+    std::vector<char> data = read_verified(b.folder, b.manifest, it->second);
+    json d = json::parse(data.begin(), data.end(), nullptr, /*allow_exceptions=*/false);
+    if (d.is_discarded()) fail(OF_ERR_MANIFEST, "'" + it->second + "' is not valid JSON");
+    return d;
 }
 
 }  // namespace omniforge

@@ -242,6 +242,47 @@ static void check_decoders(const char* build_path) {
 
 // ---- media in, and the conditioning out ----
 
+// The image front end from RGB pixels: its item through of_encoder_run gives the same rows as
+// of_encoder_run_images; bad pixels are refused.
+static void check_pixels_in(of_encoder* e, const char* modality, const std::vector<int64_t>& shape, int64_t batch,
+                            const std::vector<float>& scratch) {
+    const int64_t w = 45, h = 37;
+    const size_t stride = size_t(w) * 3 + 7;  // padded rows
+    std::vector<uint8_t> px(size_t(h) * stride);
+    for (size_t i = 0; i < px.size(); ++i) px[i] = uint8_t((i * 37 + i / 11) % 256);
+    const of_image img{px.data(), w, h, stride};
+    std::vector<float> item(product(shape)), rows(scratch.size()), want(scratch.size());
+    if (std::string(modality) == "audio") {
+        of_status st = of_encoder_image_input(e, &img, item.data(), item.size());
+        expect_refusal(st, OF_ERR_UNSUPPORTED, of_last_error(e), "not pixels", "pixels for the audio encoder");
+        return;
+    }
+    CHECK(of_encoder_image_input(e, &img, item.data(), item.size()) == OF_OK);
+    const std::vector<of_image> frames(size_t(batch), img);
+    CHECK(of_encoder_run_images(e, frames.data(), frames.size(), rows.data(), rows.size()) == OF_OK);
+    std::vector<float> items;
+    for (int64_t i = 0; i < batch; ++i) items.insert(items.end(), item.begin(), item.end());
+    CHECK(of_encoder_run(e, items.data(), items.size(), batch, want.data(), want.size()) == OF_OK);
+    CHECK(rows == want);
+    of_image bad = img;
+    bad.stride = size_t(w) * 3 - 1;
+    of_status st = of_encoder_image_input(e, &bad, item.data(), item.size());
+    expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(e), "row stride", "rows closer than the width");
+    bad = img;
+    bad.height = 0;
+    st = of_encoder_run_images(e, &bad, 1, rows.data(), rows.size());
+    expect_refusal(st, OF_ERR_INPUT, of_last_error(e), "no pixels", "an image of height 0");
+    bad = img;
+    bad.pixels = nullptr;
+    st = of_encoder_run_images(e, &bad, 1, rows.data(), rows.size());
+    expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(e), "null pointer", "null pixels");
+    st = of_encoder_image_input(e, &img, item.data(), item.size() + 1);
+    expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(e), "input buffer must hold", "an input buffer too big");
+    CHECK(of_encoder_run_images(e, nullptr, 1, rows.data(), rows.size()) == OF_ERR_INVALID_ARGUMENT);
+    CHECK(of_encoder_run_images(e, frames.data(), 0, rows.data(), rows.size()) == OF_ERR_INVALID_ARGUMENT);
+    CHECK(of_encoder_image_input(nullptr, &img, item.data(), item.size()) == OF_ERR_INVALID_ARGUMENT);
+}
+
 static void check_media(const char* build_path) {
     CHECK(of_encoder_open(nullptr, "image", nullptr) == OF_ERR_INVALID_ARGUMENT);
     CHECK(std::strlen(of_encoder_last_error(nullptr)) > 0 && std::string(of_encoder_input_name(nullptr)).empty());
@@ -282,6 +323,7 @@ static void check_media(const char* build_path) {
         expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(e), "batch must be in", "encoder batch 0");
         CHECK(of_encoder_run(e, nullptr, x.size(), batch, out.data(), out.size()) == OF_ERR_INVALID_ARGUMENT);
         CHECK(of_encoder_run(e, x.data(), x.size(), batch, nullptr, out.size()) == OF_ERR_INVALID_ARGUMENT);
+        check_pixels_in(e, modality, shape, batch, out);
         of_encoder_close(e);
     }
 
