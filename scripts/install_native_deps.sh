@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the native core builds with (cmake, g++, nlohmann-json3-dev,
-# libssl-dev), only those missing; does nothing when all are present.
+# libssl-dev, libfftw3-dev), only those missing; does nothing when all are present.
 set -euo pipefail
-packages=(cmake g++ nlohmann-json3-dev libssl-dev)
+packages=(cmake g++ nlohmann-json3-dev libssl-dev libfftw3-dev)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

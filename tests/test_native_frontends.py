@@ -180,3 +180,61 @@ def test_front_end_refusals_are_the_python_runtimes_sentences(native_build: Path
                 M.preprocess_image(arr, cfg)
         # the Python runtime names an array "array"; the C API's images are "image"
         assert g["error"] == str(err.value).replace("'array'", "'image'"), (g, str(err.value))
+
+
+def _tone(seconds: float, rate: int, seed: int) -> np.ndarray:
+    """A chirp, a tone and noise: energy across the mel range."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    x = 0.3 * np.sin(2 * np.pi * (200 + 900 * t) * t) + 0.2 * np.sin(2 * np.pi * 3000 * t)
+    return (x + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def _audio_cases(
+    cases: list[dict], blob: bytearray, config: dict, seconds: float, rate: int, seed: int
+) -> np.ndarray:
+    x = _tone(seconds, rate, seed)
+    cases.append({"mode": "audio", "config": config, "samples": [len(blob), x.size], "rate": rate})
+    blob += x.tobytes()
+    return x
+
+
+def test_audio_front_ends_equal_the_python_runtime(native_build: Path, tmp_path: Path) -> None:
+    """The default log-mel, ImageBind's fbank clips and Whisper's log-mel from samples at several
+    rates and lengths (shorter than a frame's half, than a clip, than the window; longer than what
+    is read), within 1e-5 of the Python runtime's (FFTW's transforms and BLAS's sums differ from
+    numpy's in the last bits). ImageBind's within 5e-5: its mel triangles are float32 (as
+    torchaudio's), and numpy's float32 log differs from the C library's by an ulp, which moves the
+    small weights at a triangle's edge and so the weakest bins (1.7e-5 measured)."""
+    from omniforge.runtime import imagebind_media as IB
+    from omniforge.runtime import media as M
+    from omniforge.runtime import whisper_media as W
+
+    default = {"sample_rate": 16000, "n_fft": 400, "hop_length": 160, "n_mels": 32, "num_frames": 32}
+    default |= {"mean": -4.268, "std": 4.569}
+    ib = {"kind": "imagebind", "clips": 3, "n_mels": 128, "target_frames": 204}
+    whisper = {"kind": "whisper", "window_s": 2, "n_mels": 80}
+    cases: list[dict] = []
+    blob = bytearray()
+    want = []
+    for seconds, rate in [(0.3, 16000), (0.011, 16000), (1.7, 44100), (0.5, 8000), (2.0, 22050)]:
+        x = _audio_cases(cases, blob, default, seconds, rate, len(cases))
+        want.append(M.audio_features(x, rate, default)[None])
+    for seconds, rate in [(5.0, 16000), (1.2, 16000), (3.3, 44100), (2.5, 48000), (4.0, 8000)]:
+        x = _audio_cases(cases, blob, ib, seconds, rate, len(cases))
+        want.append(IB.audio_clips(x, rate, clips=3, n_mels=128, target_frames=204))
+    for seconds, rate in [(1.0, 16000), (3.0, 16000), (1.5, 44100)]:
+        x = _audio_cases(cases, blob, whisper, seconds, rate, len(cases))
+        read = x[: int(np.ceil(2 * rate))]  # load_wav reads the window
+        want.append(W.log_mel(M.resample(read, rate, W.SAMPLE_RATE), 80, 2)[None])
+    (tmp_path / "pixels").write_bytes(bytes(blob))
+    req = {"pixels": str(tmp_path / "pixels"), "out": str(tmp_path / "out"), "cases": cases}
+    r = _run([str(native_build / "omniforge_frontend")], input=json.dumps(req))
+    assert r.returncode == 0, r.stderr
+    data = (tmp_path / "out").read_bytes()
+    for c, res, w in zip(cases, json.loads(r.stdout), want, strict=True):
+        assert "error" not in res, (c["config"], res)
+        got = np.frombuffer(data, np.float32, count=res["count"], offset=res["offset"]).reshape(res["shape"])
+        assert got.shape == w.shape, (c["config"], got.shape, w.shape)
+        atol = 5e-5 if c["config"].get("kind") == "imagebind" else 1e-5
+        np.testing.assert_allclose(got, w, rtol=0, atol=atol, err_msg=str((c["config"], c["rate"])))

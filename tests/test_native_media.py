@@ -63,6 +63,8 @@ def media_library(native: Path) -> ctypes.CDLL:
         "of_encoder_run": (i32, [P, F, size, ctypes.c_int64, F, size]),
         "of_encoder_image_input": (i32, [P, ctypes.POINTER(OfImage), F, size]),
         "of_encoder_run_images": (i32, [P, ctypes.POINTER(OfImage), size, F, size]),
+        "of_encoder_audio_input": (i32, [P, F, size, i32, F, size, ctypes.POINTER(ctypes.c_int64)]),
+        "of_encoder_run_audio": (i32, [P, F, size, i32, F, size]),
         "of_llm_open": (i32, [P, i32, i32, ctypes.POINTER(P)]),
         "of_llm_close": (None, [P]),
         "of_llm_last_error": (ctypes.c_char_p, [P]),
@@ -135,6 +137,15 @@ class Native:
         assert self.lib.of_encoder_rows(enc, ctypes.byref(n), ctypes.byref(width)) == 0
         out = np.zeros((n.value, width.value), np.float32)
         status = self.lib.of_encoder_run_images(enc, of_images(*arrays), len(arrays), floats(out), out.size)
+        return status, out if status == 0 else self.lib.of_encoder_last_error(enc).decode()
+
+    def encode_audio(self, enc: P, samples: np.ndarray, rate: int) -> tuple[int, np.ndarray | str]:
+        """``of_encoder_run_audio`` on mono float samples: (status, rows or the sentence)."""
+        n, width = ctypes.c_size_t(), ctypes.c_size_t()
+        assert self.lib.of_encoder_rows(enc, ctypes.byref(n), ctypes.byref(width)) == 0
+        out = np.zeros((n.value, width.value), np.float32)
+        x = np.ascontiguousarray(samples, np.float32)
+        status = self.lib.of_encoder_run_audio(enc, floats(x), x.size, rate, floats(out), out.size)
         return status, out if status == 0 else self.lib.of_encoder_last_error(enc).decode()
 
     def conditioning(
@@ -281,6 +292,57 @@ def test_pixels_in_equal_the_python_runtime(native: Native, pipe) -> None:
     assert lib.of_encoder_run_images(enc, of_images(pic), 0, floats(x), x.size) == 1
     status, why = native.encode_images(native.open("encoder", "audio"), pic)
     assert status == 7 and why == "the audio encoder takes audio features, not pixels"
+
+
+def test_samples_in_equal_the_python_runtime(native: Native, pipe, tmp_path: Path) -> None:
+    """``of_encoder_audio_input`` is the Python front end's log-mel (resampled from 44.1 kHz, and
+    cut to the seconds it reads), and ``of_encoder_run_audio`` gives ``encode_audio``'s rows for
+    the same WAV file's samples."""
+    from omniforge.runtime import media as M
+
+    enc = native.open("encoder", "audio")
+    fe = M.AudioFrontEnd.from_config(pipe.build.json("audio_frontend"))
+    t = np.arange(int(44100 * 2.5)) / 44100  # longer than the front end reads
+    x = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.1 * np.sin(2 * np.pi * 2500 * t)).astype(np.float32)
+    wav = tmp_path / "two.wav"
+    M.write_wav(wav, x, 44100)
+    samples, sr = M.load_wav(wav, 60.0, None)  # the whole file: the C call cuts what it reads
+    batch = ctypes.c_int64()
+    lib = native.lib
+    assert (
+        lib.of_encoder_audio_input(enc, floats(samples), samples.size, sr, None, 0, ctypes.byref(batch)) == 0
+    )
+    assert batch.value == 1
+    want = M.audio_features(samples, sr, fe)[None]
+    got = np.zeros(want.shape, np.float32)
+    status = lib.of_encoder_audio_input(
+        enc, floats(samples), samples.size, sr, floats(got), got.size, ctypes.byref(batch)
+    )
+    assert status == 0, lib.of_encoder_last_error(enc)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    status, rows = native.encode_audio(enc, samples, sr)
+    assert status == 0, rows
+    np.testing.assert_allclose(rows, pipe.encode_audio(wav), rtol=0, atol=1e-5)
+
+    # bad samples: each a status and one sentence
+    assert native.encode_audio(enc, samples[:0], sr) == (4, "the audio has no samples")
+    bad = samples.copy()
+    bad[7] = np.nan
+    assert native.encode_audio(enc, bad, sr) == (4, "the audio holds NaN or infinite samples")
+    assert native.encode_audio(enc, samples, 500) == (
+        4,
+        "the audio's sample rate 500 Hz is outside 1000 to 384000 Hz",
+    )
+    assert lib.of_encoder_run_audio(enc, None, 10, sr, floats(got), got.size) == 1
+    status = lib.of_encoder_audio_input(
+        enc, floats(samples), samples.size, sr, floats(got), got.size - 1, ctypes.byref(batch)
+    )
+    assert status == 1 and lib.of_encoder_last_error(enc).decode().startswith("the input buffer must hold")
+    assert (
+        lib.of_encoder_audio_input(enc, floats(samples), samples.size, sr, floats(got), got.size, None) == 1
+    )
+    status, why = native.encode_audio(native.open("encoder", "image"), samples, sr)
+    assert status == 7 and why == "the image encoder takes pixels, not audio samples"
 
 
 def test_token_embeddings_and_conditioning_equal_the_python_runtime(native: Native, pipe) -> None:

@@ -426,9 +426,14 @@ def test_native_encoders_and_conditioning_equal_the_python_runtime(release, buil
         samples, sr = M.load_wav(release.root / "chirp.wav", IB_LONGEST_S, 0)
         fbank = IB.audio_clips(samples, sr)
         assert fbank.shape[0] == 3
-        status, rows = native.encode(native.open("encoder", "audio"), fbank)
+        aud = native.open("encoder", "audio")
+        status, rows = native.encode(aud, fbank)
         assert status == 0, rows
-        np.testing.assert_allclose(rows, pipe.encode_audio(release.root / "chirp.wav"), rtol=0, atol=1e-5)
+        want = pipe.encode_audio(release.root / "chirp.wav")
+        np.testing.assert_allclose(rows, want, rtol=0, atol=1e-5)
+        status, rows = native.encode_audio(aud, samples, sr)  # from samples: resampling, clips, fbank in C++
+        assert status == 0, rows
+        np.testing.assert_allclose(rows, want, rtol=0, atol=1e-5)
 
         llm, dec = native.llm(), native.open("decoder", "image")
         n, width = ctypes.c_size_t(), ctypes.c_size_t()

@@ -362,6 +362,22 @@ OF_API of_status of_encoder_image_input(of_encoder* encoder, const of_image* ima
 OF_API of_status of_encoder_run_images(of_encoder* encoder, const of_image* images, size_t n_images, float* rows,
                                        size_t n_floats);
 
+/* The build's audio front end (its audio_frontend config) on a recording's mono samples at
+   `sample_rate` Hz (1000 to 384000), as the Python runtime prepares a recording for the audio
+   encoder: its log-mel features, ImageBind's Kaldi fbank clips (resampled to 16 kHz with
+   torchaudio's windowed sinc, clips spread over the recording) or Whisper's log-mel over its
+   window. Only the seconds the front end reads are used (the Python runtime reads a file's first
+   channel for ImageBind, the mean of its channels otherwise). Writes *batch items of the encoder's
+   input (n_floats: *batch x the item's size) to `input`; with `input` NULL and n_floats 0 it only
+   sets *batch (the clips of an ImageBind build, else 1). CLAP's front end is OF_ERR_UNSUPPORTED (pass
+   its features to of_encoder_run); an empty recording, NaN or infinite samples are OF_ERR_INPUT. */
+OF_API of_status of_encoder_audio_input(of_encoder* encoder, const float* samples, size_t n_samples, int32_t sample_rate,
+                                        float* input, size_t n_floats, int64_t* batch);
+
+/* The LLM rows of a recording from its mono samples: the audio front end, then of_encoder_run. */
+OF_API of_status of_encoder_run_audio(of_encoder* encoder, const float* samples, size_t n_samples, int32_t sample_rate,
+                                      float* rows, size_t n_floats);
+
 /* ---- the diffusion decoders ------------------------------------------------------------------ */
 
 typedef struct of_decoder of_decoder; /* one modality's UNet, VAE decoder (and vocoder) and scheduler */

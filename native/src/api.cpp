@@ -761,6 +761,21 @@ of_status of_encoder_run_images(of_encoder* encoder, const of_image* images, siz
     });
 }
 
+of_status of_encoder_audio_input(of_encoder* encoder, const float* samples, size_t n_samples, int32_t sample_rate, float* input,
+                                 size_t n_floats, int64_t* batch) {
+    if (!encoder) return OF_ERR_INVALID_ARGUMENT;
+    return guarded(encoder->errors.mine(), [&] {
+        omniforge::audio_input(*encoder->impl, samples, n_samples, sample_rate, input, n_floats, batch);
+    });
+}
+
+of_status of_encoder_run_audio(of_encoder* encoder, const float* samples, size_t n_samples, int32_t sample_rate, float* rows,
+                               size_t n_floats) {
+    if (!encoder) return OF_ERR_INVALID_ARGUMENT;
+    return guarded(encoder->errors.mine(),
+                   [&] { omniforge::encode_audio(*encoder->impl, samples, n_samples, sample_rate, rows, n_floats); });
+}
+
 const float* of_media_data(const of_media* media, size_t* n) {
     if (n) *n = media ? media->out.data.size() : 0;
     return media ? media->out.data.data() : nullptr;

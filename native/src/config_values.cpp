@@ -82,6 +82,16 @@ json config_section(const json& cfg, const std::string& key, const std::string& 
     return *it;
 }
 
+// pipeline._size: a positive integer of a front-end config (an integer, not a float)
+int64_t front_size(const json& cfg, const std::string& key, int64_t hi) {
+    auto it = cfg.find(key);
+    const json v = it == cfg.end() ? json() : *it;
+    if (!v.is_number_integer() || (v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(hi)) || v.get<int64_t>() < 1 ||
+        v.get<int64_t>() > hi)
+        fail(OF_ERR_MANIFEST, "the front-end config's '" + key + "' must be an integer in [1, " + std::to_string(hi) + "], got " + py_shown(v));
+    return v.get<int64_t>();
+}
+
 void size_list(const json& cfg, const std::string& key, const std::string& what, int64_t hi) {
     const json& v = cfg[key];
     if (!v.is_array() || v.empty() || v.size() > 64)

@@ -28,6 +28,8 @@ double config_float(const nlohmann::json& cfg, const std::string& key, const std
 bool config_bool(const nlohmann::json& cfg, const std::string& key, const std::string& what, bool def);
 // media._config_section: cfg[key] as an object ({} when absent)
 nlohmann::json config_section(const nlohmann::json& cfg, const std::string& key, const std::string& what);
+// pipeline._size: a front end's positive integer setting (an integer, not a float) in [1, hi]
+int64_t front_size(const nlohmann::json& cfg, const std::string& key, int64_t hi = 4096);
 // a list of 1 to 64 integers in [1, hi]
 void size_list(const nlohmann::json& cfg, const std::string& key, const std::string& what, int64_t hi);
 

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <optional>
 
+#include "audio_frontend.hpp"
 #include "config_values.hpp"
 #include "image_frontend.hpp"
 #include "internal.hpp"
@@ -25,6 +26,9 @@ struct EncoderImpl {
     std::optional<ImageFrontEnd> image_fe;
     of_status image_fe_status = OF_OK;
     std::string image_fe_error;
+    std::optional<AudioFrontEnd> audio_fe;  // audio: the build's audio front end, the same way
+    of_status audio_fe_status = OF_OK;
+    std::string audio_fe_error;
 };
 
 namespace {
@@ -82,13 +86,12 @@ std::shared_ptr<EncoderImpl> open_encoder(std::shared_ptr<BuildImpl> build, cons
     if (pspec.io.outputs[0].shape[2] < 1) fail(OF_ERR_UNSUPPORTED, "stage '" + proj + "' gives rows of a dynamic width");
     e->width = size_t(pspec.io.outputs[0].shape[2]);
 
-    if (base == "image") {
-        try {
-            e->image_fe = ImageFrontEnd::from_config(read_config(*build, "image_preprocessor"));
-        } catch (const Error& err) {
-            e->image_fe_status = err.status;
-            e->image_fe_error = err.what();
-        }
+    try {
+        if (base == "image") e->image_fe = ImageFrontEnd::from_config(read_config(*build, "image_preprocessor"));
+        if (base == "audio") e->audio_fe = AudioFrontEnd::from_config(read_config(*build, "audio_frontend"));
+    } catch (const Error& err) {
+        (base == "image" ? e->image_fe_status : e->audio_fe_status) = err.status;
+        (base == "image" ? e->image_fe_error : e->audio_fe_error) = err.what();
     }
     e->encoder = open_stage(build, enc);
     e->projector = open_stage(build, proj);
@@ -139,10 +142,11 @@ void encode(EncoderImpl& e, const float* input, size_t n_input, int64_t batch, f
     std::copy(out.begin(), out.end(), rows);
 }
 
-void image_fe_shape_check(const EncoderImpl& e, const std::vector<int64_t>& item) {
+void front_end_shape_check(const EncoderImpl& e, const std::vector<int64_t>& item) {
     std::vector<int64_t> want(e.item_shape.begin() + 1, e.item_shape.end());
     if (item != want)
-        fail(OF_ERR_UNSUPPORTED, "the build's image front end gives " + shape_str(item) + " per item; the " + e.modality +
+        fail(OF_ERR_UNSUPPORTED, "the build's " + std::string(e.modality == "audio" ? "audio" : "image") + " front end gives " +
+                                     shape_str(item) + " per item; the " + e.modality +
                                      " encoder takes " + shape_str(want));
 }
 
@@ -157,7 +161,7 @@ void image_input(EncoderImpl& e, const RgbView& image, float* input, size_t n_in
     if (!input) fail(OF_ERR_INVALID_ARGUMENT, "the input buffer is a null pointer");
     std::vector<int64_t> shape;
     const std::vector<float> x = image_item(fe, image, shape);
-    image_fe_shape_check(e, shape);
+    front_end_shape_check(e, shape);
     if (n_input != x.size())
         fail(OF_ERR_INVALID_ARGUMENT, "the input buffer must hold " + std::to_string(x.size()) + " floats (one item, shape " +
                                           shape_str(e.item_shape) + "), got " + std::to_string(n_input));
@@ -176,8 +180,41 @@ void encode_images(EncoderImpl& e, const RgbView* images, size_t n, float* rows,
     } else {
         x = video_items(fe, images, n, shape);
     }
-    image_fe_shape_check(e, std::vector<int64_t>(shape.begin() + 1, shape.end()));
+    front_end_shape_check(e, std::vector<int64_t>(shape.begin() + 1, shape.end()));
     encode(e, x.data(), x.size(), shape[0], rows, n_rows);
+}
+
+const AudioFrontEnd& audio_front_end(const EncoderImpl& e) {
+    if (e.modality != "audio") fail(OF_ERR_UNSUPPORTED, "the " + e.modality + " encoder takes pixels, not audio samples");
+    if (!e.audio_fe) fail(e.audio_fe_status, "the build's audio front end cannot be used: " + e.audio_fe_error);
+    return *e.audio_fe;
+}
+
+std::vector<float> audio_batch(EncoderImpl& e, const float* samples, size_t n, int32_t sample_rate, int64_t* batch) {
+    std::vector<int64_t> shape;
+    std::vector<float> x = audio_items(audio_front_end(e), samples, n, sample_rate, shape);
+    front_end_shape_check(e, std::vector<int64_t>(shape.begin() + 1, shape.end()));
+    *batch = shape[0];
+    return x;
+}
+
+void audio_input(EncoderImpl& e, const float* samples, size_t n, int32_t sample_rate, float* input, size_t n_input, int64_t* batch) {
+    const AudioFrontEnd& fe = audio_front_end(e);
+    if (!batch) fail(OF_ERR_INVALID_ARGUMENT, "batch is a null pointer");
+    *batch = fe.kind == AudioFrontEnd::Kind::ImageBind ? fe.clips : 1;
+    if (!input && n_input == 0) return;  // a size query
+    if (!input) fail(OF_ERR_INVALID_ARGUMENT, "the input buffer is a null pointer");
+    const std::vector<float> x = audio_batch(e, samples, n, sample_rate, batch);
+    if (n_input != x.size())
+        fail(OF_ERR_INVALID_ARGUMENT, "the input buffer must hold " + std::to_string(x.size()) + " floats (" + std::to_string(*batch) +
+                                          " item(s) of shape " + shape_str(e.item_shape) + "), got " + std::to_string(n_input));
+    std::copy(x.begin(), x.end(), input);
+}
+
+void encode_audio(EncoderImpl& e, const float* samples, size_t n, int32_t sample_rate, float* rows, size_t n_rows) {
+    int64_t batch = 0;
+    const std::vector<float> x = audio_batch(e, samples, n, sample_rate, &batch);
+    encode(e, x.data(), x.size(), batch, rows, n_rows);
 }
 
 }  // namespace omniforge

@@ -44,16 +44,6 @@ void check_image(const RgbView& im, const std::string& name) {
                                           std::to_string(im.width) + " pixels x 3 bytes");
 }
 
-// pipeline._size: a positive integer of a front-end config (an integer, not a float)
-int64_t front_size(const json& cfg, const std::string& key, int64_t hi = 4096) {
-    auto it = cfg.find(key);
-    const json v = it == cfg.end() ? json() : *it;
-    if (!v.is_number_integer() || (v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(hi)) || v.get<int64_t>() < 1 ||
-        v.get<int64_t>() > hi)
-        fail(OF_ERR_MANIFEST, "the front-end config's '" + key + "' must be an integer in [1, " + std::to_string(hi) + "], got " + py_shown(v));
-    return v.get<int64_t>();
-}
-
 // media._channel_stats: one or three finite numbers (std: each of magnitude >= 1e-6), as float32
 void channel_stats(const json& cfg, const std::string& key, bool nonzero, float out[3]) {
     const std::string what = "image preprocessor";

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "omniforge.h"
+#include "pairwise_sum.hpp"
 
 namespace omniforge {
 
@@ -153,7 +154,6 @@ class Rng {
     unsigned __int128 state_ = 0, inc_ = 0;
 };
 
-double pairwise_sum(const double* a, size_t n);  // numpy's np.sum of a contiguous float64 array
 
 // select_token of sampling.py; keeps its scratch buffers between calls (one per request).
 struct Sampler {
@@ -300,6 +300,10 @@ struct RgbView;  // image_frontend.hpp
 void image_input(EncoderImpl& e, const RgbView& image, float* input, size_t n_input);
 // The LLM rows of an image (n 1) or of a video's picked frames, from their pixels.
 void encode_images(EncoderImpl& e, const RgbView* images, size_t n, float* rows, size_t n_rows);
+// The build's audio front end on mono samples: the encoder's batch (*batch items; input NULL and
+// n_input 0 only set *batch), and the LLM rows of the recording.
+void audio_input(EncoderImpl& e, const float* samples, size_t n, int32_t sample_rate, float* input, size_t n_input, int64_t* batch);
+void encode_audio(EncoderImpl& e, const float* samples, size_t n, int32_t sample_rate, float* rows, size_t n_rows);
 
 // ---- the diffusion decoders (decoder.cpp) -----------------------------------------------------
 

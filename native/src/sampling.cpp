@@ -81,28 +81,6 @@ uint64_t Rng::next64() {  // PCG64 XSL-RR: step, then output the new state
 
 double Rng::next_double() { return static_cast<double>(next64() >> 11) * (1.0 / 9007199254740992.0); }
 
-// numpy's pairwise summation of a contiguous float64 array (np.sum), bit for bit.
-double pairwise_sum(const double* a, size_t n) {
-    if (n < 8) {
-        double r = 0.0;
-        for (size_t i = 0; i < n; ++i) r += a[i];
-        return r;
-    }
-    if (n <= 128) {
-        double r[8];
-        for (int j = 0; j < 8; ++j) r[j] = a[j];
-        size_t i = 8;
-        for (; i < n - (n % 8); i += 8)
-            for (int j = 0; j < 8; ++j) r[j] += a[i + j];
-        double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
-        for (; i < n; ++i) res += a[i];
-        return res;
-    }
-    size_t n2 = n / 2;
-    n2 -= n2 % 8;
-    return pairwise_sum(a, n2) + pairwise_sum(a + n2, n - n2);
-}
-
 namespace {
 
 std::string number(double v) {

@@ -1,14 +1,17 @@
-// The image front ends alone (src/image_frontend.cpp compiled in): reads a JSON object from stdin,
-// {"pixels": BLOB, "out": OUT, "cases": [...]}, each case {"config": <image_preprocessor.json>,
-// "mode": "image"|"video"|"resize", "images": [[width, height, byte offset in BLOB, stride], ...],
-// and for "resize": "filter", "width", "height"}. Appends each case's result to OUT (float32
-// values; bytes for "resize") and prints a JSON list holding, per case, {"shape", "offset", "count"}
-// or {"status", "error"}: the refusal.
+// The image and audio front ends alone (src/image_frontend.cpp, src/audio_frontend.cpp compiled
+// in): reads a JSON object from stdin, {"pixels": BLOB, "out": OUT, "cases": [...]}, each case
+// {"config": <image_preprocessor.json or audio_frontend.json>, "mode": "image"|"video"|"resize"|
+// "audio", "images": [[width, height, byte offset in BLOB, stride], ...], for "resize": "filter",
+// "width", "height", for "audio": "samples": [byte offset in BLOB, count] of float32 and "rate"}.
+// Appends each case's result to OUT (float32 values; bytes for "resize") and prints a JSON list
+// holding, per case, {"shape", "offset", "count"} or {"status", "error"}: the refusal.
+#include <cstring>
 #include <fstream>
 #include <iostream>
 #include <iterator>
 #include <nlohmann/json.hpp>
 
+#include "audio_frontend.hpp"
 #include "image_frontend.hpp"
 #include "internal.hpp"
 
@@ -24,7 +27,19 @@ int main() {
     for (const json& c : req.at("cases")) {
         try {
             std::vector<omniforge::RgbView> views;
-            for (const json& im : c.at("images")) {
+            if (c.at("mode") == "audio") {
+                const omniforge::AudioFrontEnd fe = omniforge::AudioFrontEnd::from_config(c.at("config"));
+                const size_t at = c.at("samples").at(0).get<size_t>(), count = c.at("samples").at(1).get<size_t>();
+                std::vector<float> x(count);
+                std::memcpy(x.data(), blob.data() + at, count * sizeof(float));
+                std::vector<int64_t> shape;
+                std::vector<float> y = omniforge::audio_items(fe, x.data(), x.size(), c.at("rate").get<int64_t>(), shape);
+                out.write(reinterpret_cast<const char*>(y.data()), std::streamsize(y.size() * sizeof(float)));
+                results.push_back({{"shape", shape}, {"offset", offset}, {"count", y.size()}});
+                offset += y.size() * sizeof(float);
+                continue;
+            }
+            for (const json& im : c.value("images", json::array())) {
                 const size_t at = im.at(2).get<size_t>();
                 views.push_back({reinterpret_cast<const uint8_t*>(blob.data() + at), im.at(0).get<int64_t>(), im.at(1).get<int64_t>(),
                                  im.at(3).get<size_t>()});

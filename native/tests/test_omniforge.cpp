@@ -242,6 +242,31 @@ static void check_decoders(const char* build_path) {
 
 // ---- media in, and the conditioning out ----
 
+// The audio front end from samples (22.05 kHz, resampled): its batch through of_encoder_run gives
+// the same rows as of_encoder_run_audio; bad samples are refused.
+static void check_samples_in(of_encoder* e, size_t item, std::vector<float>& rows, std::vector<float>& want) {
+    std::vector<float> tone(22050);
+    for (size_t i = 0; i < tone.size(); ++i) tone[i] = 0.3f * std::sin(float(i) * 0.06f) + 0.1f * std::sin(float(i) * 0.9f);
+    int64_t batch = 0;
+    CHECK(of_encoder_audio_input(e, tone.data(), tone.size(), 22050, nullptr, 0, &batch) == OF_OK && batch >= 1);
+    std::vector<float> x(item * size_t(batch));
+    CHECK(of_encoder_audio_input(e, tone.data(), tone.size(), 22050, x.data(), x.size(), &batch) == OF_OK);
+    CHECK(std::all_of(x.begin(), x.end(), [](float v) { return std::isfinite(v); }));
+    CHECK(of_encoder_run_audio(e, tone.data(), tone.size(), 22050, rows.data(), rows.size()) == OF_OK);
+    CHECK(of_encoder_run(e, x.data(), x.size(), batch, want.data(), want.size()) == OF_OK);
+    CHECK(rows == want);
+    tone[5] = INFINITY;
+    of_status st = of_encoder_run_audio(e, tone.data(), tone.size(), 22050, rows.data(), rows.size());
+    expect_refusal(st, OF_ERR_INPUT, of_last_error(e), "NaN or infinite", "an infinite sample");
+    st = of_encoder_run_audio(e, tone.data(), 0, 22050, rows.data(), rows.size());
+    expect_refusal(st, OF_ERR_INPUT, of_last_error(e), "no samples", "no samples");
+    tone[5] = 0.0f;
+    st = of_encoder_run_audio(e, tone.data(), tone.size(), 999, rows.data(), rows.size());
+    expect_refusal(st, OF_ERR_INPUT, of_last_error(e), "999 Hz is outside", "a sample rate below 1000 Hz");
+    CHECK(of_encoder_run_audio(e, nullptr, 10, 16000, rows.data(), rows.size()) == OF_ERR_INVALID_ARGUMENT);
+    CHECK(of_encoder_audio_input(e, tone.data(), tone.size(), 16000, x.data(), x.size(), nullptr) == OF_ERR_INVALID_ARGUMENT);
+}
+
 // The image front end from RGB pixels: its item through of_encoder_run gives the same rows as
 // of_encoder_run_images; bad pixels are refused.
 static void check_pixels_in(of_encoder* e, const char* modality, const std::vector<int64_t>& shape, int64_t batch,
@@ -255,8 +280,12 @@ static void check_pixels_in(of_encoder* e, const char* modality, const std::vect
     if (std::string(modality) == "audio") {
         of_status st = of_encoder_image_input(e, &img, item.data(), item.size());
         expect_refusal(st, OF_ERR_UNSUPPORTED, of_last_error(e), "not pixels", "pixels for the audio encoder");
+        check_samples_in(e, item.size(), rows, want);
         return;
     }
+    std::vector<float> tone(8000, 0.1f);
+    of_status sst = of_encoder_run_audio(e, tone.data(), tone.size(), 16000, rows.data(), rows.size());
+    expect_refusal(sst, OF_ERR_UNSUPPORTED, of_last_error(e), "not audio samples", "samples for an image encoder");
     CHECK(of_encoder_image_input(e, &img, item.data(), item.size()) == OF_OK);
     const std::vector<of_image> frames(size_t(batch), img);
     CHECK(of_encoder_run_images(e, frames.data(), frames.size(), rows.data(), rows.size()) == OF_OK);

@@ -1,7 +1,8 @@
 // One loaded build shared by many threads: every thread runs several requests (greedy and seeded
 // sampling) through one of_llm, each request with its own KV slot, and each result must equal the
 // same request run alone. A thread's bad requests get their own errors while the others run.
-// Then one image decoder shared the same way: every thread's decodes equal the serial ones.
+// Then one image decoder and one video encoder (its front end from pixels) shared the same way:
+// every thread's results equal the serial ones.
 //   omniforge_threads BUILD [THREADS] [ROUNDS]
 #include <atomic>
 #include <cstdio>
@@ -42,6 +43,20 @@ std::vector<int32_t> run(of_llm* llm, const Request& r, int32_t wait_ms, of_stat
     }
     of_generation_free(g);
     return out;
+}
+
+// A video's rows from the pixels of 2 frames, seeded by i; empty on failure.
+std::vector<float> encode(of_encoder* e, int i, of_status* status) {
+    size_t n_rows = 0, width = 0;
+    *status = of_encoder_rows(e, &n_rows, &width);
+    if (*status != OF_OK) return {};
+    const int64_t w = 40 + i, h = 30 + 2 * i;
+    std::vector<uint8_t> px(size_t(w * h) * 3 * 2);
+    for (size_t k = 0; k < px.size(); ++k) px[k] = uint8_t((k * (7 + size_t(i)) + k / 13) % 256);
+    const of_image frames[2] = {{px.data(), w, h, 0}, {px.data() + px.size() / 2, w, h, 0}};
+    std::vector<float> rows(n_rows * width);
+    *status = of_encoder_run_images(e, frames, 2, rows.data(), rows.size());
+    return *status == OF_OK ? rows : std::vector<float>{};
 }
 
 // One image decode (2 steps, seeded noise); empty on failure.
@@ -187,6 +202,38 @@ int main(int argc, char** argv) {
         failures += mismatches + errors;
         of_decoder_close(dec);
     } else if (st != OF_ERR_UNSUPPORTED) {  // a build without an image decoder has nothing to share
+        std::fprintf(stderr, "%s: %s\n", of_status_name(st), of_last_error(build));
+        return 1;
+    }
+    // one video encoder, many threads: the image front end on each thread's frames, then the encoder
+    of_encoder* enc = nullptr;
+    st = of_encoder_open(build, "video", &enc);
+    if (st == OF_OK) {
+        std::vector<std::vector<float>> serial;
+        for (int i = 0; i < threads; ++i) {
+            serial.push_back(encode(enc, i, &st));
+            if (st != OF_OK) {
+                std::fprintf(stderr, "serial encode failed: %s\n", of_last_error(enc));
+                return 1;
+            }
+        }
+        std::atomic<int> mismatches{0}, errors{0};
+        std::vector<std::thread> pool;
+        for (int t = 0; t < threads; ++t) {
+            pool.emplace_back([&, t] {
+                of_status s = OF_OK;
+                for (int r = 0; r < 3; ++r) {
+                    const int i = (t * 3 + r) % threads;
+                    if (encode(enc, i, &s) != serial[size_t(i)]) ++mismatches;
+                    if (s != OF_OK) ++errors;
+                }
+            });
+        }
+        for (std::thread& th : pool) th.join();
+        std::printf("%d threads x 3 video encodes from pixels: %d mismatches, %d errors\n", threads, mismatches.load(), errors.load());
+        failures += mismatches + errors;
+        of_encoder_close(enc);
+    } else if (st != OF_ERR_UNSUPPORTED) {
         std::fprintf(stderr, "%s: %s\n", of_status_name(st), of_last_error(build));
         return 1;
     }
