@@ -1,5 +1,6 @@
-// One any-to-any request on libomniforge: an image in, the reply's text streamed, and the image and
-// audio it asks for (or that --force asks for) written as PPM and WAV files.
+// One any-to-any request on libomniforge, in one call (of_pipeline_run): an image in, the reply's
+// text streamed, and the image and audio it asks for (or that --force asks for) written as PPM and
+// WAV files.
 //
 //   any_to_any BUILD "PROMPT" [--image FILE.ppm] [--force image,audio] [--image-out FILE.ppm]
 //              [--audio-out FILE.wav] [--max N] [--steps N] [--seed S]
@@ -137,70 +138,48 @@ int main(int argc, char** argv) {
     try {
         Handle<of_build, of_build_close> build;
         check(of_build_open(argv[1], nullptr, &build.p), of_last_error(build.p));
-        Handle<of_llm, of_llm_close> llm;
-        check(of_llm_open(build.p, 1, 0, &llm.p), of_last_error(build.p));
+        // the whole chain: the LLM now, the encoders and decoders when a request needs them
+        Handle<of_pipeline, of_pipeline_close> pipeline;
+        check(of_pipeline_open(build.p, 1, 0, &pipeline.p), of_last_error(build.p));
 
-        // media in: the image front end, the encoder and its input projector turn pixels into LLM rows
-        std::vector<float> image_rows;
-        std::vector<of_media_rows> media;
-        if (!image_in.empty()) {
-            const Picture pic = read_ppm(image_in);
-            Handle<of_encoder, of_encoder_close> enc;
-            check(of_encoder_open(build.p, "image", &enc.p), of_last_error(build.p));
-            size_t n_rows = 0, width = 0;
-            check(of_encoder_rows(enc.p, &n_rows, &width), of_last_error(enc.p));
-            image_rows.resize(n_rows * width);
-            const of_image image{pic.rgb.data(), pic.width, pic.height, 0};
-            check(of_encoder_run_images(enc.p, &image, 1, image_rows.data(), image_rows.size()), of_last_error(enc.p));
-            media.push_back({"image", image_rows.data(), n_rows});
-        }
-
-        // the reply, streamed, keeping the signal tokens' hidden states
-        go.on_token = on_token;
-        go.collect_signal_hidden = 1;
-        of_generation* g = nullptr;
         const std::string prompt = argv[2];
-        check(of_llm_generate_media(llm.p, prompt.data(), prompt.size(), media.data(), media.size(), &go, &g), of_last_error(llm.p));
-        std::unique_ptr<of_generation, void (*)(of_generation*)> reply(g, of_generation_free);
+        of_request request;
+        of_request_init(&request);
+        request.prompt = prompt.data();
+        request.prompt_len = prompt.size();
+        Picture pic;
+        of_image image{};
+        if (!image_in.empty()) {  // the pixels go through the build's image front end and encoder
+            pic = read_ppm(image_in);
+            image = of_image{pic.rgb.data(), pic.width, pic.height, 0};
+            request.image = &image;
+        }
+        request.force = force.c_str();
+        go.on_token = on_token;  // the reply, streamed
+
+        of_response* response = nullptr;
+        check(of_pipeline_run(pipeline.p, &request, &go, &dopt, &response), of_last_error(pipeline.p));
+        std::unique_ptr<of_response, void (*)(of_response*)> done(response, of_response_free);
         std::printf("\n");
 
-        // media out: each modality the reply asks for (or --force names) with an output file
-        const char* modalities[2] = {"image", "audio"};
-        for (int m = 0; m < 2; ++m) {
-            const std::string modality = modalities[m];
-            bool asked = force.find(modality) != std::string::npos;
-            for (size_t i = 0; i < of_generation_signal_count(g); ++i) {
-                const char* which = nullptr;
-                of_generation_signal(g, i, &which, nullptr, nullptr, nullptr);
-                asked = asked || modality == which;
-            }
-            if (!asked || out[m].empty()) continue;
-            Handle<of_decoder, of_decoder_close> dec;
-            check(of_decoder_open(build.p, modality.c_str(), &dec.p), of_last_error(build.p));
-            size_t n_signal = 0, hidden = 0, rank = 0;
-            check(of_decoder_conditioning_input(dec.p, &n_signal, &hidden), of_last_error(dec.p));
-            std::vector<float> signal(n_signal * hidden);
-            check(of_llm_signal_hidden(llm.p, g, modality.c_str(), signal.data(), signal.size()), of_last_error(llm.p));
-            int64_t shape[8];
-            check(of_decoder_conditioning_shape(dec.p, shape, 8, &rank), of_last_error(dec.p));
-            size_t n_cond = 1;
-            for (size_t k = 0; k < rank; ++k) n_cond *= size_t(shape[k]);
-            std::vector<float> cond(n_cond);
-            check(of_decoder_conditioning(dec.p, llm.p, signal.data(), signal.size(), cond.data(), cond.size()), of_last_error(dec.p));
-            of_media* result = nullptr;
-            check(of_decoder_run(dec.p, cond.data(), cond.size(), nullptr, nullptr, 0, &dopt, &result), of_last_error(dec.p));
-            std::unique_ptr<of_media, void (*)(of_media*)> medium(result, of_media_free);
-            size_t n = 0, r = 0;
-            const float* data = of_media_data(result, &n);
-            const int64_t* dims = of_media_shape(result, &r);
-            if (modality == "image") write_ppm(out[m], data, dims[0], dims[1]);
-            else write_wav(out[m], data, n, of_media_sample_rate(result));
-            std::fprintf(stderr, "%s: %s (denoise %.2f s, decode %.2f s)\n", modality.c_str(), out[m].c_str(), of_media_denoise_s(result),
-                         of_media_decode_s(result));
+        // media out: each modality the reply asked for (or --force named), written where asked
+        for (size_t i = 0; i < of_response_media_count(response); ++i) {
+            const of_media* medium = of_response_media(response, i);
+            const std::string kind = of_media_kind(medium);
+            const std::string& path = kind == "image" ? out[0] : kind == "audio" ? out[1] : std::string();
+            if (path.empty()) continue;
+            size_t n = 0, rank = 0;
+            const float* data = of_media_data(medium, &n);
+            const int64_t* dims = of_media_shape(medium, &rank);
+            if (kind == "image") write_ppm(path, data, dims[0], dims[1]);
+            else write_wav(path, data, n, of_media_sample_rate(medium));
+            std::fprintf(stderr, "%s: %s (denoise %.2f s, decode %.2f s)\n", kind.c_str(), path.c_str(), of_media_denoise_s(medium),
+                         of_media_decode_s(medium));
         }
+        const of_generation* reply = of_response_generation(response);
         size_t n_tokens = 0;
-        of_generation_tokens(g, &n_tokens);
-        std::fprintf(stderr, "tokens=%zu finish=%s\n", n_tokens, of_finish_reason_name(of_generation_finish_reason(g)));
+        of_generation_tokens(reply, &n_tokens);
+        std::fprintf(stderr, "tokens=%zu finish=%s\n", n_tokens, of_finish_reason_name(of_generation_finish_reason(reply)));
         return 0;
     } catch (const Failure& e) {
         std::fprintf(stderr, "%s\n", e.what());

@@ -456,6 +456,68 @@ OF_API double of_media_denoise_s(const of_media* media);       /* the denoising 
 OF_API double of_media_decode_s(const of_media* media);        /* the VAE decoder (and vocoder) */
 OF_API void of_media_free(of_media* media);                    /* NULL is ignored */
 
+/* ---- the whole request in one call ------------------------------------------------------------ */
+
+typedef struct of_pipeline of_pipeline; /* a build's LLM, and its encoders and decoders opened on first use */
+
+/* The chain of a build for one-call requests: its LLM opened as of_llm_open(build, num_slots,
+   max_context) does, the encoders and decoders when a request first needs them. One pipeline
+   serves any number of threads (each request its own KV slot, as of_llm_generate). Errors go to the
+   build's handle; the build may be closed before the pipeline. */
+OF_API of_status of_pipeline_open(of_build* build, int32_t num_slots, int32_t max_context, of_pipeline** pipeline);
+OF_API void of_pipeline_close(of_pipeline* pipeline);                   /* NULL is ignored */
+OF_API const char* of_pipeline_last_error(const of_pipeline* pipeline);  /* "" when none; never NULL */
+
+/* A modality's initial noise for its decoder (of_decoder_run's initial_latents). */
+typedef struct of_latents {
+    const char* modality;
+    const float* data;
+    size_t n;
+} of_latents;
+
+/* One any-to-any request: a prompt and the media it comes with, as raw buffers. */
+typedef struct of_request {
+    size_t struct_size;          /* sizeof(of_request): set by of_request_init */
+    const char* prompt;          /* UTF-8, prompt_len bytes */
+    size_t prompt_len;
+    const of_image* image;       /* an image's pixels, or NULL */
+    const float* audio;          /* a recording's mono samples at audio_rate Hz, or NULL */
+    size_t n_audio;
+    int32_t audio_rate;
+    const of_image* video;       /* a video's picked frames (of_encoder_run_images'), or NULL */
+    size_t n_video_frames;
+    const char* force;           /* "image,audio": modalities generated even if the reply does not ask for
+                                    them; NULL or "" for none */
+    const of_latents* latents;   /* initial noise per modality (else the decoder's seeded noise) */
+    size_t n_latents;
+} of_request;
+
+OF_API void of_request_init(of_request* request); /* no prompt, no media, nothing forced */
+
+typedef struct of_response of_response;
+
+/* The whole request, as the Python runtime's Pipeline.run(prompt, image=, audio=, video=, force=,
+   latents=, adapter="none") makes it: each medium through its front end, encoder and input
+   projector; the prompt laid out with them (the build's protocol, else the placeholders) and
+   generated with `generate` (NULL: defaults; on_token streams the reply; the protocol's stop
+   strings when it sets none; the generated text capped so that a forced modality's signal tokens
+   still fit); then for each modality the build produces that the reply asks for (with a protocol,
+   where the modality's first signal token appears; else any of its signal tokens) or `force`
+   names: the signal tokens' hidden states (generated, else teacher-forced after the reply), the
+   output projector and the decoder with `decode` (NULL: defaults). A forced modality's decoder
+   options are checked before any work. The LLM runs its base model (no LoRA adapter). */
+OF_API of_status of_pipeline_run(of_pipeline* pipeline, const of_request* request, const of_generate_options* generate,
+                                 const of_decoder_options* decode, of_response** response);
+
+/* The reply: its tokens, text, finish reason and signal events through the of_generation_*
+   calls (the pointer lives as long as the response). */
+OF_API const of_generation* of_response_generation(const of_response* response);
+OF_API size_t of_response_media_count(const of_response* response);
+/* Media in the order image, video, audio (those generated); NULL past the count. Lives as long as
+   the response; the of_media_* calls read it (do not free it). */
+OF_API const of_media* of_response_media(const of_response* response, size_t index);
+OF_API void of_response_free(of_response* response); /* NULL is ignored */
+
 #ifdef __cplusplus
 } /* extern "C" */
 
@@ -464,13 +526,15 @@ inline const char* of_last_error(const of_llm* h) { return of_llm_last_error(h);
 inline const char* of_last_error(const of_tokenizer* h) { return of_tokenizer_last_error(h); }
 inline const char* of_last_error(const of_decoder* h) { return of_decoder_last_error(h); }
 inline const char* of_last_error(const of_encoder* h) { return of_encoder_last_error(h); }
+inline const char* of_last_error(const of_pipeline* h) { return of_pipeline_last_error(h); }
 #elif defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L
 #define of_last_error(h)                                                                       \
     _Generic((h), of_build*: of_build_last_error, const of_build*: of_build_last_error,        \
              of_llm*: of_llm_last_error, const of_llm*: of_llm_last_error,                      \
              of_tokenizer*: of_tokenizer_last_error, const of_tokenizer*: of_tokenizer_last_error,  \
              of_decoder*: of_decoder_last_error, const of_decoder*: of_decoder_last_error,      \
-             of_encoder*: of_encoder_last_error, const of_encoder*: of_encoder_last_error)(h)
+             of_encoder*: of_encoder_last_error, const of_encoder*: of_encoder_last_error,      \
+             of_pipeline*: of_pipeline_last_error, const of_pipeline*: of_pipeline_last_error)(h)
 #endif
 
 #endif /* OMNIFORGE_H */

@@ -13,6 +13,7 @@
 
 #include "image_frontend.hpp"
 #include "internal.hpp"
+#include "request.hpp"
 #include "tokenizer.hpp"
 
 namespace {
@@ -246,6 +247,40 @@ void of_generate_options_init(of_generate_options* o) {
 }  // extern "C"
 
 namespace {
+
+omniforge::DecodeParams decode_params_of(const of_decoder_options* options) {
+    of_decoder_options o;
+    of_decoder_options_init(&o);
+    if (options) {
+        if (options->struct_size != sizeof(of_decoder_options))
+            omniforge::fail(OF_ERR_INVALID_ARGUMENT, "the decoder options were not set up with of_decoder_options_init (struct_size is " +
+                                                         std::to_string(options->struct_size) + ", this library's is " +
+                                                         std::to_string(sizeof(of_decoder_options)) + ")");
+        o = *options;
+    }
+    omniforge::DecodeParams p;
+    p.steps = o.steps;
+    p.guidance_scale = o.guidance_scale;
+    p.scheduler = o.scheduler ? o.scheduler : "ddim";
+    p.seed = o.seed;
+    return p;
+}
+
+// "image,audio" -> its names (spaces around them dropped, empty ones skipped)
+std::vector<std::string> split_names(const std::string& list) {
+    std::vector<std::string> out;
+    size_t at = 0;
+    while (at <= list.size()) {
+        size_t end = list.find(',', at);
+        if (end == std::string::npos) end = list.size();
+        std::string name = list.substr(at, end - at);
+        name.erase(0, name.find_first_not_of(' '));
+        name.erase(name.find_last_not_of(' ') + 1);
+        if (!name.empty()) out.push_back(name);
+        at = end + 1;
+    }
+    return out;
+}
 
 omniforge::GenerateParams params_of(const of_generate_options* options) {
     using omniforge::fail;
@@ -650,20 +685,7 @@ of_status of_decoder_run(of_decoder* decoder, const float* cond, size_t n_cond, 
         using omniforge::fail;
         if (!result) fail(OF_ERR_INVALID_ARGUMENT, "the result's address is a null pointer");
         *result = nullptr;
-        of_decoder_options o;
-        of_decoder_options_init(&o);
-        if (options) {
-            if (options->struct_size != sizeof(of_decoder_options))
-                fail(OF_ERR_INVALID_ARGUMENT, "the decoder options were not set up with of_decoder_options_init (struct_size is " +
-                                                  std::to_string(options->struct_size) + ", this library's is " +
-                                                  std::to_string(sizeof(of_decoder_options)) + ")");
-            o = *options;
-        }
-        omniforge::DecodeParams p;
-        p.steps = o.steps;
-        p.guidance_scale = o.guidance_scale;
-        p.scheduler = o.scheduler ? o.scheduler : "ddim";
-        p.seed = o.seed;
+        const omniforge::DecodeParams p = decode_params_of(options);
         auto m = std::make_unique<of_media>();
         m->out = omniforge::decode(*decoder->impl, cond, n_cond, uncond, initial_latents, n_latents, p);
         *result = m.release();
@@ -791,5 +813,102 @@ int32_t of_media_sample_rate(const of_media* media) { return media ? media->out.
 double of_media_denoise_s(const of_media* media) { return media ? media->out.denoise_s : 0.0; }
 double of_media_decode_s(const of_media* media) { return media ? media->out.decode_s : 0.0; }
 void of_media_free(of_media* media) { delete media; }
+
+// ---- the whole request in one call -------------------------------------------------------------
+
+}  // extern "C"
+
+struct of_pipeline {
+    Errors errors;
+    std::unique_ptr<omniforge::PipelineImpl> impl;
+};
+
+struct of_response {
+    of_generation gen;
+    std::vector<of_media> media;
+};
+
+extern "C" {
+
+of_status of_pipeline_open(of_build* build, int32_t num_slots, int32_t max_context, of_pipeline** pipeline) {
+    if (!build) return OF_ERR_INVALID_ARGUMENT;
+    return guarded(build->errors.mine(), [&] {
+        if (!pipeline) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "the pipeline handle's address is a null pointer");
+        *pipeline = nullptr;
+        if (!build->impl) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "this build handle failed to open and cannot be used");
+        auto h = std::make_unique<of_pipeline>();
+        h->impl = std::make_unique<omniforge::PipelineImpl>(build->impl, num_slots, max_context);
+        *pipeline = h.release();
+    });
+}
+
+void of_pipeline_close(of_pipeline* pipeline) { delete pipeline; }
+
+const char* of_pipeline_last_error(const of_pipeline* pipeline) {
+    if (!pipeline) return "the pipeline handle is a null pointer";
+    return pipeline->errors.read();
+}
+
+void of_request_init(of_request* request) {
+    if (!request) return;
+    *request = of_request{};
+    request->struct_size = sizeof(of_request);
+}
+
+of_status of_pipeline_run(of_pipeline* pipeline, const of_request* request, const of_generate_options* generate,
+                          const of_decoder_options* decode, of_response** response) {
+    if (!pipeline) return OF_ERR_INVALID_ARGUMENT;
+    return guarded(pipeline->errors.mine(), [&] {
+        using omniforge::fail;
+        if (!response) fail(OF_ERR_INVALID_ARGUMENT, "the response's address is a null pointer");
+        *response = nullptr;
+        if (!request) fail(OF_ERR_INVALID_ARGUMENT, "the request is a null pointer");
+        if (request->struct_size != sizeof(of_request))
+            fail(OF_ERR_INVALID_ARGUMENT, "the request was not set up with of_request_init (struct_size is " +
+                                              std::to_string(request->struct_size) + ", this library's is " +
+                                              std::to_string(sizeof(of_request)) + ")");
+        const of_request& q = *request;
+        if (!q.prompt && q.prompt_len) fail(OF_ERR_INVALID_ARGUMENT, "the prompt is a null pointer");
+        if (!q.latents && q.n_latents) fail(OF_ERR_INVALID_ARGUMENT, "the latents are a null pointer");
+        if (q.n_latents > 3) fail(OF_ERR_INVALID_ARGUMENT, "at most 3 latents (one per modality), got " + std::to_string(q.n_latents));
+        if (q.video && (q.n_video_frames == 0 || q.n_video_frames > 4096))
+            fail(OF_ERR_INVALID_ARGUMENT, "n_video_frames must be in [1, 4096], got " + std::to_string(q.n_video_frames));
+        omniforge::RequestIn in;
+        in.prompt.assign(q.prompt ? q.prompt : "", q.prompt_len);
+        omniforge::RgbView image;
+        if (q.image) {
+            image = rgb_view(*q.image);
+            in.image = &image;
+        }
+        in.audio = q.audio;
+        in.n_audio = q.n_audio;
+        in.audio_rate = q.audio_rate;
+        std::vector<omniforge::RgbView> frames;
+        if (q.video) {
+            for (size_t i = 0; i < q.n_video_frames; ++i) frames.push_back(rgb_view(q.video[i]));
+            in.frames = frames.data();
+            in.n_frames = frames.size();
+        }
+        for (const std::string& m : split_names(q.force ? q.force : "")) in.force.push_back(m);
+        for (size_t i = 0; i < q.n_latents; ++i) {
+            if (!q.latents[i].modality) fail(OF_ERR_INVALID_ARGUMENT, "latents " + std::to_string(i) + "'s modality is a null pointer");
+            if (!in.latents.emplace(q.latents[i].modality, std::make_pair(q.latents[i].data, q.latents[i].n)).second)
+                fail(OF_ERR_INVALID_ARGUMENT, std::string("latents are given twice for '") + q.latents[i].modality + "'");
+        }
+        omniforge::RequestOut out = omniforge::run_request(*pipeline->impl, in, params_of(generate), decode_params_of(decode));
+        auto r = std::make_unique<of_response>();
+        r->gen.out = std::move(out.gen);
+        r->media.resize(out.media.size());
+        for (size_t i = 0; i < out.media.size(); ++i) r->media[i].out = std::move(out.media[i]);
+        *response = r.release();
+    });
+}
+
+const of_generation* of_response_generation(const of_response* response) { return response ? &response->gen : nullptr; }
+size_t of_response_media_count(const of_response* response) { return response ? response->media.size() : 0; }
+const of_media* of_response_media(const of_response* response, size_t index) {
+    return response && index < response->media.size() ? &response->media[index] : nullptr;
+}
+void of_response_free(of_response* response) { delete response; }
 
 }  // extern "C"

@@ -319,10 +319,10 @@ void conditioning(DecoderImpl& d, LlmImpl* llm, const float* hidden, size_t n_hi
     std::copy(out.begin(), out.end(), cond);
 }
 
-MediaOut decode(DecoderImpl& d, const float* cond, size_t n_cond, const float* uncond, const float* latents, size_t n_latents,
-                const DecodeParams& p) {
-    const std::string& mod = d.modality;
-    // DiffusionConfig's checks, then the scheduler's step range
+namespace {
+
+// DiffusionConfig's checks, then the scheduler's step range: the scheduler, set up
+Scheduler checked_scheduler(const DecoderImpl& d, const DecodeParams& p) {
     if (p.steps < 1) fail(OF_ERR_INVALID_ARGUMENT, "steps must be >= 1, got " + std::to_string(p.steps));
     const double g = p.guidance_scale;
     if (!std::isfinite(g) || !(0 <= g && g <= kMaxGuidance))
@@ -330,6 +330,18 @@ MediaOut decode(DecoderImpl& d, const float* cond, size_t n_cond, const float* u
     const SchedulerKind kind = scheduler_kind(p.scheduler);
     Scheduler sched(kind, d.sched, d.table, d.top[int(kind)]);
     sched.set_timesteps(p.steps);
+    return sched;
+}
+
+}  // namespace
+
+void check_decode(const DecoderImpl& d, const DecodeParams& p) { checked_scheduler(d, p); }
+
+MediaOut decode(DecoderImpl& d, const float* cond, size_t n_cond, const float* uncond, const float* latents, size_t n_latents,
+                const DecodeParams& p) {
+    const std::string& mod = d.modality;
+    const double g = p.guidance_scale;
+    Scheduler sched = checked_scheduler(d, p);
     if (!cond) fail(OF_ERR_INVALID_ARGUMENT, "the conditioning is a null pointer");
     if (n_cond != d.cond_size)
         fail(OF_ERR_INPUT, "the " + mod + " conditioning must hold " + std::to_string(d.cond_size) + " floats (shape " +

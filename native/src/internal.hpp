@@ -279,6 +279,8 @@ std::vector<float> signal_hidden(LlmImpl& llm, const GenerateOutput& g, const st
 void set_prefix_cache(LlmImpl& llm, int32_t entries, int32_t block_size);
 // The prompt text as the Python runtime's TextTokenizer.encode makes it (BOS rule included).
 std::vector<int32_t> encode_prompt(LlmImpl& llm, const std::string& text);
+// Whether the build has a conversation protocol (protocol.json; NExT-GPT's).
+bool has_protocol(const LlmImpl& llm);
 // Greedy decode; returns the generated ids.
 std::vector<int32_t> generate_greedy(LlmImpl& llm, const int32_t* ids, size_t n, int32_t max_new_tokens,
                                      int32_t eos_id);
@@ -338,5 +340,7 @@ void conditioning(DecoderImpl& d, LlmImpl* llm, const float* hidden, size_t n_hi
 std::pair<size_t, size_t> conditioning_input(const DecoderImpl& d);
 MediaOut decode(DecoderImpl& d, const float* cond, size_t n_cond, const float* uncond, const float* latents, size_t n_latents,
                 const DecodeParams& p);
+// decode's checks of the parameters alone (Pipeline.check_steps): before any work is done.
+void check_decode(const DecoderImpl& d, const DecodeParams& p);
 
 }  // namespace omniforge

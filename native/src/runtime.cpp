@@ -439,6 +439,7 @@ void llm_geometry(const LlmImpl& llm, int32_t* hidden_size, int32_t* max_context
 }
 
 const BuildTokenizer* llm_tokenizer(const LlmImpl& llm) { return llm.tokenizer ? &*llm.tokenizer : nullptr; }
+bool has_protocol(const LlmImpl& llm) { return llm.protocol.has_value(); }
 
 of_status llm_tokenizer_error(const LlmImpl& llm, std::string* why) {
     if (why) *why = llm.tokenizer_error;

@@ -312,6 +312,75 @@ static void check_pixels_in(of_encoder* e, const char* modality, const std::vect
     CHECK(of_encoder_image_input(nullptr, &img, item.data(), item.size()) == OF_ERR_INVALID_ARGUMENT);
 }
 
+// The whole request in one call: an image's pixels in, the image forced out; bad requests refused;
+// the build closed before the pipeline.
+static void check_pipeline(const char* build_path) {
+    CHECK(of_pipeline_open(nullptr, 1, 0, nullptr) == OF_ERR_INVALID_ARGUMENT);
+    CHECK(std::strlen(of_pipeline_last_error(nullptr)) > 0);
+    of_pipeline_close(nullptr);
+    of_response_free(nullptr);
+    CHECK(of_response_media_count(nullptr) == 0 && of_response_media(nullptr, 0) == nullptr && of_response_generation(nullptr) == nullptr);
+    of_build* b = nullptr;
+    CHECK(of_build_open(build_path, nullptr, &b) == OF_OK);
+    of_pipeline* p = nullptr;
+    CHECK(of_pipeline_open(b, 1, 0, &p) == OF_OK);
+    of_build_close(b);  // the pipeline keeps what it needs
+    std::vector<uint8_t> px(37 * 45 * 3);
+    for (size_t i = 0; i < px.size(); ++i) px[i] = uint8_t(i * 31 % 256);
+    const of_image img{px.data(), 45, 37, 0};
+    const std::string prompt = "Describe it and draw it";
+    of_request r;
+    of_request_init(&r);
+    r.prompt = prompt.data();
+    r.prompt_len = prompt.size();
+    r.image = &img;
+    r.force = "image";
+    of_generate_options go;
+    of_generate_options_init(&go);
+    go.max_new_tokens = 6;
+    of_decoder_options dopt;
+    of_decoder_options_init(&dopt);
+    dopt.steps = 1;
+    of_response* resp = nullptr;
+    of_status st = of_pipeline_run(p, &r, &go, &dopt, &resp);
+    CHECK(st == OF_OK);
+    if (st != OF_OK) std::fprintf(stderr, "of_pipeline_run: %s\n", of_last_error(p));
+    size_t n = 0;
+    CHECK(of_generation_tokens(of_response_generation(resp), &n) != nullptr && n >= 1 && n <= 6);
+    CHECK(of_response_media_count(resp) == 1 && of_response_media(resp, 1) == nullptr);
+    const of_media* m = of_response_media(resp, 0);
+    CHECK(m && std::string(of_media_kind(m)) == "image");
+    const float* data = of_media_data(m, &n);
+    CHECK(data && n > 0 && std::all_of(data, data + n, [](float v) { return std::isfinite(v); }));
+    of_response_free(resp);
+
+    r.force = "image, smell";
+    st = of_pipeline_run(p, &r, &go, &dopt, &resp);
+    expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(p), "unknown modality 'smell'", "a request forcing no modality");
+    CHECK(resp == nullptr);
+    r.force = "image";
+    dopt.steps = 0;
+    st = of_pipeline_run(p, &r, &go, &dopt, &resp);
+    expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(p), "steps must be >= 1", "a forced modality with 0 steps");
+    dopt.steps = 1;
+    const float bad_latents[3] = {0, 0, 0};
+    const of_latents lat[2] = {{"image", bad_latents, 3}, {"image", bad_latents, 3}};
+    r.latents = lat;
+    r.n_latents = 2;
+    st = of_pipeline_run(p, &r, &go, &dopt, &resp);
+    expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(p), "given twice", "latents given twice");
+    r.n_latents = 1;
+    st = of_pipeline_run(p, &r, &go, &dopt, &resp);
+    expect_refusal(st, OF_ERR_INPUT, of_last_error(p), "latents must have shape", "latents of the wrong size");
+    r.n_latents = 0;
+    r.struct_size = 1;
+    st = of_pipeline_run(p, &r, &go, &dopt, &resp);
+    expect_refusal(st, OF_ERR_INVALID_ARGUMENT, of_last_error(p), "of_request_init", "a request not set up");
+    CHECK(of_pipeline_run(p, nullptr, &go, &dopt, &resp) == OF_ERR_INVALID_ARGUMENT);
+    CHECK(of_pipeline_run(p, &r, &go, &dopt, nullptr) == OF_ERR_INVALID_ARGUMENT);
+    of_pipeline_close(p);
+}
+
 static void check_media(const char* build_path) {
     CHECK(of_encoder_open(nullptr, "image", nullptr) == OF_ERR_INVALID_ARGUMENT);
     CHECK(std::strlen(of_encoder_last_error(nullptr)) > 0 && std::string(of_encoder_input_name(nullptr)).empty());
@@ -913,6 +982,7 @@ int main() {
 
     check_decoders(build_path);
     check_media(build_path);
+    check_pipeline(build_path);
 
     // ---- damaged builds ----
     std::string msg;
