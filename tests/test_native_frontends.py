@@ -44,7 +44,7 @@ def frontend(native: Path, tmp: Path, cases: list[dict]) -> list[np.ndarray | di
     blob = bytearray()
     for c in cases:
         specs = []
-        for a in c.pop("arrays"):
+        for a in c.pop("arrays", []):
             h, w, _ = a.shape
             rows = np.zeros((h, w * 3 + 5), np.uint8)  # a stride beyond the row
             rows[:, : w * 3] = a.reshape(h, w * 3)
@@ -61,7 +61,7 @@ def frontend(native: Path, tmp: Path, cases: list[dict]) -> list[np.ndarray | di
         if "error" in res:
             out.append(res)
             continue
-        dtype = np.uint8 if c["mode"] == "resize" else np.float32
+        dtype = {"resize": np.uint8, "frames": np.int64}.get(c["mode"], np.float32)
         out.append(np.frombuffer(data, dtype, count=res["count"], offset=res["offset"]).reshape(res["shape"]))
     return out
 
@@ -238,3 +238,54 @@ def test_audio_front_ends_equal_the_python_runtime(native_build: Path, tmp_path:
         assert got.shape == w.shape, (c["config"], got.shape, w.shape)
         atol = 5e-5 if c["config"].get("kind") == "imagebind" else 1e-5
         np.testing.assert_allclose(got, w, rtol=0, atol=atol, err_msg=str((c["config"], c["rate"])))
+
+
+def test_video_frame_picking_equals_the_python_runtime(native_build: Path, tmp_path: Path) -> None:
+    """The frames a decoded video gives: evenly spaced (``media.sample_indices``), and ImageBind's
+    clips' frames (``imagebind_media.video_frame_indices``, exact fractions and torch's float32
+    subsampling) over frame counts from 1 to 100,000 and rates from 0.05 to 240 fps; and the
+    refusal of a clip that holds no frame."""
+    from omniforge.errors import InputError
+    from omniforge.runtime import imagebind_media as IB
+    from omniforge.runtime import media as M
+
+    rng = np.random.default_rng(0)
+    counts = [1, 2, 3, 7, 24, 59, 60, 61, 150, 1001, 29970, 100000, *rng.integers(1, 5000, 40).tolist()]
+    rates = [
+        0.05,
+        0.1,
+        0.5,
+        1.0,
+        7.5,
+        23.976,
+        24.0,
+        25.0,
+        29.97,
+        30.0,
+        59.94,
+        240.0,
+        *rng.uniform(1, 120, 10).tolist(),
+    ]
+    cases, want = [], []
+    for n in counts:
+        for k in (1, 4, 16):
+            cases.append({"mode": "frames", "config": {}, "n": int(n), "fps": 30.0, "k": k})
+            want.append(M.sample_indices(int(n), k))
+        for fps in rates:
+            for per in (2, 3, 8):
+                cfg = {"kind": "imagebind", "size": 224, "frames_per_clip": per, "video_clips": 5}
+                try:
+                    w = IB.video_frame_indices(int(n), float(fps), clips=5, frames_per_clip=per).reshape(-1)
+                except InputError as exc:
+                    w = str(exc)
+                cases.append({"mode": "frames", "config": cfg, "n": int(n), "fps": float(fps), "k": 0})
+                want.append(w)
+    got = frontend(native_build, tmp_path, cases)
+    refused = 0
+    for c, g, w in zip(cases, got, want, strict=True):
+        if isinstance(w, str):
+            refused += 1
+            assert isinstance(g, dict) and g["error"] == w, (c, g, w)
+        else:
+            assert isinstance(g, np.ndarray) and g.tolist() == w.tolist(), (c, g, w)
+    assert refused > 0  # short videos at low rates have clips without a frame

@@ -64,6 +64,10 @@ def media_library(native: Path) -> ctypes.CDLL:
         "of_encoder_image_input": (i32, [P, ctypes.POINTER(OfImage), F, size]),
         "of_encoder_run_images": (i32, [P, ctypes.POINTER(OfImage), size, F, size]),
         "of_encoder_audio_input": (i32, [P, F, size, i32, F, size, ctypes.POINTER(ctypes.c_int64)]),
+        "of_encoder_video_frames": (
+            i32,
+            [P, ctypes.c_int64, ctypes.c_double, ctypes.POINTER(ctypes.c_int64), size, SIZE],
+        ),
         "of_encoder_run_audio": (i32, [P, F, size, i32, F, size]),
         "of_llm_open": (i32, [P, i32, i32, ctypes.POINTER(P)]),
         "of_llm_close": (None, [P]),
@@ -138,6 +142,16 @@ class Native:
         out = np.zeros((n.value, width.value), np.float32)
         status = self.lib.of_encoder_run_images(enc, of_images(*arrays), len(arrays), floats(out), out.size)
         return status, out if status == 0 else self.lib.of_encoder_last_error(enc).decode()
+
+    def video_frames(self, enc: P, n_frames: int, fps: float) -> tuple[int, list[int] | str]:
+        """``of_encoder_video_frames``: (status, the frame indices or the sentence)."""
+        n = ctypes.c_size_t()
+        status = self.lib.of_encoder_video_frames(enc, n_frames, fps, None, 0, ctypes.byref(n))
+        if status != 0:
+            return status, self.lib.of_encoder_last_error(enc).decode()
+        out = (ctypes.c_int64 * n.value)()
+        assert self.lib.of_encoder_video_frames(enc, n_frames, fps, out, n.value, ctypes.byref(n)) == 0
+        return 0, list(out)
 
     def encode_audio(self, enc: P, samples: np.ndarray, rate: int) -> tuple[int, np.ndarray | str]:
         """``of_encoder_run_audio`` on mono float samples: (status, rows or the sentence)."""
@@ -248,6 +262,7 @@ def test_pixels_in_equal_the_python_runtime(native: Native, pipe) -> None:
     """``of_encoder_image_input`` is the Python front end's output value for value, and
     ``of_encoder_run_images`` gives ``encode_image``'s rows and the video path's mean over frames,
     from pixels in rows with padding (a stride beyond width x 3)."""
+    from omniforge.runtime import media as M
     from omniforge.runtime.pipeline import _rows
 
     cfg = pipe.build.json("image_preprocessor")
@@ -270,6 +285,20 @@ def test_pixels_in_equal_the_python_runtime(native: Native, pipe) -> None:
     emb = pipe._run("image_encoder", {"pixel_values": np.stack([pipe._image_pixels(f, cfg) for f in frames])})
     want = pipe._project(_rows(emb["embeds"].mean(axis=0, keepdims=True)))
     np.testing.assert_allclose(rows, want, rtol=0, atol=1e-5)
+
+    # the frames a decoded video gives: the video decoder's count, evenly spaced
+    for n_frames in (1, 5, 24, 1000):
+        assert native.video_frames(vid, n_frames, 30.0) == (
+            0,
+            M.sample_indices(n_frames, pipe.video_frames).tolist(),
+        )
+    assert native.video_frames(enc, 10, 30.0) == (7, "the image encoder takes no video frames")
+    status, why = native.video_frames(vid, 0, 30.0)
+    assert status == 4 and why.startswith("the number of video frames must be an integer in [1, ")
+    n = ctypes.c_size_t()
+    small = (ctypes.c_int64 * 1)()
+    assert native.lib.of_encoder_video_frames(vid, 100, 30.0, small, 1, ctypes.byref(n)) == 1
+    assert native.lib.of_encoder_video_frames(vid, 100, 30.0, None, 0, None) == 1
 
     # bad pixels: each a status and one sentence
     lib, pic = native.lib, _picture()

@@ -418,6 +418,9 @@ def test_native_encoders_and_conditioning_equal_the_python_runtime(release, buil
         assert status == 0, rows
         want = pipe.encode_video(release.root / "clip.gif")
         np.testing.assert_allclose(rows, want, rtol=0, atol=1e-5)
+        with Image.open(release.root / "clip.gif") as im:  # the frames the C API picks: the same
+            n_frames, ms = im.n_frames, float(im.info["duration"])
+        assert native.video_frames(vid, n_frames, 1000.0 / ms) == (0, at.reshape(-1).tolist())
         picked = [np.ascontiguousarray(np.asarray(frames[int(i)])) for row in at for i in row]
         status, rows = native.encode_images(vid, *picked)  # the picked frames' pixels, clip after clip
         assert status == 0, rows

@@ -362,6 +362,14 @@ OF_API of_status of_encoder_image_input(of_encoder* encoder, const of_image* ima
 OF_API of_status of_encoder_run_images(of_encoder* encoder, const of_image* images, size_t n_images, float* rows,
                                        size_t n_floats);
 
+/* Which frames of a decoded video (n_frames frames at fps frames per second) the Python runtime
+   encodes, in the order of_encoder_run_images takes them: the video decoder's frame count (4
+   without one) evenly spaced, or for ImageBind builds each of its clips' frames_per_clip frames
+   (clips of 2 s spread over the video as pytorchvideo 0.1.5 spreads them), clip after clip. For the
+   "video" encoder; *n gets the count, and with indices NULL and capacity 0 only the count. */
+OF_API of_status of_encoder_video_frames(of_encoder* encoder, int64_t n_frames, double fps, int64_t* indices, size_t capacity,
+                                         size_t* n);
+
 /* The build's audio front end (its audio_frontend config) on a recording's mono samples at
    `sample_rate` Hz (1000 to 384000), as the Python runtime prepares a recording for the audio
    encoder: its log-mel features, ImageBind's Kaldi fbank clips (resampled to 16 kHz with

@@ -783,6 +783,21 @@ of_status of_encoder_run_images(of_encoder* encoder, const of_image* images, siz
     });
 }
 
+of_status of_encoder_video_frames(of_encoder* encoder, int64_t n_frames, double fps, int64_t* indices, size_t capacity, size_t* n) {
+    if (!encoder) return OF_ERR_INVALID_ARGUMENT;
+    return guarded(encoder->errors.mine(), [&] {
+        if (!n) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "n is a null pointer");
+        const std::vector<int64_t> at = omniforge::video_frames(*encoder->impl, n_frames, fps);
+        *n = at.size();
+        if (!indices && capacity == 0) return;
+        if (!indices) omniforge::fail(OF_ERR_INVALID_ARGUMENT, "indices is a null pointer");
+        if (capacity < at.size())
+            omniforge::fail(OF_ERR_INVALID_ARGUMENT, "indices holds " + std::to_string(capacity) + " values; the video needs " +
+                                                         std::to_string(at.size()));
+        std::copy(at.begin(), at.end(), indices);
+    });
+}
+
 of_status of_encoder_audio_input(of_encoder* encoder, const float* samples, size_t n_samples, int32_t sample_rate, float* input,
                                  size_t n_floats, int64_t* batch) {
     if (!encoder) return OF_ERR_INVALID_ARGUMENT;

@@ -26,6 +26,7 @@ struct EncoderImpl {
     std::optional<ImageFrontEnd> image_fe;
     of_status image_fe_status = OF_OK;
     std::string image_fe_error;
+    int64_t video_frames = 4;  // frames a video gives (Pipeline.video_frames): the video decoder's count
     std::optional<AudioFrontEnd> audio_fe;  // audio: the build's audio front end, the same way
     of_status audio_fe_status = OF_OK;
     std::string audio_fe_error;
@@ -92,6 +93,13 @@ std::shared_ptr<EncoderImpl> open_encoder(std::shared_ptr<BuildImpl> build, cons
     } catch (const Error& err) {
         (base == "image" ? e->image_fe_status : e->audio_fe_status) = err.status;
         (base == "image" ? e->image_fe_error : e->audio_fe_error) = err.what();
+    }
+    if (modality == "video" && m.stages.count("video_unet")) {
+        const StageDims unet = stage_dims(*build, "video_unet");
+        auto it = unet.opt.find("frames");
+        if (it == unet.opt.end() || it->second < 1 || it->second > 256)
+            fail(OF_ERR_MANIFEST, "stage 'video_unet' needs a 'frames' dim of 1 to 256 frames to sample a video by");
+        e->video_frames = it->second;
     }
     e->encoder = open_stage(build, enc);
     e->projector = open_stage(build, proj);
@@ -182,6 +190,11 @@ void encode_images(EncoderImpl& e, const RgbView* images, size_t n, float* rows,
     }
     front_end_shape_check(e, std::vector<int64_t>(shape.begin() + 1, shape.end()));
     encode(e, x.data(), x.size(), shape[0], rows, n_rows);
+}
+
+std::vector<int64_t> video_frames(const EncoderImpl& e, int64_t n_frames, double fps) {
+    if (e.modality != "video") fail(OF_ERR_UNSUPPORTED, "the " + e.modality + " encoder takes no video frames");
+    return video_frame_indices(image_front_end(e), n_frames, fps, e.video_frames);
 }
 
 const AudioFrontEnd& audio_front_end(const EncoderImpl& e) {

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 
 #include "config_values.hpp"
 #include "internal.hpp"
@@ -489,6 +490,7 @@ ImageFrontEnd ImageFrontEnd::from_config(const json& cfg) {
         fe.kind = Kind::ImageBind;
         fe.size = front_size(cfg, "size");
         fe.frames_per_clip = cfg.contains("frames_per_clip") ? front_size(cfg, "frames_per_clip") : 0;  // checked when a video uses it
+        fe.video_clips = cfg.contains("video_clips") ? front_size(cfg, "video_clips") : 0;
         return fe;
     }
     if (kind == "resize") {
@@ -543,6 +545,50 @@ std::vector<uint8_t> pillow_resize(const RgbView& im, int64_t out_w, int64_t out
     }
     std::vector<uint8_t> out(size_t(cur.w) * size_t(cur.h) * 3);
     for (int64_t y = 0; y < cur.h; ++y) std::copy_n(cur.data + size_t(y) * cur.stride, size_t(cur.w) * 3, &out[size_t(y * cur.w) * 3]);
+    return out;
+}
+
+std::vector<int64_t> video_frame_indices(const ImageFrontEnd& fe, int64_t n, double fps, int64_t k) {
+    if (n < 1) fail(OF_ERR_INPUT, "the number of video frames must be an integer in [1, 2147483648], got " + std::to_string(n));
+    std::vector<int64_t> out;
+    if (fe.kind != ImageFrontEnd::Kind::ImageBind) {  // media.sample_indices: round(linspace(0, n - 1, k)), halves to even
+        const double step = k > 1 ? double(n - 1) / double(k - 1) : 0.0;
+        for (int64_t i = 0; i < k; ++i) out.push_back(int64_t(std::nearbyint(i == k - 1 && k > 1 ? double(n - 1) : double(i) * step)));
+        return out;
+    }
+    const int64_t t = fe.frames_per_clip, clips = fe.video_clips;
+    if (t < 1) fail(OF_ERR_MANIFEST, "the front-end config's 'frames_per_clip' must be an integer in [1, 4096], got None");
+    if (clips < 1) fail(OF_ERR_MANIFEST, "the front-end config's 'video_clips' must be an integer in [1, 4096], got None");
+    if (clips > kMaxClips) fail(OF_ERR_MANIFEST, "the number of clips must be an integer in [1, 64], got " + std::to_string(clips));
+    if (t > 64) fail(OF_ERR_MANIFEST, "the frames per clip must be an integer in [1, 64], got " + std::to_string(t));
+    if (!(fps > 0) || !std::isfinite(fps)) fail(OF_ERR_INPUT, "the frame rate must be a positive finite number, got " + number(fps));
+    // pytorchvideo 0.1.5's clip starts i * max(duration - 2, 0) / clips (exact fractions, taken to
+    // the nearest double), then decord's [ceil(fps * start), min(ceil(fps * end), n)) and
+    // UniformTemporalSubsample: torch.linspace(0, len - 1, t) in float32 from both ends, truncated
+    const double duration = double(n) / fps;
+    const long double max_start = std::max(duration - 2.0, 0.0);
+    for (int64_t c = 0; c < clips; ++c) {
+        const long double start = max_start * (long double)c / (long double)clips;
+        const double s = double(start), e = double(start + 2.0L);
+        const int64_t first = int64_t(std::ceil(fps * s));
+        const int64_t stop = std::min<int64_t>(int64_t(std::ceil(fps * e)), n);
+        if (stop <= first) {
+            char at[32];
+            std::snprintf(at, sizeof at, "%.3f", s);
+            fail(OF_ERR_INPUT, "a 2.0 s clip at " + std::string(at) + " s holds no frame of a " + number(fps) + " fps video");
+        }
+        const int64_t len = stop - first;
+        if (t == 1) {
+            out.push_back(first);
+            continue;
+        }
+        const float step = static_cast<float>(double(len - 1) / double(t - 1));
+        for (int64_t i = 0; i < t; ++i) {
+            float v = i < t / 2 ? 0.0f + step * static_cast<float>(i) : static_cast<float>(len - 1) - step * static_cast<float>(t - 1 - i);
+            v = std::min(std::max(v, 0.0f), static_cast<float>(len - 1));
+            out.push_back(first + int64_t(v));
+        }
+    }
     return out;
 }
 

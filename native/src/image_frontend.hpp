@@ -29,7 +29,7 @@ struct ImageFrontEnd {
     double rescale = 1.0 / 255.0;
     float mean[3] = {0.5f, 0.5f, 0.5f}, std[3] = {0.5f, 0.5f, 0.5f};
     int64_t height = 0, width = 0;            // Resize
-    int64_t size = 224, frames_per_clip = 2;  // ImageBind
+    int64_t size = 224, frames_per_clip = 2, video_clips = 5;  // ImageBind (0: not in the config)
 
     static ImageFrontEnd from_config(const nlohmann::json& cfg);
 };
@@ -46,5 +46,10 @@ std::vector<float> image_item(const ImageFrontEnd& fe, const RgbView& im, std::v
 // each frame as image_item (CLIP, BLIP), or ImageBind's clips of frames_per_clip consecutive frames,
 // each short side scaled (bilinear) and cut into 3 crops -> (clips * 3, 3, frames_per_clip, size, size).
 std::vector<float> video_items(const ImageFrontEnd& fe, const RgbView* frames, size_t n, std::vector<int64_t>& shape);
+
+// The frames of a decoded video (n_frames at fps) the Python runtime encodes, in order: `k` evenly
+// spaced (media.sample_indices; k is the video decoder's frame count), or ImageBind's clips' frames
+// (imagebind_media.video_frame_indices), clip after clip.
+std::vector<int64_t> video_frame_indices(const ImageFrontEnd& fe, int64_t n_frames, double fps, int64_t k);
 
 }  // namespace omniforge

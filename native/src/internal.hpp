@@ -302,6 +302,8 @@ struct RgbView;  // image_frontend.hpp
 void image_input(EncoderImpl& e, const RgbView& image, float* input, size_t n_input);
 // The LLM rows of an image (n 1) or of a video's picked frames, from their pixels.
 void encode_images(EncoderImpl& e, const RgbView* images, size_t n, float* rows, size_t n_rows);
+// The frames of a decoded video (n_frames at fps) the Python runtime encodes, in order.
+std::vector<int64_t> video_frames(const EncoderImpl& e, int64_t n_frames, double fps);
 // The build's audio front end on mono samples: the encoder's batch (*batch items; input NULL and
 // n_input 0 only set *batch), and the LLM rows of the recording.
 void audio_input(EncoderImpl& e, const float* samples, size_t n, int32_t sample_rate, float* input, size_t n_input, int64_t* batch);

@@ -2,7 +2,8 @@
 // in): reads a JSON object from stdin, {"pixels": BLOB, "out": OUT, "cases": [...]}, each case
 // {"config": <image_preprocessor.json or audio_frontend.json>, "mode": "image"|"video"|"resize"|
 // "audio", "images": [[width, height, byte offset in BLOB, stride], ...], for "resize": "filter",
-// "width", "height", for "audio": "samples": [byte offset in BLOB, count] of float32 and "rate"}.
+// "width", "height", for "audio": "samples": [byte offset in BLOB, count] of float32 and "rate",
+// for "frames": "n", "fps", "k" (the frames a video of n frames gives, as int64 values)}.
 // Appends each case's result to OUT (float32 values; bytes for "resize") and prints a JSON list
 // holding, per case, {"shape", "offset", "count"} or {"status", "error"}: the refusal.
 #include <cstring>
@@ -27,6 +28,15 @@ int main() {
     for (const json& c : req.at("cases")) {
         try {
             std::vector<omniforge::RgbView> views;
+            if (c.at("mode") == "frames") {
+                const omniforge::ImageFrontEnd fe = omniforge::ImageFrontEnd::from_config(c.at("config"));
+                const std::vector<int64_t> at =
+                    omniforge::video_frame_indices(fe, c.at("n").get<int64_t>(), c.at("fps").get<double>(), c.at("k").get<int64_t>());
+                out.write(reinterpret_cast<const char*>(at.data()), std::streamsize(at.size() * sizeof(int64_t)));
+                results.push_back({{"shape", {at.size()}}, {"offset", offset}, {"count", at.size()}});
+                offset += at.size() * sizeof(int64_t);
+                continue;
+            }
             if (c.at("mode") == "audio") {
                 const omniforge::AudioFrontEnd fe = omniforge::AudioFrontEnd::from_config(c.at("config"));
                 const size_t at = c.at("samples").at(0).get<size_t>(), count = c.at("samples").at(1).get<size_t>();

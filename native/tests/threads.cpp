@@ -1,8 +1,8 @@
 // One loaded build shared by many threads: every thread runs several requests (greedy and seeded
 // sampling) through one of_llm, each request with its own KV slot, and each result must equal the
 // same request run alone. A thread's bad requests get their own errors while the others run.
-// Then one image decoder and one video encoder (its front end from pixels) shared the same way:
-// every thread's results equal the serial ones.
+// Then one image decoder, one video encoder (its front end from pixels) and one pipeline (whole
+// requests) shared the same way: every thread's results equal the serial ones.
 //   omniforge_threads BUILD [THREADS] [ROUNDS]
 #include <atomic>
 #include <cstdio>
@@ -57,6 +57,41 @@ std::vector<float> encode(of_encoder* e, int i, of_status* status) {
     std::vector<float> rows(n_rows * width);
     *status = of_encoder_run_images(e, frames, 2, rows.data(), rows.size());
     return *status == OF_OK ? rows : std::vector<float>{};
+}
+
+// One whole request (an image in, the image forced out, 1 step): its tokens and the image's
+// floats; empty on failure.
+std::vector<float> request(of_pipeline* p, int i, of_status* status) {
+    std::vector<uint8_t> px(size_t(30 + i) * 20 * 3);
+    for (size_t k = 0; k < px.size(); ++k) px[k] = uint8_t((k * (3 + size_t(i))) % 256);
+    const of_image img{px.data(), 30 + i, 20, 0};
+    const std::string prompt = "Draw request " + std::to_string(i);
+    of_request r;
+    of_request_init(&r);
+    r.prompt = prompt.data();
+    r.prompt_len = prompt.size();
+    r.image = &img;
+    r.force = "image";
+    of_generate_options go;
+    of_generate_options_init(&go);
+    go.max_new_tokens = 5;
+    go.slot_wait_ms = -1;
+    of_decoder_options dopt;
+    of_decoder_options_init(&dopt);
+    dopt.steps = 1;
+    dopt.seed = uint64_t(i);
+    of_response* resp = nullptr;
+    *status = of_pipeline_run(p, &r, &go, &dopt, &resp);
+    std::vector<float> out;
+    if (*status == OF_OK) {
+        size_t n = 0;
+        const int32_t* t = of_generation_tokens(of_response_generation(resp), &n);
+        for (size_t k = 0; k < n; ++k) out.push_back(float(t[k]));
+        const float* d = of_media_data(of_response_media(resp, 0), &n);
+        out.insert(out.end(), d, d + n);
+    }
+    of_response_free(resp);
+    return out;
 }
 
 // One image decode (2 steps, seeded noise); empty on failure.
@@ -234,6 +269,36 @@ int main(int argc, char** argv) {
         failures += mismatches + errors;
         of_encoder_close(enc);
     } else if (st != OF_ERR_UNSUPPORTED) {
+        std::fprintf(stderr, "%s: %s\n", of_status_name(st), of_last_error(build));
+        return 1;
+    }
+    // one pipeline, many threads: whole requests on 2 slots (a request waits for a free one)
+    of_pipeline* pipe = nullptr;
+    st = of_pipeline_open(build, 2, 0, &pipe);
+    if (st == OF_OK) {
+        std::vector<std::vector<float>> serial;
+        for (int i = 0; i < threads; ++i) {
+            serial.push_back(request(pipe, i, &st));
+            if (st != OF_OK) {
+                std::fprintf(stderr, "serial request failed: %s\n", of_last_error(pipe));
+                return 1;
+            }
+        }
+        std::atomic<int> mismatches{0}, errors{0};
+        std::vector<std::thread> pool;
+        for (int t = 0; t < threads; ++t) {
+            pool.emplace_back([&, t] {
+                of_status s = OF_OK;
+                const int i = (t * 3 + 1) % threads;
+                if (request(pipe, i, &s) != serial[size_t(i)]) ++mismatches;
+                if (s != OF_OK) ++errors;
+            });
+        }
+        for (std::thread& th : pool) th.join();
+        std::printf("%d threads x 1 whole request: %d mismatches, %d errors\n", threads, mismatches.load(), errors.load());
+        failures += mismatches + errors;
+        of_pipeline_close(pipe);
+    } else {
         std::fprintf(stderr, "%s: %s\n", of_status_name(st), of_last_error(build));
         return 1;
     }
