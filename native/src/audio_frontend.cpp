@@ -174,10 +174,6 @@ std::vector<double> htk_bank(int64_t sr, size_t n_fft, size_t n_mels) {  // medi
 }
 
 std::vector<float> default_features(const AudioFrontEnd& fe, const float* samples, size_t n, int64_t sr, std::vector<int64_t>& shape) {
-    check_rate(sr, "the audio's sample rate");
-    const int64_t window_samples = (fe.num_frames - 1) * fe.hop_length + fe.n_fft - fe.n_fft / 2;
-    const double read_seconds = 1.25 * double(window_samples) / double(fe.sample_rate) + 0.01;
-    n = std::min(n, size_t(std::ceil(read_seconds * double(sr))));  // what load_wav reads, and audio_features keeps
     std::vector<double> x(samples, samples + n);
     const std::vector<float> y = resample_spectral(x, sr, fe.sample_rate);
     x.assign(y.begin(), y.end());
@@ -301,9 +297,6 @@ int64_t clip_begin(double d, int64_t i, int64_t clips) {
 }
 
 std::vector<float> imagebind_clips(const AudioFrontEnd& fe, const float* samples, size_t n, int64_t sr, std::vector<int64_t>& shape) {
-    check_rate(sr, "the audio's sample rate");
-    n = std::min({n, size_t(std::ceil(kImageBindLongestS * double(sr))), size_t(kMaxAudioSamples)});  // what load_wav reads
-    if (n == 0) fail(OF_ERR_INPUT, "the audio has no samples");
     if (int64_t(n) * kImageBindRate > kMaxAudioSamples * sr)
         fail(OF_ERR_INPUT, "the audio is longer than " + std::to_string(kMaxAudioSamples) + " samples at 16000 Hz");
     std::vector<float> wave = resample_sinc(std::vector<double>(samples, samples + n), sr, kImageBindRate);
@@ -349,8 +342,6 @@ std::vector<double> slaney_bank(size_t n_mels) {  // whisper_media.mel_filters: 
 }
 
 std::vector<float> whisper_features(const AudioFrontEnd& fe, const float* samples, size_t n, int64_t sr, std::vector<int64_t>& shape) {
-    check_rate(sr, "the audio's sample rate");
-    n = std::min(n, size_t(std::ceil(double(fe.window_s) * double(sr))));  // what load_wav reads
     const std::vector<float> y = resample_spectral(std::vector<double>(samples, samples + n), sr, kWhisperRate);
     const size_t len = size_t(fe.window_s * kWhisperRate), n_fft = 400, hop = 160, n_mels = size_t(fe.n_mels);
     std::vector<double> x(len, 0.0);
@@ -415,12 +406,28 @@ AudioFrontEnd AudioFrontEnd::from_config(const json& cfg) {
     return fe;
 }
 
+namespace {
+
+// The samples the Python runtime reads of a recording for this front end (load_wav's max_seconds,
+// and at most MAX_AUDIO_SAMPLES): the seconds its features cover, ImageBind's hour, Whisper's window.
+size_t read_length(const AudioFrontEnd& fe, size_t n, int64_t sr) {
+    double seconds = kImageBindLongestS;
+    if (fe.kind == AudioFrontEnd::Kind::Whisper) seconds = double(fe.window_s);
+    if (fe.kind == AudioFrontEnd::Kind::LogMel) {
+        const int64_t window_samples = (fe.num_frames - 1) * fe.hop_length + fe.n_fft - fe.n_fft / 2;
+        seconds = 1.25 * double(window_samples) / double(fe.sample_rate) + 0.01;  // AudioFrontEnd.read_seconds
+    }
+    return std::min({n, size_t(std::ceil(seconds * double(sr))), size_t(kMaxAudioSamples)});
+}
+
+}  // namespace
+
 std::vector<float> audio_items(const AudioFrontEnd& fe, const float* samples, size_t n, int64_t sample_rate,
                                std::vector<int64_t>& shape) {
-    if (!samples) fail(OF_ERR_INVALID_ARGUMENT, "the samples are a null pointer");
+    if (!samples && n) fail(OF_ERR_INVALID_ARGUMENT, "the samples are a null pointer");
+    check_rate(sample_rate, "the audio's sample rate");
+    n = read_length(fe, n, sample_rate);
     if (n == 0) fail(OF_ERR_INPUT, "the audio has no samples");
-    if (n > size_t(kMaxAudioSamples) * 64)
-        fail(OF_ERR_INPUT, "the audio has more than " + std::to_string(kMaxAudioSamples * 64) + " samples");
     for (size_t i = 0; i < n; ++i)
         if (!std::isfinite(samples[i])) fail(OF_ERR_INPUT, "the audio holds NaN or infinite samples");
     switch (fe.kind) {
