@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (the native fixtures are imported from tests/test_native.py by name)
 """CLAP's audio tower as the audio encoder: the numpy front end against transformers'
 ``ClapFeatureExtractor`` (both routes, every padding, short and long clips), the stage against
 transformers' forward, unsupported options refused, and a model folder with a CLAP encoder and its
@@ -18,6 +19,7 @@ import torch
 from omniforge.model.families import clap_audio_config, write_clap
 from omniforge.runtime.clap_media import ClapFrontEnd, features, fusion_starts
 from tests.encoder_variants import export_with_encoder
+from tests.test_native import native_build, native_cache, ort_headers, ort_library  # noqa: F401  (fixtures)
 
 SR = 48000
 WINDOW_S = 2  # a 2 s window: 201 log-mel frames
@@ -213,6 +215,32 @@ def test_pipeline_rows_equal_torch(clap_builds, fusion, seconds, monkeypatch):
     np.testing.assert_allclose(rows, want, atol=1e-4)  # measured <= 3e-8
     result = pipe.run("describe <audio>", audio=tmp / f"a{seconds}.wav")
     assert result.generation.prompt_tokens >= 2
+
+
+@pytest.mark.parametrize("fusion", [True, False])
+def test_native_front_end_and_encoder_equal_the_python_runtime(
+    clap_builds, fusion, native_build, ort_library
+):
+    """``of_encoder_run_audio`` on a long clip's samples (fused: shrunk + crops; unfused: its first
+    window; resampled from 44.1 kHz): the CLAP front end in C++, the encoder and the projector."""
+    from omniforge.runtime import media as M
+    from omniforge.runtime.pipeline import Pipeline
+    from tests.test_native_media import Native
+
+    build, _, _, _, tmp = clap_builds(fusion)
+    wav = tmp / "native.wav"
+    t = np.arange(int(44100 * 4.7)) / 44100
+    M.write_wav(
+        wav, (0.3 * np.sin(2 * np.pi * 523 * t) * np.sin(2 * np.pi * 0.5 * t)).astype(np.float32), 44100
+    )
+    samples, sr = M.load_wav(wav, 600.0, None)
+    native = Native(native_build, build, ort_library)
+    try:
+        status, rows = native.encode_audio(native.open("encoder", "audio"), samples, sr)
+        assert status == 0, rows
+        np.testing.assert_allclose(rows, Pipeline(build).encode_audio(wav), rtol=0, atol=1e-5)
+    finally:
+        native.close()
 
 
 def test_int8_build_runs_with_accuracy_report(clap_build, tmp_path):

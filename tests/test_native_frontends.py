@@ -200,12 +200,13 @@ def _audio_cases(
 
 
 def test_audio_front_ends_equal_the_python_runtime(native_build: Path, tmp_path: Path) -> None:
-    """The default log-mel, ImageBind's fbank clips and Whisper's log-mel from samples at several
-    rates and lengths (shorter than a frame's half, than a clip, than the window; longer than what
-    is read), within 1e-5 of the Python runtime's (FFTW's transforms and BLAS's sums differ from
+    """The default log-mel, ImageBind's fbank clips, Whisper's log-mel and CLAP's features (both
+    routes, every padding) from samples at several rates and lengths (shorter than a frame's half,
+    than a clip, than the window; longer than what is read), within 1e-5 of the Python runtime's (FFTW's transforms and BLAS's sums differ from
     numpy's in the last bits). ImageBind's within 5e-5: its mel triangles are float32 (as
     torchaudio's), and numpy's float32 log differs from the C library's by an ulp, which moves the
     small weights at a triangle's edge and so the weakest bins (1.7e-5 measured)."""
+    from omniforge.runtime import clap_media as CL
     from omniforge.runtime import imagebind_media as IB
     from omniforge.runtime import media as M
     from omniforge.runtime import whisper_media as W
@@ -227,6 +228,21 @@ def test_audio_front_ends_equal_the_python_runtime(native_build: Path, tmp_path:
         x = _audio_cases(cases, blob, whisper, seconds, rate, len(cases))
         read = x[: int(np.ceil(2 * rate))]  # load_wav reads the window
         want.append(W.log_mel(M.resample(read, rate, W.SAMPLE_RATE), 80, 2)[None])
+    clap = {"kind": "clap", "sample_rate": 16000, "n_fft": 400, "hop_length": 160, "n_mels": 64}
+    clap |= {"f_min": 50, "f_max": 8000.0, "max_length_s": 2.0}
+    for seconds, rate, extra in [
+        (1.0, 16000, {}),  # shorter than the window: padded (repeatpad), repeated to 4 channels
+        (0.7, 44100, {"padding": "repeat"}),
+        (0.7, 16000, {"padding": "pad"}),
+        (2.005, 16000, {}),  # longer by less than a hop
+        (5.0, 22050, {}),  # fusion: the whole clip shrunk, and three crops
+        (5.0, 16000, {"truncation": "rand_trunc", "n_mels": 48}),  # cut to the window, Slaney's filters
+        (1.3, 16000, {"truncation": "rand_trunc", "n_mels": 48, "padding": "repeat"}),
+    ]:
+        fe = CL.ClapFrontEnd.from_config(clap | extra)
+        x = _audio_cases(cases, blob, clap | extra, seconds, rate, len(cases))
+        read = x[: int(np.ceil(fe.read_seconds * rate))]
+        want.append(CL.features(M.resample(read, rate, fe.sample_rate), fe)[None])
     (tmp_path / "pixels").write_bytes(bytes(blob))
     req = {"pixels": str(tmp_path / "pixels"), "out": str(tmp_path / "out"), "cases": cases}
     r = _run([str(native_build / "omniforge_frontend")], input=json.dumps(req))

@@ -14,7 +14,7 @@
  * Threads: of_llm_generate* may be called on one of_llm from many threads at once (each request
  * takes its own KV slot); an of_tokenizer may be used by any number of threads. The last error is
  * kept per handle and per calling thread. Opening and closing a handle must not race other calls
- * on it. The library keeps no global state beyond ONNX Runtime's own.
+ * on it. The library keeps no global state beyond ONNX Runtime's own and a lock around FFTW's planner.
  */
 #ifndef OMNIFORGE_H
 #define OMNIFORGE_H
@@ -373,12 +373,12 @@ OF_API of_status of_encoder_video_frames(of_encoder* encoder, int64_t n_frames, 
 /* The build's audio front end (its audio_frontend config) on a recording's mono samples at
    `sample_rate` Hz (1000 to 384000), as the Python runtime prepares a recording for the audio
    encoder: its log-mel features, ImageBind's Kaldi fbank clips (resampled to 16 kHz with
-   torchaudio's windowed sinc, clips spread over the recording) or Whisper's log-mel over its
-   window. Only the seconds the front end reads are used (the Python runtime reads a file's first
+   torchaudio's windowed sinc, clips spread over the recording), Whisper's log-mel over its window
+   or CLAP's features (fusion's four channels, or rand_trunc's one). Only the seconds the front end reads are used (the Python runtime reads a file's first
    channel for ImageBind, the mean of its channels otherwise). Writes *batch items of the encoder's
    input (n_floats: *batch x the item's size) to `input`; with `input` NULL and n_floats 0 it only
-   sets *batch (the clips of an ImageBind build, else 1). CLAP's front end is OF_ERR_UNSUPPORTED (pass
-   its features to of_encoder_run); an empty recording, NaN or infinite samples are OF_ERR_INPUT. */
+   sets *batch (the clips of an ImageBind build, else 1). An empty recording, NaN or infinite
+   samples are OF_ERR_INPUT. */
 OF_API of_status of_encoder_audio_input(of_encoder* encoder, const float* samples, size_t n_samples, int32_t sample_rate,
                                         float* input, size_t n_floats, int64_t* batch);
 

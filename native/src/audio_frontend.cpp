@@ -1,7 +1,7 @@
 // The audio front ends (audio_frontend.hpp): the default log-mel (media.audio_features), ImageBind's
 // clips of Kaldi fbank features (imagebind_media.audio_clips) and Whisper's log-mel
-// (whisper_media.log_mel), each from mono samples at any rate, in the Python runtime's float64
-// arithmetic. The Fourier transforms are FFTW's; its planner is not thread-safe, so plans are made
+// (whisper_media.log_mel) and CLAP's (clap_media.features), each from mono samples at any rate, in
+// the Python runtime's float64 arithmetic. The Fourier transforms are FFTW's; its planner is not thread-safe, so plans are made
 // and destroyed under one lock, and executed without it.
 #include "audio_frontend.hpp"
 
@@ -158,19 +158,40 @@ std::vector<double> periodic_hann(size_t n) {
 }
 
 // ---- the default front end: media.log_mel, media.audio_features -----------------------------------
-std::vector<double> htk_bank(int64_t sr, size_t n_fft, size_t n_mels) {  // media.mel_filterbank
-    auto to_mel = [](double f) { return 2595.0 * std::log10(1.0 + f / 700.0); };
-    const size_t bins = n_fft / 2 + 1;
-    const std::vector<double> freqs = linspace(0, double(sr) / 2, bins);
-    std::vector<double> hz = linspace(to_mel(0.0), to_mel(double(sr) / 2), n_mels + 2);
-    for (double& m : hz) m = 700.0 * (std::pow(10.0, m / 2595.0) - 1.0);
+// (bins, n_mels) triangular filters with corners `edges` (n_mels + 2 frequencies) over the bin
+// frequencies linspace(0, top, bins), with Slaney's area normalisation when `normalize`
+std::vector<double> triangles(double top, size_t bins, const std::vector<double>& edges, size_t n_mels, bool normalize) {
+    const std::vector<double> freqs = linspace(0, top, bins);
     std::vector<double> bank(bins * n_mels);
     for (size_t k = 0; k < bins; ++k)
         for (size_t m = 0; m < n_mels; ++m) {
-            const double up = (freqs[k] - hz[m]) / (hz[m + 1] - hz[m]), down = (hz[m + 2] - freqs[k]) / (hz[m + 2] - hz[m + 1]);
-            bank[k * n_mels + m] = std::max(0.0, std::min(up, down));
+            const double up = (freqs[k] - edges[m]) / (edges[m + 1] - edges[m]);
+            const double down = (edges[m + 2] - freqs[k]) / (edges[m + 2] - edges[m + 1]);
+            const double v = std::max(0.0, std::min(up, down));
+            bank[k * n_mels + m] = normalize ? v * (2.0 / (edges[m + 2] - edges[m])) : v;
         }
     return bank;
+}
+
+// n_mels + 2 corners evenly spaced on HTK's mel scale, 2595 log10(1 + f / 700)
+std::vector<double> htk_edges(double f_min, double f_max, size_t n_mels) {
+    auto to_mel = [](double f) { return 2595.0 * std::log10(1.0 + f / 700.0); };
+    std::vector<double> e = linspace(to_mel(f_min), to_mel(f_max), n_mels + 2);
+    for (double& m : e) m = 700.0 * (std::pow(10.0, m / 2595.0) - 1.0);
+    return e;
+}
+
+// ... on Slaney's mel scale: linear below 1 kHz, logarithmic above
+std::vector<double> slaney_edges(double f_min, double f_max, size_t n_mels) {
+    auto to_mel = [](double f) { return f >= 1000.0 ? 15.0 + std::log(std::max(f, 1e-10) / 1000.0) * 27.0 / std::log(6.4) : 3.0 * f / 200.0; };
+    auto to_hz = [](double m) { return m >= 15.0 ? 1000.0 * std::exp(std::log(6.4) / 27.0 * (m - 15.0)) : 200.0 * m / 3.0; };
+    std::vector<double> e = linspace(to_mel(f_min), to_mel(f_max), n_mels + 2);
+    for (double& m : e) m = to_hz(m);
+    return e;
+}
+
+std::vector<double> htk_bank(int64_t sr, size_t n_fft, size_t n_mels) {  // media.mel_filterbank
+    return triangles(double(sr) / 2, n_fft / 2 + 1, htk_edges(0.0, double(sr) / 2, n_mels), n_mels, false);
 }
 
 std::vector<float> default_features(const AudioFrontEnd& fe, const float* samples, size_t n, int64_t sr, std::vector<int64_t>& shape) {
@@ -324,21 +345,8 @@ std::vector<float> imagebind_clips(const AudioFrontEnd& fe, const float* samples
 }
 
 // ---- Whisper: whisper_media.log_mel ----------------------------------------------------------------
-std::vector<double> slaney_bank(size_t n_mels) {  // whisper_media.mel_filters: 16 kHz, 400-point
-    const size_t n_fft = 400, bins = n_fft / 2 + 1;
-    auto to_mel = [](double f) { return f >= 1000.0 ? 15.0 + std::log(std::max(f, 1e-10) / 1000.0) * 27.0 / std::log(6.4) : 3.0 * f / 200.0; };
-    auto to_hz = [](double m) { return m >= 15.0 ? 1000.0 * std::exp(std::log(6.4) / 27.0 * (m - 15.0)) : 200.0 * m / 3.0; };
-    const std::vector<double> freqs = linspace(0, double(kWhisperRate / 2), bins);
-    std::vector<double> edges = linspace(to_mel(0.0), to_mel(8000.0), n_mels + 2);
-    for (double& e : edges) e = to_hz(e);
-    std::vector<double> bank(bins * n_mels);
-    for (size_t k = 0; k < bins; ++k)
-        for (size_t m = 0; m < n_mels; ++m) {
-            const double down = -(edges[m] - freqs[k]) / (edges[m + 1] - edges[m]);
-            const double up = (edges[m + 2] - freqs[k]) / (edges[m + 2] - edges[m + 1]);
-            bank[k * n_mels + m] = std::max(0.0, std::min(down, up)) * (2.0 / (edges[m + 2] - edges[m]));
-        }
-    return bank;
+std::vector<double> slaney_bank(size_t n_mels) {  // whisper_media.mel_filters: 16 kHz, 400-point, 0-8 kHz
+    return triangles(double(kWhisperRate / 2), 201, slaney_edges(0.0, 8000.0, n_mels), n_mels, true);
 }
 
 std::vector<float> whisper_features(const AudioFrontEnd& fe, const float* samples, size_t n, int64_t sr, std::vector<int64_t>& shape) {
@@ -360,6 +368,89 @@ std::vector<float> whisper_features(const AudioFrontEnd& fe, const float* sample
     std::vector<float> out(spec.size());
     for (size_t i = 0; i < spec.size(); ++i) out[i] = static_cast<float>((std::max(spec[i], top - 8.0) + 4.0) / 4.0);
     shape = {1, fe.n_mels, int64_t(kept)};
+    return out;
+}
+
+// ---- CLAP: clap_media.features ---------------------------------------------------------------------
+constexpr int64_t kClapChannels = 4, kClapFusionMels = 64, kClapMaxWindow = 1 << 23, kClapBlock = 2048;
+constexpr double kClapLongestS = 300.0;
+
+// clap_media.log_mel_db: (frames, n_mels) 10 log10 of the mel power, floored at 1e-10
+std::vector<double> clap_log_mel(const std::vector<double>& x, const AudioFrontEnd& fe, bool slaney, size_t& frames) {
+    const size_t n_fft = size_t(fe.n_fft), hop = size_t(fe.hop_length), n_mels = size_t(fe.n_mels);
+    const std::vector<double> padded = reflect(x, n_fft / 2);
+    frames = 1 + (padded.size() - n_fft) / hop;
+    std::vector<double> window(n_fft);  // np.hanning(n_fft + 1)[:-1], as numpy computes it
+    const double m1 = double(n_fft);
+    for (size_t j = 0; j < n_fft; ++j) window[j] = 0.5 + 0.5 * std::cos(kPi * (1.0 - double(n_fft + 1) + 2.0 * double(j)) / m1);
+    const double top = double(fe.sample_rate / 2);
+    const std::vector<double> edges = slaney ? slaney_edges(fe.f_min, fe.f_max, n_mels) : htk_edges(fe.f_min, fe.f_max, n_mels);
+    const std::vector<double> bank = triangles(top, n_fft / 2 + 1, edges, n_mels, slaney);
+    std::vector<double> mel = mel_power(padded, frames, hop, window, n_fft, bank, n_mels);
+    for (double& v : mel) v = 10.0 * std::log10(std::max(v, 1e-10));
+    return mel;
+}
+
+// clap_media.shrink_time: (total, F) float32 rows resized to `frames` rows as torch's bilinear
+std::vector<float> shrink_time(const std::vector<float>& mel, size_t total, size_t n_mels, size_t frames) {
+    const double scale = double(static_cast<float>(total) / static_cast<float>(frames));
+    std::vector<float> out(frames * n_mels);
+    for (size_t i = 0; i < frames; ++i) {
+        const float src = std::max(0.0f, static_cast<float>(scale * (double(i) + 0.5) - 0.5));
+        const size_t i0 = std::min(size_t(std::floor(src)), total - 1), i1 = std::min(i0 + 1, total - 1);
+        const float w1 = std::min(std::max(src - static_cast<float>(i0), 0.0f), 1.0f);
+        for (size_t f = 0; f < n_mels; ++f) out[i * n_mels + f] = (1.0f - w1) * mel[i0 * n_mels + f] + w1 * mel[i1 * n_mels + f];
+    }
+    return out;
+}
+
+std::vector<float> clap_features(const AudioFrontEnd& fe, const float* samples, size_t n, int64_t sr, std::vector<int64_t>& shape) {
+    const std::vector<float> y = resample_spectral(std::vector<double>(samples, samples + n), sr, fe.sample_rate);
+    std::vector<double> x(y.begin(), y.end());
+    const size_t window = size_t(double(fe.max_length_s) * double(fe.sample_rate)), n_mels = size_t(fe.n_mels);
+    const bool slaney = !fe.fusion;
+    const size_t channels = fe.fusion ? size_t(kClapChannels) : 1;
+    const size_t chunk = window / size_t(fe.hop_length) + 1;
+    if (x.size() > window && slaney) x.resize(window);
+    std::vector<float> out;
+    size_t frames = 0;
+    if (x.size() <= window) {  // _fit: padded to the window
+        if (x.size() < window) {
+            const std::vector<double> clip = x;
+            if (fe.padding == "repeat") {
+                x.clear();
+                while (x.size() < window) x.insert(x.end(), clip.begin(), clip.end());
+                x.resize(window);
+            } else {
+                if (fe.padding == "repeatpad")
+                    for (size_t r = 1; r < window / clip.size(); ++r) x.insert(x.end(), clip.begin(), clip.end());
+                x.resize(window, 0.0);
+            }
+        }
+        const std::vector<double> mel = clap_log_mel(x, fe, slaney, frames);
+        for (size_t c = 0; c < channels; ++c)
+            for (double v : mel) out.push_back(static_cast<float>(v));
+    } else {
+        const std::vector<double> mel = clap_log_mel(x, fe, false, frames);
+        if (frames == chunk) {  // longer by less than a hop: the whole clip fits
+            for (size_t c = 0; c < channels; ++c)
+                for (double v : mel) out.push_back(static_cast<float>(v));
+        } else {
+            const std::vector<float> melf(mel.begin(), mel.end());
+            out = shrink_time(melf, frames, n_mels, chunk);
+            // fusion_starts: the middle of each third of the possible starts (np.array_split)
+            const size_t starts = frames - chunk + 1;
+            size_t begin = 0;
+            for (size_t third = 0; third < 3; ++third) {
+                const size_t len = starts / 3 + (third < starts % 3 ? 1 : 0);
+                const size_t at = len ? begin + len / 2 : 0;
+                out.insert(out.end(), melf.begin() + long(at * n_mels), melf.begin() + long((at + chunk) * n_mels));
+                begin += len;
+            }
+        }
+        frames = chunk;
+    }
+    shape = {1, int64_t(channels), int64_t(frames), int64_t(n_mels)};
     return out;
 }
 
@@ -388,8 +479,53 @@ AudioFrontEnd AudioFrontEnd::from_config(const json& cfg) {
         fe.n_mels = front_size(cfg, "n_mels", 256);
         return fe;
     }
-    if (kind == "clap")
-        fail(OF_ERR_UNSUPPORTED, "CLAP's audio front end does not run natively yet: pass its features to of_encoder_run");
+    if (kind == "clap") {  // ClapFrontEnd.from_config: its defaults, then problem()
+        fe.kind = Kind::Clap;
+        auto bad = [](const std::string& why) { fail(OF_ERR_MANIFEST, "the CLAP audio front-end config is invalid: " + why); };
+        auto integer = [&](const char* key, int64_t def, int64_t lo, int64_t hi) {
+            auto it = cfg.find(key);
+            const json v = it == cfg.end() ? json(def) : *it;
+            if (!v.is_number_integer() || (v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(hi)) || v.get<int64_t>() < lo ||
+                v.get<int64_t>() > hi)
+                bad(std::string(key) + " must be an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got " + py_shown(v));
+            return v.get<int64_t>();
+        };
+        fe.sample_rate = integer("sample_rate", 48000, 1000, 384000);
+        fe.n_fft = integer("n_fft", 1024, 2, 1 << 16);
+        fe.hop_length = integer("hop_length", 480, 1, 1 << 16);
+        fe.n_mels = integer("n_mels", 64, 1, 512);
+        std::string shown[3];
+        double* values[3] = {&fe.f_min, &fe.f_max, &fe.max_length_s};
+        const char* keys[3] = {"f_min", "f_max", "max_length_s"};
+        const double defs[3] = {0.0, 14000.0, 10.0};
+        for (int i = 0; i < 3; ++i) {
+            auto it = cfg.find(keys[i]);
+            const json v = it == cfg.end() ? json(defs[i]) : *it;
+            if (!v.is_number() || !std::isfinite(v.get<double>()) || v.get<double>() < 0)
+                bad(std::string(keys[i]) + " must be a finite number >= 0, got " + py_shown(v));
+            *values[i] = v.get<double>();
+            shown[i] = v.dump();
+        }
+        const std::string padding = cfg.value("padding", json("repeatpad")).is_string() ? cfg.value("padding", json("repeatpad")).get<std::string>()
+                                                                                           : cfg.value("padding", json()).dump();
+        const std::string truncation = cfg.value("truncation", json("fusion")).is_string()
+                                           ? cfg.value("truncation", json("fusion")).get<std::string>()
+                                           : cfg.value("truncation", json()).dump();
+        if (fe.n_fft % 2) bad("n_fft must be even, got " + std::to_string(fe.n_fft));
+        if (!(fe.f_min < fe.f_max && fe.f_max <= double(fe.sample_rate) / 2))
+            bad("the mel range [" + shown[0] + ", " + shown[1] + "] Hz must be increasing and within the Nyquist frequency");
+        const int64_t window = int64_t(fe.max_length_s * double(fe.sample_rate));
+        if (!(fe.n_fft <= window && window <= kClapMaxWindow))
+            bad("the window of " + std::to_string(window) + " samples must lie in [n_fft, " + std::to_string(kClapMaxWindow) + "]");
+        if (padding != "repeatpad" && padding != "repeat" && padding != "pad")
+            bad("padding '" + padding + "' is not one of repeatpad, repeat, pad");
+        if (truncation != "fusion" && truncation != "rand_trunc") bad("truncation '" + truncation + "' is not one of fusion, rand_trunc");
+        fe.fusion = truncation == "fusion";
+        if (fe.fusion && fe.n_mels != kClapFusionMels)
+            bad("the fusion route needs 64 mel bins (the extractor shrinks to 64), got " + std::to_string(fe.n_mels));
+        fe.padding = padding;
+        return fe;
+    }
     fe.n_fft = config_int(cfg, "n_fft", 2, kMaxFft, what, json());
     fe.sample_rate = config_int(cfg, "sample_rate", kMinRate, kMaxRate, what, json());
     fe.hop_length = config_int(cfg, "hop_length", 1, fe.n_fft, what, json());
@@ -413,6 +549,8 @@ namespace {
 size_t read_length(const AudioFrontEnd& fe, size_t n, int64_t sr) {
     double seconds = kImageBindLongestS;
     if (fe.kind == AudioFrontEnd::Kind::Whisper) seconds = double(fe.window_s);
+    if (fe.kind == AudioFrontEnd::Kind::Clap)  // ClapFrontEnd.read_seconds
+        seconds = fe.fusion ? kClapLongestS : double(int64_t(fe.max_length_s * double(fe.sample_rate))) / double(fe.sample_rate);
     if (fe.kind == AudioFrontEnd::Kind::LogMel) {
         const int64_t window_samples = (fe.num_frames - 1) * fe.hop_length + fe.n_fft - fe.n_fft / 2;
         seconds = 1.25 * double(window_samples) / double(fe.sample_rate) + 0.01;  // AudioFrontEnd.read_seconds
@@ -433,6 +571,7 @@ std::vector<float> audio_items(const AudioFrontEnd& fe, const float* samples, si
     switch (fe.kind) {
         case AudioFrontEnd::Kind::ImageBind: return imagebind_clips(fe, samples, n, sample_rate, shape);
         case AudioFrontEnd::Kind::Whisper: return whisper_features(fe, samples, n, sample_rate, shape);
+        case AudioFrontEnd::Kind::Clap: return clap_features(fe, samples, n, sample_rate, shape);
         default: return default_features(fe, samples, n, sample_rate, shape);
     }
 }
