@@ -43,6 +43,9 @@ class _Request(ctypes.Structure):
         ("audio_rate", ctypes.c_int32),
         ("video", ctypes.POINTER(OfImage)),
         ("n_video_frames", ctypes.c_size_t),
+        ("video_audio", F),
+        ("n_video_audio", ctypes.c_size_t),
+        ("video_audio_rate", ctypes.c_int32),
         ("force", ctypes.c_char_p),
         ("latents", ctypes.POINTER(_Latents)),
         ("n_latents", ctypes.c_size_t),
@@ -76,6 +79,7 @@ def _library(native: Path) -> ctypes.CDLL:
         "of_generation_tokens": (ctypes.POINTER(i32), [P, SIZE]),
         "of_generation_text": (ctypes.c_void_p, [P, SIZE]),
         "of_generation_signal_count": (ctypes.c_size_t, [P]),
+        "of_generation_prompt_tokens": (ctypes.c_size_t, [P]),
         "of_media_data": (F, [P, SIZE]),
         "of_media_shape": (ctypes.POINTER(ctypes.c_int64), [P, SIZE]),
         "of_media_kind": (ctypes.c_char_p, [P]),
@@ -115,6 +119,10 @@ class NativePipeline:
             req.video = of_images(*media["video"])
             req.n_video_frames = len(media["video"])
             keep.append(req.video)
+        if "video_audio" in media:
+            track, rate = media["video_audio"]
+            keep.append(track := np.ascontiguousarray(track, np.float32))
+            req.video_audio, req.n_video_audio, req.video_audio_rate = floats(track), track.size, rate
         if "force" in media:
             req.force = media["force"].encode()
         if "latents" in media:
@@ -147,6 +155,7 @@ class NativePipeline:
             ptr = lib.of_generation_text(g, ctypes.byref(n))
             out = {"tokens": tokens, "text": ctypes.string_at(ptr, n.value).decode(), "media": []}
             out["signals"] = lib.of_generation_signal_count(g)
+            out["prompt_tokens"] = lib.of_generation_prompt_tokens(g)
             for i in range(lib.of_response_media_count(resp)):
                 m = lib.of_response_media(resp, i)
                 rank = ctypes.c_size_t()
@@ -181,6 +190,7 @@ def _picture(seed: int, w: int = 48, h: int = 40) -> np.ndarray:
 
 
 def _same(got: dict, want, pipe) -> None:
+    assert got["prompt_tokens"] == want.generation.prompt_tokens
     assert got["tokens"] == want.generation.token_ids
     assert got["text"] == want.text
     assert got["signals"] == len(want.signals)
@@ -217,7 +227,8 @@ def test_an_image_in_with_image_and_audio_forced_out(native_pipe: NativePipeline
 
 def test_samples_and_frames_in_and_text_alone(native_pipe: NativePipeline, pipe, tmp_path: Path) -> None:
     """A recording's samples and a video's frames (those the Python runtime samples from the GIF)
-    in, the video forced out; then text alone, whose reply asks for audio."""
+    in, the video forced out; the video with a sound track; then text alone, whose reply asks for
+    audio."""
     from omniforge.runtime import media as M
     from omniforge.runtime.pipeline import DiffusionConfig
     from omniforge.runtime.sampling import GenerationConfig
@@ -242,6 +253,27 @@ def test_samples_and_frames_in_and_text_alone(native_pipe: NativePipeline, pipe,
     )
     assert status == 0, got
     _same(got, want, pipe)
+
+    # the video with its sound track: the track's rows after the frames' (the build has no
+    # video_audio config: concatenated)
+    one = GenerationConfig(max_new_tokens=1)
+    silent = pipe.run(
+        prompt, video=gif, video_audio=False, generation=one, adapter=BASE
+    ).generation.prompt_tokens
+    want = pipe.run(
+        prompt, video=gif, video_audio=wav, generation=gen, diffusion=diff, force=["video"], adapter=BASE
+    )
+    status, got = native_pipe.run(
+        prompt, max_new_tokens=12, video=picked, video_audio=(samples, sr), force="video", latents=latents
+    )
+    assert status == 0, got
+    _same(got, want, pipe)
+    assert got["prompt_tokens"] == silent + 1  # the track's row after the frames'
+
+    assert native_pipe.run("x", video_audio=(samples, sr)) == (
+        4,
+        "a video's sound track was given without a video",
+    )
 
     want = pipe.run("Tell me a story", generation=gen, diffusion=diff, adapter=BASE)
     status, got = native_pipe.run("Tell me a story", max_new_tokens=12, latents=latents)  # it asks for audio

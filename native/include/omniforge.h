@@ -494,6 +494,9 @@ typedef struct of_request {
     int32_t audio_rate;
     const of_image* video;       /* a video's picked frames (of_encoder_run_images'), or NULL */
     size_t n_video_frames;
+    const float* video_audio;    /* the video's sound track: mono samples at video_audio_rate Hz, or NULL */
+    size_t n_video_audio;
+    int32_t video_audio_rate;
     const char* force;           /* "image,audio": modalities generated even if the reply does not ask for
                                     them; NULL or "" for none */
     const of_latents* latents;   /* initial noise per modality (else the decoder's seeded noise) */
@@ -505,8 +508,9 @@ OF_API void of_request_init(of_request* request); /* no prompt, no media, nothin
 typedef struct of_response of_response;
 
 /* The whole request, as the Python runtime's Pipeline.run(prompt, image=, audio=, video=, force=,
-   latents=, adapter="none") makes it: each medium through its front end, encoder and input
-   projector; the prompt laid out with them (the build's protocol, else the placeholders) and
+   latents=, adapter="none", video_audio=) makes it: each medium through its front end, encoder and
+   input projector (a video's sound track through the audio encoder, its rows fused with the
+   frames' as the build's video_audio config says: concatenated by default); the prompt laid out with them (the build's protocol, else the placeholders) and
    generated with `generate` (NULL: defaults; on_token streams the reply; the protocol's stop
    strings when it sets none; the generated text capped so that a forced modality's signal tokens
    still fit); then for each modality the build produces that the reply asks for (with a protocol,

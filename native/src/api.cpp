@@ -904,6 +904,9 @@ of_status of_pipeline_run(of_pipeline* pipeline, const of_request* request, cons
             in.frames = frames.data();
             in.n_frames = frames.size();
         }
+        in.track = q.video_audio;
+        in.n_track = q.n_video_audio;
+        in.track_rate = q.video_audio_rate;
         for (const std::string& m : split_names(q.force ? q.force : "")) in.force.push_back(m);
         for (size_t i = 0; i < q.n_latents; ++i) {
             if (!q.latents[i].modality) fail(OF_ERR_INVALID_ARGUMENT, "latents " + std::to_string(i) + "'s modality is a null pointer");

@@ -6,7 +6,9 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 
+#include "config_values.hpp"
 #include "image_frontend.hpp"
 #include "stage_session.hpp"
 
@@ -24,6 +26,36 @@ size_t signal_count(const LlmImpl& llm, const std::string& modality) {  // 0 for
     } catch (const Error&) {
         return 0;
     }
+}
+
+// video_audio.VideoAudio: how a video's frame rows and its sound track's rows are fused
+struct VideoAudio {
+    bool mean = false;  // else concat
+    float weight = 0.5f;
+};
+
+VideoAudio read_video_audio(const BuildImpl& b) {
+    VideoAudio va;
+    if (!b.manifest.files.count("video_audio")) return va;  // a track is concatenated
+    const nlohmann::json cfg = read_config(b, "video_audio");
+    if (!cfg.is_object()) fail(OF_ERR_MANIFEST, "video_audio must be an object with 'fusion' and 'weight', got " + py_shown(cfg));
+    std::vector<std::string> unknown;
+    for (const auto& [key, value] : cfg.items())
+        if (key != "fusion" && key != "weight") unknown.push_back("'" + key + "'");
+    if (!unknown.empty()) {
+        std::string list;
+        for (const std::string& k : unknown) list += (list.empty() ? "" : ", ") + k;
+        fail(OF_ERR_MANIFEST, "video_audio has unknown keys [" + list + "] (it takes 'fusion' and 'weight')");
+    }
+    const nlohmann::json fusion = cfg.value("fusion", nlohmann::json("concat"));
+    if (fusion != "concat" && fusion != "mean")
+        fail(OF_ERR_MANIFEST, "video_audio fusion must be one of concat, mean, got " + py_shown(fusion));
+    const nlohmann::json w = cfg.value("weight", nlohmann::json(0.5));
+    if (!w.is_number() || !std::isfinite(w.get<double>()) || w.get<double>() < 0 || w.get<double>() > 1)
+        fail(OF_ERR_MANIFEST, "video_audio weight must be a number in [0, 1], got " + py_shown(w));
+    va.mean = fusion == "mean";
+    va.weight = static_cast<float>(w.get<double>());
+    return va;
 }
 
 }  // namespace
@@ -78,8 +110,31 @@ RequestOut run_request(PipelineImpl& p, const RequestIn& r, GenerateParams gen, 
     if (r.audio)
         add("audio", p.encoder("audio"),
             [&](EncoderImpl& e, float* out, size_t n) { encode_audio(e, r.audio, r.n_audio, r.audio_rate, out, n); });
-    if (r.frames)
+    if (r.track && !r.frames) fail(OF_ERR_INPUT, "a video's sound track was given without a video");
+    if (r.frames && !r.track)
         add("video", p.encoder("video"), [&](EncoderImpl& e, float* out, size_t n) { encode_images(e, r.frames, r.n_frames, out, n); });
+    if (r.frames && r.track) {  // the frames' rows and the track's, fused as the build's video_audio says
+        const VideoAudio va = read_video_audio(*p.build);
+        EncoderImpl& ve = p.encoder("video");
+        EncoderImpl& ae = p.encoder("audio");
+        size_t nv = 0, na = 0, w = 0;
+        encoder_rows(ve, &nv, &w);
+        encoder_rows(ae, &na, &w);
+        std::vector<float> frames(nv * w), track(na * w);
+        encode_images(ve, r.frames, r.n_frames, frames.data(), frames.size());
+        encode_audio(ae, r.track, r.n_track, r.track_rate, track.data(), track.size());
+        if (va.mean && nv != na)
+            fail(OF_ERR_INPUT, "video_audio fusion 'mean' needs as many rows from the frames (" + std::to_string(nv) +
+                                   ") as from the track (" + std::to_string(na) + ")");
+        if (va.mean) {
+            for (size_t i = 0; i < frames.size(); ++i) frames[i] = (1.0f - va.weight) * frames[i] + va.weight * track[i];
+        } else {
+            frames.insert(frames.end(), track.begin(), track.end());
+            nv += na;
+        }
+        rows_of.push_back(std::move(frames));
+        items.push_back({"video", rows_of.back().data(), nv});
+    }
 
     PreparedPrompt prepared = prepare_prompt(llm, r.prompt, items);
     if (gen.stop_strings.empty()) gen.stop_strings = prepared.stop_strings;  // the protocol's

@@ -38,6 +38,9 @@ struct RequestIn {
     int32_t audio_rate = 0;
     const RgbView* frames = nullptr;  // a video's picked frames, or none
     size_t n_frames = 0;
+    const float* track = nullptr;  // the video's sound track (mono samples), or none
+    size_t n_track = 0;
+    int32_t track_rate = 0;
     std::vector<std::string> force;                                     // modalities generated regardless
     std::map<std::string, std::pair<const float*, size_t>> latents;  // a modality's initial noise
 };
