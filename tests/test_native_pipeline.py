@@ -111,18 +111,17 @@ class NativePipeline:
         if "image" in media:
             req.image = of_images(media["image"])
             keep.append(req.image)
-        if "audio" in media:
-            samples, rate = media["audio"]
-            keep.append(samples := np.ascontiguousarray(samples, np.float32))
-            req.audio, req.n_audio, req.audio_rate = floats(samples), samples.size, rate
+        for field in ("audio", "video_audio"):  # mono samples and their rate
+            if field in media:
+                samples, rate = media[field]
+                keep.append(samples := np.ascontiguousarray(samples, np.float32))
+                setattr(req, field, floats(samples))
+                setattr(req, f"n_{field}", samples.size)
+                setattr(req, f"{field}_rate", rate)
         if "video" in media:
             req.video = of_images(*media["video"])
             req.n_video_frames = len(media["video"])
             keep.append(req.video)
-        if "video_audio" in media:
-            track, rate = media["video_audio"]
-            keep.append(track := np.ascontiguousarray(track, np.float32))
-            req.video_audio, req.n_video_audio, req.video_audio_rate = floats(track), track.size, rate
         if "force" in media:
             req.force = media["force"].encode()
         if "latents" in media:

@@ -94,6 +94,37 @@ std::vector<float> request(of_pipeline* p, int i, of_status* status) {
     return out;
 }
 
+// `job(i, &status)` for each i < threads alone, then from `threads` threads at once (thread t runs
+// `rounds` jobs i = (3t + r) % threads): every result must equal job i's alone. Adds the mismatches
+// and errors to `failures`; false when a job alone fails.
+template <class Job, class LastError>
+bool shared(int threads, int rounds, const char* what, Job job, LastError last_error, int& failures) {
+    std::vector<std::vector<float>> serial;
+    for (int i = 0; i < threads; ++i) {
+        of_status st = OF_OK;
+        serial.push_back(job(i, &st));
+        if (st != OF_OK) {
+            std::fprintf(stderr, "%s, alone: %s\n", what, last_error());
+            return false;
+        }
+    }
+    std::atomic<int> mismatches{0}, errors{0};
+    std::vector<std::thread> pool;
+    for (int t = 0; t < threads; ++t)
+        pool.emplace_back([&, t] {
+            for (int r = 0; r < rounds; ++r) {
+                of_status s = OF_OK;
+                const int i = (t * 3 + r) % threads;
+                if (job(i, &s) != serial[size_t(i)]) ++mismatches;
+                if (s != OF_OK) ++errors;
+            }
+        });
+    for (std::thread& th : pool) th.join();
+    std::printf("%d threads x %d %s: %d mismatches, %d errors\n", threads, rounds, what, mismatches.load(), errors.load());
+    failures += mismatches + errors;
+    return true;
+}
+
 // One image decode (2 steps, seeded noise); empty on failure.
 std::vector<float> decode(of_decoder* d, const std::vector<float>& cond, int i, of_status* status) {
     of_decoder_options o;
@@ -244,29 +275,8 @@ int main(int argc, char** argv) {
     of_encoder* enc = nullptr;
     st = of_encoder_open(build, "video", &enc);
     if (st == OF_OK) {
-        std::vector<std::vector<float>> serial;
-        for (int i = 0; i < threads; ++i) {
-            serial.push_back(encode(enc, i, &st));
-            if (st != OF_OK) {
-                std::fprintf(stderr, "serial encode failed: %s\n", of_last_error(enc));
-                return 1;
-            }
-        }
-        std::atomic<int> mismatches{0}, errors{0};
-        std::vector<std::thread> pool;
-        for (int t = 0; t < threads; ++t) {
-            pool.emplace_back([&, t] {
-                of_status s = OF_OK;
-                for (int r = 0; r < 3; ++r) {
-                    const int i = (t * 3 + r) % threads;
-                    if (encode(enc, i, &s) != serial[size_t(i)]) ++mismatches;
-                    if (s != OF_OK) ++errors;
-                }
-            });
-        }
-        for (std::thread& th : pool) th.join();
-        std::printf("%d threads x 3 video encodes from pixels: %d mismatches, %d errors\n", threads, mismatches.load(), errors.load());
-        failures += mismatches + errors;
+        auto job = [&](int i, of_status* s) { return encode(enc, i, s); };
+        if (!shared(threads, 3, "video encodes from pixels", job, [&] { return of_last_error(enc); }, failures)) return 1;
         of_encoder_close(enc);
     } else if (st != OF_ERR_UNSUPPORTED) {
         std::fprintf(stderr, "%s: %s\n", of_status_name(st), of_last_error(build));
@@ -275,33 +285,13 @@ int main(int argc, char** argv) {
     // one pipeline, many threads: whole requests on 2 slots (a request waits for a free one)
     of_pipeline* pipe = nullptr;
     st = of_pipeline_open(build, 2, 0, &pipe);
-    if (st == OF_OK) {
-        std::vector<std::vector<float>> serial;
-        for (int i = 0; i < threads; ++i) {
-            serial.push_back(request(pipe, i, &st));
-            if (st != OF_OK) {
-                std::fprintf(stderr, "serial request failed: %s\n", of_last_error(pipe));
-                return 1;
-            }
-        }
-        std::atomic<int> mismatches{0}, errors{0};
-        std::vector<std::thread> pool;
-        for (int t = 0; t < threads; ++t) {
-            pool.emplace_back([&, t] {
-                of_status s = OF_OK;
-                const int i = (t * 3 + 1) % threads;
-                if (request(pipe, i, &s) != serial[size_t(i)]) ++mismatches;
-                if (s != OF_OK) ++errors;
-            });
-        }
-        for (std::thread& th : pool) th.join();
-        std::printf("%d threads x 1 whole request: %d mismatches, %d errors\n", threads, mismatches.load(), errors.load());
-        failures += mismatches + errors;
-        of_pipeline_close(pipe);
-    } else {
+    if (st != OF_OK) {
         std::fprintf(stderr, "%s: %s\n", of_status_name(st), of_last_error(build));
         return 1;
     }
+    auto job = [&](int i, of_status* s) { return request(pipe, i, s); };
+    if (!shared(threads, 1, "whole request", job, [&] { return of_last_error(pipe); }, failures)) return 1;
+    of_pipeline_close(pipe);
     of_build_close(build);
     if (failures) return 1;
     std::printf("all thread checks passed\n");
