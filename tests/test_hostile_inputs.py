@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import tracemalloc
+import warnings
 import zlib
 from dataclasses import replace
 from pathlib import Path
@@ -178,12 +179,25 @@ def test_image_headers_are_checked_before_decoding(tmp_path, size, needle):
     assert peak < 16 * 2**20
 
 
+def test_pillows_bomb_warning_does_not_reach_the_user(tmp_path):
+    """An image between Pillow's warning and error thresholds (89M-179M pixels) is refused by the
+    size check alone, with no DecompressionBombWarning printed first."""
+    f = tmp_path / "big.png"
+    f.write_bytes(png_header(12000, 10000))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(InputError, match="has 12000x10000 pixels, more than 64000000"):
+            M.load_image(f)
+
+
 @PROPERTY
 @given(width=st.integers(0, 2**31 - 1), height=st.integers(0, 2**31 - 1))
 def test_any_png_size_gets_one_error(tmp_path, width, height):
     f = tmp_path / "any.png"
     f.write_bytes(png_header(width, height))
-    err = outcome(lambda: M.load_image(f))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one error, and no library warning before it
+        err = outcome(lambda: M.load_image(f))
     assert isinstance(err, InputError)  # no pixel data: refused for its size or as unreadable
     over = width * height > M.MAX_PIXELS or max(width, height) > M.MAX_ASPECT * max(1, min(width, height))
     if min(width, height) >= 1 and over:

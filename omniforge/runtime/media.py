@@ -18,6 +18,7 @@ import math
 import os
 import stat
 import struct
+import warnings
 import wave
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -182,12 +183,20 @@ def check_image_size(width: int, height: int, name: str) -> None:
         raise InputError(f"image '{name}' is {width}x{height}, an aspect ratio beyond {MAX_ASPECT}:1")
 
 
+def pillow_open(f: BinaryIO) -> Image.Image:
+    """``Image.open`` without Pillow's decompression-bomb warning: every caller checks the size
+    itself (``MAX_PIXELS`` lies below Pillow's warning threshold) and refuses in one sentence."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(f)
+
+
 def load_image(path: str | os.PathLike[str]) -> Image.Image:
     """An RGB image from a regular file; its size is checked from the header before it is decoded."""
     with _open_regular(path, "image") as f:
         name = Path(path).name
         try:
-            with Image.open(f) as im:
+            with pillow_open(f) as im:
                 check_image_size(im.width, im.height, name)
                 im.load()
                 return _to_rgb(im)
@@ -362,7 +371,7 @@ def iter_video_frames(path: str | os.PathLike[str], num_frames: int) -> Iterator
 
 def _animated_frames(f: BinaryIO, name: str, k: int) -> Iterator[Image.Image]:
     try:
-        with Image.open(f) as im:
+        with pillow_open(f) as im:
             check_image_size(im.width, im.height, name)
             for i in sample_indices(getattr(im, "n_frames", 1), k):
                 im.seek(int(i))

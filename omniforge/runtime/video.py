@@ -56,7 +56,7 @@ def read_picked_frames(path: str | os.PathLike[str], pick: Pick) -> tuple[np.nda
         return at, dict(_frames_at(p, {int(i) for i in np.unique(at)}))
     with M._open_regular(p, "video") as f:
         try:
-            with Image.open(f) as im:
+            with M.pillow_open(f) as im:
                 M.check_image_size(im.width, im.height, p.name)
                 n = getattr(im, "n_frames", 1)
                 ms = float(im.info.get("duration") or 0)
