@@ -510,10 +510,10 @@ typedef struct of_response of_response;
 /* The whole request, as the Python runtime's Pipeline.run(prompt, image=, audio=, video=, force=,
    latents=, adapter="none", video_audio=) makes it: each medium through its front end, encoder and
    input projector (a video's sound track through the audio encoder, its rows fused with the
-   frames' as the build's video_audio config says: concatenated by default); the prompt laid out with them (the build's protocol, else the placeholders) and
-   generated with `generate` (NULL: defaults; on_token streams the reply; the protocol's stop
-   strings when it sets none; the generated text capped so that a forced modality's signal tokens
-   still fit); then for each modality the build produces that the reply asks for (with a protocol,
+   frames' as the build's video_audio config says: concatenated by default); the prompt laid out
+   with them (the build's protocol, else the placeholders) and generated with `generate` (NULL:
+   defaults; on_token streams the reply; the protocol's stop strings when it sets none; the
+   generated text capped so that a forced modality's signal tokens still fit); then for each modality the build produces that the reply asks for (with a protocol,
    where the modality's first signal token appears; else any of its signal tokens) or `force`
    names: the signal tokens' hidden states (generated, else teacher-forced after the reply), the
    output projector and the decoder with `decode` (NULL: defaults). A forced modality's decoder

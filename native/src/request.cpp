@@ -84,6 +84,7 @@ RequestOut run_request(PipelineImpl& p, const RequestIn& r, GenerateParams gen, 
     LlmImpl& llm = *p.llm;
     for (const std::string& m : r.force) check_media_modality(m, "a request can force");
     for (const auto& [m, latents] : r.latents) check_media_modality(m, "latents are given for");
+    if (r.track && !r.frames) fail(OF_ERR_INPUT, "a video's sound track was given without a video");
     // the modalities the build can produce (Pipeline.modalities_in), and a forced one's decoder
     // parameters checked before any work (Pipeline.check_steps)
     std::vector<std::string> out_modalities;
@@ -110,7 +111,6 @@ RequestOut run_request(PipelineImpl& p, const RequestIn& r, GenerateParams gen, 
     if (r.audio)
         add("audio", p.encoder("audio"),
             [&](EncoderImpl& e, float* out, size_t n) { encode_audio(e, r.audio, r.n_audio, r.audio_rate, out, n); });
-    if (r.track && !r.frames) fail(OF_ERR_INPUT, "a video's sound track was given without a video");
     if (r.frames && !r.track)
         add("video", p.encoder("video"), [&](EncoderImpl& e, float* out, size_t n) { encode_images(e, r.frames, r.n_frames, out, n); });
     if (r.frames && r.track) {  // the frames' rows and the track's, fused as the build's video_audio says
