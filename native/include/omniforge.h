@@ -398,7 +398,7 @@ typedef struct of_decoder_options {
                                 default 20 */
     double guidance_scale;   /* in [0, 1000]; above 1: classifier-free guidance; default 7.5 */
     const char* scheduler;   /* "ddim" (default; NULL too), "euler" or "dpm" (DPM-Solver++ 2M) */
-    uint64_t seed;           /* the initial noise when no latents are given (not numpy's draws) */
+    uint64_t seed;           /* the initial noise when no latents are given (as the Python runtime draws it) */
 } of_decoder_options;
 
 /* Defaults: struct_size set, 20 steps, guidance 7.5, "ddim", seed 0 (the Python runtime's
@@ -431,9 +431,8 @@ OF_API of_status of_decoder_conditioning_shape(of_decoder* decoder, int64_t* sha
    latents / scaling_factor (and the vocoder on its mel). uncond: n_cond floats, or NULL for the
    build's unconditional embedding (zeros when it has none). initial_latents: n_latents floats in
    the latent shape (the Python runtime's `latents=`; the result then equals its result), or NULL
-   with n_latents 0 for noise drawn from options->seed (numpy's PCG64 stream for the seed, turned
-   into normal values by Box-Muller, so not the values numpy.random.default_rng(seed)
-   .standard_normal draws). options may be NULL (the defaults). On OF_OK *result holds the
+   with n_latents 0 for noise drawn from options->seed as the Python runtime draws it
+   (numpy.random.default_rng(seed).standard_normal, to about 1e-14 before the float32 cast). options may be NULL (the defaults). On OF_OK *result holds the
    medium (free it with of_media_free). Calls on one decoder may come from any number of threads;
    each run has its own scheduler state and buffers. */
 OF_API of_status of_decoder_run(of_decoder* decoder, const float* cond, size_t n_cond, const float* uncond,

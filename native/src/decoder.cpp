@@ -358,14 +358,10 @@ MediaOut decode(DecoderImpl& d, const float* cond, size_t n_cond, const float* u
         std::copy(latents, latents + L, x.begin());
     } else {
         if (n_latents != 0) fail(OF_ERR_INVALID_ARGUMENT, "n_latents is " + std::to_string(n_latents) + " but the latents are a null pointer");
-        // seeded unit-variance noise: numpy's bit generator (default_rng(seed)), Box-Muller pairs
+        // seeded unit-variance noise as Pipeline.initial_latents draws it:
+        // default_rng(seed).standard_normal(shape).astype(float32)
         Rng rng(p.seed);
-        for (size_t i = 0; i < L; i += 2) {
-            const double u1 = 1.0 - rng.next_double(), u2 = rng.next_double();  // u1 in (0, 1]
-            const double r = std::sqrt(-2.0 * std::log(u1)), a = 6.283185307179586 * u2;
-            x[i] = static_cast<float>(r * std::cos(a));
-            if (i + 1 < L) x[i + 1] = static_cast<float>(r * std::sin(a));
-        }
+        for (size_t i = 0; i < L; ++i) x[i] = static_cast<float>(rng.standard_normal());
     }
     const auto t0 = std::chrono::steady_clock::now();
     const float sigma0 = static_cast<float>(sched.init_noise_sigma());

@@ -149,6 +149,7 @@ class Rng {
     explicit Rng(uint64_t seed);
     uint64_t next64();
     double next_double();  // Generator.random()
+    double standard_normal();  // Generator.standard_normal(): numpy's ziggurat (sampling.cpp)
 
   private:
     unsigned __int128 state_ = 0, inc_ = 0;
@@ -334,7 +335,7 @@ const std::vector<int64_t>& decoder_latent_shape(const DecoderImpl& d);        /
 const std::vector<int64_t>& decoder_conditioning_shape(const DecoderImpl& d);  // batch 1
 // The Python runtime's decode_<modality>(cond, DiffusionConfig, latents): denoising with
 // classifier-free guidance, then the VAE decoder (and the vocoder). uncond: null for the build's
-// unconditional embedding or zeros; latents: null for seeded noise (not numpy's draws).
+// unconditional embedding or zeros; latents: null for the seed's noise (Pipeline.initial_latents').
 // Pipeline.conditioning: the output projector on the signal tokens' hidden states (and, for a
 // projector that reads them, their input embeddings from `llm`); writes n_cond floats.
 void conditioning(DecoderImpl& d, LlmImpl* llm, const float* hidden, size_t n_hidden, float* cond, size_t n_cond);
