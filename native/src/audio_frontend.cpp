@@ -15,6 +15,7 @@
 
 #include "config_values.hpp"
 #include "internal.hpp"
+#include "schedulers.hpp"
 
 namespace omniforge {
 
@@ -92,15 +93,6 @@ void check_rate(int64_t sr, const std::string& what) {
                                std::to_string(kMaxRate) + " Hz");
 }
 
-// np.linspace(a, b, n): a + i * step, the last exactly b
-std::vector<double> linspace(double a, double b, size_t n) {
-    std::vector<double> y(n);
-    const double step = n > 1 ? (b - a) / double(n - 1) : 0.0;
-    for (size_t i = 0; i < n; ++i) y[i] = double(i) * step + a;
-    if (n > 1) y[n - 1] = b;
-    return y;
-}
-
 // numpy's reflect padding by `pad` on both sides (pad < x.size())
 std::vector<double> reflect(const std::vector<double>& x, size_t pad) {
     std::vector<double> out(x.size() + 2 * pad);
@@ -161,7 +153,7 @@ std::vector<double> periodic_hann(size_t n) {
 // (bins, n_mels) triangular filters with corners `edges` (n_mels + 2 frequencies) over the bin
 // frequencies linspace(0, top, bins), with Slaney's area normalisation when `normalize`
 std::vector<double> triangles(double top, size_t bins, const std::vector<double>& edges, size_t n_mels, bool normalize) {
-    const std::vector<double> freqs = linspace(0, top, bins);
+    const std::vector<double> freqs = linspace(0, top, int64_t(bins));
     std::vector<double> bank(bins * n_mels);
     for (size_t k = 0; k < bins; ++k)
         for (size_t m = 0; m < n_mels; ++m) {
@@ -176,7 +168,7 @@ std::vector<double> triangles(double top, size_t bins, const std::vector<double>
 // n_mels + 2 corners evenly spaced on HTK's mel scale, 2595 log10(1 + f / 700)
 std::vector<double> htk_edges(double f_min, double f_max, size_t n_mels) {
     auto to_mel = [](double f) { return 2595.0 * std::log10(1.0 + f / 700.0); };
-    std::vector<double> e = linspace(to_mel(f_min), to_mel(f_max), n_mels + 2);
+    std::vector<double> e = linspace(to_mel(f_min), to_mel(f_max), int64_t(n_mels + 2));
     for (double& m : e) m = 700.0 * (std::pow(10.0, m / 2595.0) - 1.0);
     return e;
 }
@@ -185,7 +177,7 @@ std::vector<double> htk_edges(double f_min, double f_max, size_t n_mels) {
 std::vector<double> slaney_edges(double f_min, double f_max, size_t n_mels) {
     auto to_mel = [](double f) { return f >= 1000.0 ? 15.0 + std::log(std::max(f, 1e-10) / 1000.0) * 27.0 / std::log(6.4) : 3.0 * f / 200.0; };
     auto to_hz = [](double m) { return m >= 15.0 ? 1000.0 * std::exp(std::log(6.4) / 27.0 * (m - 15.0)) : 200.0 * m / 3.0; };
-    std::vector<double> e = linspace(to_mel(f_min), to_mel(f_max), n_mels + 2);
+    std::vector<double> e = linspace(to_mel(f_min), to_mel(f_max), int64_t(n_mels + 2));
     for (double& m : e) m = to_hz(m);
     return e;
 }
@@ -276,11 +268,10 @@ std::vector<double> kaldi_bank(size_t n_mels, size_t n_fft, int64_t sr) {
 }
 
 // torchaudio.compliance.kaldi.fbank with ImageBind's arguments -> (frames, n_mels) float32
-std::vector<float> kaldi_fbank(const float* x, size_t n, size_t n_mels, size_t& frames) {
+std::vector<float> kaldi_fbank(const float* x, size_t n, const std::vector<double>& bank, size_t n_mels, size_t& frames) {
     const size_t shift = 160, size = 400, n_fft = 512;  // 10 and 25 ms at 16 kHz, the next power of two
     if (n < size) fail(OF_ERR_INPUT, "a clip needs at least one 25 ms frame (400 samples), it has " + std::to_string(n));
     frames = 1 + (n - size) / shift;
-    const std::vector<double> bank = kaldi_bank(n_mels, n_fft, kImageBindRate);
     std::vector<double> window(size), frame(size), power(n_fft / 2 + 1);
     for (size_t k = 0; k < size; ++k) window[k] = 0.5 - 0.5 * std::cos(2 * kPi * double(k) / double(size - 1));
     Fft fft(n_fft, false);
@@ -325,6 +316,7 @@ std::vector<float> imagebind_clips(const AudioFrontEnd& fe, const float* samples
     const double max_start = std::max(duration - 2.0, 0.0);
     const size_t n_mels = size_t(fe.n_mels), target = size_t(fe.target_frames);
     std::vector<float> out(size_t(fe.clips) * n_mels * target);
+    const std::vector<double> bank = kaldi_bank(n_mels, 512, kImageBindRate);  // the fbank's 512-point FFT
     for (int64_t c = 0; c < fe.clips; ++c) {
         const size_t begin = std::min(size_t(clip_begin(max_start, c, fe.clips)), wave.size());
         const size_t end = std::min(begin + 2 * size_t(kImageBindRate), wave.size());
@@ -334,7 +326,7 @@ std::vector<float> imagebind_clips(const AudioFrontEnd& fe, const float* samples
         const float mean = len ? pairwise_sum(view, len) / static_cast<float>(len) : 0.0f;
         for (size_t k = 0; k < len; ++k) view[k] -= mean;
         size_t frames = 0;
-        const std::vector<float> fb = kaldi_fbank(view, len, n_mels, frames);
+        const std::vector<float> fb = kaldi_fbank(view, len, bank, n_mels, frames);
         float* dst = &out[size_t(c) * n_mels * target];
         for (size_t m = 0; m < n_mels; ++m)
             for (size_t t = 0; t < target; ++t)

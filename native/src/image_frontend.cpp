@@ -13,6 +13,7 @@
 
 #include "config_values.hpp"
 #include "internal.hpp"
+#include "schedulers.hpp"
 
 namespace omniforge {
 
@@ -552,8 +553,7 @@ std::vector<int64_t> video_frame_indices(const ImageFrontEnd& fe, int64_t n, dou
     if (n < 1) fail(OF_ERR_INPUT, "the number of video frames must be an integer in [1, 2147483648], got " + std::to_string(n));
     std::vector<int64_t> out;
     if (fe.kind != ImageFrontEnd::Kind::ImageBind) {  // media.sample_indices: round(linspace(0, n - 1, k)), halves to even
-        const double step = k > 1 ? double(n - 1) / double(k - 1) : 0.0;
-        for (int64_t i = 0; i < k; ++i) out.push_back(int64_t(std::nearbyint(i == k - 1 && k > 1 ? double(n - 1) : double(i) * step)));
+        for (double v : linspace(0.0, double(n - 1), k)) out.push_back(int64_t(std::nearbyint(v)));
         return out;
     }
     const int64_t t = fe.frames_per_clip, clips = fe.video_clips;

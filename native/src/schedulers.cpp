@@ -18,6 +18,24 @@ bool int_in_range(json v, int64_t lo, int64_t hi, int64_t* out) {
     return lo <= *out && *out <= hi;
 }
 
+std::vector<double> linspace(double start, double stop, int64_t num) {
+    std::vector<double> y(static_cast<size_t>(std::max<int64_t>(num, 0)));
+    const int64_t div = num - 1;
+    const double delta = stop - start;
+    for (int64_t i = 0; i < num; ++i) {
+        double v = static_cast<double>(i);
+        if (div > 0) {
+            const double step = delta / static_cast<double>(div);
+            v = step == 0 ? v / static_cast<double>(div) * delta : v * step;
+        } else {
+            v = v * delta;
+        }
+        y[size_t(i)] = v + start;
+    }
+    if (num > 1) y.back() = stop;
+    return y;
+}
+
 namespace {
 
 [[noreturn]] void bad(const std::string& message) { fail(OF_ERR_MANIFEST, message); }
@@ -173,25 +191,6 @@ void check_table(const std::vector<float>& t, const char* how) {
     for (size_t i = 1; i < t.size(); ++i)
         if (t[i] - t[i - 1] >= 0.0f)
             bad(std::string("the scheduler's alphas_cumprod table (") + how + ") must decrease strictly with the timestep in float32");
-}
-
-// np.linspace(start, stop, num) in float64, as numpy computes it.
-std::vector<double> linspace(double start, double stop, int64_t num) {
-    std::vector<double> y(static_cast<size_t>(std::max<int64_t>(num, 0)));
-    const int64_t div = num - 1;
-    const double delta = stop - start;
-    for (int64_t i = 0; i < num; ++i) {
-        double v = static_cast<double>(i);
-        if (div > 0) {
-            const double step = delta / static_cast<double>(div);
-            v = step == 0 ? v / static_cast<double>(div) * delta : v * step;
-        } else {
-            v = v * delta;
-        }
-        y[size_t(i)] = v + start;
-    }
-    if (num > 1) y.back() = stop;
-    return y;
 }
 
 double np_round(double x) { return std::nearbyint(x); }  // np.round: halves to even

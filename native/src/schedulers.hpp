@@ -19,6 +19,8 @@ namespace omniforge {
 // ``v`` as an integer in [lo, hi] (a float with an integral value counts, as Python's checks
 // accept 2.0), into ``out``; false otherwise. Shared by the scheduler and decoder config readers.
 bool int_in_range(nlohmann::json v, int64_t lo, int64_t hi, int64_t* out);
+// np.linspace(start, stop, num) in float64, as numpy computes it (the last value exactly stop).
+std::vector<double> linspace(double start, double stop, int64_t num);
 
 constexpr int64_t kMaxTrainTimesteps = 10000;  // MAX_TRAIN_TIMESTEPS
 constexpr double kMinAlphaCumprod = 1e-20;     // MIN_ALPHA_CUMPROD
