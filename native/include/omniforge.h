@@ -432,8 +432,9 @@ OF_API of_status of_decoder_conditioning_shape(of_decoder* decoder, int64_t* sha
    build's unconditional embedding (zeros when it has none). initial_latents: n_latents floats in
    the latent shape (the Python runtime's `latents=`; the result then equals its result), or NULL
    with n_latents 0 for noise drawn from options->seed as the Python runtime draws it
-   (numpy.random.default_rng(seed).standard_normal, to about 1e-14 before the float32 cast). options may be NULL (the defaults). On OF_OK *result holds the
-   medium (free it with of_media_free). Calls on one decoder may come from any number of threads;
+   (numpy.random.default_rng(seed).standard_normal, within 4e-15 before the float32 cast).
+   options may be NULL (the defaults). On OF_OK *result holds the medium (free it with
+   of_media_free). Calls on one decoder may come from any number of threads;
    each run has its own scheduler state and buffers. */
 OF_API of_status of_decoder_run(of_decoder* decoder, const float* cond, size_t n_cond, const float* uncond,
                                 const float* initial_latents, size_t n_latents, const of_decoder_options* options,
